@@ -1,0 +1,294 @@
+//! A streaming, deterministic, crash-safe safetensors writer.
+//!
+//! The header is computed up front from names, dtypes and shapes, so tensors can be written
+//! one at a time (from several threads, in any order) straight to their final offsets: peak
+//! memory is one tensor, not a model. The file is built under a temporary name in the
+//! destination directory, fsynced and renamed into place, so an interrupted write never
+//! leaves a partial file under the final name.
+//!
+//! Layout rules (the same inputs always give the same bytes):
+//! - header JSON keys are sorted, `__metadata__` first with its keys sorted, no spaces,
+//!   padded with spaces to a multiple of 8 bytes;
+//! - tensor data is ordered by descending element alignment, then by name, so every
+//!   tensor starts at an offset aligned for its dtype.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tempfile::NamedTempFile;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Name, dtype and shape of a tensor to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Byte length of the tensor's data.
+    pub fn byte_len(&self) -> Result<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| self.dtype.byte_len(n))
+            .ok_or_else(|| Error::Invalid(format!("tensor `{}`: shape {:?} is too large", self.name, self.shape)))
+    }
+}
+
+/// Computes the canonical header bytes (length prefix included) and each tensor's
+/// data range, in the order of `specs`.
+pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&specs[a], &specs[b]);
+        y.dtype.align().cmp(&x.dtype.align()).then_with(|| x.name.cmp(&y.name))
+    });
+    let mut ranges = vec![(0usize, 0usize); specs.len()];
+    let mut pos = 0usize;
+    for &i in &order {
+        let len = specs[i].byte_len()?;
+        ranges[i] = (pos, pos + len);
+        pos += len;
+    }
+    let mut by_name: Vec<usize> = (0..specs.len()).collect();
+    by_name.sort_by(|&a, &b| specs[a].name.cmp(&specs[b].name));
+    for w in by_name.windows(2) {
+        if specs[w[0]].name == specs[w[1]].name {
+            return Err(Error::Invalid(format!("tensor `{}` given twice", specs[w[0]].name)));
+        }
+    }
+    let q = |s: &str| serde_json::to_string(s).expect("strings always serialize");
+    let mut json = String::from("{");
+    if !metadata.is_empty() {
+        json.push_str("\"__metadata__\":{");
+        let items: Vec<String> = metadata.iter().map(|(k, v)| format!("{}:{}", q(k), q(v))).collect();
+        json.push_str(&items.join(","));
+        json.push('}');
+    }
+    for &i in &by_name {
+        let s = &specs[i];
+        if s.name == "__metadata__" {
+            return Err(Error::Invalid("a tensor cannot be named `__metadata__`".into()));
+        }
+        if json.len() > 1 {
+            json.push(',');
+        }
+        let shape: Vec<String> = s.shape.iter().map(|d| d.to_string()).collect();
+        json.push_str(&format!(
+            "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+            q(&s.name),
+            s.dtype.name(),
+            shape.join(","),
+            ranges[i].0,
+            ranges[i].1
+        ));
+    }
+    json.push('}');
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut header = Vec::with_capacity(8 + json.len());
+    header.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    header.extend_from_slice(json.as_bytes());
+    Ok((header, ranges))
+}
+
+/// Writes one safetensors file; see the module docs.
+pub struct SafetensorsWriter {
+    dest: PathBuf,
+    tmp: NamedTempFile,
+    data_start: u64,
+    specs: Vec<TensorSpec>,
+    ranges: Vec<(usize, usize)>,
+    index: HashMap<String, usize>,
+    written: Vec<AtomicBool>,
+    overwrite: bool,
+}
+
+impl SafetensorsWriter {
+    /// Prepares `dest` for the given tensors and metadata. Fails at once if `dest` exists
+    /// and `overwrite` is false.
+    pub fn create(
+        dest: impl AsRef<Path>,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+        overwrite: bool,
+    ) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        if !overwrite && dest.exists() {
+            return Err(Error::OutputExists { path: dest });
+        }
+        let (header, ranges) = layout(&specs, metadata)?;
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{file_name}."))
+            .suffix(".partial")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
+        let total = header.len() as u64 + ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
+        tmp.as_file().set_len(total).map_err(|e| Error::io(tmp.path(), e))?;
+        write_at(tmp.as_file(), tmp.path(), &header, 0)?;
+        let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let written = specs.iter().map(|_| AtomicBool::new(false)).collect();
+        Ok(SafetensorsWriter {
+            dest,
+            data_start: header.len() as u64,
+            tmp,
+            specs,
+            ranges,
+            index,
+            written,
+            overwrite,
+        })
+    }
+
+    /// The tensors this writer expects.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// Writes the data of the tensor `name`. Safe to call from several threads at once.
+    pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("tensor `{name}` is not part of the output header")))?;
+        let (begin, end) = self.ranges[i];
+        if data.len() != end - begin {
+            return Err(Error::Invalid(format!(
+                "tensor `{name}`: got {} bytes, the header declares {}",
+                data.len(),
+                end - begin
+            )));
+        }
+        if self.written[i].swap(true, Ordering::SeqCst) {
+            return Err(Error::Invalid(format!("tensor `{name}` written twice")));
+        }
+        write_at(self.tmp.as_file(), self.tmp.path(), data, self.data_start + begin as u64)
+    }
+
+    /// Checks every tensor was written, fsyncs, and renames the file into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        if let Some(i) = self.written.iter().position(|w| !w.load(Ordering::SeqCst)) {
+            return Err(Error::Invalid(format!(
+                "tensor `{}` was never written; {} left unfinished",
+                self.specs[i].name,
+                self.dest.display()
+            )));
+        }
+        let tmp_path = self.tmp.path().to_path_buf();
+        self.tmp.as_file().sync_all().map_err(|e| Error::io(&tmp_path, e))?;
+        let dest = self.dest;
+        let persisted = if self.overwrite {
+            self.tmp.persist(&dest)
+        } else {
+            self.tmp.persist_noclobber(&dest)
+        };
+        persisted.map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::OutputExists { path: dest.clone() }
+            } else {
+                Error::io(&dest, e.error)
+            }
+        })?;
+        sync_parent(&dest);
+        Ok(dest)
+    }
+}
+
+/// Writes a whole file atomically: temp file in the same directory, fsync, rename.
+pub fn write_file_atomic(dest: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+    if !overwrite && dest.exists() {
+        return Err(Error::OutputExists { path: dest.to_path_buf() });
+    }
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".mergesmith.")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(dest, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(dest, e))?;
+    let r = if overwrite {
+        tmp.persist(dest)
+    } else {
+        tmp.persist_noclobber(dest)
+    };
+    r.map_err(|e| Error::io(dest, e.error))?;
+    sync_parent(dest);
+    Ok(())
+}
+
+fn sync_parent(dest: &Path) {
+    // Make the rename itself durable; failure here (e.g. on filesystems that do not
+    // support directory fsync) does not affect the file's contents.
+    if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(data, offset).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, path: &Path, mut data: &[u8], mut offset: u64) -> Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !data.is_empty() {
+        let n = file.seek_write(data, offset).map_err(|e| Error::io(path, e))?;
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_canonical_and_aligned() {
+        let specs = vec![
+            TensorSpec { name: "b".into(), dtype: DType::F16, shape: vec![3] },
+            TensorSpec { name: "a".into(), dtype: DType::F32, shape: vec![1] },
+            TensorSpec { name: "c".into(), dtype: DType::I64, shape: vec![1] },
+        ];
+        let mut md = BTreeMap::new();
+        md.insert("z".to_string(), "1".to_string());
+        md.insert("a".to_string(), "\"q\"".to_string());
+        let (h, ranges) = layout(&specs, &md).unwrap();
+        assert_eq!(h.len() % 8, 0);
+        let json = std::str::from_utf8(&h[8..]).unwrap().trim_end();
+        assert_eq!(
+            json,
+            r#"{"__metadata__":{"a":"\"q\"","z":"1"},"a":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"b":{"dtype":"F16","shape":[3],"data_offsets":[12,18]},"c":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#
+        );
+        assert_eq!(ranges, vec![(12, 18), (8, 12), (0, 8)]);
+    }
+
+    #[test]
+    fn duplicate_names_rejected() {
+        let s = TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![] };
+        assert!(layout(&[s.clone(), s], &BTreeMap::new()).is_err());
+    }
+}

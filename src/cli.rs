@@ -1,0 +1,246 @@
+//! Command-line interface. Exit codes: 0 success, 1 failure, 2 usage error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::arch::{Component, Family, Variant};
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::hashing::{default_cache_dir, HashMemo};
+use crate::synth::{CopyComponents, Perturb, Size, SynthOptions};
+
+/// Stable Diffusion model merging as a reproducible, incremental build.
+#[derive(Debug, Parser)]
+#[command(name = "mergesmith", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Worker threads (default: one per CPU). Results do not depend on it.
+    #[arg(long, global = true, env = "MERGESMITH_THREADS")]
+    pub threads: Option<usize>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a synthetic checkpoint with the real key layout of an architecture.
+    Synth(SynthArgs),
+    /// Show a checkpoint's architecture, contents per block, metadata and hashes.
+    Inspect(InspectArgs),
+}
+
+/// Architectures `synth` can produce.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SynthArch {
+    /// Stable Diffusion 1.x.
+    Sd1,
+    /// Stable Diffusion 2.x.
+    Sd2,
+    /// SDXL base.
+    Sdxl,
+}
+
+/// UNet input variants `synth` can produce.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SynthVariant {
+    /// 4 input channels.
+    Standard,
+    /// 9 input channels.
+    Inpainting,
+    /// 8 input channels.
+    Pix2pix,
+}
+
+/// Components that `--copy` accepts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ComponentArg {
+    /// The UNet.
+    Unet,
+    /// The (first) text encoder.
+    Te1,
+    /// SDXL's second text encoder.
+    Te2,
+    /// The VAE.
+    Vae,
+}
+
+/// Arguments of `synth`.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Architecture of a fresh model.
+    #[arg(long, value_enum, default_value = "sd1")]
+    pub arch: SynthArch,
+    /// `tiny` keeps every key with dimensions / 32 (tests); `full` has the real shapes.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: Size,
+    /// Seed of all pseudo-random values.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Storage type of float tensors.
+    #[arg(long, value_enum, default_value = "fp16")]
+    pub dtype: FloatType,
+    /// UNet input variant.
+    #[arg(long, value_enum, default_value = "standard")]
+    pub variant: SynthVariant,
+    /// Include EMA copies of the UNet (SD1).
+    #[arg(long)]
+    pub ema: bool,
+    /// Start from this model and add a LoRA-like perturbation (a related model).
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
+    /// Size of the perturbation relative to each tensor's RMS (with --base).
+    #[arg(long, default_value_t = 0.05, requires = "base")]
+    pub strength: f32,
+    /// Rank of the perturbation of 2-D/4-D weights; 0 for full-rank noise (with --base).
+    #[arg(long, default_value_t = 4, requires = "base")]
+    pub rank: usize,
+    /// Take the components named by --copy verbatim from this file.
+    #[arg(long, value_name = "FILE", requires = "copy")]
+    pub copy_from: Option<PathBuf>,
+    /// Components to copy from --copy-from.
+    #[arg(long, value_enum, value_delimiter = ',', requires = "copy_from")]
+    pub copy: Vec<ComponentArg>,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Checkpoint files (.safetensors, .ckpt, .pt).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print JSON (one object, or an array for several files).
+    #[arg(long)]
+    pub json: bool,
+    /// Skip hashing (no full read of the file).
+    #[arg(long)]
+    pub no_hash: bool,
+    /// List every key with its component and block.
+    #[arg(long)]
+    pub keys: bool,
+    /// Cache directory for the hash memo [default: $MERGESMITH_CACHE, else the user cache dir].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Parses the command line, runs, prints errors, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                Error::Invalid(_) => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+/// Runs one command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Synth(a) => synth(a),
+        Command::Inspect(a) => inspect(a),
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let s = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let family = match a.arch {
+        SynthArch::Sd1 => Family::Sd1,
+        SynthArch::Sd2 => Family::Sd2,
+        SynthArch::Sdxl => Family::Sdxl,
+    };
+    let variant = match a.variant {
+        SynthVariant::Standard => Variant::Standard,
+        SynthVariant::Inpainting => Variant::Inpainting,
+        SynthVariant::Pix2pix => Variant::InstructPix2Pix,
+    };
+    let opts = SynthOptions {
+        family,
+        size: a.size,
+        seed: a.seed,
+        dtype: a.dtype,
+        variant,
+        ema: a.ema,
+        perturb: a.base.map(|base| Perturb {
+            base,
+            strength: a.strength,
+            rank: a.rank,
+        }),
+        copy: a.copy_from.map(|from| CopyComponents {
+            from,
+            components: a
+                .copy
+                .iter()
+                .map(|c| match c {
+                    ComponentArg::Unet => Component::Unet,
+                    ComponentArg::Te1 => Component::TextEncoder1,
+                    ComponentArg::Te2 => Component::TextEncoder2,
+                    ComponentArg::Vae => Component::Vae,
+                })
+                .collect(),
+        }),
+    };
+    let started = std::time::Instant::now();
+    let report = crate::synth::synthesize(&opts, &a.output, a.overwrite, !a.json)?;
+    if a.json {
+        print_json(&report)
+    } else {
+        println!(
+            "wrote {} ({} tensors, {}) in {:.1} s",
+            report.path.display(),
+            report.tensors,
+            crate::inspect::human_bytes(report.bytes),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let memo = HashMemo::new(&a.cache.unwrap_or_else(default_cache_dir));
+    let memo = (!a.no_hash).then_some(&memo);
+    let mut reports = Vec::with_capacity(a.files.len());
+    for f in &a.files {
+        if !a.json && std::io::stderr().is_terminal() && memo.is_some() {
+            eprintln!("inspecting {} ...", f.display());
+        }
+        reports.push(crate::inspect::inspect(f, memo, a.keys)?);
+    }
+    if a.json {
+        match &reports[..] {
+            [one] => print_json(one),
+            many => print_json(&many),
+        }
+    } else {
+        let text: Vec<String> = reports.iter().map(crate::inspect::render).collect();
+        print!("{}", text.join("\n"));
+        Ok(())
+    }
+}

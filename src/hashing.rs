@@ -1,0 +1,203 @@
+//! File hashes in the conventions users already know, memoized so big files are read once.
+//!
+//! - blake3 of the whole file (mergesmith's content key);
+//! - SHA-256 of the whole file (civitai, AUTOMATIC1111 "sha256");
+//! - AUTOMATIC1111 short hash "AutoV2": the first 10 hex digits of the SHA-256;
+//! - AUTOMATIC1111 legacy hash "AutoV1": SHA-256 of the 0x10000 bytes at offset 0x100000,
+//!   first 8 hex digits.
+//!
+//! The memo is keyed by (canonical path, size, mtime, inode, device): an unchanged file is
+//! never re-read; any change to those recomputes.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::writer::write_file_atomic;
+use crate::error::{Error, Result};
+
+/// The hashes of one file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileHashes {
+    /// blake3 of the whole file, hex.
+    pub blake3: String,
+    /// SHA-256 of the whole file, hex.
+    pub sha256: String,
+    /// AUTOMATIC1111 short hash (AutoV2): first 10 hex digits of `sha256`.
+    pub autov2: String,
+    /// AUTOMATIC1111 legacy hash (AutoV1).
+    pub legacy: String,
+}
+
+/// Hashes a byte slice (the whole file) in one pass per hash, the two hashes in parallel.
+pub fn hash_bytes(bytes: &[u8]) -> FileHashes {
+    let (b3, sha) = rayon::join(
+        || {
+            let mut h = blake3::Hasher::new();
+            h.update_rayon(bytes);
+            h.finalize().to_hex().to_string()
+        },
+        || hex(&Sha256::digest(bytes)),
+    );
+    let start = bytes.len().min(0x100000);
+    let end = bytes.len().min(0x110000);
+    let legacy = hex(&Sha256::digest(&bytes[start..end]))[..8].to_string();
+    FileHashes {
+        blake3: b3,
+        autov2: sha[..10].to_string(),
+        sha256: sha,
+        legacy,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes a file through a memory map.
+pub fn hash_file(path: &Path) -> Result<FileHashes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    if file.metadata().map_err(|e| Error::io(path, e))?.len() == 0 {
+        return Ok(hash_bytes(&[]));
+    }
+    // SAFETY: read-only map; see `Checkpoint::open`.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(hash_bytes(&map))
+}
+
+/// What identifies a file version without reading it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Stamp {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    device: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Stamp> {
+        let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+        let md = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let mtime_ns = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(-1);
+        #[cfg(unix)]
+        let (inode, device) = {
+            use std::os::unix::fs::MetadataExt;
+            (md.ino(), md.dev())
+        };
+        #[cfg(not(unix))]
+        let (inode, device) = (0, 0);
+        Ok(Stamp {
+            path,
+            size: md.len(),
+            mtime_ns,
+            inode,
+            device,
+        })
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MemoEntry {
+    stamp: Stamp,
+    hashes: FileHashes,
+}
+
+/// A memo of file hashes stored under `<cache>/v1/file-hashes/`.
+#[derive(Debug, Clone)]
+pub struct HashMemo {
+    dir: PathBuf,
+}
+
+/// Whether a hash came from the memo or was computed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashSource {
+    /// Read from the memo; the file was not read.
+    Memo,
+    /// Computed by reading the file.
+    Computed,
+}
+
+impl HashMemo {
+    /// A memo under the cache directory `cache`.
+    pub fn new(cache: &Path) -> Self {
+        HashMemo {
+            dir: cache.join("v1").join("file-hashes"),
+        }
+    }
+
+    /// Returns the file's hashes, reading the file only if the memo has no entry for
+    /// its current (path, size, mtime, inode, device).
+    pub fn hashes(&self, path: &Path) -> Result<(FileHashes, HashSource)> {
+        let stamp = Stamp::of(path)?;
+        let entry_path = self.dir.join(format!(
+            "{}.json",
+            blake3::hash(stamp.path.to_string_lossy().as_bytes()).to_hex()
+        ));
+        if let Ok(text) = std::fs::read_to_string(&entry_path) {
+            if let Ok(entry) = serde_json::from_str::<MemoEntry>(&text) {
+                if entry.stamp == stamp {
+                    return Ok((entry.hashes, HashSource::Memo));
+                }
+            }
+        }
+        let hashes = hash_file(&stamp.path)?;
+        // The file may have changed while it was read: only memoize a stable stamp.
+        if Stamp::of(path)? == stamp {
+            std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+            let entry = MemoEntry { stamp, hashes: hashes.clone() };
+            let json = serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+            write_file_atomic(&entry_path, &json, true)?;
+        }
+        Ok((hashes, HashSource::Computed))
+    }
+}
+
+/// The cache directory: `--cache`, else `$MERGESMITH_CACHE`, else the user cache directory
+/// (`$XDG_CACHE_HOME/mergesmith` or `~/.cache/mergesmith`), else `./cache`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MERGESMITH_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("mergesmith");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("mergesmith");
+    }
+    PathBuf::from("cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_answers() {
+        let h = hash_bytes(b"abc");
+        assert_eq!(h.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(h.autov2, "ba7816bf8f");
+        assert_eq!(h.blake3, "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
+        // Shorter than 1 MiB: the legacy window is empty, SHA-256 of nothing.
+        assert_eq!(h.legacy, "e3b0c442");
+    }
+
+    #[test]
+    fn legacy_window() {
+        let mut bytes = vec![0u8; 0x100000];
+        bytes.extend(std::iter::repeat_n(7u8, 0x10000));
+        bytes.extend(std::iter::repeat_n(9u8, 100)); // outside the window
+        let expect = hex(&Sha256::digest(vec![7u8; 0x10000]))[..8].to_string();
+        assert_eq!(hash_bytes(&bytes).legacy, expect);
+    }
+}

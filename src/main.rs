@@ -1,0 +1,5 @@
+//! The `mergesmith` command-line tool; see `mergesmith --help`.
+
+fn main() -> std::process::ExitCode {
+    mergesmith::cli::main()
+}
