@@ -128,7 +128,9 @@ pub enum HeaderError {
         shape: Vec<usize>,
     },
     /// The byte range does not match dtype x shape.
-    #[error("tensor `{name}`: {dtype} {shape:?} needs {expected} bytes but data_offsets span {actual}")]
+    #[error(
+        "tensor `{name}`: {dtype} {shape:?} needs {expected} bytes but data_offsets span {actual}"
+    )]
     SizeMismatch {
         /// Tensor name.
         name: String,

@@ -12,7 +12,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use std::io::Read;
+
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::writer::write_file_atomic;
@@ -31,42 +32,114 @@ pub struct FileHashes {
     pub legacy: String,
 }
 
-/// Hashes a byte slice (the whole file) in one pass per hash, the two hashes in parallel.
-pub fn hash_bytes(bytes: &[u8]) -> FileHashes {
-    let (b3, sha) = rayon::join(
-        || {
-            let mut h = blake3::Hasher::new();
-            h.update_rayon(bytes);
-            h.finalize().to_hex().to_string()
-        },
-        || hex(&Sha256::digest(bytes)),
-    );
-    let start = bytes.len().min(0x100000);
-    let end = bytes.len().min(0x110000);
-    let legacy = hex(&Sha256::digest(&bytes[start..end]))[..8].to_string();
-    FileHashes {
-        blake3: b3,
-        autov2: sha[..10].to_string(),
-        sha256: sha,
-        legacy,
+/// Bytes read per step when hashing a file.
+const HASH_CHUNK: usize = 8 << 20;
+
+/// The A1111 legacy-hash window: 0x10000 bytes at offset 0x100000.
+const LEGACY_WINDOW: std::ops::Range<u64> = 0x100000..0x110000;
+
+/// Incremental state of all hashes.
+struct Hashers {
+    blake3: blake3::Hasher,
+    sha256: Sha256,
+    legacy: Sha256,
+    pos: u64,
+}
+
+impl Hashers {
+    fn new() -> Self {
+        Hashers {
+            blake3: blake3::Hasher::new(),
+            sha256: Sha256::new(),
+            legacy: Sha256::new(),
+            pos: 0,
+        }
     }
+
+    /// Feeds the next bytes of the file; SHA-256 and blake3 run in parallel.
+    fn update(&mut self, chunk: &[u8]) {
+        let (b3, sha) = (&mut self.blake3, &mut self.sha256);
+        rayon::join(|| b3.update(chunk), || sha.update(chunk));
+        let end = self.pos + chunk.len() as u64;
+        let (lo, hi) = (
+            self.pos.max(LEGACY_WINDOW.start),
+            end.min(LEGACY_WINDOW.end),
+        );
+        if lo < hi {
+            self.legacy
+                .update(&chunk[(lo - self.pos) as usize..(hi - self.pos) as usize]);
+        }
+        self.pos = end;
+    }
+
+    fn finish(self) -> FileHashes {
+        let sha = hex(&self.sha256.finalize());
+        FileHashes {
+            blake3: self.blake3.finalize().to_hex().to_string(),
+            autov2: sha[..10].to_string(),
+            sha256: sha,
+            legacy: hex(&self.legacy.finalize())[..8].to_string(),
+        }
+    }
+}
+
+/// Hashes an in-memory file image.
+pub fn hash_bytes(bytes: &[u8]) -> FileHashes {
+    let mut h = Hashers::new();
+    for chunk in bytes.chunks(HASH_CHUNK) {
+        h.update(chunk);
+    }
+    h.finish()
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Hashes a file through a memory map.
+/// Hashes a file in one streaming pass: a reader thread fills buffers while the hashes
+/// consume the previous one, so memory stays at a few buffers whatever the file size.
 pub fn hash_file(path: &Path) -> Result<FileHashes> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    if file.metadata().map_err(|e| Error::io(path, e))?.len() == 0 {
-        return Ok(hash_bytes(&[]));
-    }
-    // SAFETY: read-only map; see `Checkpoint::open`.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    #[cfg(unix)]
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(hash_bytes(&map))
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(2);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut h = Hashers::new();
+    std::thread::scope(|s| {
+        s.spawn(move || loop {
+            let mut buf = empty_rx
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; HASH_CHUNK]);
+            buf.resize(HASH_CHUNK, 0);
+            let mut n = 0;
+            let res = loop {
+                match file.read(&mut buf[n..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        n += k;
+                        if n == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            buf.truncate(n);
+            let done = n == 0 || res.is_err();
+            if full_tx.send(res.map(|_| buf)).is_err() || done {
+                return;
+            }
+        });
+        for msg in full_rx {
+            let buf = msg.map_err(|e| Error::io(path, e))?;
+            if buf.is_empty() {
+                break;
+            }
+            h.update(&buf);
+            let _ = empty_tx.send(buf);
+        }
+        Ok(())
+    })?;
+    Ok(h.finish())
 }
 
 /// What identifies a file version without reading it.
@@ -155,8 +228,12 @@ impl HashMemo {
         // The file may have changed while it was read: only memoize a stable stamp.
         if Stamp::of(path)? == stamp {
             std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-            let entry = MemoEntry { stamp, hashes: hashes.clone() };
-            let json = serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+            let entry = MemoEntry {
+                stamp,
+                hashes: hashes.clone(),
+            };
+            let json =
+                serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
             write_file_atomic(&entry_path, &json, true)?;
         }
         Ok((hashes, HashSource::Computed))
@@ -185,9 +262,15 @@ mod tests {
     #[test]
     fn known_answers() {
         let h = hash_bytes(b"abc");
-        assert_eq!(h.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(h.autov2, "ba7816bf8f");
-        assert_eq!(h.blake3, "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
+        assert_eq!(
+            h.blake3,
+            "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+        );
         // Shorter than 1 MiB: the legacy window is empty, SHA-256 of nothing.
         assert_eq!(h.legacy, "e3b0c442");
     }

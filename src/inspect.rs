@@ -104,10 +104,17 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
     for t in ckpt.tensors() {
         let bytes = t.byte_len();
         total.add(bytes);
-        dtypes.entry(t.dtype.name().to_string()).or_default().add(bytes);
+        dtypes
+            .entry(t.dtype.name().to_string())
+            .or_default()
+            .add(bytes);
         let class = arch::classify(arch.family, &t.name);
         components.entry(class.component).or_default().add(bytes);
-        match class.block.as_deref().and_then(|b| block_names.iter().position(|n| n == b)) {
+        match class
+            .block
+            .as_deref()
+            .and_then(|b| block_names.iter().position(|n| n == b))
+        {
             Some(i) => {
                 blocks[i].all.add(bytes);
                 blocks[i].mergeable += usize::from(class.mergeable);
@@ -148,7 +155,10 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         arch,
         total,
         dtypes,
-        components: components.into_iter().map(|(c, t)| (c.name().to_string(), t)).collect(),
+        components: components
+            .into_iter()
+            .map(|(c, t)| (c.name().to_string(), t))
+            .collect(),
         blocks,
         unblocked,
         metadata,
@@ -179,20 +189,44 @@ pub fn render(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "file:          {}", r.path.display());
     let _ = writeln!(s, "format:        {:?}", r.format);
-    let _ = writeln!(s, "size:          {} ({} bytes)", human_bytes(r.file_bytes), r.file_bytes);
+    let _ = writeln!(
+        s,
+        "size:          {} ({} bytes)",
+        human_bytes(r.file_bytes),
+        r.file_bytes
+    );
     let _ = writeln!(s, "architecture:  {}", r.arch);
     let _ = writeln!(s, "  because:     {}", r.arch.rule);
-    let _ = writeln!(s, "tensors:       {} ({})", r.total.tensors, human_bytes(r.total.bytes));
+    let _ = writeln!(
+        s,
+        "tensors:       {} ({})",
+        r.total.tensors,
+        human_bytes(r.total.bytes)
+    );
     let _ = writeln!(s, "\ndtypes:");
     for (d, t) in &r.dtypes {
-        let _ = writeln!(s, "  {d:<8} {:>6} tensors  {:>12}", t.tensors, human_bytes(t.bytes));
+        let _ = writeln!(
+            s,
+            "  {d:<8} {:>6} tensors  {:>12}",
+            t.tensors,
+            human_bytes(t.bytes)
+        );
     }
     let _ = writeln!(s, "\ncomponents:");
     for (c, t) in &r.components {
-        let _ = writeln!(s, "  {c:<8} {:>6} tensors  {:>12}", t.tensors, human_bytes(t.bytes));
+        let _ = writeln!(
+            s,
+            "  {c:<8} {:>6} tensors  {:>12}",
+            t.tensors,
+            human_bytes(t.bytes)
+        );
     }
     let _ = writeln!(s, "\nblocks ({}):", r.blocks.len());
-    let _ = writeln!(s, "  {:<6} {:>7} {:>10} {:>12}", "block", "tensors", "mergeable", "size");
+    let _ = writeln!(
+        s,
+        "  {:<6} {:>7} {:>10} {:>12}",
+        "block", "tensors", "mergeable", "size"
+    );
     for b in &r.blocks {
         let _ = writeln!(
             s,
@@ -254,7 +288,11 @@ pub fn render(r: &Report) -> String {
                 k.dtype,
                 shape.join("x"),
                 k.name,
-                if k.class.mergeable { "" } else { "  (not merged)" }
+                if k.class.mergeable {
+                    ""
+                } else {
+                    "  (not merged)"
+                }
             );
         }
     }

@@ -102,9 +102,22 @@ struct Plan {
 }
 
 /// Writes a synthetic checkpoint to `out` (atomically; refuses to replace a file unless `overwrite`).
-pub fn synthesize(opts: &SynthOptions, out: &Path, overwrite: bool, progress: bool) -> Result<SynthReport> {
-    let base = opts.perturb.as_ref().map(|p| Checkpoint::open(&p.base)).transpose()?;
-    let donor = opts.copy.as_ref().map(|c| Checkpoint::open(&c.from)).transpose()?;
+pub fn synthesize(
+    opts: &SynthOptions,
+    out: &Path,
+    overwrite: bool,
+    progress: bool,
+) -> Result<SynthReport> {
+    let base = opts
+        .perturb
+        .as_ref()
+        .map(|p| Checkpoint::open(&p.base))
+        .transpose()?;
+    let donor = opts
+        .copy
+        .as_ref()
+        .map(|c| Checkpoint::open(&c.from))
+        .transpose()?;
     let out_dtype = opts.dtype.dtype();
     let cast = |d: DType| if d.is_float() { out_dtype } else { d };
 
@@ -113,7 +126,11 @@ pub fn synthesize(opts: &SynthOptions, out: &Path, overwrite: bool, progress: bo
             .tensors()
             .iter()
             .map(|t| Plan {
-                spec: TensorSpec { name: t.name.clone(), dtype: cast(t.dtype), shape: t.shape.clone() },
+                spec: TensorSpec {
+                    name: t.name.clone(),
+                    dtype: cast(t.dtype),
+                    shape: t.shape.clone(),
+                },
                 source: Source::Base,
             })
             .collect(),
@@ -121,12 +138,18 @@ pub fn synthesize(opts: &SynthOptions, out: &Path, overwrite: bool, progress: bo
             .into_iter()
             .map(|mut spec| {
                 spec.dtype = cast(spec.dtype);
-                Plan { spec, source: Source::Fresh }
+                Plan {
+                    spec,
+                    source: Source::Fresh,
+                }
             })
             .collect(),
     };
     if let (Some(c), Some(d)) = (&opts.copy, &donor) {
-        for p in plans.iter_mut().filter(|p| c.components.contains(&Component::of(&p.spec.name))) {
+        for p in plans
+            .iter_mut()
+            .filter(|p| c.components.contains(&Component::of(&p.spec.name)))
+        {
             let t = d.get(&p.spec.name).ok_or_else(|| Error::MissingTensor {
                 path: d.path().to_path_buf(),
                 name: p.spec.name.clone(),
@@ -152,17 +175,28 @@ pub fn synthesize(opts: &SynthOptions, out: &Path, overwrite: bool, progress: bo
     );
     let specs: Vec<TensorSpec> = plans.iter().map(|p| p.spec.clone()).collect();
     let writer = SafetensorsWriter::create(out, specs, &metadata, overwrite)?;
-    let total: u64 = plans.iter().map(|p| p.spec.byte_len().unwrap_or(0) as u64).sum();
+    let total: u64 = plans
+        .iter()
+        .map(|p| p.spec.byte_len().unwrap_or(0) as u64)
+        .sum();
     let bar = crate::progress::bytes(total, "synth", progress);
     // Largest first keeps both cores busy to the end.
     plans.sort_by_key(|p| std::cmp::Reverse(p.spec.byte_len().unwrap_or(0)));
     plans.par_iter().try_for_each(|p| {
         let bytes = match p.source {
-            Source::Fresh => encode(fresh_tensor(&p.spec.name, &p.spec.shape, p.spec.dtype, opts.seed), p.spec.dtype)?,
+            Source::Fresh => encode(
+                fresh_tensor(&p.spec.name, &p.spec.shape, p.spec.dtype, opts.seed),
+                p.spec.dtype,
+            )?,
             Source::Copy => copy_tensor(donor.as_ref().expect("donor opened"), &p.spec)?,
             Source::Base => {
                 let b = base.as_ref().expect("base opened");
-                perturb_tensor(b, &p.spec, opts.perturb.as_ref().expect("perturb set"), opts.seed)?
+                perturb_tensor(
+                    b,
+                    &p.spec,
+                    opts.perturb.as_ref().expect("perturb set"),
+                    opts.seed,
+                )?
             }
         };
         writer.write(&p.spec.name, &bytes)?;
@@ -171,8 +205,14 @@ pub fn synthesize(opts: &SynthOptions, out: &Path, overwrite: bool, progress: bo
     })?;
     bar.finish_and_clear();
     let path = writer.finish()?;
-    let bytes = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-    Ok(SynthReport { path, tensors: plans.len(), bytes })
+    let bytes = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    Ok(SynthReport {
+        path,
+        tensors: plans.len(),
+        bytes,
+    })
 }
 
 fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
@@ -191,7 +231,11 @@ fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
                     Variant::InstructPix2Pix => 8,
                 };
             }
-            TensorSpec { name: e.key, dtype: e.dtype, shape }
+            TensorSpec {
+                name: e.key,
+                dtype: e.dtype,
+                shape,
+            }
         })
         .collect())
 }
@@ -228,12 +272,14 @@ fn rng_for(seed: u64, key: &str, stream: u64) -> Xoshiro256PlusPlus {
 /// `n` standard-normal values, generated in parallel chunks with independent seeds.
 fn normal(seed: u64, key: &str, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
-    v.par_chunks_mut(NOISE_CHUNK).enumerate().for_each(|(i, chunk)| {
-        let mut rng = rng_for(seed, key, i as u64);
-        for x in chunk {
-            *x = rng.sample(StandardNormal);
-        }
-    });
+    v.par_chunks_mut(NOISE_CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = rng_for(seed, key, i as u64);
+            for x in chunk {
+                *x = rng.sample(StandardNormal);
+            }
+        });
     v
 }
 
@@ -251,7 +297,10 @@ fn fresh_tensor(key: &str, shape: &[usize], dtype: DType, seed: u64) -> Values {
             vec![0; n]
         };
         return Values::Raw(match dtype {
-            DType::I32 => vals.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+            DType::I32 => vals
+                .iter()
+                .flat_map(|v| (*v as i32).to_le_bytes())
+                .collect(),
             _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         });
     }
@@ -298,7 +347,9 @@ fn schedule_buffer(key: &str) -> Option<Vec<f64>> {
         acc *= 1.0 - b;
         ac.push(acc);
     }
-    let prev: Vec<f64> = std::iter::once(1.0).chain(ac[..STEPS - 1].iter().copied()).collect();
+    let prev: Vec<f64> = std::iter::once(1.0)
+        .chain(ac[..STEPS - 1].iter().copied())
+        .collect();
     let map = |f: &dyn Fn(usize) -> f64| (0..STEPS).map(f).collect::<Vec<f64>>();
     let post_var = map(&|i| betas[i] * (1.0 - prev[i]) / (1.0 - ac[i]));
     Some(match key {
@@ -313,7 +364,9 @@ fn schedule_buffer(key: &str) -> Option<Vec<f64>> {
         "posterior_variance" => post_var.clone(),
         "posterior_log_variance_clipped" => map(&|i| post_var[i].max(1e-20).ln()),
         "posterior_mean_coef1" => map(&|i| betas[i] * prev[i].sqrt() / (1.0 - ac[i])),
-        "posterior_mean_coef2" => map(&|i| (1.0 - prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i])),
+        "posterior_mean_coef2" => {
+            map(&|i| (1.0 - prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i]))
+        }
         _ => return None,
     })
 }
@@ -334,7 +387,8 @@ fn perturb_tensor(base: &Checkpoint, spec: &TensorSpec, p: &Perturb, seed: u64) 
     }
     let mut v = convert::to_f32(t.dtype, &t.data)?;
     let n = v.len();
-    let rms = (v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>() / n.max(1) as f64).sqrt() as f32;
+    let rms =
+        (v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>() / n.max(1) as f64).sqrt() as f32;
     let scale = p.strength * if rms > 0.0 { rms } else { 1.0 };
     let rows = t.shape[0];
     let cols = n / rows.max(1);
@@ -353,7 +407,9 @@ fn perturb_tensor(base: &Checkpoint, spec: &TensorSpec, p: &Perturb, seed: u64) 
         });
     } else {
         let noise = normal(seed, &format!("{}#noise", spec.name), n);
-        v.par_iter_mut().zip(noise.par_iter()).for_each(|(x, e)| *x += scale * e);
+        v.par_iter_mut()
+            .zip(noise.par_iter())
+            .for_each(|(x, e)| *x += scale * e);
     }
     convert::from_f32(&v, spec.dtype)
 }

@@ -22,10 +22,14 @@ pub static SDXL_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
 
 /// The 110 fine-grained SDXL block names ("extended XL"), in vector order.
 pub static SDXL_EXTENDED_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    let mut v: Vec<String> = ["CLIPL", "CLIPG", "IN0", "IN00", "IN10", "IN20", "IN30", "IN40", "IN41"]
-        .map(String::from)
-        .to_vec();
-    let tb = |v: &mut Vec<String>, prefix: &str, n: usize| v.extend((0..n).map(|i| format!("{prefix}{i}")));
+    let mut v: Vec<String> = [
+        "CLIPL", "CLIPG", "IN0", "IN00", "IN10", "IN20", "IN30", "IN40", "IN41",
+    ]
+    .map(String::from)
+    .to_vec();
+    let tb = |v: &mut Vec<String>, prefix: &str, n: usize| {
+        v.extend((0..n).map(|i| format!("{prefix}{i}")))
+    };
     tb(&mut v, "IN41", 2);
     v.extend(["IN50", "IN51"].map(String::from));
     tb(&mut v, "IN51", 2);
@@ -47,7 +51,12 @@ pub static SDXL_EXTENDED_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
     tb(&mut v, "OUT41", 2);
     v.extend(["OUT50", "OUT51"].map(String::from));
     tb(&mut v, "OUT51", 2);
-    v.extend(["OUT52", "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE"].map(String::from));
+    v.extend(
+        [
+            "OUT52", "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE",
+        ]
+        .map(String::from),
+    );
     v
 });
 
@@ -55,7 +64,9 @@ pub static SDXL_EXTENDED_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
 fn index_after(key: &str, section: &str) -> Option<usize> {
     let pat = format!(".{section}.");
     let rest = &key[key.find(&pat)? + pat.len()..];
-    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+    let digits: &str = &rest[..rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len())];
     if digits.is_empty() || !rest[digits.len()..].starts_with('.') {
         return None;
     }
@@ -112,7 +123,9 @@ pub fn sdxl_block(key: &str) -> Option<(String, String)> {
     let Some(rest) = key.strip_prefix("model.diffusion_model.") else {
         return pair("BASE", "BASE");
     };
-    let kind = ["input", "middle", "output"].into_iter().find(|k| rest.contains(k));
+    let kind = ["input", "middle", "output"]
+        .into_iter()
+        .find(|k| rest.contains(k));
     let Some(kind) = kind else {
         return pair("BASE", "BASE");
     };
@@ -153,13 +166,31 @@ mod tests {
 
     #[test]
     fn sd_rules() {
-        assert_eq!(sd_block("model.diffusion_model.time_embed.0.weight"), "IN00");
+        assert_eq!(
+            sd_block("model.diffusion_model.time_embed.0.weight"),
+            "IN00"
+        );
         assert_eq!(sd_block("model.diffusion_model.out.2.bias"), "OUT11");
-        assert_eq!(sd_block("model.diffusion_model.input_blocks.11.0.in_layers.0.weight"), "IN11");
-        assert_eq!(sd_block("model.diffusion_model.middle_block.2.out_layers.3.weight"), "M00");
-        assert_eq!(sd_block("model.diffusion_model.output_blocks.5.2.conv.weight"), "OUT05");
-        assert_eq!(sd_block("first_stage_model.decoder.up.0.block.0.conv1.weight"), "BASE");
-        assert_eq!(sd_block("cond_stage_model.transformer.text_model.final_layer_norm.bias"), "BASE");
+        assert_eq!(
+            sd_block("model.diffusion_model.input_blocks.11.0.in_layers.0.weight"),
+            "IN11"
+        );
+        assert_eq!(
+            sd_block("model.diffusion_model.middle_block.2.out_layers.3.weight"),
+            "M00"
+        );
+        assert_eq!(
+            sd_block("model.diffusion_model.output_blocks.5.2.conv.weight"),
+            "OUT05"
+        );
+        assert_eq!(
+            sd_block("first_stage_model.decoder.up.0.block.0.conv1.weight"),
+            "BASE"
+        );
+        assert_eq!(
+            sd_block("cond_stage_model.transformer.text_model.final_layer_norm.bias"),
+            "BASE"
+        );
     }
 
     #[test]
@@ -177,10 +208,22 @@ mod tests {
             f("model.diffusion_model.output_blocks.0.1.transformer_blocks.9.ff.net.2.bias"),
             ("OUT019".into(), "OUT00".into())
         );
-        assert_eq!(f("model.diffusion_model.label_emb.0.0.weight"), ("LABEL".into(), "IN00".into()));
-        assert_eq!(f("model.diffusion_model.out.2.weight"), ("OUT9".into(), "OUT08".into()));
-        assert_eq!(f("first_stage_model.encoder.conv_in.bias"), ("VAE".into(), "BASE".into()));
-        assert_eq!(sdxl_block("conditioner.embedders.1.model.logit_scale"), None);
+        assert_eq!(
+            f("model.diffusion_model.label_emb.0.0.weight"),
+            ("LABEL".into(), "IN00".into())
+        );
+        assert_eq!(
+            f("model.diffusion_model.out.2.weight"),
+            ("OUT9".into(), "OUT08".into())
+        );
+        assert_eq!(
+            f("first_stage_model.encoder.conv_in.bias"),
+            ("VAE".into(), "BASE".into())
+        );
+        assert_eq!(
+            sdxl_block("conditioner.embedders.1.model.logit_scale"),
+            None
+        );
     }
 
     #[test]

@@ -43,7 +43,10 @@ fn parse_table(table: &str) -> Vec<LayoutEntry> {
             let shape = if cols[3].is_empty() {
                 vec![]
             } else {
-                cols[3].split('x').map(|d| d.parse().expect("layout table: bad shape")).collect()
+                cols[3]
+                    .split('x')
+                    .map(|d| d.parse().expect("layout table: bad shape"))
+                    .collect()
             };
             LayoutEntry {
                 component: cols[0].to_string(),
@@ -57,7 +60,12 @@ fn parse_table(table: &str) -> Vec<LayoutEntry> {
 }
 
 /// OpenCLIP text-transformer keys as stored in LDM/SGM checkpoints.
-pub fn open_clip_keys(component: &str, prefix: &str, width: usize, layers: usize) -> Vec<LayoutEntry> {
+pub fn open_clip_keys(
+    component: &str,
+    prefix: &str,
+    width: usize,
+    layers: usize,
+) -> Vec<LayoutEntry> {
     let e = |key: String, shape: Vec<usize>| LayoutEntry {
         component: component.to_string(),
         key,
@@ -67,7 +75,10 @@ pub fn open_clip_keys(component: &str, prefix: &str, width: usize, layers: usize
     };
     let mut v = vec![
         e(format!("{prefix}positional_embedding"), vec![77, width]),
-        e(format!("{prefix}token_embedding.weight"), vec![49408, width]),
+        e(
+            format!("{prefix}token_embedding.weight"),
+            vec![49408, width],
+        ),
         e(format!("{prefix}ln_final.weight"), vec![width]),
         e(format!("{prefix}ln_final.bias"), vec![width]),
         e(format!("{prefix}text_projection"), vec![width, width]),
@@ -101,13 +112,20 @@ fn sd2_from_sd1(sd1: Vec<LayoutEntry>) -> Vec<LayoutEntry> {
             if e.key.ends_with("attn2.to_k.weight") || e.key.ends_with("attn2.to_v.weight") {
                 e.shape[1] = 1024;
             }
-            if (e.key.ends_with("proj_in.weight") || e.key.ends_with("proj_out.weight")) && e.shape.len() == 4 {
+            if (e.key.ends_with("proj_in.weight") || e.key.ends_with("proj_out.weight"))
+                && e.shape.len() == 4
+            {
                 e.shape.truncate(2);
             }
             e
         })
         .collect();
-    out.extend(open_clip_keys("clip_h", "cond_stage_model.model.", 1024, 24));
+    out.extend(open_clip_keys(
+        "clip_h",
+        "cond_stage_model.model.",
+        1024,
+        24,
+    ));
     out
 }
 
@@ -117,7 +135,10 @@ pub fn reference(family: Family) -> Result<Vec<LayoutEntry>> {
         Family::Sd1 => Ok(parse_table(SD1_TABLE)),
         Family::Sd2 => Ok(sd2_from_sd1(parse_table(SD1_TABLE))),
         Family::Sdxl => Ok(parse_table(SDXL_TABLE)),
-        other => Err(Error::Invalid(format!("no reference layout for {}", other.label()))),
+        other => Err(Error::Invalid(format!(
+            "no reference layout for {}",
+            other.label()
+        ))),
     }
 }
 
@@ -134,7 +155,7 @@ pub fn release_keys(family: Family, ema: bool) -> Result<Vec<LayoutEntry>> {
 /// are divided by 32; small structural sizes (kernel 3, 4 latent channels, 77 tokens, 1000
 /// timesteps) are kept. The map is the same for every tensor, so shapes stay consistent.
 pub fn tiny_dim(d: usize) -> usize {
-    if d >= 64 && d % 32 == 0 {
+    if d >= 64 && d.is_multiple_of(32) {
         d / 32
     } else {
         d
@@ -178,8 +199,13 @@ mod tests {
             get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"),
             vec![320, 1024]
         );
-        assert_eq!(get("model.diffusion_model.input_blocks.1.1.proj_in.weight"), vec![320, 320]);
-        assert!(!sd2.iter().any(|e| e.key.starts_with("cond_stage_model.transformer.")));
+        assert_eq!(
+            get("model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+            vec![320, 320]
+        );
+        assert!(!sd2
+            .iter()
+            .any(|e| e.key.starts_with("cond_stage_model.transformer.")));
     }
 
     #[test]

@@ -83,9 +83,11 @@ impl fmt::Display for Arch {
 /// First UNet convolution; its input-channel count identifies inpainting models.
 pub const UNET_CONV_IN: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// The key SuperMerger uses to recognize SDXL.
-pub const SDXL_MARKER: &str = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.weight";
+pub const SDXL_MARKER: &str =
+    "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.weight";
 const UNET_PROJ_IN: &str = "model.diffusion_model.input_blocks.1.1.proj_in.weight";
-const UNET_ATTN2_K: &str = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+const UNET_ATTN2_K: &str =
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
 
 /// Detects the architecture of a set of tensors (sorted by name or not).
 pub fn detect(tensors: &[TensorInfo]) -> Arch {
@@ -94,43 +96,85 @@ pub fn detect(tensors: &[TensorInfo]) -> Arch {
     let has_unet = any_prefix("model.diffusion_model.");
     let shape_of = |name: &str| find(name).map(|t| t.shape.clone());
     let context = shape_of(UNET_ATTN2_K).and_then(|s| s.get(1).copied());
-    let ctx_note = context.map(|c| format!(", cross-attention context {c}")).unwrap_or_default();
+    let ctx_note = context
+        .map(|c| format!(", cross-attention context {c}"))
+        .unwrap_or_default();
 
-    let (family, rule) = if find(SDXL_MARKER).is_some() || any_prefix("conditioner.embedders.1.model.") {
-        let first = if find(SDXL_MARKER).is_some() { SDXL_MARKER } else { "conditioner.embedders.1.model.*" };
-        (Family::Sdxl, format!("second text encoder (OpenCLIP bigG) present: `{first}`{ctx_note}"))
-    } else if any_prefix("conditioner.embedders.0.model.") {
-        (
-            Family::SdxlRefiner,
-            format!("only text encoder is OpenCLIP bigG at `conditioner.embedders.0.model.*`{ctx_note}"),
-        )
-    } else if any_prefix("cond_stage_model.model.") {
-        let width = shape_of("cond_stage_model.model.token_embedding.weight").and_then(|s| s.get(1).copied());
-        let w = width.map(|w| format!(" (width {w})")).unwrap_or_default();
-        (Family::Sd2, format!("OpenCLIP text encoder `cond_stage_model.model.*`{w}{ctx_note}"))
-    } else if any_prefix("cond_stage_model.transformer.") {
-        (Family::Sd1, format!("CLIP text encoder `cond_stage_model.transformer.*`{ctx_note}"))
-    } else if has_unet {
-        // UNet-only file: SD1 uses 1x1 conv proj_in, SD2 a linear one, SDXL has label_emb.
-        match shape_of(UNET_PROJ_IN).map(|s| s.len()) {
-            _ if any_prefix("model.diffusion_model.label_emb.") => {
-                (Family::Sdxl, "UNet only, with `label_emb` (SDXL size conditioning)".to_string())
+    let (family, rule) =
+        if find(SDXL_MARKER).is_some() || any_prefix("conditioner.embedders.1.model.") {
+            let first = if find(SDXL_MARKER).is_some() {
+                SDXL_MARKER
+            } else {
+                "conditioner.embedders.1.model.*"
+            };
+            (
+                Family::Sdxl,
+                format!("second text encoder (OpenCLIP bigG) present: `{first}`{ctx_note}"),
+            )
+        } else if any_prefix("conditioner.embedders.0.model.") {
+            (
+                Family::SdxlRefiner,
+                format!(
+                "only text encoder is OpenCLIP bigG at `conditioner.embedders.0.model.*`{ctx_note}"
+            ),
+            )
+        } else if any_prefix("cond_stage_model.model.") {
+            let width = shape_of("cond_stage_model.model.token_embedding.weight")
+                .and_then(|s| s.get(1).copied());
+            let w = width.map(|w| format!(" (width {w})")).unwrap_or_default();
+            (
+                Family::Sd2,
+                format!("OpenCLIP text encoder `cond_stage_model.model.*`{w}{ctx_note}"),
+            )
+        } else if any_prefix("cond_stage_model.transformer.") {
+            (
+                Family::Sd1,
+                format!("CLIP text encoder `cond_stage_model.transformer.*`{ctx_note}"),
+            )
+        } else if has_unet {
+            // UNet-only file: SD1 uses 1x1 conv proj_in, SD2 a linear one, SDXL has label_emb.
+            match shape_of(UNET_PROJ_IN).map(|s| s.len()) {
+                _ if any_prefix("model.diffusion_model.label_emb.") => (
+                    Family::Sdxl,
+                    "UNet only, with `label_emb` (SDXL size conditioning)".to_string(),
+                ),
+                Some(4) => (
+                    Family::Sd1,
+                    format!("UNet only, 1x1-conv proj_in (SD1 style){ctx_note}"),
+                ),
+                Some(2) => (
+                    Family::Sd2,
+                    format!("UNet only, linear proj_in (SD2 style){ctx_note}"),
+                ),
+                _ => (
+                    Family::Unknown,
+                    "UNet keys without a recognizable transformer layout".to_string(),
+                ),
             }
-            Some(4) => (Family::Sd1, format!("UNet only, 1x1-conv proj_in (SD1 style){ctx_note}")),
-            Some(2) => (Family::Sd2, format!("UNet only, linear proj_in (SD2 style){ctx_note}")),
-            _ => (Family::Unknown, "UNet keys without a recognizable transformer layout".to_string()),
-        }
-    } else {
-        (Family::Unknown, "no Stable Diffusion UNet or text-encoder keys found".to_string())
-    };
+        } else {
+            (
+                Family::Unknown,
+                "no Stable Diffusion UNet or text-encoder keys found".to_string(),
+            )
+        };
 
     let in_ch = shape_of(UNET_CONV_IN).and_then(|s| s.get(1).copied());
     let (variant, rule) = match in_ch {
-        Some(9) => (Variant::Inpainting, format!("{rule}; `{UNET_CONV_IN}` has 9 input channels")),
-        Some(8) => (Variant::InstructPix2Pix, format!("{rule}; `{UNET_CONV_IN}` has 8 input channels")),
+        Some(9) => (
+            Variant::Inpainting,
+            format!("{rule}; `{UNET_CONV_IN}` has 9 input channels"),
+        ),
+        Some(8) => (
+            Variant::InstructPix2Pix,
+            format!("{rule}; `{UNET_CONV_IN}` has 8 input channels"),
+        ),
         _ => (Variant::Standard, rule),
     };
-    Arch { family, variant, rule }
+    Arch {
+        family,
+        variant,
+        rule,
+    }
 }
 
 /// Which sub-model a key belongs to.
@@ -156,7 +200,9 @@ impl Component {
     pub fn of(key: &str) -> Component {
         if key.starts_with("model.diffusion_model.") {
             Component::Unet
-        } else if key.starts_with("cond_stage_model.") || key.starts_with("conditioner.embedders.0.") {
+        } else if key.starts_with("cond_stage_model.")
+            || key.starts_with("conditioner.embedders.0.")
+        {
             Component::TextEncoder1
         } else if key.starts_with("conditioner.embedders.1.") {
             Component::TextEncoder2
@@ -223,15 +269,30 @@ mod tests {
 
     #[test]
     fn mergeable_rule() {
-        assert!(!classify(Family::Sd1, "cond_stage_model.transformer.text_model.embeddings.position_ids").mergeable);
-        assert!(!classify(Family::Sdxl, "conditioner.embedders.1.model.text_projection").mergeable);
+        assert!(
+            !classify(
+                Family::Sd1,
+                "cond_stage_model.transformer.text_model.embeddings.position_ids"
+            )
+            .mergeable
+        );
+        assert!(
+            !classify(
+                Family::Sdxl,
+                "conditioner.embedders.1.model.text_projection"
+            )
+            .mergeable
+        );
         assert!(!classify(Family::Sd1, "alphas_cumprod").mergeable);
         assert!(classify(Family::Sd1, "first_stage_model.encoder.conv_in.weight").mergeable);
     }
 
     #[test]
     fn components() {
-        assert_eq!(Component::of("conditioner.embedders.1.model.ln_final.bias"), Component::TextEncoder2);
+        assert_eq!(
+            Component::of("conditioner.embedders.1.model.ln_final.bias"),
+            Component::TextEncoder2
+        );
         assert_eq!(Component::of("model_ema.decay"), Component::Ema);
         assert_eq!(Component::of("betas"), Component::Other);
     }

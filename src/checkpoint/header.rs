@@ -94,7 +94,8 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
         });
     }
     let header_len = header_len as usize;
-    let json = std::str::from_utf8(&bytes[8..8 + header_len]).map_err(|_| HeaderError::InvalidUtf8)?;
+    let json =
+        std::str::from_utf8(&bytes[8..8 + header_len]).map_err(|_| HeaderError::InvalidUtf8)?;
     let data_len = bytes.len() - 8 - header_len;
     let (entries, metadata) = parse_json(json)?;
     check_ranges(&entries, data_len)?;
@@ -138,7 +139,9 @@ fn parse_json(json: &str) -> Result<ParsedJson, HeaderError> {
 
 fn parse_metadata(value: Value) -> Result<BTreeMap<String, String>, HeaderError> {
     let Value::Object(map) = value else {
-        return Err(HeaderError::BadMetadata("expected an object of strings".into()));
+        return Err(HeaderError::BadMetadata(
+            "expected an object of strings".into(),
+        ));
     };
     map.into_iter()
         .map(|(k, v)| match v {
@@ -168,7 +171,10 @@ fn parse_entry(name: String, value: Value) -> Result<HeaderEntry, HeaderError> {
         reason,
     };
     let Value::Object(obj) = value else {
-        return Err(bad(format!("expected an object, found {}", json_kind(&value))));
+        return Err(bad(format!(
+            "expected an object, found {}",
+            json_kind(&value)
+        )));
     };
     for key in obj.keys() {
         if !matches!(key.as_str(), "dtype" | "shape" | "data_offsets") {
@@ -177,7 +183,12 @@ fn parse_entry(name: String, value: Value) -> Result<HeaderEntry, HeaderError> {
     }
     let dtype_str = match obj.get("dtype") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(bad(format!("`dtype` must be a string, found {}", json_kind(other)))),
+        Some(other) => {
+            return Err(bad(format!(
+                "`dtype` must be a string, found {}",
+                json_kind(other)
+            )))
+        }
         None => return Err(bad("missing `dtype`".into())),
     };
     let dtype: DType = dtype_str.parse().map_err(|_| HeaderError::UnknownDtype {
@@ -232,7 +243,10 @@ fn usize_list(value: Option<&Value>, field: &str) -> Result<Vec<usize>, String> 
         return Err(format!("missing `{field}`"));
     };
     let Value::Array(items) = value else {
-        return Err(format!("`{field}` must be an array, found {}", json_kind(value)));
+        return Err(format!(
+            "`{field}` must be an array, found {}",
+            json_kind(value)
+        ));
     };
     items
         .iter()

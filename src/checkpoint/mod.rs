@@ -140,7 +140,13 @@ impl Checkpoint {
                 },
             })
             .collect();
-        Ok(Self::assemble(path, Format::Safetensors, mmap, tensors, header.metadata))
+        Ok(Self::assemble(
+            path,
+            Format::Safetensors,
+            mmap,
+            tensors,
+            header.metadata,
+        ))
     }
 
     fn from_torch_zip(path: &Path, mmap: Mmap) -> Result<Self> {
@@ -177,7 +183,13 @@ impl Checkpoint {
             });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self::assemble(path, Format::TorchZip, mmap, tensors, BTreeMap::new()))
+        Ok(Self::assemble(
+            path,
+            Format::TorchZip,
+            mmap,
+            tensors,
+            BTreeMap::new(),
+        ))
     }
 
     fn assemble(
@@ -187,7 +199,11 @@ impl Checkpoint {
         tensors: Vec<TensorInfo>,
         metadata: BTreeMap<String, String>,
     ) -> Self {
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Checkpoint {
             path: path.to_path_buf(),
             format,
@@ -237,9 +253,13 @@ impl Checkpoint {
     pub fn data(&self, t: &TensorInfo) -> Cow<'_, [u8]> {
         match &t.location {
             Location::Contiguous { start, end } => Cow::Borrowed(&self.mmap[*start..*end]),
-            Location::Strided { start, strides } => {
-                Cow::Owned(gather(&self.mmap, *start, &t.shape, strides, t.dtype.bits() / 8))
-            }
+            Location::Strided { start, strides } => Cow::Owned(gather(
+                &self.mmap,
+                *start,
+                &t.shape,
+                strides,
+                t.dtype.bits() / 8,
+            )),
         }
     }
 
@@ -320,6 +340,9 @@ mod tests {
     fn gather_transpose() {
         // storage [0,1,2,3,4,5] as u8, viewed as the transpose of a 2x3 matrix.
         let bytes = [0u8, 1, 2, 3, 4, 5];
-        assert_eq!(gather(&bytes, 0, &[3, 2], &[1, 3], 1), vec![0, 3, 1, 4, 2, 5]);
+        assert_eq!(
+            gather(&bytes, 0, &[3, 2], &[1, 3], 1),
+            vec![0, 3, 1, 4, 2, 5]
+        );
     }
 }

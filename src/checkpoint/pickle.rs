@@ -34,6 +34,9 @@ pub struct PickledTensor {
     pub strides: Vec<usize>,
 }
 
+/// A shared, mutable dict (pickle memo entries alias the same object).
+type DictRef = Rc<RefCell<Vec<(Obj, Obj)>>>;
+
 #[derive(Debug, Clone)]
 enum Obj {
     None,
@@ -44,7 +47,7 @@ enum Obj {
     Bytes,
     Tuple(Rc<Vec<Obj>>),
     List(Rc<RefCell<Vec<Obj>>>),
-    Dict(Rc<RefCell<Vec<(Obj, Obj)>>>),
+    Dict(DictRef),
     Global(Rc<(String, String)>),
     Call(Rc<(Obj, Obj)>),
     Persistent(Rc<Obj>),
@@ -128,7 +131,8 @@ impl<'a> Machine<'a> {
 
     fn string(&mut self, n: usize) -> PResult<Obj> {
         let b = self.take(n)?;
-        let s = std::str::from_utf8(b).map_err(|_| format!("invalid UTF-8 string at byte {}", self.pos))?;
+        let s = std::str::from_utf8(b)
+            .map_err(|_| format!("invalid UTF-8 string at byte {}", self.pos))?;
         Ok(Obj::Str(Rc::from(s)))
     }
 
@@ -140,7 +144,9 @@ impl<'a> Machine<'a> {
     }
 
     fn top(&mut self) -> PResult<&mut Obj> {
-        self.stack.last_mut().ok_or_else(|| "stack underflow".into())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "stack underflow".into())
     }
 
     fn pop_mark(&mut self) -> PResult<Vec<Obj>> {
@@ -158,13 +164,17 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_get(&mut self, id: u32) -> PResult<()> {
-        let v = self.memo.get(&id).ok_or_else(|| format!("memo entry {id} missing"))?.clone();
+        let v = self
+            .memo
+            .get(&id)
+            .ok_or_else(|| format!("memo entry {id} missing"))?
+            .clone();
         self.stack.push(v);
         Ok(())
     }
 
     fn set_items(target: &Obj, items: Vec<Obj>) -> PResult<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of items".into());
         }
         if let Obj::Dict(d) = target {
@@ -208,8 +218,12 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => return self.pop(),
                 b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.stack.push(Obj::Dict(Rc::new(RefCell::new(Vec::new())))),
-                b']' => self.stack.push(Obj::List(Rc::new(RefCell::new(Vec::new())))),
+                b'}' => self
+                    .stack
+                    .push(Obj::Dict(Rc::new(RefCell::new(Vec::new())))),
+                b']' => self
+                    .stack
+                    .push(Obj::List(Rc::new(RefCell::new(Vec::new())))),
                 b')' => self.stack.push(Obj::Tuple(Rc::new(Vec::new()))),
                 b'N' => self.stack.push(Obj::None),
                 0x88 => self.stack.push(Obj::Bool),
@@ -224,7 +238,8 @@ impl<'a> Machine<'a> {
                 }
                 b'M' => {
                     let b = self.take(2)?;
-                    self.stack.push(Obj::Int(u16::from_le_bytes([b[0], b[1]]) as i64))
+                    self.stack
+                        .push(Obj::Int(u16::from_le_bytes([b[0], b[1]]) as i64))
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
@@ -279,9 +294,9 @@ impl<'a> Machine<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Obj::Str(m), Obj::Str(n)) => {
-                            self.stack.push(Obj::Global(Rc::new((m.to_string(), n.to_string()))))
-                        }
+                        (Obj::Str(m), Obj::Str(n)) => self
+                            .stack
+                            .push(Obj::Global(Rc::new((m.to_string(), n.to_string())))),
                         _ => return Err("STACK_GLOBAL needs two strings".into()),
                     }
                 }
@@ -387,7 +402,10 @@ impl<'a> Machine<'a> {
 /// Interprets a pickle stream into an inert object tree.
 fn unpickle(input: &[u8]) -> PResult<Obj> {
     if input.len() > MAX_PICKLE_LEN {
-        return Err(format!("pickle stream of {} bytes is too large", input.len()));
+        return Err(format!(
+            "pickle stream of {} bytes is too large",
+            input.len()
+        ));
     }
     Machine {
         input,
@@ -434,14 +452,20 @@ struct TensorRef {
 fn usize_of(o: &Obj, what: &str) -> PResult<usize> {
     match o {
         Obj::Int(i) if *i >= 0 => usize::try_from(*i).map_err(|_| format!("{what} too large")),
-        other => Err(format!("{what} must be a non-negative int, found {}", other.describe())),
+        other => Err(format!(
+            "{what} must be a non-negative int, found {}",
+            other.describe()
+        )),
     }
 }
 
 fn usize_tuple(o: &Obj, what: &str) -> PResult<Vec<usize>> {
     match o {
         Obj::Tuple(t) => t.iter().map(|v| usize_of(v, what)).collect(),
-        other => Err(format!("{what} must be a tuple, found {}", other.describe())),
+        other => Err(format!(
+            "{what} must be a tuple, found {}",
+            other.describe()
+        )),
     }
 }
 
@@ -485,7 +509,8 @@ fn tensor_ref(value: &Obj) -> PResult<TensorRef> {
     if &**tag != "storage" {
         return Err(format!("unknown persistent reference `{tag}`"));
     }
-    let dtype = storage_dtype(&class.1).ok_or_else(|| format!("unsupported storage type {}.{}", class.0, class.1))?;
+    let dtype = storage_dtype(&class.1)
+        .ok_or_else(|| format!("unsupported storage type {}.{}", class.0, class.1))?;
     let shape = usize_tuple(&args[2], "tensor size")?;
     let strides = usize_tuple(&args[3], "tensor stride")?;
     if shape.len() != strides.len() {
@@ -503,21 +528,33 @@ fn tensor_ref(value: &Obj) -> PResult<TensorRef> {
 
 /// Locates every tensor of a torch zip checkpoint mapped in `bytes`.
 pub fn read_tensors(bytes: &[u8]) -> PResult<Vec<PickledTensor>> {
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("not a valid zip archive: {e}"))?;
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format!("not a valid zip archive: {e}"))?;
     let mut entries: HashMap<String, Entry> = HashMap::new();
     for i in 0..zip.len() {
-        let f = zip.by_index_raw(i).map_err(|e| format!("zip entry {i}: {e}"))?;
-        let name = f.name().map_err(|e| format!("zip entry {i}: {e}"))?.to_string();
+        let f = zip
+            .by_index_raw(i)
+            .map_err(|e| format!("zip entry {i}: {e}"))?;
+        let name = f
+            .name()
+            .map_err(|e| format!("zip entry {i}: {e}"))?
+            .to_string();
         if f.is_dir() {
             continue;
         }
         if f.compression() != zip::CompressionMethod::Stored {
-            return Err(format!("zip entry `{name}` is compressed; torch checkpoints store entries uncompressed"));
+            return Err(format!(
+                "zip entry `{name}` is compressed; torch checkpoints store entries uncompressed"
+            ));
         }
-        let start = f.data_start().ok_or_else(|| format!("zip entry `{name}`: unknown data offset"))?;
+        let start = f
+            .data_start()
+            .ok_or_else(|| format!("zip entry `{name}`: unknown data offset"))?;
         let (start, len) = (start as usize, f.size() as usize);
         if start.checked_add(len).is_none_or(|end| end > bytes.len()) {
-            return Err(format!("zip entry `{name}` extends past the end of the file"));
+            return Err(format!(
+                "zip entry `{name}` extends past the end of the file"
+            ));
         }
         entries.insert(name, Entry { start, len });
     }
@@ -528,7 +565,10 @@ pub fn read_tensors(bytes: &[u8]) -> PResult<Vec<PickledTensor>> {
             pkl_names.len()
         ));
     };
-    let dir = pkl_name.strip_suffix("data.pkl").unwrap_or_default().to_string();
+    let dir = pkl_name
+        .strip_suffix("data.pkl")
+        .unwrap_or_default()
+        .to_string();
     let pkl = entries[pkl_name];
     let root = unpickle(&bytes[pkl.start..pkl.start + pkl.len])?;
 
@@ -537,15 +577,18 @@ pub fn read_tensors(bytes: &[u8]) -> PResult<Vec<PickledTensor>> {
     let mut out = Vec::with_capacity(items.len());
     for (k, v) in items.iter() {
         let Obj::Str(name) = k else {
-            return Err(format!("state dict key is {}, expected a string", k.describe()));
+            return Err(format!(
+                "state dict key is {}, expected a string",
+                k.describe()
+            ));
         };
         let t = tensor_ref(v).map_err(|e| {
             format!("`{name}`: {e}; only plain tensors are read (re-save the file with safetensors if it holds other objects)")
         })?;
         let entry_name = format!("{dir}data/{}", t.storage_key);
-        let entry = entries
-            .get(&entry_name)
-            .ok_or_else(|| format!("`{name}`: storage `{entry_name}` is missing from the archive"))?;
+        let entry = entries.get(&entry_name).ok_or_else(|| {
+            format!("`{name}`: storage `{entry_name}` is missing from the archive")
+        })?;
         let es = t.dtype.bits() / 8;
         let storage_bytes = t
             .storage_numel
@@ -567,7 +610,9 @@ pub fn read_tensors(bytes: &[u8]) -> PResult<Vec<PickledTensor>> {
                     .ok_or_else(|| format!("`{name}`: strides overflow"))?;
             }
             if last >= t.storage_numel {
-                return Err(format!("`{name}`: tensor view reaches past the end of its storage"));
+                return Err(format!(
+                    "`{name}`: tensor view reaches past the end of its storage"
+                ));
             }
         }
         out.push(PickledTensor {
@@ -582,9 +627,12 @@ pub fn read_tensors(bytes: &[u8]) -> PResult<Vec<PickledTensor>> {
 }
 
 /// The tensor dict: the root itself, or the value under `state_dict`.
-fn state_dict(root: &Obj) -> PResult<Rc<RefCell<Vec<(Obj, Obj)>>>> {
+fn state_dict(root: &Obj) -> PResult<DictRef> {
     let Obj::Dict(d) = root else {
-        return Err(format!("top-level object is {}, expected a dict of tensors", root.describe()));
+        return Err(format!(
+            "top-level object is {}, expected a dict of tensors",
+            root.describe()
+        ));
     };
     let nested = d
         .borrow()
@@ -593,7 +641,10 @@ fn state_dict(root: &Obj) -> PResult<Rc<RefCell<Vec<(Obj, Obj)>>>> {
         .map(|(_, v)| v.clone());
     match nested {
         Some(Obj::Dict(inner)) => Ok(inner),
-        Some(other) => Err(format!("`state_dict` is {}, expected a dict", other.describe())),
+        Some(other) => Err(format!(
+            "`state_dict` is {}, expected a dict",
+            other.describe()
+        )),
         None => Ok(d.clone()),
     }
 }
@@ -604,8 +655,12 @@ mod tests {
 
     #[test]
     fn rejects_unknown_opcode_and_truncation() {
-        assert!(unpickle(b"\x80\x02Z").unwrap_err().contains("unsupported pickle opcode"));
-        assert!(unpickle(b"\x80\x02X\xff\xff\xff\xff").unwrap_err().contains("ends early"));
+        assert!(unpickle(b"\x80\x02Z")
+            .unwrap_err()
+            .contains("unsupported pickle opcode"));
+        assert!(unpickle(b"\x80\x02X\xff\xff\xff\xff")
+            .unwrap_err()
+            .contains("ends early"));
         assert!(unpickle(b"\x80\x02.").unwrap_err().contains("underflow"));
     }
 

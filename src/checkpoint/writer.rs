@@ -40,17 +40,33 @@ impl TensorSpec {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .and_then(|n| self.dtype.byte_len(n))
-            .ok_or_else(|| Error::Invalid(format!("tensor `{}`: shape {:?} is too large", self.name, self.shape)))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "tensor `{}`: shape {:?} is too large",
+                    self.name, self.shape
+                ))
+            })
     }
 }
 
-/// Computes the canonical header bytes (length prefix included) and each tensor's
-/// data range, in the order of `specs`.
-pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+/// The canonical header of a file and where each tensor's data goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// Header bytes, the 8-byte length prefix included.
+    pub header: Vec<u8>,
+    /// Data range of each tensor (relative to the data section), in the order of the specs.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+/// Computes the canonical header bytes and each tensor's data range.
+pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<FileLayout> {
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by(|&a, &b| {
         let (x, y) = (&specs[a], &specs[b]);
-        y.dtype.align().cmp(&x.dtype.align()).then_with(|| x.name.cmp(&y.name))
+        y.dtype
+            .align()
+            .cmp(&x.dtype.align())
+            .then_with(|| x.name.cmp(&y.name))
     });
     let mut ranges = vec![(0usize, 0usize); specs.len()];
     let mut pos = 0usize;
@@ -63,21 +79,29 @@ pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Resu
     by_name.sort_by(|&a, &b| specs[a].name.cmp(&specs[b].name));
     for w in by_name.windows(2) {
         if specs[w[0]].name == specs[w[1]].name {
-            return Err(Error::Invalid(format!("tensor `{}` given twice", specs[w[0]].name)));
+            return Err(Error::Invalid(format!(
+                "tensor `{}` given twice",
+                specs[w[0]].name
+            )));
         }
     }
     let q = |s: &str| serde_json::to_string(s).expect("strings always serialize");
     let mut json = String::from("{");
     if !metadata.is_empty() {
         json.push_str("\"__metadata__\":{");
-        let items: Vec<String> = metadata.iter().map(|(k, v)| format!("{}:{}", q(k), q(v))).collect();
+        let items: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("{}:{}", q(k), q(v)))
+            .collect();
         json.push_str(&items.join(","));
         json.push('}');
     }
     for &i in &by_name {
         let s = &specs[i];
         if s.name == "__metadata__" {
-            return Err(Error::Invalid("a tensor cannot be named `__metadata__`".into()));
+            return Err(Error::Invalid(
+                "a tensor cannot be named `__metadata__`".into(),
+            ));
         }
         if json.len() > 1 {
             json.push(',');
@@ -99,7 +123,7 @@ pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Resu
     let mut header = Vec::with_capacity(8 + json.len());
     header.extend_from_slice(&(json.len() as u64).to_le_bytes());
     header.extend_from_slice(json.as_bytes());
-    Ok((header, ranges))
+    Ok(FileLayout { header, ranges })
 }
 
 /// Writes one safetensors file; see the module docs.
@@ -127,21 +151,18 @@ impl SafetensorsWriter {
         if !overwrite && dest.exists() {
             return Err(Error::OutputExists { path: dest });
         }
-        let (header, ranges) = layout(&specs, metadata)?;
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("output");
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".partial")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, e))?;
+        let FileLayout { header, ranges } = layout(&specs, metadata)?;
+        let tmp = temp_beside(&dest)?;
         let total = header.len() as u64 + ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
-        tmp.as_file().set_len(total).map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file()
+            .set_len(total)
+            .map_err(|e| Error::io(tmp.path(), e))?;
         write_at(tmp.as_file(), tmp.path(), &header, 0)?;
-        let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let index = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
         let written = specs.iter().map(|_| AtomicBool::new(false)).collect();
         Ok(SafetensorsWriter {
             dest,
@@ -162,10 +183,9 @@ impl SafetensorsWriter {
 
     /// Writes the data of the tensor `name`. Safe to call from several threads at once.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
-        let &i = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::Invalid(format!("tensor `{name}` is not part of the output header")))?;
+        let &i = self.index.get(name).ok_or_else(|| {
+            Error::Invalid(format!("tensor `{name}` is not part of the output header"))
+        })?;
         let (begin, end) = self.ranges[i];
         if data.len() != end - begin {
             return Err(Error::Invalid(format!(
@@ -177,7 +197,12 @@ impl SafetensorsWriter {
         if self.written[i].swap(true, Ordering::SeqCst) {
             return Err(Error::Invalid(format!("tensor `{name}` written twice")));
         }
-        write_at(self.tmp.as_file(), self.tmp.path(), data, self.data_start + begin as u64)
+        write_at(
+            self.tmp.as_file(),
+            self.tmp.path(),
+            data,
+            self.data_start + begin as u64,
+        )
     }
 
     /// Checks every tensor was written, fsyncs, and renames the file into place.
@@ -190,7 +215,10 @@ impl SafetensorsWriter {
             )));
         }
         let tmp_path = self.tmp.path().to_path_buf();
-        self.tmp.as_file().sync_all().map_err(|e| Error::io(&tmp_path, e))?;
+        self.tmp
+            .as_file()
+            .sync_all()
+            .map_err(|e| Error::io(&tmp_path, e))?;
         let dest = self.dest;
         let persisted = if self.overwrite {
             self.tmp.persist(&dest)
@@ -212,17 +240,11 @@ impl SafetensorsWriter {
 /// Writes a whole file atomically: temp file in the same directory, fsync, rename.
 pub fn write_file_atomic(dest: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     if !overwrite && dest.exists() {
-        return Err(Error::OutputExists { path: dest.to_path_buf() });
+        return Err(Error::OutputExists {
+            path: dest.to_path_buf(),
+        });
     }
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".mergesmith.")
-        .suffix(".partial")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut tmp = temp_beside(dest)?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(dest, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(dest, e))?;
     let r = if overwrite {
@@ -233,6 +255,29 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8], overwrite: bool) -> Result<(
     r.map_err(|e| Error::io(dest, e.error))?;
     sync_parent(dest);
     Ok(())
+}
+
+/// A temporary file in `dest`'s directory (created if missing; the same directory makes the
+/// final rename atomic), named
+/// `.<name>.<random>.partial`, with ordinary file permissions (0644 before umask).
+fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output");
+    let prefix = format!(".{file_name}.");
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix).suffix(".partial");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    b.tempfile_in(dir).map_err(|e| Error::io(dir, e))
 }
 
 fn sync_parent(dest: &Path) {
@@ -248,14 +293,17 @@ fn sync_parent(dest: &Path) {
 #[cfg(unix)]
 fn write_at(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset).map_err(|e| Error::io(path, e))
+    file.write_all_at(data, offset)
+        .map_err(|e| Error::io(path, e))
 }
 
 #[cfg(windows)]
 fn write_at(file: &File, path: &Path, mut data: &[u8], mut offset: u64) -> Result<()> {
     use std::os::windows::fs::FileExt;
     while !data.is_empty() {
-        let n = file.seek_write(data, offset).map_err(|e| Error::io(path, e))?;
+        let n = file
+            .seek_write(data, offset)
+            .map_err(|e| Error::io(path, e))?;
         data = &data[n..];
         offset += n as u64;
     }
@@ -269,14 +317,26 @@ mod tests {
     #[test]
     fn header_is_canonical_and_aligned() {
         let specs = vec![
-            TensorSpec { name: "b".into(), dtype: DType::F16, shape: vec![3] },
-            TensorSpec { name: "a".into(), dtype: DType::F32, shape: vec![1] },
-            TensorSpec { name: "c".into(), dtype: DType::I64, shape: vec![1] },
+            TensorSpec {
+                name: "b".into(),
+                dtype: DType::F16,
+                shape: vec![3],
+            },
+            TensorSpec {
+                name: "a".into(),
+                dtype: DType::F32,
+                shape: vec![1],
+            },
+            TensorSpec {
+                name: "c".into(),
+                dtype: DType::I64,
+                shape: vec![1],
+            },
         ];
         let mut md = BTreeMap::new();
         md.insert("z".to_string(), "1".to_string());
         md.insert("a".to_string(), "\"q\"".to_string());
-        let (h, ranges) = layout(&specs, &md).unwrap();
+        let FileLayout { header: h, ranges } = layout(&specs, &md).unwrap();
         assert_eq!(h.len() % 8, 0);
         let json = std::str::from_utf8(&h[8..]).unwrap().trim_end();
         assert_eq!(
@@ -288,7 +348,11 @@ mod tests {
 
     #[test]
     fn duplicate_names_rejected() {
-        let s = TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![] };
+        let s = TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![],
+        };
         assert!(layout(&[s.clone(), s], &BTreeMap::new()).is_err());
     }
 }

@@ -1,0 +1,268 @@
+//! The `mergesmith` binary end to end: synth, inspect, exit codes, determinism.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ms(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+        .args(args)
+        .env("MERGESMITH_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(out: Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+#[test]
+fn synth_is_deterministic_across_thread_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = d.join("a.safetensors");
+    let b = d.join("b.safetensors");
+    ok(ms(
+        &[
+            "--threads",
+            "1",
+            "synth",
+            "--arch",
+            "sdxl",
+            "--seed",
+            "9",
+            "-o",
+            a.to_str().unwrap(),
+        ],
+        d,
+    ));
+    ok(ms(
+        &[
+            "--threads",
+            "2",
+            "synth",
+            "--arch",
+            "sdxl",
+            "--seed",
+            "9",
+            "-o",
+            b.to_str().unwrap(),
+        ],
+        d,
+    ));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let c = d.join("c.safetensors");
+    ok(ms(
+        &[
+            "synth",
+            "--arch",
+            "sdxl",
+            "--seed",
+            "10",
+            "-o",
+            c.to_str().unwrap(),
+        ],
+        d,
+    ));
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+}
+
+#[test]
+fn inspect_reports_and_memoizes_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = d.join("m.safetensors");
+    let out = json(ms(
+        &[
+            "synth",
+            "--arch",
+            "sd2",
+            "--dtype",
+            "bf16",
+            "-o",
+            m.to_str().unwrap(),
+            "--json",
+        ],
+        d,
+    ));
+    // SD1's 1143 keys, minus 197 CLIP-L keys, plus OpenCLIP-H: 24 blocks x 12 + 6.
+    assert_eq!(out["tensors"], 1143 - 197 + 24 * 12 + 6);
+
+    let r = json(ms(&["inspect", m.to_str().unwrap(), "--json"], d));
+    assert_eq!(r["arch"]["family"], "sd2");
+    assert_eq!(r["blocks"].as_array().unwrap().len(), 26);
+    assert_eq!(r["hash_source"], "computed");
+    let sha = r["hashes"]["sha256"].as_str().unwrap().to_string();
+    assert_eq!(r["hashes"]["autov2"].as_str().unwrap(), &sha[..10]);
+    assert!(r["dtypes"]["BF16"]["tensors"].as_u64().unwrap() > 1000);
+    // Metadata values that are JSON documents come back parsed.
+    assert_eq!(r["metadata"]["mergesmith.synth"]["family"], "sd2");
+    let total: u64 = r["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["tensors"].as_u64().unwrap())
+        .sum::<u64>()
+        + r["unblocked"]["tensors"].as_u64().unwrap();
+    assert_eq!(total, r["total"]["tensors"].as_u64().unwrap());
+
+    // Second run: from the memo, same hashes.
+    let r2 = json(ms(&["inspect", m.to_str().unwrap(), "--json"], d));
+    assert_eq!(r2["hash_source"], "memo");
+    assert_eq!(r2["hashes"], r["hashes"]);
+
+    // Replacing the file (new inode/mtime/size) invalidates the memo.
+    let m2 = d.join("m2.safetensors");
+    ok(ms(
+        &["synth", "--arch", "sd1", "-o", m2.to_str().unwrap()],
+        d,
+    ));
+    std::fs::rename(&m2, &m).unwrap();
+    let r3 = json(ms(&["inspect", m.to_str().unwrap(), "--json"], d));
+    assert_eq!(r3["hash_source"], "computed");
+    assert_ne!(r3["hashes"]["sha256"], r["hashes"]["sha256"]);
+
+    // Human output and the key listing.
+    let text = ok(ms(
+        &["inspect", m.to_str().unwrap(), "--keys", "--no-hash"],
+        d,
+    ));
+    assert!(text.contains("architecture:  SD1.x"));
+    assert!(text.contains("model.diffusion_model.input_blocks.4.1.proj_in.weight"));
+    assert!(text.contains("(not merged)"));
+}
+
+#[test]
+fn related_models_from_base_and_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, c) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("c.safetensors"),
+    );
+    ok(ms(
+        &[
+            "synth",
+            "--arch",
+            "sd1",
+            "--seed",
+            "1",
+            "--dtype",
+            "fp32",
+            "-o",
+            a.to_str().unwrap(),
+        ],
+        d,
+    ));
+    ok(ms(
+        &[
+            "synth",
+            "--base",
+            a.to_str().unwrap(),
+            "--strength",
+            "0.1",
+            "--seed",
+            "2",
+            "--dtype",
+            "fp32",
+            "-o",
+            b.to_str().unwrap(),
+        ],
+        d,
+    ));
+    ok(ms(
+        &[
+            "synth",
+            "--arch",
+            "sd1",
+            "--seed",
+            "3",
+            "--dtype",
+            "fp32",
+            "--copy-from",
+            a.to_str().unwrap(),
+            "--copy",
+            "vae,te1",
+            "-o",
+            c.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let (ca, cb, cc) = (
+        mergesmith::checkpoint::Checkpoint::open(&a).unwrap(),
+        mergesmith::checkpoint::Checkpoint::open(&b).unwrap(),
+        mergesmith::checkpoint::Checkpoint::open(&c).unwrap(),
+    );
+    let f = |ck: &mergesmith::checkpoint::Checkpoint, k: &str| -> Vec<f32> {
+        let v = ck.view(k).unwrap();
+        mergesmith::convert::to_f32(v.dtype, &v.data).unwrap()
+    };
+    // Perturbed: close to A (relative change about the requested 0.1), but not equal.
+    let k = "model.diffusion_model.input_blocks.1.1.proj_in.weight";
+    let (x, y) = (f(&ca, k), f(&cb, k));
+    let num: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| ((p - q) as f64).powi(2))
+        .sum();
+    let den: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel > 0.05 && rel < 0.2, "relative change {rel}");
+    // Buffers are not perturbed.
+    assert!(f(&ca, "alphas_cumprod") == f(&cb, "alphas_cumprod"));
+    // Copied components are identical; others differ.
+    let vae = "first_stage_model.decoder.conv_in.weight";
+    assert!(f(&ca, vae) == f(&cc, vae), "copied VAE must be identical");
+    assert!(f(&ca, k) != f(&cc, k), "the UNet was not copied");
+}
+
+#[test]
+fn errors_name_the_file_and_set_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bad = d.join("bad.safetensors");
+    std::fs::write(&bad, b"\x05\x00\x00\x00\x00\x00\x00\x00{oops").unwrap();
+    let out = ms(&["inspect", bad.to_str().unwrap()], d);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("bad.safetensors") && err.contains("not valid JSON"),
+        "{err}"
+    );
+
+    let m = d.join("m.safetensors");
+    ok(ms(&["synth", "-o", m.to_str().unwrap()], d));
+    let before = std::fs::read(&m).unwrap();
+    let out = ms(&["synth", "--seed", "5", "-o", m.to_str().unwrap()], d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+    assert_eq!(
+        std::fs::read(&m).unwrap(),
+        before,
+        "existing file untouched"
+    );
+    ok(ms(
+        &[
+            "synth",
+            "--seed",
+            "5",
+            "--overwrite",
+            "-o",
+            m.to_str().unwrap(),
+        ],
+        d,
+    ));
+    assert_ne!(std::fs::read(&m).unwrap(), before);
+
+    let out = ms(&["synth", "--arch", "sd9", "-o", "x"], d);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,170 @@
+//! Helpers shared by the integration tests: raw safetensors files, torch zip checkpoints
+//! built opcode by opcode (the way `torch.save` writes them), and synthetic models.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use mergesmith::arch::{Family, Variant};
+use mergesmith::dtype::FloatType;
+use mergesmith::synth::{Size, SynthOptions};
+
+/// Writes `len(header) | header | data` with no validation at all.
+pub fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Options for a fresh tiny model.
+pub fn tiny(family: Family, seed: u64) -> SynthOptions {
+    SynthOptions {
+        family,
+        size: Size::Tiny,
+        seed,
+        dtype: FloatType::Fp16,
+        variant: Variant::Standard,
+        ema: false,
+        perturb: None,
+        copy: None,
+    }
+}
+
+/// Synthesizes a model into `dir/name`.
+pub fn synth(dir: &Path, name: &str, opts: &SynthOptions) -> PathBuf {
+    let path = dir.join(name);
+    mergesmith::synth::synthesize(opts, &path, false, false).unwrap();
+    path
+}
+
+/// A tensor for a torch checkpoint: storage bytes, plus the view (offset, size, stride).
+pub struct TorchTensor {
+    pub name: String,
+    pub storage_class: &'static str,
+    pub storage: Vec<u8>,
+    pub elem_size: usize,
+    pub offset: usize,
+    pub size: Vec<usize>,
+    pub stride: Vec<usize>,
+    pub parameter: bool,
+}
+
+/// A minimal pickle (protocol 2) writer emitting the opcodes torch.save uses.
+pub struct Pickle(pub Vec<u8>);
+
+impl Pickle {
+    pub fn new() -> Self {
+        Pickle(vec![0x80, 2])
+    }
+    pub fn global(&mut self, module: &str, name: &str) {
+        self.0.push(b'c');
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+    }
+    pub fn str(&mut self, s: &str) {
+        self.0.push(b'X');
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    pub fn int(&mut self, v: usize) {
+        self.0.push(b'J');
+        self.0.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    pub fn tuple(&mut self, items: &[usize]) {
+        self.0.push(b'(');
+        for &i in items {
+            self.int(i);
+        }
+        self.0.push(b't');
+    }
+    pub fn op(&mut self, op: u8) {
+        self.0.push(op);
+    }
+    pub fn empty_ordered_dict(&mut self) {
+        self.global("collections", "OrderedDict");
+        self.op(b')');
+        self.op(b'R');
+    }
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`.
+    pub fn tensor(&mut self, key: &str, t: &TorchTensor) {
+        if t.parameter {
+            self.global("torch._utils", "_rebuild_parameter");
+            self.op(b'(');
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.op(b'(');
+        // persistent id: ('storage', torch.XStorage, key, 'cpu', numel)
+        self.op(b'(');
+        self.str("storage");
+        self.global("torch", t.storage_class);
+        self.str(key);
+        self.str("cpu");
+        self.int(t.storage.len() / t.elem_size);
+        self.op(b't');
+        self.op(b'Q');
+        self.int(t.offset);
+        self.tuple(&t.size);
+        self.tuple(&t.stride);
+        self.op(0x89);
+        self.empty_ordered_dict();
+        self.op(b't');
+        self.op(b'R');
+        if t.parameter {
+            self.op(0x88);
+            self.empty_ordered_dict();
+            self.op(b't');
+            self.op(b'R');
+        }
+    }
+}
+
+/// Writes a torch zip checkpoint: `{"epoch": 1, "state_dict": OrderedDict(tensors)}`
+/// when `nested`, else the OrderedDict itself. `extra` adds raw pickle bytes for one more
+/// state-dict value under the key `extra` (to test refusals).
+pub fn torch_zip(path: &Path, tensors: &[TorchTensor], nested: bool, extra: Option<&[u8]>) {
+    let mut p = Pickle::new();
+    if nested {
+        p.op(b'}');
+        p.op(b'(');
+        p.str("epoch");
+        p.int(1);
+        p.str("state_dict");
+    }
+    p.empty_ordered_dict();
+    p.op(b'(');
+    for (i, t) in tensors.iter().enumerate() {
+        p.str(&t.name);
+        p.tensor(&i.to_string(), t);
+    }
+    if let Some(e) = extra {
+        p.str("extra");
+        p.0.extend_from_slice(e);
+    }
+    p.op(b'u');
+    if nested {
+        p.op(b'u');
+    }
+    p.op(b'.');
+
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .with_alignment(64);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(&p.0).unwrap();
+    zip.start_file("archive/byteorder", opts).unwrap();
+    zip.write_all(b"little").unwrap();
+    for (i, t) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{i}"), opts).unwrap();
+        zip.write_all(&t.storage).unwrap();
+    }
+    zip.start_file("archive/version", opts).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
