@@ -31,6 +31,65 @@ pub enum Command {
     Synth(SynthArgs),
     /// Show a checkpoint's architecture, contents per block, metadata and hashes.
     Inspect(InspectArgs),
+    /// Merge two or three checkpoints (one-shot, without a recipe).
+    Merge(MergeArgs),
+}
+
+/// Arguments of `merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Merge mode.
+    #[arg(long, value_enum, default_value = "weight_sum")]
+    pub mode: crate::merge::Mode,
+    /// Model A (the base).
+    #[arg(short = 'a', long = "model-a", value_name = "FILE")]
+    pub a: PathBuf,
+    /// Model B.
+    #[arg(short = 'b', long = "model-b", value_name = "FILE")]
+    pub b: PathBuf,
+    /// Model C (add_difference, triple_sum, sum_twice).
+    #[arg(short = 'c', long = "model-c", value_name = "FILE")]
+    pub c: Option<PathBuf>,
+    /// Weight of B: a number, a preset name (GRAD_V...) or one value per block
+    /// (26 for SD1/SD2: BASE,IN00-IN11,M00,OUT00-OUT11; 20 or 110 for SDXL).
+    #[arg(long, allow_hyphen_values = true, default_value = "0.5")]
+    pub alpha: String,
+    /// Per-block weights of B (same as --alpha with a vector or preset).
+    #[arg(long, allow_hyphen_values = true, value_name = "PRESET|v1,...")]
+    pub mbw: Option<String>,
+    /// Weight of C (triple_sum, sum_twice): number, preset or per-block vector.
+    #[arg(long, allow_hyphen_values = true)]
+    pub beta: Option<String>,
+    /// Per-element calculation.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub calcmode: crate::merge::CalcMode,
+    /// Output type of float tensors [default: keep model A's].
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
+    /// Keep only UNet, VAE and text-encoder tensors.
+    #[arg(long)]
+    pub prune: bool,
+    /// Rewrite CLIP position_ids as 0..76.
+    #[arg(long)]
+    pub reset_position_ids: bool,
+    /// Replace the VAE with this VAE file.
+    #[arg(long, value_name = "FILE")]
+    pub bake_vae: Option<PathBuf>,
+    /// Extra MBW preset files (`NAME<TAB>v1,...` per line).
+    #[arg(long, value_name = "FILE")]
+    pub presets: Vec<PathBuf>,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Cache directory for the input-hash memo.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
 }
 
 /// Architectures `synth` can produce.
@@ -164,6 +223,7 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Synth(a) => synth(a),
         Command::Inspect(a) => inspect(a),
+        Command::Merge(a) => merge(a),
     }
 }
 
@@ -246,4 +306,77 @@ fn inspect(a: InspectArgs) -> Result<()> {
         print!("{}", text.join("\n"));
         Ok(())
     }
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    use crate::merge::{MergeFiles, MergeSpec, Presets, Ratio};
+    let mut presets = Presets::default();
+    for p in &a.presets {
+        presets.add_file(p)?;
+    }
+    let alpha_text = match &a.mbw {
+        Some(m) if a.alpha != "0.5" => {
+            return Err(Error::Invalid(format!(
+                "give either --alpha {} or --mbw {m}, not both",
+                a.alpha
+            )));
+        }
+        Some(m) => m.as_str(),
+        None => a.alpha.as_str(),
+    };
+    let spec = MergeSpec {
+        mode: a.mode,
+        alpha: Ratio::parse(alpha_text, &presets)?,
+        beta: a
+            .beta
+            .as_deref()
+            .map(|b| Ratio::parse(b, &presets))
+            .transpose()?,
+        calcmode: a.calcmode,
+        dtype: a.dtype,
+        prune: a.prune,
+        reset_position_ids: a.reset_position_ids,
+        bake_vae: a.bake_vae.clone(),
+    };
+    let files = MergeFiles {
+        a: &a.a,
+        b: &a.b,
+        c: a.c.as_deref(),
+    };
+    let memo = HashMemo::new(&a.cache.unwrap_or_else(default_cache_dir));
+    let started = std::time::Instant::now();
+    let (plan, report) =
+        crate::merge::merge_files(&files, &spec, &a.output, &memo, a.overwrite, !a.json)?;
+    if a.json {
+        return print_json(&serde_json::json!({ "report": report, "plan": {
+            "architecture": plan.arch,
+            "blended": plan.blended(),
+            "missing_in_b": plan.missing_in_b,
+            "missing_in_c": plan.missing_in_c,
+            "added_from_b": plan.added_from_b,
+        }}));
+    }
+    for (what, keys) in [
+        ("missing from B (kept from A)", &plan.missing_in_b),
+        ("missing from C (kept from A)", &plan.missing_in_c),
+        ("only in B (added)", &plan.added_from_b),
+    ] {
+        if !keys.is_empty() {
+            eprintln!(
+                "note: {} mergeable keys {what}, e.g. `{}`",
+                keys.len(),
+                keys[0]
+            );
+        }
+    }
+    println!(
+        "wrote {} ({}: {} tensors, {} blended, {}) in {:.1} s",
+        report.path.display(),
+        plan.arch,
+        report.tensors,
+        report.blended,
+        crate::inspect::human_bytes(report.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

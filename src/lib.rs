@@ -7,6 +7,7 @@
 //! - [`arch`]: architecture detection, key classification into components and MBW blocks,
 //!   reference layouts;
 //! - [`convert`]: float storage conversions with correct rounding;
+//! - [`merge`]: the merge engine (modes, block weights, planning, streaming execution);
 //! - [`synth`]: synthetic checkpoints with the real layouts, for tests and benchmarks;
 //! - [`hashing`]: blake3 / SHA-256 / AUTOMATIC1111 hashes with a memo;
 //! - [`inspect`]: the `inspect` report.
@@ -19,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod hashing;
 pub mod inspect;
+pub mod merge;
 pub mod progress;
 pub mod synth;
 

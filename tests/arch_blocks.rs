@@ -182,3 +182,26 @@ fn unknown_and_unet_only_files() {
     assert_eq!(a.family, Family::Sd2, "{}", a.rule);
     assert!(a.rule.contains("linear proj_in"));
 }
+
+#[test]
+fn sdxl_refiner_is_recognized_by_its_single_openclip_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refiner.safetensors");
+    let h = r#"{"conditioner.embedders.0.model.ln_final.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"model.diffusion_model.input_blocks.0.0.weight":{"dtype":"F32","shape":[1,4,1,1],"data_offsets":[4,20]}}"#;
+    raw_safetensors(&path, h, &[0; 20]);
+    let a = arch::detect(Checkpoint::open(&path).unwrap().tensors());
+    assert_eq!(
+        (a.family, a.variant),
+        (Family::SdxlRefiner, Variant::Standard)
+    );
+    assert_eq!(a.family.blocks().len(), 26);
+    assert_eq!(
+        arch::classify(
+            a.family,
+            "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
+        )
+        .block
+        .as_deref(),
+        Some("OUT11")
+    );
+}

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tempfile::NamedTempFile;
 
@@ -134,7 +134,7 @@ pub struct SafetensorsWriter {
     specs: Vec<TensorSpec>,
     ranges: Vec<(usize, usize)>,
     index: HashMap<String, usize>,
-    written: Vec<AtomicBool>,
+    written: Vec<AtomicUsize>,
     overwrite: bool,
 }
 
@@ -163,7 +163,7 @@ impl SafetensorsWriter {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
             .collect();
-        let written = specs.iter().map(|_| AtomicBool::new(false)).collect();
+        let written = specs.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(SafetensorsWriter {
             dest,
             data_start: header.len() as u64,
@@ -181,12 +181,9 @@ impl SafetensorsWriter {
         &self.specs
     }
 
-    /// Writes the data of the tensor `name`. Safe to call from several threads at once.
+    /// Writes the whole data of the tensor `name`. Safe to call from several threads at once.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
-        let &i = self.index.get(name).ok_or_else(|| {
-            Error::Invalid(format!("tensor `{name}` is not part of the output header"))
-        })?;
-        let (begin, end) = self.ranges[i];
+        let (begin, end) = self.ranges[self.index_of(name)?];
         if data.len() != end - begin {
             return Err(Error::Invalid(format!(
                 "tensor `{name}`: got {} bytes, the header declares {}",
@@ -194,20 +191,45 @@ impl SafetensorsWriter {
                 end - begin
             )));
         }
-        if self.written[i].swap(true, Ordering::SeqCst) {
+        self.write_part(name, 0, data)
+    }
+
+    /// Writes `data` at byte `offset` within the tensor `name`, so a large tensor can be
+    /// produced in chunks by several threads. Every byte must be written exactly once.
+    pub fn write_part(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
+        let i = self.index_of(name)?;
+        let (begin, end) = self.ranges[i];
+        if offset + data.len() > end - begin {
+            return Err(Error::Invalid(format!(
+                "tensor `{name}`: write of {} bytes at {offset} overruns its {} bytes",
+                data.len(),
+                end - begin
+            )));
+        }
+        let before = self.written[i].fetch_add(data.len(), Ordering::SeqCst);
+        if before + data.len() > end - begin {
             return Err(Error::Invalid(format!("tensor `{name}` written twice")));
         }
         write_at(
             self.tmp.as_file(),
             self.tmp.path(),
             data,
-            self.data_start + begin as u64,
+            self.data_start + (begin + offset) as u64,
         )
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.index.get(name).copied().ok_or_else(|| {
+            Error::Invalid(format!("tensor `{name}` is not part of the output header"))
+        })
     }
 
     /// Checks every tensor was written, fsyncs, and renames the file into place.
     pub fn finish(self) -> Result<PathBuf> {
-        if let Some(i) = self.written.iter().position(|w| !w.load(Ordering::SeqCst)) {
+        let incomplete = |(i, w): (usize, &AtomicUsize)| {
+            w.load(Ordering::SeqCst) != self.ranges[i].1 - self.ranges[i].0
+        };
+        if let Some(i) = self.written.iter().enumerate().position(incomplete) {
             return Err(Error::Invalid(format!(
                 "tensor `{}` was never written; {} left unfinished",
                 self.specs[i].name,

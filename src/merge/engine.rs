@@ -1,0 +1,257 @@
+//! Executing a merge plan: parallel, chunked, streaming into the output file.
+//!
+//! Tensors are processed largest first; large tensors are split into chunks of
+//! [`CHUNK`] elements, each decoded to f32, combined, rounded once and written straight to
+//! its place in the output file. Memory in flight is a few chunks per worker, whatever the
+//! model size; copied tensors go from the input map to the file without conversion when the
+//! dtype is unchanged. Chunk boundaries and thread count do not change any result byte.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::convert;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::merge::kernels::blend;
+use crate::merge::plan::Inputs;
+use crate::merge::{KeyPlan, Mode, Op, Plan, Source};
+
+/// Elements per work unit.
+pub const CHUNK: usize = 1 << 18;
+
+/// What a finished merge wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeReport {
+    /// Output file.
+    pub path: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors blended (the rest were copied).
+    pub blended: usize,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    out: Vec<u8>,
+}
+
+/// One input tensor of a blend.
+struct Operand<'a> {
+    data: Cow<'a, [u8]>,
+    dtype: DType,
+    shape: &'a [usize],
+}
+
+fn operand<'a>(inputs: &Inputs<'a>, s: Source, name: &str) -> Result<Operand<'a>> {
+    let (ck, t) = source(inputs, s, name)?;
+    Ok(Operand {
+        data: ck.data(t),
+        dtype: t.dtype,
+        shape: &t.shape,
+    })
+}
+
+fn source<'a>(
+    inputs: &Inputs<'a>,
+    s: Source,
+    name: &str,
+) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
+    let ck = match s {
+        Source::A => inputs.a,
+        Source::B => inputs.b,
+        Source::C => inputs
+            .c
+            .ok_or_else(|| Error::Invalid("model C missing".into()))?,
+        Source::Vae => inputs
+            .vae
+            .ok_or_else(|| Error::Invalid("VAE missing".into()))?,
+    };
+    let t = match s {
+        Source::Vae => name
+            .strip_prefix("first_stage_model.")
+            .and_then(|n| ck.get(n))
+            .or_else(|| ck.get(name)),
+        _ => ck.get(name),
+    };
+    let t = t.ok_or_else(|| Error::MissingTensor {
+        path: ck.path().to_path_buf(),
+        name: name.to_string(),
+    })?;
+    Ok((ck, t))
+}
+
+/// Decodes elements `lo..hi` of a float tensor's bytes into `out`.
+fn decode(dtype: DType, data: &[u8], lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
+    let es = dtype.bits() / 8;
+    out.resize(hi - lo, 0.0);
+    convert::decode_into(dtype, &data[lo * es..hi * es], out)
+}
+
+/// Writes the merged model described by `plan` to `out`.
+pub fn execute(
+    plan: &Plan,
+    inputs: &Inputs,
+    mode: Mode,
+    out: &Path,
+    metadata: &BTreeMap<String, String>,
+    overwrite: bool,
+    progress: bool,
+) -> Result<MergeReport> {
+    let specs: Vec<TensorSpec> = plan
+        .keys
+        .iter()
+        .map(|k| TensorSpec {
+            name: k.name.clone(),
+            dtype: k.dtype,
+            shape: k.shape.clone(),
+        })
+        .collect();
+    let writer = SafetensorsWriter::create(out, specs, metadata, overwrite)?;
+    let total: u64 = plan
+        .keys
+        .iter()
+        .map(|k| k.dtype.byte_len(numel(k)).unwrap_or(0) as u64)
+        .sum();
+    let bar = crate::progress::bytes(total, "merge", progress);
+    for ck in [Some(inputs.a), Some(inputs.b), inputs.c, inputs.vae]
+        .into_iter()
+        .flatten()
+    {
+        ck.advise_sequential();
+    }
+    let mut order: Vec<&KeyPlan> = plan.keys.iter().collect();
+    order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
+    order.par_iter().try_for_each(|k| {
+        let written = key(k, inputs, mode, &writer)?;
+        bar.inc(written as u64);
+        Ok::<_, Error>(())
+    })?;
+    bar.finish_and_clear();
+    let path = writer.finish()?;
+    let bytes = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    Ok(MergeReport {
+        path,
+        tensors: plan.keys.len(),
+        blended: plan.blended(),
+        bytes,
+    })
+}
+
+fn numel(k: &KeyPlan) -> usize {
+    k.shape.iter().product()
+}
+
+/// Produces one output tensor; returns the bytes written.
+fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Result<usize> {
+    let n = numel(k);
+    let out_len = k.dtype.byte_len(n).unwrap_or(0);
+    match &k.op {
+        Op::PositionIds => {
+            let last = (*k.shape.last().unwrap_or(&1)).max(1);
+            let bytes: Vec<u8> = (0..n)
+                .flat_map(|i| ((i % last) as i64).to_le_bytes())
+                .collect();
+            w.write(&k.name, &bytes)?;
+        }
+        Op::Copy(s) => {
+            let (ck, t) = source(inputs, *s, &k.name)?;
+            let data = ck.data(t);
+            if t.dtype == k.dtype {
+                w.write(&k.name, &data)?;
+            } else {
+                chunks(n)
+                    .into_par_iter()
+                    .try_for_each_init(Scratch::default, |s, (lo, hi)| {
+                        decode(t.dtype, &data, lo, hi, &mut s.a)?;
+                        encode_part(w, k, lo, &s.a, &mut s.out)
+                    })?;
+            }
+        }
+        Op::Blend {
+            alpha,
+            beta,
+            channels,
+        } => {
+            let a = operand(inputs, Source::A, &k.name)?;
+            let b = operand(inputs, Source::B, &k.name)?;
+            let c = inputs
+                .c
+                .map(|_| operand(inputs, Source::C, &k.name))
+                .transpose()?;
+            match channels {
+                None => chunks(n).into_par_iter().try_for_each_init(
+                    Scratch::default,
+                    |s, (lo, hi)| {
+                        decode(a.dtype, &a.data, lo, hi, &mut s.a)?;
+                        decode(b.dtype, &b.data, lo, hi, &mut s.b)?;
+                        if let Some(c) = &c {
+                            decode(c.dtype, &c.data, lo, hi, &mut s.c)?;
+                        }
+                        blend(mode, *alpha, *beta, &mut s.a, &s.b, &s.c);
+                        encode_part(w, k, lo, &s.a, &mut s.out)
+                    },
+                )?,
+                Some(ch) => {
+                    // A has more input channels than B (and C): blend the first `ch` of dim 1.
+                    let mut va = convert::to_f32(a.dtype, &a.data)?;
+                    let vb = convert::to_f32(b.dtype, &b.data)?;
+                    let vc = c
+                        .as_ref()
+                        .map(|c| convert::to_f32(c.dtype, &c.data))
+                        .transpose()?;
+                    let inner: usize = a.shape[2..].iter().product();
+                    let seg = ch * inner;
+                    for i in 0..a.shape[0] {
+                        let at = |shape: &[usize]| i * shape[1] * inner;
+                        let (a_at, b_at) = (at(a.shape), at(b.shape));
+                        let c_seg = match (&vc, &c) {
+                            (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
+                            _ => &[][..],
+                        };
+                        blend(
+                            mode,
+                            *alpha,
+                            *beta,
+                            &mut va[a_at..a_at + seg],
+                            &vb[b_at..b_at + seg],
+                            c_seg,
+                        );
+                    }
+                    w.write(&k.name, &convert::from_f32(&va, k.dtype)?)?;
+                }
+            }
+        }
+    }
+    Ok(out_len)
+}
+
+fn chunks(n: usize) -> Vec<(usize, usize)> {
+    (0..n.div_ceil(CHUNK))
+        .map(|i| (i * CHUNK, ((i + 1) * CHUNK).min(n)))
+        .collect()
+}
+
+fn encode_part(
+    w: &SafetensorsWriter,
+    k: &KeyPlan,
+    lo: usize,
+    vals: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let es = k.dtype.bits() / 8;
+    out.resize(vals.len() * es, 0);
+    convert::encode_into(vals, k.dtype, out)?;
+    w.write_part(&k.name, lo * es, out)
+}

@@ -1,0 +1,189 @@
+//! The merge engine: SuperMerger's merge modes with per-block weights, planned key by key
+//! and executed as a stream over memory-mapped inputs (supermerger.md §1, §3, §6.2).
+//!
+//! [`plan`] decides, before any tensor math, what each output tensor is (copied from A, B,
+//! C or a VAE file, or blended with its block's alpha/beta) and rejects architecture or
+//! shape mismatches with the key and both shapes. [`engine::execute`] then computes the
+//! tensors in parallel chunks and streams them into the output file.
+
+pub mod engine;
+pub mod kernels;
+pub mod metadata;
+pub mod plan;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::FloatType;
+use crate::error::Result;
+use crate::hashing::HashMemo;
+use crate::merge::metadata::InputRecord;
+use crate::merge::plan::Inputs;
+pub use plan::{plan, KeyPlan, Op, Plan, Source};
+pub use weights::{BlockRatio, Presets, Ratio};
+
+/// How the models are combined. `alpha` is always the weight of model B.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Mode {
+    /// `(1-alpha)*A + alpha*B`.
+    #[value(alias = "weight-sum")]
+    WeightSum,
+    /// `A + alpha*(B - C)`.
+    #[value(alias = "add-difference")]
+    AddDifference,
+    /// `(1-alpha-beta)*A + alpha*B + beta*C`.
+    #[value(alias = "triple-sum")]
+    TripleSum,
+    /// `(1-beta)*((1-alpha)*A + alpha*B) + beta*C`.
+    #[value(alias = "sum-twice")]
+    SumTwice,
+}
+
+impl Mode {
+    /// Whether the mode reads model C.
+    pub fn uses_c(self) -> bool {
+        !matches!(self, Mode::WeightSum)
+    }
+
+    /// Whether the mode has a beta ratio.
+    pub fn uses_beta(self) -> bool {
+        matches!(self, Mode::TripleSum | Mode::SumTwice)
+    }
+
+    /// SuperMerger's UI label (written to `sd_merge_recipe`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::WeightSum => "Weight sum",
+            Mode::AddDifference => "Add difference",
+            Mode::TripleSum => "Triple sum",
+            Mode::SumTwice => "sum Twice",
+        }
+    }
+
+    /// The formula as SuperMerger's history writes it.
+    pub fn formula(self) -> &'static str {
+        match self {
+            Mode::WeightSum => "A*(1-alpha)+B*alpha",
+            Mode::AddDifference => "A+(B-C)*alpha",
+            Mode::TripleSum => "A*(1-alpha-beta)+B*alpha+C*beta",
+            Mode::SumTwice => "(A*(1-alpha)+B*alpha)*(1-beta)+C*beta",
+        }
+    }
+}
+
+/// Per-element calculation. Only `normal` is implemented so far; the other SuperMerger
+/// calcmodes (cosineA/B, trainDifference, smoothAdd, extract, tensor, tensor2, self,
+/// plus random) are planned.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CalcMode {
+    /// The mode's formula, computed in f32 and rounded once.
+    #[default]
+    Normal,
+}
+
+/// Everything that defines a merge besides its input files.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeSpec {
+    /// Merge mode.
+    pub mode: Mode,
+    /// Weight of model B: scalar or per block.
+    pub alpha: Ratio,
+    /// Weight of model C for triple_sum / sum_twice.
+    pub beta: Option<Ratio>,
+    /// Per-element calculation.
+    pub calcmode: CalcMode,
+    /// Output type of float tensors (default: each tensor keeps model A's type).
+    pub dtype: Option<FloatType>,
+    /// Keep only UNet, VAE and text-encoder keys (drops EMA and schedule buffers).
+    pub prune: bool,
+    /// Rewrite CLIP `position_ids` as int64 `0..n` (fixes files with broken ids).
+    pub reset_position_ids: bool,
+    /// Replace the VAE with the tensors of this file (recorded by name and hash, not path).
+    #[serde(skip)]
+    pub bake_vae: Option<PathBuf>,
+}
+
+impl MergeSpec {
+    /// A plain merge: normal calcmode, A's dtypes, nothing pruned or replaced.
+    pub fn new(mode: Mode, alpha: Ratio, beta: Option<Ratio>) -> Self {
+        MergeSpec {
+            mode,
+            alpha,
+            beta,
+            calcmode: CalcMode::Normal,
+            dtype: None,
+            prune: false,
+            reset_position_ids: false,
+            bake_vae: None,
+        }
+    }
+}
+
+/// Input files of a merge.
+#[derive(Debug, Clone)]
+pub struct MergeFiles<'a> {
+    /// Model A.
+    pub a: &'a Path,
+    /// Model B.
+    pub b: &'a Path,
+    /// Model C.
+    pub c: Option<&'a Path>,
+}
+
+/// Opens the inputs, plans, hashes them (through the memo) for the metadata, and writes the
+/// merged model to `out`. Nothing is written if planning fails.
+pub fn merge_files(
+    files: &MergeFiles,
+    spec: &MergeSpec,
+    out: &Path,
+    memo: &HashMemo,
+    overwrite: bool,
+    progress: bool,
+) -> Result<(Plan, engine::MergeReport)> {
+    let a = Checkpoint::open(files.a)?;
+    let b = Checkpoint::open(files.b)?;
+    let c = files.c.map(Checkpoint::open).transpose()?;
+    let vae = spec.bake_vae.as_deref().map(Checkpoint::open).transpose()?;
+    let inputs = Inputs {
+        a: &a,
+        b: &b,
+        c: c.as_ref(),
+        vae: vae.as_ref(),
+    };
+    let plan = plan::plan(&inputs, spec)?;
+    let hash = |p: &Path| memo.hashes(p).map(|(h, _)| h);
+    let (ha, hb) = (hash(files.a)?, hash(files.b)?);
+    let hc = files.c.map(hash).transpose()?;
+    let hv = spec.bake_vae.as_deref().map(hash).transpose()?;
+    let record = |path, hashes| InputRecord { path, hashes };
+    let md = metadata::build(
+        spec,
+        &plan,
+        record(files.a, &ha),
+        record(files.b, &hb),
+        files.c.zip(hc.as_ref()).map(|(p, h)| record(p, h)),
+        spec.bake_vae
+            .as_deref()
+            .zip(hv.as_ref())
+            .map(|(p, h)| record(p, h)),
+    );
+    let report = engine::execute(&plan, &inputs, spec.mode, out, &md, overwrite, progress)?;
+    Ok((plan, report))
+}

@@ -1,0 +1,348 @@
+//! Planning a merge: what every output tensor is, decided and validated before any math.
+
+use crate::arch::{self, Arch, Family, Variant};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::merge::{BlockRatio, MergeSpec, Mode};
+
+/// Where a copied tensor comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Model A.
+    A,
+    /// Model B.
+    B,
+    /// Model C.
+    C,
+    /// The VAE file of `bake_vae` (under the key without `first_stage_model.`).
+    Vae,
+}
+
+/// What produces one output tensor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// The tensor of a source, converted to the output dtype if needed.
+    Copy(Source),
+    /// The mode's formula with this key's ratios. `channels` is set when A has more input
+    /// channels than B (inpainting / instruct-pix2pix A): only the first `channels` of
+    /// dimension 1 are blended, the rest keep A.
+    Blend {
+        /// Weight of B.
+        alpha: f32,
+        /// Weight of C (triple_sum / sum_twice).
+        beta: f32,
+        /// Blended channel count of dimension 1, when smaller than A's.
+        channels: Option<usize>,
+    },
+    /// int64 `0..n` along the last axis (reset CLIP position ids).
+    PositionIds,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyPlan {
+    /// Tensor name.
+    pub name: String,
+    /// Output shape.
+    pub shape: Vec<usize>,
+    /// Output dtype.
+    pub dtype: DType,
+    /// How it is produced.
+    pub op: Op,
+    /// MBW block (for reports).
+    pub block: Option<String>,
+}
+
+/// The whole merge, tensor by tensor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    /// Architecture of model A.
+    pub arch: Arch,
+    /// Output tensors, sorted by name.
+    pub keys: Vec<KeyPlan>,
+    /// Mergeable keys of A absent from B (kept from A).
+    pub missing_in_b: Vec<String>,
+    /// Mergeable keys of A absent from C (kept from A).
+    pub missing_in_c: Vec<String>,
+    /// Keys only B has (added from B).
+    pub added_from_b: Vec<String>,
+    /// Alpha per key, resolved (for metadata).
+    #[serde(skip)]
+    pub alpha: BlockRatio,
+    /// Beta per key, resolved (for metadata).
+    #[serde(skip)]
+    pub beta: Option<BlockRatio>,
+}
+
+impl Plan {
+    /// Number of blended tensors.
+    pub fn blended(&self) -> usize {
+        self.keys
+            .iter()
+            .filter(|k| matches!(k.op, Op::Blend { .. }))
+            .count()
+    }
+}
+
+/// The models of a merge.
+pub struct Inputs<'a> {
+    /// Model A (the base: its keys, dtypes and extra channels are kept).
+    pub a: &'a Checkpoint,
+    /// Model B.
+    pub b: &'a Checkpoint,
+    /// Model C (add_difference, triple_sum, sum_twice).
+    pub c: Option<&'a Checkpoint>,
+    /// VAE to bake in.
+    pub vae: Option<&'a Checkpoint>,
+}
+
+fn check_family(a: &Arch, other: &Checkpoint, which: &str) -> Result<()> {
+    let o = arch::detect(other.tensors());
+    if a.family != o.family && a.family != Family::Unknown && o.family != Family::Unknown {
+        return Err(Error::Invalid(format!(
+            "cannot merge {} (model A) with {} (model {which}: {})",
+            a.family.label(),
+            o.family.label(),
+            other.path().display()
+        )));
+    }
+    if a.variant == Variant::Standard && o.variant != Variant::Standard {
+        return Err(Error::Invalid(format!(
+            "model {which} ({}) is {o} but model A is not: A must be the inpainting / instruct-pix2pix model",
+            other.path().display()
+        )));
+    }
+    Ok(())
+}
+
+/// How a key of A combines with the same key of another model, by shape.
+fn shape_fit(
+    name: &str,
+    a: &[usize],
+    o: &[usize],
+    which: &str,
+    path: &Checkpoint,
+) -> Result<Option<usize>> {
+    if a == o {
+        return Ok(None);
+    }
+    let channel_subset = a.len() == o.len()
+        && a.len() >= 2
+        && a[0] == o[0]
+        && o[1] < a[1]
+        && a[2..] == o[2..]
+        && name == arch::UNET_CONV_IN;
+    if channel_subset {
+        return Ok(Some(o[1]));
+    }
+    Err(Error::Invalid(format!(
+        "shape mismatch for `{name}`: model A has {a:?}, model {which} ({}) has {o:?}",
+        path.path().display()
+    )))
+}
+
+/// Plans a merge; every validation happens here, before any tensor is read.
+pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
+    let mode = spec.mode;
+    match (mode.uses_c(), inputs.c.is_some()) {
+        (true, false) => return Err(Error::Invalid(format!("{} needs model C", mode.label()))),
+        (false, true) => {
+            return Err(Error::Invalid(format!(
+                "model C is not used by {}; remove it",
+                mode.label()
+            )));
+        }
+        _ => {}
+    }
+    match (mode.uses_beta(), spec.beta.is_some()) {
+        (true, false) => return Err(Error::Invalid(format!("{} needs beta", mode.label()))),
+        (false, true) => {
+            return Err(Error::Invalid(format!(
+                "beta is not used by {}",
+                mode.label()
+            )))
+        }
+        _ => {}
+    }
+    let arch = arch::detect(inputs.a.tensors());
+    check_family(&arch, inputs.b, "B")?;
+    if let Some(c) = inputs.c {
+        check_family(&arch, c, "C")?;
+    }
+    let family = arch.family;
+    let alpha = BlockRatio::resolve(&spec.alpha, family, "alpha")?;
+    let beta = spec
+        .beta
+        .as_ref()
+        .map(|b| BlockRatio::resolve(b, family, "beta"))
+        .transpose()?;
+    let out_dtype = |d: DType| match spec.dtype {
+        Some(f) if d.is_float() => f.dtype(),
+        _ => d,
+    };
+
+    let mut keys = Vec::with_capacity(inputs.a.tensors().len());
+    let (mut missing_in_b, mut missing_in_c) = (Vec::new(), Vec::new());
+    let mut errors = Vec::new();
+    for t in inputs.a.tensors() {
+        let class = arch::classify(family, &t.name);
+        let mut op = Op::Copy(Source::A);
+        if class.mergeable && t.dtype.is_float() {
+            let b = inputs.b.get(&t.name);
+            let c = inputs.c.map(|c| c.get(&t.name));
+            match (b, c) {
+                (None, _) => missing_in_b.push(t.name.clone()),
+                (Some(_), Some(None)) => missing_in_c.push(t.name.clone()),
+                (Some(b), c) => {
+                    let fit_b = shape_fit(&t.name, &t.shape, &b.shape, "B", inputs.b);
+                    let fit_c = match (c.flatten(), inputs.c) {
+                        (Some(ct), Some(cc)) => shape_fit(&t.name, &t.shape, &ct.shape, "C", cc),
+                        _ => Ok(None),
+                    };
+                    match (fit_b, fit_c) {
+                        (Ok(cb), Ok(cc)) if b.dtype.is_float() => {
+                            if cb.is_some() && cc.is_some() && cb != cc {
+                                errors.push(format!(
+                                    "`{}`: models B and C have different channel counts",
+                                    t.name
+                                ));
+                            }
+                            let a_val = alpha.value(family, &class) as f32;
+                            let b_val = beta
+                                .as_ref()
+                                .map(|r| r.value(family, &class) as f32)
+                                .unwrap_or(0.0);
+                            op = blend_op(mode, a_val, b_val, cb.or(cc));
+                        }
+                        (Ok(_), Ok(_)) => {}
+                        (Err(e), _) | (_, Err(e)) => errors.push(e.to_string()),
+                    }
+                }
+            }
+        }
+        if spec.reset_position_ids && t.name.ends_with("text_model.embeddings.position_ids") {
+            op = Op::PositionIds;
+        }
+        let dtype = if op == Op::PositionIds {
+            DType::I64
+        } else {
+            out_dtype(t.dtype)
+        };
+        keys.push(KeyPlan {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype,
+            op,
+            block: class.block,
+        });
+    }
+    if !errors.is_empty() {
+        let n = errors.len();
+        errors.truncate(5);
+        let more = if n > 5 {
+            format!("\n  ... and {} more", n - 5)
+        } else {
+            String::new()
+        };
+        return Err(Error::Invalid(format!(
+            "cannot merge:\n  {}{more}",
+            errors.join("\n  ")
+        )));
+    }
+
+    // Keys only B has are added (SuperMerger skips the SD1 CLIP position ids).
+    let mut added_from_b = Vec::new();
+    for t in inputs.b.tensors() {
+        if !inputs.a.contains(&t.name)
+            && t.name != "cond_stage_model.transformer.text_model.embeddings.position_ids"
+        {
+            added_from_b.push(t.name.clone());
+            keys.push(KeyPlan {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: out_dtype(t.dtype),
+                op: Op::Copy(Source::B),
+                block: arch::classify(family, &t.name).block,
+            });
+        }
+    }
+
+    if let Some(vae) = inputs.vae {
+        bake_vae(&mut keys, vae)?;
+    }
+    if spec.prune {
+        keys.retain(|k| {
+            [
+                "diffusion_model.",
+                "first_stage_model.",
+                "cond_stage_model.",
+                "conditioner.",
+            ]
+            .iter()
+            .any(|p| k.name.contains(p))
+        });
+    }
+    keys.sort_by(|x, y| x.name.cmp(&y.name));
+    Ok(Plan {
+        arch,
+        keys,
+        missing_in_b,
+        missing_in_c,
+        added_from_b,
+        alpha,
+        beta,
+    })
+}
+
+/// The op for a blended key, with the exact shortcuts of SuperMerger's "normal" calcmode:
+/// a zero weight keeps A, weight_sum at alpha 1 is B (sum_twice at beta 1 is C).
+fn blend_op(mode: Mode, alpha: f32, beta: f32, channels: Option<usize>) -> Op {
+    let whole = channels.is_none();
+    match mode {
+        Mode::WeightSum | Mode::AddDifference if alpha == 0.0 => Op::Copy(Source::A),
+        Mode::TripleSum | Mode::SumTwice if alpha == 0.0 && beta == 0.0 => Op::Copy(Source::A),
+        Mode::WeightSum if alpha == 1.0 && whole => Op::Copy(Source::B),
+        Mode::SumTwice if beta == 1.0 && whole => Op::Copy(Source::C),
+        _ => Op::Blend {
+            alpha,
+            beta,
+            channels,
+        },
+    }
+}
+
+/// Replaces `first_stage_model.*` tensors by those of a VAE file (keys with or without
+/// the prefix).
+fn bake_vae(keys: &mut [KeyPlan], vae: &Checkpoint) -> Result<()> {
+    let mut used = 0;
+    for k in keys.iter_mut() {
+        let Some(rest) = k.name.strip_prefix("first_stage_model.") else {
+            continue;
+        };
+        let t = vae.get(rest).or_else(|| vae.get(&k.name));
+        if let Some(t) = t {
+            if t.shape != k.shape {
+                return Err(Error::Invalid(format!(
+                    "VAE {}: `{}` has shape {:?}, the model has {:?}",
+                    vae.path().display(),
+                    t.name,
+                    t.shape,
+                    k.shape
+                )));
+            }
+            k.op = Op::Copy(Source::Vae);
+            used += 1;
+        }
+    }
+    if used == 0 {
+        return Err(Error::Invalid(format!(
+            "VAE {}: none of its {} tensors matches a `first_stage_model.*` key",
+            vae.path().display(),
+            vae.tensors().len()
+        )));
+    }
+    Ok(())
+}
