@@ -206,8 +206,11 @@ impl SafetensorsWriter {
                 end - begin
             )));
         }
-        let before = self.written[i].fetch_add(data.len(), Ordering::SeqCst);
-        if before + data.len() > end - begin {
+        let total = end - begin;
+        let counted = self.written[i].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+            (w + data.len() <= total).then_some(w + data.len())
+        });
+        if counted.is_err() {
             return Err(Error::Invalid(format!("tensor `{name}` written twice")));
         }
         write_at(
