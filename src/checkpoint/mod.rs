@@ -276,6 +276,27 @@ impl Checkpoint {
         })
     }
 
+    /// Drops the tensor's pages from this process's resident set once it has been used, so
+    /// streaming a model through never makes the process look like it holds the whole file.
+    /// The data stays in the page cache and is simply faulted in again if read later.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        if let Location::Contiguous { start, end } = t.location {
+            if end > start {
+                // SAFETY: the map is a shared, read-only file mapping: MADV_DONTNEED only drops
+                // the process's page-table entries, and later reads fault the same file bytes
+                // back in, so borrowed slices keep their contents.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+
     /// Tells the kernel the whole file will be read front to back (a hint; errors are ignored).
     pub fn advise_sequential(&self) {
         #[cfg(unix)]

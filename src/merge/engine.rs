@@ -133,6 +133,14 @@ pub fn execute(
     order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
     order.par_iter().try_for_each(|k| {
         let written = key(k, inputs, mode, &writer)?;
+        for ck in [Some(inputs.a), Some(inputs.b), inputs.c]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = ck.get(&k.name) {
+                ck.release(t);
+            }
+        }
         bar.inc(written as u64);
         Ok::<_, Error>(())
     })?;
