@@ -66,6 +66,25 @@ pub struct MergeArgs {
     /// Output type of float tensors [default: keep model A's].
     #[arg(long, value_enum)]
     pub dtype: Option<FloatType>,
+    /// Elemental merge: `blocks:elements:ratio` entries (comma or newline separated) that
+    /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
+    #[arg(long, value_name = "TEXT")]
+    pub elemental: Option<String>,
+    /// Merge only the matched keys (blocks/elements given by --blocks/--elements).
+    #[arg(long, conflicts_with = "exclude")]
+    pub include: bool,
+    /// Keep model A for the matched keys (blocks/elements given by --blocks/--elements).
+    #[arg(long)]
+    pub exclude: bool,
+    /// Blocks for --include/--exclude: IDs and ranges (IN00-IN05), VAE, Adjust.
+    #[arg(long, default_value = "", value_name = "BLOCKS")]
+    pub blocks: String,
+    /// Key substrings for --include/--exclude (comma separated).
+    #[arg(long, default_value = "", value_name = "SUBSTRINGS")]
+    pub elements: String,
+    /// Adjust: 8 values IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3 (detail, contrast, brightness, colour).
+    #[arg(long, allow_hyphen_values = true, value_name = "v1,...,v8")]
+    pub adjust: Option<String>,
     /// Keep only UNet, VAE and text-encoder tensors.
     #[arg(long)]
     pub prune: bool,
@@ -336,8 +355,30 @@ fn merge(a: MergeArgs) -> Result<()> {
         dtype: a.dtype,
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,
+        elemental: a.elemental.clone(),
+        filter: match (a.include, a.exclude) {
+            (true, _) => Some(crate::merge::FilterMode::Include),
+            (_, true) => Some(crate::merge::FilterMode::Exclude),
+            _ => None,
+        }
+        .map(|mode| crate::merge::FilterSpec {
+            mode,
+            blocks: a.blocks.clone(),
+            elements: a.elements.clone(),
+        }),
+        adjust: a
+            .adjust
+            .as_deref()
+            .map(crate::merge::select::parse_adjust)
+            .transpose()?
+            .flatten(),
         bake_vae: a.bake_vae.clone(),
     };
+    if spec.filter.is_none() && !(a.blocks.is_empty() && a.elements.is_empty()) {
+        return Err(Error::Invalid(
+            "--blocks/--elements need --include or --exclude".into(),
+        ));
+    }
     let files = MergeFiles {
         a: &a.a,
         b: &a.b,

@@ -648,3 +648,113 @@ fn missing_and_extra_keys_and_non_finite_values() {
     assert_eq!((v[0], v[2], v[3]), (1.0, f64::INFINITY, 4.0));
     assert!(v[1].is_nan());
 }
+
+#[test]
+fn elemental_include_exclude_and_adjust() {
+    use mergesmith::merge::{FilterMode, FilterSpec};
+    let m = models(Family::Sd1);
+    let block = |k: &str| arch::classify(Family::Sd1, k).block.unwrap_or_default();
+
+    // Elemental: OUT06 attention keys get 0.9, the rest the scalar 0.3; later entries win.
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);
+    spec.elemental = Some("OUT06:attn:0.9\nOUT06:attn2.to_k:0.1".into());
+    let out = run(&m, &spec, false, "el.safetensors");
+    let el = |k: &str| match (
+        block(k) == "OUT06",
+        k.contains("attn2.to_k"),
+        k.contains("attn"),
+    ) {
+        (true, true, _) => 0.1,
+        (true, false, true) => 0.9,
+        _ => 0.3,
+    };
+    check_against_reference(&m, &out, Mode::WeightSum, &el, 0.0);
+    let recipe: serde_json::Value =
+        serde_json::from_str(&Checkpoint::open(&out).unwrap().metadata()["sd_merge_recipe"])
+            .unwrap();
+    assert_eq!(
+        recipe["elemental_merge"],
+        serde_json::json!(["OUT06:attn:0.9", "OUT06:attn2.to_k:0.1"])
+    );
+
+    // Exclude IN01-IN02, the VAE and every attn2 key: those keep A (alpha 0 in the reference).
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.6), None);
+    spec.filter = Some(FilterSpec {
+        mode: FilterMode::Exclude,
+        blocks: "IN01-IN02 VAE".into(),
+        elements: "attn2".into(),
+    });
+    let out = run(&m, &spec, false, "ex.safetensors");
+    let ex = |k: &str| {
+        let skip = ["IN01", "IN02"].contains(&block(k).as_str())
+            || k.starts_with("first_stage_model.")
+            || k.contains("attn2");
+        if skip {
+            0.0
+        } else {
+            0.6
+        }
+    };
+    check_against_reference(&m, &out, Mode::WeightSum, &ex, 0.0);
+    let recipe: serde_json::Value =
+        serde_json::from_str(&Checkpoint::open(&out).unwrap().metadata()["sd_merge_recipe"])
+            .unwrap();
+    assert_eq!(
+        recipe["Exclude"],
+        serde_json::json!(["IN01-IN02 VAE", "attn2"])
+    );
+
+    // Include only OUT11: everything else keeps A.
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.6), None);
+    spec.filter = Some(FilterSpec {
+        mode: FilterMode::Include,
+        blocks: "OUT11".into(),
+        elements: String::new(),
+    });
+    let out = run(&m, &spec, false, "in.safetensors");
+    check_against_reference(
+        &m,
+        &out,
+        Mode::WeightSum,
+        &|k| if block(k) == "OUT11" { 0.6 } else { 0.0 },
+        0.0,
+    );
+
+    // Adjust acts on the merged values of its six keys, even at alpha 0.
+    let v = [2.0, -1.0, 3.0, 1.0, -2.0, 0.5, 1.5, -0.5];
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.0), None);
+    spec.adjust = Some(v);
+    let out = run(&m, &spec, false, "adj.safetensors");
+    let (ca, co) = (
+        Checkpoint::open(&m.a).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    let scale = [
+        (
+            "model.diffusion_model.input_blocks.0.0.weight",
+            1.0 - 0.01 * v[0],
+        ),
+        (
+            "model.diffusion_model.input_blocks.0.0.bias",
+            1.0 + 0.02 * v[0],
+        ),
+        ("model.diffusion_model.out.0.weight", 1.0 - 0.01 * v[1]),
+        ("model.diffusion_model.out.0.bias", 1.0 + 0.02 * v[1]),
+        ("model.diffusion_model.out.2.weight", 1.0 - 0.01 * v[2]),
+    ];
+    for (k, s) in scale {
+        for (x, y) in values(&ca, k).iter().zip(values(&co, k)) {
+            assert!((x * s - y).abs() <= f16_ulp(x * s), "{k}: {x} * {s} vs {y}");
+        }
+    }
+    let add = [
+        0.02 * v[3],
+        0.02 * (-v[4] + v[5] + v[7]),
+        0.02 * (v[4] / 3.0 + v[5] - v[6]),
+        0.02 * (2.0 * v[4] / 3.0 - v[6] + v[7]),
+    ];
+    let k = "model.diffusion_model.out.2.bias";
+    for ((x, y), d) in values(&ca, k).iter().zip(values(&co, k)).zip(add) {
+        assert!((x + d - y).abs() <= f16_ulp(x + d), "{k}: {x} + {d} vs {y}");
+    }
+}

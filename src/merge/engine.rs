@@ -19,6 +19,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::merge::kernels::blend;
 use crate::merge::plan::Inputs;
+use crate::merge::select::{apply_adjust, AdjustOp};
 use crate::merge::{KeyPlan, Mode, Op, Plan, Source};
 
 /// Elements per work unit.
@@ -191,6 +192,7 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
             alpha,
             beta,
             channels,
+            adjust,
         } => {
             let a = operand(inputs, Source::A, &k.name)?;
             let b = operand(inputs, Source::B, &k.name)?;
@@ -208,6 +210,12 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
                             decode(c.dtype, &c.data, lo, hi, &mut s.c)?;
                         }
                         blend(mode, *alpha, *beta, &mut s.a, &s.b, &s.c);
+                        match adjust {
+                            // A per-channel add touches the first 4 elements: the first chunk.
+                            Some(op @ AdjustOp::Add(_)) if lo == 0 => apply_adjust(*op, &mut s.a),
+                            Some(op @ AdjustOp::Scale(_)) => apply_adjust(*op, &mut s.a),
+                            _ => {}
+                        }
                         encode_part(w, k, lo, &s.a, &mut s.out)
                     },
                 )?,
@@ -236,6 +244,9 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
                             &vb[b_at..b_at + seg],
                             c_seg,
                         );
+                    }
+                    if let Some(op) = adjust {
+                        apply_adjust(*op, &mut va);
                     }
                     w.write(&k.name, &convert::from_f32(&va, k.dtype)?)?;
                 }

@@ -42,7 +42,27 @@ pub fn build(
     let alpha_full = spec_vector(&spec.alpha);
     let beta_full = spec.beta.as_ref().and_then(spec_vector);
     let mbw = alpha_full.is_some() || beta_full.is_some();
-    let recipe = json!({
+    let elemental: Value = match spec.elemental.as_deref().map(str::trim) {
+        Some(t) if !t.is_empty() => t
+            .replace('\n', ",")
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect::<Vec<_>>()
+            .into(),
+        _ => "".into(),
+    };
+    let (filter_key, filter_value) = match &spec.filter {
+        Some(f) => (
+            match f.mode {
+                crate::merge::FilterMode::Include => "Include",
+                crate::merge::FilterMode::Exclude => "Exclude",
+            },
+            json!([f.blocks, f.elements]),
+        ),
+        None => ("Off", json!("")),
+    };
+    let mut recipe = json!({
         "type": "sd-webui-supermerger",
         "weights_alpha": plan.alpha.without_base(),
         "weights_beta": plan.beta.as_ref().and_then(|b| b.without_base()),
@@ -55,10 +75,10 @@ pub fn build(
         "base_beta": spec.beta.as_ref().map(|b| b.base()),
         "mode": spec.mode.label(),
         "mbw": mbw,
-        "elemental_merge": "",
+        "elemental_merge": elemental,
         "calcmode": "normal",
-        "Off": "",
     });
+    recipe[filter_key] = filter_value;
     let mut models = serde_json::Map::new();
     for r in [Some(&a), Some(&b), c.as_ref()].into_iter().flatten() {
         models.insert(

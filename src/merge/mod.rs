@@ -10,6 +10,7 @@ pub mod engine;
 pub mod kernels;
 pub mod metadata;
 pub mod plan;
+pub mod select;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::hashing::HashMemo;
 use crate::merge::metadata::InputRecord;
 use crate::merge::plan::Inputs;
 pub use plan::{plan, KeyPlan, Op, Plan, Source};
+pub use select::FilterMode;
 pub use weights::{BlockRatio, Presets, Ratio};
 
 /// How the models are combined. `alpha` is always the weight of model B.
@@ -115,6 +117,12 @@ pub struct MergeSpec {
     pub prune: bool,
     /// Rewrite CLIP `position_ids` as int64 `0..n` (fixes files with broken ids).
     pub reset_position_ids: bool,
+    /// Elemental merge text: `blocks:elements:ratio` entries overriding alpha per key.
+    pub elemental: Option<String>,
+    /// Include / Exclude filter.
+    pub filter: Option<FilterSpec>,
+    /// Adjust vector (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3).
+    pub adjust: Option<[f64; 8]>,
     /// Replace the VAE with the tensors of this file (recorded by name and hash, not path).
     #[serde(skip)]
     pub bake_vae: Option<PathBuf>,
@@ -131,9 +139,23 @@ impl MergeSpec {
             dtype: None,
             prune: false,
             reset_position_ids: false,
+            elemental: None,
+            filter: None,
+            adjust: None,
             bake_vae: None,
         }
     }
+}
+
+/// Include / Exclude as written by the user (parsed against the model's block list).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FilterSpec {
+    /// Include or Exclude.
+    pub mode: select::FilterMode,
+    /// Block names, ranges, `VAE`, `Adjust`.
+    pub blocks: String,
+    /// Element substrings.
+    pub elements: String,
 }
 
 /// Input files of a merge.

@@ -4,6 +4,7 @@ use crate::arch::{self, Arch, Family, Variant};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::merge::select::{self, AdjustOp, BlockNames, KeyFilter};
 use crate::merge::{BlockRatio, MergeSpec, Mode};
 
 /// Where a copied tensor comes from.
@@ -36,6 +37,8 @@ pub enum Op {
         beta: f32,
         /// Blended channel count of dimension 1, when smaller than A's.
         channels: Option<usize>,
+        /// Adjust applied to the merged values.
+        adjust: Option<AdjustOp>,
     },
     /// int64 `0..n` along the last axis (reset CLIP position ids).
     PositionIds,
@@ -179,6 +182,21 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         .as_ref()
         .map(|b| BlockRatio::resolve(b, family, "beta"))
         .transpose()?;
+    let block_names = match alpha {
+        BlockRatio::Extended(_) => BlockNames::Extended,
+        _ => BlockNames::Standard,
+    };
+    let elemental = spec
+        .elemental
+        .as_deref()
+        .map(|t| select::parse_elemental(t, family, block_names))
+        .transpose()?
+        .unwrap_or_default();
+    let filter = spec
+        .filter
+        .as_ref()
+        .map(|f| KeyFilter::parse(f.mode, &f.blocks, &f.elements, family))
+        .transpose()?;
     let out_dtype = |d: DType| match spec.dtype {
         Some(f) if d.is_float() => f.dtype(),
         _ => d,
@@ -190,7 +208,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     for t in inputs.a.tensors() {
         let class = arch::classify(family, &t.name);
         let mut op = Op::Copy(Source::A);
-        if class.mergeable && t.dtype.is_float() {
+        let allowed = filter.as_ref().is_none_or(|f| f.allows(&class, &t.name));
+        if class.mergeable && t.dtype.is_float() && allowed {
             let b = inputs.b.get(&t.name);
             let c = inputs.c.map(|c| c.get(&t.name));
             match (b, c) {
@@ -210,12 +229,18 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
                                     t.name
                                 ));
                             }
-                            let a_val = alpha.value(family, &class) as f32;
+                            let a_val =
+                                select::elemental_alpha(&elemental, block_names, &class, &t.name)
+                                    .unwrap_or_else(|| alpha.value(family, &class));
                             let b_val = beta
                                 .as_ref()
                                 .map(|r| r.value(family, &class) as f32)
                                 .unwrap_or(0.0);
-                            op = blend_op(mode, a_val, b_val, cb.or(cc));
+                            let adjust = spec
+                                .adjust
+                                .as_ref()
+                                .and_then(|v| select::adjust_op(v, family, &t.name));
+                            op = blend_op(mode, a_val as f32, b_val, cb.or(cc), adjust);
                         }
                         (Ok(_), Ok(_)) => {}
                         (Err(e), _) | (_, Err(e)) => errors.push(e.to_string()),
@@ -299,17 +324,28 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
 
 /// The op for a blended key, with the exact shortcuts of SuperMerger's "normal" calcmode:
 /// a zero weight keeps A, weight_sum at alpha 1 is B (sum_twice at beta 1 is C).
-fn blend_op(mode: Mode, alpha: f32, beta: f32, channels: Option<usize>) -> Op {
-    let whole = channels.is_none();
+/// Keys with an Adjust op are always blended (Adjust acts on the merged values).
+fn blend_op(
+    mode: Mode,
+    alpha: f32,
+    beta: f32,
+    channels: Option<usize>,
+    adjust: Option<AdjustOp>,
+) -> Op {
+    let whole = channels.is_none() && adjust.is_none();
+    let keep_a = adjust.is_none();
     match mode {
-        Mode::WeightSum | Mode::AddDifference if alpha == 0.0 => Op::Copy(Source::A),
-        Mode::TripleSum | Mode::SumTwice if alpha == 0.0 && beta == 0.0 => Op::Copy(Source::A),
+        Mode::WeightSum | Mode::AddDifference if alpha == 0.0 && keep_a => Op::Copy(Source::A),
+        Mode::TripleSum | Mode::SumTwice if alpha == 0.0 && beta == 0.0 && keep_a => {
+            Op::Copy(Source::A)
+        }
         Mode::WeightSum if alpha == 1.0 && whole => Op::Copy(Source::B),
         Mode::SumTwice if beta == 1.0 && whole => Op::Copy(Source::C),
         _ => Op::Blend {
             alpha,
             beta,
             channels,
+            adjust,
         },
     }
 }
