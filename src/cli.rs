@@ -32,7 +32,7 @@ pub enum Command {
     /// Show a checkpoint's architecture, contents per block, metadata and hashes.
     Inspect(InspectArgs),
     /// Merge two or three checkpoints (one-shot, without a recipe).
-    Merge(MergeArgs),
+    Merge(Box<MergeArgs>),
 }
 
 /// Arguments of `merge`.
@@ -242,7 +242,7 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Synth(a) => synth(a),
         Command::Inspect(a) => inspect(a),
-        Command::Merge(a) => merge(a),
+        Command::Merge(a) => merge(*a),
     }
 }
 

@@ -160,8 +160,7 @@ pub fn elemental_alpha(
     };
     entries
         .iter()
-        .filter(|e| e.blocks.matches(block) && e.elements.matches(key))
-        .next_back()
+        .rfind(|e| e.blocks.matches(block) && e.elements.matches(key))
         .map(|e| e.ratio)
 }
 
