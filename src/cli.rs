@@ -60,9 +60,15 @@ pub struct MergeArgs {
     /// Weight of C (triple_sum, sum_twice): number, preset or per-block vector.
     #[arg(long, allow_hyphen_values = true)]
     pub beta: Option<String>,
-    /// Per-element calculation.
+    /// Per-element calculation (SuperMerger's calcmode).
     #[arg(long, value_enum, default_value = "normal")]
     pub calcmode: crate::merge::CalcMode,
+    /// extract's gamma: how sharply similarity selects features.
+    #[arg(long, default_value_t = 0.3)]
+    pub gamma: f64,
+    /// Seed of random calcmodes (plusRandom).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Output type of float tensors [default: keep model A's].
     #[arg(long, value_enum)]
     pub dtype: Option<FloatType>,
@@ -352,6 +358,8 @@ fn merge(a: MergeArgs) -> Result<()> {
             .map(|b| Ratio::parse(b, &presets))
             .transpose()?,
         calcmode: a.calcmode,
+        gamma: a.gamma,
+        seed: a.seed,
         dtype: a.dtype,
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,

@@ -21,6 +21,7 @@ pub mod error;
 pub mod hashing;
 pub mod inspect;
 pub mod merge;
+pub mod noise;
 pub mod progress;
 pub mod synth;
 

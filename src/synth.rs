@@ -13,9 +13,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rand::{RngExt, SeedableRng};
-use rand_distr::StandardNormal;
-use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 
 use crate::arch::{layout, Component, Family, Variant, UNET_CONV_IN};
@@ -257,29 +254,15 @@ fn encode(v: Values, dtype: DType) -> Result<Vec<u8>> {
     }
 }
 
-/// Seeds one RNG stream from (seed, key, stream index).
-fn rng_for(seed: u64, key: &str, stream: u64) -> Xoshiro256PlusPlus {
-    let mut h = blake3::Hasher::new();
-    h.update(b"mergesmith synth v1\0");
-    h.update(&seed.to_le_bytes());
-    h.update(key.as_bytes());
-    h.update(&stream.to_le_bytes());
-    let mut s = [0u8; 32];
-    s.copy_from_slice(&h.finalize().as_bytes()[..32]);
-    Xoshiro256PlusPlus::from_seed(s)
-}
+/// Domain separator of synth's random streams.
+const NOISE_DOMAIN: &str = "mergesmith synth v1";
 
 /// `n` standard-normal values, generated in parallel chunks with independent seeds.
 fn normal(seed: u64, key: &str, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     v.par_chunks_mut(NOISE_CHUNK)
         .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut rng = rng_for(seed, key, i as u64);
-            for x in chunk {
-                *x = rng.sample(StandardNormal);
-            }
-        });
+        .for_each(|(i, chunk)| crate::noise::fill_normal(NOISE_DOMAIN, seed, key, i as u64, chunk));
     v
 }
 

@@ -17,10 +17,10 @@ use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::convert;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::merge::kernels::blend;
+use crate::merge::calc::{self, cosine, CalcMode, ChunkCtx, Kind, WholeParams};
 use crate::merge::plan::Inputs;
 use crate::merge::select::{apply_adjust, AdjustOp};
-use crate::merge::{KeyPlan, Mode, Op, Plan, Source};
+use crate::merge::{KeyPlan, MergeSpec, Mode, Op, Plan, Source};
 
 /// Elements per work unit.
 pub const CHUNK: usize = 1 << 18;
@@ -98,16 +98,38 @@ fn decode(dtype: DType, data: &[u8], lo: usize, hi: usize, out: &mut Vec<f32>) -
     convert::decode_into(dtype, &data[lo * es..hi * es], out)
 }
 
+/// What every tensor of a merge shares.
+struct Ctx {
+    mode: Mode,
+    calc: CalcMode,
+    gamma: f64,
+    seed: u64,
+    cosine: Option<cosine::Range>,
+}
+
 /// Writes the merged model described by `plan` to `out`.
 pub fn execute(
     plan: &Plan,
     inputs: &Inputs,
-    mode: Mode,
+    spec: &MergeSpec,
     out: &Path,
     metadata: &BTreeMap<String, String>,
     overwrite: bool,
     progress: bool,
 ) -> Result<MergeReport> {
+    let cosine = match spec.calcmode {
+        CalcMode::CosineA | CalcMode::CosineB => {
+            cosine_range(plan, inputs, spec.calcmode == CalcMode::CosineA)?
+        }
+        _ => None,
+    };
+    let ctx = Ctx {
+        mode: spec.mode,
+        calc: spec.calcmode,
+        gamma: spec.gamma,
+        seed: spec.seed,
+        cosine,
+    };
     let specs: Vec<TensorSpec> = plan
         .keys
         .iter()
@@ -133,15 +155,8 @@ pub fn execute(
     let mut order: Vec<&KeyPlan> = plan.keys.iter().collect();
     order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
     order.par_iter().try_for_each(|k| {
-        let written = key(k, inputs, mode, &writer)?;
-        for ck in [Some(inputs.a), Some(inputs.b), inputs.c]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(t) = ck.get(&k.name) {
-                ck.release(t);
-            }
-        }
+        let written = key(k, inputs, &ctx, &writer)?;
+        release(inputs, &k.name);
         bar.inc(written as u64);
         Ok::<_, Error>(())
     })?;
@@ -158,12 +173,62 @@ pub fn execute(
     })
 }
 
+/// Drops a finished tensor's input pages from the resident set.
+fn release(inputs: &Inputs, name: &str) {
+    for ck in [Some(inputs.a), Some(inputs.b), inputs.c]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(t) = ck.get(name) {
+            ck.release(t);
+        }
+    }
+}
+
+/// cosineA/B pre-pass: the similarity range over every key of A that contains `model`, is
+/// present in B with the same shape, and is not part of the VAE. Streams key by key; only
+/// the samples (one per column) are kept.
+fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<cosine::Range>> {
+    let per_key: Vec<Vec<f64>> = plan
+        .keys
+        .par_iter()
+        .map(|k| {
+            let (Some(ta), Some(tb)) = (inputs.a.get(&k.name), inputs.b.get(&k.name)) else {
+                return Ok(Vec::new());
+            };
+            let eligible = k.name.contains("model")
+                && !k.name.contains("first_stage_model")
+                && ta.shape == tb.shape
+                && ta.dtype.is_float()
+                && tb.dtype.is_float();
+            if !eligible {
+                return Ok(Vec::new());
+            }
+            let a = convert::to_f32(ta.dtype, &inputs.a.data(ta))?;
+            let b = convert::to_f32(tb.dtype, &inputs.b.data(tb))?;
+            release(inputs, &k.name);
+            Ok(cosine::samples(cosine_a, &ta.shape, &a, &b))
+        })
+        .collect::<Result<_>>()?;
+    Ok(cosine::range(per_key.concat()))
+}
+
 fn numel(k: &KeyPlan) -> usize {
     k.shape.iter().product()
 }
 
+/// Adjust on a piece of a tensor starting at element `lo`.
+fn adjust_part(adjust: &Option<AdjustOp>, lo: usize, values: &mut [f32]) {
+    match adjust {
+        // A per-channel add touches the first 4 elements: only the first chunk.
+        Some(op @ AdjustOp::Add(_)) if lo == 0 => apply_adjust(*op, values),
+        Some(op @ AdjustOp::Scale(_)) => apply_adjust(*op, values),
+        _ => {}
+    }
+}
+
 /// Produces one output tensor; returns the bytes written.
-fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Result<usize> {
+fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result<usize> {
     let n = numel(k);
     let out_len = k.dtype.byte_len(n).unwrap_or(0);
     match &k.op {
@@ -200,8 +265,14 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
                 .c
                 .map(|_| operand(inputs, Source::C, &k.name))
                 .transpose()?;
-            match channels {
-                None => chunks(n).into_par_iter().try_for_each_init(
+            let (alpha32, beta32) = (*alpha as f32, *beta as f32);
+            let chunk_ctx = |chunk: u64| ChunkCtx {
+                key: &k.name,
+                chunk,
+                seed: ctx.seed,
+            };
+            match (channels, ctx.calc.kind()) {
+                (None, Kind::Elementwise) => chunks(n).into_par_iter().try_for_each_init(
                     Scratch::default,
                     |s, (lo, hi)| {
                         decode(a.dtype, &a.data, lo, hi, &mut s.a)?;
@@ -209,18 +280,41 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
                         if let Some(c) = &c {
                             decode(c.dtype, &c.data, lo, hi, &mut s.c)?;
                         }
-                        blend(mode, *alpha, *beta, &mut s.a, &s.b, &s.c);
-                        match adjust {
-                            // A per-channel add touches the first 4 elements: the first chunk.
-                            Some(op @ AdjustOp::Add(_)) if lo == 0 => apply_adjust(*op, &mut s.a),
-                            Some(op @ AdjustOp::Scale(_)) => apply_adjust(*op, &mut s.a),
-                            _ => {}
-                        }
+                        let cc = chunk_ctx((lo / CHUNK) as u64);
+                        calc::elementwise(
+                            ctx.calc, ctx.mode, alpha32, beta32, &mut s.a, &s.b, &s.c, &cc,
+                        );
+                        adjust_part(adjust, lo, &mut s.a);
                         encode_part(w, k, lo, &s.a, &mut s.out)
                     },
                 )?,
-                Some(ch) => {
-                    // A has more input channels than B (and C): blend the first `ch` of dim 1.
+                (None, Kind::Whole) => {
+                    let va = convert::to_f32(a.dtype, &a.data)?;
+                    let vb = convert::to_f32(b.dtype, &b.data)?;
+                    let vc = c
+                        .as_ref()
+                        .map(|c| convert::to_f32(c.dtype, &c.data))
+                        .transpose()?;
+                    let params = WholeParams {
+                        alpha: *alpha,
+                        beta: *beta,
+                        gamma: ctx.gamma,
+                        cosine: ctx.cosine,
+                    };
+                    let mut out = calc::whole(
+                        ctx.calc,
+                        &params,
+                        a.shape,
+                        va,
+                        &vb,
+                        vc.as_deref().unwrap_or(&[]),
+                    );
+                    adjust_part(adjust, 0, &mut out);
+                    w.write(&k.name, &convert::from_f32(&out, k.dtype)?)?;
+                }
+                (Some(ch), _) => {
+                    // A has more input channels than B (and C): merge the first `ch` of dim 1
+                    // (element-wise calcmodes only; the plan refuses the others).
                     let mut va = convert::to_f32(a.dtype, &a.data)?;
                     let vb = convert::to_f32(b.dtype, &b.data)?;
                     let vc = c
@@ -236,18 +330,19 @@ fn key(k: &KeyPlan, inputs: &Inputs, mode: Mode, w: &SafetensorsWriter) -> Resul
                             (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
                             _ => &[][..],
                         };
-                        blend(
-                            mode,
-                            *alpha,
-                            *beta,
+                        let cc = chunk_ctx(i as u64);
+                        calc::elementwise(
+                            ctx.calc,
+                            ctx.mode,
+                            alpha32,
+                            beta32,
                             &mut va[a_at..a_at + seg],
                             &vb[b_at..b_at + seg],
                             c_seg,
+                            &cc,
                         );
                     }
-                    if let Some(op) = adjust {
-                        apply_adjust(*op, &mut va);
-                    }
+                    adjust_part(adjust, 0, &mut va);
                     w.write(&k.name, &convert::from_f32(&va, k.dtype)?)?;
                 }
             }

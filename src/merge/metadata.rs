@@ -76,7 +76,7 @@ pub fn build(
         "mode": spec.mode.label(),
         "mbw": mbw,
         "elemental_merge": elemental,
-        "calcmode": "normal",
+        "calcmode": spec.calcmode.label(),
     });
     recipe[filter_key] = filter_value;
     let mut models = serde_json::Map::new();

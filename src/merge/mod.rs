@@ -6,6 +6,7 @@
 //! shape mismatches with the key and both shapes. [`engine::execute`] then computes the
 //! tensors in parallel chunks and streams them into the output file.
 
+pub mod calc;
 pub mod engine;
 pub mod kernels;
 pub mod metadata;
@@ -21,6 +22,7 @@ use crate::error::Result;
 use crate::hashing::HashMemo;
 use crate::merge::metadata::InputRecord;
 use crate::merge::plan::Inputs;
+pub use calc::CalcMode;
 pub use plan::{plan, KeyPlan, Op, Plan, Source};
 pub use select::FilterMode;
 pub use weights::{BlockRatio, Presets, Ratio};
@@ -78,28 +80,6 @@ impl Mode {
     }
 }
 
-/// Per-element calculation. Only `normal` is implemented so far; the other SuperMerger
-/// calcmodes (cosineA/B, trainDifference, smoothAdd, extract, tensor, tensor2, self,
-/// plus random) are planned.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum CalcMode {
-    /// The mode's formula, computed in f32 and rounded once.
-    #[default]
-    Normal,
-}
-
 /// Everything that defines a merge besides its input files.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MergeSpec {
@@ -111,6 +91,10 @@ pub struct MergeSpec {
     pub beta: Option<Ratio>,
     /// Per-element calculation.
     pub calcmode: CalcMode,
+    /// extract's gamma (sharpness of the similarity weighting; SuperMerger's default 0.3).
+    pub gamma: f64,
+    /// Seed of random calcmodes (`plus random`).
+    pub seed: u64,
     /// Output type of float tensors (default: each tensor keeps model A's type).
     pub dtype: Option<FloatType>,
     /// Keep only UNet, VAE and text-encoder keys (drops EMA and schedule buffers).
@@ -136,6 +120,8 @@ impl MergeSpec {
             alpha,
             beta,
             calcmode: CalcMode::Normal,
+            gamma: 0.3,
+            seed: 0,
             dtype: None,
             prune: false,
             reset_position_ids: false,
@@ -206,6 +192,6 @@ pub fn merge_files(
             .zip(hv.as_ref())
             .map(|(p, h)| record(p, h)),
     );
-    let report = engine::execute(&plan, &inputs, spec.mode, out, &md, overwrite, progress)?;
+    let report = engine::execute(&plan, &inputs, spec, out, &md, overwrite, progress)?;
     Ok((plan, report))
 }

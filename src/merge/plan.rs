@@ -4,8 +4,9 @@ use crate::arch::{self, Arch, Family, Variant};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::merge::calc::{CalcMode, Kind};
 use crate::merge::select::{self, AdjustOp, BlockNames, KeyFilter};
-use crate::merge::{BlockRatio, MergeSpec, Mode};
+use crate::merge::{BlockRatio, MergeSpec, Mode, Ratio};
 
 /// Where a copied tensor comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -32,9 +33,9 @@ pub enum Op {
     /// dimension 1 are blended, the rest keep A.
     Blend {
         /// Weight of B.
-        alpha: f32,
-        /// Weight of C (triple_sum / sum_twice).
-        beta: f32,
+        alpha: f64,
+        /// Beta of this key (triple_sum / sum_twice, and the calcmodes that read it).
+        beta: f64,
         /// Blended channel count of dimension 1, when smaller than A's.
         channels: Option<usize>,
         /// Adjust applied to the merged values.
@@ -160,16 +161,35 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         }
         _ => {}
     }
-    match (mode.uses_beta(), spec.beta.is_some()) {
-        (true, false) => return Err(Error::Invalid(format!("{} needs beta", mode.label()))),
+    let calc = spec.calcmode;
+    if !calc.modes().contains(&mode) {
+        let modes: Vec<&str> = calc.modes().iter().map(|m| m.label()).collect();
+        return Err(Error::Invalid(format!(
+            "calcmode {} applies to {} only, not {}",
+            calc.label(),
+            modes.join(" / "),
+            mode.label()
+        )));
+    }
+    let beta_used = mode.uses_beta() || calc.uses_beta();
+    match (beta_used, spec.beta.is_some()) {
+        (true, false) => {
+            return Err(Error::Invalid(format!(
+                "{} with calcmode {} needs beta",
+                mode.label(),
+                calc.label()
+            )))
+        }
         (false, true) => {
             return Err(Error::Invalid(format!(
-                "beta is not used by {}",
-                mode.label()
+                "beta is not used by {} with calcmode {}",
+                mode.label(),
+                calc.label()
             )))
         }
         _ => {}
     }
+    check_calc_params(spec)?;
     let arch = arch::detect(inputs.a.tensors());
     check_family(&arch, inputs.b, "B")?;
     if let Some(c) = inputs.c {
@@ -208,7 +228,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     for t in inputs.a.tensors() {
         let class = arch::classify(family, &t.name);
         let mut op = Op::Copy(Source::A);
-        let allowed = filter.as_ref().is_none_or(|f| f.allows(&class, &t.name));
+        let allowed = filter.as_ref().is_none_or(|f| f.allows(&class, &t.name))
+            && !calc.skips(&t.name, t.shape.len());
         if class.mergeable && t.dtype.is_float() && allowed {
             let b = inputs.b.get(&t.name);
             let c = inputs.c.map(|c| c.get(&t.name));
@@ -234,13 +255,36 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
                                     .unwrap_or_else(|| alpha.value(family, &class));
                             let b_val = beta
                                 .as_ref()
-                                .map(|r| r.value(family, &class) as f32)
+                                .map(|r| r.value(family, &class))
                                 .unwrap_or(0.0);
+                            let channels = cb.or(cc);
+                            if channels.is_some() && calc.kind() == Kind::Whole {
+                                errors.push(format!(
+                                    "`{}`: calcmode {} cannot merge models with different input channels; use normal",
+                                    t.name,
+                                    calc.label()
+                                ));
+                            }
+                            if calc == CalcMode::Extract && !(0.0..=1.0).contains(&a_val) {
+                                errors.push(format!(
+                                    "`{}`: extract needs 0 <= alpha <= 1, got {a_val}",
+                                    t.name
+                                ));
+                            }
                             let adjust = spec
                                 .adjust
                                 .as_ref()
                                 .and_then(|v| select::adjust_op(v, family, &t.name));
-                            op = blend_op(mode, a_val as f32, b_val, cb.or(cc), adjust);
+                            op = if calc == CalcMode::Normal {
+                                blend_op(mode, a_val, b_val, channels, adjust)
+                            } else {
+                                Op::Blend {
+                                    alpha: a_val,
+                                    beta: b_val,
+                                    channels,
+                                    adjust,
+                                }
+                            };
                         }
                         (Ok(_), Ok(_)) => {}
                         (Err(e), _) | (_, Err(e)) => errors.push(e.to_string()),
@@ -327,8 +371,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
 /// Keys with an Adjust op are always blended (Adjust acts on the merged values).
 fn blend_op(
     mode: Mode,
-    alpha: f32,
-    beta: f32,
+    alpha: f64,
+    beta: f64,
     channels: Option<usize>,
     adjust: Option<AdjustOp>,
 ) -> Op {
@@ -348,6 +392,47 @@ fn blend_op(
             adjust,
         },
     }
+}
+
+/// Checks the parameters that calcmodes constrain.
+fn check_calc_params(spec: &MergeSpec) -> Result<()> {
+    let nonneg = |r: &Ratio| match r {
+        Ratio::Scalar(v) => *v >= 0.0,
+        Ratio::Blocks(v) => v.iter().all(|x| *x >= 0.0),
+    };
+    match spec.calcmode {
+        CalcMode::Extract => {
+            match &spec.beta {
+                Some(Ratio::Scalar(b)) if (0.0..=1.0).contains(b) => {}
+                Some(Ratio::Scalar(b)) => {
+                    return Err(Error::Invalid(format!(
+                        "extract needs 0 <= beta <= 1, got {b}"
+                    )))
+                }
+                _ => {
+                    return Err(Error::Invalid(
+                        "extract takes a single beta value, not per-block weights".into(),
+                    ))
+                }
+            }
+            if !(spec.gamma >= 0.0 && spec.gamma.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "extract needs gamma >= 0, got {}",
+                    spec.gamma
+                )));
+            }
+        }
+        CalcMode::Tensor | CalcMode::Tensor2
+            if !nonneg(&spec.alpha) || !spec.beta.as_ref().is_some_and(nonneg) =>
+        {
+            return Err(Error::Invalid(format!(
+                "calcmode {} needs alpha >= 0 and beta >= 0 (they select slices)",
+                spec.calcmode.label()
+            )));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Replaces `first_stage_model.*` tensors by those of a VAE file (keys with or without

@@ -1,0 +1,198 @@
+//! cosineA / cosineB: blend A and B per input column by how similar they are.
+//!
+//! For a tensor viewed as `[rows, columns]` (dimension 0 against the rest; a 1-D tensor is
+//! one column), the similarity of a column is the mean of its cosine similarity and the
+//! cosine similarity of the whole flattened tensors. A pre-pass over every key gives the
+//! range of similarities (1st..99th percentile, numpy "midpoint" rule); each column's
+//! similarity is mapped into 0..1 by that range, shifted by alpha and clamped to `k`, and the
+//! result is `k*A + (1-k)*B`. cosineA normalizes each column first; cosineB uses raw weights.
+//!
+//! Where a norm is zero the flattened term is taken as 0 (SuperMerger gets 0/0 = NaN), and a
+//! zero-width range maps every column to 0.5.
+
+use super::cos_sim;
+
+/// Similarity range from the pre-pass.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Range {
+    /// Smallest kept similarity.
+    pub min: f64,
+    /// Largest kept similarity.
+    pub max: f64,
+}
+
+fn dims(shape: &[usize], len: usize) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (*n, 1),
+        [n, ..] => (*n, len / n.max(&1)),
+    }
+}
+
+fn normalize_columns(x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    let mut norms = vec![0f64; cols];
+    for r in 0..rows {
+        for (j, n) in norms.iter_mut().enumerate() {
+            let v = x[r * cols + j] as f64;
+            *n += v * v;
+        }
+    }
+    let norms: Vec<f64> = norms.into_iter().map(|n| n.sqrt().max(1e-12)).collect();
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| *v as f64 / norms[i % cols])
+        .collect()
+}
+
+fn flat_term(x: &[f64], y: &[f64]) -> f64 {
+    let (mut dot, mut nx, mut ny) = (0.0, 0.0, 0.0);
+    for (p, q) in x.iter().zip(y) {
+        dot += p * q;
+        nx += p * p;
+        ny += q * q;
+    }
+    let den = nx.sqrt() * ny.sqrt();
+    if den > 0.0 {
+        dot / den
+    } else {
+        0.0
+    }
+}
+
+fn column_sims(x: &[f64], y: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    (0..cols)
+        .map(|j| {
+            let col = |v: &'_ [f64]| {
+                (0..rows)
+                    .map(move |r| v[r * cols + j])
+                    .collect::<Vec<f64>>()
+            };
+            let (cx, cy) = (col(x), col(y));
+            cos_sim(cx.into_iter(), cy.into_iter())
+        })
+        .collect()
+}
+
+fn inputs(
+    normalized: bool,
+    a: &[f32],
+    b: &[f32],
+    rows: usize,
+    cols: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    if normalized {
+        (
+            normalize_columns(a, rows, cols),
+            normalize_columns(b, rows, cols),
+        )
+    } else {
+        (
+            a.iter().map(|v| *v as f64).collect(),
+            b.iter().map(|v| *v as f64).collect(),
+        )
+    }
+}
+
+/// Pre-pass samples of one key.
+pub fn samples(cosine_a: bool, shape: &[usize], a: &[f32], b: &[f32]) -> Vec<f64> {
+    let (rows, cols) = dims(shape, a.len());
+    let (x, y) = inputs(cosine_a, a, b, rows, cols);
+    let sims = column_sims(&x, &y, rows, cols);
+    if cosine_a {
+        sims
+    } else {
+        let flat = flat_term(&x, &y);
+        sims.into_iter().map(|s| (s + flat) / 2.0).collect()
+    }
+}
+
+/// numpy `percentile(v, q, interpolation="midpoint")` of sorted values.
+fn percentile_midpoint(sorted: &[f64], q: f64) -> f64 {
+    let idx = q / 100.0 * (sorted.len() - 1) as f64;
+    (sorted[idx.floor() as usize] + sorted[idx.ceil() as usize]) / 2.0
+}
+
+/// The kept range of all samples: NaNs dropped, then values outside the 1st..99th
+/// percentiles. `None` when there is no sample.
+pub fn range(mut all: Vec<f64>) -> Option<Range> {
+    all.retain(|v| !v.is_nan());
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_by(f64::total_cmp);
+    let (lo, hi) = (
+        percentile_midpoint(&all, 1.0),
+        percentile_midpoint(&all, 99.0),
+    );
+    let kept = all.iter().filter(|v| **v >= lo && **v <= hi);
+    let min = kept.clone().copied().fold(f64::INFINITY, f64::min);
+    let max = kept.copied().fold(f64::NEG_INFINITY, f64::max);
+    Some(Range { min, max })
+}
+
+/// Merges one tensor.
+pub fn merge(
+    cosine_a: bool,
+    alpha: f64,
+    range: Range,
+    shape: &[usize],
+    a: Vec<f32>,
+    b: &[f32],
+) -> Vec<f32> {
+    let (rows, cols) = dims(shape, a.len());
+    let (x, y) = inputs(cosine_a, &a, b, rows, cols);
+    let flat = flat_term(&x, &y);
+    let width = range.max - range.min;
+    let k: Vec<f64> = column_sims(&x, &y, rows, cols)
+        .into_iter()
+        .map(|s| {
+            let c = (s + flat) / 2.0;
+            let k = if width > 0.0 {
+                (c - range.min) / width
+            } else {
+                0.5
+            };
+            let k = if cosine_a { k - alpha.abs() } else { k - alpha };
+            k.clamp(0.0, 1.0)
+        })
+        .collect();
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (x, y))| {
+            let k = k[i % cols];
+            ((1.0 - k) * *y as f64 + k * *x as f64) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_matches_numpy_midpoint() {
+        // numpy.percentile(range(11), 1, interpolation="midpoint") == 0.5; 99 -> 9.5
+        let v: Vec<f64> = (0..11).map(f64::from).collect();
+        assert_eq!(percentile_midpoint(&v, 1.0), 0.5);
+        assert_eq!(percentile_midpoint(&v, 99.0), 9.5);
+        assert_eq!(range(v), Some(Range { min: 1.0, max: 9.0 }));
+        assert_eq!(range(vec![f64::NAN]), None);
+    }
+
+    #[test]
+    fn identical_models_stay_put_and_opposite_ones_take_b() {
+        let a = vec![1.0f32, 2.0, 3.0, 4.0];
+        let r = Range {
+            min: -1.0,
+            max: 1.0,
+        };
+        // A == B: every k is 1 at alpha 0, so the result is A (= B).
+        assert_eq!(merge(true, 0.0, r, &[2, 2], a.clone(), &a), a);
+        // B = -A: similarity -1, k = 0, the result is B.
+        let b: Vec<f32> = a.iter().map(|x| -x).collect();
+        assert_eq!(merge(false, 0.0, r, &[2, 2], a.clone(), &b), b);
+        // alpha >= 1 always gives B.
+        assert_eq!(merge(true, 1.0, r, &[2, 2], a.clone(), &b), b);
+    }
+}
