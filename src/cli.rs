@@ -76,6 +76,10 @@ pub struct MergeArgs {
     /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
     #[arg(long, value_name = "TEXT")]
     pub elemental: Option<String>,
+    /// Compatibility: read SDXL block names in --elemental the way SuperMerger did before its
+    /// fix (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
+    #[arg(long)]
+    pub xl_elemental_shift: bool,
     /// Merge only the matched keys (blocks/elements given by --blocks/--elements).
     #[arg(long, conflicts_with = "exclude")]
     pub include: bool,
@@ -364,6 +368,7 @@ fn merge(a: MergeArgs) -> Result<()> {
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,
         elemental: a.elemental.clone(),
+        xl_elemental_shift: a.xl_elemental_shift,
         filter: match (a.include, a.exclude) {
             (true, _) => Some(crate::merge::FilterMode::Include),
             (_, true) => Some(crate::merge::FilterMode::Exclude),

@@ -103,6 +103,9 @@ pub struct MergeSpec {
     pub reset_position_ids: bool,
     /// Elemental merge text: `blocks:elements:ratio` entries overriding alpha per key.
     pub elemental: Option<String>,
+    /// Compatibility: address SDXL blocks in elemental entries with SuperMerger's shifted
+    /// names (XL M00 as "IN09", OUT03 as "OUT00", ...).
+    pub xl_elemental_shift: bool,
     /// Include / Exclude filter.
     pub filter: Option<FilterSpec>,
     /// Adjust vector (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3).
@@ -126,6 +129,7 @@ impl MergeSpec {
             prune: false,
             reset_position_ids: false,
             elemental: None,
+            xl_elemental_shift: false,
             filter: None,
             adjust: None,
             bake_vae: None,

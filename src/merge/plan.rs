@@ -204,6 +204,7 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         .transpose()?;
     let block_names = match alpha {
         BlockRatio::Extended(_) => BlockNames::Extended,
+        _ if spec.xl_elemental_shift && family == Family::Sdxl => BlockNames::ShiftedXl,
         _ => BlockNames::Standard,
     };
     let elemental = spec

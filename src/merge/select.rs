@@ -59,12 +59,17 @@ pub enum BlockNames {
     Standard,
     /// The 110 fine SDXL names.
     Extended,
+    /// SuperMerger's SDXL quirk (issue #468): an SDXL key is addressed by the 26-list name at
+    /// its 20-list index (M00 is "IN09", OUT00 "IN10", OUT02 "M00", OUT03 "OUT00"...).
+    /// Only for recipes written against that behaviour.
+    ShiftedXl,
 }
 
 fn names(family: Family, names: BlockNames) -> &'static [String] {
     match (family, names) {
         (Family::Sdxl, BlockNames::Extended) => &SDXL_EXTENDED_BLOCKS,
         (Family::Sdxl, BlockNames::Standard) => &SDXL_BLOCKS,
+        (_, BlockNames::ShiftedXl) => &SD_BLOCKS,
         _ => &SD_BLOCKS,
     }
 }
@@ -157,6 +162,11 @@ pub fn elemental_alpha(
     let block = match block_names {
         BlockNames::Extended => class.fine.as_deref(),
         BlockNames::Standard => class.block.as_deref(),
+        BlockNames::ShiftedXl => class
+            .block
+            .as_deref()
+            .and_then(|b| SDXL_BLOCKS.iter().position(|n| n == b))
+            .map(|i| SD_BLOCKS[i].as_str()),
     };
     entries
         .iter()
@@ -374,6 +384,23 @@ mod tests {
         assert_eq!(
             elemental_alpha(&e, BlockNames::Standard, &c, key),
             Some(0.7)
+        );
+        // The compatibility quirk: XL M00 answers to "IN09".
+        let e = parse_elemental("IN09:attn1:0.6", Family::Sdxl, BlockNames::ShiftedXl).unwrap();
+        assert_eq!(
+            elemental_alpha(&e, BlockNames::ShiftedXl, &c, key),
+            Some(0.6)
+        );
+        let out3 = "model.diffusion_model.output_blocks.3.0.in_layers.2.weight";
+        let e = parse_elemental("OUT00::0.2", Family::Sdxl, BlockNames::ShiftedXl).unwrap();
+        assert_eq!(
+            elemental_alpha(
+                &e,
+                BlockNames::ShiftedXl,
+                &classify(Family::Sdxl, out3),
+                out3
+            ),
+            Some(0.2)
         );
         let e = parse_elemental("MID103::0.4", Family::Sdxl, BlockNames::Extended).unwrap();
         assert_eq!(

@@ -195,4 +195,18 @@ mod tests {
         // alpha >= 1 always gives B.
         assert_eq!(merge(true, 1.0, r, &[2, 2], a.clone(), &b), b);
     }
+
+    #[test]
+    fn zero_tensors_give_finite_results() {
+        // SuperMerger's 0/0 would be NaN; here the flattened term is 0 and the result finite.
+        let r = Range {
+            min: -1.0,
+            max: 1.0,
+        };
+        let out = merge(false, 0.0, r, &[2, 2], vec![0.0; 4], &[1.0, 2.0, 3.0, 4.0]);
+        assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+        assert!(samples(true, &[3], &[0.0; 3], &[0.0; 3])
+            .iter()
+            .all(|v| v.is_finite()));
+    }
 }
