@@ -107,6 +107,17 @@ pub struct MergeArgs {
     /// Extra MBW preset files (`NAME<TAB>v1,...` per line).
     #[arg(long, value_name = "FILE")]
     pub presets: Vec<PathBuf>,
+    /// Output options.
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Cache directory for the input-hash memo.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Where a command writes its file and how it reports.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
     /// Output file.
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
@@ -116,9 +127,6 @@ pub struct MergeArgs {
     /// Print a JSON report instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Cache directory for the input-hash memo.
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
 }
 
 /// Architectures `synth` can produce.
@@ -192,15 +200,9 @@ pub struct SynthArgs {
     /// Components to copy from --copy-from.
     #[arg(long, value_enum, value_delimiter = ',', requires = "copy_from")]
     pub copy: Vec<ComponentArg>,
-    /// Output file.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Replace the output file if it exists.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Print a JSON report instead of text.
-    #[arg(long)]
-    pub json: bool,
+    /// Output options.
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// Arguments of `inspect`.
@@ -300,8 +302,8 @@ fn synth(a: SynthArgs) -> Result<()> {
         }),
     };
     let started = std::time::Instant::now();
-    let report = crate::synth::synthesize(&opts, &a.output, a.overwrite, !a.json)?;
-    if a.json {
+    let report = crate::synth::synthesize(&opts, &a.out.output, a.out.overwrite, !a.out.json)?;
+    if a.out.json {
         print_json(&report)
     } else {
         println!(
@@ -399,9 +401,15 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let memo = HashMemo::new(&a.cache.unwrap_or_else(default_cache_dir));
     let started = std::time::Instant::now();
-    let (plan, report) =
-        crate::merge::merge_files(&files, &spec, &a.output, &memo, a.overwrite, !a.json)?;
-    if a.json {
+    let (plan, report) = crate::merge::merge_files(
+        &files,
+        &spec,
+        &a.out.output,
+        &memo,
+        a.out.overwrite,
+        !a.out.json,
+    )?;
+    if a.out.json {
         return print_json(&serde_json::json!({ "report": report, "plan": {
             "architecture": plan.arch,
             "blended": plan.blended(),

@@ -201,10 +201,7 @@ pub fn synthesize(
         Ok::<_, Error>(())
     })?;
     bar.finish_and_clear();
-    let path = writer.finish()?;
-    let bytes = std::fs::metadata(&path)
-        .map_err(|e| Error::io(&path, e))?
-        .len();
+    let (path, bytes) = writer.finish()?;
     Ok(SynthReport {
         path,
         tensors: plans.len(),

@@ -10,33 +10,9 @@ use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::FloatType;
 use mergesmith::hashing::HashMemo;
 use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio};
-use mergesmith::synth::Perturb;
-
-struct Models {
-    dir: tempfile::TempDir,
-    a: PathBuf,
-    b: PathBuf,
-    c: PathBuf,
-}
 
 fn models() -> Models {
-    let dir = tempfile::tempdir().unwrap();
-    let mut o = tiny(Family::Sd1, 21);
-    o.dtype = FloatType::Fp32;
-    let a = synth(dir.path(), "a.safetensors", &o);
-    let related = |name: &str, seed: u64| {
-        let mut o = tiny(Family::Sd1, seed);
-        o.dtype = FloatType::Fp32;
-        o.perturb = Some(Perturb {
-            base: a.clone(),
-            strength: 0.4,
-            rank: 0,
-        });
-        synth(dir.path(), name, &o)
-    };
-    let b = related("b.safetensors", 22);
-    let c = related("c.safetensors", 23);
-    Models { dir, a, b, c }
+    related_models(Family::Sd1, FloatType::Fp32, 21, 0.4, 0)
 }
 
 fn spec(mode: Mode, calc: CalcMode, alpha: f64, beta: Option<f64>) -> MergeSpec {

@@ -11,30 +11,9 @@ use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::{DType, FloatType};
 use mergesmith::hashing::HashMemo;
 use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Presets, Ratio};
-use mergesmith::synth::Perturb;
-
-struct Models {
-    dir: tempfile::TempDir,
-    a: PathBuf,
-    b: PathBuf,
-    c: PathBuf,
-}
 
 fn models(family: Family) -> Models {
-    let dir = tempfile::tempdir().unwrap();
-    let a = synth(dir.path(), "a.safetensors", &tiny(family, 1));
-    let related = |name: &str, seed: u64| {
-        let mut o = tiny(family, seed);
-        o.perturb = Some(Perturb {
-            base: a.clone(),
-            strength: 0.5,
-            rank: 2,
-        });
-        synth(dir.path(), name, &o)
-    };
-    let b = related("b.safetensors", 2);
-    let c = related("c.safetensors", 3);
-    Models { dir, a, b, c }
+    related_models(family, mergesmith::dtype::FloatType::Fp16, 1, 0.5, 2)
 }
 
 fn run(m: &Models, spec: &MergeSpec, c: bool, out: &str) -> PathBuf {
@@ -54,6 +33,25 @@ fn run(m: &Models, spec: &MergeSpec, c: bool, out: &str) -> PathBuf {
     )
     .unwrap();
     out
+}
+
+/// Merges A and B (no C) without progress output.
+fn merge_ab(
+    a: &Path,
+    b: &Path,
+    spec: &MergeSpec,
+    out: &Path,
+    memo: &HashMemo,
+) -> mergesmith::Result<(
+    mergesmith::merge::Plan,
+    mergesmith::merge::engine::MergeReport,
+)> {
+    merge_files(&MergeFiles { a, b, c: None }, spec, out, memo, false, false)
+}
+
+/// The `sd_merge_recipe` metadata of a merged file.
+fn recipe_of(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&Checkpoint::open(p).unwrap().metadata()["sd_merge_recipe"]).unwrap()
 }
 
 fn values(ck: &Checkpoint, name: &str) -> Vec<f64> {
@@ -416,19 +414,7 @@ fn inpainting_a_merges_its_first_four_channels() {
     let out = dir.path().join("out.safetensors");
     let memo = HashMemo::new(dir.path());
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
-    merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &b,
-            c: None,
-        },
-        &spec,
-        &out,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap();
+    merge_ab(&a, &b, &spec, &out, &memo).unwrap();
     let (ca, cb, co) = (
         Checkpoint::open(&a).unwrap(),
         Checkpoint::open(&b).unwrap(),
@@ -481,20 +467,9 @@ fn mismatches_are_refused_before_any_output() {
     let memo = HashMemo::new(dir.path());
     let out = dir.path().join("out.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
-    let err = merge_files(
-        &MergeFiles {
-            a: &sd1,
-            b: &xl,
-            c: None,
-        },
-        &spec,
-        &out,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = merge_ab(&sd1, &xl, &spec, &out, &memo)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("SD1.x") && err.contains("SDXL"), "{err}");
     assert!(!out.exists());
 
@@ -511,20 +486,9 @@ fn mismatches_are_refused_before_any_output() {
         r#"{"model.x.weight":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}}"#,
         &[0; 8],
     );
-    let err = merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &b,
-            c: None,
-        },
-        &spec,
-        &out,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = merge_ab(&a, &b, &spec, &out, &memo)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("`model.x.weight`") && err.contains("[2]") && err.contains("[1, 2]"),
         "{err}"
@@ -533,52 +497,17 @@ fn mismatches_are_refused_before_any_output() {
 
     // Mode / model C / beta consistency.
     let bad = MergeSpec::new(Mode::AddDifference, Ratio::Scalar(0.5), None);
-    assert!(merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &a,
-            c: None
-        },
-        &bad,
-        &out,
-        &memo,
-        false,
-        false
-    )
-    .is_err());
+    assert!(merge_ab(&a, &a, &bad, &out, &memo).is_err());
     let bad = MergeSpec::new(
         Mode::WeightSum,
         Ratio::Scalar(0.5),
         Some(Ratio::Scalar(0.1)),
     );
-    assert!(merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &a,
-            c: None
-        },
-        &bad,
-        &out,
-        &memo,
-        false,
-        false
-    )
-    .is_err());
+    assert!(merge_ab(&a, &a, &bad, &out, &memo).is_err());
     let bad = MergeSpec::new(Mode::WeightSum, Ratio::Blocks(vec![0.1; 25]), None);
-    let err = merge_files(
-        &MergeFiles {
-            a: &sd1,
-            b: &sd1,
-            c: None,
-        },
-        &bad,
-        &out,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = merge_ab(&sd1, &sd1, &bad, &out, &memo)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("26 block weights"), "{err}");
 }
 
@@ -605,19 +534,7 @@ fn missing_and_extra_keys_and_non_finite_values() {
     let memo = HashMemo::new(dir.path());
     let out = dir.path().join("out.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
-    let (plan, _) = merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &b,
-            c: None,
-        },
-        &spec,
-        &out,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap();
+    let (plan, _) = merge_ab(&a, &b, &spec, &out, &memo).unwrap();
     assert_eq!(plan.missing_in_b, vec!["model.only_a.bias".to_string()]);
     assert_eq!(plan.added_from_b, vec!["model.only_b.weight".to_string()]);
     let ck = Checkpoint::open(&out).unwrap();
@@ -631,19 +548,7 @@ fn missing_and_extra_keys_and_non_finite_values() {
     // alpha 0 keeps A exactly, including its non-finite values; B's NaN does not leak.
     let out0 = dir.path().join("out0.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.0), None);
-    merge_files(
-        &MergeFiles {
-            a: &a,
-            b: &b,
-            c: None,
-        },
-        &spec,
-        &out0,
-        &memo,
-        false,
-        false,
-    )
-    .unwrap();
+    merge_ab(&a, &b, &spec, &out0, &memo).unwrap();
     let v = values(&Checkpoint::open(&out0).unwrap(), "model.k.weight");
     assert_eq!((v[0], v[2], v[3]), (1.0, f64::INFINITY, 4.0));
     assert!(v[1].is_nan());
@@ -669,9 +574,7 @@ fn elemental_include_exclude_and_adjust() {
         _ => 0.3,
     };
     check_against_reference(&m, &out, Mode::WeightSum, &el, 0.0);
-    let recipe: serde_json::Value =
-        serde_json::from_str(&Checkpoint::open(&out).unwrap().metadata()["sd_merge_recipe"])
-            .unwrap();
+    let recipe = recipe_of(&out);
     assert_eq!(
         recipe["elemental_merge"],
         serde_json::json!(["OUT06:attn:0.9", "OUT06:attn2.to_k:0.1"])
@@ -696,9 +599,7 @@ fn elemental_include_exclude_and_adjust() {
         }
     };
     check_against_reference(&m, &out, Mode::WeightSum, &ex, 0.0);
-    let recipe: serde_json::Value =
-        serde_json::from_str(&Checkpoint::open(&out).unwrap().metadata()["sd_merge_recipe"])
-            .unwrap();
+    let recipe = recipe_of(&out);
     assert_eq!(
         recipe["Exclude"],
         serde_json::json!(["IN01-IN02 VAE", "attn2"])

@@ -227,8 +227,9 @@ impl SafetensorsWriter {
         })
     }
 
-    /// Checks every tensor was written, fsyncs, and renames the file into place.
-    pub fn finish(self) -> Result<PathBuf> {
+    /// Checks every tensor was written, fsyncs, and renames the file into place; returns
+    /// the final path and the file size.
+    pub fn finish(self) -> Result<(PathBuf, u64)> {
         let incomplete = |(i, w): (usize, &AtomicUsize)| {
             w.load(Ordering::SeqCst) != self.ranges[i].1 - self.ranges[i].0
         };
@@ -239,6 +240,7 @@ impl SafetensorsWriter {
                 self.dest.display()
             )));
         }
+        let size = self.data_start + self.ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
         let tmp_path = self.tmp.path().to_path_buf();
         self.tmp
             .as_file()
@@ -258,7 +260,7 @@ impl SafetensorsWriter {
             }
         })?;
         sync_parent(&dest);
-        Ok(dest)
+        Ok((dest, size))
     }
 }
 

@@ -161,10 +161,7 @@ pub fn execute(
         Ok::<_, Error>(())
     })?;
     bar.finish_and_clear();
-    let path = writer.finish()?;
-    let bytes = std::fs::metadata(&path)
-        .map_err(|e| Error::io(&path, e))?
-        .len();
+    let (path, bytes) = writer.finish()?;
     Ok(MergeReport {
         path,
         tensors: plan.keys.len(),

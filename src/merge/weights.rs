@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::arch::blocks::{SDXL_EXTENDED_BLOCKS, SD_BLOCKS};
+use crate::arch::blocks::SDXL_EXTENDED_BLOCKS;
 use crate::arch::{Family, KeyClass};
 use crate::error::{Error, Result};
 
@@ -237,11 +237,6 @@ impl BlockRatio {
             BlockRatio::Blocks(v) | BlockRatio::Extended(v) => Some(v[1..].to_vec()),
         }
     }
-}
-
-/// Names of the 26 SD blocks (re-exported for error messages and docs).
-pub fn sd_block_names() -> &'static [String] {
-    &SD_BLOCKS
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use mergesmith::arch::{Family, Variant};
 use mergesmith::dtype::FloatType;
-use mergesmith::synth::{Size, SynthOptions};
+use mergesmith::synth::{Perturb, Size, SynthOptions};
 
 /// Writes `len(header) | header | data` with no validation at all.
 pub fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
@@ -167,4 +167,41 @@ pub fn torch_zip(path: &Path, tensors: &[TorchTensor], nested: bool, extra: Opti
 
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Three related tiny models in a temporary directory: A, and B and C derived from A.
+pub struct Models {
+    pub dir: tempfile::TempDir,
+    pub a: PathBuf,
+    pub b: PathBuf,
+    pub c: PathBuf,
+}
+
+/// Makes A (seed `seed`) and B, C = A + a perturbation of `strength` and `rank` (seeds
+/// `seed + 1`, `seed + 2`), all stored as `dtype`.
+pub fn related_models(
+    family: Family,
+    dtype: FloatType,
+    seed: u64,
+    strength: f32,
+    rank: usize,
+) -> Models {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |seed: u64| SynthOptions {
+        dtype,
+        ..tiny(family, seed)
+    };
+    let a = synth(dir.path(), "a.safetensors", &opts(seed));
+    let related = |name: &str, seed: u64| {
+        let mut o = opts(seed);
+        o.perturb = Some(Perturb {
+            base: a.clone(),
+            strength,
+            rank,
+        });
+        synth(dir.path(), name, &o)
+    };
+    let b = related("b.safetensors", seed + 1);
+    let c = related("c.safetensors", seed + 2);
+    Models { dir, a, b, c }
 }
