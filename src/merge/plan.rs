@@ -1,7 +1,7 @@
 //! Planning a merge: what every output tensor is, decided and validated before any math.
 
-use crate::arch::{self, Arch, Family, Variant};
-use crate::checkpoint::Checkpoint;
+use crate::arch::{self, Arch, Family, KeyClass, Variant};
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::merge::calc::{CalcMode, Kind};
@@ -223,76 +223,25 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         _ => d,
     };
 
+    let ctx = KeyCtx {
+        inputs,
+        spec,
+        family,
+        alpha: &alpha,
+        beta: beta.as_ref(),
+        block_names,
+        elemental: &elemental,
+        filter: filter.as_ref(),
+    };
     let mut keys = Vec::with_capacity(inputs.a.tensors().len());
-    let (mut missing_in_b, mut missing_in_c) = (Vec::new(), Vec::new());
+    let mut missing = Missing::default();
     let mut errors = Vec::new();
     for t in inputs.a.tensors() {
         let class = arch::classify(family, &t.name);
-        let mut op = Op::Copy(Source::A);
-        let allowed = filter.as_ref().is_none_or(|f| f.allows(&class, &t.name))
-            && !calc.skips(&t.name, t.shape.len());
-        if class.mergeable && t.dtype.is_float() && allowed {
-            let b = inputs.b.get(&t.name);
-            let c = inputs.c.map(|c| c.get(&t.name));
-            match (b, c) {
-                (None, _) => missing_in_b.push(t.name.clone()),
-                (Some(_), Some(None)) => missing_in_c.push(t.name.clone()),
-                (Some(b), c) => {
-                    let fit_b = shape_fit(&t.name, &t.shape, &b.shape, "B", inputs.b);
-                    let fit_c = match (c.flatten(), inputs.c) {
-                        (Some(ct), Some(cc)) => shape_fit(&t.name, &t.shape, &ct.shape, "C", cc),
-                        _ => Ok(None),
-                    };
-                    match (fit_b, fit_c) {
-                        (Ok(cb), Ok(cc)) if b.dtype.is_float() => {
-                            if cb.is_some() && cc.is_some() && cb != cc {
-                                errors.push(format!(
-                                    "`{}`: models B and C have different channel counts",
-                                    t.name
-                                ));
-                            }
-                            let a_val =
-                                select::elemental_alpha(&elemental, block_names, &class, &t.name)
-                                    .unwrap_or_else(|| alpha.value(family, &class));
-                            let b_val = beta
-                                .as_ref()
-                                .map(|r| r.value(family, &class))
-                                .unwrap_or(0.0);
-                            let channels = cb.or(cc);
-                            if channels.is_some() && calc.kind() == Kind::Whole {
-                                errors.push(format!(
-                                    "`{}`: calcmode {} cannot merge models with different input channels; use normal",
-                                    t.name,
-                                    calc.label()
-                                ));
-                            }
-                            if calc == CalcMode::Extract && !(0.0..=1.0).contains(&a_val) {
-                                errors.push(format!(
-                                    "`{}`: extract needs 0 <= alpha <= 1, got {a_val}",
-                                    t.name
-                                ));
-                            }
-                            let adjust = spec
-                                .adjust
-                                .as_ref()
-                                .and_then(|v| select::adjust_op(v, family, &t.name));
-                            op = if calc == CalcMode::Normal {
-                                blend_op(mode, a_val, b_val, channels, adjust)
-                            } else {
-                                Op::Blend {
-                                    alpha: a_val,
-                                    beta: b_val,
-                                    channels,
-                                    adjust,
-                                }
-                            };
-                        }
-                        (Ok(_), Ok(_)) => {}
-                        (Err(e), _) | (_, Err(e)) => errors.push(e.to_string()),
-                    }
-                }
-            }
-        }
+        let mut op = key_op(&ctx, t, &class, &mut missing).unwrap_or_else(|e| {
+            errors.push(e);
+            Op::Copy(Source::A)
+        });
         if spec.reset_position_ids && t.name.ends_with("text_model.embeddings.position_ids") {
             op = Op::PositionIds;
         }
@@ -359,11 +308,105 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     Ok(Plan {
         arch,
         keys,
-        missing_in_b,
-        missing_in_c,
+        missing_in_b: missing.b,
+        missing_in_c: missing.c,
         added_from_b,
         alpha,
         beta,
+    })
+}
+
+/// What every key's planning shares.
+struct KeyCtx<'a> {
+    inputs: &'a Inputs<'a>,
+    spec: &'a MergeSpec,
+    family: Family,
+    alpha: &'a BlockRatio,
+    beta: Option<&'a BlockRatio>,
+    block_names: BlockNames,
+    elemental: &'a [select::ElementalEntry],
+    filter: Option<&'a KeyFilter>,
+}
+
+/// Mergeable keys of A that B or C lack.
+#[derive(Default)]
+struct Missing {
+    b: Vec<String>,
+    c: Vec<String>,
+}
+
+/// What one key of A becomes. `Err` is a message for the combined planning error.
+fn key_op(
+    ctx: &KeyCtx,
+    t: &TensorInfo,
+    class: &KeyClass,
+    missing: &mut Missing,
+) -> std::result::Result<Op, String> {
+    let keep_a = Ok(Op::Copy(Source::A));
+    let (spec, calc) = (ctx.spec, ctx.spec.calcmode);
+    let allowed =
+        ctx.filter.is_none_or(|f| f.allows(class, &t.name)) && !calc.skips(&t.name, t.shape.len());
+    if !(class.mergeable && t.dtype.is_float() && allowed) {
+        return keep_a;
+    }
+    let Some(b) = ctx.inputs.b.get(&t.name) else {
+        missing.b.push(t.name.clone());
+        return keep_a;
+    };
+    let c = match ctx.inputs.c {
+        Some(ck) => match ck.get(&t.name) {
+            Some(ct) => Some((ck, ct)),
+            None => {
+                missing.c.push(t.name.clone());
+                return keep_a;
+            }
+        },
+        None => None,
+    };
+    if !b.dtype.is_float() || c.is_some_and(|(_, ct)| !ct.dtype.is_float()) {
+        return keep_a;
+    }
+    let fit = |o: &TensorInfo, which, ck| {
+        shape_fit(&t.name, &t.shape, &o.shape, which, ck).map_err(|e| e.to_string())
+    };
+    let ch_b = fit(b, "B", ctx.inputs.b)?;
+    let ch_c = c.map(|(ck, ct)| fit(ct, "C", ck)).transpose()?.flatten();
+    if ch_b.is_some() && ch_c.is_some() && ch_b != ch_c {
+        return Err(format!(
+            "`{}`: models B and C have different channel counts",
+            t.name
+        ));
+    }
+    let channels = ch_b.or(ch_c);
+    if channels.is_some() && calc.kind() == Kind::Whole {
+        return Err(format!(
+            "`{}`: calcmode {} cannot merge models with different input channels; use normal",
+            t.name,
+            calc.label()
+        ));
+    }
+    let alpha = select::elemental_alpha(ctx.elemental, ctx.block_names, class, &t.name)
+        .unwrap_or_else(|| ctx.alpha.value(ctx.family, class));
+    let beta = ctx.beta.map(|r| r.value(ctx.family, class)).unwrap_or(0.0);
+    if calc == CalcMode::Extract && !(0.0..=1.0).contains(&alpha) {
+        return Err(format!(
+            "`{}`: extract needs 0 <= alpha <= 1, got {alpha}",
+            t.name
+        ));
+    }
+    let adjust = spec
+        .adjust
+        .as_ref()
+        .and_then(|v| select::adjust_op(v, ctx.family, &t.name));
+    Ok(if calc == CalcMode::Normal {
+        blend_op(spec.mode, alpha, beta, channels, adjust)
+    } else {
+        Op::Blend {
+            alpha,
+            beta,
+            channels,
+            adjust,
+        }
     })
 }
 
