@@ -104,6 +104,15 @@ fn encode_half<T: bytemuck::Pod + Default>(
 
 /// Converts a float tensor between storage types, in parallel; borrows when `from == to`.
 /// Integer and other non-float types are refused: they are never converted.
+///
+/// ```
+/// use mergesmith::{convert::convert, dtype::DType};
+///
+/// // 1 + 2^-11 is halfway between two f16 values: it rounds to the even one, 1.0.
+/// let x = (1.0f32 + 2f32.powi(-11)).to_le_bytes();
+/// assert_eq!(&*convert(&x, DType::F32, DType::F16).unwrap(), &0x3C00u16.to_le_bytes());
+/// assert!(convert(&[0u8; 8], DType::I64, DType::F16).is_err());
+/// ```
 pub fn convert(bytes: &[u8], from: DType, to: DType) -> Result<Cow<'_, [u8]>> {
     if from == to {
         return Ok(Cow::Borrowed(bytes));

@@ -99,6 +99,16 @@ pub enum Ratio {
 
 impl Ratio {
     /// Parses `0.3`, `v1,v2,...` or a preset name.
+    ///
+    /// ```
+    /// use mergesmith::merge::{Presets, Ratio};
+    ///
+    /// let presets = Presets::default();
+    /// assert_eq!(Ratio::parse("0.3", &presets).unwrap(), Ratio::Scalar(0.3));
+    /// let Ratio::Blocks(v) = Ratio::parse("GRAD_V", &presets).unwrap() else { panic!() };
+    /// assert_eq!((v.len(), v[1], v[13]), (26, 1.0, 0.0)); // IN00 = 1, M00 = 0
+    /// assert!(Ratio::parse("GRAD_X", &presets).is_err());
+    /// ```
     pub fn parse(text: &str, presets: &Presets) -> Result<Ratio> {
         let t = text.trim();
         if let Ok(v) = t.parse::<f64>() {
