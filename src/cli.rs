@@ -113,6 +113,10 @@ pub struct MergeArgs {
     /// Cache directory for the input-hash memo.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Where the arithmetic runs: cpu (mergesmith's kernels), cuda or cuda:N (a build with
+    /// the `cuda` feature). Element-wise formulas run there; the rest stays on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: crate::device::ComputeDevice,
 }
 
 /// Where a command writes its file and how it reports.
@@ -406,8 +410,11 @@ fn merge(a: MergeArgs) -> Result<()> {
         &spec,
         &a.out.output,
         &memo,
-        a.out.overwrite,
-        !a.out.json,
+        &crate::merge::RunOptions {
+            overwrite: a.out.overwrite,
+            progress: !a.out.json,
+            device: a.device,
+        },
     )?;
     if a.out.json {
         return print_json(&serde_json::json!({ "report": report, "plan": {

@@ -16,6 +16,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod hashing;

@@ -9,7 +9,7 @@ use mergesmith::arch::Family;
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::FloatType;
 use mergesmith::hashing::HashMemo;
-use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio};
+use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
 
 fn models() -> Models {
     related_models(Family::Sd1, FloatType::Fp32, 21, 0.4, 0)
@@ -33,8 +33,7 @@ fn run(m: &Models, s: &MergeSpec, out: &str) -> mergesmith::Result<PathBuf> {
         s,
         &out,
         &HashMemo::new(m.dir.path()),
-        false,
-        false,
+        &RunOptions::default(),
     )?;
     Ok(out)
 }

@@ -10,7 +10,7 @@ use mergesmith::arch::{self, Family, Variant};
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::{DType, FloatType};
 use mergesmith::hashing::HashMemo;
-use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Presets, Ratio};
+use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Presets, Ratio, RunOptions};
 
 fn models(family: Family) -> Models {
     related_models(family, mergesmith::dtype::FloatType::Fp16, 1, 0.5, 2)
@@ -28,8 +28,7 @@ fn run(m: &Models, spec: &MergeSpec, c: bool, out: &str) -> PathBuf {
         spec,
         &out,
         &HashMemo::new(&m.dir.path().join("cache")),
-        false,
-        false,
+        &RunOptions::default(),
     )
     .unwrap();
     out
@@ -46,7 +45,13 @@ fn merge_ab(
     mergesmith::merge::Plan,
     mergesmith::merge::engine::MergeReport,
 )> {
-    merge_files(&MergeFiles { a, b, c: None }, spec, out, memo, false, false)
+    merge_files(
+        &MergeFiles { a, b, c: None },
+        spec,
+        out,
+        memo,
+        &RunOptions::default(),
+    )
 }
 
 /// The `sd_merge_recipe` metadata of a merged file.
@@ -193,8 +198,7 @@ fn golden_exact_cases() {
         &spec,
         &out,
         &HashMemo::new(m.dir.path()),
-        false,
-        false,
+        &RunOptions::default(),
     )
     .unwrap();
     // Equal values (IEEE: -0 + 0 = +0, so a negative zero of A may come back as +0).
@@ -451,8 +455,7 @@ fn inpainting_a_merges_its_first_four_channels() {
         &spec,
         &dir.path().join("x.safetensors"),
         &memo,
-        false,
-        false,
+        &RunOptions::default(),
     )
     .unwrap_err()
     .to_string();

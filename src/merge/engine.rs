@@ -15,12 +15,14 @@ use rayon::prelude::*;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::convert;
+use crate::device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::merge::calc::{self, cosine, CalcMode, ChunkCtx, Kind, WholeParams};
+use crate::merge::candle_ops;
 use crate::merge::plan::Inputs;
 use crate::merge::select::{apply_adjust, AdjustOp};
-use crate::merge::{KeyPlan, MergeSpec, Mode, Op, Plan, Source};
+use crate::merge::{KeyPlan, MergeSpec, Mode, Op, Plan, RunOptions, Source};
 
 /// Elements per work unit.
 pub const CHUNK: usize = 1 << 18;
@@ -105,6 +107,8 @@ struct Ctx {
     gamma: f64,
     seed: u64,
     cosine: Option<cosine::Range>,
+    /// A candle device for element-wise formulas (`None`: mergesmith's CPU kernels).
+    device: Option<candle_core::Device>,
 }
 
 /// Writes the merged model described by `plan` to `out`.
@@ -114,8 +118,7 @@ pub fn execute(
     spec: &MergeSpec,
     out: &Path,
     metadata: &BTreeMap<String, String>,
-    overwrite: bool,
-    progress: bool,
+    run: &RunOptions,
 ) -> Result<MergeReport> {
     let cosine = match spec.calcmode {
         CalcMode::CosineA | CalcMode::CosineB => {
@@ -129,6 +132,7 @@ pub fn execute(
         gamma: spec.gamma,
         seed: spec.seed,
         cosine,
+        device: run.device.candle()?,
     };
     let specs: Vec<TensorSpec> = plan
         .keys
@@ -139,13 +143,13 @@ pub fn execute(
             shape: k.shape.clone(),
         })
         .collect();
-    let writer = SafetensorsWriter::create(out, specs, metadata, overwrite)?;
+    let writer = SafetensorsWriter::create(out, specs, metadata, run.overwrite)?;
     let total: u64 = plan
         .keys
         .iter()
         .map(|k| k.dtype.byte_len(numel(k)).unwrap_or(0) as u64)
         .sum();
-    let bar = crate::progress::bytes(total, "merge", progress);
+    let bar = crate::progress::bytes(total, "merge", run.progress);
     for ck in [Some(inputs.a), Some(inputs.b), inputs.c, inputs.vae]
         .into_iter()
         .flatten()
@@ -268,6 +272,22 @@ fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result
                 chunk,
                 seed: ctx.seed,
             };
+            let on_device = ctx.device.as_ref().filter(|_| {
+                channels.is_none()
+                    && adjust.is_none()
+                    && ctx.calc.kind() == Kind::Elementwise
+                    && ctx.calc != CalcMode::PlusRandom
+            });
+            if let Some(dev) = on_device {
+                let up = |o: &Operand| device::upload_f32(&o.data, o.dtype, dev);
+                let (ta, tb) = (up(&a)?, up(&b)?);
+                let tc = c.as_ref().map(up).transpose()?;
+                let r =
+                    candle_ops::blend(ctx.calc, ctx.mode, alpha32, beta32, &ta, &tb, tc.as_ref())
+                        .map_err(device::candle_err)?;
+                w.write(&k.name, &device::download(&r, k.dtype)?)?;
+                return Ok(out_len);
+            }
             match (channels, ctx.calc.kind()) {
                 (None, Kind::Elementwise) => chunks(n).into_par_iter().try_for_each_init(
                     Scratch::default,

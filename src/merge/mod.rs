@@ -7,6 +7,7 @@
 //! tensors in parallel chunks and streams them into the output file.
 
 pub mod calc;
+pub mod candle_ops;
 pub mod engine;
 pub mod kernels;
 pub mod metadata;
@@ -148,6 +149,17 @@ pub struct FilterSpec {
     pub elements: String,
 }
 
+/// How a merge runs (nothing here changes which tensors it computes).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace the output file if it exists.
+    pub overwrite: bool,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+    /// Where the arithmetic runs.
+    pub device: crate::device::ComputeDevice,
+}
+
 /// Input files of a merge.
 #[derive(Debug, Clone)]
 pub struct MergeFiles<'a> {
@@ -166,8 +178,7 @@ pub fn merge_files(
     spec: &MergeSpec,
     out: &Path,
     memo: &HashMemo,
-    overwrite: bool,
-    progress: bool,
+    run: &RunOptions,
 ) -> Result<(Plan, engine::MergeReport)> {
     let a = Checkpoint::open(files.a)?;
     let b = Checkpoint::open(files.b)?;
@@ -196,6 +207,6 @@ pub fn merge_files(
             .zip(hv.as_ref())
             .map(|(p, h)| record(p, h)),
     );
-    let report = engine::execute(&plan, &inputs, spec, out, &md, overwrite, progress)?;
+    let report = engine::execute(&plan, &inputs, spec, out, &md, run)?;
     Ok((plan, report))
 }
