@@ -266,3 +266,89 @@ fn errors_name_the_file_and_set_exit_codes() {
     let out = ms(&["synth", "--arch", "sd9", "-o", "x"], d);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn merge_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("out.safetensors"),
+    );
+    ok(ms(&["synth", "--seed", "1", "-o", a.to_str().unwrap()], d));
+    ok(ms(
+        &[
+            "synth",
+            "--base",
+            a.to_str().unwrap(),
+            "--seed",
+            "2",
+            "-o",
+            b.to_str().unwrap(),
+        ],
+        d,
+    ));
+    let (a, b, o) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let r = json(ms(
+        &[
+            "merge",
+            "-a",
+            a,
+            "-b",
+            b,
+            "--mbw",
+            "GRAD_V",
+            "--elemental",
+            "OUT06:attn:0.9",
+            "-o",
+            o,
+            "--json",
+        ],
+        d,
+    ));
+    assert_eq!(r["plan"]["architecture"]["family"], "sd1");
+    assert!(r["report"]["blended"].as_u64().unwrap() > 500);
+    let meta = json(ms(&["inspect", o, "--json", "--no-hash"], d));
+    assert_eq!(meta["metadata"]["sd_merge_recipe"]["mbw"], true);
+
+    // Refusals: an existing output (1), a calcmode for another mode (2), blocks without a filter (2).
+    let out1 = ms(&["merge", "-a", a, "-b", b, "-o", o], d);
+    assert_eq!(out1.status.code(), Some(1));
+    let out2 = ms(
+        &[
+            "merge",
+            "-a",
+            a,
+            "-b",
+            b,
+            "--calcmode",
+            "trainDifference",
+            "-o",
+            "x.safetensors",
+        ],
+        d,
+    );
+    assert_eq!(out2.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out2.stderr).contains("Add difference"));
+    let out3 = ms(
+        &[
+            "merge",
+            "-a",
+            a,
+            "-b",
+            b,
+            "--blocks",
+            "IN01",
+            "-o",
+            "x.safetensors",
+        ],
+        d,
+    );
+    assert_eq!(out3.status.code(), Some(2));
+    assert!(!d.join("x.safetensors").exists());
+}

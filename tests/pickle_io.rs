@@ -155,3 +155,86 @@ fn rejects_garbage_and_views_outside_storage() {
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
     assert!(msg.contains("legacy"), "{msg}");
 }
+
+/// Re-saves a safetensors file as a torch zip checkpoint (`{"state_dict": ...}`).
+fn to_ckpt(src: &std::path::Path, dst: &std::path::Path) {
+    let ck = Checkpoint::open(src).unwrap();
+    let tensors: Vec<TorchTensor> = ck
+        .tensors()
+        .iter()
+        .map(|t| {
+            let (class, es) = match t.dtype {
+                DType::F16 => ("HalfStorage", 2),
+                DType::F32 => ("FloatStorage", 4),
+                DType::I64 => ("LongStorage", 8),
+                other => panic!("{other}"),
+            };
+            let mut stride = vec![1usize; t.shape.len()];
+            for d in (0..t.shape.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * t.shape[d + 1];
+            }
+            TorchTensor {
+                name: t.name.clone(),
+                storage_class: class,
+                storage: ck.view(&t.name).unwrap().data.into_owned(),
+                elem_size: es,
+                offset: 0,
+                size: t.shape.clone(),
+                stride,
+                parameter: false,
+            }
+        })
+        .collect();
+    torch_zip(dst, &tensors, true, None);
+}
+
+#[test]
+fn a_ckpt_merges_like_its_safetensors_twin() {
+    use mergesmith::arch::Family;
+    use mergesmith::hashing::HashMemo;
+    use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
+    let m = related_models(Family::Sd1, mergesmith::dtype::FloatType::Fp16, 51, 0.3, 2);
+    let ckpt = m.dir.path().join("a.ckpt");
+    to_ckpt(&m.a, &ckpt);
+    let a = Checkpoint::open(&ckpt).unwrap();
+    assert_eq!(mergesmith::arch::detect(a.tensors()).family, Family::Sd1);
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.4), None);
+    let memo = HashMemo::new(m.dir.path());
+    let outs: Vec<_> = [&ckpt, &m.a]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let out = m.dir.path().join(format!("out{i}.safetensors"));
+            merge_files(
+                &MergeFiles {
+                    a,
+                    b: &m.b,
+                    c: None,
+                },
+                &spec,
+                &out,
+                &memo,
+                &RunOptions::default(),
+            )
+            .unwrap();
+            Checkpoint::open(out).unwrap()
+        })
+        .collect();
+    let layout = |c: &Checkpoint| -> Vec<(String, DType, Vec<usize>)> {
+        c.tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+            .collect()
+    };
+    assert!(
+        layout(&outs[0]) == layout(&outs[1]),
+        "same tensors, dtypes and shapes"
+    );
+    for t in outs[0].tensors() {
+        assert!(
+            outs[0].view(&t.name).unwrap().data == outs[1].view(&t.name).unwrap().data,
+            "{}",
+            t.name
+        );
+    }
+}
