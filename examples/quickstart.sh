@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Quick start: make two related tiny SD1.x checkpoints (real key layout, synthetic weights),
-# merge them with SuperMerger's GRAD_V per-block weights, and inspect the result.
+# Quick start: make three related tiny SD1.x checkpoints (real key layout, synthetic weights),
+# build recipes/example.yaml (two merges and a save), then build it again: nothing changed,
+# so every node is a cache hit. Finally inspect the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=target/release/mergesmith
-mkdir -p out
-$bin synth --arch sd1 --seed 1 -o out/base.safetensors --overwrite
-$bin synth --base out/base.safetensors --seed 2 --strength 0.2 -o out/tuned.safetensors --overwrite
-$bin merge --mode weight_sum -a out/base.safetensors -b out/tuned.safetensors --mbw GRAD_V \
-    -o out/merged.safetensors --overwrite --cache out/cache
-$bin inspect out/merged.safetensors --cache out/cache
+m=recipes/models
+mkdir -p "$m"
+$bin synth --arch sd1 --seed 1 -o "$m/base.safetensors" --overwrite
+$bin synth --base "$m/base.safetensors" --seed 2 --strength 0.2 -o "$m/tuned.safetensors" --overwrite
+$bin synth --base "$m/base.safetensors" --seed 3 --strength 0.2 -o "$m/other.safetensors" --overwrite
+$bin build recipes/example.yaml
+$bin build recipes/example.yaml
+$bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'

@@ -33,6 +33,32 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Merge two or three checkpoints (one-shot, without a recipe).
     Merge(Box<MergeArgs>),
+    /// Build a recipe's nodes (only what changed since the last build).
+    Build(BuildArgs),
+    /// Show what `build` would do for each node, and why.
+    Plan(BuildArgs),
+    /// Print the JSON Schema of recipe files.
+    Schema,
+}
+
+/// Arguments of `build` and `plan`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The recipe file.
+    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Nodes to build (with what they need); all nodes when none are given.
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
+    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Where merge arithmetic runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: crate::device::ComputeDevice,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `merge`.
@@ -243,6 +269,10 @@ pub fn main() -> ExitCode {
     }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Recipe(errs)) => {
+            eprint!("{}", errs.render());
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
@@ -259,6 +289,12 @@ pub fn run(command: Command) -> Result<()> {
         Command::Synth(a) => synth(a),
         Command::Inspect(a) => inspect(a),
         Command::Merge(a) => merge(*a),
+        Command::Build(a) => build(a, false),
+        Command::Plan(a) => build(a, true),
+        Command::Schema => {
+            print!("{}", crate::recipe::schema_json());
+            Ok(())
+        }
     }
 }
 
@@ -445,6 +481,66 @@ fn merge(a: MergeArgs) -> Result<()> {
         report.tensors,
         report.blended,
         crate::inspect::human_bytes(report.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
+    use crate::build::{Cache, Status};
+    let recipe = crate::recipe::load(&a.recipe).map_err(|e| Error::Recipe(Box::new(e)))?;
+    let cache = Cache::new(
+        &a.cache
+            .clone()
+            .unwrap_or_else(|| Cache::default_for(&a.recipe)),
+    );
+    if plan_only {
+        let plan = crate::build::plan(&recipe, &cache, &a.targets)?;
+        if a.json {
+            return print_json(&plan);
+        }
+        for p in &plan {
+            match &p.status {
+                Status::Hit => println!("HIT   {}  ({})", p.name, &p.key[..12]),
+                Status::Miss(why) => {
+                    println!("MISS  {}  ({}): {}", p.name, &p.key[..12], why.join("; "))
+                }
+            }
+        }
+        return Ok(());
+    }
+    let run = crate::merge::RunOptions {
+        overwrite: true,
+        progress: !a.json,
+        device: a.device,
+    };
+    let started = std::time::Instant::now();
+    let reports = crate::build::build(&recipe, &cache, &a.targets, &run)?;
+    if a.json {
+        return print_json(&reports);
+    }
+    let built = reports
+        .iter()
+        .filter(|r| matches!(r.plan.status, Status::Miss(_)))
+        .count();
+    for r in &reports {
+        match &r.plan.status {
+            Status::Hit => println!("cached  {}", r.plan.name),
+            Status::Miss(_) => println!(
+                "built   {}  {:.1} s{}",
+                r.plan.name,
+                r.seconds,
+                r.output
+                    .as_ref()
+                    .map(|o| format!("  -> {}", o.display()))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    println!(
+        "{} nodes, {built} built, {} cached, in {:.1} s",
+        reports.len(),
+        reports.len() - built,
         started.elapsed().as_secs_f64()
     );
     Ok(())

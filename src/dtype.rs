@@ -164,7 +164,18 @@ impl FromStr for DType {
 }
 
 /// Output precision a user can ask for when writing a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FloatType {
     /// IEEE half precision (the usual distribution format).

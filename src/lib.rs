@@ -13,6 +13,7 @@
 //! - [`inspect`]: the `inspect` report.
 
 pub mod arch;
+pub mod build;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;
@@ -24,6 +25,7 @@ pub mod inspect;
 pub mod merge;
 pub mod noise;
 pub mod progress;
+pub mod recipe;
 pub mod synth;
 
 pub use error::{Error, Result};

@@ -292,6 +292,7 @@ fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let file_name = dest
         .file_name()
         .and_then(|n| n.to_str())
@@ -371,6 +372,21 @@ mod tests {
             r#"{"__metadata__":{"a":"\"q\"","z":"1"},"a":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"b":{"dtype":"F16","shape":[3],"data_offsets":[12,18]},"c":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#
         );
         assert_eq!(ranges, vec![(12, 18), (8, 12), (0, 8)]);
+    }
+
+    #[test]
+    fn creates_missing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a/b/out.safetensors");
+        let spec = TensorSpec {
+            name: "x".into(),
+            dtype: DType::U8,
+            shape: vec![1],
+        };
+        let w = SafetensorsWriter::create(&dest, vec![spec], &BTreeMap::new(), false).unwrap();
+        w.write("x", &[1]).unwrap();
+        assert_eq!(w.finish().unwrap().0, dest);
+        assert!(dest.exists());
     }
 
     #[test]

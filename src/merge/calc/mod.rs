@@ -25,6 +25,7 @@ use crate::merge::Mode;
     serde::Serialize,
     serde::Deserialize,
     clap::ValueEnum,
+    schemars::JsonSchema,
 )]
 pub enum CalcMode {
     /// The mode's formula in f32, rounded once (all modes).

@@ -1,0 +1,383 @@
+//! Building a recipe: content keys, the node cache, and incremental execution.
+//!
+//! Every node gets a key: blake3 over a canonical JSON "preimage" of what determines its
+//! result (operation, normalized parameters, the keys of its inputs, the algorithm version).
+//! A model's key is the blake3 of its file contents (memoized on path, size, mtime, inode),
+//! so renaming a file changes nothing and editing its bytes changes exactly its dependents.
+//! A merge node's result is stored once in the cache as a safetensors object named by its
+//! key; a save node copies that object to its destination. The last build's keys and
+//! preimages are kept per recipe, so `plan` can say why a node must be rebuilt.
+//!
+//! Cache layout (version 1), under `--cache` (default `cache/` beside the recipe):
+//! `v1/objects/ab/<key>.safetensors`, `v1/nodes/<key>.json` (preimages),
+//! `v1/state/<recipe>.json` (last build), `v1/file-hashes/` (hash memo).
+
+pub mod diff;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::checkpoint::writer::write_file_atomic;
+use crate::error::{Error, Result};
+use crate::hashing::HashMemo;
+use crate::merge::{merge_files, MergeFiles, RunOptions};
+use crate::recipe::{Input, Node, Recipe};
+
+/// Bumped whenever a change to the merge code changes results for the same inputs.
+pub const ALGORITHM_VERSION: u32 = 1;
+
+/// A content-addressed node cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// The cache rooted at `dir` (created on first write).
+    pub fn new(dir: &Path) -> Self {
+        Cache {
+            root: dir.join("v1"),
+        }
+    }
+
+    /// The cache directory for a recipe: `$MERGESMITH_CACHE`, else `cache/` beside it.
+    pub fn default_for(recipe: &Path) -> PathBuf {
+        match std::env::var_os("MERGESMITH_CACHE").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => recipe.parent().unwrap_or(Path::new(".")).join("cache"),
+        }
+    }
+
+    /// The hash memo kept in this cache.
+    pub fn memo(&self) -> HashMemo {
+        HashMemo::new(self.root.parent().unwrap_or(&self.root))
+    }
+
+    /// Where the object of a node key lives.
+    pub fn object(&self, key: &str) -> PathBuf {
+        self.root
+            .join("objects")
+            .join(&key[..2])
+            .join(format!("{key}.safetensors"))
+    }
+
+    fn preimage_path(&self, key: &str) -> PathBuf {
+        self.root.join("nodes").join(format!("{key}.json"))
+    }
+
+    /// The preimage recorded for a key, if any.
+    pub fn preimage(&self, key: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(self.preimage_path(key)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn state_path(&self, recipe: &Path) -> PathBuf {
+        let canon = std::fs::canonicalize(recipe).unwrap_or_else(|_| recipe.to_path_buf());
+        let id = blake3::hash(canon.to_string_lossy().as_bytes()).to_hex();
+        self.root.join("state").join(format!("{}.json", &id[..32]))
+    }
+
+    fn load_state(&self, recipe: &Path) -> State {
+        std::fs::read_to_string(self.state_path(recipe))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_state(&self, recipe: &Path, state: &State) -> Result<()> {
+        let path = self.state_path(recipe);
+        std::fs::create_dir_all(path.parent().expect("state dir"))
+            .map_err(|e| Error::io(&path, e))?;
+        let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file_atomic(&path, &text, true)
+    }
+}
+
+/// What the last build of a recipe produced.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct State {
+    /// Node name -> key.
+    nodes: BTreeMap<String, String>,
+    /// Output file -> blake3 of what mergesmith wrote there.
+    outputs: BTreeMap<PathBuf, String>,
+}
+
+/// Whether a node must run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "why")]
+pub enum Status {
+    /// The result is in the cache (or the output file is up to date).
+    Hit,
+    /// It must be (re)built, and why.
+    Miss(Vec<String>),
+}
+
+/// One node of a plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodePlan {
+    /// Node name.
+    pub name: String,
+    /// Its key.
+    pub key: String,
+    /// Hit or miss.
+    #[serde(flatten)]
+    pub status: Status,
+    /// What the key was computed from.
+    #[serde(skip)]
+    pub preimage: Value,
+}
+
+/// Keys and statuses of the nodes needed for `targets` (all nodes when empty).
+pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<NodePlan>> {
+    let keys = keys(recipe, cache)?;
+    let state = cache.load_state(&recipe.path);
+    let needed = needed(recipe, targets)?;
+    let mut out = Vec::new();
+    for name in recipe.order.iter().filter(|n| needed.contains(*n)) {
+        let (key, preimage) = &keys[name];
+        let hit = match &recipe.nodes[name] {
+            Node::Merge { .. } => cache.object(key).exists(),
+            Node::Save { to, .. } => {
+                output_current(cache, &state, to, &keys[save_source(recipe, name)].0)
+            }
+        };
+        let status = if hit {
+            Status::Hit
+        } else {
+            let reasons = match state.nodes.get(name).and_then(|old| cache.preimage(old)) {
+                Some(old) if state.nodes[name] != *key => diff::reasons(&old, preimage),
+                Some(_) => vec!["its result is not in the cache".to_string()],
+                None => vec!["never built".to_string()],
+            };
+            Status::Miss(reasons)
+        };
+        out.push(NodePlan {
+            name: name.clone(),
+            key: key.clone(),
+            status,
+            preimage: preimage.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn save_source<'a>(recipe: &'a Recipe, name: &'a str) -> &'a str {
+    match &recipe.nodes[name] {
+        Node::Save { from, .. } => from,
+        Node::Merge { .. } => name,
+    }
+}
+
+/// Whether the file at `to` is exactly what the node object `key` holds, as written by us.
+fn output_current(cache: &Cache, state: &State, to: &Path, key: &str) -> bool {
+    let object = cache.object(key);
+    let (Ok(memo_obj), Ok(memo_out)) = (cache.memo().hashes(&object), cache.memo().hashes(to))
+    else {
+        return false;
+    };
+    memo_obj.0.blake3 == memo_out.0.blake3
+        && state
+            .outputs
+            .get(to)
+            .is_some_and(|h| *h == memo_out.0.blake3)
+}
+
+/// The nodes needed for `targets` (every node when empty), or an error for an unknown target.
+fn needed(recipe: &Recipe, targets: &[String]) -> Result<BTreeSet<String>> {
+    if targets.is_empty() {
+        return Ok(recipe.nodes.keys().cloned().collect());
+    }
+    let mut set = BTreeSet::new();
+    let mut stack: Vec<String> = Vec::new();
+    for t in targets {
+        if !recipe.nodes.contains_key(t) {
+            let near = crate::merge::weights::nearest(t, recipe.nodes.keys().map(|s| s.as_str()));
+            return Err(Error::Invalid(format!(
+                "no node `{t}` in {}{}",
+                recipe.path.display(),
+                near.map(|n| format!(" (did you mean `{n}`?)"))
+                    .unwrap_or_default()
+            )));
+        }
+        stack.push(t.clone());
+    }
+    while let Some(n) = stack.pop() {
+        if set.insert(n.clone()) {
+            stack.extend(recipe.nodes[&n].node_inputs().into_iter().map(String::from));
+        }
+    }
+    Ok(set)
+}
+
+/// Every node's key and preimage, in dependency order.
+fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Value)>> {
+    let memo = cache.memo();
+    let mut model_keys: BTreeMap<&str, String> = BTreeMap::new();
+    for (name, (path, sha)) in &recipe.models {
+        let (h, _) = memo
+            .hashes(path)
+            .map_err(|e| Error::Invalid(format!("model `{name}`: {e}")))?;
+        if let Some(expected) = sha {
+            if !h.sha256.eq_ignore_ascii_case(expected) {
+                return Err(Error::Invalid(format!(
+                    "model `{name}` ({}): SHA-256 is {}, the recipe expects {expected}",
+                    path.display(),
+                    h.sha256
+                )));
+            }
+        }
+        model_keys.insert(name, h.blake3);
+    }
+    let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();
+    for name in &recipe.order {
+        let input_key = |i: &Input| match i {
+            Input::Model(m) => json!({ "model": m, "content": model_keys[m.as_str()] }),
+            Input::Node(n) => json!({ "node": n, "key": out[n].0 }),
+        };
+        let preimage = match &recipe.nodes[name] {
+            Node::Merge { inputs, spec, vae } => json!({
+                "op": "merge",
+                "algorithm": ALGORITHM_VERSION,
+                "merge": spec,
+                "inputs": inputs.iter().map(input_key).collect::<Vec<_>>(),
+                "vae": vae.as_ref().map(|v| input_key(&Input::Model(v.clone()))),
+            }),
+            Node::Save { from, .. } => {
+                json!({ "op": "save", "from": { "node": from, "key": out[from].0 } })
+            }
+        };
+        let text = serde_json::to_string(&preimage).map_err(|e| Error::Invalid(e.to_string()))?;
+        out.insert(
+            name.clone(),
+            (blake3::hash(text.as_bytes()).to_hex().to_string(), preimage),
+        );
+    }
+    Ok(out)
+}
+
+/// What a build did for one node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeReport {
+    /// The node's plan entry.
+    #[serde(flatten)]
+    pub plan: NodePlan,
+    /// Seconds spent building it (0 for hits).
+    pub seconds: f64,
+    /// The file it wrote, for save nodes and built merges.
+    pub output: Option<PathBuf>,
+}
+
+/// Builds the nodes needed for `targets` (all when empty): misses run, hits are skipped.
+pub fn build(
+    recipe: &Recipe,
+    cache: &Cache,
+    targets: &[String],
+    run: &RunOptions,
+) -> Result<Vec<NodeReport>> {
+    let plans = plan(recipe, cache, targets)?;
+    let keys: BTreeMap<String, String> = plans
+        .iter()
+        .map(|p| (p.name.clone(), p.key.clone()))
+        .collect();
+    let mut state = cache.load_state(&recipe.path);
+    let memo = cache.memo();
+    let mut reports = Vec::new();
+    for p in plans {
+        let started = std::time::Instant::now();
+        let mut output = None;
+        if let Status::Miss(_) = p.status {
+            match &recipe.nodes[&p.name] {
+                Node::Merge { inputs, spec, vae } => {
+                    let file = |i: &Input| match i {
+                        Input::Model(m) => recipe.models[m].0.clone(),
+                        Input::Node(n) => cache.object(&keys[n]),
+                    };
+                    let paths: Vec<PathBuf> = inputs.iter().map(file).collect();
+                    let files = MergeFiles {
+                        a: &paths[0],
+                        b: &paths[1],
+                        c: paths.get(2).map(|p| p.as_path()),
+                    };
+                    let mut spec = (**spec).clone();
+                    spec.bake_vae = vae.as_ref().map(|v| recipe.models[v].0.clone());
+                    let object = cache.object(&p.key);
+                    let opts = RunOptions {
+                        overwrite: true,
+                        ..run.clone()
+                    };
+                    merge_files(&files, &spec, &object, &memo, &opts)
+                        .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
+                    output = Some(object);
+                }
+                Node::Save {
+                    from,
+                    to,
+                    overwrite,
+                } => {
+                    let object = cache.object(&keys[from]);
+                    save(&memo, &mut state, &object, to, *overwrite)
+                        .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
+                    output = Some(to.clone());
+                }
+            }
+            let path = cache.preimage_path(&p.key);
+            let dir = path.parent().expect("nodes dir");
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let text = serde_json::to_vec_pretty(&p.preimage)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            write_file_atomic(&path, &text, true)?;
+        }
+        state.nodes.insert(p.name.clone(), p.key.clone());
+        cache.save_state(&recipe.path, &state)?;
+        reports.push(NodeReport {
+            seconds: started.elapsed().as_secs_f64(),
+            plan: p,
+            output,
+        });
+    }
+    Ok(reports)
+}
+
+/// Copies a node object to its destination (temp file, fsync, rename), refusing to replace a
+/// file mergesmith did not write unless `overwrite`.
+fn save(
+    memo: &HashMemo,
+    state: &mut State,
+    object: &Path,
+    to: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    if to.exists() && !overwrite {
+        // Replacing is safe when we wrote the file, or when it already holds these bytes.
+        let current = memo.hashes(to)?.0.blake3;
+        let ours =
+            state.outputs.get(to) == Some(&current) || memo.hashes(object)?.0.blake3 == current;
+        if !ours {
+            return Err(Error::Invalid(format!(
+                "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
+                to.display()
+            )));
+        }
+    }
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".mergesmith-save.")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    // fs::copy uses copy_file_range, which reflinks on filesystems that support it.
+    std::fs::copy(object, tmp.path()).map_err(|e| Error::io(object, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(to).map_err(|e| Error::io(to, e.error))?;
+    let written = memo.hashes(to)?.0.blake3;
+    state.outputs.insert(to.to_path_buf(), written);
+    Ok(())
+}

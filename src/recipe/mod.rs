@@ -1,0 +1,597 @@
+//! Recipe files (YAML, format version 1): models, merge and save nodes.
+//!
+//! The serde types below are the single source of truth: they parse recipes (with
+//! serde-saphyr, which keeps line/column spans) and generate the JSON Schema in
+//! `schema/recipe.v1.json` for editors. [`load`] parses a file, checks every reference and
+//! option, and returns either a [`Recipe`] or all the errors found, each pointing at its
+//! place in the file.
+
+pub mod diagnostics;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::dtype::FloatType;
+use crate::merge::select::FilterMode;
+use crate::merge::{CalcMode, FilterSpec, MergeSpec, Mode, Presets, Ratio};
+pub use diagnostics::{RecipeError, RecipeErrors};
+
+/// The newest recipe format version.
+pub const VERSION: u32 = 1;
+
+/// A recipe file as written.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(
+    title = "mergesmith recipe",
+    description = "Stable Diffusion merges as a reproducible build"
+)]
+pub struct RecipeFile {
+    /// Format version: 1.
+    #[schemars(with = "u32")]
+    pub version: Spanned<u32>,
+    /// Input checkpoints by name.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ModelDecl>")]
+    pub models: BTreeMap<String, Spanned<ModelDecl>>,
+    /// Named build steps.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, NodeDecl>")]
+    pub nodes: BTreeMap<String, Spanned<NodeDecl>>,
+    /// Extra MBW preset files (`NAME<TAB>v1,...` per line), relative to the recipe.
+    #[serde(default)]
+    pub presets: Vec<String>,
+}
+
+/// An input checkpoint.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDecl {
+    /// Path of the file, relative to the recipe.
+    pub path: String,
+    /// Expected SHA-256 of the file (checked before building).
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// A ratio: a number, a preset name, a comma-separated string or a list of per-block values.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RatioDecl {
+    /// One value for every block.
+    Number(f64),
+    /// Per-block values (26 for SD1/SD2, 20 or 110 for SDXL).
+    List(Vec<f64>),
+    /// A preset name (`GRAD_V`) or comma-separated values.
+    Text(String),
+}
+
+/// Include / Exclude of blocks and key substrings.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterDecl {
+    /// Block names and ranges (`IN00-IN05`), `VAE`, `Adjust`.
+    #[serde(default)]
+    pub blocks: String,
+    /// Key substrings, comma or space separated.
+    #[serde(default)]
+    pub elements: String,
+}
+
+/// A build step: a merge (`merge: MODE`) or a save (`save: NODE`).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDecl {
+    /// Merge mode: weight_sum, add_difference, triple_sum or sum_twice.
+    #[serde(default)]
+    #[schemars(with = "Option<Mode>")]
+    pub merge: Option<Spanned<Mode>>,
+    /// Model A: a model or node name.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub a: Option<Spanned<String>>,
+    /// Model B.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub b: Option<Spanned<String>>,
+    /// Model C (add_difference, triple_sum, sum_twice).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub c: Option<Spanned<String>>,
+    /// Weight of B.
+    #[serde(default)]
+    #[schemars(with = "Option<RatioDecl>")]
+    pub alpha: Option<Spanned<RatioDecl>>,
+    /// Weight of C (triple_sum, sum_twice; tensor, tensor2, extract).
+    #[serde(default)]
+    #[schemars(with = "Option<RatioDecl>")]
+    pub beta: Option<Spanned<RatioDecl>>,
+    /// SuperMerger calcmode (normal, cosineA, ..., plus random).
+    #[serde(default)]
+    #[schemars(with = "Option<CalcMode>")]
+    pub calcmode: Option<Spanned<CalcMode>>,
+    /// extract's gamma (default 0.3).
+    #[serde(default)]
+    pub gamma: Option<f64>,
+    /// Seed of random calcmodes.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Elemental merge entries `blocks:elements:ratio`.
+    #[serde(default)]
+    pub elemental: Option<String>,
+    /// Read SDXL elemental block names as SuperMerger's old shifted names.
+    #[serde(default)]
+    pub xl_elemental_shift: bool,
+    /// Merge only these blocks / keys.
+    #[serde(default)]
+    pub include: Option<FilterDecl>,
+    /// Never merge these blocks / keys.
+    #[serde(default)]
+    pub exclude: Option<FilterDecl>,
+    /// Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<f64>>")]
+    pub adjust: Option<Spanned<Vec<f64>>>,
+    /// Output type of float tensors.
+    #[serde(default)]
+    pub dtype: Option<FloatType>,
+    /// Keep only UNet, VAE and text-encoder tensors.
+    #[serde(default)]
+    pub prune: bool,
+    /// Rewrite CLIP position_ids as 0..76.
+    #[serde(default)]
+    pub reset_position_ids: bool,
+    /// Replace the VAE with this model's tensors (a model name).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub bake_vae: Option<Spanned<String>>,
+    /// Save: the node whose result is written.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub save: Option<Spanned<String>>,
+    /// Save: destination file, relative to the recipe.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Save: replace a file that mergesmith did not write itself.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// What a node reads: a model file or another node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// A declared model.
+    Model(String),
+    /// Another node.
+    Node(String),
+}
+
+/// A validated node.
+#[derive(Debug, Clone)]
+pub enum Node {
+    /// A merge.
+    Merge {
+        /// Inputs A, B and optionally C.
+        inputs: Vec<Input>,
+        /// The merge, ready for the engine (`bake_vae` unset: see `vae`).
+        spec: Box<MergeSpec>,
+        /// VAE model to bake in.
+        vae: Option<String>,
+    },
+    /// Writing a node's result to a file.
+    Save {
+        /// The node saved.
+        from: String,
+        /// Destination (absolute, resolved against the recipe directory).
+        to: PathBuf,
+        /// Replace a file mergesmith did not write.
+        overwrite: bool,
+    },
+}
+
+impl Node {
+    /// The nodes this node reads.
+    pub fn node_inputs(&self) -> Vec<&str> {
+        match self {
+            Node::Merge { inputs, .. } => inputs
+                .iter()
+                .filter_map(|i| match i {
+                    Input::Node(n) => Some(n.as_str()),
+                    Input::Model(_) => None,
+                })
+                .collect(),
+            Node::Save { from, .. } => vec![from.as_str()],
+        }
+    }
+}
+
+/// A validated recipe.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file.
+    pub path: PathBuf,
+    /// Models by name, paths resolved against the recipe directory.
+    pub models: BTreeMap<String, (PathBuf, Option<String>)>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Nodes in dependency order.
+    pub order: Vec<String>,
+}
+
+/// Reads and validates a recipe file.
+pub fn load(path: &Path) -> Result<Recipe, RecipeErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| RecipeErrors::io(path, &e))?;
+    parse(path, &text)
+}
+
+/// Parses and validates recipe text (`path` names it in errors and anchors relative paths).
+pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
+    let file: RecipeFile =
+        serde_saphyr::from_str(text).map_err(|e| RecipeErrors::yaml(path, text, &e))?;
+    let mut errs = RecipeErrors::new(path, text);
+    if file.version.value != VERSION {
+        errs.push(
+            &file.version.referenced,
+            format!(
+                "unsupported recipe version {}; this mergesmith reads version {VERSION}",
+                file.version.value
+            ),
+            None,
+        );
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut presets = Presets::default();
+    for p in &file.presets {
+        if let Err(e) = presets.add_file(&dir.join(p)) {
+            errs.push_plain(e.to_string());
+        }
+    }
+    let models: BTreeMap<String, (PathBuf, Option<String>)> = file
+        .models
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                (dir.join(&m.value.path), m.value.sha256.clone()),
+            )
+        })
+        .collect();
+    for name in file.models.keys().filter(|n| file.nodes.contains_key(*n)) {
+        errs.push(
+            &file.nodes[name].referenced,
+            format!("`{name}` is both a model and a node"),
+            None,
+        );
+    }
+    let names: Vec<&str> = file
+        .models
+        .keys()
+        .chain(file.nodes.keys())
+        .map(|s| s.as_str())
+        .collect();
+    let resolve = |r: &Spanned<String>, errs: &mut RecipeErrors| -> Option<Input> {
+        if file.models.contains_key(&r.value) {
+            Some(Input::Model(r.value.clone()))
+        } else if file.nodes.contains_key(&r.value) {
+            Some(Input::Node(r.value.clone()))
+        } else {
+            let near = crate::merge::weights::nearest(&r.value, names.iter().copied());
+            errs.push(
+                &r.referenced,
+                format!("`{}` is not a model or node of this recipe", r.value),
+                near.map(|n| format!("did you mean `{n}`?")),
+            );
+            None
+        }
+    };
+    let mut nodes = BTreeMap::new();
+    for (name, decl) in &file.nodes {
+        let d = &decl.value;
+        let node = match (&d.merge, &d.save) {
+            (Some(_), Some(s)) => {
+                errs.push(
+                    &s.referenced,
+                    format!("node `{name}` has both `merge` and `save`; split it in two nodes"),
+                    None,
+                );
+                None
+            }
+            (None, None) => {
+                errs.push(
+                    &decl.referenced,
+                    format!("node `{name}` needs `merge: MODE` or `save: NODE`"),
+                    None,
+                );
+                None
+            }
+            (Some(mode), None) => merge_node(name, d, mode, &presets, &resolve, &mut errs),
+            (None, Some(from)) => {
+                for (field, set) in [
+                    ("a", d.a.is_some()),
+                    ("b", d.b.is_some()),
+                    ("alpha", d.alpha.is_some()),
+                ] {
+                    if set {
+                        errs.push(
+                            &decl.referenced,
+                            format!("save node `{name}` takes no `{field}`"),
+                            None,
+                        );
+                    }
+                }
+                let from_node = match resolve(from, &mut errs) {
+                    Some(Input::Node(n)) => Some(n),
+                    Some(Input::Model(m)) => {
+                        errs.push(
+                            &from.referenced,
+                            format!("`{m}` is a model: `save` takes a node"),
+                            None,
+                        );
+                        None
+                    }
+                    None => None,
+                };
+                match (&d.to, from_node) {
+                    (None, _) => {
+                        errs.push(
+                            &decl.referenced,
+                            format!("save node `{name}` needs `to: PATH`"),
+                            None,
+                        );
+                        None
+                    }
+                    (Some(to), Some(from)) => Some(Node::Save {
+                        from,
+                        to: dir.join(to),
+                        overwrite: d.overwrite,
+                    }),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(n) = node {
+            nodes.insert(name.clone(), n);
+        }
+    }
+    let order = match topo_order(&nodes) {
+        Ok(o) => o,
+        Err(cycle) => {
+            let first = &file.nodes[&cycle[0]];
+            errs.push(
+                &first.referenced,
+                format!("nodes form a cycle: {}", cycle.join(" -> ")),
+                None,
+            );
+            Vec::new()
+        }
+    };
+    errs.finish()?;
+    Ok(Recipe {
+        path: path.to_path_buf(),
+        models,
+        nodes,
+        order,
+    })
+}
+
+type Resolver<'a> = dyn Fn(&Spanned<String>, &mut RecipeErrors) -> Option<Input> + 'a;
+
+fn ratio(r: &Spanned<RatioDecl>, presets: &Presets, errs: &mut RecipeErrors) -> Option<Ratio> {
+    let parsed = match &r.value {
+        RatioDecl::Number(v) => Ok(Ratio::Scalar(*v)),
+        RatioDecl::List(v) => Ok(Ratio::Blocks(v.clone())),
+        RatioDecl::Text(t) => Ratio::parse(t, presets),
+    };
+    match parsed {
+        Ok(Ratio::Scalar(v)) if !(-10.0..=10.0).contains(&v) => {
+            errs.push(
+                &r.referenced,
+                format!("ratio {v} is out of range (-10 to 10)"),
+                None,
+            );
+            None
+        }
+        Ok(ratio) => Some(ratio),
+        Err(e) => {
+            errs.push(&r.referenced, e.to_string(), None);
+            None
+        }
+    }
+}
+
+fn merge_node(
+    name: &str,
+    d: &NodeDecl,
+    mode: &Spanned<Mode>,
+    presets: &Presets,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let mode_v = mode.value;
+    let mut inputs = Vec::new();
+    for (field, r) in [("a", &d.a), ("b", &d.b), ("c", &d.c)] {
+        match r {
+            Some(r) => inputs.extend(resolve(r, errs)),
+            None if field == "c" && !mode_v.uses_c() => {}
+            None => {
+                errs.push(
+                    &mode.referenced,
+                    format!("{} node `{name}` needs `{field}`", mode_v.label()),
+                    None,
+                );
+            }
+        }
+    }
+    if let (Some(c), false) = (&d.c, mode_v.uses_c()) {
+        errs.push(
+            &c.referenced,
+            format!("{} does not use model C", mode_v.label()),
+            None,
+        );
+    }
+    if d.save.is_none() && (d.to.is_some() || d.overwrite) {
+        errs.push(
+            &mode.referenced,
+            format!("merge node `{name}` takes no `to`/`overwrite`; add a save node"),
+            None,
+        );
+    }
+    let alpha = match &d.alpha {
+        Some(a) => ratio(a, presets, errs),
+        None => {
+            errs.push(
+                &mode.referenced,
+                format!("merge node `{name}` needs `alpha`"),
+                None,
+            );
+            None
+        }
+    };
+    let beta = d.beta.as_ref().map(|b| ratio(b, presets, errs));
+    let adjust = match &d.adjust {
+        Some(v) => match <[f64; 8]>::try_from(v.value.as_slice()) {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(&v.referenced, format!("adjust takes 8 values (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3), got {}", v.value.len()), None);
+                None
+            }
+        },
+        None => None,
+    };
+    let filter = match (&d.include, &d.exclude) {
+        (Some(_), Some(_)) => {
+            errs.push(
+                &mode.referenced,
+                format!("node `{name}` has both include and exclude"),
+                None,
+            );
+            None
+        }
+        (Some(f), None) => Some(FilterSpec {
+            mode: FilterMode::Include,
+            blocks: f.blocks.clone(),
+            elements: f.elements.clone(),
+        }),
+        (None, Some(f)) => Some(FilterSpec {
+            mode: FilterMode::Exclude,
+            blocks: f.blocks.clone(),
+            elements: f.elements.clone(),
+        }),
+        (None, None) => None,
+    };
+    let vae = d.bake_vae.as_ref().and_then(|v| match resolve(v, errs) {
+        Some(Input::Model(m)) => Some(m),
+        Some(Input::Node(_)) => {
+            errs.push(
+                &v.referenced,
+                "bake_vae takes a model (a VAE file)".to_string(),
+                None,
+            );
+            None
+        }
+        None => None,
+    });
+    let calcmode = d.calcmode.as_ref().map(|c| c.value).unwrap_or_default();
+    if !calcmode.modes().contains(&mode_v) {
+        let at = d
+            .calcmode
+            .as_ref()
+            .map(|c| &c.referenced)
+            .unwrap_or(&mode.referenced);
+        errs.push(
+            at,
+            format!(
+                "calcmode {} applies to {} only",
+                calcmode.label(),
+                calcmode
+                    .modes()
+                    .iter()
+                    .map(|m| m.label())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            ),
+            None,
+        );
+    }
+    let beta = match beta {
+        Some(Some(b)) => Some(b),
+        Some(None) => return None,
+        None => None,
+    };
+    let spec = MergeSpec {
+        mode: mode_v,
+        alpha: alpha?,
+        beta,
+        calcmode,
+        gamma: d.gamma.unwrap_or(0.3),
+        seed: d.seed.unwrap_or(0),
+        dtype: d.dtype,
+        prune: d.prune,
+        reset_position_ids: d.reset_position_ids,
+        elemental: d.elemental.clone(),
+        xl_elemental_shift: d.xl_elemental_shift,
+        filter,
+        adjust,
+        bake_vae: None,
+    };
+    (inputs.len() == if mode_v.uses_c() { 3 } else { 2 }).then_some(Node::Merge {
+        inputs,
+        spec: Box::new(spec),
+        vae,
+    })
+}
+
+/// Dependency order, or the nodes of a cycle.
+fn topo_order(nodes: &BTreeMap<String, Node>) -> Result<Vec<String>, Vec<String>> {
+    use petgraph::stable_graph::StableDiGraph;
+    let mut g: StableDiGraph<&str, ()> = StableDiGraph::new();
+    let idx: BTreeMap<&str, _> = nodes
+        .keys()
+        .map(|n| (n.as_str(), g.add_node(n.as_str())))
+        .collect();
+    for (name, node) in nodes {
+        for dep in node.node_inputs() {
+            if let Some(&d) = idx.get(dep) {
+                g.add_edge(d, idx[name.as_str()], ());
+            }
+        }
+    }
+    match petgraph::algo::toposort(&g, None) {
+        Ok(order) => Ok(order.into_iter().map(|i| g[i].to_string()).collect()),
+        Err(cycle) => {
+            // Walk back from the reported node to list the cycle.
+            let start = cycle.node_id();
+            let mut path = vec![g[start].to_string()];
+            let mut cur = start;
+            for _ in 0..nodes.len() {
+                let next = g
+                    .neighbors_directed(cur, petgraph::Direction::Outgoing)
+                    .find(|n| petgraph::algo::has_path_connecting(&g, *n, start, None));
+                match next {
+                    Some(n) if n == start => break,
+                    Some(n) => {
+                        path.push(g[n].to_string());
+                        cur = n;
+                    }
+                    None => break,
+                }
+            }
+            // Start the cycle at its alphabetically first node, so the report is stable.
+            let first = (0..path.len()).min_by_key(|&i| &path[i]).unwrap_or(0);
+            path.rotate_left(first);
+            path.push(path[0].clone());
+            Err(path)
+        }
+    }
+}
+
+/// The JSON Schema of recipe files, as written to `schema/recipe.v1.json`.
+pub fn schema_json() -> String {
+    let schema = schemars::schema_for!(RecipeFile);
+    serde_json::to_string_pretty(&schema).expect("schemas serialize") + "\n"
+}

@@ -1,0 +1,370 @@
+//! Recipes: parsing, errors that point, and incremental builds on real (tiny) files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use mergesmith::arch::Family;
+use mergesmith::build::{self, Cache, Status};
+use mergesmith::merge::RunOptions;
+use mergesmith::recipe;
+
+const RECIPE: &str = "version: 1
+models:
+  base:  { path: models/base.safetensors }
+  tuned: { path: models/tuned.safetensors }
+  other: { path: models/other.safetensors }
+nodes:
+  blend:
+    merge: weight_sum
+    a: base
+    b: tuned
+    alpha: ALPHA
+  detail:
+    merge: add_difference
+    a: blend
+    b: other
+    c: base
+    alpha: 0.3
+    calcmode: trainDifference
+  release:
+    save: detail
+    to: out/result.safetensors
+";
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("models");
+        std::fs::create_dir_all(&m).unwrap();
+        let base = synth(&m, "base.safetensors", &tiny(Family::Sd1, 1));
+        for (name, seed) in [("tuned.safetensors", 2), ("other.safetensors", 3)] {
+            let mut o = tiny(Family::Sd1, seed);
+            o.perturb = Some(mergesmith::synth::Perturb {
+                base: base.clone(),
+                strength: 0.3,
+                rank: 2,
+            });
+            synth(&m, name, &o);
+        }
+        Project { dir }
+    }
+
+    fn recipe(&self, alpha: &str) -> PathBuf {
+        self.write(&RECIPE.replace("ALPHA", alpha))
+    }
+
+    fn write(&self, text: &str) -> PathBuf {
+        let p = self.dir.path().join("recipe.yaml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn cache(&self) -> Cache {
+        Cache::new(&self.dir.path().join("cache"))
+    }
+
+    fn plan(&self, path: &Path) -> Vec<build::NodePlan> {
+        build::plan(&recipe::load(path).unwrap(), &self.cache(), &[]).unwrap()
+    }
+
+    fn build(&self, path: &Path) -> Vec<build::NodeReport> {
+        build::build(
+            &recipe::load(path).unwrap(),
+            &self.cache(),
+            &[],
+            &RunOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn output(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("out/result.safetensors")).unwrap()
+    }
+}
+
+fn built(r: &[build::NodeReport]) -> Vec<&str> {
+    r.iter()
+        .filter(|r| matches!(r.plan.status, Status::Miss(_)))
+        .map(|r| r.plan.name.as_str())
+        .collect()
+}
+
+fn reasons(plan: &[build::NodePlan], node: &str) -> Vec<String> {
+    match &plan.iter().find(|p| p.name == node).unwrap().status {
+        Status::Miss(r) => r.clone(),
+        Status::Hit => vec![],
+    }
+}
+
+#[test]
+fn rebuilds_only_what_changed() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    assert_eq!(built(&p.build(&r)), vec!["blend", "detail", "release"]);
+    let first = p.output();
+    // Nothing changed: every node is a hit and nothing runs.
+    assert!(p.plan(&r).iter().all(|n| n.status == Status::Hit));
+    assert!(built(&p.build(&r)).is_empty());
+    assert_eq!(p.output(), first);
+
+    // One ratio changed: that node and its dependents rebuild, with reasons.
+    let r = p.recipe("0.35");
+    let plan = p.plan(&r);
+    assert_eq!(reasons(&plan, "blend"), vec!["merge.alpha: 0.3 -> 0.35"]);
+    assert_eq!(reasons(&plan, "detail"), vec!["input node `blend` changed"]);
+    assert_eq!(
+        reasons(&plan, "release"),
+        vec!["input node `detail` changed"]
+    );
+    assert_eq!(built(&p.build(&r)), vec!["blend", "detail", "release"]);
+    assert_ne!(p.output(), first);
+
+    // Back to 0.3: the earlier results are still cached, only the save runs again.
+    let r = p.recipe("0.3");
+    assert_eq!(built(&p.build(&r)), vec!["release"]);
+    assert_eq!(p.output(), first, "same recipe and inputs, same bytes");
+}
+
+#[test]
+fn one_block_weight_change_is_explained_by_block() {
+    let p = Project::new();
+    let mut v = vec!["0.5"; 26];
+    let r = p.recipe(&format!("[{}]", v.join(", ")));
+    p.build(&r);
+    v[5] = "0.9";
+    let r = p.recipe(&format!("[{}]", v.join(", ")));
+    assert_eq!(
+        reasons(&p.plan(&r), "blend"),
+        vec!["merge.alpha IN04: 0.5 -> 0.9"]
+    );
+}
+
+#[test]
+fn inputs_are_keyed_by_content() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    p.build(&r);
+    // Renaming a file (and the recipe's path to it) changes no key.
+    let m = p.dir.path().join("models");
+    std::fs::rename(m.join("tuned.safetensors"), m.join("tuned-v1.safetensors")).unwrap();
+    let r = p.write(
+        &RECIPE
+            .replace("ALPHA", "0.3")
+            .replace("models/tuned.safetensors", "models/tuned-v1.safetensors"),
+    );
+    assert!(p.plan(&r).iter().all(|n| n.status == Status::Hit));
+    // New bytes in `other`: exactly its dependents rebuild.
+    let mut o = tiny(Family::Sd1, 9);
+    o.perturb = Some(mergesmith::synth::Perturb {
+        base: m.join("base.safetensors"),
+        strength: 0.3,
+        rank: 2,
+    });
+    mergesmith::synth::synthesize(&o, &m.join("other.safetensors"), true, false).unwrap();
+    let plan = p.plan(&r);
+    assert_eq!(plan[0].status, Status::Hit, "blend does not read `other`");
+    assert_eq!(
+        reasons(&plan, "detail"),
+        vec!["input model `other` changed content"]
+    );
+    assert_eq!(built(&p.build(&r)), vec!["detail", "release"]);
+}
+
+#[test]
+fn never_replaces_a_foreign_file() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    let out = p.dir.path().join("out/result.safetensors");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, b"someone else's file").unwrap();
+    let err = build::build(
+        &recipe::load(&r).unwrap(),
+        &p.cache(),
+        &[],
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("overwrite: true"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"someone else's file");
+    let r = p.write(&RECIPE.replace("ALPHA", "0.3").replace(
+        "to: out/result.safetensors",
+        "to: out/result.safetensors\n    overwrite: true",
+    ));
+    p.build(&r);
+    assert_ne!(std::fs::read(&out).unwrap(), b"someone else's file");
+}
+
+#[test]
+fn concurrent_builds_share_one_cache() {
+    let p = Project::new();
+    let r = p.recipe("0.45");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let h: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    build::build(
+                        &recipe::load(&r).unwrap(),
+                        &p.cache(),
+                        &[],
+                        &RunOptions::default(),
+                    )
+                })
+            })
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for res in &results {
+        assert!(res.is_ok(), "{res:?}");
+    }
+    let out = p.output();
+    assert!(built(&p.build(&r)).is_empty());
+    assert_eq!(p.output(), out);
+}
+
+#[test]
+fn targets_build_only_what_they_need() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    let rec = recipe::load(&r).unwrap();
+    let reports = build::build(
+        &rec,
+        &p.cache(),
+        &["blend".to_string()],
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(built(&reports), vec!["blend"]);
+    let err = build::build(
+        &rec,
+        &p.cache(),
+        &["blnd".to_string()],
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("did you mean `blend`"), "{err}");
+}
+
+fn errors(text: &str) -> recipe::RecipeErrors {
+    recipe::parse(Path::new("recipe.yaml"), text).unwrap_err()
+}
+
+#[test]
+fn errors_point_at_the_recipe() {
+    let e = errors("version: 1\nmodels:\n  base: { path: a.safetensors }\n  tuned: { path: b.safetensors }\nnodes:\n  blend:\n    merge: weight_sum\n    a: base\n    b: tunned\n    alpha: 0.3\n");
+    assert_eq!(
+        e.render(),
+        "  × `tunned` is not a model or node of this recipe
+    ╭─[recipe.yaml:9:8]
+  8 │     a: base
+  9 │     b: tunned
+    ·        ───┬──
+    ·           ╰── here
+ 10 │     alpha: 0.3
+    ╰────
+  help: did you mean `tuned`?
+"
+    );
+    assert_eq!(
+        e.to_string(),
+        "recipe.yaml:9:8: `tunned` is not a model or node of this recipe (did you mean `tuned`?)"
+    );
+
+    let e = errors(
+        "version: 1\nnodes:\n  x:\n    merge: weight_sum\n    a: x\n    b: x\n    alpah: 0.3\n",
+    );
+    assert_eq!(e.errors.len(), 1);
+    assert_eq!((e.errors[0].line, e.errors[0].column), (7, 5));
+    assert!(
+        e.errors[0].message.starts_with("unknown field `alpah`"),
+        "{}",
+        e.errors[0].message
+    );
+    assert_eq!(e.errors[0].help.as_deref(), Some("did you mean `alpha`?"));
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let e = errors(
+        "version: 2
+models:
+  base: { path: a.safetensors }
+nodes:
+  m:
+    merge: weight_sum
+    a: base
+    b: base
+    alpha: GRAD_X
+  loop1:
+    merge: weight_sum
+    a: loop2
+    b: base
+    alpha: 0.5
+  loop2:
+    merge: weight_sum
+    a: loop1
+    b: base
+    alpha: 0.5
+    calcmode: trainDifference
+  out:
+    save: m
+",
+    );
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines[0].starts_with("recipe.yaml:1:10: unsupported recipe version 2"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("recipe.yaml:9:12: `GRAD_X` is neither"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("recipe.yaml:11:5: nodes form a cycle: loop1 -> loop2 -> loop1"),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with(
+            "recipe.yaml:20:15: calcmode trainDifference applies to Add difference only"
+        ),
+        "{text}"
+    );
+    assert!(
+        lines[4].starts_with("recipe.yaml:22:5: save node `out` needs `to: PATH`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn schema_file_is_up_to_date() {
+    let on_disk = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/recipe.v1.json"
+    ))
+    .unwrap();
+    assert!(
+        on_disk == recipe::schema_json(),
+        "schema/recipe.v1.json is stale: run `cargo run -- schema > schema/recipe.v1.json`"
+    );
+}
+
+#[test]
+fn example_recipes_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            recipe::load(&path).unwrap_or_else(|e| panic!("{}", e.render()));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
