@@ -527,9 +527,13 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
         match &r.plan.status {
             Status::Hit => println!("cached  {}", r.plan.name),
             Status::Miss(_) => println!(
-                "built   {}  {:.1} s{}",
+                "built   {}  {:.1} s{}{}",
                 r.plan.name,
                 r.seconds,
+                match (r.computed, r.reused) {
+                    (Some(c), Some(u)) => format!("  ({c} tensors computed, {u} reused)"),
+                    _ => String::new(),
+                },
                 r.output
                     .as_ref()
                     .map(|o| format!("  -> {}", o.display()))

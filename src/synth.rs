@@ -38,7 +38,8 @@ pub enum Size {
 /// A LoRA-like perturbation of an existing model.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Perturb {
-    /// The model to start from.
+    /// The model to start from (recorded in the output's metadata by file name only).
+    #[serde(serialize_with = "file_name_only")]
     pub base: PathBuf,
     /// Size of the change relative to each tensor's RMS.
     pub strength: f32,
@@ -49,10 +50,20 @@ pub struct Perturb {
 /// Whole components taken verbatim from another file.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CopyComponents {
-    /// The file to copy from.
+    /// The file to copy from (recorded by file name only).
+    #[serde(serialize_with = "file_name_only")]
     pub from: PathBuf,
     /// Which components.
     pub components: Vec<Component>,
+}
+
+/// Serializes a path as its file name, so metadata does not depend on where files live.
+fn file_name_only<S: serde::Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(
+        &p.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+    )
 }
 
 /// What to synthesize.

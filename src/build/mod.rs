@@ -13,6 +13,7 @@
 //! `v1/state/<recipe>.json` (last build), `v1/file-hashes/` (hash memo).
 
 pub mod diff;
+pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use serde_json::{json, Value};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
 use crate::hashing::HashMemo;
-use crate::merge::{merge_files, MergeFiles, RunOptions};
+use crate::merge::{MergeFiles, Prepared, RunOptions};
 use crate::recipe::{Input, Node, Recipe};
 
 /// Bumped whenever a change to the merge code changes results for the same inputs.
@@ -138,7 +139,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     for name in recipe.order.iter().filter(|n| needed.contains(*n)) {
         let (key, preimage) = &keys[name];
         let hit = match &recipe.nodes[name] {
-            Node::Merge { .. } => cache.object(key).exists(),
+            Node::Merge { .. } => cache.object(key).exists() && cache.tensor_keys(key).is_ok(),
             Node::Save { to, .. } => {
                 output_current(cache, &state, to, &keys[save_source(recipe, name)].0)
             }
@@ -267,6 +268,10 @@ pub struct NodeReport {
     pub seconds: f64,
     /// The file it wrote, for save nodes and built merges.
     pub output: Option<PathBuf>,
+    /// Merge nodes built: tensors computed.
+    pub computed: Option<usize>,
+    /// Merge nodes built: tensors copied from earlier results instead of computed.
+    pub reused: Option<usize>,
 }
 
 /// Builds the nodes needed for `targets` (all when empty): misses run, hits are skipped.
@@ -287,6 +292,7 @@ pub fn build(
     for p in plans {
         let started = std::time::Instant::now();
         let mut output = None;
+        let (mut computed, mut reused) = (None, None);
         if let Status::Miss(_) = p.status {
             match &recipe.nodes[&p.name] {
                 Node::Merge { inputs, spec, vae } => {
@@ -307,8 +313,17 @@ pub fn build(
                         overwrite: true,
                         ..run.clone()
                     };
-                    merge_files(&files, &spec, &object, &memo, &opts)
+                    let job = MergeJob {
+                        inputs,
+                        paths: &paths,
+                        files: &files,
+                        spec: &spec,
+                        object: &object,
+                        key: &p.key,
+                    };
+                    let (c, r) = build_merge(cache, &memo, &keys, &job, &opts)
                         .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
+                    (computed, reused) = (Some(c), Some(r));
                     output = Some(object);
                 }
                 Node::Save {
@@ -335,9 +350,67 @@ pub fn build(
             seconds: started.elapsed().as_secs_f64(),
             plan: p,
             output,
+            computed,
+            reused,
         });
     }
     Ok(reports)
+}
+
+/// One merge node to run.
+struct MergeJob<'a> {
+    inputs: &'a [Input],
+    paths: &'a [PathBuf],
+    files: &'a MergeFiles<'a>,
+    spec: &'a crate::merge::MergeSpec,
+    object: &'a Path,
+    key: &'a str,
+}
+
+/// Runs one merge node: keys every output tensor, copies those an earlier result holds,
+/// computes the rest. Returns (computed, reused) tensor counts.
+fn build_merge(
+    cache: &Cache,
+    memo: &HashMemo,
+    node_keys: &BTreeMap<String, String>,
+    job: &MergeJob,
+    run: &RunOptions,
+) -> Result<(usize, usize)> {
+    let content = |p: &Path| memo.hashes(p).map(|(h, _)| h.blake3);
+    let maps: Vec<tensors::KeyMap> = job
+        .inputs
+        .iter()
+        .zip(job.paths)
+        .map(|(i, p)| match i {
+            Input::Model(_) => tensors::keys_of(cache, p, None, &content(p)?),
+            Input::Node(n) => tensors::keys_of(cache, p, Some(&node_keys[n]), ""),
+        })
+        .collect::<Result<_>>()?;
+    let vae_map = match &job.spec.bake_vae {
+        Some(v) => Some(tensors::keys_of(cache, v, None, &content(v)?)?),
+        None => None,
+    };
+    let mut prepared = Prepared::new(job.files, job.spec)?;
+    let in_keys = tensors::InputKeys {
+        a: &maps[0],
+        b: &maps[1],
+        c: maps.get(2),
+        vae: vae_map.as_ref(),
+    };
+    let out_keys = tensors::output_keys(&prepared.plan, job.spec, &in_keys, job.key);
+    let names: tensors::KeyMap = prepared
+        .plan
+        .keys
+        .iter()
+        .map(|k| k.name.clone())
+        .zip(out_keys.iter().cloned())
+        .collect();
+    let (cached, reused) = tensors::reuse(&mut prepared.plan, &out_keys, cache, job.key);
+    let computed = prepared.plan.blended();
+    // Keys first: an object without keys is never trusted, keys without an object are harmless.
+    cache.record_tensor_keys(job.key, &names)?;
+    prepared.execute(job.files, job.spec, job.object, memo, run, &cached)?;
+    Ok((computed, reused))
 }
 
 /// Copies a node object to its destination (temp file, fsync, rename), refusing to replace a

@@ -78,6 +78,10 @@ fn source<'a>(
         Source::Vae => inputs
             .vae
             .ok_or_else(|| Error::Invalid("VAE missing".into()))?,
+        Source::Cached(i) => inputs
+            .cached
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("cached result {i} missing")))?,
     };
     let t = match s {
         Source::Vae => name

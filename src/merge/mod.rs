@@ -180,6 +180,80 @@ pub struct MergeFiles<'a> {
     pub c: Option<&'a Path>,
 }
 
+/// A planned merge with its inputs open: the plan can still be adjusted (for example to
+/// copy tensors from earlier results, see `Source::Cached`) before [`Prepared::execute`].
+pub struct Prepared {
+    a: Checkpoint,
+    b: Checkpoint,
+    c: Option<Checkpoint>,
+    vae: Option<Checkpoint>,
+    /// What each output tensor will be.
+    pub plan: Plan,
+}
+
+impl Prepared {
+    /// Opens the inputs and plans the merge. Nothing is written.
+    pub fn new(files: &MergeFiles, spec: &MergeSpec) -> Result<Prepared> {
+        let a = Checkpoint::open(files.a)?;
+        let b = Checkpoint::open(files.b)?;
+        let c = files.c.map(Checkpoint::open).transpose()?;
+        let vae = spec.bake_vae.as_deref().map(Checkpoint::open).transpose()?;
+        let plan = plan::plan(&Prepared::inputs_of(&a, &b, &c, &vae, &[]), spec)?;
+        Ok(Prepared { a, b, c, vae, plan })
+    }
+
+    fn inputs_of<'a>(
+        a: &'a Checkpoint,
+        b: &'a Checkpoint,
+        c: &'a Option<Checkpoint>,
+        vae: &'a Option<Checkpoint>,
+        cached: &'a [Checkpoint],
+    ) -> Inputs<'a> {
+        Inputs {
+            a,
+            b,
+            c: c.as_ref(),
+            vae: vae.as_ref(),
+            cached,
+        }
+    }
+
+    /// The opened inputs (without cached results).
+    pub fn inputs(&self) -> Inputs<'_> {
+        Prepared::inputs_of(&self.a, &self.b, &self.c, &self.vae, &[])
+    }
+
+    /// Hashes the inputs (through the memo) for the metadata and writes the merged model.
+    pub fn execute(
+        &self,
+        files: &MergeFiles,
+        spec: &MergeSpec,
+        out: &Path,
+        memo: &HashMemo,
+        run: &RunOptions,
+        cached: &[Checkpoint],
+    ) -> Result<engine::MergeReport> {
+        let hash = |p: &Path| memo.hashes(p).map(|(h, _)| h);
+        let (ha, hb) = (hash(files.a)?, hash(files.b)?);
+        let hc = files.c.map(hash).transpose()?;
+        let hv = spec.bake_vae.as_deref().map(hash).transpose()?;
+        let record = |path, hashes| InputRecord { path, hashes };
+        let md = metadata::build(
+            spec,
+            &self.plan,
+            record(files.a, &ha),
+            record(files.b, &hb),
+            files.c.zip(hc.as_ref()).map(|(p, h)| record(p, h)),
+            spec.bake_vae
+                .as_deref()
+                .zip(hv.as_ref())
+                .map(|(p, h)| record(p, h)),
+        );
+        let inputs = Prepared::inputs_of(&self.a, &self.b, &self.c, &self.vae, cached);
+        engine::execute(&self.plan, &inputs, spec, out, &md, run)
+    }
+}
+
 /// Opens the inputs, plans, hashes them (through the memo) for the metadata, and writes the
 /// merged model to `out`. Nothing is written if planning fails.
 pub fn merge_files(
@@ -189,33 +263,7 @@ pub fn merge_files(
     memo: &HashMemo,
     run: &RunOptions,
 ) -> Result<(Plan, engine::MergeReport)> {
-    let a = Checkpoint::open(files.a)?;
-    let b = Checkpoint::open(files.b)?;
-    let c = files.c.map(Checkpoint::open).transpose()?;
-    let vae = spec.bake_vae.as_deref().map(Checkpoint::open).transpose()?;
-    let inputs = Inputs {
-        a: &a,
-        b: &b,
-        c: c.as_ref(),
-        vae: vae.as_ref(),
-    };
-    let plan = plan::plan(&inputs, spec)?;
-    let hash = |p: &Path| memo.hashes(p).map(|(h, _)| h);
-    let (ha, hb) = (hash(files.a)?, hash(files.b)?);
-    let hc = files.c.map(hash).transpose()?;
-    let hv = spec.bake_vae.as_deref().map(hash).transpose()?;
-    let record = |path, hashes| InputRecord { path, hashes };
-    let md = metadata::build(
-        spec,
-        &plan,
-        record(files.a, &ha),
-        record(files.b, &hb),
-        files.c.zip(hc.as_ref()).map(|(p, h)| record(p, h)),
-        spec.bake_vae
-            .as_deref()
-            .zip(hv.as_ref())
-            .map(|(p, h)| record(p, h)),
-    );
-    let report = engine::execute(&plan, &inputs, spec, out, &md, run)?;
-    Ok((plan, report))
+    let prepared = Prepared::new(files, spec)?;
+    let report = prepared.execute(files, spec, out, memo, run, &[])?;
+    Ok((prepared.plan, report))
 }
