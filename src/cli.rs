@@ -37,8 +37,65 @@ pub enum Command {
     Build(BuildArgs),
     /// Show what `build` would do for each node, and why.
     Plan(BuildArgs),
+    /// Show a node's key, status, and what its key is computed from.
+    Explain(ExplainArgs),
+    /// Print the recipe graph (mermaid or dot).
+    Dag(DagArgs),
+    /// Cache statistics.
+    Cache(CacheArgs),
+    /// Delete least recently used cache objects until the cache fits a size budget.
+    Gc(GcArgs),
+    /// Delete every cached result (the file-hash memo is kept).
+    Clean(CacheArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+}
+
+/// Arguments of `explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    /// The node.
+    pub node: String,
+    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Arguments of `dag`.
+#[derive(Debug, Args)]
+pub struct DagArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "mermaid")]
+    pub format: crate::recipe::DagFormat,
+}
+
+/// Which cache a maintenance command works on.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// `stats` (the only action, also the default).
+    #[arg(default_value = "stats", value_parser = ["stats"])]
+    pub action: String,
+    /// Cache directory [default: $MERGESMITH_CACHE, else ./cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Size budget, e.g. 50G or 500M.
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: String,
+    /// Cache directory [default: $MERGESMITH_CACHE, else ./cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
 }
 
 /// Arguments of `build` and `plan`.
@@ -291,6 +348,43 @@ pub fn run(command: Command) -> Result<()> {
         Command::Merge(a) => merge(*a),
         Command::Build(a) => build(a, false),
         Command::Plan(a) => build(a, true),
+        Command::Explain(a) => explain(a),
+        Command::Dag(a) => {
+            let recipe = load_recipe(&a.recipe)?;
+            print!("{}", recipe.dag(a.format));
+            Ok(())
+        }
+        Command::Cache(a) => {
+            let stats = cache_of(a.cache.as_deref()).stats();
+            if a.json {
+                return print_json(&stats);
+            }
+            println!(
+                "{}: {} objects, {}",
+                stats.path.display(),
+                stats.objects,
+                crate::inspect::human_bytes(stats.bytes)
+            );
+            Ok(())
+        }
+        Command::Gc(a) => {
+            let max = crate::build::maintenance::parse_size(&a.max_size)?;
+            let (n, freed) = cache_of(a.cache.as_deref()).gc(max)?;
+            println!(
+                "removed {n} objects, freed {}",
+                crate::inspect::human_bytes(freed)
+            );
+            Ok(())
+        }
+        Command::Clean(a) => {
+            let before = cache_of(a.cache.as_deref()).clean()?;
+            println!(
+                "removed {} objects ({})",
+                before.objects,
+                crate::inspect::human_bytes(before.bytes)
+            );
+            Ok(())
+        }
         Command::Schema => {
             print!("{}", crate::recipe::schema_json());
             Ok(())
@@ -486,9 +580,42 @@ fn merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn load_recipe(path: &std::path::Path) -> Result<crate::recipe::Recipe> {
+    crate::recipe::load(path).map_err(|e| Error::Recipe(Box::new(e)))
+}
+
+fn cache_of(dir: Option<&std::path::Path>) -> crate::build::Cache {
+    crate::build::Cache::new(&crate::build::maintenance::cache_dir(dir))
+}
+
+fn explain(a: ExplainArgs) -> Result<()> {
+    use crate::build::{Cache, Status};
+    let recipe = load_recipe(&a.recipe)?;
+    let cache = Cache::new(
+        &a.cache
+            .clone()
+            .unwrap_or_else(|| Cache::default_for(&a.recipe)),
+    );
+    let plan = crate::build::plan(&recipe, &cache, std::slice::from_ref(&a.node))?;
+    let node = plan
+        .iter()
+        .find(|p| p.name == a.node)
+        .expect("the target is planned");
+    println!("node:  {}", node.name);
+    println!("key:   {}", node.key);
+    match &node.status {
+        Status::Hit => println!("state: up to date"),
+        Status::Miss(why) => println!("state: stale: {}", why.join("; ")),
+    }
+    let pretty =
+        serde_json::to_string_pretty(&node.preimage).map_err(|e| Error::Invalid(e.to_string()))?;
+    println!("key computed from:\n{pretty}");
+    Ok(())
+}
+
 fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     use crate::build::{Cache, Status};
-    let recipe = crate::recipe::load(&a.recipe).map_err(|e| Error::Recipe(Box::new(e)))?;
+    let recipe = load_recipe(&a.recipe)?;
     let cache = Cache::new(
         &a.cache
             .clone()

@@ -396,3 +396,44 @@ fn example_recipes_are_valid() {
     }
     assert!(n >= 1);
 }
+
+#[test]
+fn gc_clean_and_dag() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    p.build(&r);
+    let cache = p.cache();
+    let stats = cache.stats();
+    assert_eq!(stats.objects, 2);
+    // A budget that fits one object keeps the most recently used one.
+    let one = std::fs::metadata(cache.object(&p.plan(&r)[1].key))
+        .unwrap()
+        .len();
+    let (removed, _) = cache.gc(one).unwrap();
+    assert_eq!((removed, cache.stats().objects), (1, 1));
+    assert_eq!(
+        reasons(&p.plan(&r), "blend"),
+        vec!["its result is no longer in the cache"]
+    );
+    // `clean` forgets results and build history alike.
+    cache.clean().unwrap();
+    assert_eq!(cache.stats().objects, 0);
+    assert_eq!(reasons(&p.plan(&r), "blend"), vec!["never built"]);
+    // After cleaning, a build recomputes everything and gives the same bytes.
+    let before = p.output();
+    p.build(&r);
+    assert_eq!(p.output(), before);
+
+    let dag = recipe::load(&r).unwrap().dag(recipe::DagFormat::Mermaid);
+    assert!(dag.starts_with("graph LR\n"));
+    for edge in [
+        "base --> blend",
+        "tuned --> blend",
+        "blend --> detail",
+        "detail --> release",
+    ] {
+        assert!(dag.contains(edge), "{edge} in {dag}");
+    }
+    let dot = recipe::load(&r).unwrap().dag(recipe::DagFormat::Dot);
+    assert!(dot.contains("\"blend\" -> \"detail\";"));
+}

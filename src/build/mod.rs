@@ -13,6 +13,7 @@
 //! `v1/state/<recipe>.json` (last build), `v1/file-hashes/` (hash memo).
 
 pub mod diff;
+pub mod maintenance;
 pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,10 +148,13 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
         let status = if hit {
             Status::Hit
         } else {
-            let reasons = match state.nodes.get(name).and_then(|old| cache.preimage(old)) {
-                Some(old) if state.nodes[name] != *key => diff::reasons(&old, preimage),
-                Some(_) => vec!["its result is not in the cache".to_string()],
+            let reasons = match state.nodes.get(name) {
                 None => vec!["never built".to_string()],
+                Some(old) if old == key => vec!["its result is no longer in the cache".to_string()],
+                Some(old) => match cache.preimage(old) {
+                    Some(before) => diff::reasons(&before, preimage),
+                    None => vec!["its inputs or parameters changed".to_string()],
+                },
             };
             Status::Miss(reasons)
         };
@@ -343,6 +347,9 @@ pub fn build(
             let text = serde_json::to_vec_pretty(&p.preimage)
                 .map_err(|e| Error::Invalid(e.to_string()))?;
             write_file_atomic(&path, &text, true)?;
+        }
+        if let (Status::Hit, Node::Merge { .. }) = (&p.status, &recipe.nodes[&p.name]) {
+            cache.touch(&p.key);
         }
         state.nodes.insert(p.name.clone(), p.key.clone());
         cache.save_state(&recipe.path, &state)?;

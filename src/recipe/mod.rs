@@ -595,3 +595,85 @@ pub fn schema_json() -> String {
     let schema = schemars::schema_for!(RecipeFile);
     serde_json::to_string_pretty(&schema).expect("schemas serialize") + "\n"
 }
+
+/// Graph output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DagFormat {
+    /// Mermaid flowchart (renders in GitHub, GitLab and many editors).
+    Mermaid,
+    /// Graphviz dot.
+    Dot,
+}
+
+impl Recipe {
+    /// Every edge of the recipe graph, (from, to), in a stable order.
+    pub fn edges(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for name in &self.order {
+            match &self.nodes[name] {
+                Node::Merge { inputs, vae, .. } => {
+                    for i in inputs {
+                        let (Input::Model(f) | Input::Node(f)) = i;
+                        out.push((f.clone(), name.clone()));
+                    }
+                    if let Some(v) = vae {
+                        out.push((v.clone(), name.clone()));
+                    }
+                }
+                Node::Save { from, .. } => out.push((from.clone(), name.clone())),
+            }
+        }
+        out
+    }
+
+    /// The recipe graph as text: models as cylinders, merges as boxes, saves as files.
+    pub fn dag(&self, format: DagFormat) -> String {
+        let id = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
+        let mut out = String::new();
+        match format {
+            DagFormat::Mermaid => {
+                out.push_str("graph LR\n");
+                for m in self.models.keys() {
+                    out.push_str(&format!("  {}[(\"{m}\")]\n", id(m)));
+                }
+                for name in &self.order {
+                    match &self.nodes[name] {
+                        Node::Merge { spec, .. } => out.push_str(&format!(
+                            "  {}[\"{name}<br/>{}\"]\n",
+                            id(name),
+                            spec.mode.label()
+                        )),
+                        Node::Save { to, .. } => out.push_str(&format!(
+                            "  {}[/\"{name}<br/>{}\"/]\n",
+                            id(name),
+                            to.file_name()
+                                .map(|f| f.to_string_lossy())
+                                .unwrap_or_default()
+                        )),
+                    }
+                }
+                for (a, b) in self.edges() {
+                    out.push_str(&format!("  {} --> {}\n", id(&a), id(&b)));
+                }
+            }
+            DagFormat::Dot => {
+                out.push_str("digraph recipe {\n  rankdir=LR;\n");
+                for m in self.models.keys() {
+                    out.push_str(&format!("  \"{m}\" [shape=cylinder];\n"));
+                }
+                for name in &self.order {
+                    let shape = match self.nodes[name] {
+                        Node::Merge { .. } => "box",
+                        Node::Save { .. } => "note",
+                    };
+                    out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
+                }
+                for (a, b) in self.edges() {
+                    out.push_str(&format!("  \"{a}\" -> \"{b}\";\n"));
+                }
+                out.push_str("}\n");
+            }
+        }
+        out
+    }
+}
