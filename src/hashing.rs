@@ -142,9 +142,10 @@ pub fn hash_file(path: &Path) -> Result<FileHashes> {
     Ok(h.finish())
 }
 
-/// What identifies a file version without reading it.
+/// What identifies a file version without reading it: canonical path, size, mtime, inode,
+/// device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct Stamp {
+pub struct Stamp {
     path: PathBuf,
     size: u64,
     mtime_ns: i128,
@@ -153,7 +154,8 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn of(path: &Path) -> Result<Stamp> {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &Path) -> Result<Stamp> {
         let path = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         let md = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         let mtime_ns = md

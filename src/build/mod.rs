@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
-use crate::hashing::HashMemo;
+use crate::hashing::{HashMemo, Stamp};
 use crate::merge::{MergeFiles, Prepared, RunOptions};
 use crate::recipe::{Input, Node, Recipe};
 
@@ -102,8 +102,15 @@ impl Cache {
 struct State {
     /// Node name -> key.
     nodes: BTreeMap<String, String>,
-    /// Output file -> blake3 of what mergesmith wrote there.
-    outputs: BTreeMap<PathBuf, String>,
+    /// Output file -> what mergesmith wrote there.
+    outputs: BTreeMap<PathBuf, Written>,
+}
+
+/// A file a save node wrote: which object, and the file's stamp right after writing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Written {
+    object: String,
+    stamp: Stamp,
 }
 
 /// Whether a node must run.
@@ -176,17 +183,14 @@ fn save_source<'a>(recipe: &'a Recipe, name: &'a str) -> &'a str {
 }
 
 /// Whether the file at `to` is exactly what the node object `key` holds, as written by us.
+/// Whether the file at `to` is still exactly what the last build wrote from object `key`
+/// (checked by stamp, without reading it).
 fn output_current(cache: &Cache, state: &State, to: &Path, key: &str) -> bool {
-    let object = cache.object(key);
-    let (Ok(memo_obj), Ok(memo_out)) = (cache.memo().hashes(&object), cache.memo().hashes(to))
-    else {
-        return false;
-    };
-    memo_obj.0.blake3 == memo_out.0.blake3
-        && state
-            .outputs
-            .get(to)
-            .is_some_and(|h| *h == memo_out.0.blake3)
+    let _ = cache;
+    state
+        .outputs
+        .get(to)
+        .is_some_and(|w| w.object == key && Stamp::of(to).is_ok_and(|s| s == w.stamp))
 }
 
 /// The nodes needed for `targets` (every node when empty), or an error for an unknown target.
@@ -336,7 +340,7 @@ pub fn build(
                     overwrite,
                 } => {
                     let object = cache.object(&keys[from]);
-                    save(&memo, &mut state, &object, to, *overwrite)
+                    save(&memo, &mut state, &keys[from], &object, to, *overwrite)
                         .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
                     output = Some(to.clone());
                 }
@@ -425,15 +429,19 @@ fn build_merge(
 fn save(
     memo: &HashMemo,
     state: &mut State,
+    object_key: &str,
     object: &Path,
     to: &Path,
     overwrite: bool,
 ) -> Result<()> {
     if to.exists() && !overwrite {
-        // Replacing is safe when we wrote the file, or when it already holds these bytes.
-        let current = memo.hashes(to)?.0.blake3;
-        let ours =
-            state.outputs.get(to) == Some(&current) || memo.hashes(object)?.0.blake3 == current;
+        // Replacing is safe when we wrote the file (same stamp as recorded), or when it
+        // already holds these very bytes (say, a concurrent build of the same recipe).
+        let ours = state
+            .outputs
+            .get(to)
+            .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp))
+            || memo.hashes(to)?.0.blake3 == memo.hashes(object)?.0.blake3;
         if !ours {
             return Err(Error::Invalid(format!(
                 "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
@@ -457,7 +465,10 @@ fn save(
         .sync_all()
         .map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(to).map_err(|e| Error::io(to, e.error))?;
-    let written = memo.hashes(to)?.0.blake3;
+    let written = Written {
+        object: object_key.to_string(),
+        stamp: Stamp::of(to)?,
+    };
     state.outputs.insert(to.to_path_buf(), written);
     Ok(())
 }

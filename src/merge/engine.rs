@@ -180,10 +180,10 @@ pub fn execute(
 
 /// Drops a finished tensor's input pages from the resident set.
 fn release(inputs: &Inputs, name: &str) {
-    for ck in [Some(inputs.a), Some(inputs.b), inputs.c]
+    let fixed = [Some(inputs.a), Some(inputs.b), inputs.c]
         .into_iter()
-        .flatten()
-    {
+        .flatten();
+    for ck in fixed.chain(inputs.cached) {
         if let Some(t) = ck.get(name) {
             ck.release(t);
         }
