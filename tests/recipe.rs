@@ -437,3 +437,34 @@ fn gc_clean_and_dag() {
     let dot = recipe::load(&r).unwrap().dag(recipe::DagFormat::Dot);
     assert!(dot.contains("\"blend\" -> \"detail\";"));
 }
+
+#[test]
+fn a_build_killed_mid_write_leaves_nothing_and_resumes() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    let bin = env!("CARGO_BIN_EXE_mergesmith");
+    let cache = p.dir.path().join("cache");
+    let status = std::process::Command::new(bin)
+        .args([
+            "build",
+            r.to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--json",
+        ])
+        .env("MERGESMITH_TEST_ABORT_AFTER_TENSORS", "100")
+        .current_dir(p.dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the build was killed");
+    // No object and no output exist under their final names.
+    assert_eq!(p.cache().stats().objects, 0);
+    assert!(!p.dir.path().join("out/result.safetensors").exists());
+    // The next build completes and matches a clean build in a fresh project.
+    let reports = p.build(&r);
+    assert_eq!(built(&reports), vec!["blend", "detail", "release"]);
+    let fresh = Project::new();
+    fresh.build(&fresh.recipe("0.3"));
+    assert!(fresh.output() == p.output());
+}

@@ -43,6 +43,17 @@ impl Cache {
                 ) else {
                     continue;
                 };
+                let stale_partial = path.extension().is_some_and(|e| e == "partial")
+                    && md
+                        .modified()
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() > 3600);
+                if stale_partial {
+                    // Left by a build that was killed mid-write an hour or more ago.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
                 if path.extension().is_some_and(|e| e == "safetensors") {
                     let used = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                     out.push(Entry {

@@ -162,8 +162,17 @@ pub fn execute(
     }
     let mut order: Vec<&KeyPlan> = plan.keys.iter().collect();
     order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
+    // Crash-safety tests set this to kill the process in the middle of writing an output.
+    let abort_after: Option<usize> = std::env::var("MERGESMITH_TEST_ABORT_AFTER_TENSORS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let done = std::sync::atomic::AtomicUsize::new(0);
     order.par_iter().try_for_each(|k| {
         let written = key(k, inputs, &ctx, &writer)?;
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if abort_after.is_some_and(|limit| n >= limit) {
+            std::process::abort();
+        }
         release(inputs, &k.name);
         bar.inc(written as u64);
         Ok::<_, Error>(())
