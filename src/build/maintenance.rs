@@ -43,17 +43,6 @@ impl Cache {
                 ) else {
                     continue;
                 };
-                let stale_partial = path.extension().is_some_and(|e| e == "partial")
-                    && md
-                        .modified()
-                        .ok()
-                        .and_then(|m| m.elapsed().ok())
-                        .is_some_and(|age| age.as_secs() > 3600);
-                if stale_partial {
-                    // Left by a build that was killed mid-write an hour or more ago.
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
                 if path.extension().is_some_and(|e| e == "safetensors") {
                     let used = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                     out.push(Entry {
@@ -88,6 +77,7 @@ impl Cache {
     /// Deletes least recently used objects (with their tensor keys and preimages) until the
     /// cache holds at most `max_bytes`. Returns (objects removed, bytes freed).
     pub fn gc(&self, max_bytes: u64) -> Result<(usize, u64)> {
+        self.remove_stale_partials();
         let mut entries = self.entries();
         let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
         entries.sort_by_key(|e| e.used);
@@ -110,6 +100,30 @@ impl Cache {
             removed += 1;
         }
         Ok((removed, freed))
+    }
+
+    /// Deletes temporary files left by builds killed mid-write more than an hour ago.
+    fn remove_stale_partials(&self) {
+        let Ok(shards) = std::fs::read_dir(self.root.join("objects")) else {
+            return;
+        };
+        for f in shards
+            .flatten()
+            .filter_map(|s| std::fs::read_dir(s.path()).ok())
+            .flatten()
+            .flatten()
+        {
+            let path = f.path();
+            let old = f
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 3600);
+            if old && path.extension().is_some_and(|e| e == "partial") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     /// Removes everything this cache version stores (the hash memo is kept).
