@@ -47,8 +47,21 @@ pub enum Command {
     Gc(GcArgs),
     /// Delete every cached result (the file-hash memo is kept).
     Clean(CacheArgs),
+    /// Check that the inputs and outputs on disk match the recipe's lockfile.
+    Verify(VerifyArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+}
+
+/// Arguments of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The recipe file (its lock is `<recipe>.lock` beside it).
+    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `explain`.
@@ -385,6 +398,29 @@ pub fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Verify(a) => {
+            let problems = crate::build::lock::verify(&a.recipe)?;
+            if a.json {
+                print_json(&problems)?;
+            } else if problems.is_empty() {
+                println!(
+                    "all inputs and outputs match {}",
+                    crate::build::lock::lock_path(&a.recipe).display()
+                );
+            } else {
+                for p in &problems {
+                    println!("{} ({}): {}", p.name, p.path.display(), p.problem);
+                }
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Failed(format!(
+                    "{} differences from the lockfile",
+                    problems.len()
+                )))
+            }
+        }
         Command::Schema => {
             print!("{}", crate::recipe::schema_json());
             Ok(())
@@ -643,6 +679,7 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let reports = crate::build::build(&recipe, &cache, &a.targets, &run)?;
+    let lock = crate::build::lock::write(&recipe, &cache.memo())?;
     if a.json {
         return print_json(&reports);
     }
@@ -669,10 +706,11 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
         }
     }
     println!(
-        "{} nodes, {built} built, {} cached, in {:.1} s",
+        "{} nodes, {built} built, {} cached, in {:.1} s; hashes in {}",
         reports.len(),
         reports.len() - built,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        lock.display()
     );
     Ok(())
 }

@@ -51,6 +51,9 @@ pub enum Error {
     /// Invalid input that is not tied to a file (bad option values, inconsistent requests).
     #[error("{0}")]
     Invalid(String),
+    /// A build step or a check failed (exit code 1).
+    #[error("{0}")]
+    Failed(String),
     /// Errors in a recipe file, each with its position.
     #[error("{0}")]
     Recipe(Box<crate::recipe::RecipeErrors>),

@@ -468,3 +468,47 @@ fn a_build_killed_mid_write_leaves_nothing_and_resumes() {
     fresh.build(&fresh.recipe("0.3"));
     assert!(fresh.output() == p.output());
 }
+
+#[test]
+fn lockfile_and_verify() {
+    let p = Project::new();
+    let r = p.recipe("0.3");
+    let bin = env!("CARGO_BIN_EXE_mergesmith");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .current_dir(p.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["build", r.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lock = p.dir.path().join("recipe.lock");
+    let text = std::fs::read_to_string(&lock).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["inputs"]["base"]["path"], "models/base.safetensors");
+    let sha = mergesmith::hashing::hash_file(&p.dir.path().join("out/result.safetensors"))
+        .unwrap()
+        .sha256;
+    assert_eq!(json["outputs"]["release"]["sha256"], sha);
+
+    let ok = run(&["verify", r.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    // Someone edits the output: verify names it and fails with exit code 1.
+    let mut bytes = p.output();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(p.dir.path().join("out/result.safetensors"), bytes).unwrap();
+    let bad = run(&["verify", r.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout)
+        .contains("release (out/result.safetensors): output differs"));
+}

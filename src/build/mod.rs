@@ -13,6 +13,7 @@
 //! `v1/state/<recipe>.json` (last build), `v1/file-hashes/` (hash memo).
 
 pub mod diff;
+pub mod lock;
 pub mod maintenance;
 pub mod tensors;
 
@@ -330,7 +331,7 @@ pub fn build(
                         key: &p.key,
                     };
                     let (c, r) = build_merge(cache, &memo, &keys, &job, &opts)
-                        .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
+                        .map_err(|e| Error::Failed(format!("node `{}`: {e}", p.name)))?;
                     (computed, reused) = (Some(c), Some(r));
                     output = Some(object);
                 }
@@ -341,7 +342,7 @@ pub fn build(
                 } => {
                     let object = cache.object(&keys[from]);
                     save(&memo, &mut state, &keys[from], &object, to, *overwrite)
-                        .map_err(|e| Error::Invalid(format!("node `{}`: {e}", p.name)))?;
+                        .map_err(|e| Error::Failed(format!("node `{}`: {e}", p.name)))?;
                     output = Some(to.clone());
                 }
             }
