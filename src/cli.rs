@@ -47,10 +47,26 @@ pub enum Command {
     Gc(GcArgs),
     /// Delete every cached result (the file-hash memo is kept).
     Clean(CacheArgs),
+    /// List recorded builds (newest last).
+    Log(LogArgs),
     /// Check that the inputs and outputs on disk match the recipe's lockfile.
     Verify(VerifyArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+}
+
+/// Arguments of `log`.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Show the last N builds.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub count: usize,
+    /// Cache directory [default: $MERGESMITH_CACHE, else ./cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `verify`.
@@ -120,6 +136,9 @@ pub struct BuildArgs {
     /// Nodes to build (with what they need); all nodes when none are given.
     #[arg(value_name = "TARGET")]
     pub targets: Vec<String>,
+    /// Show what would be built (like `plan`) without building.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
@@ -359,7 +378,10 @@ pub fn run(command: Command) -> Result<()> {
         Command::Synth(a) => synth(a),
         Command::Inspect(a) => inspect(a),
         Command::Merge(a) => merge(*a),
-        Command::Build(a) => build(a, false),
+        Command::Build(a) => {
+            let dry = a.dry_run;
+            build(a, dry)
+        }
         Command::Plan(a) => build(a, true),
         Command::Explain(a) => explain(a),
         Command::Dag(a) => {
@@ -396,6 +418,29 @@ pub fn run(command: Command) -> Result<()> {
                 before.objects,
                 crate::inspect::human_bytes(before.bytes)
             );
+            Ok(())
+        }
+        Command::Log(a) => {
+            let log = cache_of(a.cache.as_deref()).log();
+            let tail = &log[log.len().saturating_sub(a.count)..];
+            if a.json {
+                return print_json(&tail);
+            }
+            for e in tail {
+                let names: Vec<&str> = e.built.iter().map(|(n, _)| n.as_str()).collect();
+                println!(
+                    "#{:<4} {}  {}  built: {}  cached: {}",
+                    e.id,
+                    crate::build::log::utc(e.time),
+                    e.recipe.display(),
+                    if names.is_empty() {
+                        "-".to_string()
+                    } else {
+                        names.join(", ")
+                    },
+                    e.cached
+                );
+            }
             Ok(())
         }
         Command::Verify(a) => {
@@ -680,6 +725,7 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let reports = crate::build::build(&recipe, &cache, &a.targets, &run)?;
     let lock = crate::build::lock::write(&recipe, &cache.memo())?;
+    let id = cache.append_log(&a.recipe, &reports)?;
     if a.json {
         return print_json(&reports);
     }
@@ -706,7 +752,7 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
         }
     }
     println!(
-        "{} nodes, {built} built, {} cached, in {:.1} s; hashes in {}",
+        "build #{id}: {} nodes, {built} built, {} cached, in {:.1} s; hashes in {}",
         reports.len(),
         reports.len() - built,
         started.elapsed().as_secs_f64(),

@@ -512,3 +512,19 @@ fn lockfile_and_verify() {
     assert!(String::from_utf8_lossy(&bad.stdout)
         .contains("release (out/result.safetensors): output differs"));
 }
+
+#[test]
+fn builds_are_logged_with_increasing_ids() {
+    let p = Project::new();
+    let cache = p.cache();
+    let r = p.recipe("0.3");
+    let rec = recipe::load(&r).unwrap();
+    let first = build::build(&rec, &cache, &[], &RunOptions::default()).unwrap();
+    assert_eq!(cache.append_log(&r, &first).unwrap(), 1);
+    let second = build::build(&rec, &cache, &[], &RunOptions::default()).unwrap();
+    assert_eq!(cache.append_log(&r, &second).unwrap(), 2);
+    let log = cache.log();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].built.len(), 3);
+    assert_eq!((log[1].built.len(), log[1].cached), (0, 3));
+}

@@ -14,6 +14,7 @@
 
 pub mod diff;
 pub mod lock;
+pub mod log;
 pub mod maintenance;
 pub mod tensors;
 
