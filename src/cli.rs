@@ -47,12 +47,32 @@ pub enum Command {
     Gc(GcArgs),
     /// Delete every cached result (the file-hash memo is kept).
     Clean(CacheArgs),
+    /// Recipe tools.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
     /// List recorded builds (newest last).
     Log(LogArgs),
     /// Check that the inputs and outputs on disk match the recipe's lockfile.
     Verify(VerifyArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+}
+
+/// `mergesmith recipe ...`
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Write a recipe that rebuilds a merged model, from its metadata (mergesmith's own, or
+    /// SuperMerger's sd_merge_recipe).
+    FromModel {
+        /// The merged model.
+        file: PathBuf,
+        /// Write the recipe here instead of printing it.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
 }
 
 /// Arguments of `log`.
@@ -419,6 +439,22 @@ pub fn run(command: Command) -> Result<()> {
                 crate::inspect::human_bytes(before.bytes)
             );
             Ok(())
+        }
+        Command::Recipe(RecipeCommand::FromModel {
+            file,
+            output,
+            overwrite,
+        }) => {
+            let yaml = crate::recipe::import::from_model(&file)?;
+            match output {
+                Some(o) => {
+                    crate::checkpoint::writer::write_file_atomic(&o, yaml.as_bytes(), overwrite)
+                }
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
         }
         Command::Log(a) => {
             let log = cache_of(a.cache.as_deref()).log();

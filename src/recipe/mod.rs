@@ -7,6 +7,7 @@
 //! place in the file.
 
 pub mod diagnostics;
+pub mod import;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
