@@ -73,6 +73,20 @@ pub enum RecipeCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Import SuperMerger's merge history (mergehistory.csv) as a recipe.
+    FromSupermerger {
+        /// The history file.
+        csv: PathBuf,
+        /// Only this history ID (default: every row).
+        #[arg(long)]
+        id: Option<u64>,
+        /// Write the recipe here instead of printing it.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
 }
 
 /// Arguments of `log`.
@@ -440,12 +454,24 @@ pub fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Recipe(RecipeCommand::FromModel {
-            file,
-            output,
-            overwrite,
-        }) => {
-            let yaml = crate::recipe::import::from_model(&file)?;
+        Command::Recipe(cmd) => {
+            let (yaml, output, overwrite) = match cmd {
+                RecipeCommand::FromModel {
+                    file,
+                    output,
+                    overwrite,
+                } => (crate::recipe::import::from_model(&file)?, output, overwrite),
+                RecipeCommand::FromSupermerger {
+                    csv,
+                    id,
+                    output,
+                    overwrite,
+                } => (
+                    crate::recipe::import::from_supermerger_history(&csv, id)?,
+                    output,
+                    overwrite,
+                ),
+            };
             match output {
                 Some(o) => {
                     crate::checkpoint::writer::write_file_atomic(&o, yaml.as_bytes(), overwrite)

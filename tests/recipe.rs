@@ -614,3 +614,52 @@ fn supermerger_metadata_imports() {
     assert_eq!(spec.elemental.as_deref(), Some("OUT03::0.5"));
     assert_eq!(inputs.len(), 3);
 }
+
+#[test]
+fn supermerger_history_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("mergehistory.csv");
+    let w26 = vec!["0.5"; 26].join(",");
+    let text = format!(
+        "\"ID\",\"time\",\"name\",\"weights alpha\",\"weights beta\",\"model A\",\"model B\",\"model C\",\"alpha\",\"beta\",\"mode\",\"use MBW\",\"plus lora\",\"custum name\",\"save setting\",\"use ID\"\n\
+         1,2024.01.02 03.04.05,\"anime x 0.5 + real x 0.5\",\"{w26}\",,aaaaaaaaaa,bbbbbbbbbb,,0.5,0.25,Weight sum:A*(1-alpha)+B*alpha,True,,\"['safetensors']\",[],,normal,-1,,0.3,Off,[],\n\
+         2,2024.01.02 03.05.00,\"blend\",,,aaaaaaaaaa,bbbbbbbbbb,cccccccccc,0.7,0.25,Add difference:A+(B-C)*alpha,False,,[],[],\"OUT03::0.5\",trainDifference,-1,\"1,0,0,0,0,0,0,0\",0.3,Exclude,\"['IN01', 'IN02']\",attn2\n"
+    );
+    std::fs::write(&csv, text).unwrap();
+    let yaml = recipe::import::from_supermerger_history(&csv, None).unwrap();
+    let r = recipe::parse(&dir.path().join("r.yaml"), &yaml)
+        .unwrap_or_else(|e| panic!("{}\n{yaml}", e.render()));
+    assert_eq!(r.models.len(), 3);
+    assert!(
+        yaml.contains(
+            "model_aaaaaaaaaa: { path: \"aaaaaaaaaa.safetensors\", autov2: \"aaaaaaaaaa\" }"
+        ),
+        "{yaml}"
+    );
+    let recipe::Node::Merge { spec, .. } = &r.nodes["merge_1"] else {
+        panic!()
+    };
+    assert_eq!(spec.alpha, mergesmith::merge::Ratio::Blocks(vec![0.5; 26]));
+    let recipe::Node::Merge { spec, inputs, .. } = &r.nodes["merge_2"] else {
+        panic!()
+    };
+    assert_eq!(
+        (spec.mode, spec.calcmode),
+        (
+            mergesmith::merge::Mode::AddDifference,
+            mergesmith::merge::CalcMode::TrainDifference
+        )
+    );
+    assert_eq!(spec.alpha, mergesmith::merge::Ratio::Scalar(0.7));
+    assert_eq!(spec.adjust, Some([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
+    let f = spec.filter.as_ref().unwrap();
+    assert_eq!(
+        (f.blocks.as_str(), f.elements.as_str()),
+        ("IN01 IN02", "attn2")
+    );
+    assert_eq!(inputs.len(), 3);
+    // One ID only.
+    let one = recipe::import::from_supermerger_history(&csv, Some(2)).unwrap();
+    assert!(one.contains("merge_2") && !one.contains("merge_1"));
+    assert!(recipe::import::from_supermerger_history(&csv, Some(9)).is_err());
+}

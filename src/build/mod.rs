@@ -231,7 +231,12 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
             .hashes(path)
             .map_err(|e| Error::Invalid(format!("model `{name}`: {e}")))?;
         if let Some(expected) = sha {
-            if !h.sha256.eq_ignore_ascii_case(expected) {
+            // A full SHA-256, or a prefix such as the 10-digit AUTOMATIC1111 short hash.
+            let matches = expected.len() >= 8
+                && h.sha256
+                    .get(..expected.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(expected));
+            if !matches {
                 return Err(Error::Invalid(format!(
                     "model `{name}` ({}): SHA-256 is {}, the recipe expects {expected}",
                     path.display(),

@@ -221,3 +221,177 @@ fn from_supermerger(sm: &Value, models: Option<&Value>, name: &str, stem: &str) 
     );
     Ok(out)
 }
+
+/// Parses Python's list repr (`['IN01', 'IN02']`) as SuperMerger writes it into its history.
+fn py_list(text: &str) -> Vec<String> {
+    text.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A recipe with one merge node per row of SuperMerger's `mergehistory.csv` (or only the row
+/// with ID `id`). Models are named by their short (AutoV2) hash, the only thing the history
+/// records; point their paths at your files.
+pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_path(csv_path)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", csv_path.display())))?;
+    let mut models: std::collections::BTreeMap<String, ()> = Default::default();
+    let mut nodes = String::new();
+    let mut count = 0;
+    for (line, row) in reader.records().enumerate() {
+        let row = row.map_err(|e| {
+            Error::Invalid(format!("{}: row {}: {e}", csv_path.display(), line + 2))
+        })?;
+        let col = |i: usize| row.get(i).unwrap_or("").trim();
+        let row_id: u64 = col(0).parse().unwrap_or(0);
+        if id.is_some_and(|want| want != row_id) {
+            continue;
+        }
+        let at = format!("{}: history ID {row_id}", csv_path.display());
+        let label = col(10).split(':').next().unwrap_or("");
+        let mode = [
+            Mode::WeightSum,
+            Mode::AddDifference,
+            Mode::TripleSum,
+            Mode::SumTwice,
+        ]
+        .into_iter()
+        .find(|m| m.label() == label)
+        .ok_or_else(|| Error::Invalid(format!("{at}: unknown mode `{}`", col(10))))?;
+        let _ = writeln!(
+            nodes,
+            "  merge_{row_id}:    # {}",
+            col(2).replace('\n', " ")
+        );
+        let _ = writeln!(
+            nodes,
+            "    merge: {}",
+            y(&serde_json::to_value(mode).unwrap_or_default())
+        );
+        let slots: &[(&str, usize)] = if mode.uses_c() {
+            &[("a", 5), ("b", 6), ("c", 7)]
+        } else {
+            &[("a", 5), ("b", 6)]
+        };
+        for (slot, i) in slots {
+            let hash = col(*i);
+            if hash.is_empty() {
+                return Err(Error::Invalid(format!("{at}: model {slot} has no hash")));
+            }
+            models.insert(hash.to_string(), ());
+            let _ = writeln!(nodes, "    {slot}: model_{hash}");
+        }
+        let mbw = col(11).eq_ignore_ascii_case("true");
+        let ratio = |weights: usize, scalar: usize| -> Value {
+            if mbw && !col(weights).is_empty() {
+                col(weights).into()
+            } else {
+                col(scalar)
+                    .parse::<f64>()
+                    .map(Value::from)
+                    .unwrap_or(Value::Null)
+            }
+        };
+        field(&mut nodes, "alpha", Some(&ratio(3, 8)));
+        let calc_label = col(16);
+        let calc = [
+            CalcMode::CosineA,
+            CalcMode::CosineB,
+            CalcMode::TrainDifference,
+            CalcMode::SmoothAdd,
+            CalcMode::SmoothAddMt,
+            CalcMode::Extract,
+            CalcMode::Tensor,
+            CalcMode::Tensor2,
+            CalcMode::SelfScale,
+            CalcMode::PlusRandom,
+        ]
+        .into_iter()
+        .find(|c| c.label() == calc_label);
+        if mode.uses_beta() || calc.is_some_and(|c| c.uses_beta()) {
+            field(&mut nodes, "beta", Some(&ratio(4, 9)));
+        }
+        match calc {
+            Some(c) => {
+                field(
+                    &mut nodes,
+                    "calcmode",
+                    serde_json::to_value(c).ok().as_ref(),
+                );
+                if c == CalcMode::Extract {
+                    field(
+                        &mut nodes,
+                        "gamma",
+                        col(19).parse::<f64>().ok().map(Value::from).as_ref(),
+                    );
+                }
+                if let Ok(seed) = col(17).parse::<u64>() {
+                    field(&mut nodes, "seed", Some(&seed.into()));
+                }
+            }
+            None if calc_label.is_empty() || calc_label == "normal" => {}
+            None => {
+                return Err(Error::Invalid(format!(
+                    "{at}: unknown calcmode `{calc_label}`"
+                )))
+            }
+        }
+        if !col(15).is_empty() {
+            field(&mut nodes, "elemental", Some(&col(15).into()));
+        }
+        let adjust: Vec<f64> = col(18)
+            .split(',')
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
+        if adjust.len() == 8 && adjust.iter().any(|v| *v != 0.0) {
+            field(&mut nodes, "adjust", Some(&adjust.into()));
+        }
+        let filter = col(20).to_ascii_lowercase();
+        if filter == "include" || filter == "exclude" {
+            let blocks = py_list(col(21)).join(" ");
+            let elements = py_list(col(22)).join(",");
+            let _ = writeln!(
+                nodes,
+                "    {filter}: {{ blocks: {}, elements: {} }}",
+                y(&blocks.into()),
+                y(&elements.into())
+            );
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Invalid(match id {
+            Some(i) => format!("{}: no history row with ID {i}", csv_path.display()),
+            None => format!("{}: no history rows", csv_path.display()),
+        }));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Imported from SuperMerger's {} by mergesmith.",
+        csv_path.display()
+    );
+    let _ = writeln!(
+        out,
+        "# The history only records short (AutoV2) model hashes: set each model's path."
+    );
+    let _ = writeln!(out, "version: 1\nmodels:");
+    for hash in models.keys() {
+        let _ = writeln!(
+            out,
+            "  model_{hash}: {{ path: {}, autov2: {} }}",
+            y(&format!("{hash}.safetensors").into()),
+            y(&hash.as_str().into())
+        );
+    }
+    let _ = writeln!(out, "nodes:");
+    out.push_str(&nodes);
+    Ok(out)
+}

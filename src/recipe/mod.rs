@@ -57,6 +57,9 @@ pub struct ModelDecl {
     /// Expected SHA-256 of the file (checked before building).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Expected AUTOMATIC1111 short hash (first 10 hex digits of the SHA-256; checked).
+    #[serde(default)]
+    pub autov2: Option<String>,
 }
 
 /// A ratio: a number, a preset name, a comma-separated string or a list of per-block values.
@@ -258,7 +261,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
         .map(|(name, m)| {
             (
                 name.clone(),
-                (dir.join(&m.value.path), m.value.sha256.clone()),
+                (
+                    dir.join(&m.value.path),
+                    m.value.sha256.clone().or_else(|| m.value.autov2.clone()),
+                ),
             )
         })
         .collect();
