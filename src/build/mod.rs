@@ -39,6 +39,16 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// Takes the build lock of a node key (waits while another build holds it).
+    pub fn lock(&self, key: &str) -> Result<std::fs::File> {
+        let dir = self.root.join("locks");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("{key}.lock"));
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        f.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(f)
+    }
+
     /// The cache rooted at `dir` (created on first write).
     pub fn new(dir: &Path) -> Self {
         Cache {
@@ -308,7 +318,16 @@ pub fn build(
         let started = std::time::Instant::now();
         let mut output = None;
         let (mut computed, mut reused) = (None, None);
-        if let Status::Miss(_) = p.status {
+        // One build at a time per node: a concurrent build of the same node waits here, then
+        // finds the result the other one made.
+        let _lock = match p.status {
+            Status::Miss(_) => Some(cache.lock(&p.key)?),
+            Status::Hit => None,
+        };
+        let done_meanwhile = matches!(recipe.nodes[&p.name], Node::Merge { .. })
+            && cache.object(&p.key).exists()
+            && cache.tensor_keys(&p.key).is_ok();
+        if let (Status::Miss(_), false) = (&p.status, done_meanwhile) {
             match &recipe.nodes[&p.name] {
                 Node::Merge { inputs, spec, vae } => {
                     let file = |i: &Input| match i {
@@ -441,15 +460,24 @@ fn save(
     to: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    if to.exists() && !overwrite {
-        // Replacing is safe when we wrote the file (same stamp as recorded), or when it
-        // already holds these very bytes (say, a concurrent build of the same recipe).
-        let ours = state
+    let record = |state: &mut State| -> Result<()> {
+        let written = Written {
+            object: object_key.to_string(),
+            stamp: Stamp::of(to)?,
+        };
+        state.outputs.insert(to.to_path_buf(), written);
+        Ok(())
+    };
+    if to.exists() {
+        let recorded = state
             .outputs
             .get(to)
-            .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp))
-            || memo.hashes(to)?.0.blake3 == memo.hashes(object)?.0.blake3;
-        if !ours {
+            .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp));
+        if !recorded && memo.hashes(to)?.0.blake3 == memo.hashes(object)?.0.blake3 {
+            // Already these very bytes (say, written by a concurrent build): keep the file.
+            return record(state);
+        }
+        if !recorded && !overwrite {
             return Err(Error::Invalid(format!(
                 "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
                 to.display()
@@ -472,10 +500,5 @@ fn save(
         .sync_all()
         .map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(to).map_err(|e| Error::io(to, e.error))?;
-    let written = Written {
-        object: object_key.to_string(),
-        stamp: Stamp::of(to)?,
-    };
-    state.outputs.insert(to.to_path_buf(), written);
-    Ok(())
+    record(state)
 }
