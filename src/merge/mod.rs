@@ -59,6 +59,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode with SuperMerger's UI label (`Weight sum`, `Add difference`, ...).
+    pub fn from_label(label: &str) -> Option<Mode> {
+        use clap::ValueEnum;
+        Mode::value_variants()
+            .iter()
+            .copied()
+            .find(|m| m.label() == label)
+    }
+
     /// Whether the mode reads model C.
     pub fn uses_c(self) -> bool {
         !matches!(self, Mode::WeightSum)

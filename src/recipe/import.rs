@@ -121,15 +121,8 @@ fn from_mergesmith(own: &Value, name: &str, stem: &str) -> String {
 
 fn from_supermerger(sm: &Value, models: Option<&Value>, name: &str, stem: &str) -> Result<String> {
     let label = sm["mode"].as_str().unwrap_or_default();
-    let mode = [
-        Mode::WeightSum,
-        Mode::AddDifference,
-        Mode::TripleSum,
-        Mode::SumTwice,
-    ]
-    .into_iter()
-    .find(|m| m.label() == label)
-    .ok_or_else(|| Error::Invalid(format!("{name}: unknown SuperMerger mode `{label}`")))?;
+    let mode = Mode::from_label(label)
+        .ok_or_else(|| Error::Invalid(format!("{name}: unknown SuperMerger mode `{label}`")))?;
     let mut out = String::new();
     header(&mut out, name);
     let slots: Vec<&str> = if mode.uses_c() {
@@ -174,11 +167,11 @@ fn from_supermerger(sm: &Value, models: Option<&Value>, name: &str, stem: &str) 
         "alpha",
         ratio("weights_alpha_orig", "base_alpha").as_ref(),
     );
-    if mode.uses_beta()
-        || sm["calcmode"] == "tensor"
-        || sm["calcmode"] == "tensor2"
-        || sm["calcmode"] == "extract"
-    {
+    let calc_uses_beta = sm["calcmode"]
+        .as_str()
+        .and_then(CalcMode::from_label)
+        .is_some_and(|c| c.uses_beta());
+    if mode.uses_beta() || calc_uses_beta {
         field(
             &mut out,
             "beta",
@@ -186,21 +179,9 @@ fn from_supermerger(sm: &Value, models: Option<&Value>, name: &str, stem: &str) 
         );
     }
     if let Some(label) = sm["calcmode"].as_str().filter(|c| *c != "normal") {
-        let calc = [
-            CalcMode::CosineA,
-            CalcMode::CosineB,
-            CalcMode::TrainDifference,
-            CalcMode::SmoothAdd,
-            CalcMode::SmoothAddMt,
-            CalcMode::Extract,
-            CalcMode::Tensor,
-            CalcMode::Tensor2,
-            CalcMode::SelfScale,
-            CalcMode::PlusRandom,
-        ]
-        .into_iter()
-        .find(|c| c.label() == label)
-        .ok_or_else(|| Error::Invalid(format!("{name}: unknown SuperMerger calcmode `{label}`")))?;
+        let calc = CalcMode::from_label(label).ok_or_else(|| {
+            Error::Invalid(format!("{name}: unknown SuperMerger calcmode `{label}`"))
+        })?;
         field(
             &mut out,
             "calcmode",
@@ -256,15 +237,8 @@ pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<Stri
         }
         let at = format!("{}: history ID {row_id}", csv_path.display());
         let label = col(10).split(':').next().unwrap_or("");
-        let mode = [
-            Mode::WeightSum,
-            Mode::AddDifference,
-            Mode::TripleSum,
-            Mode::SumTwice,
-        ]
-        .into_iter()
-        .find(|m| m.label() == label)
-        .ok_or_else(|| Error::Invalid(format!("{at}: unknown mode `{}`", col(10))))?;
+        let mode = Mode::from_label(label)
+            .ok_or_else(|| Error::Invalid(format!("{at}: unknown mode `{}`", col(10))))?;
         let _ = writeln!(
             nodes,
             "  merge_{row_id}:    # {}",
@@ -301,20 +275,7 @@ pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<Stri
         };
         field(&mut nodes, "alpha", Some(&ratio(3, 8)));
         let calc_label = col(16);
-        let calc = [
-            CalcMode::CosineA,
-            CalcMode::CosineB,
-            CalcMode::TrainDifference,
-            CalcMode::SmoothAdd,
-            CalcMode::SmoothAddMt,
-            CalcMode::Extract,
-            CalcMode::Tensor,
-            CalcMode::Tensor2,
-            CalcMode::SelfScale,
-            CalcMode::PlusRandom,
-        ]
-        .into_iter()
-        .find(|c| c.label() == calc_label);
+        let calc = CalcMode::from_label(calc_label);
         if mode.uses_beta() || calc.is_some_and(|c| c.uses_beta()) {
             field(&mut nodes, "beta", Some(&ratio(4, 9)));
         }

@@ -85,6 +85,15 @@ pub enum Kind {
 }
 
 impl CalcMode {
+    /// The calcmode with SuperMerger's name `label` (`cosineA`, `smoothAdd MT`, `plus random`...).
+    pub fn from_label(label: &str) -> Option<CalcMode> {
+        use clap::ValueEnum;
+        CalcMode::value_variants()
+            .iter()
+            .copied()
+            .find(|c| c.label() == label)
+    }
+
     /// SuperMerger's name.
     pub fn label(self) -> &'static str {
         match self {
