@@ -229,7 +229,6 @@ impl HashMemo {
         let hashes = hash_file(&stamp.path)?;
         // The file may have changed while it was read: only memoize a stable stamp.
         if Stamp::of(path)? == stamp {
-            std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
             let entry = MemoEntry {
                 stamp,
                 hashes: hashes.clone(),
@@ -242,11 +241,18 @@ impl HashMemo {
     }
 }
 
+/// `$MERGESMITH_CACHE`, when set and not empty.
+pub fn env_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("MERGESMITH_CACHE")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
 /// The cache directory: `--cache`, else `$MERGESMITH_CACHE`, else the user cache directory
 /// (`$XDG_CACHE_HOME/mergesmith` or `~/.cache/mergesmith`), else `./cache`.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MERGESMITH_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
+    if let Some(d) = env_cache_dir() {
+        return d;
     }
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("mergesmith");

@@ -173,11 +173,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
 pub fn cache_dir(given: Option<&Path>) -> PathBuf {
     given
         .map(Path::to_path_buf)
-        .or_else(|| {
-            std::env::var_os("MERGESMITH_CACHE")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
+        .or_else(crate::hashing::env_cache_dir)
         .unwrap_or_else(|| PathBuf::from("cache"))
 }
 

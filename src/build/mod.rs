@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::checkpoint::writer::write_file_atomic;
+use crate::checkpoint::writer::{copy_file_atomic, write_file_atomic};
 use crate::error::{Error, Result};
 use crate::hashing::{HashMemo, Stamp};
 use crate::merge::{MergeFiles, Prepared, RunOptions};
@@ -58,10 +58,8 @@ impl Cache {
 
     /// The cache directory for a recipe: `$MERGESMITH_CACHE`, else `cache/` beside it.
     pub fn default_for(recipe: &Path) -> PathBuf {
-        match std::env::var_os("MERGESMITH_CACHE").filter(|d| !d.is_empty()) {
-            Some(d) => PathBuf::from(d),
-            None => recipe.parent().unwrap_or(Path::new(".")).join("cache"),
-        }
+        crate::hashing::env_cache_dir()
+            .unwrap_or_else(|| recipe.parent().unwrap_or(Path::new(".")).join("cache"))
     }
 
     /// The hash memo kept in this cache.
@@ -79,6 +77,12 @@ impl Cache {
 
     fn preimage_path(&self, key: &str) -> PathBuf {
         self.root.join("nodes").join(format!("{key}.json"))
+    }
+
+    /// Whether a merge result is complete in the cache: its object and its tensor keys
+    /// (keys are written first, so an object without keys is never trusted).
+    pub fn has_result(&self, key: &str) -> bool {
+        self.object(key).exists() && self.tensor_keys(key).is_ok()
     }
 
     /// The preimage recorded for a key, if any.
@@ -102,8 +106,6 @@ impl Cache {
 
     fn save_state(&self, recipe: &Path, state: &State) -> Result<()> {
         let path = self.state_path(recipe);
-        std::fs::create_dir_all(path.parent().expect("state dir"))
-            .map_err(|e| Error::io(&path, e))?;
         let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
         write_file_atomic(&path, &text, true)
     }
@@ -159,10 +161,8 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     for name in recipe.order.iter().filter(|n| needed.contains(*n)) {
         let (key, preimage) = &keys[name];
         let hit = match &recipe.nodes[name] {
-            Node::Merge { .. } => cache.object(key).exists() && cache.tensor_keys(key).is_ok(),
-            Node::Save { to, .. } => {
-                output_current(cache, &state, to, &keys[save_source(recipe, name)].0)
-            }
+            Node::Merge { .. } => cache.has_result(key),
+            Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
         };
         let status = if hit {
             Status::Hit
@@ -187,18 +187,9 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     Ok(out)
 }
 
-fn save_source<'a>(recipe: &'a Recipe, name: &'a str) -> &'a str {
-    match &recipe.nodes[name] {
-        Node::Save { from, .. } => from,
-        Node::Merge { .. } => name,
-    }
-}
-
-/// Whether the file at `to` is exactly what the node object `key` holds, as written by us.
 /// Whether the file at `to` is still exactly what the last build wrote from object `key`
 /// (checked by stamp, without reading it).
-fn output_current(cache: &Cache, state: &State, to: &Path, key: &str) -> bool {
-    let _ = cache;
+fn output_current(state: &State, to: &Path, key: &str) -> bool {
     state
         .outputs
         .get(to)
@@ -324,9 +315,8 @@ pub fn build(
             Status::Miss(_) => Some(cache.lock(&p.key)?),
             Status::Hit => None,
         };
-        let done_meanwhile = matches!(recipe.nodes[&p.name], Node::Merge { .. })
-            && cache.object(&p.key).exists()
-            && cache.tensor_keys(&p.key).is_ok();
+        let done_meanwhile =
+            matches!(recipe.nodes[&p.name], Node::Merge { .. }) && cache.has_result(&p.key);
         if let (Status::Miss(_), false) = (&p.status, done_meanwhile) {
             match &recipe.nodes[&p.name] {
                 Node::Merge { inputs, spec, vae } => {
@@ -372,8 +362,6 @@ pub fn build(
                 }
             }
             let path = cache.preimage_path(&p.key);
-            let dir = path.parent().expect("nodes dir");
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             let text = serde_json::to_vec_pretty(&p.preimage)
                 .map_err(|e| Error::Invalid(e.to_string()))?;
             write_file_atomic(&path, &text, true)?;
@@ -484,21 +472,6 @@ fn save(
             )));
         }
     }
-    let dir = to
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".mergesmith-save.")
-        .suffix(".partial")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    // fs::copy uses copy_file_range, which reflinks on filesystems that support it.
-    std::fs::copy(object, tmp.path()).map_err(|e| Error::io(object, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(to).map_err(|e| Error::io(to, e.error))?;
+    copy_file_atomic(object, to, true)?;
     record(state)
 }

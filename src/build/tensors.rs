@@ -51,8 +51,6 @@ impl Cache {
     /// Records the tensor keys of a built object.
     pub fn record_tensor_keys(&self, object: &str, keys: &KeyMap) -> Result<()> {
         let path = self.keys_path(object);
-        let dir = path.parent().expect("keys dir");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let text = serde_json::to_vec(keys).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::checkpoint::writer::write_file_atomic(&path, &text, true)
     }

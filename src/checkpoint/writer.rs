@@ -241,27 +241,33 @@ impl SafetensorsWriter {
             )));
         }
         let size = self.data_start + self.ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
-        let tmp_path = self.tmp.path().to_path_buf();
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| Error::io(&tmp_path, e))?;
-        let dest = self.dest;
-        let persisted = if self.overwrite {
-            self.tmp.persist(&dest)
-        } else {
-            self.tmp.persist_noclobber(&dest)
-        };
-        persisted.map_err(|e| {
-            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::OutputExists { path: dest.clone() }
-            } else {
-                Error::io(&dest, e.error)
-            }
-        })?;
-        sync_parent(&dest);
-        Ok((dest, size))
+        persist(self.tmp, &self.dest, self.overwrite)?;
+        Ok((self.dest, size))
     }
+}
+
+/// fsyncs `tmp`, renames it to `dest` (refusing to replace a file unless `overwrite`), and
+/// fsyncs the directory.
+fn persist(tmp: NamedTempFile, dest: &Path, overwrite: bool) -> Result<()> {
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    let persisted = if overwrite {
+        tmp.persist(dest)
+    } else {
+        tmp.persist_noclobber(dest)
+    };
+    persisted.map_err(|e| {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::OutputExists {
+                path: dest.to_path_buf(),
+            }
+        } else {
+            Error::io(dest, e.error)
+        }
+    })?;
+    sync_parent(dest);
+    Ok(())
 }
 
 /// Writes a whole file atomically: temp file in the same directory, fsync, rename.
@@ -273,15 +279,20 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8], overwrite: bool) -> Result<(
     }
     let mut tmp = temp_beside(dest)?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(dest, e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(dest, e))?;
-    let r = if overwrite {
-        tmp.persist(dest)
-    } else {
-        tmp.persist_noclobber(dest)
-    };
-    r.map_err(|e| Error::io(dest, e.error))?;
-    sync_parent(dest);
-    Ok(())
+    persist(tmp, dest, overwrite)
+}
+
+/// Copies `src` to `dest` atomically (temp file beside `dest`, fsync, rename). `fs::copy`
+/// uses copy_file_range, which reflinks on filesystems that support it.
+pub fn copy_file_atomic(src: &Path, dest: &Path, overwrite: bool) -> Result<()> {
+    if !overwrite && dest.exists() {
+        return Err(Error::OutputExists {
+            path: dest.to_path_buf(),
+        });
+    }
+    let tmp = temp_beside(dest)?;
+    std::fs::copy(src, tmp.path()).map_err(|e| Error::io(src, e))?;
+    persist(tmp, dest, overwrite)
 }
 
 /// A temporary file in `dest`'s directory (created if missing; the same directory makes the
