@@ -318,62 +318,55 @@ fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result
                         encode_part(w, k, lo, &s.a, &mut s.out)
                     },
                 )?,
-                (None, Kind::Whole) => {
-                    let va = convert::to_f32(a.dtype, &a.data)?;
-                    let vb = convert::to_f32(b.dtype, &b.data)?;
-                    let vc = c
-                        .as_ref()
-                        .map(|c| convert::to_f32(c.dtype, &c.data))
-                        .transpose()?;
-                    let params = WholeParams {
-                        alpha: *alpha,
-                        beta: *beta,
-                        gamma: ctx.gamma,
-                        cosine: ctx.cosine,
-                    };
-                    let mut out = calc::whole(
-                        ctx.calc,
-                        &params,
-                        a.shape,
-                        va,
-                        &vb,
-                        vc.as_deref().unwrap_or(&[]),
-                    );
-                    adjust_part(adjust, 0, &mut out);
-                    w.write(&k.name, &convert::from_f32(&out, k.dtype)?)?;
-                }
-                (Some(ch), _) => {
-                    // A has more input channels than B (and C): merge the first `ch` of dim 1
-                    // (element-wise calcmodes only; the plan refuses the others).
+                (channels, kind) => {
+                    // Whole-tensor calcmodes, and keys where A has more input channels than B
+                    // (and C): decode each input once.
                     let mut va = convert::to_f32(a.dtype, &a.data)?;
                     let vb = convert::to_f32(b.dtype, &b.data)?;
                     let vc = c
                         .as_ref()
                         .map(|c| convert::to_f32(c.dtype, &c.data))
                         .transpose()?;
-                    let inner: usize = a.shape[2..].iter().product();
-                    let seg = ch * inner;
-                    for i in 0..a.shape[0] {
-                        let at = |shape: &[usize]| i * shape[1] * inner;
-                        let (a_at, b_at) = (at(a.shape), at(b.shape));
-                        let c_seg = match (&vc, &c) {
-                            (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
-                            _ => &[][..],
-                        };
-                        let cc = chunk_ctx(i as u64);
-                        calc::elementwise(
-                            ctx.calc,
-                            ctx.mode,
-                            alpha32,
-                            beta32,
-                            &mut va[a_at..a_at + seg],
-                            &vb[b_at..b_at + seg],
-                            c_seg,
-                            &cc,
-                        );
-                    }
-                    adjust_part(adjust, 0, &mut va);
-                    w.write(&k.name, &convert::from_f32(&va, k.dtype)?)?;
+                    let mut out = match channels {
+                        None => {
+                            debug_assert_eq!(kind, Kind::Whole);
+                            let params = WholeParams {
+                                alpha: *alpha,
+                                beta: *beta,
+                                gamma: ctx.gamma,
+                                cosine: ctx.cosine,
+                            };
+                            let vc = vc.as_deref().unwrap_or(&[]);
+                            calc::whole(ctx.calc, &params, a.shape, va, &vb, vc)
+                        }
+                        Some(ch) => {
+                            // Merge the first `ch` channels of dim 1 (element-wise calcmodes
+                            // only; the plan refuses the others).
+                            let inner: usize = a.shape[2..].iter().product();
+                            let seg = ch * inner;
+                            for i in 0..a.shape[0] {
+                                let at = |shape: &[usize]| i * shape[1] * inner;
+                                let (a_at, b_at) = (at(a.shape), at(b.shape));
+                                let c_seg = match (&vc, &c) {
+                                    (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
+                                    _ => &[][..],
+                                };
+                                calc::elementwise(
+                                    ctx.calc,
+                                    ctx.mode,
+                                    alpha32,
+                                    beta32,
+                                    &mut va[a_at..a_at + seg],
+                                    &vb[b_at..b_at + seg],
+                                    c_seg,
+                                    &chunk_ctx(i as u64),
+                                );
+                            }
+                            va
+                        }
+                    };
+                    adjust_part(adjust, 0, &mut out);
+                    w.write(&k.name, &convert::from_f32(&out, k.dtype)?)?;
                 }
             }
         }
