@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: make three related tiny SD1.x checkpoints (real key layout, synthetic weights),
 # build recipes/example.yaml (two merges and a save), then build it again: nothing changed,
-# so every node is a cache hit. Finally inspect the result.
+# so every node is a cache hit. Then the other example recipes; finally inspect a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -13,4 +13,8 @@ $bin synth --base "$m/base.safetensors" --seed 2 --strength 0.2 -o "$m/tuned.saf
 $bin synth --base "$m/base.safetensors" --seed 3 --strength 0.2 -o "$m/other.safetensors" --overwrite
 $bin build recipes/example.yaml
 $bin build recipes/example.yaml
+# Two more examples: trial merges kept in memory, and a filtered add-difference.
+$bin build recipes/trials.yaml --jobs 2
+$bin plan recipes/trials.yaml
+$bin build recipes/detail-transfer.yaml
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'

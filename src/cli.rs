@@ -43,7 +43,7 @@ pub enum Command {
     Dag(DagArgs),
     /// Cache statistics.
     Cache(CacheArgs),
-    /// Delete least recently used cache objects until the cache fits a size budget.
+    /// Delete least recently used cache packs until the cache fits a size budget.
     Gc(GcArgs),
     /// Delete every cached result (the file-hash memo is kept).
     Clean(CacheArgs),
@@ -109,6 +109,13 @@ pub struct VerifyArgs {
     /// The recipe file (its lock is `<recipe>.lock` beside it).
     #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
     pub recipe: PathBuf,
+    /// Rebuild every output from the inputs in a fresh temporary cache (beside the recipe)
+    /// and compare its hashes with the lock, instead of re-hashing the files on disk.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// Nodes built at the same time with `--rebuild`.
+    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
+    pub jobs: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -179,9 +186,24 @@ pub struct BuildArgs {
     /// Where merge arithmetic runs: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: crate::device::ComputeDevice,
+    /// Nodes built at the same time (each merge also uses every thread of `--threads`).
+    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
+    pub jobs: usize,
+    /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_set(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("`{text}`: expected NAME=VALUE")),
+    }
 }
 
 /// Arguments of `merge`.
@@ -429,9 +451,10 @@ pub fn run(command: Command) -> Result<()> {
                 return print_json(&stats);
             }
             println!(
-                "{}: {} objects, {}",
+                "{}: {} results in {} packs, {}",
                 stats.path.display(),
-                stats.objects,
+                stats.results,
+                stats.packs,
                 crate::inspect::human_bytes(stats.bytes)
             );
             Ok(())
@@ -440,7 +463,7 @@ pub fn run(command: Command) -> Result<()> {
             let max = crate::build::maintenance::parse_size(&a.max_size)?;
             let (n, freed) = cache_of(a.cache.as_deref()).gc(max)?;
             println!(
-                "removed {n} objects, freed {}",
+                "removed {n} packs, freed {}",
                 crate::inspect::human_bytes(freed)
             );
             Ok(())
@@ -448,8 +471,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Clean(a) => {
             let before = cache_of(a.cache.as_deref()).clean()?;
             println!(
-                "removed {} objects ({})",
-                before.objects,
+                "removed {} results, {} packs ({})",
+                before.results,
+                before.packs,
                 crate::inspect::human_bytes(before.bytes)
             );
             Ok(())
@@ -506,7 +530,19 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Verify(a) => {
-            let problems = crate::build::lock::verify(&a.recipe)?;
+            let problems = if a.rebuild {
+                let opts = crate::build::BuildOptions {
+                    run: crate::merge::RunOptions {
+                        overwrite: true,
+                        progress: !a.json,
+                        device: Default::default(),
+                    },
+                    jobs: a.jobs,
+                };
+                crate::build::lock::verify_rebuild(&load_recipe(&a.recipe)?, &opts)?
+            } else {
+                crate::build::lock::verify(&a.recipe)?
+            };
             if a.json {
                 print_json(&problems)?;
             } else if problems.is_empty() {
@@ -749,6 +785,7 @@ fn explain(a: ExplainArgs) -> Result<()> {
     match &node.status {
         Status::Hit => println!("state: up to date"),
         Status::Miss(why) => println!("state: stale: {}", why.join("; ")),
+        Status::Skip(why) => println!("state: skipped: {why}"),
     }
     let pretty =
         serde_json::to_string_pretty(&node.preimage).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -758,7 +795,8 @@ fn explain(a: ExplainArgs) -> Result<()> {
 
 fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     use crate::build::{Cache, Status};
-    let recipe = load_recipe(&a.recipe)?;
+    let recipe =
+        crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
     let cache = Cache::new(
         &a.cache
             .clone()
@@ -775,17 +813,21 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
                 Status::Miss(why) => {
                     println!("MISS  {}  ({}): {}", p.name, &p.key[..12], why.join("; "))
                 }
+                Status::Skip(why) => println!("SKIP  {}  ({}): {why}", p.name, &p.key[..12]),
             }
         }
         return Ok(());
     }
-    let run = crate::merge::RunOptions {
-        overwrite: true,
-        progress: !a.json,
-        device: a.device,
+    let opts = crate::build::BuildOptions {
+        run: crate::merge::RunOptions {
+            overwrite: true,
+            progress: !a.json,
+            device: a.device,
+        },
+        jobs: a.jobs,
     };
     let started = std::time::Instant::now();
-    let reports = crate::build::build(&recipe, &cache, &a.targets, &run)?;
+    let reports = crate::build::build(&recipe, &cache, &a.targets, &opts)?;
     let lock = crate::build::lock::write(&recipe, &cache.memo())?;
     let id = cache.append_log(&a.recipe, &reports)?;
     if a.json {
@@ -798,12 +840,13 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     for r in &reports {
         match &r.plan.status {
             Status::Hit => println!("cached  {}", r.plan.name),
+            Status::Skip(why) => println!("skipped {}  ({why})", r.plan.name),
             Status::Miss(_) => println!(
                 "built   {}  {:.1} s{}{}",
                 r.plan.name,
                 r.seconds,
-                match (r.computed, r.reused) {
-                    (Some(c), Some(u)) => format!("  ({c} tensors computed, {u} reused)"),
+                match (r.stored, r.reused) {
+                    (Some(c), Some(u)) => format!("  ({c} tensors stored, {u} reused)"),
                     _ => String::new(),
                 },
                 r.output
@@ -813,10 +856,14 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
             ),
         }
     }
+    let cached = reports
+        .iter()
+        .filter(|r| r.plan.status == Status::Hit)
+        .count();
     println!(
-        "build #{id}: {} nodes, {built} built, {} cached, in {:.1} s; hashes in {}",
+        "build #{id}: {} nodes, {built} built, {cached} cached, {} skipped, in {:.1} s; hashes in {}",
         reports.len(),
-        reports.len() - built,
+        reports.len() - built - cached,
         started.elapsed().as_secs_f64(),
         lock.display()
     );

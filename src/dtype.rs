@@ -7,7 +7,9 @@ use std::str::FromStr;
 ///
 /// The names follow the safetensors header spelling (`F16`, `BF16`, ...). Sub-byte
 /// types are sized in bits so that byte lengths can still be validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum DType {
     /// Boolean, one byte per element.
     #[serde(rename = "BOOL")]

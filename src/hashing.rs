@@ -38,16 +38,23 @@ const HASH_CHUNK: usize = 8 << 20;
 /// The A1111 legacy-hash window: 0x10000 bytes at offset 0x100000.
 const LEGACY_WINDOW: std::ops::Range<u64> = 0x100000..0x110000;
 
-/// Incremental state of all hashes.
-struct Hashers {
+/// Incremental state of all hashes, fed a file's bytes in order.
+pub struct Hashers {
     blake3: blake3::Hasher,
     sha256: Sha256,
     legacy: Sha256,
     pos: u64,
 }
 
+impl Default for Hashers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Hashers {
-    fn new() -> Self {
+    /// Hashers at the start of a file.
+    pub fn new() -> Self {
         Hashers {
             blake3: blake3::Hasher::new(),
             sha256: Sha256::new(),
@@ -57,7 +64,7 @@ impl Hashers {
     }
 
     /// Feeds the next bytes of the file; SHA-256 and blake3 run in parallel.
-    fn update(&mut self, chunk: &[u8]) {
+    pub fn update(&mut self, chunk: &[u8]) {
         let (b3, sha) = (&mut self.blake3, &mut self.sha256);
         rayon::join(|| b3.update(chunk), || sha.update(chunk));
         let end = self.pos + chunk.len() as u64;
@@ -72,7 +79,8 @@ impl Hashers {
         self.pos = end;
     }
 
-    fn finish(self) -> FileHashes {
+    /// The hashes of everything fed so far.
+    pub fn finish(self) -> FileHashes {
         let sha = hex(&self.sha256.finalize());
         FileHashes {
             blake3: self.blake3.finalize().to_hex().to_string(),
@@ -100,6 +108,7 @@ fn hex(bytes: &[u8]) -> String {
 /// consume the previous one, so memory stays at a few buffers whatever the file size.
 pub fn hash_file(path: &Path) -> Result<FileHashes> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    crate::checkpoint::counters::FILES_HASHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(2);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let mut h = Hashers::new();
@@ -187,7 +196,7 @@ struct MemoEntry {
     hashes: FileHashes,
 }
 
-/// A memo of file hashes stored under `<cache>/v1/file-hashes/`.
+/// A memo of file hashes stored under `<cache>/v2/file-hashes/`.
 #[derive(Debug, Clone)]
 pub struct HashMemo {
     dir: PathBuf,
@@ -207,18 +216,34 @@ impl HashMemo {
     /// A memo under the cache directory `cache`.
     pub fn new(cache: &Path) -> Self {
         HashMemo {
-            dir: cache.join("v1").join("file-hashes"),
+            dir: cache.join(crate::build::LAYOUT).join("file-hashes"),
         }
+    }
+
+    /// Records hashes computed while writing `path` (so it is never read just to hash it).
+    pub fn record(&self, path: &Path, hashes: &FileHashes) -> Result<()> {
+        let stamp = Stamp::of(path)?;
+        let entry_path = self.entry_path(&stamp);
+        let entry = MemoEntry {
+            stamp,
+            hashes: hashes.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file_atomic(&entry_path, &json, true)
+    }
+
+    fn entry_path(&self, stamp: &Stamp) -> PathBuf {
+        self.dir.join(format!(
+            "{}.json",
+            blake3::hash(stamp.path.to_string_lossy().as_bytes()).to_hex()
+        ))
     }
 
     /// Returns the file's hashes, reading the file only if the memo has no entry for
     /// its current (path, size, mtime, inode, device).
     pub fn hashes(&self, path: &Path) -> Result<(FileHashes, HashSource)> {
         let stamp = Stamp::of(path)?;
-        let entry_path = self.dir.join(format!(
-            "{}.json",
-            blake3::hash(stamp.path.to_string_lossy().as_bytes()).to_hex()
-        ));
+        let entry_path = self.entry_path(&stamp);
         if let Ok(text) = std::fs::read_to_string(&entry_path) {
             if let Ok(entry) = serde_json::from_str::<MemoEntry>(&text) {
                 if entry.stamp == stamp {

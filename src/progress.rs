@@ -1,8 +1,16 @@
 //! Progress reporting: bars on a terminal, nothing when piped or in `--json` mode.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Every bar of the process, so bars of nodes built at the same time (`--jobs`) stack
+/// instead of overwriting each other.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+}
 
 /// A byte-count progress bar drawn on stderr when it is a terminal and `enabled` is true;
 /// otherwise a hidden bar whose updates cost nothing.
@@ -10,7 +18,7 @@ pub fn bytes(total: u64, message: &str, enabled: bool) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let bar = bars().add(ProgressBar::new(total));
     bar.set_style(
         ProgressStyle::with_template(
             "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",

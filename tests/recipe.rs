@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use mergesmith::arch::Family;
+use mergesmith::build::BuildOptions;
 use mergesmith::build::{self, Cache, Status};
-use mergesmith::merge::RunOptions;
 use mergesmith::recipe;
 
 const RECIPE: &str = "version: 1
@@ -78,7 +78,7 @@ impl Project {
             &recipe::load(path).unwrap(),
             &self.cache(),
             &[],
-            &RunOptions::default(),
+            &BuildOptions::default(),
         )
         .unwrap()
     }
@@ -98,6 +98,7 @@ fn built(r: &[build::NodeReport]) -> Vec<&str> {
 fn reasons(plan: &[build::NodePlan], node: &str) -> Vec<String> {
     match &plan.iter().find(|p| p.name == node).unwrap().status {
         Status::Miss(r) => r.clone(),
+        Status::Skip(why) => vec![format!("skip: {why}")],
         Status::Hit => vec![],
     }
 }
@@ -148,12 +149,29 @@ fn one_block_weight_change_is_explained_by_block() {
     let reports = p.build(&r);
     let counts = |n: &str| {
         let r = reports.iter().find(|r| r.plan.name == n).unwrap();
-        (r.computed.unwrap(), r.reused.unwrap())
+        (r.stored.unwrap(), r.reused.unwrap())
     };
     let (computed, reused) = counts("blend");
     assert_eq!(computed, 38);
     assert!(reused > 1000, "{reused}");
     assert_eq!(counts("detail").0, 38);
+    // The store keeps just those: `blend`'s result now reads from the first build's pack and
+    // from a new pack holding IN04's 38 tensors.
+    let cache = p.cache();
+    let blend_key = &p.plan(&r)[0].key;
+    let manifest = cache.manifest(blend_key).unwrap();
+    let sizes: Vec<usize> = manifest
+        .packs()
+        .iter()
+        .map(|pk| {
+            mergesmith::checkpoint::Checkpoint::open(cache.pack_path(pk))
+                .unwrap()
+                .tensors()
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert!(sizes.contains(&38), "{sizes:?}");
     // And the result equals a clean build of the new recipe.
     let incremental = p.output();
     let fresh = Project::new();
@@ -215,7 +233,7 @@ fn never_replaces_a_foreign_file() {
         &recipe::load(&r).unwrap(),
         &p.cache(),
         &[],
-        &RunOptions::default(),
+        &BuildOptions::default(),
     )
     .unwrap_err();
     assert!(err.to_string().contains("overwrite: true"), "{err}");
@@ -240,7 +258,7 @@ fn concurrent_builds_share_one_cache() {
                         &recipe::load(&r).unwrap(),
                         &p.cache(),
                         &[],
-                        &RunOptions::default(),
+                        &BuildOptions::default(),
                     )
                 })
             })
@@ -264,7 +282,7 @@ fn targets_build_only_what_they_need() {
         &rec,
         &p.cache(),
         &["blend".to_string()],
-        &RunOptions::default(),
+        &BuildOptions::default(),
     )
     .unwrap();
     assert_eq!(built(&reports), vec!["blend"]);
@@ -272,7 +290,7 @@ fn targets_build_only_what_they_need() {
         &rec,
         &p.cache(),
         &["blnd".to_string()],
-        &RunOptions::default(),
+        &BuildOptions::default(),
     )
     .unwrap_err();
     assert!(err.to_string().contains("did you mean `blend`"), "{err}");
@@ -404,20 +422,30 @@ fn gc_clean_and_dag() {
     p.build(&r);
     let cache = p.cache();
     let stats = cache.stats();
-    assert_eq!(stats.objects, 2);
-    // A budget that fits one object keeps the most recently used one.
-    let one = std::fs::metadata(cache.object(&p.plan(&r)[1].key))
+    assert_eq!((stats.results, stats.packs), (2, 2));
+    // A budget that fits one pack keeps the most recently used one.
+    let detail = cache.manifest(&p.plan(&r)[1].key).unwrap();
+    let one = std::fs::metadata(cache.pack_path(detail.file.as_deref().unwrap()))
         .unwrap()
         .len();
     let (removed, _) = cache.gc(one).unwrap();
-    assert_eq!((removed, cache.stats().objects), (1, 1));
+    let stats = cache.stats();
+    assert_eq!((removed, stats.results, stats.packs), (1, 1, 1));
+    // `blend` is gone, but what reads it is up to date: nothing needs to run.
     assert_eq!(
         reasons(&p.plan(&r), "blend"),
+        vec!["skip: not needed: what uses it is up to date"]
+    );
+    assert!(built(&p.build(&r)).is_empty());
+    // Asked for by name, it is rebuilt and says why.
+    let plan = build::plan(&recipe::load(&r).unwrap(), &cache, &["blend".into()]).unwrap();
+    assert_eq!(
+        reasons(&plan, "blend"),
         vec!["its result is no longer in the cache"]
     );
     // `clean` forgets results and build history alike.
     cache.clean().unwrap();
-    assert_eq!(cache.stats().objects, 0);
+    assert_eq!(cache.stats().packs, 0);
     assert_eq!(reasons(&p.plan(&r), "blend"), vec!["never built"]);
     // After cleaning, a build recomputes everything and gives the same bytes.
     let before = p.output();
@@ -458,8 +486,8 @@ fn a_build_killed_mid_write_leaves_nothing_and_resumes() {
         .status()
         .unwrap();
     assert!(!status.success(), "the build was killed");
-    // No object and no output exist under their final names.
-    assert_eq!(p.cache().stats().objects, 0);
+    // No pack, result or output exists under its final name.
+    assert_eq!((p.cache().stats().packs, p.cache().stats().results), (0, 0));
     assert!(!p.dir.path().join("out/result.safetensors").exists());
     // The next build completes and matches a clean build in a fresh project.
     let reports = p.build(&r);
@@ -511,6 +539,178 @@ fn lockfile_and_verify() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stdout)
         .contains("release (out/result.safetensors): output differs"));
+
+    // `--rebuild` reproduces the outputs from the inputs alone (the edited file is not read)
+    // in a temporary cache that it removes afterwards.
+    let rebuilt = run(&["verify", "--rebuild", r.to_str().unwrap()]);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stdout)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(p.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".mergesmith-verify")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+    // A lock that records other bytes than the recipe makes is caught.
+    std::fs::write(&lock, text.replace(&sha, &"0".repeat(64))).unwrap();
+    let wrong = run(&["verify", "--rebuild", r.to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("release"));
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("rebuilt output differs"));
+}
+
+const TWO_BRANCHES: &str = "version: 1
+models:
+  base:  { path: models/base.safetensors }
+  tuned: { path: models/tuned.safetensors }
+  other: { path: models/other.safetensors }
+nodes:
+  trial:
+    merge: weight_sum
+    a: base
+    b: tuned
+    alpha: 0.4
+    CACHE
+  final:
+    merge: add_difference
+    a: trial
+    b: other
+    c: base
+    alpha: ALPHA
+  side:
+    merge: weight_sum
+    a: other
+    b: base
+    alpha: 0.7
+  release:
+    save: final
+    to: out/result.safetensors
+    LINK
+  release_side:
+    save: side
+    to: out/side.safetensors
+";
+
+fn two_branches(p: &Project, cache: &str, link: &str, alpha: &str) -> PathBuf {
+    p.write(
+        &TWO_BRANCHES
+            .replace("CACHE", cache)
+            .replace("LINK", link)
+            .replace("ALPHA", alpha),
+    )
+}
+
+fn status<'a>(plan: &'a [build::NodePlan], node: &str) -> &'a Status {
+    &plan.iter().find(|p| p.name == node).unwrap().status
+}
+
+fn key_of(plan: &[build::NodePlan], node: &str) -> String {
+    plan.iter().find(|p| p.name == node).unwrap().key.clone()
+}
+
+fn sorted(mut v: Vec<&str>) -> Vec<&str> {
+    v.sort();
+    v
+}
+
+#[test]
+fn memory_nodes_never_reach_the_disk() {
+    let p = Project::new();
+    let r = two_branches(&p, "cache: memory", "", "0.3");
+    let reports = p.build(&r);
+    assert_eq!(
+        sorted(built(&reports)),
+        vec!["final", "release", "release_side", "side", "trial"]
+    );
+    // `trial` was merged in memory: the cache holds only `final` and `side`.
+    let cache = p.cache();
+    let plan = p.plan(&r);
+    assert!(cache.manifest(&key_of(&plan, "trial")).is_none());
+    let stats = cache.stats();
+    assert_eq!((stats.results, stats.packs), (2, 2));
+    // Keeping it on disk instead gives the same bytes and the same keys downstream.
+    let disk = Project::new();
+    let rd = two_branches(&disk, "", "", "0.3");
+    disk.build(&rd);
+    assert!(disk.output() == p.output());
+    assert_eq!(key_of(&disk.plan(&rd), "final"), key_of(&plan, "final"));
+    // Next build: everything it feeds is up to date, so it is not merged again.
+    assert!(matches!(status(&p.plan(&r), "trial"), Status::Skip(_)));
+    assert!(built(&p.build(&r)).is_empty());
+    // When `final` changes, `trial` is merged again (in memory) to feed it.
+    let r = two_branches(&p, "cache: memory", "", "0.4");
+    assert_eq!(
+        sorted(built(&p.build(&r))),
+        vec!["final", "release", "trial"]
+    );
+    assert_eq!(p.cache().stats().results, 3);
+}
+
+#[test]
+fn jobs_build_independent_nodes_together_with_the_same_bytes() {
+    let p = Project::new();
+    let r = two_branches(&p, "", "", "0.3");
+    let opts = BuildOptions {
+        jobs: 3,
+        ..Default::default()
+    };
+    let reports = build::build(&recipe::load(&r).unwrap(), &p.cache(), &[], &opts).unwrap();
+    // Reports come in plan order whatever order the nodes finished in.
+    let names: Vec<&str> = reports.iter().map(|r| r.plan.name.as_str()).collect();
+    assert_eq!(
+        names,
+        p.plan(&r)
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+    );
+    let serial = Project::new();
+    serial.build(&two_branches(&serial, "", "", "0.3"));
+    for f in ["out/result.safetensors", "out/side.safetensors"] {
+        let read = |p: &Project| std::fs::read(p.dir.path().join(f)).unwrap();
+        assert!(read(&p) == read(&serial), "{f}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn hardlinked_outputs_share_the_cache_file() {
+    use std::os::unix::fs::MetadataExt;
+    let p = Project::new();
+    let r = two_branches(&p, "", "link: hardlink", "0.3");
+    p.build(&r);
+    let out = p.dir.path().join("out/result.safetensors");
+    let cache = p.cache();
+    let manifest = cache.manifest(&key_of(&p.plan(&r), "final")).unwrap();
+    let pack = cache.pack_path(manifest.file.as_deref().unwrap());
+    let (o, k) = (
+        std::fs::metadata(&out).unwrap(),
+        std::fs::metadata(&pack).unwrap(),
+    );
+    assert_eq!((o.ino(), o.dev()), (k.ino(), k.dev()));
+    assert!(o.permissions().readonly());
+    assert!(built(&p.build(&r)).is_empty());
+    // After a change the result is stored in pieces: the whole file is assembled in the
+    // cache once and linked; its bytes equal a plain copy from a clean build.
+    let r = two_branches(&p, "", "link: hardlink", "0.35");
+    p.build(&r);
+    let manifest = cache.manifest(&key_of(&p.plan(&r), "final")).unwrap();
+    assert!(manifest.packs().len() > 1);
+    let pack = cache.pack_path(manifest.file.as_deref().unwrap());
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().ino(),
+        std::fs::metadata(&pack).unwrap().ino()
+    );
+    let copy = Project::new();
+    copy.build(&two_branches(&copy, "", "", "0.35"));
+    assert!(copy.output() == p.output());
 }
 
 #[test]
@@ -519,9 +719,9 @@ fn builds_are_logged_with_increasing_ids() {
     let cache = p.cache();
     let r = p.recipe("0.3");
     let rec = recipe::load(&r).unwrap();
-    let first = build::build(&rec, &cache, &[], &RunOptions::default()).unwrap();
+    let first = build::build(&rec, &cache, &[], &BuildOptions::default()).unwrap();
     assert_eq!(cache.append_log(&r, &first).unwrap(), 1);
-    let second = build::build(&rec, &cache, &[], &RunOptions::default()).unwrap();
+    let second = build::build(&rec, &cache, &[], &BuildOptions::default()).unwrap();
     assert_eq!(cache.append_log(&r, &second).unwrap(), 2);
     let log = cache.log();
     assert_eq!(log.len(), 2);
@@ -662,4 +862,204 @@ fn supermerger_history_imports() {
     let one = recipe::import::from_supermerger_history(&csv, Some(2)).unwrap();
     assert!(one.contains("merge_2") && !one.contains("merge_1"));
     assert!(recipe::import::from_supermerger_history(&csv, Some(9)).is_err());
+}
+
+#[test]
+fn plan_checks_merges_whose_inputs_are_not_built_yet() {
+    let p = Project::new();
+    synth(
+        &p.dir.path().join("models"),
+        "xl.safetensors",
+        &tiny(Family::Sdxl, 4),
+    );
+    let r = p.write(
+        &RECIPE
+            .replace("ALPHA", "0.3")
+            .replace("models/other.safetensors", "models/xl.safetensors"),
+    );
+    // `detail` reads `blend`, which was never built: its planned output is checked against
+    // the SDXL model all the same, and nothing is built.
+    let err = build::plan(&recipe::load(&r).unwrap(), &p.cache(), &[])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "node `detail`: cannot merge SD1.x (model A) with SDXL base (model B: \
+         models/xl.safetensors)"
+            .replace("models/", &format!("{}/models/", p.dir.path().display()))
+    );
+    let built = build::build(
+        &recipe::load(&r).unwrap(),
+        &p.cache(),
+        &[],
+        &BuildOptions::default(),
+    );
+    assert!(built.is_err());
+    assert_eq!(p.cache().stats().packs, 0);
+}
+
+#[test]
+fn vars_are_shared_by_nodes_and_overridden_with_set() {
+    let p = Project::new();
+    let text = "version: 1
+models:
+  base:  { path: models/base.safetensors }
+  tuned: { path: models/tuned.safetensors }
+  other: { path: models/other.safetensors }
+vars:
+  curve: GRAD_V
+  strength: 0.3
+nodes:
+  one: { merge: weight_sum, a: base, b: tuned, alpha: $curve }
+  two: { merge: add_difference, a: one, b: other, c: base, alpha: $strength }
+  three: { merge: weight_sum, a: base, b: other, alpha: $curve }
+";
+    let r = p.write(text);
+    let rec = recipe::load(&r).unwrap();
+    let spelled = p.write(
+        &text
+            .replace("alpha: $curve", "alpha: GRAD_V")
+            .replace("$strength", "0.3"),
+    );
+    let keys = |rec: &recipe::Recipe| -> Vec<String> {
+        build::plan(rec, &p.cache(), &[])
+            .unwrap()
+            .into_iter()
+            .map(|n| n.key)
+            .collect()
+    };
+    // A var means exactly its value.
+    assert_eq!(keys(&rec), keys(&recipe::load(&spelled).unwrap()));
+    // `--set` overrides it everywhere it is used.
+    let r = p.write(text);
+    let set = recipe::load_with(&r, &[("strength".into(), "0.5".into())]).unwrap();
+    let plan = build::plan(&set, &p.cache(), &[]).unwrap();
+    let (k0, k1) = (
+        keys(&rec),
+        plan.iter().map(|n| n.key.clone()).collect::<Vec<_>>(),
+    );
+    let changed: Vec<&str> = plan
+        .iter()
+        .zip(k0.iter().zip(&k1))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(n, _)| n.name.as_str())
+        .collect();
+    assert_eq!(changed, vec!["two"]);
+    let err = recipe::load_with(&r, &[("strenght".into(), "0.5".into())]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the recipe declares no var `strenght` (did you mean `strength`?)"),
+        "{err}"
+    );
+    // An unknown var points at its use.
+    let e = errors(&text.replace("alpha: $strength", "alpha: $strenght"));
+    assert_eq!(
+        e.to_string(),
+        "recipe.yaml:11:67: no var `strenght` in this recipe (did you mean `$strength`?)"
+    );
+}
+
+#[test]
+fn includes_join_other_recipe_files() {
+    let p = Project::new();
+    let d = p.dir.path();
+    std::fs::create_dir_all(d.join("shared")).unwrap();
+    // Paths in an included file are relative to that file.
+    std::fs::write(
+        d.join("shared/models.yaml"),
+        "version: 1
+models:
+  base:  { path: ../models/base.safetensors }
+  tuned: { path: ../models/tuned.safetensors }
+vars:
+  curve: GRAD_V
+",
+    )
+    .unwrap();
+    let r = p.write(
+        "version: 1
+include: [shared/models.yaml]
+nodes:
+  blend: { merge: weight_sum, a: base, b: tuned, alpha: $curve }
+  release: { save: blend, to: out/result.safetensors }
+",
+    );
+    let rec = recipe::load(&r).unwrap();
+    assert_eq!(
+        rec.models["base"].0,
+        d.join("shared/../models/base.safetensors")
+    );
+    assert_eq!(built(&p.build(&r)), vec!["blend", "release"]);
+
+    // Errors in an included file point into it; names may not repeat across files; a file
+    // may not include itself (directly or not).
+    std::fs::write(
+        d.join("shared/models.yaml"),
+        "version: 1
+include: [../recipe.yaml]
+models:
+  base:  { path: ../models/base.safetensors }
+  blend: { path: ../models/tuned.safetensors }
+vars:
+  curve: NO_SUCH_PRESET
+",
+    )
+    .unwrap();
+    let e = recipe::load(&r).unwrap_err();
+    let shared = d.join("shared/models.yaml");
+    let top = d.join("recipe.yaml");
+    let lines: Vec<String> = e.to_string().lines().map(String::from).collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{}:4:43: `tuned` is not a model or node of this recipe", top.display()),
+            format!(
+                "{}:2:11: include cycle: recipe.yaml -> models.yaml -> recipe.yaml",
+                shared.display()
+            ),
+            format!(
+                "{}:5:10: `blend` is already declared in {}",
+                shared.display(),
+                top.display()
+            ),
+            format!(
+                "{}:7:10: `NO_SUCH_PRESET` is neither a number, a comma-separated vector nor a known preset",
+                shared.display()
+            ),
+        ],
+        "{e}"
+    );
+}
+
+#[test]
+fn cli_set_overrides_a_var_and_rejects_bad_syntax() {
+    let p = Project::new();
+    let r = p.write(
+        &RECIPE
+            .replace("ALPHA", "$a")
+            .replace("nodes:", "vars:\n  a: 0.3\nnodes:"),
+    );
+    let bin = env!("CARGO_BIN_EXE_mergesmith");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .current_dir(p.dir.path())
+            .output()
+            .unwrap()
+    };
+    let r = r.to_str().unwrap();
+    let plain = run(&["plan", r, "--json"]);
+    let set = run(&["plan", r, "--json", "--set", "a=0.6"]);
+    assert!(plain.status.success() && set.status.success());
+    let key = |o: &std::process::Output| -> String {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_array().unwrap()[0]["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(key(&plain), key(&set));
+    let bad = run(&["plan", r, "--set", "a"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected NAME=VALUE"));
 }

@@ -123,3 +123,56 @@ pub fn verify(recipe_path: &Path) -> Result<Vec<Mismatch>> {
     }
     Ok(out)
 }
+
+/// Rebuilds every output of the recipe from its inputs in a fresh cache (a temporary
+/// directory beside the recipe, removed afterwards), then compares the inputs and the
+/// rebuilt outputs with the lock. Nothing outside the temporary directory is written.
+pub fn verify_rebuild(recipe: &Recipe, opts: &crate::build::BuildOptions) -> Result<Vec<Mismatch>> {
+    let path = lock_path(&recipe.path);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let lock: Lock = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let dir = recipe.path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".mergesmith-verify.")
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    let mut fresh = recipe.clone();
+    for (name, node) in fresh.nodes.iter_mut() {
+        if let Node::Save { to, .. } = node {
+            *to = tmp.path().join("out").join(format!("{name}.safetensors"));
+        }
+    }
+    let cache = crate::build::Cache::new(&tmp.path().join("cache"));
+    crate::build::build(&fresh, &cache, &[], opts)?;
+    let memo = cache.memo();
+    let mut out = Vec::new();
+    let mut compare = |kind: &str, name: &str, f: &LockedFile, file: &Path| {
+        let problem = match memo.hashes(file) {
+            Err(e) => Some(format!("{kind} cannot be read: {e}")),
+            Ok((h, _)) if h.sha256 != f.sha256 => Some(format!(
+                "{kind} differs: SHA-256 {} (lock: {})",
+                h.sha256, f.sha256
+            )),
+            Ok(_) => None,
+        };
+        if let Some(problem) = problem {
+            out.push(Mismatch {
+                name: name.to_string(),
+                path: f.path.clone(),
+                problem,
+            });
+        }
+    };
+    for (name, f) in &lock.inputs {
+        compare("input", name, f, &dir.join(&f.path));
+    }
+    for (name, f) in &lock.outputs {
+        let rebuilt = match fresh.nodes.get(name) {
+            Some(Node::Save { to, .. }) => to.clone(),
+            _ => tmp.path().join("missing"),
+        };
+        compare("rebuilt output", name, f, &rebuilt);
+    }
+    Ok(out)
+}

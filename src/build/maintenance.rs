@@ -1,5 +1,10 @@
 //! Cache maintenance: statistics, garbage collection to a size budget, cleaning.
+//!
+//! Space is held by packs; a pack's last use is the latest modification time of the pack and
+//! of every manifest that reads from it (builds touch the manifests they hit). `gc` removes
+//! least recently used packs until the budget holds, then the manifests left incomplete.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -11,117 +16,132 @@ use crate::error::{Error, Result};
 pub struct Stats {
     /// Cache directory.
     pub path: PathBuf,
-    /// Stored node results.
-    pub objects: usize,
-    /// Their total size in bytes.
+    /// Stored node results (manifests).
+    pub results: usize,
+    /// Tensor packs.
+    pub packs: usize,
+    /// Total size of the packs in bytes.
     pub bytes: u64,
 }
 
-/// One stored object with its size and last use.
-struct Entry {
-    key: String,
-    path: PathBuf,
+/// One stored pack with its size and last use.
+struct PackEntry {
+    name: String,
     bytes: u64,
     used: SystemTime,
 }
 
+fn files_in(dir: &Path) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|s| std::fs::read_dir(s.path()).ok())
+        .flatten()
+        .flatten()
+        .collect()
+}
+
+fn modified(f: &std::fs::DirEntry) -> SystemTime {
+    f.metadata()
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
 impl Cache {
-    fn entries(&self) -> Vec<Entry> {
-        let mut out = Vec::new();
-        let Ok(shards) = std::fs::read_dir(self.root.join("objects")) else {
-            return out;
-        };
-        for shard in shards.flatten() {
-            let Ok(files) = std::fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
+    /// Manifests: (node key, last use, packs read).
+    fn results(&self) -> Vec<(String, SystemTime, Vec<String>)> {
+        files_in(&self.root.join("results"))
+            .into_iter()
+            .filter_map(|f| {
                 let path = f.path();
-                let (Some(key), Ok(md)) = (
-                    path.file_stem().and_then(|s| s.to_str()).map(String::from),
-                    f.metadata(),
-                ) else {
-                    continue;
-                };
-                if path.extension().is_some_and(|e| e == "safetensors") {
-                    let used = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    out.push(Entry {
-                        key,
-                        path,
-                        bytes: md.len(),
-                        used,
-                    });
-                }
+                let key = path.file_stem()?.to_str()?.to_string();
+                let m = self.manifest(&key)?;
+                let packs = m
+                    .packs()
+                    .into_iter()
+                    .chain(m.file.as_deref())
+                    .map(String::from)
+                    .collect();
+                Some((key, modified(&f), packs))
+            })
+            .collect()
+    }
+
+    fn packs(&self) -> Vec<PackEntry> {
+        let mut used: HashMap<String, SystemTime> = HashMap::new();
+        for (_, t, packs) in self.results() {
+            for p in packs {
+                let e = used.entry(p).or_insert(t);
+                *e = (*e).max(t);
             }
         }
-        out
+        files_in(&self.root.join("packs"))
+            .into_iter()
+            .filter_map(|f| {
+                let path = f.path();
+                let name = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".safetensors")?
+                    .to_string();
+                let own = modified(&f);
+                Some(PackEntry {
+                    used: used.get(&name).map_or(own, |t| (*t).max(own)),
+                    bytes: f.metadata().map(|m| m.len()).unwrap_or(0),
+                    name,
+                })
+            })
+            .collect()
     }
 
-    /// Object count and size.
+    /// Result, pack and byte counts.
     pub fn stats(&self) -> Stats {
-        let e = self.entries();
+        let packs = self.packs();
         Stats {
             path: self.root.clone(),
-            objects: e.len(),
-            bytes: e.iter().map(|e| e.bytes).sum(),
+            results: self.results().len(),
+            packs: packs.len(),
+            bytes: packs.iter().map(|e| e.bytes).sum(),
         }
     }
 
-    /// Marks an object as just used (its modification time orders garbage collection).
-    pub fn touch(&self, key: &str) {
-        if let Ok(f) = std::fs::File::options().append(true).open(self.object(key)) {
-            let _ = f.set_modified(SystemTime::now());
-        }
-    }
-
-    /// Deletes least recently used objects (with their tensor keys and preimages) until the
-    /// cache holds at most `max_bytes`. Returns (objects removed, bytes freed).
+    /// Deletes least recently used packs until the cache holds at most `max_bytes`, then
+    /// the results that read from a deleted pack. Returns (packs removed, bytes freed).
     pub fn gc(&self, max_bytes: u64) -> Result<(usize, u64)> {
         self.remove_stale_partials();
-        let mut entries = self.entries();
-        let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
-        entries.sort_by_key(|e| e.used);
+        let mut packs = self.packs();
+        let mut total: u64 = packs.iter().map(|e| e.bytes).sum();
+        packs.sort_by_key(|e| e.used);
         let (mut removed, mut freed) = (0, 0);
-        for e in entries {
+        for e in packs {
             if total <= max_bytes {
                 break;
             }
-            std::fs::remove_file(&e.path).map_err(|err| Error::io(&e.path, err))?;
-            for side in [
-                self.root
-                    .join("tensor-keys")
-                    .join(format!("{}.json", e.key)),
-                self.root.join("nodes").join(format!("{}.json", e.key)),
-            ] {
-                let _ = std::fs::remove_file(side);
-            }
+            let path = self.pack_path(&e.name);
+            std::fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
+            let _ = std::fs::remove_file(path.with_extension("keys.json"));
             total -= e.bytes;
             freed += e.bytes;
             removed += 1;
+        }
+        for (key, _, packs) in self.results() {
+            if packs.iter().any(|p| !self.pack_path(p).exists()) {
+                let _ = std::fs::remove_file(self.manifest_path(&key));
+            }
         }
         Ok((removed, freed))
     }
 
     /// Deletes temporary files left by builds killed mid-write more than an hour ago.
     fn remove_stale_partials(&self) {
-        let Ok(shards) = std::fs::read_dir(self.root.join("objects")) else {
-            return;
-        };
-        for f in shards
-            .flatten()
-            .filter_map(|s| std::fs::read_dir(s.path()).ok())
-            .flatten()
-            .flatten()
-        {
-            let path = f.path();
-            let old = f
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age.as_secs() > 3600);
-            if old && path.extension().is_some_and(|e| e == "partial") {
-                let _ = std::fs::remove_file(&path);
+        for dir in ["packs", "results"] {
+            for f in files_in(&self.root.join(dir)) {
+                let path = f.path();
+                let old = modified(&f).elapsed().is_ok_and(|age| age.as_secs() > 3600);
+                if old && path.extension().is_some_and(|e| e == "partial") {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
     }
@@ -129,7 +149,7 @@ impl Cache {
     /// Removes everything this cache version stores (the hash memo is kept).
     pub fn clean(&self) -> Result<Stats> {
         let before = self.stats();
-        for sub in ["objects", "tensor-keys", "nodes", "state"] {
+        for sub in ["packs", "results", "nodes", "state", "locks"] {
             let p = self.root.join(sub);
             if p.exists() {
                 std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;

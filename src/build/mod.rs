@@ -1,36 +1,49 @@
-//! Building a recipe: content keys, the node cache, and incremental execution.
+//! Building a recipe: content keys, the node store, and incremental execution.
 //!
 //! Every node gets a key: blake3 over a canonical JSON "preimage" of what determines its
 //! result (operation, normalized parameters, the keys of its inputs, the algorithm version).
 //! A model's key is the blake3 of its file contents (memoized on path, size, mtime, inode),
 //! so renaming a file changes nothing and editing its bytes changes exactly its dependents.
-//! A merge node's result is stored once in the cache as a safetensors object named by its
-//! key; a save node copies that object to its destination. The last build's keys and
-//! preimages are kept per recipe, so `plan` can say why a node must be rebuilt.
+//! A merge node's result is stored as a manifest over tensor packs (see [`store`]); a save
+//! node writes it to its destination. The last build's keys and preimages are kept per
+//! recipe, so `plan` can say why a node must be rebuilt.
 //!
-//! Cache layout (version 1), under `--cache` (default `cache/` beside the recipe):
-//! `v1/objects/ab/<key>.safetensors`, `v1/nodes/<key>.json` (preimages),
-//! `v1/state/<recipe>.json` (last build), `v1/file-hashes/` (hash memo).
+//! Work is pulled from the targets: a node runs only when it is out of date and something
+//! demanded needs it, so a node whose dependents are all up to date is skipped (that is how
+//! `cache: memory` nodes cost nothing once what they feed exists).
+//!
+//! Cache layout (version 2), under `--cache` (default `cache/` beside the recipe):
+//! `v2/packs/ab/<pack>.safetensors` + `<pack>.keys.json`, `v2/results/ab/<key>.json`
+//! (manifests), `v2/nodes/<key>.json` (preimages), `v2/state/<recipe>.json` (last build),
+//! `v2/locks/`, `v2/file-hashes/` (hash memo), `v2/log.jsonl`.
 
 pub mod diff;
 pub mod lock;
 pub mod log;
 pub mod maintenance;
+pub mod store;
 pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use crate::checkpoint::writer::{copy_file_atomic, write_file_atomic};
+use crate::checkpoint::writer::write_file_atomic;
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::hashing::{HashMemo, Stamp};
-use crate::merge::{MergeFiles, Prepared, RunOptions};
-use crate::recipe::{Input, Node, Recipe};
+use crate::hashing::{FileHashes, HashMemo, Stamp};
+use crate::merge::metadata::{self, InputRecord};
+use crate::merge::{engine, Prepared, RunOptions};
+use crate::recipe::{Input, Link, Node, Recipe};
+use store::{Entry, Manifest, Place, Store};
 
 /// Bumped whenever a change to the merge code changes results for the same inputs.
 pub const ALGORITHM_VERSION: u32 = 1;
+
+/// The cache layout version: the name of the cache's top directory.
+pub const LAYOUT: &str = "v2";
 
 /// A content-addressed node cache.
 #[derive(Debug, Clone)]
@@ -52,7 +65,7 @@ impl Cache {
     /// The cache rooted at `dir` (created on first write).
     pub fn new(dir: &Path) -> Self {
         Cache {
-            root: dir.join("v1"),
+            root: dir.join(LAYOUT),
         }
     }
 
@@ -67,22 +80,8 @@ impl Cache {
         HashMemo::new(self.root.parent().unwrap_or(&self.root))
     }
 
-    /// Where the object of a node key lives.
-    pub fn object(&self, key: &str) -> PathBuf {
-        self.root
-            .join("objects")
-            .join(&key[..2])
-            .join(format!("{key}.safetensors"))
-    }
-
     fn preimage_path(&self, key: &str) -> PathBuf {
         self.root.join("nodes").join(format!("{key}.json"))
-    }
-
-    /// Whether a merge result is complete in the cache: its object and its tensor keys
-    /// (keys are written first, so an object without keys is never trusted).
-    pub fn has_result(&self, key: &str) -> bool {
-        self.object(key).exists() && self.tensor_keys(key).is_ok()
     }
 
     /// The preimage recorded for a key, if any.
@@ -120,7 +119,7 @@ struct State {
     outputs: BTreeMap<PathBuf, Written>,
 }
 
-/// A file a save node wrote: which object, and the file's stamp right after writing.
+/// A file a save node wrote: which result, and the file's stamp right after writing.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Written {
     object: String,
@@ -135,6 +134,8 @@ pub enum Status {
     Hit,
     /// It must be (re)built, and why.
     Miss(Vec<String>),
+    /// Not up to date, but nothing demanded needs it now, and why.
+    Skip(String),
 }
 
 /// One node of a plan.
@@ -144,7 +145,7 @@ pub struct NodePlan {
     pub name: String,
     /// Its key.
     pub key: String,
-    /// Hit or miss.
+    /// Hit, miss or skip.
     #[serde(flatten)]
     pub status: Status,
     /// What the key was computed from.
@@ -152,22 +153,60 @@ pub struct NodePlan {
     pub preimage: Value,
 }
 
-/// Keys and statuses of the nodes needed for `targets` (all nodes when empty).
+/// Keys and statuses of the nodes needed for `targets` (every node when empty). A node runs
+/// when it is out of date and demanded: named as a target (with no targets, every node that
+/// no other node reads is, save `cache: memory` merges), or an input of a node that runs.
 pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<NodePlan>> {
     let keys = keys(recipe, cache)?;
     let state = cache.load_state(&recipe.path);
     let needed = needed(recipe, targets)?;
+    let order: Vec<&str> = recipe
+        .order
+        .iter()
+        .map(String::as_str)
+        .filter(|n| needed.contains(*n))
+        .collect();
+    let memory = |n: &str| matches!(recipe.nodes[n], Node::Merge { memory: true, .. });
+    let hit = |n: &str| match &recipe.nodes[n] {
+        Node::Merge { memory, .. } => !memory && cache.has_result(&keys[n].0),
+        Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
+    };
+    let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
+    let mut demanded: BTreeSet<&str> = if targets.is_empty() {
+        let used: BTreeSet<&str> = order
+            .iter()
+            .flat_map(|n| recipe.nodes[*n].node_inputs())
+            .collect();
+        order
+            .iter()
+            .copied()
+            .filter(|n| !memory(n) && !used.contains(n))
+            .collect()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    let mut runs = BTreeSet::new();
+    for n in order.iter().rev() {
+        if demanded.contains(n) && !hits.contains(n) {
+            runs.insert(*n);
+            demanded.extend(recipe.nodes[*n].node_inputs());
+        }
+    }
+    check_runs(recipe, cache, &keys, &order, &runs)?;
     let mut out = Vec::new();
-    for name in recipe.order.iter().filter(|n| needed.contains(*n)) {
+    for name in order {
         let (key, preimage) = &keys[name];
-        let hit = match &recipe.nodes[name] {
-            Node::Merge { .. } => cache.has_result(key),
-            Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
-        };
-        let status = if hit {
+        let status = if hits.contains(name) {
             Status::Hit
+        } else if !runs.contains(name) {
+            Status::Skip(if memory(name) {
+                "kept in memory: nothing that uses it is out of date".to_string()
+            } else {
+                "not needed: what uses it is up to date".to_string()
+            })
         } else {
             let reasons = match state.nodes.get(name) {
+                _ if memory(name) => vec!["kept in memory: built when needed".to_string()],
                 None => vec!["never built".to_string()],
                 Some(old) if old == key => vec!["its result is no longer in the cache".to_string()],
                 Some(old) => match cache.preimage(old) {
@@ -178,7 +217,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
             Status::Miss(reasons)
         };
         out.push(NodePlan {
-            name: name.clone(),
+            name: name.to_string(),
             key: key.clone(),
             status,
             preimage: preimage.clone(),
@@ -187,7 +226,83 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     Ok(out)
 }
 
-/// Whether the file at `to` is still exactly what the last build wrote from object `key`
+/// Plans every merge that will run against the headers of its inputs (model files, stored
+/// results, or the planned output of a node that runs before it), so that architecture,
+/// shape and parameter errors surface before anything is built or any tensor is read.
+/// Reports every failing node at once.
+fn check_runs(
+    recipe: &Recipe,
+    cache: &Cache,
+    keys: &BTreeMap<String, (String, Value)>,
+    order: &[&str],
+    runs: &BTreeSet<&str>,
+) -> Result<()> {
+    let store = Store::new(cache);
+    let mut planned: BTreeMap<&str, crate::merge::Plan> = BTreeMap::new();
+    let mut failed: BTreeSet<&str> = BTreeSet::new();
+    let mut errors = Vec::new();
+    for &name in order.iter().filter(|n| runs.contains(*n)) {
+        let Node::Merge {
+            inputs, spec, vae, ..
+        } = &recipe.nodes[name]
+        else {
+            continue;
+        };
+        if inputs
+            .iter()
+            .any(|i| matches!(i, Input::Node(n) if failed.contains(n.as_str())))
+        {
+            failed.insert(name);
+            continue; // its input's error is reported already
+        }
+        let open = |i: &Input| -> Result<Checkpoint> {
+            match i {
+                Input::Model(m) => Checkpoint::open(&recipe.models[m].0),
+                Input::Node(n) => {
+                    let label = PathBuf::from(format!("{n}.safetensors"));
+                    match planned.get(n.as_str()) {
+                        Some(plan) => Ok(Checkpoint::header_only(
+                            &label,
+                            plan.keys
+                                .iter()
+                                .map(|k| (k.name.clone(), k.dtype, k.shape.clone())),
+                        )),
+                        None => store.open_result(&keys[n].0, &label),
+                    }
+                }
+            }
+        };
+        let checked = (|| {
+            let opened = inputs.iter().map(open).collect::<Result<Vec<_>>>()?;
+            let v = vae
+                .as_ref()
+                .map(|v| open(&Input::Model(v.clone())))
+                .transpose()?;
+            let inputs = crate::merge::plan::Inputs {
+                a: &opened[0],
+                b: &opened[1],
+                c: opened.get(2),
+                vae: v.as_ref(),
+            };
+            crate::merge::plan(&inputs, spec)
+        })();
+        match checked {
+            Ok(plan) => {
+                planned.insert(name, plan);
+            }
+            Err(e) => {
+                failed.insert(name);
+                errors.push(format!("node `{name}`: {e}"));
+            }
+        }
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(Error::Invalid(errors.join("\n"))),
+    }
+}
+
+/// Whether the file at `to` is still exactly what the last build wrote from result `key`
 /// (checked by stamp, without reading it).
 fn output_current(state: &State, to: &Path, key: &str) -> bool {
     state
@@ -253,17 +368,22 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
             Input::Model(m) => json!({ "model": m, "content": model_keys[m.as_str()] }),
             Input::Node(n) => json!({ "node": n, "key": out[n].0 }),
         };
+        // Where a result is kept (`cache: memory`) is not part of what it is.
         let preimage = match &recipe.nodes[name] {
-            Node::Merge { inputs, spec, vae } => json!({
+            Node::Merge {
+                inputs, spec, vae, ..
+            } => json!({
                 "op": "merge",
                 "algorithm": ALGORITHM_VERSION,
                 "merge": spec,
                 "inputs": inputs.iter().map(input_key).collect::<Vec<_>>(),
                 "vae": vae.as_ref().map(|v| input_key(&Input::Model(v.clone()))),
             }),
-            Node::Save { from, .. } => {
-                json!({ "op": "save", "from": { "node": from, "key": out[from].0 } })
-            }
+            Node::Save { from, link, .. } => json!({
+                "op": "save",
+                "from": { "node": from, "key": out[from].0 },
+                "link": link,
+            }),
         };
         let text = serde_json::to_string(&preimage).map_err(|e| Error::Invalid(e.to_string()))?;
         out.insert(
@@ -282,196 +402,354 @@ pub struct NodeReport {
     pub plan: NodePlan,
     /// Seconds spent building it (0 for hits).
     pub seconds: f64,
-    /// The file it wrote, for save nodes and built merges.
+    /// The file it wrote, for save nodes.
     pub output: Option<PathBuf>,
-    /// Merge nodes built: tensors computed.
-    pub computed: Option<usize>,
-    /// Merge nodes built: tensors copied from earlier results instead of computed.
+    /// Merge nodes built: tensors written to the store (computed, or copied from an input
+    /// file because no stored pack held them yet).
+    pub stored: Option<usize>,
+    /// Merge nodes built: tensors an earlier result already held (referred to, not stored).
     pub reused: Option<usize>,
 }
 
-/// Builds the nodes needed for `targets` (all when empty): misses run, hits are skipped.
+/// How a build runs.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// How merges run (device, progress).
+    pub run: RunOptions,
+    /// Nodes built at the same time (each merge is parallel inside as well).
+    pub jobs: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            run: RunOptions::default(),
+            jobs: 1,
+        }
+    }
+}
+
+/// Builds the nodes needed for `targets` (all when empty): misses run (up to `jobs` at a
+/// time, each once its inputs are done), hits and skips do not. Reports come in plan order.
 pub fn build(
     recipe: &Recipe,
     cache: &Cache,
     targets: &[String],
-    run: &RunOptions,
+    opts: &BuildOptions,
 ) -> Result<Vec<NodeReport>> {
     let plans = plan(recipe, cache, targets)?;
     let keys: BTreeMap<String, String> = plans
         .iter()
         .map(|p| (p.name.clone(), p.key.clone()))
         .collect();
-    let mut state = cache.load_state(&recipe.path);
-    let memo = cache.memo();
+    let store = Store::new(cache);
+    let state = Mutex::new(cache.load_state(&recipe.path));
+    let ctx = Ctx {
+        recipe,
+        keys: &keys,
+        store: &store,
+        state: &state,
+        run: &opts.run,
+    };
+    let misses: Vec<&NodePlan> = plans
+        .iter()
+        .filter(|p| matches!(p.status, Status::Miss(_)))
+        .collect();
+    let mut built = schedule(&misses, recipe, opts.jobs.max(1), |p| ctx.run_node(p))?;
+    let mut st = state.into_inner().expect("state lock");
     let mut reports = Vec::new();
-    for p in plans {
-        let started = std::time::Instant::now();
-        let mut output = None;
-        let (mut computed, mut reused) = (None, None);
-        // One build at a time per node: a concurrent build of the same node waits here, then
-        // finds the result the other one made.
-        let _lock = match p.status {
-            Status::Miss(_) => Some(cache.lock(&p.key)?),
-            Status::Hit => None,
-        };
-        let done_meanwhile =
-            matches!(recipe.nodes[&p.name], Node::Merge { .. }) && cache.has_result(&p.key);
-        if let (Status::Miss(_), false) = (&p.status, done_meanwhile) {
-            match &recipe.nodes[&p.name] {
-                Node::Merge { inputs, spec, vae } => {
-                    let file = |i: &Input| match i {
-                        Input::Model(m) => recipe.models[m].0.clone(),
-                        Input::Node(n) => cache.object(&keys[n]),
-                    };
-                    let paths: Vec<PathBuf> = inputs.iter().map(file).collect();
-                    let files = MergeFiles {
-                        a: &paths[0],
-                        b: &paths[1],
-                        c: paths.get(2).map(|p| p.as_path()),
-                    };
-                    let mut spec = (**spec).clone();
-                    spec.bake_vae = vae.as_ref().map(|v| recipe.models[v].0.clone());
-                    let object = cache.object(&p.key);
-                    let opts = RunOptions {
-                        overwrite: true,
-                        ..run.clone()
-                    };
-                    let job = MergeJob {
-                        inputs,
-                        paths: &paths,
-                        files: &files,
-                        spec: &spec,
-                        object: &object,
-                        key: &p.key,
-                    };
-                    let (c, r) = build_merge(cache, &memo, &keys, &job, &opts)
-                        .map_err(|e| Error::Failed(format!("node `{}`: {e}", p.name)))?;
-                    (computed, reused) = (Some(c), Some(r));
-                    output = Some(object);
-                }
-                Node::Save {
-                    from,
-                    to,
-                    overwrite,
-                } => {
-                    let object = cache.object(&keys[from]);
-                    save(&memo, &mut state, &keys[from], &object, to, *overwrite)
-                        .map_err(|e| Error::Failed(format!("node `{}`: {e}", p.name)))?;
-                    output = Some(to.clone());
-                }
+    for p in &plans {
+        if p.status == Status::Hit {
+            if let Node::Merge { .. } = recipe.nodes[&p.name] {
+                cache.touch(&p.key);
             }
-            let path = cache.preimage_path(&p.key);
-            let text = serde_json::to_vec_pretty(&p.preimage)
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            write_file_atomic(&path, &text, true)?;
         }
-        if let (Status::Hit, Node::Merge { .. }) = (&p.status, &recipe.nodes[&p.name]) {
-            cache.touch(&p.key);
+        if !matches!(p.status, Status::Skip(_)) {
+            st.nodes.insert(p.name.clone(), p.key.clone());
         }
-        state.nodes.insert(p.name.clone(), p.key.clone());
-        cache.save_state(&recipe.path, &state)?;
-        reports.push(NodeReport {
-            seconds: started.elapsed().as_secs_f64(),
-            plan: p,
-            output,
-            computed,
-            reused,
-        });
+        reports.push(built.remove(&p.name).unwrap_or_else(|| NodeReport {
+            plan: p.clone(),
+            seconds: 0.0,
+            output: None,
+            stored: None,
+            reused: None,
+        }));
     }
+    cache.save_state(&recipe.path, &st)?;
     Ok(reports)
 }
 
-/// One merge node to run.
-struct MergeJob<'a> {
-    inputs: &'a [Input],
-    paths: &'a [PathBuf],
-    files: &'a MergeFiles<'a>,
-    spec: &'a crate::merge::MergeSpec,
-    object: &'a Path,
-    key: &'a str,
-}
-
-/// Runs one merge node: keys every output tensor, copies those an earlier result holds,
-/// computes the rest. Returns (computed, reused) tensor counts.
-fn build_merge(
-    cache: &Cache,
-    memo: &HashMemo,
-    node_keys: &BTreeMap<String, String>,
-    job: &MergeJob,
-    run: &RunOptions,
-) -> Result<(usize, usize)> {
-    let content = |p: &Path| memo.hashes(p).map(|(h, _)| h.blake3);
-    let maps: Vec<tensors::KeyMap> = job
-        .inputs
-        .iter()
-        .zip(job.paths)
-        .map(|(i, p)| match i {
-            Input::Model(_) => tensors::keys_of(cache, p, None, &content(p)?),
-            Input::Node(n) => tensors::keys_of(cache, p, Some(&node_keys[n]), ""),
-        })
-        .collect::<Result<_>>()?;
-    let vae_map = match &job.spec.bake_vae {
-        Some(v) => Some(tensors::keys_of(cache, v, None, &content(v)?)?),
-        None => None,
-    };
-    let mut prepared = Prepared::new(job.files, job.spec)?;
-    let in_keys = tensors::InputKeys {
-        a: &maps[0],
-        b: &maps[1],
-        c: maps.get(2),
-        vae: vae_map.as_ref(),
-    };
-    let out_keys = tensors::output_keys(&prepared.plan, job.spec, &in_keys, job.key);
-    let names: tensors::KeyMap = prepared
-        .plan
-        .keys
-        .iter()
-        .map(|k| k.name.clone())
-        .zip(out_keys.iter().cloned())
-        .collect();
-    let (cached, reused) = tensors::reuse(&mut prepared.plan, &out_keys, cache, job.key);
-    let computed = prepared.plan.blended();
-    // Keys first: an object without keys is never trusted, keys without an object are harmless.
-    cache.record_tensor_keys(job.key, &names)?;
-    prepared.execute(job.files, job.spec, job.object, memo, run, &cached)?;
-    Ok((computed, reused))
-}
-
-/// Copies a node object to its destination (temp file, fsync, rename), refusing to replace a
-/// file mergesmith did not write unless `overwrite`.
-fn save(
-    memo: &HashMemo,
-    state: &mut State,
-    object_key: &str,
-    object: &Path,
-    to: &Path,
-    overwrite: bool,
-) -> Result<()> {
-    let record = |state: &mut State| -> Result<()> {
-        let written = Written {
-            object: object_key.to_string(),
-            stamp: Stamp::of(to)?,
-        };
-        state.outputs.insert(to.to_path_buf(), written);
-        Ok(())
-    };
-    if to.exists() {
-        let recorded = state
-            .outputs
-            .get(to)
-            .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp));
-        if !recorded && memo.hashes(to)?.0.blake3 == memo.hashes(object)?.0.blake3 {
-            // Already these very bytes (say, written by a concurrent build): keep the file.
-            return record(state);
+/// Runs `work` on every node of `nodes` (in dependency order), up to `jobs` at a time, each
+/// after the nodes among `nodes` it reads. Stops starting nodes after the first failure and
+/// returns it once the running ones finish.
+fn schedule<'p>(
+    nodes: &[&'p NodePlan],
+    recipe: &Recipe,
+    jobs: usize,
+    work: impl Fn(&'p NodePlan) -> Result<NodeReport> + Sync,
+) -> Result<BTreeMap<String, NodeReport>> {
+    let names: BTreeSet<&str> = nodes.iter().map(|p| p.name.as_str()).collect();
+    let mut pending: Vec<&NodePlan> = nodes.to_vec();
+    let mut done: BTreeMap<String, NodeReport> = BTreeMap::new();
+    let failure = std::thread::scope(|s| {
+        let mut failure = None;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut running = 0usize;
+        loop {
+            while failure.is_none() && running < jobs {
+                let ready = pending.iter().position(|p| {
+                    recipe.nodes[&p.name]
+                        .node_inputs()
+                        .iter()
+                        .all(|i| !names.contains(i) || done.contains_key(*i))
+                });
+                let Some(i) = ready else { break };
+                let p = pending.remove(i);
+                let (tx, work) = (tx.clone(), &work);
+                running += 1;
+                s.spawn(move || {
+                    let _ = tx.send((p, work(p)));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let (p, result) = rx.recv().expect("a running node reports");
+            running -= 1;
+            match result {
+                Ok(r) => {
+                    done.insert(p.name.clone(), r);
+                }
+                Err(e) => failure = failure.or(Some(e)),
+            }
         }
-        if !recorded && !overwrite {
-            return Err(Error::Invalid(format!(
-                "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
-                to.display()
-            )));
+        failure
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
+/// What every node of one build shares.
+struct Ctx<'a> {
+    recipe: &'a Recipe,
+    keys: &'a BTreeMap<String, String>,
+    store: &'a Store<'a>,
+    state: &'a Mutex<State>,
+    run: &'a RunOptions,
+}
+
+impl Ctx<'_> {
+    /// Builds one node that is out of date and records it in the recipe's state.
+    fn run_node(&self, p: &NodePlan) -> Result<NodeReport> {
+        let started = std::time::Instant::now();
+        let cache = self.store.cache;
+        let mut report = NodeReport {
+            plan: p.clone(),
+            seconds: 0.0,
+            output: None,
+            stored: None,
+            reused: None,
+        };
+        let failed = |e: Error| Error::Failed(format!("node `{}`: {e}", p.name));
+        match &self.recipe.nodes[&p.name] {
+            Node::Merge { memory, .. } => {
+                let place = if *memory { Place::Memory } else { Place::Disk };
+                // One build at a time per result: a concurrent build of the same node waits
+                // here, then finds the result the other one stored.
+                let _lock = match place {
+                    Place::Disk => Some(cache.lock(&p.key)?),
+                    Place::Memory => None,
+                };
+                if place == Place::Memory || !cache.has_result(&p.key) {
+                    let (c, r) = self.merge(&p.name, &p.key, place).map_err(failed)?;
+                    (report.stored, report.reused) = (Some(c), Some(r));
+                }
+            }
+            Node::Save {
+                from,
+                to,
+                overwrite,
+                link,
+            } => {
+                let _lock = cache.lock(&p.key)?;
+                self.save(&self.keys[from], to, *overwrite, *link == Link::Hardlink)
+                    .map_err(failed)?;
+                report.output = Some(to.clone());
+            }
+        }
+        let text =
+            serde_json::to_vec_pretty(&p.preimage).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file_atomic(&cache.preimage_path(&p.key), &text, true)?;
+        let mut state = self.state.lock().expect("state lock");
+        state.nodes.insert(p.name.clone(), p.key.clone());
+        cache.save_state(&self.recipe.path, &state)?;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Opens a merge input: the file of a model, or the stored result of a node; with its
+    /// tensor keys and file hashes.
+    fn open(&self, input: &Input) -> Result<Opened> {
+        match input {
+            Input::Model(m) => {
+                let path = &self.recipe.models[m].0;
+                let (hashes, _) = self.store.memo.hashes(path)?;
+                let ck = Checkpoint::open(path)?;
+                let keys = tensors::model_keys(&hashes.blake3, &ck);
+                Ok(Opened {
+                    ck,
+                    keys,
+                    hashes,
+                    label: path.clone(),
+                })
+            }
+            Input::Node(n) => {
+                let key = &self.keys[n];
+                let label = PathBuf::from(format!("{n}.safetensors"));
+                let keys = self
+                    .store
+                    .manifest(key)
+                    .ok_or_else(|| Error::Invalid(format!("node `{n}` has no stored result")))?
+                    .keys();
+                Ok(Opened {
+                    ck: self.store.open_result(key, &label)?,
+                    keys,
+                    hashes: self.store.result_hashes(key)?,
+                    label,
+                })
+            }
         }
     }
-    copy_file_atomic(object, to, true)?;
-    record(state)
+
+    /// Runs one merge node: keys every output tensor, refers to those the store already
+    /// holds, computes and stores the rest. Returns (stored, reused) tensor counts.
+    fn merge(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
+        let Node::Merge {
+            inputs, spec, vae, ..
+        } = &self.recipe.nodes[name]
+        else {
+            unreachable!("merge nodes only");
+        };
+        let mut spec = (**spec).clone();
+        spec.bake_vae = vae.as_ref().map(|v| self.recipe.models[v].0.clone());
+        let mut opened = inputs
+            .iter()
+            .map(|i| self.open(i))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        let (a, b, c) = (
+            opened.next().expect("A"),
+            opened.next().expect("B"),
+            opened.next(),
+        );
+        let v = vae
+            .as_ref()
+            .map(|v| self.open(&Input::Model(v.clone())))
+            .transpose()?;
+        let record = |o: &Opened| (o.label.clone(), o.hashes.clone(), o.keys.clone());
+        let (ra, rb, rc, rv) = (
+            record(&a),
+            record(&b),
+            c.as_ref().map(record),
+            v.as_ref().map(record),
+        );
+        let prepared =
+            Prepared::from_checkpoints(a.ck, b.ck, c.map(|o| o.ck), v.map(|o| o.ck), &spec)?;
+        let in_keys = tensors::InputKeys {
+            a: &ra.2,
+            b: &rb.2,
+            c: rc.as_ref().map(|r| &r.2),
+            vae: rv.as_ref().map(|r| &r.2),
+        };
+        let out_keys = tensors::output_keys(&prepared.plan, &spec, &in_keys, key);
+        fn rec(r: &(PathBuf, FileHashes, tensors::KeyMap)) -> InputRecord<'_> {
+            InputRecord {
+                path: &r.0,
+                hashes: &r.1,
+            }
+        }
+        let md = metadata::build(
+            &spec,
+            &prepared.plan,
+            rec(&ra),
+            rec(&rb),
+            rc.as_ref().map(rec),
+            rv.as_ref().map(rec),
+        );
+        let index = self.store.index();
+        let tensors: Vec<Entry> = prepared
+            .plan
+            .keys
+            .iter()
+            .zip(out_keys)
+            .map(|(k, tk)| Entry {
+                name: k.name.clone(),
+                dtype: k.dtype,
+                shape: k.shape.clone(),
+                pack: index.get(&tk).cloned().unwrap_or_default(),
+                key: tk,
+            })
+            .collect();
+        let stored = tensors.iter().filter(|e| e.pack.is_empty()).count();
+        let reused = tensors.len() - stored;
+        let manifest = Manifest {
+            metadata: md,
+            tensors,
+            file: None,
+            hashes: None,
+        };
+        self.store.put(key, manifest, place, |w| {
+            engine::write(&prepared.plan, &prepared.inputs(), &spec, w, self.run)
+        })?;
+        Ok((stored, reused))
+    }
+
+    /// Writes a stored result to `to`, refusing to replace a file mergesmith did not write
+    /// unless `overwrite`.
+    fn save(&self, key: &str, to: &Path, overwrite: bool, hardlink: bool) -> Result<()> {
+        let record = || -> Result<()> {
+            let written = Written {
+                object: key.to_string(),
+                stamp: Stamp::of(to)?,
+            };
+            let mut state = self.state.lock().expect("state lock");
+            state.outputs.insert(to.to_path_buf(), written);
+            Ok(())
+        };
+        if to.exists() {
+            let recorded = self
+                .state
+                .lock()
+                .expect("state lock")
+                .outputs
+                .get(to)
+                .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp));
+            if !recorded {
+                let there = self.store.memo.hashes(to)?.0.blake3;
+                if there == self.store.result_hashes(key)?.blake3 {
+                    // Already these very bytes (say, written by a concurrent build).
+                    return record();
+                }
+                if !overwrite {
+                    return Err(Error::Invalid(format!(
+                        "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
+                        to.display()
+                    )));
+                }
+            }
+        }
+        self.store
+            .materialize(key, to, hardlink, self.run.progress)?;
+        record()
+    }
+}
+
+/// An opened merge input.
+struct Opened {
+    ck: Checkpoint,
+    keys: tensors::KeyMap,
+    hashes: FileHashes,
+    label: PathBuf,
 }

@@ -13,10 +13,41 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::Ordering;
+
 use memmap2::Mmap;
 
 use crate::dtype::DType;
 use crate::error::{Error, HeaderError, Result};
+
+/// Process-wide I/O counters, so tests can prove that an up-to-date build reads nothing.
+pub mod counters {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub(crate) static FILES_OPENED: AtomicU64 = AtomicU64::new(0);
+    pub(crate) static TENSOR_BYTES: AtomicU64 = AtomicU64::new(0);
+    pub(crate) static FILES_HASHED: AtomicU64 = AtomicU64::new(0);
+
+    /// What this process has read so far.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Counters {
+        /// Checkpoint files opened (headers parsed).
+        pub files_opened: u64,
+        /// Bytes of tensor data handed out by [`super::Checkpoint::data`].
+        pub tensor_bytes: u64,
+        /// Files read in full to hash them (memo misses).
+        pub files_hashed: u64,
+    }
+
+    /// The counters now.
+    pub fn snapshot() -> Counters {
+        Counters {
+            files_opened: FILES_OPENED.load(Ordering::Relaxed),
+            tensor_bytes: TENSOR_BYTES.load(Ordering::Relaxed),
+            files_hashed: FILES_HASHED.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// The on-disk format of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -47,6 +78,8 @@ pub struct TensorInfo {
     /// Shape (empty for scalars).
     pub shape: Vec<usize>,
     location: Location,
+    /// Which mapped file holds the data (composed checkpoints have several).
+    part: usize,
 }
 
 impl TensorInfo {
@@ -76,7 +109,7 @@ pub struct TensorView<'a> {
 pub struct Checkpoint {
     path: PathBuf,
     format: Format,
-    mmap: Mmap,
+    maps: Vec<Mmap>,
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
@@ -97,6 +130,7 @@ impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        counters::FILES_OPENED.fetch_add(1, Ordering::Relaxed);
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
             return Err(Error::Safetensors {
@@ -121,6 +155,15 @@ impl Checkpoint {
         }
     }
 
+    /// Opens a safetensors file that is already open (say, an anonymous in-memory file);
+    /// `label` names it in messages.
+    pub fn open_file(file: &File, label: &Path) -> Result<Self> {
+        counters::FILES_OPENED.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as in `open`; the file is only ever read through this map.
+        let mmap = unsafe { Mmap::map(file) }.map_err(|e| Error::io(label, e))?;
+        Self::from_safetensors(label, mmap)
+    }
+
     fn from_safetensors(path: &Path, mmap: Mmap) -> Result<Self> {
         let header = header::parse(&mmap).map_err(|kind| Error::Safetensors {
             path: path.to_path_buf(),
@@ -138,12 +181,13 @@ impl Checkpoint {
                     start: base + e.begin,
                     end: base + e.end,
                 },
+                part: 0,
             })
             .collect();
         Ok(Self::assemble(
             path,
             Format::Safetensors,
-            mmap,
+            vec![mmap],
             tensors,
             header.metadata,
         ))
@@ -180,13 +224,14 @@ impl Checkpoint {
                 dtype: t.dtype,
                 shape: t.shape,
                 location,
+                part: 0,
             });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self::assemble(
             path,
             Format::TorchZip,
-            mmap,
+            vec![mmap],
             tensors,
             BTreeMap::new(),
         ))
@@ -195,7 +240,7 @@ impl Checkpoint {
     fn assemble(
         path: &Path,
         format: Format,
-        mmap: Mmap,
+        maps: Vec<Mmap>,
         tensors: Vec<TensorInfo>,
         metadata: BTreeMap<String, String>,
     ) -> Self {
@@ -207,11 +252,47 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_path_buf(),
             format,
-            mmap,
+            maps,
             tensors,
             index,
             metadata,
         }
+    }
+
+    /// A checkpoint whose tensors come from several opened files: `tensors` names, for each
+    /// tensor, the part that holds it. `path` names the whole in messages. Errors if a part
+    /// lacks a tensor it is said to hold.
+    pub fn compose(
+        path: &Path,
+        parts: Vec<Checkpoint>,
+        tensors: &[(String, usize)],
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let mut infos = Vec::with_capacity(tensors.len());
+        for (name, part) in tensors {
+            let ck = parts.get(*part).ok_or_else(|| {
+                Error::Invalid(format!("{}: part {part} missing", path.display()))
+            })?;
+            let mut info = ck.get(name).cloned().ok_or_else(|| Error::MissingTensor {
+                path: ck.path.clone(),
+                name: name.clone(),
+            })?;
+            info.part = *part;
+            infos.push(info);
+        }
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        // Parts are single files, so part i's data is map i.
+        let maps = parts
+            .into_iter()
+            .filter_map(|ck| ck.maps.into_iter().next())
+            .collect();
+        Ok(Self::assemble(
+            path,
+            Format::Safetensors,
+            maps,
+            infos,
+            metadata,
+        ))
     }
 
     /// The file this checkpoint was opened from.
@@ -226,7 +307,7 @@ impl Checkpoint {
 
     /// File size in bytes.
     pub fn file_len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.maps.iter().map(|m| m.len() as u64).sum()
     }
 
     /// All tensors, sorted by name.
@@ -251,15 +332,50 @@ impl Checkpoint {
 
     /// Row-major bytes of a tensor: borrowed when stored contiguously, gathered otherwise.
     pub fn data(&self, t: &TensorInfo) -> Cow<'_, [u8]> {
+        counters::TENSOR_BYTES.fetch_add(t.byte_len() as u64, Ordering::Relaxed);
+        let Some(map) = self.maps.get(t.part) else {
+            return Cow::Borrowed(&[]); // a header-only checkpoint
+        };
         match &t.location {
-            Location::Contiguous { start, end } => Cow::Borrowed(&self.mmap[*start..*end]),
-            Location::Strided { start, strides } => Cow::Owned(gather(
-                &self.mmap,
-                *start,
-                &t.shape,
-                strides,
-                t.dtype.bits() / 8,
-            )),
+            Location::Contiguous { start, end } => Cow::Borrowed(&map[*start..*end]),
+            Location::Strided { start, strides } => {
+                Cow::Owned(gather(map, *start, &t.shape, strides, t.dtype.bits() / 8))
+            }
+        }
+    }
+
+    /// A checkpoint with names, types and shapes but no data (say, the planned output of a
+    /// merge not built yet), for checking a plan. Its tensors read as empty.
+    pub fn header_only(
+        label: &Path,
+        tensors: impl IntoIterator<Item = (String, DType, Vec<usize>)>,
+    ) -> Self {
+        let mut infos: Vec<TensorInfo> = tensors
+            .into_iter()
+            .map(|(name, dtype, shape)| TensorInfo {
+                name,
+                dtype,
+                shape,
+                location: Location::Contiguous { start: 0, end: 0 },
+                part: 0,
+            })
+            .collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        Self::assemble(
+            label,
+            Format::Safetensors,
+            Vec::new(),
+            infos,
+            BTreeMap::new(),
+        )
+    }
+
+    /// Where a contiguously stored tensor lies: (part, byte offset in that part's file).
+    /// Parts are numbered as given to [`Checkpoint::compose`] (0 for a plain file).
+    pub fn file_offset(&self, t: &TensorInfo) -> Option<(usize, u64)> {
+        match t.location {
+            Location::Contiguous { start, .. } => Some((t.part, start as u64)),
+            Location::Strided { .. } => None,
         }
     }
 
@@ -286,8 +402,11 @@ impl Checkpoint {
                 // SAFETY: the map is a shared, read-only file mapping: MADV_DONTNEED only drops
                 // the process's page-table entries, and later reads fault the same file bytes
                 // back in, so borrowed slices keep their contents.
+                let Some(map) = self.maps.get(t.part) else {
+                    return;
+                };
                 let _ = unsafe {
-                    self.mmap.unchecked_advise_range(
+                    map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
                         start,
                         end - start,
@@ -300,7 +419,9 @@ impl Checkpoint {
     /// Tells the kernel the whole file will be read front to back (a hint; errors are ignored).
     pub fn advise_sequential(&self) {
         #[cfg(unix)]
-        let _ = self.mmap.advise(memmap2::Advice::Sequential);
+        for m in &self.maps {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
     }
 }
 

@@ -126,16 +126,36 @@ pub fn layout(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Resu
     Ok(FileLayout { header, ranges })
 }
 
+/// Where a writer's bytes go.
+enum Target {
+    /// A temporary file renamed to `dest` by [`SafetensorsWriter::finish`].
+    Disk {
+        dest: PathBuf,
+        tmp: NamedTempFile,
+        overwrite: bool,
+    },
+    /// An anonymous file handed back by [`SafetensorsWriter::finish_file`]; `label` names it
+    /// in messages.
+    Anonymous { file: File, label: PathBuf },
+}
+
+impl Target {
+    fn file(&self) -> (&File, &Path) {
+        match self {
+            Target::Disk { tmp, .. } => (tmp.as_file(), tmp.path()),
+            Target::Anonymous { file, label } => (file, label),
+        }
+    }
+}
+
 /// Writes one safetensors file; see the module docs.
 pub struct SafetensorsWriter {
-    dest: PathBuf,
-    tmp: NamedTempFile,
+    target: Target,
     data_start: u64,
     specs: Vec<TensorSpec>,
     ranges: Vec<(usize, usize)>,
     index: HashMap<String, usize>,
     written: Vec<AtomicUsize>,
-    overwrite: bool,
 }
 
 impl SafetensorsWriter {
@@ -151,13 +171,40 @@ impl SafetensorsWriter {
         if !overwrite && dest.exists() {
             return Err(Error::OutputExists { path: dest });
         }
-        let FileLayout { header, ranges } = layout(&specs, metadata)?;
         let tmp = temp_beside(&dest)?;
+        let target = Target::Disk {
+            dest,
+            tmp,
+            overwrite,
+        };
+        Self::start(target, specs, metadata)
+    }
+
+    /// Like [`SafetensorsWriter::create`], but into an anonymous file (say, a memfd) that
+    /// [`SafetensorsWriter::finish_file`] hands back; `label` names it in messages.
+    pub fn create_anonymous(
+        file: File,
+        label: &Path,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let target = Target::Anonymous {
+            file,
+            label: label.to_path_buf(),
+        };
+        Self::start(target, specs, metadata)
+    }
+
+    fn start(
+        target: Target,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let FileLayout { header, ranges } = layout(&specs, metadata)?;
         let total = header.len() as u64 + ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
-        tmp.as_file()
-            .set_len(total)
-            .map_err(|e| Error::io(tmp.path(), e))?;
-        write_at(tmp.as_file(), tmp.path(), &header, 0)?;
+        let (file, path) = target.file();
+        file.set_len(total).map_err(|e| Error::io(path, e))?;
+        write_at(file, path, &header, 0)?;
         let index = specs
             .iter()
             .enumerate()
@@ -165,14 +212,12 @@ impl SafetensorsWriter {
             .collect();
         let written = specs.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(SafetensorsWriter {
-            dest,
+            target,
             data_start: header.len() as u64,
-            tmp,
             specs,
             ranges,
             index,
             written,
-            overwrite,
         })
     }
 
@@ -213,12 +258,13 @@ impl SafetensorsWriter {
         if counted.is_err() {
             return Err(Error::Invalid(format!("tensor `{name}` written twice")));
         }
-        write_at(
-            self.tmp.as_file(),
-            self.tmp.path(),
-            data,
-            self.data_start + (begin + offset) as u64,
-        )
+        let (file, path) = self.target.file();
+        write_at(file, path, data, self.data_start + (begin + offset) as u64)
+    }
+
+    /// Whether `name` is one of the tensors this writer expects.
+    pub fn expects(&self, name: &str) -> bool {
+        self.index.contains_key(name)
     }
 
     fn index_of(&self, name: &str) -> Result<usize> {
@@ -230,6 +276,35 @@ impl SafetensorsWriter {
     /// Checks every tensor was written, fsyncs, and renames the file into place; returns
     /// the final path and the file size.
     pub fn finish(self) -> Result<(PathBuf, u64)> {
+        let size = self.check_complete()?;
+        match self.target {
+            Target::Disk {
+                dest,
+                tmp,
+                overwrite,
+            } => {
+                persist(tmp, &dest, overwrite)?;
+                Ok((dest, size))
+            }
+            Target::Anonymous { label, .. } => Ok((label, size)),
+        }
+    }
+
+    /// Checks every tensor was written and hands back the anonymous file of a writer made
+    /// by [`SafetensorsWriter::create_anonymous`].
+    pub fn finish_file(self) -> Result<File> {
+        self.check_complete()?;
+        match self.target {
+            Target::Anonymous { file, .. } => Ok(file),
+            Target::Disk { dest, .. } => Err(Error::Invalid(format!(
+                "{}: a file on disk is finished with `finish`",
+                dest.display()
+            ))),
+        }
+    }
+
+    /// The file size once every tensor is written, or an error naming a missing tensor.
+    fn check_complete(&self) -> Result<u64> {
         let incomplete = |(i, w): (usize, &AtomicUsize)| {
             w.load(Ordering::SeqCst) != self.ranges[i].1 - self.ranges[i].0
         };
@@ -237,12 +312,10 @@ impl SafetensorsWriter {
             return Err(Error::Invalid(format!(
                 "tensor `{}` was never written; {} left unfinished",
                 self.specs[i].name,
-                self.dest.display()
+                self.target.file().1.display()
             )));
         }
-        let size = self.data_start + self.ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64;
-        persist(self.tmp, &self.dest, self.overwrite)?;
-        Ok((self.dest, size))
+        Ok(self.data_start + self.ranges.iter().map(|r| r.1).max().unwrap_or(0) as u64)
     }
 }
 
@@ -293,6 +366,90 @@ pub fn copy_file_atomic(src: &Path, dest: &Path, overwrite: bool) -> Result<()> 
     let tmp = temp_beside(dest)?;
     std::fs::copy(src, tmp.path()).map_err(|e| Error::io(src, e))?;
     persist(tmp, dest, overwrite)
+}
+
+/// A run of bytes to copy from an open file: `data` is those bytes (as mapped), found at
+/// `offset` in `file`.
+pub struct Piece<'a> {
+    /// The file holding the bytes.
+    pub file: &'a File,
+    /// Where they start in it.
+    pub offset: u64,
+    /// The bytes themselves.
+    pub data: &'a [u8],
+}
+
+/// Writes a file atomically from a header and pieces of other files, in order. On Linux the
+/// pieces are copied in the kernel (`copy_file_range`: no trip through user memory, and a
+/// shared extent on filesystems that can reflink); elsewhere, or when the kernel declines,
+/// the mapped bytes are written. `done` is told each piece's length.
+pub fn assemble_file(
+    dest: &Path,
+    header: &[u8],
+    pieces: &[Piece],
+    done: impl Fn(u64),
+) -> Result<()> {
+    let tmp = temp_beside(dest)?;
+    let (out, path) = (tmp.as_file(), tmp.path());
+    write_at(out, path, header, 0)?;
+    let mut pos = header.len() as u64;
+    let mut in_kernel = cfg!(target_os = "linux");
+    for p in pieces {
+        let len = p.data.len() as u64;
+        if in_kernel {
+            in_kernel = copy_in_kernel(p, out, pos).map_err(|e| Error::io(path, e))?;
+        }
+        if !in_kernel {
+            write_at(out, path, p.data, pos)?;
+        }
+        pos += len;
+        done(len);
+    }
+    persist(tmp, dest, true)
+}
+
+/// Copies a piece with `copy_file_range`; `Ok(false)` when the kernel cannot (the caller
+/// then writes the bytes itself).
+#[cfg(target_os = "linux")]
+fn copy_in_kernel(p: &Piece, out: &File, at: u64) -> std::io::Result<bool> {
+    let (mut src, mut dst) = (p.offset, at);
+    let mut left = p.data.len();
+    while left > 0 {
+        match rustix::fs::copy_file_range(p.file, Some(&mut src), out, Some(&mut dst), left) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS)
+            | Err(rustix::io::Errno::OPNOTSUPP)
+                if left == p.data.len() =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn copy_in_kernel(_: &Piece, _: &File, _: u64) -> std::io::Result<bool> {
+    Ok(false)
+}
+
+/// Makes `dest` a hard link to `src`, replacing `dest` atomically (link under a temporary
+/// name beside it, then rename).
+pub fn link_atomic(src: &Path, dest: &Path) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".mergesmith-link.")
+        .make_in(dir, |p| std::fs::hard_link(src, p))
+        .map_err(|e| Error::io(dest, e))?;
+    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    sync_parent(dest);
+    Ok(())
 }
 
 /// A temporary file in `dest`'s directory (created if missing; the same directory makes the

@@ -78,10 +78,6 @@ fn source<'a>(
         Source::Vae => inputs
             .vae
             .ok_or_else(|| Error::Invalid("VAE missing".into()))?,
-        Source::Cached(i) => inputs
-            .cached
-            .get(i)
-            .ok_or_else(|| Error::Invalid(format!("cached result {i} missing")))?,
     };
     let t = match s {
         Source::Vae => name
@@ -124,6 +120,37 @@ pub fn execute(
     metadata: &BTreeMap<String, String>,
     run: &RunOptions,
 ) -> Result<MergeReport> {
+    let writer = SafetensorsWriter::create(out, specs(plan.keys.iter()), metadata, run.overwrite)?;
+    write(plan, inputs, spec, &writer, run)?;
+    let (path, bytes) = writer.finish()?;
+    Ok(MergeReport {
+        path,
+        tensors: plan.keys.len(),
+        blended: plan.blended(),
+        bytes,
+    })
+}
+
+/// The writer specs of some planned keys.
+pub fn specs<'a>(keys: impl Iterator<Item = &'a KeyPlan>) -> Vec<TensorSpec> {
+    keys.map(|k| TensorSpec {
+        name: k.name.clone(),
+        dtype: k.dtype,
+        shape: k.shape.clone(),
+    })
+    .collect()
+}
+
+/// Computes every key of `plan` that `writer` expects (a writer may take a subset: the
+/// rest are already stored elsewhere) and writes it. Global statistics (cosine calcmodes)
+/// are still taken over the whole plan. The caller finishes the writer.
+pub fn write(
+    plan: &Plan,
+    inputs: &Inputs,
+    spec: &MergeSpec,
+    writer: &SafetensorsWriter,
+    run: &RunOptions,
+) -> Result<()> {
     let cosine = match spec.calcmode {
         CalcMode::CosineA | CalcMode::CosineB => {
             cosine_range(plan, inputs, spec.calcmode == CalcMode::CosineA)?
@@ -138,18 +165,12 @@ pub fn execute(
         cosine,
         device: run.device.candle()?,
     };
-    let specs: Vec<TensorSpec> = plan
+    let mut order: Vec<&KeyPlan> = plan
         .keys
         .iter()
-        .map(|k| TensorSpec {
-            name: k.name.clone(),
-            dtype: k.dtype,
-            shape: k.shape.clone(),
-        })
+        .filter(|k| writer.expects(&k.name))
         .collect();
-    let writer = SafetensorsWriter::create(out, specs, metadata, run.overwrite)?;
-    let total: u64 = plan
-        .keys
+    let total: u64 = order
         .iter()
         .map(|k| k.dtype.byte_len(numel(k)).unwrap_or(0) as u64)
         .sum();
@@ -160,7 +181,6 @@ pub fn execute(
     {
         ck.advise_sequential();
     }
-    let mut order: Vec<&KeyPlan> = plan.keys.iter().collect();
     order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
     // Crash-safety tests set this to kill the process in the middle of writing an output.
     let abort_after: Option<usize> = std::env::var("MERGESMITH_TEST_ABORT_AFTER_TENSORS")
@@ -168,7 +188,7 @@ pub fn execute(
         .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
     order.par_iter().try_for_each(|k| {
-        let written = key(k, inputs, &ctx, &writer)?;
+        let written = key(k, inputs, &ctx, writer)?;
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if abort_after.is_some_and(|limit| n >= limit) {
             std::process::abort();
@@ -178,13 +198,7 @@ pub fn execute(
         Ok::<_, Error>(())
     })?;
     bar.finish_and_clear();
-    let (path, bytes) = writer.finish()?;
-    Ok(MergeReport {
-        path,
-        tensors: plan.keys.len(),
-        blended: plan.blended(),
-        bytes,
-    })
+    Ok(())
 }
 
 /// Drops a finished tensor's input pages from the resident set.
@@ -192,7 +206,7 @@ fn release(inputs: &Inputs, name: &str) {
     let fixed = [Some(inputs.a), Some(inputs.b), inputs.c]
         .into_iter()
         .flatten();
-    for ck in fixed.chain(inputs.cached) {
+    for ck in fixed {
         if let Some(t) = ck.get(name) {
             ck.release(t);
         }

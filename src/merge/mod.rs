@@ -189,8 +189,8 @@ pub struct MergeFiles<'a> {
     pub c: Option<&'a Path>,
 }
 
-/// A planned merge with its inputs open: the plan can still be adjusted (for example to
-/// copy tensors from earlier results, see `Source::Cached`) before [`Prepared::execute`].
+/// A planned merge with its inputs open. Nothing is written until [`Prepared::execute`]
+/// (or [`engine::write`] with a writer of the caller's choice).
 pub struct Prepared {
     a: Checkpoint,
     b: Checkpoint,
@@ -207,29 +207,35 @@ impl Prepared {
         let b = Checkpoint::open(files.b)?;
         let c = files.c.map(Checkpoint::open).transpose()?;
         let vae = spec.bake_vae.as_deref().map(Checkpoint::open).transpose()?;
-        let plan = plan::plan(&Prepared::inputs_of(&a, &b, &c, &vae, &[]), spec)?;
+        Prepared::from_checkpoints(a, b, c, vae, spec)
+    }
+
+    /// Plans the merge of inputs that are already open (files or composed results).
+    pub fn from_checkpoints(
+        a: Checkpoint,
+        b: Checkpoint,
+        c: Option<Checkpoint>,
+        vae: Option<Checkpoint>,
+        spec: &MergeSpec,
+    ) -> Result<Prepared> {
+        let inputs = Inputs {
+            a: &a,
+            b: &b,
+            c: c.as_ref(),
+            vae: vae.as_ref(),
+        };
+        let plan = plan::plan(&inputs, spec)?;
         Ok(Prepared { a, b, c, vae, plan })
     }
 
-    fn inputs_of<'a>(
-        a: &'a Checkpoint,
-        b: &'a Checkpoint,
-        c: &'a Option<Checkpoint>,
-        vae: &'a Option<Checkpoint>,
-        cached: &'a [Checkpoint],
-    ) -> Inputs<'a> {
-        Inputs {
-            a,
-            b,
-            c: c.as_ref(),
-            vae: vae.as_ref(),
-            cached,
-        }
-    }
-
-    /// The opened inputs (without cached results).
+    /// The opened inputs.
     pub fn inputs(&self) -> Inputs<'_> {
-        Prepared::inputs_of(&self.a, &self.b, &self.c, &self.vae, &[])
+        Inputs {
+            a: &self.a,
+            b: &self.b,
+            c: self.c.as_ref(),
+            vae: self.vae.as_ref(),
+        }
     }
 
     /// Hashes the inputs (through the memo) for the metadata and writes the merged model.
@@ -240,7 +246,6 @@ impl Prepared {
         out: &Path,
         memo: &HashMemo,
         run: &RunOptions,
-        cached: &[Checkpoint],
     ) -> Result<engine::MergeReport> {
         let hash = |p: &Path| memo.hashes(p).map(|(h, _)| h);
         let (ha, hb) = (hash(files.a)?, hash(files.b)?);
@@ -258,8 +263,7 @@ impl Prepared {
                 .zip(hv.as_ref())
                 .map(|(p, h)| record(p, h)),
         );
-        let inputs = Prepared::inputs_of(&self.a, &self.b, &self.c, &self.vae, cached);
-        engine::execute(&self.plan, &inputs, spec, out, &md, run)
+        engine::execute(&self.plan, &self.inputs(), spec, out, &md, run)
     }
 }
 
@@ -273,6 +277,6 @@ pub fn merge_files(
     run: &RunOptions,
 ) -> Result<(Plan, engine::MergeReport)> {
     let prepared = Prepared::new(files, spec)?;
-    let report = prepared.execute(files, spec, out, memo, run, &[])?;
+    let report = prepared.execute(files, spec, out, memo, run)?;
     Ok((prepared.plan, report))
 }

@@ -20,8 +20,6 @@ pub enum Source {
     C,
     /// The VAE file of `bake_vae` (under the key without `first_stage_model.`).
     Vae,
-    /// The same tensor in a previously built result (`Inputs::cached[i]`).
-    Cached(usize),
 }
 
 /// What produces one output tensor.
@@ -103,8 +101,6 @@ pub struct Inputs<'a> {
     pub c: Option<&'a Checkpoint>,
     /// VAE to bake in.
     pub vae: Option<&'a Checkpoint>,
-    /// Earlier results that hold some output tensors already (see `Source::Cached`).
-    pub cached: &'a [Checkpoint],
 }
 
 fn check_family(a: &Arch, other: &Checkpoint, which: &str) -> Result<()> {

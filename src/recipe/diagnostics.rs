@@ -12,6 +12,8 @@ use serde_saphyr::Location;
 pub struct RecipeError {
     /// What is wrong.
     pub message: String,
+    /// The recipe file it is in.
+    pub path: PathBuf,
     /// 1-based line, 0 when unknown.
     pub line: u64,
     /// 1-based column, 0 when unknown.
@@ -25,11 +27,12 @@ pub struct RecipeError {
     pub help: Option<String>,
 }
 
-/// All errors found in one recipe.
+/// All errors found in one recipe (and the files it includes).
 #[derive(Debug, Clone)]
 pub struct RecipeErrors {
-    path: PathBuf,
-    text: String,
+    /// Every file read: path and text; positions refer to `sources[current]`.
+    sources: Vec<(PathBuf, String)>,
+    current: usize,
     /// The errors, in file order.
     pub errors: Vec<RecipeError>,
 }
@@ -38,10 +41,37 @@ impl RecipeErrors {
     /// An empty collection for `text` read from `path`.
     pub fn new(path: &Path, text: &str) -> Self {
         RecipeErrors {
-            path: path.to_path_buf(),
-            text: text.to_string(),
+            sources: vec![(path.to_path_buf(), text.to_string())],
+            current: 0,
             errors: Vec::new(),
         }
+    }
+
+    /// Registers another file (an include); returns its index for [`RecipeErrors::at`].
+    pub fn add_source(&mut self, path: &Path, text: &str) -> usize {
+        self.sources.push((path.to_path_buf(), text.to_string()));
+        self.sources.len() - 1
+    }
+
+    /// The source positions currently refer to.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// The path of source `i`.
+    pub fn source_path(&self, i: usize) -> &Path {
+        &self.sources[i.min(self.sources.len() - 1)].0
+    }
+
+    /// Makes positions of later `push` calls refer to source `i`.
+    pub fn at(&mut self, i: usize) -> &mut Self {
+        self.current = i.min(self.sources.len() - 1);
+        self
+    }
+
+    /// Adds the errors of another collection (say, a YAML error in an included file).
+    pub fn extend(&mut self, other: RecipeErrors) {
+        self.errors.extend(other.errors);
     }
 
     /// A recipe that could not be read at all.
@@ -76,16 +106,18 @@ impl RecipeErrors {
 
     /// Records an error at `loc`.
     pub fn push(&mut self, loc: &Location, message: String, help: Option<String>) {
+        let (path, text) = &self.sources[self.current];
         let span = loc.span();
         let offset = span.byte_offset().unwrap_or(span.offset()) as usize;
         let len = span.byte_len().unwrap_or(span.len()).max(1) as usize;
-        let offset = offset.min(self.text.len());
-        let len = len.min(self.text.len() - offset);
+        let offset = offset.min(text.len());
+        let len = len.min(text.len() - offset);
         self.errors.push(RecipeError {
             message,
+            path: path.clone(),
             line: loc.line(),
             column: loc.column(),
-            source_code: NamedSource::new(self.path.display().to_string(), self.text.clone()),
+            source_code: NamedSource::new(path.display().to_string(), text.clone()),
             span: Some(SourceSpan::new(offset.into(), len)),
             help,
         });
@@ -93,11 +125,13 @@ impl RecipeErrors {
 
     /// Records an error without a position.
     pub fn push_plain(&mut self, message: String) {
+        let (path, text) = &self.sources[self.current];
         self.errors.push(RecipeError {
             message,
+            path: path.clone(),
             line: 0,
             column: 0,
-            source_code: NamedSource::new(self.path.display().to_string(), self.text.clone()),
+            source_code: NamedSource::new(path.display().to_string(), text.clone()),
             span: None,
             help: None,
         });
@@ -108,7 +142,10 @@ impl RecipeErrors {
         if self.errors.is_empty() {
             return Ok(());
         }
-        self.errors.sort_by_key(|e| (e.line, e.column));
+        let order: Vec<PathBuf> = self.sources.iter().map(|s| s.0.clone()).collect();
+        let file = |p: &PathBuf| order.iter().position(|o| o == p).unwrap_or(0);
+        self.errors
+            .sort_by_key(|e| (file(&e.path), e.line, e.column));
         Err(self)
     }
 
@@ -133,9 +170,9 @@ impl RecipeErrors {
 
     fn location_of(&self, e: &RecipeError) -> String {
         if e.line > 0 {
-            format!("{}:{}:{}", self.path.display(), e.line, e.column)
+            format!("{}:{}:{}", e.path.display(), e.line, e.column)
         } else {
-            self.path.display().to_string()
+            e.path.display().to_string()
         }
     }
 }

@@ -46,6 +46,16 @@ pub struct RecipeFile {
     /// Extra MBW preset files (`NAME<TAB>v1,...` per line), relative to the recipe.
     #[serde(default)]
     pub presets: Vec<String>,
+    /// Other recipe files whose models, vars, presets and nodes join this one (paths relative
+    /// to this file; names must not repeat).
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub include: Vec<Spanned<String>>,
+    /// Named ratios (a number, a preset name, "v1,v2,..." or a list) that `alpha` and `beta`
+    /// refer to as `$name`; `mergesmith build --set name=value` overrides one.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, RatioDecl>")]
+    pub vars: BTreeMap<String, Spanned<RatioDecl>>,
 }
 
 /// An input checkpoint.
@@ -163,6 +173,36 @@ pub struct NodeDecl {
     /// Save: replace a file that mergesmith did not write itself.
     #[serde(default)]
     pub overwrite: bool,
+    /// Save: how the file is made from the cached result: `copy` (default; a reflink where
+    /// the filesystem supports it) or `hardlink` (shares the cache's read-only file).
+    #[serde(default)]
+    pub link: Option<Link>,
+    /// Merge: where the result is kept: `disk` (default, in the cache) or `memory` (only
+    /// for this build, when something that needs it is out of date; never written to disk).
+    #[serde(default)]
+    pub cache: Option<Keep>,
+}
+
+/// How a save node makes its file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// A copy of the cached result (a reflink where the filesystem supports it).
+    #[default]
+    Copy,
+    /// A hard link to the cache's file, made read-only.
+    Hardlink,
+}
+
+/// Where a merge node's result is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// In the cache, across builds.
+    #[default]
+    Disk,
+    /// In memory, for one build only.
+    Memory,
 }
 
 /// What a node reads: a model file or another node.
@@ -186,6 +226,8 @@ pub enum Node {
         spec: Box<MergeSpec>,
         /// VAE model to bake in.
         vae: Option<String>,
+        /// Keep the result in memory only (`cache: memory`).
+        memory: bool,
     },
     /// Writing a node's result to a file.
     Save {
@@ -195,6 +237,8 @@ pub enum Node {
         to: PathBuf,
         /// Replace a file mergesmith did not write.
         overwrite: bool,
+        /// How the file is made.
+        link: Link,
     },
 }
 
@@ -229,17 +273,46 @@ pub struct Recipe {
 
 /// Reads and validates a recipe file.
 pub fn load(path: &Path) -> Result<Recipe, RecipeErrors> {
+    load_with(path, &[])
+}
+
+/// Reads and validates a recipe file, with `vars` overridden by `sets` (name, value).
+pub fn load_with(path: &Path, sets: &[(String, String)]) -> Result<Recipe, RecipeErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| RecipeErrors::io(path, &e))?;
-    parse(path, &text)
+    parse_with(path, &text, sets)
 }
 
 /// Parses and validates recipe text (`path` names it in errors and anchors relative paths).
 pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
-    let file: RecipeFile =
-        serde_saphyr::from_str(text).map_err(|e| RecipeErrors::yaml(path, text, &e))?;
-    let mut errs = RecipeErrors::new(path, text);
+    parse_with(path, text, &[])
+}
+
+/// One parsed file of a recipe (the recipe itself or an include).
+struct Part {
+    file: RecipeFile,
+    dir: PathBuf,
+}
+
+/// Parses `text` and, depth first, the files it includes, into `parts` (source index =
+/// part index). `stack` holds the canonical paths being read, to report include cycles.
+fn read_parts(
+    path: &Path,
+    text: &str,
+    parts: &mut Vec<Option<Part>>,
+    errs: &mut RecipeErrors,
+    stack: &mut Vec<PathBuf>,
+) {
+    let me = parts.len();
+    parts.push(None);
+    let file: RecipeFile = match serde_saphyr::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            errs.extend(RecipeErrors::yaml(path, text, &e));
+            return;
+        }
+    };
     if file.version.value != VERSION {
-        errs.push(
+        errs.at(me).push(
             &file.version.referenced,
             format!(
                 "unsupported recipe version {}; this mergesmith reads version {VERSION}",
@@ -249,42 +322,183 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
         );
     }
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut presets = Presets::default();
-    for p in &file.presets {
-        if let Err(e) = presets.add_file(&dir.join(p)) {
-            errs.push_plain(e.to_string());
+    stack.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+    for inc in &file.include {
+        let target = dir.join(&inc.value);
+        let canon = std::fs::canonicalize(&target).unwrap_or_else(|_| target.clone());
+        if stack.contains(&canon) {
+            let chain: Vec<String> = stack
+                .iter()
+                .chain(std::iter::once(&canon))
+                .map(|p| {
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            errs.at(me).push(
+                &inc.referenced,
+                format!("include cycle: {}", chain.join(" -> ")),
+                None,
+            );
+            continue;
+        }
+        match std::fs::read_to_string(&target) {
+            Ok(t) => {
+                errs.add_source(&target, &t);
+                read_parts(&target, &t, parts, errs, stack);
+            }
+            Err(e) => errs.at(me).push(
+                &inc.referenced,
+                format!("cannot read included recipe {}: {e}", target.display()),
+                None,
+            ),
         }
     }
-    let models: BTreeMap<String, (PathBuf, Option<String>)> = file
-        .models
+    stack.pop();
+    parts[me] = Some(Part { file, dir });
+}
+
+/// A declaration and the part (file) it comes from.
+struct Declared<'a, T> {
+    part: usize,
+    decl: &'a Spanned<T>,
+}
+
+/// What ratio fields can refer to: presets, and vars (as declared or set on the command line).
+struct RatioScope<'a> {
+    presets: Presets,
+    vars: BTreeMap<String, Declared<'a, RatioDecl>>,
+    sets: BTreeMap<String, String>,
+}
+
+fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Recipe, RecipeErrors> {
+    let mut errs = RecipeErrors::new(path, text);
+    let mut parts = Vec::new();
+    read_parts(path, text, &mut parts, &mut errs, &mut Vec::new());
+    if parts[0].is_none() {
+        return Err(errs.finish().expect_err("the recipe did not parse"));
+    }
+    let parts: Vec<(usize, Part)> = parts
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|p| (i, p)))
+        .collect();
+    let mut presets = Presets::default();
+    let mut models_decl: BTreeMap<String, Declared<ModelDecl>> = BTreeMap::new();
+    let mut nodes_decl: BTreeMap<String, Declared<NodeDecl>> = BTreeMap::new();
+    let mut vars: BTreeMap<String, Declared<RatioDecl>> = BTreeMap::new();
+    let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, part) in &parts {
+        for p in &part.file.presets {
+            if let Err(e) = presets.add_file(&part.dir.join(p)) {
+                errs.at(*i).push_plain(e.to_string());
+            }
+        }
+        let mut declare =
+            |name: &String, loc: &serde_saphyr::Location, errs: &mut RecipeErrors| match defined_in
+                .get(name)
+            {
+                Some(j) if j != i => {
+                    let first = errs.source_path(*j).display().to_string();
+                    errs.at(*i).push(
+                        loc,
+                        format!("`{name}` is already declared in {first}"),
+                        None,
+                    );
+                    false
+                }
+                _ => {
+                    defined_in.insert(name.clone(), *i);
+                    true
+                }
+            };
+        for (name, m) in &part.file.models {
+            if declare(name, &m.referenced, &mut errs) {
+                models_decl.insert(name.clone(), Declared { part: *i, decl: m });
+            }
+        }
+        for (name, n) in &part.file.nodes {
+            if declare(name, &n.referenced, &mut errs) {
+                nodes_decl.insert(name.clone(), Declared { part: *i, decl: n });
+            }
+        }
+        for (name, v) in &part.file.vars {
+            match vars.get(name) {
+                Some(prev) if prev.part != *i => {
+                    let prev_path = errs.source_path(prev.part).to_path_buf();
+                    errs.at(*i).push(
+                        &v.referenced,
+                        format!(
+                            "var `{name}` is already declared in {}",
+                            prev_path.display()
+                        ),
+                        None,
+                    );
+                }
+                _ => {
+                    vars.insert(name.clone(), Declared { part: *i, decl: v });
+                }
+            }
+        }
+    }
+    errs.at(0);
+    let mut set_map = BTreeMap::new();
+    for (name, value) in sets {
+        if vars.contains_key(name) {
+            set_map.insert(name.clone(), value.clone());
+        } else {
+            let near = crate::merge::weights::nearest(name, vars.keys().map(|s| s.as_str()));
+            errs.push_plain(format!(
+                "--set {name}=...: the recipe declares no var `{name}`{}",
+                near.map(|n| format!(" (did you mean `{n}`?)"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let scope = RatioScope {
+        presets,
+        vars,
+        sets: set_map,
+    };
+    let dir_of = |i: usize| -> &Path {
+        parts
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, p)| p.dir.as_path())
+            .unwrap_or(Path::new(""))
+    };
+    let models: BTreeMap<String, (PathBuf, Option<String>)> = models_decl
         .iter()
         .map(|(name, m)| {
+            let v = &m.decl.value;
             (
                 name.clone(),
                 (
-                    dir.join(&m.value.path),
-                    m.value.sha256.clone().or_else(|| m.value.autov2.clone()),
+                    dir_of(m.part).join(&v.path),
+                    v.sha256.clone().or_else(|| v.autov2.clone()),
                 ),
             )
         })
         .collect();
-    for name in file.models.keys().filter(|n| file.nodes.contains_key(*n)) {
-        errs.push(
-            &file.nodes[name].referenced,
+    for name in models_decl.keys().filter(|n| nodes_decl.contains_key(*n)) {
+        let n = &nodes_decl[name];
+        errs.at(n.part).push(
+            &n.decl.referenced,
             format!("`{name}` is both a model and a node"),
             None,
         );
     }
-    let names: Vec<&str> = file
-        .models
+    let names: Vec<&str> = models_decl
         .keys()
-        .chain(file.nodes.keys())
+        .chain(nodes_decl.keys())
         .map(|s| s.as_str())
         .collect();
     let resolve = |r: &Spanned<String>, errs: &mut RecipeErrors| -> Option<Input> {
-        if file.models.contains_key(&r.value) {
+        if models_decl.contains_key(&r.value) {
             Some(Input::Model(r.value.clone()))
-        } else if file.nodes.contains_key(&r.value) {
+        } else if nodes_decl.contains_key(&r.value) {
             Some(Input::Node(r.value.clone()))
         } else {
             let near = crate::merge::weights::nearest(&r.value, names.iter().copied());
@@ -297,8 +511,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
         }
     };
     let mut nodes = BTreeMap::new();
-    for (name, decl) in &file.nodes {
+    for (name, declared) in &nodes_decl {
+        let decl = declared.decl;
         let d = &decl.value;
+        let dir = dir_of(declared.part);
+        errs.at(declared.part);
         let node = match (&d.merge, &d.save) {
             (Some(_), Some(s)) => {
                 errs.push(
@@ -316,12 +533,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
                 );
                 None
             }
-            (Some(mode), None) => merge_node(name, d, mode, &presets, &resolve, &mut errs),
+            (Some(mode), None) => merge_node(name, d, mode, &scope, &resolve, &mut errs),
             (None, Some(from)) => {
                 for (field, set) in [
                     ("a", d.a.is_some()),
                     ("b", d.b.is_some()),
                     ("alpha", d.alpha.is_some()),
+                    ("cache", d.cache.is_some()),
                 ] {
                     if set {
                         errs.push(
@@ -356,6 +574,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
                         from,
                         to: dir.join(to),
                         overwrite: d.overwrite,
+                        link: d.link.unwrap_or_default(),
                     }),
                     _ => None,
                 }
@@ -368,9 +587,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
     let order = match topo_order(&nodes) {
         Ok(o) => o,
         Err(cycle) => {
-            let first = &file.nodes[&cycle[0]];
-            errs.push(
-                &first.referenced,
+            let first = &nodes_decl[&cycle[0]];
+            errs.at(first.part).push(
+                &first.decl.referenced,
                 format!("nodes form a cycle: {}", cycle.join(" -> ")),
                 None,
             );
@@ -388,11 +607,48 @@ pub fn parse(path: &Path, text: &str) -> Result<Recipe, RecipeErrors> {
 
 type Resolver<'a> = dyn Fn(&Spanned<String>, &mut RecipeErrors) -> Option<Input> + 'a;
 
-fn ratio(r: &Spanned<RatioDecl>, presets: &Presets, errs: &mut RecipeErrors) -> Option<Ratio> {
+/// Resolves a ratio field: a value, or `$name` for a var (declared, or set on the command
+/// line); errors point at the field, or at the var's own value when that is what is wrong.
+fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) -> Option<Ratio> {
+    if let RatioDecl::Text(t) = &r.value {
+        if let Some(name) = t.trim().strip_prefix('$') {
+            if let Some(value) = scope.sets.get(name) {
+                return match Ratio::parse(value, &scope.presets) {
+                    Ok(ratio) => Some(ratio),
+                    Err(e) => {
+                        errs.push_plain(format!("--set {name}={value}: {e}"));
+                        None
+                    }
+                };
+            }
+            let Some(var) = scope.vars.get(name) else {
+                let near =
+                    crate::merge::weights::nearest(name, scope.vars.keys().map(|s| s.as_str()));
+                errs.push(
+                    &r.referenced,
+                    format!("no var `{name}` in this recipe"),
+                    near.map(|n| format!("did you mean `${n}`?")),
+                );
+                return None;
+            };
+            if matches!(&var.decl.value, RatioDecl::Text(v) if v.trim().starts_with('$')) {
+                errs.push(
+                    &r.referenced,
+                    format!("var `{name}` refers to another var; give it a value"),
+                    None,
+                );
+                return None;
+            }
+            let back = errs.current();
+            let resolved = ratio(var.decl, scope, errs.at(var.part));
+            errs.at(back);
+            return resolved;
+        }
+    }
     let parsed = match &r.value {
         RatioDecl::Number(v) => Ok(Ratio::Scalar(*v)),
         RatioDecl::List(v) => Ok(Ratio::Blocks(v.clone())),
-        RatioDecl::Text(t) => Ratio::parse(t, presets),
+        RatioDecl::Text(t) => Ratio::parse(t, &scope.presets),
     };
     match parsed {
         Ok(Ratio::Scalar(v)) if !(-10.0..=10.0).contains(&v) => {
@@ -415,7 +671,7 @@ fn merge_node(
     name: &str,
     d: &NodeDecl,
     mode: &Spanned<Mode>,
-    presets: &Presets,
+    scope: &RatioScope,
     resolve: &Resolver,
     errs: &mut RecipeErrors,
 ) -> Option<Node> {
@@ -441,15 +697,15 @@ fn merge_node(
             None,
         );
     }
-    if d.save.is_none() && (d.to.is_some() || d.overwrite) {
+    if d.save.is_none() && (d.to.is_some() || d.overwrite || d.link.is_some()) {
         errs.push(
             &mode.referenced,
-            format!("merge node `{name}` takes no `to`/`overwrite`; add a save node"),
+            format!("merge node `{name}` takes no `to`/`overwrite`/`link`; add a save node"),
             None,
         );
     }
     let alpha = match &d.alpha {
-        Some(a) => ratio(a, presets, errs),
+        Some(a) => ratio(a, scope, errs),
         None => {
             errs.push(
                 &mode.referenced,
@@ -459,7 +715,7 @@ fn merge_node(
             None
         }
     };
-    let beta = d.beta.as_ref().map(|b| ratio(b, presets, errs));
+    let beta = d.beta.as_ref().map(|b| ratio(b, scope, errs));
     let adjust = match &d.adjust {
         Some(v) => match <[f64; 8]>::try_from(v.value.as_slice()) {
             Ok(a) => Some(a),
@@ -550,6 +806,7 @@ fn merge_node(
         inputs,
         spec: Box::new(spec),
         vae,
+        memory: d.cache == Some(Keep::Memory),
     })
 }
 
