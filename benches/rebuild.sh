@@ -4,7 +4,7 @@
 #   noop      the same build again (nothing changed)
 #   one-block the build after changing IN04's weight (0.5 -> 0.9x): recompute + write output
 #   node-only the same change building only the merge node (target `blend`, no save)
-#   copy      cp of one model + sync (the cost of writing the output file once)
+#   copy      cp of one model over an existing file + sync (what writing the output costs)
 # Every rebuild uses an IN04 value never built before, so each really rebuilds.
 # Usage: benches/rebuild.sh [sd1|sdxl] [runs] [workdir] [copy|hardlink]
 # Needs ~4x the model size of free disk (SD1 fp16: 2 GB per file).
@@ -42,6 +42,7 @@ timed() { # label, command...: prints "label seconds" (the command's stdout goes
   echo "$label" "$(echo "$e - $s" | bc)"
 }
 build() { $bin build "$dir/recipe.yaml" --json; }
+cp "$dir/base.safetensors" "$dir/copy.safetensors" # the copy baseline replaces a file, as a save does
 {
   for i in $(seq "$runs"); do
     rm -rf "$dir/cache" "$dir/out" "$dir/recipe.lock"
@@ -53,10 +54,10 @@ build() { $bin build "$dir/recipe.yaml" --json; }
     recipe "0.8$i"
     timed node-only $bin build "$dir/recipe.yaml" blend --json
     tr -d ' \n' < "$dir/last.out" | grep -o '"stored":[0-9]*,"reused":[0-9]*' | sed 's/^/blend: /' >&2
-    timed copy sh -c "cp '$dir/base.safetensors' '$dir/copy.safetensors' && sync"
-    rm -f "$dir/copy.safetensors"
+    timed copy sh -c "cp '$dir/base.safetensors' '$dir/copy.tmp' && mv '$dir/copy.tmp' '$dir/copy.safetensors' && sync"
   done
 } > "$dir/times.txt"
+rm -f "$dir/copy.safetensors"
 awk '
   { t[$1] = t[$1] " " $2 }
   function median(s,   a, n, i, j, x) { n = split(s, a, " ");

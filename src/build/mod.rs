@@ -411,6 +411,20 @@ pub struct NodeReport {
     pub reused: Option<usize>,
 }
 
+impl NodeReport {
+    /// The report of a node that did not run (a hit or a skip), and the starting point of one
+    /// that does.
+    fn nothing_done(p: &NodePlan) -> Self {
+        NodeReport {
+            plan: p.clone(),
+            seconds: 0.0,
+            output: None,
+            stored: None,
+            reused: None,
+        }
+    }
+}
+
 /// How a build runs.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -467,13 +481,11 @@ pub fn build(
         if !matches!(p.status, Status::Skip(_)) {
             st.nodes.insert(p.name.clone(), p.key.clone());
         }
-        reports.push(built.remove(&p.name).unwrap_or_else(|| NodeReport {
-            plan: p.clone(),
-            seconds: 0.0,
-            output: None,
-            stored: None,
-            reused: None,
-        }));
+        reports.push(
+            built
+                .remove(&p.name)
+                .unwrap_or_else(|| NodeReport::nothing_done(p)),
+        );
     }
     cache.save_state(&recipe.path, &st)?;
     Ok(reports)
@@ -545,13 +557,7 @@ impl Ctx<'_> {
     fn run_node(&self, p: &NodePlan) -> Result<NodeReport> {
         let started = std::time::Instant::now();
         let cache = self.store.cache;
-        let mut report = NodeReport {
-            plan: p.clone(),
-            seconds: 0.0,
-            output: None,
-            stored: None,
-            reused: None,
-        };
+        let mut report = NodeReport::nothing_done(p);
         let failed = |e: Error| Error::Failed(format!("node `{}`: {e}", p.name));
         match &self.recipe.nodes[&p.name] {
             Node::Merge { memory, .. } => {
