@@ -56,6 +56,70 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+    /// LoRA tools.
+    #[command(subcommand)]
+    Lora(LoraCommand),
+}
+
+/// `mergesmith lora ...`
+#[derive(Debug, Subcommand)]
+pub enum LoraCommand {
+    /// Bake LoRAs into a checkpoint (as AUTOMATIC1111 / ComfyUI apply them at that strength).
+    Apply(LoraApplyArgs),
+    /// Write a synthetic kohya LoRA for a checkpoint (every default target; for tests and
+    /// benchmarks).
+    Synth {
+        /// The checkpoint the LoRA is for.
+        #[arg(short = 'm', long = "model", value_name = "FILE")]
+        model: PathBuf,
+        /// Rank of linear (and 1x1) modules.
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// Rank of 3x3 convolutions (LoCon); 0 leaves them out.
+        #[arg(long, default_value_t = 0)]
+        conv_rank: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output file.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+/// Arguments of `lora apply`.
+#[derive(Debug, Args)]
+pub struct LoraApplyArgs {
+    /// The checkpoint.
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    pub model: PathBuf,
+    /// A LoRA to bake, optionally with its strength and block weights:
+    /// `FILE`, `FILE:0.8`, `FILE:0.8:OUTD` or `FILE:1:1,0,0,...` (repeatable).
+    #[arg(
+        short = 'l',
+        long = "lora",
+        value_name = "FILE[:STRENGTH[:BLOCKS]]",
+        required = true
+    )]
+    pub loras: Vec<String>,
+    /// Weight of blocks a short block-weight vector leaves out.
+    #[arg(long, default_value_t = 0.0)]
+    pub fill: f64,
+    /// Skip LoRA modules that match no weight of the checkpoint (default: error).
+    #[arg(long)]
+    pub allow_unmatched: bool,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mergesmith recipe ...`
@@ -478,6 +542,25 @@ pub fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Lora(LoraCommand::Apply(a)) => lora_apply(a),
+        Command::Lora(LoraCommand::Synth {
+            model,
+            rank,
+            conv_rank,
+            seed,
+            output,
+            overwrite,
+        }) => {
+            let started = std::time::Instant::now();
+            let n =
+                crate::lora::synth::synthesize(&model, rank, conv_rank, seed, &output, overwrite)?;
+            println!(
+                "wrote {} ({n} modules) in {:.1} s",
+                output.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Recipe(cmd) => {
             let (yaml, output, overwrite) = match cmd {
                 RecipeCommand::FromModel {
@@ -569,6 +652,95 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Splits `FILE[:STRENGTH[:BLOCKS]]` (a colon inside FILE, as in `C:\\...`, stays in FILE).
+fn lora_spec(text: &str) -> Result<(PathBuf, f64, Option<String>)> {
+    let parts: Vec<&str> = text.rsplitn(3, ':').collect();
+    let number = |s: &str| s.trim().parse::<f64>().ok();
+    match parts.as_slice() {
+        [blocks, strength, file] if number(strength).is_some() => Ok((
+            PathBuf::from(file),
+            number(strength).unwrap_or(1.0),
+            Some(blocks.to_string()),
+        )),
+        [strength, rest @ ..] if number(strength).is_some() => {
+            let file: Vec<&str> = rest.iter().rev().copied().collect();
+            Ok((
+                PathBuf::from(file.join(":")),
+                number(strength).unwrap_or(1.0),
+                None,
+            ))
+        }
+        _ => Ok((PathBuf::from(text), 1.0, None)),
+    }
+}
+
+fn lora_apply(a: LoraApplyArgs) -> Result<()> {
+    use crate::lora::bake::{bake_file, Application};
+    let family =
+        crate::arch::detect(crate::checkpoint::Checkpoint::open(&a.model)?.tensors()).family;
+    let mut apps = Vec::new();
+    let mut record = Vec::new();
+    for spec in &a.loras {
+        let (path, strength, blocks) = lora_spec(spec)?;
+        let file = crate::lora::LoraFile::open(&path)?;
+        let blocks = blocks
+            .map(|b| crate::lora::blocks::BlockWeights::parse(&b, family, a.fill))
+            .transpose()?;
+        let hashes = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir())
+            .hashes(&path)?
+            .0;
+        record.push(serde_json::json!({
+            "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "sha256": hashes.sha256,
+            "strength": strength,
+            "blocks": blocks,
+        }));
+        apps.push(Application {
+            file,
+            strength,
+            blocks,
+        });
+    }
+    let mut md = std::collections::BTreeMap::new();
+    md.insert(
+        "mergesmith_loras".to_string(),
+        serde_json::Value::Array(record).to_string(),
+    );
+    let started = std::time::Instant::now();
+    let plan = bake_file(
+        &a.model,
+        &apps,
+        &a.output,
+        &md,
+        a.allow_unmatched,
+        a.overwrite,
+        !a.json,
+    )?;
+    let report = serde_json::json!({
+        "output": a.output,
+        "modules_applied": plan.applied,
+        "tensors_changed": plan.changes.len(),
+        "unmatched": plan.unmatched.iter().map(|(i, n)| serde_json::json!({"lora": a.loras[*i], "module": n})).collect::<Vec<_>>(),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if a.json {
+        return print_json(&report);
+    }
+    println!(
+        "wrote {} ({} modules applied, {} tensors changed{}) in {:.1} s",
+        a.output.display(),
+        plan.applied,
+        plan.changes.len(),
+        if plan.unmatched.is_empty() {
+            String::new()
+        } else {
+            format!(", {} unmatched modules skipped", plan.unmatched.len())
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {

@@ -22,6 +22,7 @@ pub mod dtype;
 pub mod error;
 pub mod hashing;
 pub mod inspect;
+pub mod lora;
 pub mod merge;
 pub mod noise;
 pub mod progress;

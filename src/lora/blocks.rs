@@ -1,0 +1,116 @@
+//! LoRA Block Weight (LBW, lora.md §6): one weight per block, given as 17 or 26 values for
+//! SD1/SD2, 12 or 20 for SDXL, or as a preset name; blocks a short vector leaves out get an
+//! explicit fill value (0 by default, as the LBW extension and SuperMerger do).
+
+use std::collections::BTreeMap;
+
+use crate::arch::Family;
+use crate::error::{Error, Result};
+
+fn names(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for part in list.split(' ') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let prefix: String = a.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+                let lo: usize = a[prefix.len()..].parse().unwrap_or(0);
+                let hi: usize = b[prefix.len()..].parse().unwrap_or(0);
+                out.extend((lo..=hi).map(|n| format!("{prefix}{n:02}")));
+            }
+            None => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
+/// The block names a vector of `len` values stands for, for a family.
+pub fn block_ids(family: Family, len: usize) -> Option<Vec<String>> {
+    let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
+    let list = match (xl, len) {
+        (false, 17) => "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03-OUT11",
+        (false, 26) | (true, 26) => "BASE IN00-IN11 M00 OUT00-OUT11",
+        (true, 12) => "BASE IN04 IN05 IN07 IN08 M00 OUT00-OUT05",
+        (true, 20) => "BASE IN00-IN08 M00 OUT00-OUT08",
+        _ => return None,
+    };
+    Some(names(list))
+}
+
+/// The presets shipped with the LBW extension and SuperMerger (17-value form).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("NONE", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    ("ALL", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1"),
+    ("INS", "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    ("IND", "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    ("INALL", "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    ("MIDD", "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"),
+    ("OUTD", "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"),
+    ("OUTS", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"),
+    ("OUTALL", "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"),
+    (
+        "ALL0.5",
+        "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+    ),
+];
+
+/// Per-block weights of one LoRA.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockWeights {
+    /// Block name -> weight.
+    pub weights: BTreeMap<String, f64>,
+    /// Weight of blocks the vector does not list.
+    pub fill: f64,
+}
+
+impl BlockWeights {
+    /// Parses a preset name or comma-separated values for `family`.
+    pub fn parse(text: &str, family: Family, fill: f64) -> Result<BlockWeights> {
+        let t = text.trim();
+        let values = PRESETS
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(t))
+            .map(|(_, v)| *v)
+            .unwrap_or(t);
+        let parsed: Vec<f64> = values
+            .split(',')
+            .map(|v| v.trim().parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                let near = crate::merge::weights::nearest(t, PRESETS.iter().map(|(n, _)| *n));
+                Error::Invalid(format!(
+                    "block weights `{t}`: not a preset ({}) nor comma-separated numbers{}",
+                    PRESETS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    near.map(|n| format!("; did you mean `{n}`?"))
+                        .unwrap_or_default()
+                ))
+            })?;
+        let ids = block_ids(family, parsed.len()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "block weights `{t}`: {} values; {} takes {}",
+                parsed.len(),
+                family.label(),
+                if matches!(family, Family::Sdxl | Family::SdxlRefiner) {
+                    "12 or 20 (or 26)"
+                } else {
+                    "17 or 26"
+                }
+            ))
+        })?;
+        Ok(BlockWeights {
+            weights: ids.into_iter().zip(parsed).collect(),
+            fill,
+        })
+    }
+
+    /// The weight of a key in `block` (keys outside every block keep weight 1).
+    pub fn weight(&self, block: Option<&str>) -> f64 {
+        match block {
+            None => 1.0,
+            Some(b) => self.weights.get(b).copied().unwrap_or(self.fill),
+        }
+    }
+}

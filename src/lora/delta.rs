@@ -1,0 +1,237 @@
+//! The weight change of one module (lora.md §2.1, §5), in f32, scaled by alpha / dim (or the
+//! module's `scale`), before strength and block weight.
+//!
+//! Products are plain row-parallel loops with a fixed summation order, so results do not
+//! depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::lora::{Kind, LoraFile, Module};
+
+/// `a [m, k] · b [k, n]`.
+pub fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for kk in 0..k {
+                let x = a[i * k + kk];
+                let b_row = &b[kk * n..(kk + 1) * n];
+                for (o, y) in row.iter_mut().zip(b_row) {
+                    *o += x * y;
+                }
+            }
+        });
+    out
+}
+
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// `ΔW[o, i, y, x] = Σ_n Σ_m up[o, n] · mid[n, m, y, x] · down[m, i]` (Tucker form), with
+/// `up [out, r]`, `mid [r, r', kh, kw]`, `down [r', in]`; returns `[out, in, kh, kw]`.
+fn tucker(
+    up: &[f32],
+    out: usize,
+    mid: &[f32],
+    mid_shape: &[usize],
+    down: &[f32],
+    inp: usize,
+) -> Vec<f32> {
+    let (r, r2) = (mid_shape[0], mid_shape[1]);
+    let k: usize = mid_shape[2..].iter().product::<usize>().max(1);
+    let mut result = vec![0f32; out * inp * k];
+    for yx in 0..k {
+        let m: Vec<f32> = (0..r * r2).map(|nm| mid[nm * k + yx]).collect();
+        let t = matmul(up, out, r, &m, r2);
+        let d = matmul(&t, out, r2, down, inp);
+        for (oi, v) in d.into_iter().enumerate() {
+            result[oi * k + yx] = v;
+        }
+    }
+    result
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Shape as a matrix: first dimension by the rest.
+fn as_matrix(shape: &[usize]) -> (usize, usize) {
+    let rows = shape.first().copied().unwrap_or(1);
+    (rows, numel(shape) / rows.max(1))
+}
+
+/// A module's weight change for a target region of `target_numel` elements (`weight`: the
+/// target's current values, needed by IA3). The result has the target's element order.
+pub fn delta(
+    f: &LoraFile,
+    m: &Module,
+    target_numel: usize,
+    weight: Option<&[f32]>,
+    target_shape: &[usize],
+) -> Result<Vec<f32>> {
+    let err =
+        |msg: String| Error::Invalid(format!("{}: module `{}`: {msg}", f.path.display(), m.name));
+    let need = |p: &str| -> Result<(Vec<f32>, Vec<usize>)> {
+        f.part(m, p)?
+            .ok_or_else(|| err(format!("missing part `{p}`")))
+    };
+    if m.parts.contains_key("dora_scale") {
+        return Err(err("DoRA (dora_scale) is not supported yet".into()));
+    }
+    let alpha = f.part(m, "alpha")?.and_then(|(v, _)| v.first().copied());
+    let explicit_scale = f.part(m, "scale")?.and_then(|(v, _)| v.first().copied());
+    let scale_for = |dim: Option<usize>| -> f32 {
+        match (explicit_scale, alpha, dim) {
+            (Some(s), _, _) => s,
+            (None, Some(a), Some(d)) if d > 0 => a / d as f32,
+            _ => 1.0,
+        }
+    };
+    let (values, scale) = match m.kind {
+        Kind::Lora => {
+            let (up, up_s) = need("up")?;
+            let (down, down_s) = need("down")?;
+            let rank = down_s[0];
+            let out = up_s[0];
+            let v = match f.part(m, "mid")? {
+                Some((mid, mid_s)) => {
+                    let inp = down_s.get(1).copied().unwrap_or(0);
+                    tucker(&up, out, &mid, &mid_s, &down, inp)
+                }
+                None => {
+                    let (_, cols) = as_matrix(&down_s);
+                    if numel(&up_s) != out * rank {
+                        return Err(err(format!(
+                            "lora_up {up_s:?} does not match lora_down {down_s:?}"
+                        )));
+                    }
+                    matmul(&up, out, rank, &down, cols)
+                }
+            };
+            (v, scale_for(Some(rank)))
+        }
+        Kind::Loha => {
+            if m.parts.contains_key("hada_t1") {
+                let product = |a: &str, b: &str, t: &str| -> Result<Vec<f32>> {
+                    let (wa, wa_s) = need(a)?;
+                    let (wb, wb_s) = need(b)?;
+                    let (tt, t_s) = need(t)?;
+                    let out = wa_s[1];
+                    let up = transpose(&wa, wa_s[0], out);
+                    Ok(tucker(&up, out, &tt, &t_s, &wb, wb_s[1]))
+                };
+                let p1 = product("hada_w1_a", "hada_w1_b", "hada_t1")?;
+                let p2 = product("hada_w2_a", "hada_w2_b", "hada_t2")?;
+                let rank = need("hada_w1_b")?.1[0];
+                (
+                    p1.iter().zip(&p2).map(|(a, b)| a * b).collect(),
+                    scale_for(Some(rank)),
+                )
+            } else {
+                let product = |a: &str, b: &str| -> Result<(Vec<f32>, usize)> {
+                    let (wa, wa_s) = need(a)?;
+                    let (wb, wb_s) = need(b)?;
+                    let (r, cols) = as_matrix(&wb_s);
+                    Ok((matmul(&wa, wa_s[0], r, &wb, cols), r))
+                };
+                let (p1, rank) = product("hada_w1_a", "hada_w1_b")?;
+                let (p2, _) = product("hada_w2_a", "hada_w2_b")?;
+                if p1.len() != p2.len() {
+                    return Err(err("the two LoHa products differ in size".into()));
+                }
+                (
+                    p1.iter().zip(&p2).map(|(a, b)| a * b).collect(),
+                    scale_for(Some(rank)),
+                )
+            }
+        }
+        Kind::Lokr => {
+            if m.parts.contains_key("lokr_t2") {
+                return Err(err(
+                    "LoKr with a Tucker w2 (lokr_t2) is not supported yet".into()
+                ));
+            }
+            let factor =
+                |full: &str, a: &str, b: &str| -> Result<(Vec<f32>, usize, usize, Option<usize>)> {
+                    match f.part(m, full)? {
+                        Some((w, s)) => {
+                            let (r, c) = as_matrix(&s);
+                            Ok((w, r, c, None))
+                        }
+                        None => {
+                            let (wa, wa_s) = need(a)?;
+                            let (wb, wb_s) = need(b)?;
+                            let (r, c) = as_matrix(&wb_s);
+                            Ok((matmul(&wa, wa_s[0], r, &wb, c), wa_s[0], c, Some(r)))
+                        }
+                    }
+                };
+            let (w1, a, c, dim1) = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
+            let (w2, b, dk, dim2) = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
+            let mut v = vec![0f32; a * b * c * dk];
+            let cols = c * dk;
+            for p in 0..a {
+                for q in 0..b {
+                    let row = &mut v[(p * b + q) * cols..(p * b + q + 1) * cols];
+                    for s in 0..c {
+                        let x = w1[p * c + s];
+                        for t in 0..dk {
+                            row[s * dk + t] = x * w2[q * dk + t];
+                        }
+                    }
+                }
+            }
+            let scale = match dim2.or(dim1) {
+                Some(d) => scale_for(Some(d)),
+                None => explicit_scale.unwrap_or(1.0),
+            };
+            (v, scale)
+        }
+        Kind::Ia3 => {
+            let w = weight.ok_or_else(|| err("IA3 needs the target weight".into()))?;
+            let (scale, _) = need("weight")?;
+            let on_input = need("on_input")?.0.first().copied().unwrap_or(0.0) != 0.0;
+            let out = target_shape.first().copied().unwrap_or(1);
+            let per_row = w.len() / out.max(1);
+            let inner: usize = target_shape.get(2..).map(numel).unwrap_or(1).max(1);
+            let v = w
+                .iter()
+                .enumerate()
+                .map(|(idx, x)| {
+                    let channel = if on_input {
+                        (idx % per_row) / inner
+                    } else {
+                        idx / per_row
+                    };
+                    x * scale.get(channel).copied().unwrap_or(0.0)
+                })
+                .collect();
+            (v, 1.0)
+        }
+        Kind::Full => match f.part(m, "diff")? {
+            Some((d, _)) => (d, 1.0),
+            None => (vec![0.0; target_numel], 1.0),
+        },
+    };
+    if values.len() != target_numel {
+        return Err(err(format!(
+            "its change has {} elements, the checkpoint weight {target_numel}",
+            values.len()
+        )));
+    }
+    Ok(if scale == 1.0 {
+        values
+    } else {
+        values.into_iter().map(|v| v * scale).collect()
+    })
+}

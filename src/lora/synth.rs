@@ -1,0 +1,202 @@
+//! Synthetic kohya-format LoRAs for a checkpoint: every module sd-scripts targets by default
+//! (transformer linears, `proj_in`/`proj_out`, text-encoder attention and MLP; LoCon convs
+//! with `conv_rank`), named as sd-scripts names them (SD1/SD2: diffusers paths, SDXL: LDM
+//! paths), filled with seeded normal values. For tests and benchmarks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::arch::{self, Family};
+use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::lora::names::ldm_to_diffusers;
+
+const DOMAIN: &str = "mergesmith synth-lora v1";
+
+/// Whether an LDM U-Net module path is a default LoRA target (or, with `conv`, a LoCon one).
+fn unet_target(p: &str, conv: bool) -> bool {
+    let linear = p.contains("transformer_blocks")
+        && ["attn1.to_", "attn2.to_", "ff.net.0.proj", "ff.net.2"]
+            .iter()
+            .any(|t| p.contains(t))
+        || p.ends_with("proj_in")
+        || p.ends_with("proj_out");
+    let locon = [
+        "in_layers.2",
+        "out_layers.3",
+        "emb_layers.1",
+        "skip_connection",
+        ".op",
+        ".conv",
+    ]
+    .iter()
+    .any(|t| p.ends_with(t))
+        && (p.starts_with("input_blocks.")
+            || p.starts_with("middle_block.")
+            || p.starts_with("output_blocks."));
+    linear || conv && locon
+}
+
+/// (module name, out rows, target shape) of every default target of `ck`.
+pub fn modules(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
+    let family = arch::detect(ck.tensors()).family;
+    let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
+    let mut out = Vec::new();
+    for t in ck.tensors() {
+        if let Some(p) = t
+            .name
+            .strip_prefix("model.diffusion_model.")
+            .and_then(|p| p.strip_suffix(".weight"))
+        {
+            if (t.shape.len() == 2 || t.shape.len() == 4) && unet_target(p, conv) {
+                let path = if xl {
+                    Some(p.to_string())
+                } else {
+                    ldm_to_diffusers(p)
+                };
+                if let Some(path) = path {
+                    out.push((
+                        format!("lora_unet_{}", path.replace('.', "_")),
+                        t.shape.clone(),
+                    ));
+                }
+            }
+            continue;
+        }
+        let hf = [
+            ("cond_stage_model.transformer.text_model.", "lora_te_"),
+            (
+                "conditioner.embedders.0.transformer.text_model.",
+                "lora_te1_",
+            ),
+        ];
+        for (prefix, kohya) in hf {
+            if let Some(rest) = t
+                .name
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix(".weight"))
+            {
+                let wanted = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+                if rest.starts_with("encoder.layers.") && wanted.iter().any(|w| rest.ends_with(w)) {
+                    out.push((
+                        format!("{kohya}text_model_{}", rest.replace('.', "_")),
+                        t.shape.clone(),
+                    ));
+                }
+            }
+        }
+        let openclip = [
+            ("cond_stage_model.model.transformer.resblocks.", "lora_te_"),
+            (
+                "conditioner.embedders.1.model.transformer.resblocks.",
+                "lora_te2_",
+            ),
+        ];
+        for (prefix, kohya) in openclip {
+            let Some((n, part)) = t.name.strip_prefix(prefix).and_then(|r| r.split_once('.'))
+            else {
+                continue;
+            };
+            let layer = format!("{kohya}text_model_encoder_layers_{n}_");
+            match part {
+                "attn.in_proj_weight" => {
+                    let d = t.shape[0] / 3;
+                    for x in ["q", "k", "v"] {
+                        out.push((format!("{layer}self_attn_{x}_proj"), vec![d, t.shape[1]]));
+                    }
+                }
+                "attn.out_proj.weight" => {
+                    out.push((format!("{layer}self_attn_out_proj"), t.shape.clone()))
+                }
+                "mlp.c_fc.weight" => out.push((format!("{layer}mlp_fc1"), t.shape.clone())),
+                "mlp.c_proj.weight" => out.push((format!("{layer}mlp_fc2"), t.shape.clone())),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Writes a LoRA for `model` with rank `rank` (LoCon convs too when `conv_rank` > 0),
+/// alpha = rank / 2, up and down ~ N(0, 1/rank) in fp16, to `out`.
+pub fn synthesize(
+    model: &Path,
+    rank: usize,
+    conv_rank: usize,
+    seed: u64,
+    out: &Path,
+    overwrite: bool,
+) -> Result<usize> {
+    if rank == 0 {
+        return Err(Error::Invalid("--rank must be at least 1".into()));
+    }
+    let ck = Checkpoint::open(model)?;
+    let mods = modules(&ck, conv_rank > 0);
+    let mut specs = Vec::new();
+    let mut plan = Vec::new();
+    for (name, shape) in &mods {
+        let r = if shape.len() == 4 && shape[2] * shape[3] > 1 {
+            conv_rank
+        } else {
+            rank
+        };
+        if r == 0 {
+            continue;
+        }
+        let r = r.min(shape[0]).min(shape[1]);
+        let mut up = vec![shape[0], r];
+        let mut down = vec![r, shape[1]];
+        if shape.len() == 4 {
+            up.extend([1, 1]);
+            down.extend_from_slice(&shape[2..]);
+        }
+        for (part, s) in [("lora_up.weight", up), ("lora_down.weight", down)] {
+            specs.push(TensorSpec {
+                name: format!("{name}.{part}"),
+                dtype: DType::F16,
+                shape: s,
+            });
+        }
+        specs.push(TensorSpec {
+            name: format!("{name}.alpha"),
+            dtype: DType::F32,
+            shape: vec![],
+        });
+        plan.push((name.clone(), r));
+    }
+    let mut md = BTreeMap::new();
+    md.insert("ss_network_module".to_string(), "networks.lora".to_string());
+    md.insert("ss_network_dim".to_string(), rank.to_string());
+    md.insert(
+        "ss_network_alpha".to_string(),
+        format!("{:.1}", rank as f64 / 2.0),
+    );
+    let writer = SafetensorsWriter::create(out, specs.clone(), &md, overwrite)?;
+    use rayon::prelude::*;
+    specs.par_iter().try_for_each(|s| {
+        let n: usize = s.shape.iter().product();
+        let bytes = if s.name.ends_with(".alpha") {
+            let r = plan
+                .iter()
+                .find(|(m, _)| s.name.starts_with(m.as_str()))
+                .map_or(1, |p| p.1);
+            (r as f32 / 2.0).to_le_bytes().to_vec()
+        } else {
+            let mut v = vec![0f32; n];
+            crate::noise::fill_normal(DOMAIN, seed, &s.name, 0, &mut v);
+            let r = if s.name.ends_with("lora_up.weight") {
+                s.shape[1]
+            } else {
+                s.shape[0]
+            };
+            let sd = 1.0 / (r as f32).sqrt();
+            v.iter_mut().for_each(|x| *x *= sd);
+            crate::convert::from_f32(&v, DType::F16)?
+        };
+        writer.write(&s.name, &bytes)
+    })?;
+    writer.finish()?;
+    Ok(plan.len())
+}

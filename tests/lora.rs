@@ -1,0 +1,773 @@
+//! LoRA: module-name resolution against the real layouts, the weight-change math against
+//! hand-worked answers (lora.md §7), and baking into tiny synthetic checkpoints checked
+//! against an f64 reference written here.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use mergesmith::arch::Family;
+use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+use mergesmith::checkpoint::Checkpoint;
+use mergesmith::dtype::DType;
+use mergesmith::lora::bake::{self, Application};
+use mergesmith::lora::blocks::BlockWeights;
+use mergesmith::lora::delta::delta;
+use mergesmith::lora::names::{ldm_to_diffusers, Targets};
+use mergesmith::lora::LoraFile;
+
+/// Writes f32 tensors (name, shape, values) as a safetensors file.
+fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf {
+    let specs = tensors
+        .iter()
+        .map(|(n, s, _)| TensorSpec {
+            name: n.to_string(),
+            dtype: DType::F32,
+            shape: s.clone(),
+        })
+        .collect();
+    let w = SafetensorsWriter::create(path, specs, &BTreeMap::new(), true).unwrap();
+    for (n, _, v) in tensors {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write(n, &bytes).unwrap();
+    }
+    w.finish().unwrap();
+    path.to_path_buf()
+}
+
+/// The weight change of the single module of a LoRA file, for a target of `shape`.
+fn delta_of(
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    shape: &[usize],
+    w: Option<&[f32]>,
+) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let f = LoraFile::open(&write_f32(&dir.path().join("l.safetensors"), tensors)).unwrap();
+    assert_eq!(f.modules.len(), 1, "{:?}", f.modules);
+    delta(&f, &f.modules[0], shape.iter().product(), w, shape).unwrap()
+}
+
+fn close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn known_answers_of_lora_md() {
+    let m = "lora_unet_x";
+    let t = |p: &str, s: Vec<usize>, v: Vec<f32>| {
+        (Box::leak(format!("{m}.{p}").into_boxed_str()) as &str, s, v)
+    };
+    // 1. linear, alpha 0.5, rank 1 (ratio 2 applied by hand).
+    let d = delta_of(
+        &[
+            t("lora_up.weight", vec![2, 1], vec![1., 2.]),
+            t("lora_down.weight", vec![1, 3], vec![3., 4., 5.]),
+            t("alpha", vec![], vec![0.5]),
+        ],
+        &[2, 3],
+        None,
+    );
+    close(
+        &d.iter().map(|x| 2. * x).collect::<Vec<_>>(),
+        &[3., 4., 5., 6., 8., 10.],
+    );
+    // 2. rank 2, alpha 1.
+    let d = delta_of(
+        &[
+            t("lora_up.weight", vec![3, 2], vec![1., 0., 0., 1., 1., 1.]),
+            t("lora_down.weight", vec![2, 2], vec![1., 2., 3., 4.]),
+            t("alpha", vec![], vec![1.]),
+        ],
+        &[3, 2],
+        None,
+    );
+    close(&d, &[0.5, 1., 1.5, 2., 2., 3.]);
+    // 3. conv 3x3.
+    let k: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+    let d = delta_of(
+        &[
+            t("lora_up.weight", vec![2, 1, 1, 1], vec![1., -1.]),
+            t("lora_down.weight", vec![1, 1, 3, 3], k.clone()),
+            t("alpha", vec![], vec![1.]),
+        ],
+        &[2, 1, 3, 3],
+        None,
+    );
+    let neg: Vec<f32> = k.iter().map(|v| -v).collect();
+    close(&d, &[k.clone(), neg].concat());
+    // 4. Tucker (1x2 kernel), scale 1 (alpha = rank 2).
+    let d = delta_of(
+        &[
+            t("lora_up.weight", vec![2, 2, 1, 1], vec![1., 0., 1., 1.]),
+            t("lora_down.weight", vec![2, 2, 1, 1], vec![1., 2., 0., 1.]),
+            t(
+                "lora_mid.weight",
+                vec![2, 2, 1, 2],
+                vec![1., 0., 0., 1., 2., 0., 0., 0.],
+            ),
+            t("alpha", vec![], vec![2.]),
+        ],
+        &[2, 2, 1, 2],
+        None,
+    );
+    close(&d, &[1., 0., 2., 1., 3., 0., 6., 1.]);
+    // 5. LoHa, alpha 1, rank 1.
+    let d = delta_of(
+        &[
+            t("hada_w1_a", vec![2, 1], vec![1., 2.]),
+            t("hada_w1_b", vec![1, 2], vec![3., 4.]),
+            t("hada_w2_a", vec![2, 1], vec![1., 1.]),
+            t("hada_w2_b", vec![1, 2], vec![1., 2.]),
+            t("alpha", vec![], vec![1.]),
+        ],
+        &[2, 2],
+        None,
+    );
+    close(&d, &[3., 8., 6., 16.]);
+    // 6. LoKr with full factors (alpha ignored), then with a decomposed w2 (alpha 0.5, rank 1).
+    let d = delta_of(
+        &[
+            t("lokr_w1", vec![2, 2], vec![1., 2., 3., 4.]),
+            t("lokr_w2", vec![2, 2], vec![0., 1., 1., 0.]),
+            t("alpha", vec![], vec![7.]),
+        ],
+        &[4, 4],
+        None,
+    );
+    close(
+        &d,
+        &[
+            0., 1., 0., 2., 1., 0., 2., 0., 0., 3., 0., 4., 3., 0., 4., 0.,
+        ],
+    );
+    let d = delta_of(
+        &[
+            t("lokr_w1", vec![2, 2], vec![1., 2., 3., 4.]),
+            t("lokr_w2_a", vec![2, 1], vec![1., 0.]),
+            t("lokr_w2_b", vec![1, 2], vec![1., 1.]),
+            t("alpha", vec![], vec![0.5]),
+        ],
+        &[4, 4],
+        None,
+    );
+    close(
+        &d,
+        &[
+            0.5, 0.5, 1., 1., 0., 0., 0., 0., 1.5, 1.5, 2., 2., 0., 0., 0., 0.,
+        ],
+    );
+    // 7. IA3 on the output and on the input axis.
+    let w = [1f32, 2., 3., 4.];
+    let ia3 = |on_input: f32| {
+        delta_of(
+            &[
+                t("weight", vec![2], vec![0.5, -1.]),
+                t("on_input", vec![], vec![on_input]),
+            ],
+            &[2, 2],
+            Some(&w),
+        )
+    };
+    close(&ia3(0.), &[0.5, 1., -3., -4.]);
+    close(&ia3(1.), &[0.5, -2., 1.5, -4.]);
+}
+
+/// Keys and shapes of a layout table (full size).
+fn table(text: &str) -> Vec<(String, Vec<usize>)> {
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let shape = if f[3].is_empty() {
+                vec![]
+            } else {
+                f[3].split('x').map(|d| d.parse().unwrap()).collect()
+            };
+            (f[1].to_string(), shape)
+        })
+        .collect()
+}
+
+fn header_only(text: &str) -> Checkpoint {
+    Checkpoint::header_only(
+        Path::new("layout"),
+        table(text).into_iter().map(|(k, s)| (k, DType::F16, s)),
+    )
+}
+
+/// kohya's default targets (lora.md §1.2): transformer children and TE attention/MLP.
+fn kohya_target(path: &str) -> bool {
+    let unet = path.contains("transformer_blocks")
+        && ["attn1.to_", "attn2.to_", "ff.net.0.proj", "ff.net.2"]
+            .iter()
+            .any(|p| path.contains(p))
+        && !path.contains("norm")
+        || path.ends_with("proj_in")
+        || path.ends_with("proj_out");
+    let te = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
+    .iter()
+    .any(|p| path.ends_with(p));
+    unet || te
+}
+
+#[test]
+fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
+    let ck = header_only(include_str!("../data/layouts/sd1-ldm.tsv"));
+    let targets = Targets::of(&ck);
+    let shapes: BTreeMap<String, Vec<usize>> = table(include_str!("../data/layouts/sd1-ldm.tsv"))
+        .into_iter()
+        .collect();
+    let numel = |k: &str| shapes[k].iter().product::<usize>();
+    // sd-scripts names SD1 modules by their diffusers paths.
+    let (mut unet, mut te) = (0, 0);
+    for (key, shape) in table(include_str!("../data/layouts/sd1-diffusers-names.tsv")) {
+        let Some(path) = key.strip_suffix(".weight") else {
+            continue;
+        };
+        if !kohya_target(path) || !(shape.len() == 2 || shape.len() == 4) {
+            continue;
+        }
+        let (name, count) = match (path.strip_prefix("unet."), path.strip_prefix("te.")) {
+            (Some(p), _) => (format!("lora_unet_{}", p.replace('.', "_")), &mut unet),
+            (_, Some(p)) => (format!("lora_te_{}", p.replace('.', "_")), &mut te),
+            _ => continue,
+        };
+        let t = targets
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} does not resolve"));
+        assert_eq!(
+            numel(&t.key),
+            shape.iter().product::<usize>(),
+            "{name} -> {}",
+            t.key
+        );
+        *count += 1;
+    }
+    assert_eq!((te, unet), (72, 192));
+}
+
+#[test]
+fn ldm_paths_map_to_the_diffusers_table() {
+    // Every SD1 U-Net weight of the LDM table maps to a diffusers name of the same shape.
+    let d: BTreeMap<String, Vec<usize>> =
+        table(include_str!("../data/layouts/sd1-diffusers-names.tsv"))
+            .into_iter()
+            .collect();
+    let mut n = 0;
+    for (key, shape) in table(include_str!("../data/layouts/sd1-ldm.tsv")) {
+        let Some(p) = key
+            .strip_prefix("model.diffusion_model.")
+            .and_then(|p| p.strip_suffix(".weight"))
+        else {
+            continue;
+        };
+        let mapped = ldm_to_diffusers(p).unwrap_or_else(|| panic!("no diffusers name for {p}"));
+        let dk = format!("unet.{mapped}.weight");
+        assert_eq!(d.get(&dk), Some(&shape), "{key} -> {dk}");
+        n += 1;
+    }
+    assert_eq!(n, 391);
+    // The worked examples of lora.md §1.3, SD1 and SDXL.
+    let sd1 = Targets::of(&header_only(include_str!("../data/layouts/sd1-ldm.tsv")));
+    let xl = Targets::of(&header_only(include_str!("../data/layouts/sdxl-sgm.tsv")));
+    for (t, name, key) in [
+        (
+            &sd1,
+            "lora_unet_down_blocks_0_attentions_0_proj_in",
+            "input_blocks.1.1.proj_in",
+        ),
+        (
+            &sd1,
+            "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0",
+            "output_blocks.11.1.transformer_blocks.0.attn2.to_out.0",
+        ),
+        (
+            &sd1,
+            "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+            "input_blocks.4.0.skip_connection",
+        ),
+        (
+            &sd1,
+            "lora_unet_up_blocks_0_upsamplers_0_conv",
+            "output_blocks.2.1.conv",
+        ),
+        (
+            &xl,
+            "lora_unet_output_blocks_5_2_conv",
+            "output_blocks.5.2.conv",
+        ),
+        (
+            &xl,
+            "lora_unet_up_blocks_1_upsamplers_0_conv",
+            "output_blocks.5.2.conv",
+        ),
+        (
+            &xl,
+            "lora_unet_middle_block_1_proj_in",
+            "middle_block.1.proj_in",
+        ),
+        (
+            &sd1,
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out",
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0",
+        ),
+        (
+            &sd1,
+            "lycoris_mid_block_attentions_0_transformer_blocks_0_ff_net_2",
+            "middle_block.1.transformer_blocks.0.ff.net.2",
+        ),
+    ] {
+        let want = format!("model.diffusion_model.{key}.weight");
+        assert_eq!(
+            t.get(name).map(|t| t.key.as_str()),
+            Some(want.as_str()),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn sdxl_module_names_resolve_with_fused_qkv_slices() {
+    let ck = header_only(include_str!("../data/layouts/sdxl-sgm.tsv"));
+    let targets = Targets::of(&ck);
+    // sd-scripts names SDXL U-Net modules by their LDM paths.
+    let mut unet = 0;
+    for (key, shape) in table(include_str!("../data/layouts/sdxl-sgm.tsv")) {
+        let Some(p) = key
+            .strip_prefix("model.diffusion_model.")
+            .and_then(|p| p.strip_suffix(".weight"))
+        else {
+            continue;
+        };
+        if kohya_target(p) && (shape.len() == 2 || shape.len() == 4) {
+            let name = format!("lora_unet_{}", p.replace('.', "_"));
+            assert_eq!(
+                targets.get(&name).map(|t| t.key.as_str()),
+                Some(key.as_str())
+            );
+            unet += 1;
+        }
+    }
+    let mut te = [0, 0];
+    for (i, prefix, layers) in [(0, "lora_te1_", 12), (1, "lora_te2_", 32)] {
+        for l in 0..layers {
+            for part in [
+                "self_attn_q_proj",
+                "self_attn_k_proj",
+                "self_attn_v_proj",
+                "self_attn_out_proj",
+                "mlp_fc1",
+                "mlp_fc2",
+            ] {
+                let name = format!("{prefix}text_model_encoder_layers_{l}_{part}");
+                assert!(targets.get(&name).is_some(), "{name}");
+                te[i] += 1;
+            }
+        }
+    }
+    assert_eq!((te[0], te[1], unet), (72, 192, 722));
+    // q, k and v of a bigG layer are the three row thirds of one fused weight.
+    let slices: Vec<_> = ["q", "k", "v"]
+        .iter()
+        .map(|x| {
+            targets
+                .get(&format!(
+                    "lora_te2_text_model_encoder_layers_31_self_attn_{x}_proj"
+                ))
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    assert!(slices
+        .iter()
+        .all(|t| t.key
+            == "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"));
+    let rows: Vec<_> = slices.iter().map(|t| t.rows.unwrap()).collect();
+    assert_eq!(rows, vec![(0, 1280), (1280, 2560), (2560, 3840)]);
+    // The diffusers spelling of an SDXL module resolves to the same weight.
+    let a = targets
+        .get("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
+        .unwrap();
+    let b = targets
+        .get("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q")
+        .unwrap();
+    assert_eq!(a, b);
+}
+
+/// Deterministic small values.
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed.wrapping_mul(40503));
+            ((x >> 8) % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+struct Case {
+    /// kohya module name, PEFT module name, checkpoint key.
+    kohya: &'static str,
+    peft: &'static str,
+    key: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        kohya: "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        peft: "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        key: "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    },
+    Case {
+        kohya: "lora_unet_down_blocks_1_resnets_0_conv1",
+        peft: "unet.down_blocks.1.resnets.0.conv1",
+        key: "model.diffusion_model.input_blocks.4.0.in_layers.2.weight",
+    },
+    Case {
+        kohya: "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        peft: "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        key: "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    },
+];
+
+const RANK: usize = 2;
+const ALPHA: f32 = 1.0;
+
+/// (up, down) of case `i` for a target of `shape`: up [out, r(,1,1)], down [r, in(,kh,kw)].
+/// A tensor as (shape, values).
+type Factor = (Vec<usize>, Vec<f32>);
+
+fn factors(shape: &[usize], i: usize) -> (Factor, Factor) {
+    let out = shape[0];
+    let rest: usize = shape[1..].iter().product();
+    let mut up_s = vec![out, RANK];
+    let mut down_s = vec![RANK];
+    down_s.extend_from_slice(&shape[1..]);
+    if shape.len() == 4 {
+        up_s.extend([1, 1]);
+    }
+    (
+        (up_s, values(out * RANK, 2 * i as u32 + 1)),
+        (down_s, values(RANK * rest, 2 * i as u32 + 2)),
+    )
+}
+
+fn lora_files(dir: &Path, ck: &Checkpoint) -> (PathBuf, PathBuf) {
+    let mut kohya = Vec::new();
+    let mut peft = Vec::new();
+    for (i, c) in CASES.iter().enumerate() {
+        let shape = ck.get(c.key).unwrap().shape.clone();
+        let ((us, u), (ds, d)) = factors(&shape, i);
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        kohya.push((
+            leak(format!("{}.lora_up.weight", c.kohya)),
+            us.clone(),
+            u.clone(),
+        ));
+        kohya.push((
+            leak(format!("{}.lora_down.weight", c.kohya)),
+            ds.clone(),
+            d.clone(),
+        ));
+        kohya.push((leak(format!("{}.alpha", c.kohya)), vec![], vec![ALPHA]));
+        // PEFT: no alpha in the file (scale 1), so the scale is folded into B.
+        let scaled: Vec<f32> = u.iter().map(|x| x * ALPHA / RANK as f32).collect();
+        peft.push((
+            leak(format!("base_model.model.{}.lora_B.weight", c.peft)),
+            us,
+            scaled,
+        ));
+        peft.push((
+            leak(format!("base_model.model.{}.lora_A.weight", c.peft)),
+            ds,
+            d,
+        ));
+    }
+    (
+        write_f32(&dir.join("kohya.safetensors"), &kohya),
+        write_f32(&dir.join("peft.safetensors"), &peft),
+    )
+}
+
+fn bake_with(model: &Path, lora: &Path, strength: f64, blocks: Option<&str>, out: &Path) {
+    let app = Application {
+        file: LoraFile::open(lora).unwrap(),
+        strength,
+        blocks: blocks.map(|b| BlockWeights::parse(b, Family::Sd1, 0.0).unwrap()),
+    };
+    bake::bake_file(model, &[app], out, &BTreeMap::new(), false, true, false).unwrap();
+}
+
+fn tensor_bytes(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let ck = Checkpoint::open(path).unwrap();
+    ck.tensors()
+        .iter()
+        .map(|t| (t.name.clone(), ck.data(t).into_owned()))
+        .collect()
+}
+
+fn f16s(bytes: &[u8]) -> Vec<half::f16> {
+    bytes
+        .chunks(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+#[test]
+fn baking_matches_an_f64_reference_and_spellings_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let ck = Checkpoint::open(&model).unwrap();
+    let (kohya, peft) = lora_files(dir.path(), &ck);
+    let strength = 0.7;
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    bake_with(&model, &kohya, strength, None, &a);
+    bake_with(&model, &peft, strength, None, &b);
+    let (before, baked, other) = (tensor_bytes(&model), tensor_bytes(&a), tensor_bytes(&b));
+    assert!(
+        baked == other,
+        "kohya and PEFT spellings bake to the same bytes"
+    );
+    let changed: Vec<&String> = before.keys().filter(|k| before[*k] != baked[*k]).collect();
+    let mut expected: Vec<&str> = CASES.iter().map(|c| c.key).collect();
+    expected.sort();
+    assert_eq!(changed, expected);
+    for (i, c) in CASES.iter().enumerate() {
+        let shape = &ck.get(c.key).unwrap().shape;
+        let ((_, up), (_, down)) = factors(shape, i);
+        let out = shape[0];
+        let cols: usize = shape[1..].iter().product();
+        let w = f16s(&before[c.key]);
+        let got = f16s(&baked[c.key]);
+        for o in 0..out {
+            for j in 0..cols {
+                let dw: f64 = (0..RANK)
+                    .map(|r| up[o * RANK + r] as f64 * down[r * cols + j] as f64)
+                    .sum::<f64>()
+                    * (ALPHA as f64 / RANK as f64);
+                let want = half::f16::from_f64(w[o * cols + j].to_f64() + strength * dw);
+                let g = got[o * cols + j];
+                // f32 arithmetic, one rounding to f16: at most one f16 step from the f64 result.
+                let step = (want.to_f64().abs() * 2f64.powi(-10)).max(2f64.powi(-24));
+                assert!(
+                    (g.to_f64() - want.to_f64()).abs() <= step,
+                    "{} [{o},{j}]: {g} vs {want}",
+                    c.key
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn block_weights_zero_exactly_their_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let ck = Checkpoint::open(&model).unwrap();
+    let (kohya, _) = lora_files(dir.path(), &ck);
+    let before = tensor_bytes(&model);
+    let out = dir.path().join("out.safetensors");
+    // NONE: nothing changes, bit for bit.
+    bake_with(&model, &kohya, 1.0, Some("NONE"), &out);
+    assert!(tensor_bytes(&out) == before);
+    // Strength 0 as well.
+    bake_with(&model, &kohya, 0.0, None, &out);
+    assert!(tensor_bytes(&out) == before);
+    // IN01 at 0 (17-value form: BASE, IN01, IN02, IN04, ...): the attention module of
+    // input_blocks.1 keeps its weights, the text encoder (BASE) and IN04's conv change.
+    bake_with(
+        &model,
+        &kohya,
+        1.0,
+        Some("1,0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1"),
+        &out,
+    );
+    let after = tensor_bytes(&out);
+    let changed: Vec<&str> = CASES
+        .iter()
+        .filter(|c| after[c.key] != before[c.key])
+        .map(|c| c.key)
+        .collect();
+    assert_eq!(changed, vec![CASES[1].key, CASES[2].key]);
+    // All ones is the same as no block weights.
+    let plain = dir.path().join("plain.safetensors");
+    bake_with(&model, &kohya, 1.0, None, &plain);
+    bake_with(&model, &kohya, 1.0, Some("ALL"), &out);
+    assert!(tensor_bytes(&out) == tensor_bytes(&plain));
+    // Bad vectors say what is expected.
+    let e = BlockWeights::parse("1,0,1", Family::Sd1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 values; SD1.x takes 17 or 26"), "{e}");
+    let e = BlockWeights::parse("OUTDD", Family::Sd1, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `OUTD`?"), "{e}");
+}
+
+#[test]
+fn unmatched_modules_and_wrong_architectures_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let odd = write_f32(
+        &dir.path().join("odd.safetensors"),
+        &[
+            (
+                "lora_unet_no_such_layer.lora_up.weight",
+                vec![2, 1],
+                vec![1., 1.],
+            ),
+            (
+                "lora_unet_no_such_layer.lora_down.weight",
+                vec![1, 2],
+                vec![1., 1.],
+            ),
+        ],
+    );
+    let app = || Application {
+        file: LoraFile::open(&odd).unwrap(),
+        strength: 1.0,
+        blocks: None,
+    };
+    let out = dir.path().join("out.safetensors");
+    let e = bake::bake_file(&model, &[app()], &out, &BTreeMap::new(), false, true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 LoRA modules match no weight") && e.contains("lora_unet_no_such_layer"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let plan =
+        bake::bake_file(&model, &[app()], &out, &BTreeMap::new(), true, true, false).unwrap();
+    assert_eq!((plan.applied, plan.unmatched.len()), (0, 1));
+    let xl = write_f32(
+        &dir.path().join("xl.safetensors"),
+        &[
+            (
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+                vec![2, 1],
+                vec![1., 1.],
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                vec![1, 2],
+                vec![1., 1.],
+            ),
+        ],
+    );
+    let app = Application {
+        file: LoraFile::open(&xl).unwrap(),
+        strength: 1.0,
+        blocks: None,
+    };
+    let e = bake::bake_file(&model, &[app], &out, &BTreeMap::new(), true, true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is a LoRA for SDXL, the checkpoint is SD1.x"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cli_synthesizes_and_bakes_loras() {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let bin = env!("CARGO_BIN_EXE_mergesmith");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    // sd-scripts' default targets of SD1: 264 modules, 86 more with LoCon.
+    let out = run(&[
+        "lora",
+        "synth",
+        "-m",
+        "model.safetensors",
+        "--rank",
+        "4",
+        "-o",
+        "l.safetensors",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(264 modules)"),
+        "{out:?}"
+    );
+    let out = run(&[
+        "lora",
+        "synth",
+        "-m",
+        "model.safetensors",
+        "--rank",
+        "4",
+        "--conv-rank",
+        "2",
+        "-o",
+        "lc.safetensors",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(350 modules)"),
+        "{out:?}"
+    );
+    let bake = |spec: &str, file: &str| {
+        let o = run(&[
+            "lora",
+            "apply",
+            "-m",
+            "model.safetensors",
+            "-l",
+            spec,
+            "-o",
+            file,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let all = bake("lc.safetensors:0.8", "a.safetensors");
+    assert_eq!(
+        (
+            all["modules_applied"].as_u64(),
+            all["tensors_changed"].as_u64()
+        ),
+        (Some(350), Some(350))
+    );
+    // OUTD keeps BASE, OUT03-OUT06 only (and no LoCon block outside the 17 gets the fill 0).
+    let outd = bake("lc.safetensors:0.8:OUTD", "b.safetensors");
+    assert!(outd["tensors_changed"].as_u64().unwrap() < 350);
+    // The baked file records what went in, by hash.
+    let ck = Checkpoint::open(dir.path().join("a.safetensors")).unwrap();
+    assert!(ck.metadata()["mergesmith_loras"].contains("\"strength\":0.8"));
+    // A second write needs --overwrite.
+    let again = run(&[
+        "lora",
+        "apply",
+        "-m",
+        "model.safetensors",
+        "-l",
+        "lc.safetensors",
+        "-o",
+        "a.safetensors",
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+}
