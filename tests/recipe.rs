@@ -1063,3 +1063,92 @@ fn cli_set_overrides_a_var_and_rejects_bad_syntax() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected NAME=VALUE"));
 }
+
+#[test]
+fn lora_nodes_bake_into_node_results_and_store_only_what_they_change() {
+    let p = Project::new();
+    let d = p.dir.path();
+    let n = mergesmith::lora::synth::synthesize(
+        &d.join("models/base.safetensors"),
+        4,
+        2,
+        7,
+        &d.join("models/style.safetensors"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(n, 350);
+    let text = "version: 1
+models:
+  base:  { path: models/base.safetensors }
+  tuned: { path: models/tuned.safetensors }
+  style: { path: models/style.safetensors }
+nodes:
+  blend: { merge: weight_sum, a: base, b: tuned, alpha: 0.4 }
+  styled:
+    lora: blend
+    apply:
+      - { file: style, strength: STRENGTH, blocks: OUTD }
+  release: { save: styled, to: out/result.safetensors }
+";
+    let r = p.write(&text.replace("STRENGTH", "0.8"));
+    let reports = p.build(&r);
+    let styled = reports.iter().find(|r| r.plan.name == "styled").unwrap();
+    let (stored, reused) = (styled.stored.unwrap(), styled.reused.unwrap());
+    // Only the tensors the LoRA changes are stored; the rest are `blend`'s, referred to.
+    assert!(stored > 0 && stored < 350, "{stored}");
+    assert_eq!(stored + reused, 1143);
+    // The same bytes as baking the saved blend with `lora apply`.
+    let blend_file = d.join("blend.safetensors");
+    let cache = p.cache();
+    let store = mergesmith::build::store::Store::new(&cache);
+    store
+        .materialize(&key_of(&p.plan(&r), "blend"), &blend_file, false, false)
+        .unwrap();
+    let app = mergesmith::lora::bake::Application {
+        file: mergesmith::lora::LoraFile::open(&d.join("models/style.safetensors")).unwrap(),
+        strength: 0.8,
+        blocks: Some(
+            mergesmith::lora::blocks::BlockWeights::parse("OUTD", Family::Sd1, 0.0).unwrap(),
+        ),
+    };
+    let cli = d.join("cli.safetensors");
+    mergesmith::lora::bake::bake_file(
+        &blend_file,
+        &[app],
+        &cli,
+        &Default::default(),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    let tensors = |path: &Path| {
+        let ck = mergesmith::checkpoint::Checkpoint::open(path).unwrap();
+        ck.tensors()
+            .iter()
+            .map(|t| (t.name.clone(), ck.data(t).into_owned()))
+            .collect::<Vec<_>>()
+    };
+    assert!(tensors(&cli) == tensors(&d.join("out/result.safetensors")));
+    // A new strength recomputes the same tensors and nothing upstream.
+    let r = p.write(&text.replace("STRENGTH", "0.5"));
+    let reports = p.build(&r);
+    assert_eq!(built(&reports), vec!["styled", "release"]);
+    let again = reports.iter().find(|r| r.plan.name == "styled").unwrap();
+    assert_eq!(again.stored, Some(stored));
+    // Errors are found by `plan`, naming the node.
+    let bad = p.write(&text.replace("STRENGTH", "0.8").replace("OUTD", "\"1,2,3\""));
+    let err = build::plan(&recipe::load(&bad).unwrap(), &p.cache(), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("node `styled`: block weights `1,2,3`: 3 values"),
+        "{err}"
+    );
+    let e = errors("version: 1\nmodels:\n  m: { path: a.safetensors }\nnodes:\n  x: { lora: m, apply: [{ file: y }] }\n");
+    assert_eq!(
+        e.to_string(),
+        "recipe.yaml:5:33: `y` is not a model or node of this recipe (did you mean `m`?)"
+    );
+}

@@ -166,9 +166,11 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
         .map(String::as_str)
         .filter(|n| needed.contains(*n))
         .collect();
-    let memory = |n: &str| matches!(recipe.nodes[n], Node::Merge { memory: true, .. });
+    let memory = |n: &str| recipe.nodes[n].in_memory();
     let hit = |n: &str| match &recipe.nodes[n] {
-        Node::Merge { memory, .. } => !memory && cache.has_result(&keys[n].0),
+        Node::Merge { memory, .. } | Node::Lora { memory, .. } => {
+            !memory && cache.has_result(&keys[n].0)
+        }
         Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
     };
     let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
@@ -237,21 +239,23 @@ fn check_runs(
     order: &[&str],
     runs: &BTreeSet<&str>,
 ) -> Result<()> {
+    type Header = Vec<(String, crate::dtype::DType, Vec<usize>)>;
     let store = Store::new(cache);
-    let mut planned: BTreeMap<&str, crate::merge::Plan> = BTreeMap::new();
+    let mut planned: BTreeMap<&str, Header> = BTreeMap::new();
     let mut failed: BTreeSet<&str> = BTreeSet::new();
     let mut errors = Vec::new();
-    for &name in order.iter().filter(|n| runs.contains(*n)) {
-        let Node::Merge {
-            inputs, spec, vae, ..
-        } = &recipe.nodes[name]
-        else {
-            continue;
-        };
-        if inputs
+    let header = |ck: &Checkpoint| -> Header {
+        ck.tensors()
             .iter()
-            .any(|i| matches!(i, Input::Node(n) if failed.contains(n.as_str())))
-        {
+            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+            .collect()
+    };
+    for &name in order.iter().filter(|n| runs.contains(*n)) {
+        let node = &recipe.nodes[name];
+        if matches!(node, Node::Save { .. }) {
+            continue;
+        }
+        if node.node_inputs().iter().any(|n| failed.contains(n)) {
             failed.insert(name);
             continue; // its input's error is reported already
         }
@@ -261,34 +265,69 @@ fn check_runs(
                 Input::Node(n) => {
                     let label = PathBuf::from(format!("{n}.safetensors"));
                     match planned.get(n.as_str()) {
-                        Some(plan) => Ok(Checkpoint::header_only(
-                            &label,
-                            plan.keys
-                                .iter()
-                                .map(|k| (k.name.clone(), k.dtype, k.shape.clone())),
-                        )),
+                        Some(h) => Ok(Checkpoint::header_only(&label, h.iter().cloned())),
                         None => store.open_result(&keys[n].0, &label),
                     }
                 }
             }
         };
-        let checked = (|| {
-            let opened = inputs.iter().map(open).collect::<Result<Vec<_>>>()?;
-            let v = vae
-                .as_ref()
-                .map(|v| open(&Input::Model(v.clone())))
-                .transpose()?;
-            let inputs = crate::merge::plan::Inputs {
-                a: &opened[0],
-                b: &opened[1],
-                c: opened.get(2),
-                vae: v.as_ref(),
-            };
-            crate::merge::plan(&inputs, spec)
+        let checked = (|| -> Result<Header> {
+            match node {
+                Node::Merge {
+                    inputs, spec, vae, ..
+                } => {
+                    let opened = inputs.iter().map(open).collect::<Result<Vec<_>>>()?;
+                    let v = vae
+                        .as_ref()
+                        .map(|v| open(&Input::Model(v.clone())))
+                        .transpose()?;
+                    let inputs = crate::merge::plan::Inputs {
+                        a: &opened[0],
+                        b: &opened[1],
+                        c: opened.get(2),
+                        vae: v.as_ref(),
+                    };
+                    let plan = crate::merge::plan(&inputs, spec)?;
+                    Ok(plan
+                        .keys
+                        .iter()
+                        .map(|k| (k.name.clone(), k.dtype, k.shape.clone()))
+                        .collect())
+                }
+                Node::Lora {
+                    input,
+                    loras,
+                    fill,
+                    allow_unmatched,
+                    ..
+                } => {
+                    let base = open(input)?;
+                    let family = crate::arch::detect(base.tensors()).family;
+                    let apps = loras
+                        .iter()
+                        .map(|u| {
+                            Ok(crate::lora::bake::Application {
+                                file: crate::lora::LoraFile::open(&recipe.models[&u.file].0)?,
+                                strength: u.strength,
+                                blocks: u
+                                    .blocks
+                                    .as_deref()
+                                    .map(|b| {
+                                        crate::lora::blocks::BlockWeights::parse(b, family, *fill)
+                                    })
+                                    .transpose()?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    crate::lora::bake::plan(&base, &apps, *allow_unmatched)?;
+                    Ok(header(&base))
+                }
+                Node::Save { .. } => unreachable!("saves are skipped above"),
+            }
         })();
         match checked {
-            Ok(plan) => {
-                planned.insert(name, plan);
+            Ok(h) => {
+                planned.insert(name, h);
             }
             Err(e) => {
                 failed.insert(name);
@@ -378,6 +417,25 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                 "merge": spec,
                 "inputs": inputs.iter().map(input_key).collect::<Vec<_>>(),
                 "vae": vae.as_ref().map(|v| input_key(&Input::Model(v.clone()))),
+            }),
+            Node::Lora {
+                input,
+                loras,
+                fill,
+                allow_unmatched,
+                ..
+            } => json!({
+                "op": "lora",
+                "algorithm": ALGORITHM_VERSION,
+                "input": input_key(input),
+                "loras": loras.iter().map(|l| json!({
+                    "file": l.file,
+                    "content": model_keys[l.file.as_str()],
+                    "strength": l.strength,
+                    "blocks": l.blocks,
+                })).collect::<Vec<_>>(),
+                "fill": fill,
+                "allow_unmatched": allow_unmatched,
             }),
             Node::Save { from, link, .. } => json!({
                 "op": "save",
@@ -473,10 +531,8 @@ pub fn build(
     let mut st = state.into_inner().expect("state lock");
     let mut reports = Vec::new();
     for p in &plans {
-        if p.status == Status::Hit {
-            if let Node::Merge { .. } = recipe.nodes[&p.name] {
-                cache.touch(&p.key);
-            }
+        if p.status == Status::Hit && !matches!(recipe.nodes[&p.name], Node::Save { .. }) {
+            cache.touch(&p.key);
         }
         if !matches!(p.status, Status::Skip(_)) {
             st.nodes.insert(p.name.clone(), p.key.clone());
@@ -560,7 +616,7 @@ impl Ctx<'_> {
         let mut report = NodeReport::nothing_done(p);
         let failed = |e: Error| Error::Failed(format!("node `{}`: {e}", p.name));
         match &self.recipe.nodes[&p.name] {
-            Node::Merge { memory, .. } => {
+            node @ (Node::Merge { memory, .. } | Node::Lora { memory, .. }) => {
                 let place = if *memory { Place::Memory } else { Place::Disk };
                 // One build at a time per result: a concurrent build of the same node waits
                 // here, then finds the result the other one stored.
@@ -569,7 +625,11 @@ impl Ctx<'_> {
                     Place::Memory => None,
                 };
                 if place == Place::Memory || !cache.has_result(&p.key) {
-                    let (c, r) = self.merge(&p.name, &p.key, place).map_err(failed)?;
+                    let built = match node {
+                        Node::Merge { .. } => self.merge(&p.name, &p.key, place),
+                        _ => self.lora(&p.name, &p.key, place),
+                    };
+                    let (c, r) = built.map_err(failed)?;
                     (report.stored, report.reused) = (Some(c), Some(r));
                 }
             }
@@ -684,16 +744,36 @@ impl Ctx<'_> {
             rc.as_ref().map(rec),
             rv.as_ref().map(rec),
         );
-        let index = self.store.index();
-        let tensors: Vec<Entry> = prepared
+        let tensors = prepared
             .plan
             .keys
             .iter()
             .zip(out_keys)
-            .map(|(k, tk)| Entry {
-                name: k.name.clone(),
-                dtype: k.dtype,
-                shape: k.shape.clone(),
+            .map(|(k, tk)| (k.name.clone(), k.dtype, k.shape.clone(), tk))
+            .collect();
+        self.put(key, place, tensors, md, |w| {
+            engine::write(&prepared.plan, &prepared.inputs(), &spec, w, self.run)
+        })
+    }
+
+    /// Stores a result whose tensors are (name, dtype, shape, tensor key): those the store
+    /// holds are referred to, `write` computes the rest into a new pack. Returns (stored,
+    /// reused) tensor counts.
+    fn put(
+        &self,
+        key: &str,
+        place: Place,
+        tensors: Vec<(String, crate::dtype::DType, Vec<usize>, String)>,
+        metadata: BTreeMap<String, String>,
+        write: impl FnOnce(&crate::checkpoint::writer::SafetensorsWriter) -> Result<()>,
+    ) -> Result<(usize, usize)> {
+        let index = self.store.index();
+        let tensors: Vec<Entry> = tensors
+            .into_iter()
+            .map(|(name, dtype, shape, tk)| Entry {
+                name,
+                dtype,
+                shape,
                 pack: index.get(&tk).cloned().unwrap_or_default(),
                 key: tk,
             })
@@ -701,15 +781,109 @@ impl Ctx<'_> {
         let stored = tensors.iter().filter(|e| e.pack.is_empty()).count();
         let reused = tensors.len() - stored;
         let manifest = Manifest {
-            metadata: md,
+            metadata,
             tensors,
             file: None,
             hashes: None,
         };
-        self.store.put(key, manifest, place, |w| {
-            engine::write(&prepared.plan, &prepared.inputs(), &spec, w, self.run)
-        })?;
+        self.store.put(key, manifest, place, write)?;
         Ok((stored, reused))
+    }
+
+    /// Runs one LoRA node: bakes its LoRAs into its input. Tensors no module touches keep
+    /// their input's tensor key (so a stored input is referred to, not copied); changed ones
+    /// are keyed by their input key and every contribution (LoRA content, module, factor).
+    fn lora(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
+        let Node::Lora {
+            input,
+            loras,
+            fill,
+            allow_unmatched,
+            ..
+        } = &self.recipe.nodes[name]
+        else {
+            unreachable!("lora nodes only");
+        };
+        let base = self.open(input)?;
+        let (apps, record, contents) = self.lora_applications(loras, &base.ck, *fill)?;
+        let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
+        let mut md = base.ck.metadata().clone();
+        md.insert("mergesmith_loras".into(), record.to_string());
+        let tensors = base
+            .ck
+            .tensors()
+            .iter()
+            .map(|t| {
+                let input_key = base.keys.get(&t.name).cloned().unwrap_or_default();
+                let tk = match plan.changes.get(&t.name) {
+                    None => input_key,
+                    Some(cs) => {
+                        let changes: Vec<Value> = cs
+                            .iter()
+                            .map(|c| {
+                                json!({
+                                    "lora": contents[c.lora],
+                                    "module": apps[c.lora].file.modules[c.module].name,
+                                    "rows": c.rows,
+                                    "factor": c.factor,
+                                    "bias": c.bias,
+                                })
+                            })
+                            .collect();
+                        let pre = json!({
+                            "algorithm": ALGORITHM_VERSION,
+                            "op": "lora",
+                            "name": t.name,
+                            "input": input_key,
+                            "changes": changes,
+                        });
+                        blake3::hash(pre.to_string().as_bytes())
+                            .to_hex()
+                            .to_string()
+                    }
+                };
+                (t.name.clone(), t.dtype, t.shape.clone(), tk)
+            })
+            .collect();
+        self.put(key, place, tensors, md, |w| {
+            crate::lora::bake::write(&base.ck, &apps, &plan, w, self.run.progress)
+        })
+    }
+
+    /// Opens the LoRA files of a node: the applications, the metadata record and each file's
+    /// content key.
+    fn lora_applications(
+        &self,
+        loras: &[crate::recipe::LoraUse],
+        base: &Checkpoint,
+        fill: f64,
+    ) -> Result<(Vec<crate::lora::bake::Application>, Value, Vec<String>)> {
+        let family = crate::arch::detect(base.tensors()).family;
+        let mut apps = Vec::new();
+        let mut record = Vec::new();
+        let mut contents = Vec::new();
+        for u in loras {
+            let path = &self.recipe.models[&u.file].0;
+            let (hashes, _) = self.store.memo.hashes(path)?;
+            let blocks = u
+                .blocks
+                .as_deref()
+                .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
+                .transpose()?;
+            record.push(json!({
+                "file": u.file,
+                "sha256": hashes.sha256,
+                "strength": u.strength,
+                "blocks": blocks,
+            }));
+            contents.push(hashes.blake3);
+            apps.push(crate::lora::bake::Application {
+                file: crate::lora::LoraFile::open(path)?,
+                strength: u.strength,
+                blocks,
+            });
+        }
+        Ok((apps, Value::Array(record), contents))
     }
 
     /// Writes a stored result to `to`, refusing to replace a file mergesmith did not write

@@ -177,10 +177,49 @@ pub struct NodeDecl {
     /// the filesystem supports it) or `hardlink` (shares the cache's read-only file).
     #[serde(default)]
     pub link: Option<Link>,
-    /// Merge: where the result is kept: `disk` (default, in the cache) or `memory` (only
-    /// for this build, when something that needs it is out of date; never written to disk).
+    /// Merge or LoRA: where the result is kept: `disk` (default, in the cache) or `memory`
+    /// (only for this build, when something that needs it is out of date; never on disk).
     #[serde(default)]
     pub cache: Option<Keep>,
+    /// LoRA: the checkpoint (a model or node) the LoRAs of `apply` are baked into.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub lora: Option<Spanned<String>>,
+    /// LoRA: the LoRA files (declared under `models`) with strength and block weights.
+    #[serde(default)]
+    pub apply: Vec<LoraUseDecl>,
+    /// LoRA: weight of blocks a short block-weight vector leaves out (default 0).
+    #[serde(default)]
+    pub fill: Option<f64>,
+    /// LoRA: skip modules that match no weight of the checkpoint instead of failing.
+    #[serde(default)]
+    pub allow_unmatched: bool,
+}
+
+/// One LoRA of a `lora` node.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraUseDecl {
+    /// The LoRA file: a name under `models`.
+    #[schemars(with = "String")]
+    pub file: Spanned<String>,
+    /// Strength (default 1).
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// Block weights: 17/26 values (SD1/SD2), 12/20 (SDXL), or a preset (OUTD, ...).
+    #[serde(default)]
+    pub blocks: Option<String>,
+}
+
+/// One LoRA baked by a `lora` node.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoraUse {
+    /// The model name of the LoRA file.
+    pub file: String,
+    /// Strength.
+    pub strength: f64,
+    /// Block weights as written (parsed against the checkpoint's family when built).
+    pub blocks: Option<String>,
 }
 
 /// How a save node makes its file.
@@ -229,6 +268,19 @@ pub enum Node {
         /// Keep the result in memory only (`cache: memory`).
         memory: bool,
     },
+    /// LoRAs baked into a checkpoint.
+    Lora {
+        /// The checkpoint.
+        input: Input,
+        /// The LoRAs, in order.
+        loras: Vec<LoraUse>,
+        /// Weight of blocks a short vector leaves out.
+        fill: f64,
+        /// Skip modules that match nothing.
+        allow_unmatched: bool,
+        /// Keep the result in memory only (`cache: memory`).
+        memory: bool,
+    },
     /// Writing a node's result to a file.
     Save {
         /// The node saved.
@@ -253,8 +305,20 @@ impl Node {
                     Input::Model(_) => None,
                 })
                 .collect(),
+            Node::Lora { input, .. } => match input {
+                Input::Node(n) => vec![n.as_str()],
+                Input::Model(_) => vec![],
+            },
             Node::Save { from, .. } => vec![from.as_str()],
         }
+    }
+
+    /// Whether the node keeps its result in memory only.
+    pub fn in_memory(&self) -> bool {
+        matches!(
+            self,
+            Node::Merge { memory: true, .. } | Node::Lora { memory: true, .. }
+        )
     }
 }
 
@@ -516,19 +580,24 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         let d = &decl.value;
         let dir = dir_of(declared.part);
         errs.at(declared.part);
+        let kinds = [d.merge.is_some(), d.save.is_some(), d.lora.is_some()];
         let node = match (&d.merge, &d.save) {
-            (Some(_), Some(s)) => {
+            _ if kinds.iter().filter(|k| **k).count() > 1 => {
                 errs.push(
-                    &s.referenced,
-                    format!("node `{name}` has both `merge` and `save`; split it in two nodes"),
+                    &decl.referenced,
+                    format!(
+                        "node `{name}` is more than one of `merge`, `save` and `lora`; split it"
+                    ),
                     None,
                 );
                 None
             }
+            (Some(_), Some(_)) => None, // reported just above
+            (None, None) if d.lora.is_some() => lora_node(name, d, &resolve, &mut errs),
             (None, None) => {
                 errs.push(
                     &decl.referenced,
-                    format!("node `{name}` needs `merge: MODE` or `save: NODE`"),
+                    format!("node `{name}` needs `merge: MODE`, `lora: MODEL` or `save: NODE`"),
                     None,
                 );
                 None
@@ -665,6 +734,62 @@ fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) ->
             None
         }
     }
+}
+
+/// A `lora` node: the checkpoint, then each LoRA file with its strength and block weights.
+fn lora_node(
+    name: &str,
+    d: &NodeDecl,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let base = d.lora.as_ref()?;
+    let input = resolve(base, errs);
+    if d.apply.is_empty() {
+        errs.push(
+            &base.referenced,
+            format!("lora node `{name}` needs `apply: [{{ file: LORA, strength: 1 }}]`"),
+            None,
+        );
+    }
+    for (field, set) in [
+        ("a", d.a.is_some()),
+        ("b", d.b.is_some()),
+        ("alpha", d.alpha.is_some()),
+        ("to", d.to.is_some()),
+    ] {
+        if set {
+            errs.push(
+                &base.referenced,
+                format!("lora node `{name}` takes no `{field}`"),
+                None,
+            );
+        }
+    }
+    let mut loras = Vec::new();
+    for u in &d.apply {
+        match resolve(&u.file, errs) {
+            Some(Input::Model(m)) => loras.push(LoraUse {
+                file: m,
+                strength: u.strength.unwrap_or(1.0),
+                blocks: u.blocks.clone(),
+            }),
+            Some(Input::Node(n)) => errs.push(
+                &u.file.referenced,
+                format!("`{n}` is a node; `apply` takes LoRA files declared under `models`"),
+                None,
+            ),
+            None => {}
+        }
+    }
+    let input = input?;
+    (loras.len() == d.apply.len() && !loras.is_empty()).then_some(Node::Lora {
+        input,
+        loras,
+        fill: d.fill.unwrap_or(0.0),
+        allow_unmatched: d.allow_unmatched,
+        memory: d.cache == Some(Keep::Memory),
+    })
 }
 
 fn merge_node(
@@ -884,6 +1009,13 @@ impl Recipe {
                         out.push((v.clone(), name.clone()));
                     }
                 }
+                Node::Lora { input, loras, .. } => {
+                    let (Input::Model(f) | Input::Node(f)) = input;
+                    out.push((f.clone(), name.clone()));
+                    for l in loras {
+                        out.push((l.file.clone(), name.clone()));
+                    }
+                }
                 Node::Save { from, .. } => out.push((from.clone(), name.clone())),
             }
         }
@@ -907,6 +1039,11 @@ impl Recipe {
                             id(name),
                             spec.mode.label()
                         )),
+                        Node::Lora { loras, .. } => out.push_str(&format!(
+                            "  {}[\"{name}<br/>LoRA x{}\"]\n",
+                            id(name),
+                            loras.len()
+                        )),
                         Node::Save { to, .. } => out.push_str(&format!(
                             "  {}[/\"{name}<br/>{}\"/]\n",
                             id(name),
@@ -927,7 +1064,7 @@ impl Recipe {
                 }
                 for name in &self.order {
                     let shape = match self.nodes[name] {
-                        Node::Merge { .. } => "box",
+                        Node::Merge { .. } | Node::Lora { .. } => "box",
                         Node::Save { .. } => "note",
                     };
                     out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
