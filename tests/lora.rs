@@ -177,6 +177,27 @@ fn known_answers_of_lora_md() {
     close(&ia3(1.), &[0.5, -2., 1.5, -4.]);
 }
 
+#[test]
+fn dora_known_answers() {
+    use mergesmith::lora::delta::dora_change;
+    // Output axis: V row norms (5, 2) => W_dora [[6,8],[0,2]]; strength 0.5 blends halfway.
+    let w = [3f32, 4., 0., 1.];
+    let d = [0f32, 0., 0., 1.];
+    let full = dora_change(&w, &[2, 2], &d, 1.0, &[10., 2.], &[2, 1], 1.0).unwrap();
+    let baked: Vec<f32> = w.iter().zip(&full).map(|(a, b)| a + b).collect();
+    close(&baked, &[6., 8., 0., 2.]);
+    let half = dora_change(&w, &[2, 2], &d, 1.0, &[10., 2.], &[2, 1], 0.5).unwrap();
+    let baked: Vec<f32> = w.iter().zip(&half).map(|(a, b)| a + b).collect();
+    close(&baked, &[4.5, 6., 0., 1.5]);
+    // Input axis (one scale per input column).
+    let w = [3f32, 0., 4., 1.];
+    let c = dora_change(&w, &[2, 2], &[0.; 4], 1.0, &[10., 2.], &[1, 2], 1.0).unwrap();
+    let baked: Vec<f32> = w.iter().zip(&c).map(|(a, b)| a + b).collect();
+    close(&baked, &[6., 0., 8., 2.]);
+    // A scale that fits neither axis is refused.
+    assert!(dora_change(&w, &[2, 2], &[0.; 4], 1.0, &[1., 2., 3.], &[3, 1], 1.0).is_err());
+}
+
 /// Keys and shapes of a layout table (full size).
 fn table(text: &str) -> Vec<(String, Vec<usize>)> {
     text.lines()
@@ -770,4 +791,43 @@ fn cli_synthesizes_and_bakes_loras() {
         "a.safetensors",
     ]);
     assert_eq!(again.status.code(), Some(1));
+}
+
+#[test]
+fn dora_bakes_rows_to_their_magnitudes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let ck = Checkpoint::open(&model).unwrap();
+    let c = &CASES[0];
+    let shape = ck.get(c.key).unwrap().shape.clone();
+    let ((us, u), (ds, d)) = factors(&shape, 0);
+    let magnitudes: Vec<f32> = (0..shape[0]).map(|o| 0.5 + o as f32 / 10.0).collect();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let lora = write_f32(
+        &dir.path().join("dora.safetensors"),
+        &[
+            (leak(format!("{}.lora_up.weight", c.kohya)), us, u),
+            (leak(format!("{}.lora_down.weight", c.kohya)), ds, d),
+            (
+                leak(format!("{}.dora_scale", c.kohya)),
+                vec![shape[0], 1],
+                magnitudes.clone(),
+            ),
+        ],
+    );
+    let out = dir.path().join("out.safetensors");
+    bake_with(&model, &lora, 1.0, None, &out);
+    let baked = f16s(&tensor_bytes(&out)[c.key]);
+    let cols = shape[1];
+    for (o, m) in magnitudes.iter().enumerate() {
+        let norm: f64 = baked[o * cols..(o + 1) * cols]
+            .iter()
+            .map(|x| x.to_f64().powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (norm - *m as f64).abs() < 2e-3 * (*m as f64),
+            "row {o}: {norm} vs {m}"
+        );
+    }
 }

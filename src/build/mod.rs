@@ -825,7 +825,8 @@ impl Ctx<'_> {
                                     "lora": contents[c.lora],
                                     "module": apps[c.lora].file.modules[c.module].name,
                                     "rows": c.rows,
-                                    "factor": c.factor,
+                                    "strength": c.strength,
+                                    "block": c.block,
                                     "bias": c.bias,
                                 })
                             })

@@ -14,7 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::lora::blocks::BlockWeights;
-use crate::lora::delta::delta;
+use crate::lora::delta::{delta, dora_change};
 use crate::lora::names::Targets;
 use crate::lora::{Kind, LoraFile};
 
@@ -40,6 +40,10 @@ pub struct Contribution {
     pub rows: Option<(usize, usize)>,
     /// strength × block weight.
     pub factor: f64,
+    /// The LoRA's strength (DoRA applies it after normalising).
+    pub strength: f64,
+    /// The block weight (DoRA applies it to ΔW before normalising).
+    pub block: f64,
     /// The bias of a full-difference module (`diff_b`), not its weight.
     pub bias: bool,
 }
@@ -97,11 +101,11 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
             };
             out.applied += 1;
             let block = arch::classify(family, &t.key).block;
-            let factor = app.strength
-                * app
-                    .blocks
-                    .as_ref()
-                    .map_or(1.0, |b| b.weight(block.as_deref()));
+            let block_weight = app
+                .blocks
+                .as_ref()
+                .map_or(1.0, |b| b.weight(block.as_deref()));
+            let factor = app.strength * block_weight;
             if factor == 0.0 {
                 continue;
             }
@@ -111,6 +115,8 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
                     module: mi,
                     rows,
                     factor,
+                    strength: app.strength,
+                    block: block_weight,
                     bias,
                 })
             };
@@ -189,6 +195,28 @@ pub fn changed_tensor(
                 d.len(),
                 hi - lo
             )));
+        }
+        if let (false, Some((scale, scale_shape))) = (c.bias, f.part(m, "dora_scale")?) {
+            if c.rows.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{}: module `{}`: DoRA on a fused q/k/v projection is not supported",
+                    f.path.display(),
+                    m.name
+                )));
+            }
+            let change = dora_change(
+                &original,
+                &t.shape,
+                &d,
+                c.block as f32,
+                &scale,
+                &scale_shape,
+                c.strength as f32,
+            )?;
+            for (x, dv) in w.iter_mut().zip(&change) {
+                *x += dv;
+            }
+            continue;
         }
         let k = c.factor as f32;
         for (x, dv) in w[lo..hi].iter_mut().zip(&d) {

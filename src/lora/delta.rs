@@ -85,9 +85,6 @@ pub fn delta(
         f.part(m, p)?
             .ok_or_else(|| err(format!("missing part `{p}`")))
     };
-    if m.parts.contains_key("dora_scale") {
-        return Err(err("DoRA (dora_scale) is not supported yet".into()));
-    }
     let alpha = f.part(m, "alpha")?.and_then(|(v, _)| v.first().copied());
     let explicit_scale = f.part(m, "scale")?.and_then(|(v, _)| v.first().copied());
     let scale_for = |dim: Option<usize>| -> f32 {
@@ -234,4 +231,54 @@ pub fn delta(
     } else {
         values.into_iter().map(|v| v * scale).collect()
     })
+}
+
+/// DoRA (lora.md §5): with `V = W + block · ΔW` (ΔW already scaled by alpha / dim), the
+/// weight becomes `V · dora_scale / ‖V‖`: norms per output row when `dora_scale` is shaped
+/// `[out, 1, ...]` (or is PEFT's 1-D magnitude vector), per input column when it is shaped
+/// `[1, in, ...]`; plus f32 epsilon. The strength
+/// blends it in as AUTOMATIC1111 and ComfyUI do: the returned change is `strength · (W_dora − W)`.
+pub fn dora_change(
+    w: &[f32],
+    shape: &[usize],
+    delta: &[f32],
+    block: f32,
+    scale: &[f32],
+    scale_shape: &[usize],
+    strength: f32,
+) -> Result<Vec<f32>> {
+    let out = shape.first().copied().unwrap_or(1);
+    let inp = shape.get(1).copied().unwrap_or(1);
+    let inner: usize = shape.get(2..).map(numel).unwrap_or(1).max(1);
+    let v: Vec<f32> = w.iter().zip(delta).map(|(a, d)| a + block * d).collect();
+    let per_row = inp * inner;
+    let column = |idx: usize| (idx % per_row) / inner;
+    let by_row = scale.len() == out && scale_shape.first() == Some(&out);
+    let by_column = !by_row && scale.len() == inp && scale_shape.get(1) == Some(&inp);
+    let norms: Vec<f32> = if by_row {
+        (0..out)
+            .map(|o| {
+                let row = &v[o * per_row..(o + 1) * per_row];
+                row.iter().map(|x| x * x).sum::<f32>().sqrt() + f32::EPSILON
+            })
+            .collect()
+    } else if by_column {
+        let mut sq = vec![0f32; inp];
+        for (idx, x) in v.iter().enumerate() {
+            sq[column(idx)] += x * x;
+        }
+        sq.into_iter().map(|s| s.sqrt() + f32::EPSILON).collect()
+    } else {
+        return Err(Error::Invalid(format!(
+            "dora_scale {scale_shape:?} fits neither axis of the weight {shape:?}"
+        )));
+    };
+    Ok(v.iter()
+        .zip(w)
+        .enumerate()
+        .map(|(idx, (x, orig))| {
+            let c = if by_row { idx / per_row } else { column(idx) };
+            strength * (x * scale[c] / norms[c] - orig)
+        })
+        .collect())
 }
