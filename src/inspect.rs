@@ -64,6 +64,9 @@ pub struct Report {
     pub hashes: Option<FileHashes>,
     /// Whether the hashes came from the memo.
     pub hash_source: Option<HashSource>,
+    /// What the file is as a LoRA, when it is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::Summary>,
     /// Every key with its classification (only with `--keys`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<KeyRow>,
@@ -148,6 +151,9 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         }
         None => (None, None),
     };
+    let lora = (arch.family == arch::Family::Unknown)
+        .then(|| crate::lora::LoraFile::open(path).ok().map(|f| f.summary()))
+        .flatten();
     Ok(Report {
         path: path.to_path_buf(),
         format: ckpt.format(),
@@ -164,6 +170,7 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         metadata,
         hashes,
         hash_source,
+        lora,
         keys,
     })
 }
@@ -203,6 +210,27 @@ pub fn render(r: &Report) -> String {
         r.total.tensors,
         human_bytes(r.total.bytes)
     );
+    if let Some(l) = &r.lora {
+        let join = |m: &BTreeMap<String, usize>| {
+            m.iter()
+                .map(|(k, n)| format!("{k} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ranks: BTreeMap<String, usize> =
+            l.ranks.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let _ = writeln!(s, "\nLoRA:");
+        let _ = writeln!(s, "  types:       {}", join(&l.types));
+        let _ = writeln!(s, "  for:         {}", l.architecture);
+        let _ = writeln!(s, "  ranks:       {}", join(&ranks));
+        let _ = writeln!(s, "  alphas:      {}", join(&l.alphas));
+        let _ = writeln!(
+            s,
+            "  conv (LoCon) modules: {}, DoRA modules: {}",
+            l.conv_modules, l.dora
+        );
+        let _ = writeln!(s, "  modules per block: {}", join(&l.blocks));
+    }
     let _ = writeln!(s, "\ndtypes:");
     for (d, t) in &r.dtypes {
         let _ = writeln!(
@@ -211,6 +239,10 @@ pub fn render(r: &Report) -> String {
             t.tensors,
             human_bytes(t.bytes)
         );
+    }
+    if r.lora.is_some() {
+        // A LoRA's own keys have no checkpoint components or blocks: the LoRA section says it.
+        return render_tail(r, s);
     }
     let _ = writeln!(s, "\ncomponents:");
     for (c, t) in &r.components {
@@ -247,6 +279,11 @@ pub fn render(r: &Report) -> String {
             human_bytes(r.unblocked.bytes)
         );
     }
+    render_tail(r, s)
+}
+
+/// Metadata, hashes and the key listing.
+fn render_tail(r: &Report, mut s: String) -> String {
     if !r.metadata.is_empty() {
         let _ = writeln!(s, "\nmetadata:");
         for (k, v) in &r.metadata {

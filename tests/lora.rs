@@ -274,6 +274,12 @@ fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
             "{name} -> {}",
             t.key
         );
+        // The block read from the module name is the block of the weight it changes.
+        assert_eq!(
+            mergesmith::lora::names::module_block(&name),
+            mergesmith::arch::classify(Family::Sd1, &t.key).block,
+            "{name}"
+        );
         *count += 1;
     }
     assert_eq!((te, unet), (72, 192));
@@ -377,6 +383,11 @@ fn sdxl_module_names_resolve_with_fused_qkv_slices() {
             assert_eq!(
                 targets.get(&name).map(|t| t.key.as_str()),
                 Some(key.as_str())
+            );
+            assert_eq!(
+                mergesmith::lora::names::module_block(&name),
+                mergesmith::arch::classify(Family::Sdxl, &key).block,
+                "{name}"
             );
             unet += 1;
         }
@@ -765,6 +776,14 @@ fn cli_synthesizes_and_bakes_loras() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
+    // `inspect` says what the LoRA is.
+    let o = run(&["inspect", "lc.safetensors", "--no-hash", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["lora"]["types"]["LoRA"], 350);
+    assert_eq!(r["lora"]["ranks"]["4"], 300);
+    assert_eq!(r["lora"]["conv_modules"], 50);
+    assert_eq!(r["lora"]["blocks"]["BASE"], 72);
+    assert_eq!(r["lora"]["architecture"], "SD1.x / SD2.x");
     let all = bake("lc.safetensors:0.8", "a.safetensors");
     assert_eq!(
         (

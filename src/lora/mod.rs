@@ -205,3 +205,74 @@ impl LoraFile {
         Ok(Some((values, t.shape.clone())))
     }
 }
+
+/// What `inspect` says about a LoRA file.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Modules per adapter type (LoRA, LoHa, ...).
+    pub types: BTreeMap<String, usize>,
+    /// The architecture its module names point to.
+    pub architecture: String,
+    /// Modules per rank.
+    pub ranks: BTreeMap<usize, usize>,
+    /// Modules per alpha value (as written).
+    pub alphas: BTreeMap<String, usize>,
+    /// Modules with DoRA magnitudes.
+    pub dora: usize,
+    /// Modules per LBW block (`-`: outside every block).
+    pub blocks: BTreeMap<String, usize>,
+    /// Convolution modules (LoCon) among them.
+    pub conv_modules: usize,
+}
+
+impl LoraFile {
+    /// Counts types, ranks, alphas and modules per block.
+    pub fn summary(&self) -> Summary {
+        let mut s =
+            Summary {
+                architecture: if self.modules.iter().any(|m| {
+                    m.name.starts_with("lora_te2_") || m.name.starts_with("text_encoder_2.")
+                }) {
+                    "SDXL".into()
+                } else if self.modules.iter().any(|m| m.name.starts_with("lora_te_")) {
+                    "SD1.x / SD2.x".into()
+                } else {
+                    "not stated by the module names (U-Net only)".into()
+                },
+                ..Summary::default()
+            };
+        let shape = |m: &Module, p: &str| {
+            m.parts
+                .get(p)
+                .and_then(|n| self.ck.get(n))
+                .map(|t| t.shape.clone())
+        };
+        for m in &self.modules {
+            *s.types.entry(m.kind.label().into()).or_default() += 1;
+            let rank = match m.kind {
+                Kind::Lora => shape(m, "down").map(|s| s[0]),
+                Kind::Loha => shape(m, "hada_w1_b").map(|s| s[0]),
+                Kind::Lokr => shape(m, "lokr_w2_b")
+                    .or_else(|| shape(m, "lokr_w1_b"))
+                    .map(|s| s[0]),
+                Kind::Ia3 | Kind::Full => None,
+            };
+            if let Some(r) = rank {
+                *s.ranks.entry(r).or_default() += 1;
+            }
+            if let Ok(Some((a, _))) = self.part(m, "alpha") {
+                if let Some(a) = a.first() {
+                    *s.alphas.entry(a.to_string()).or_default() += 1;
+                }
+            }
+            s.dora += usize::from(m.parts.contains_key("dora_scale"));
+            let conv = shape(m, "down")
+                .or_else(|| shape(m, "hada_w1_b"))
+                .is_some_and(|s| s.len() == 4 && s[2] * s[3] > 1);
+            s.conv_modules += usize::from(conv);
+            let block = names::module_block(&m.name).unwrap_or_else(|| "-".into());
+            *s.blocks.entry(block).or_default() += 1;
+        }
+        s
+    }
+}

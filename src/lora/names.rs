@@ -246,3 +246,49 @@ fn openclip_layer(layer: &str) -> Option<(&'static str, &'static str, usize)> {
         _ => None,
     }
 }
+
+/// The LBW block of a LoRA module from its name alone (kohya, diffusers or LDM spelling):
+/// text encoders are `BASE`; U-Net modules `INnn`, `M00` or `OUTnn` (lora.md §6.2); `None`
+/// for modules outside every block (time embedding, conv_in/out...).
+pub fn module_block(module: &str) -> Option<String> {
+    let n = module.replace('.', "_");
+    if ["lora_te", "text_encoder", "te_", "te1_", "te2_"]
+        .iter()
+        .any(|p| n.starts_with(p))
+    {
+        return Some("BASE".into());
+    }
+    let num_after = |key: &str| -> Option<usize> {
+        let rest = &n[n.find(key)? + key.len()..];
+        rest.split('_').next()?.parse().ok()
+    };
+    let level = |key: &str| -> Option<(usize, Option<usize>, &str)> {
+        let i = num_after(key)?;
+        let rest = &n[n.find(key)? + key.len()..];
+        let rest = rest.split_once('_')?.1;
+        for kind in ["attentions_", "resnets_"] {
+            if let Some(r) = rest.strip_prefix(kind) {
+                return Some((i, r.split('_').next()?.parse().ok(), kind));
+            }
+        }
+        rest.starts_with("downsamplers_")
+            .then_some((i, None, "downsamplers"))
+            .or_else(|| {
+                rest.starts_with("upsamplers_")
+                    .then_some((i, None, "upsamplers"))
+            })
+    };
+    if n.contains("mid_block") || n.contains("middle_block") {
+        Some("M00".into())
+    } else if let Some(b) = num_after("input_blocks_") {
+        Some(format!("IN{b:02}"))
+    } else if let Some(b) = num_after("output_blocks_") {
+        Some(format!("OUT{b:02}"))
+    } else if let Some((i, j, _)) = level("down_blocks_") {
+        Some(format!("IN{:02}", j.map_or(3 * i + 3, |j| 3 * i + j + 1)))
+    } else if let Some((i, j, _)) = level("up_blocks_") {
+        Some(format!("OUT{:02}", j.map_or(3 * i + 2, |j| 3 * i + j)))
+    } else {
+        None
+    }
+}
