@@ -66,6 +66,10 @@ pub enum Command {
 pub enum LoraCommand {
     /// Bake LoRAs into a checkpoint (as AUTOMATIC1111 / ComfyUI apply them at that strength).
     Apply(LoraApplyArgs),
+    /// Extract a LoRA from the difference of two checkpoints (alpha*A - beta*B), by SVD.
+    Extract(LoraExtractArgs),
+    /// Merge LoRAs into one: exact concatenation, or sum then SVD at a new rank.
+    Merge(LoraMergeArgs),
     /// Write a synthetic kohya LoRA for a checkpoint (every default target; for tests and
     /// benchmarks).
     Synth {
@@ -88,6 +92,87 @@ pub enum LoraCommand {
         #[arg(long)]
         overwrite: bool,
     },
+}
+
+/// Arguments of `lora extract`.
+#[derive(Debug, Args)]
+pub struct LoraExtractArgs {
+    /// The tuned model (A).
+    #[arg(short = 'a', long = "model-a", value_name = "FILE")]
+    pub a: PathBuf,
+    /// The base model (B).
+    #[arg(short = 'b', long = "model-b", value_name = "FILE")]
+    pub b: PathBuf,
+    /// Weight of A in the difference.
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// Weight of B in the difference.
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f64,
+    /// Rank of linear and 1x1 modules.
+    #[arg(long, default_value_t = 128)]
+    pub rank: usize,
+    /// Rank of 3x3 convolutions (LoCon); without it convolutions are left out.
+    #[arg(long)]
+    pub conv_rank: Option<usize>,
+    /// Text encoders whose largest change is at most this are left out.
+    #[arg(long, default_value_t = 0.01)]
+    pub min_diff: f64,
+    /// Quantile at which the factors are clamped (1: no clamp).
+    #[arg(long, default_value_t = 0.99)]
+    pub clamp_quantile: f64,
+    /// Output dtype.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: crate::dtype::FloatType,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `lora merge`.
+#[derive(Debug, Args)]
+pub struct LoraMergeArgs {
+    /// A LoRA with its ratio and block weights: `FILE[:RATIO[:BLOCKS]]` (repeatable).
+    #[arg(
+        short = 'l',
+        long = "lora",
+        value_name = "FILE[:RATIO[:BLOCKS]]",
+        required = true
+    )]
+    pub loras: Vec<String>,
+    /// concat (exact, LoRA/LoCon) or svd (any type, new rank).
+    #[arg(long, value_enum, default_value = "concat")]
+    pub mode: crate::lora::merge::MergeMode,
+    /// svd: rank of linear and 1x1 modules.
+    #[arg(long, default_value_t = 64)]
+    pub rank: usize,
+    /// svd: rank of 3x3 convolutions (default: --rank).
+    #[arg(long)]
+    pub conv_rank: Option<usize>,
+    /// svd: quantile at which the factors are clamped (1: no clamp).
+    #[arg(long, default_value_t = 0.99)]
+    pub clamp_quantile: f64,
+    /// Weight of blocks a short block-weight vector leaves out.
+    #[arg(long, default_value_t = 0.0)]
+    pub fill: f64,
+    /// Output dtype.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: crate::dtype::FloatType,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `lora apply`.
@@ -543,6 +628,68 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Lora(LoraCommand::Apply(a)) => lora_apply(a),
+        Command::Lora(LoraCommand::Extract(a)) => {
+            let opts = crate::lora::extract::ExtractOptions {
+                rank: a.rank,
+                conv_rank: a.conv_rank,
+                alpha: a.alpha,
+                beta: a.beta,
+                min_diff: a.min_diff,
+                clamp_quantile: a.clamp_quantile,
+                dtype: a.dtype,
+            };
+            let started = std::time::Instant::now();
+            let r =
+                crate::lora::extract::extract(&a.a, &a.b, &opts, &a.output, a.overwrite, !a.json)?;
+            if a.json {
+                return print_json(&r);
+            }
+            println!(
+                "wrote {} ({} modules{}) in {:.1} s; relative error {:.4} (best possible at this rank {:.4})",
+                a.output.display(),
+                r.modules,
+                if r.text_encoder { "" } else { "; text encoders identical, left out" },
+                started.elapsed().as_secs_f64(),
+                r.relative_error,
+                r.optimal_relative_error
+            );
+            Ok(())
+        }
+        Command::Lora(LoraCommand::Merge(a)) => {
+            use crate::lora::merge::{family_of, merge, MergeOptions, Source};
+            let mut sources = Vec::new();
+            for spec in &a.loras {
+                let (path, ratio, blocks) = lora_spec(spec)?;
+                let file = crate::lora::LoraFile::open(&path)?;
+                let family = family_of(&file);
+                let blocks = blocks
+                    .map(|b| crate::lora::blocks::BlockWeights::parse(&b, family, a.fill))
+                    .transpose()?;
+                sources.push(Source {
+                    file,
+                    ratio,
+                    blocks,
+                });
+            }
+            let opts = MergeOptions {
+                mode: a.mode,
+                rank: a.rank,
+                conv_rank: a.conv_rank,
+                clamp_quantile: a.clamp_quantile,
+                dtype: a.dtype,
+            };
+            let r = merge(&sources, &opts, &a.output, a.overwrite)?;
+            if a.json {
+                return print_json(&r);
+            }
+            println!(
+                "wrote {} ({} modules; relative error {:.4})",
+                a.output.display(),
+                r.modules,
+                r.relative_error
+            );
+            Ok(())
+        }
         Command::Lora(LoraCommand::Synth {
             model,
             rank,

@@ -850,3 +850,190 @@ fn dora_bakes_rows_to_their_magnitudes() {
         );
     }
 }
+
+fn product(path: &Path, module: &str) -> Vec<f32> {
+    let f = LoraFile::open(path).unwrap();
+    let m = f.modules.iter().find(|m| m.name == module).unwrap();
+    let shape = mergesmith::lora::delta::natural_shape(&f, m).unwrap();
+    delta(&f, m, shape.iter().product(), None, &shape).unwrap()
+}
+
+#[test]
+fn quantile_and_svd_merge_known_answers() {
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
+    // 10. torch-style quantile.
+    let q = mergesmith::lora::svd::quantile(&[0., 4., 0., 1.], 0.99);
+    assert!((q - 3.91).abs() < 1e-6, "{q}");
+    // 11. M = [[1,0],[1,1]] from two LoRAs; rank 2 reproduces it, rank 1 is the optimum.
+    let dir = tempfile::tempdir().unwrap();
+    let m = "lora_unet_x";
+    let a = write_f32(
+        &dir.path().join("a.safetensors"),
+        &[
+            ("lora_unet_x.lora_up.weight", vec![2, 1], vec![1., 1.]),
+            ("lora_unet_x.lora_down.weight", vec![1, 2], vec![1., 0.]),
+            ("lora_unet_x.alpha", vec![], vec![1.]),
+        ],
+    );
+    let b = write_f32(
+        &dir.path().join("b.safetensors"),
+        &[
+            (
+                "lora_unet_x.lora_up.weight",
+                vec![2, 2],
+                vec![1., 0., 0., 1.],
+            ),
+            (
+                "lora_unet_x.lora_down.weight",
+                vec![2, 2],
+                vec![0., 0., 0., 2.],
+            ),
+            ("lora_unet_x.alpha", vec![], vec![1.]),
+        ],
+    );
+    let sources = |ra: f64, rb: f64| {
+        vec![
+            Source {
+                file: LoraFile::open(&a).unwrap(),
+                ratio: ra,
+                blocks: None,
+            },
+            Source {
+                file: LoraFile::open(&b).unwrap(),
+                ratio: rb,
+                blocks: None,
+            },
+        ]
+    };
+    let opts = |mode, rank| MergeOptions {
+        mode,
+        rank,
+        conv_rank: None,
+        clamp_quantile: 1.0,
+        dtype: mergesmith::dtype::FloatType::Fp32,
+    };
+    let out = dir.path().join("m.safetensors");
+    merge(&sources(1., 1.), &opts(MergeMode::Svd, 2), &out, true).unwrap();
+    close(&product(&out, m), &[1., 0., 1., 1.]);
+    let r = merge(&sources(1., 1.), &opts(MergeMode::Svd, 1), &out, true).unwrap();
+    let p = product(&out, m);
+    for (x, y) in p.iter().zip([0.723607f32, 0.447214, 1.17082, 0.723607]) {
+        assert!((x - y).abs() < 1e-5, "{p:?}");
+    }
+    // Frobenius error 0.618034 of ‖M‖ = √3.
+    assert!(
+        (r.relative_error - 0.618034 / 3f64.sqrt()).abs() < 1e-5,
+        "{}",
+        r.relative_error
+    );
+    // 12. Exact concat of (1, 0.5): diag(1, 0.5), alpha = total rank.
+    let c = write_f32(
+        &dir.path().join("c.safetensors"),
+        &[
+            ("lora_unet_x.lora_up.weight", vec![2, 1], vec![1., 0.]),
+            ("lora_unet_x.lora_down.weight", vec![1, 2], vec![1., 0.]),
+            ("lora_unet_x.alpha", vec![], vec![1.]),
+        ],
+    );
+    let d = write_f32(
+        &dir.path().join("d.safetensors"),
+        &[
+            ("lora_unet_x.lora_up.weight", vec![2, 1], vec![0., 1.]),
+            ("lora_unet_x.lora_down.weight", vec![1, 2], vec![0., 1.]),
+            ("lora_unet_x.alpha", vec![], vec![1.]),
+        ],
+    );
+    let pair = vec![
+        Source {
+            file: LoraFile::open(&c).unwrap(),
+            ratio: 1.0,
+            blocks: None,
+        },
+        Source {
+            file: LoraFile::open(&d).unwrap(),
+            ratio: 0.5,
+            blocks: None,
+        },
+    ];
+    merge(&pair, &opts(MergeMode::Concat, 0), &out, true).unwrap();
+    close(&product(&out, m), &[1., 0., 0., 0.5]);
+    let f = LoraFile::open(&out).unwrap();
+    let (alpha, _) = f.part(&f.modules[0], "alpha").unwrap().unwrap();
+    assert_eq!(alpha, vec![2.0]);
+    // Negative ratios keep their sign (no squaring).
+    let neg = vec![
+        Source {
+            file: LoraFile::open(&c).unwrap(),
+            ratio: -2.0,
+            blocks: None,
+        },
+        Source {
+            file: LoraFile::open(&d).unwrap(),
+            ratio: 0.5,
+            blocks: None,
+        },
+    ];
+    merge(&neg, &opts(MergeMode::Concat, 0), &out, true).unwrap();
+    close(&product(&out, m), &[-2., 0., 0., 0.5]);
+}
+
+#[test]
+fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
+    use mergesmith::lora::extract::{extract, ExtractOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = tiny(Family::Sd1, 1);
+    opts.dtype = mergesmith::dtype::FloatType::Fp32;
+    let base = synth(dir.path(), "base.safetensors", &opts);
+    let lora = dir.path().join("l.safetensors");
+    mergesmith::lora::synth::synthesize(&base, 3, 0, 5, &lora, false).unwrap();
+    let tuned = dir.path().join("tuned.safetensors");
+    bake_with(&base, &lora, 1.0, None, &tuned);
+    // Rank >= 3 and no clamp: the difference comes back, up to f32 rounding.
+    let full = ExtractOptions {
+        rank: 4,
+        clamp_quantile: 1.0,
+        ..Default::default()
+    };
+    let extracted = dir.path().join("e.safetensors");
+    let r = extract(&tuned, &base, &full, &extracted, false, false).unwrap();
+    assert_eq!((r.modules, r.text_encoder), (264, true));
+    assert!(r.relative_error < 1e-4, "{r:?}");
+    let again = dir.path().join("again.safetensors");
+    bake_with(&base, &extracted, 1.0, None, &again);
+    let (want, got) = (tensor_bytes(&tuned), tensor_bytes(&again));
+    // Per tensor, ‖again − tuned‖ / ‖tuned‖ (Frobenius), f32 SVD.
+    let mut worst = 0f64;
+    for (k, w) in &want {
+        let as_f32 = |b: &[u8]| -> Vec<f64> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect()
+        };
+        if k.ends_with("position_ids") {
+            continue;
+        }
+        let (x, y) = (as_f32(w), as_f32(&got[k]));
+        let diff: f64 = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            worst = worst.max(diff / norm);
+        }
+    }
+    assert!(worst < 1e-5, "worst relative difference {worst}");
+    // Rank 1 < 3: the error is the Eckart–Young optimum (no clamp).
+    let low = ExtractOptions {
+        rank: 1,
+        clamp_quantile: 1.0,
+        ..Default::default()
+    };
+    let r = extract(&tuned, &base, &low, &extracted, true, false).unwrap();
+    assert!(r.relative_error > 0.1);
+    assert!(
+        (r.relative_error - r.optimal_relative_error).abs() < 1e-4 * r.relative_error,
+        "{r:?}"
+    );
+    // Identical text encoders are left out.
+    let unet_only = dir.path().join("unet-only.safetensors");
+    let r = extract(&base, &base, &full, &unet_only, false, false).unwrap();
+    assert_eq!((r.modules, r.text_encoder), (192, false));
+}

@@ -282,3 +282,59 @@ pub fn dora_change(
         })
         .collect())
 }
+
+/// The shape of the weight a module changes, read from its own parts (for merging LoRAs
+/// without a checkpoint). IA3 scales an existing weight and has none.
+pub fn natural_shape(f: &LoraFile, m: &Module) -> Result<Vec<usize>> {
+    let shape = |p: &str| -> Result<Vec<usize>> {
+        let name = m.parts.get(p).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: module `{}`: missing part `{p}`",
+                f.path.display(),
+                m.name
+            ))
+        })?;
+        Ok(f.ck.get(name).map(|t| t.shape.clone()).unwrap_or_default())
+    };
+    Ok(match m.kind {
+        Kind::Lora => {
+            let (up, down) = (shape("up")?, shape("down")?);
+            match m.parts.contains_key("mid") {
+                true => {
+                    let mid = shape("mid")?;
+                    vec![up[0], down[1], mid[2], mid[3]]
+                }
+                false => [&up[..1], &down[1..]].concat(),
+            }
+        }
+        Kind::Loha if m.parts.contains_key("hada_t1") => {
+            let (a, b, t) = (shape("hada_w1_a")?, shape("hada_w1_b")?, shape("hada_t1")?);
+            vec![a[1], b[1], t[2], t[3]]
+        }
+        Kind::Loha => [&shape("hada_w1_a")?[..1], &shape("hada_w1_b")?[1..]].concat(),
+        Kind::Lokr => {
+            let w1 = shape("lokr_w1").or_else(|_| {
+                Ok::<_, Error>(vec![shape("lokr_w1_a")?[0], shape("lokr_w1_b")?[1]])
+            })?;
+            match shape("lokr_w2") {
+                Ok(w2) => {
+                    let mut s = vec![w1[0] * w2[0], w1[1] * w2[1]];
+                    s.extend_from_slice(&w2[2..]);
+                    s
+                }
+                Err(_) => {
+                    let (a, b) = (shape("lokr_w2_a")?, shape("lokr_w2_b")?);
+                    vec![w1[0] * a[0], w1[1] * b[1..].iter().product::<usize>()]
+                }
+            }
+        }
+        Kind::Full => shape("diff")?,
+        Kind::Ia3 => {
+            return Err(Error::Invalid(format!(
+                "{}: module `{}` is IA3, which scales an existing weight: bake it instead",
+                f.path.display(),
+                m.name
+            )))
+        }
+    })
+}

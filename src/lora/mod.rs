@@ -12,7 +12,10 @@
 pub mod bake;
 pub mod blocks;
 pub mod delta;
+pub mod extract;
+pub mod merge;
 pub mod names;
+pub mod svd;
 pub mod synth;
 
 use std::collections::BTreeMap;

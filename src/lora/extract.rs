@@ -1,0 +1,284 @@
+//! Extracting a LoRA from two checkpoints (lora.md §3): for every module sd-scripts trains by
+//! default, `ΔW = alpha · A − beta · B` is factored at the requested rank by a truncated SVD
+//! in f32 (`svd`), clamped at the 0.99 quantile, and written in kohya format with
+//! `alpha = rank` and kohya / modelspec metadata. Text encoders are left out when they do not
+//! differ (max |ΔW| over all of them ≤ `min_diff`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::arch::{self, Family};
+use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+use crate::checkpoint::Checkpoint;
+use crate::convert;
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::lora::names::Targets;
+use crate::lora::svd;
+
+/// Options of an extraction.
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    /// Rank of linear and 1x1 modules (sd-scripts `--dim`).
+    pub rank: usize,
+    /// Rank of 3x3 convolutions; `None` leaves convolutions out (no LoCon).
+    pub conv_rank: Option<usize>,
+    /// Weight of model A (the tuned model).
+    pub alpha: f64,
+    /// Weight of model B (the base).
+    pub beta: f64,
+    /// Text encoders whose largest change is at most this are left out.
+    pub min_diff: f64,
+    /// Quantile at which factors are clamped (1 = no clamp).
+    pub clamp_quantile: f64,
+    /// Output dtype.
+    pub dtype: FloatType,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            rank: 128,
+            conv_rank: None,
+            alpha: 1.0,
+            beta: 1.0,
+            min_diff: 0.01,
+            clamp_quantile: 0.99,
+            dtype: FloatType::Fp32,
+        }
+    }
+}
+
+/// What an extraction did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExtractReport {
+    /// Modules written.
+    pub modules: usize,
+    /// Whether the text encoders were included.
+    pub text_encoder: bool,
+    /// Largest |ΔW| over the text-encoder modules.
+    pub text_encoder_max_diff: f64,
+    /// ‖ΔW − up·down‖_F / ‖ΔW‖_F over all modules written (clamp included).
+    pub relative_error: f64,
+    /// The same for the best rank-r approximations (Eckart–Young, no clamp).
+    pub optimal_relative_error: f64,
+}
+
+fn is_text_encoder(module: &str) -> bool {
+    module.starts_with("lora_te")
+}
+
+/// One module to extract: name, checkpoint key, row slice, target shape.
+struct Job {
+    name: String,
+    key: String,
+    rows: Option<(usize, usize)>,
+    shape: Vec<usize>,
+}
+
+fn weight_rows(ck: &Checkpoint, key: &str, rows: Option<(usize, usize)>) -> Result<Vec<f32>> {
+    let t = ck.get(key).ok_or_else(|| Error::MissingTensor {
+        path: ck.path().to_path_buf(),
+        name: key.to_string(),
+    })?;
+    let v = convert::to_f32(t.dtype, &ck.data(t))?;
+    ck.release(t);
+    Ok(match rows {
+        None => v,
+        Some((a, b)) => {
+            let cols = t.numel() / t.shape[0].max(1);
+            v[a * cols..b * cols].to_vec()
+        }
+    })
+}
+
+/// Extracts a LoRA of `tuned` relative to `base` into `out`.
+pub fn extract(
+    tuned: &Path,
+    base: &Path,
+    opts: &ExtractOptions,
+    out: &Path,
+    overwrite: bool,
+    progress: bool,
+) -> Result<ExtractReport> {
+    if !overwrite && out.exists() {
+        return Err(Error::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    let (a, b) = (Checkpoint::open(tuned)?, Checkpoint::open(base)?);
+    let family = arch::detect(a.tensors()).family;
+    let other = arch::detect(b.tensors()).family;
+    if family != other {
+        return Err(Error::Invalid(format!(
+            "cannot extract a LoRA between {} ({}) and {} ({})",
+            family.label(),
+            tuned.display(),
+            other.label(),
+            base.display()
+        )));
+    }
+    let targets = Targets::of(&a);
+    let mut jobs = Vec::new();
+    for (name, shape) in crate::lora::synth::modules(&a, opts.conv_rank.is_some()) {
+        let t = targets
+            .get(&name)
+            .ok_or_else(|| Error::Invalid(format!("module `{name}` does not resolve")))?;
+        jobs.push(Job {
+            name,
+            key: t.key.clone(),
+            rows: t.rows,
+            shape,
+        });
+    }
+    let delta = |j: &Job| -> Result<Vec<f32>> {
+        let wa = weight_rows(&a, &j.key, j.rows)?;
+        let wb = weight_rows(&b, &j.key, j.rows)?;
+        if wa.len() != wb.len() {
+            return Err(Error::Invalid(format!(
+                "`{}` has different shapes in the two models",
+                j.key
+            )));
+        }
+        let (ka, kb) = (opts.alpha as f32, opts.beta as f32);
+        Ok(wa.iter().zip(&wb).map(|(x, y)| ka * x - kb * y).collect())
+    };
+    // The text-encoder gate needs every TE delta first.
+    let mut te_max = 0f64;
+    for j in jobs.iter().filter(|j| is_text_encoder(&j.name)) {
+        let d = delta(j)?;
+        te_max = d.iter().fold(te_max, |m, x| m.max(x.abs() as f64));
+    }
+    let with_te = te_max > opts.min_diff;
+    let jobs: Vec<Job> = jobs
+        .into_iter()
+        .filter(|j| with_te || !is_text_encoder(&j.name))
+        .collect();
+    let dtype = opts.dtype.dtype();
+    let bar = crate::progress::bytes(jobs.len() as u64, "extract", progress);
+    let (mut err2, mut opt2, mut norm2) = (0f64, 0f64, 0f64);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut dims = BTreeMap::new();
+    for j in &jobs {
+        let d = delta(j)?;
+        let out_ch = j.shape[0];
+        let cols = d.len() / out_ch.max(1);
+        let conv3 = j.shape.len() == 4 && j.shape[2] * j.shape[3] > 1;
+        let want = if conv3 {
+            opts.conv_rank.unwrap_or(opts.rank)
+        } else {
+            opts.rank
+        };
+        let rank = want.min(out_ch).min(j.shape[1]);
+        let mut f = svd::factorize(&d, out_ch, cols, rank)?;
+        svd::clamp(&mut f, opts.clamp_quantile);
+        let approx = crate::lora::delta::matmul(&f.up, out_ch, f.rank, &f.down, cols);
+        err2 += d
+            .iter()
+            .zip(&approx)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>();
+        opt2 += f.optimal_error.powi(2);
+        norm2 += d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+        let (mut up_s, mut down_s) = (vec![out_ch, f.rank], vec![f.rank]);
+        if j.shape.len() == 4 {
+            up_s.extend([1, 1]);
+            down_s.extend_from_slice(&j.shape[1..]);
+        } else {
+            down_s.push(cols);
+        }
+        tensors.push((
+            format!("{}.lora_up.weight", j.name),
+            up_s,
+            convert::from_f32(&f.up, dtype)?,
+        ));
+        tensors.push((
+            format!("{}.lora_down.weight", j.name),
+            down_s,
+            convert::from_f32(&f.down, dtype)?,
+        ));
+        tensors.push((
+            format!("{}.alpha", j.name),
+            vec![],
+            convert::from_f32(&[f.rank as f32], dtype)?,
+        ));
+        dims.insert(j.name.clone(), f.rank);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let specs = tensors
+        .iter()
+        .map(|(n, s, _)| TensorSpec {
+            name: n.clone(),
+            dtype,
+            shape: s.clone(),
+        })
+        .collect();
+    let md = metadata(family, opts, out);
+    let writer = SafetensorsWriter::create(out, specs, &md, overwrite)?;
+    for (n, _, bytes) in &tensors {
+        writer.write(n, bytes)?;
+    }
+    writer.finish()?;
+    let rel = |x: f64| if norm2 > 0.0 { (x / norm2).sqrt() } else { 0.0 };
+    Ok(ExtractReport {
+        modules: jobs.len(),
+        text_encoder: with_te,
+        text_encoder_max_diff: te_max,
+        relative_error: rel(err2),
+        optimal_relative_error: rel(opt2),
+    })
+}
+
+/// kohya (`ss_*`) and modelspec metadata of an extracted LoRA.
+fn metadata(family: Family, opts: &ExtractOptions, out: &Path) -> BTreeMap<String, String> {
+    let (base, arch, res) = match family {
+        Family::Sdxl | Family::SdxlRefiner => (
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base/lora",
+            "1024x1024",
+        ),
+        Family::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+        _ => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+    };
+    let args = match opts.conv_rank {
+        Some(c) => format!(
+            "{{\"conv_dim\": \"{c}\", \"conv_alpha\": \"{:.1}\"}}",
+            c as f64
+        ),
+        None => "{}".to_string(),
+    };
+    let implementation = if matches!(family, Family::Sdxl | Family::SdxlRefiner) {
+        "https://github.com/Stability-AI/generative-models"
+    } else {
+        "diffusers"
+    };
+    let title = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    [
+        ("ss_network_module", "networks.lora".to_string()),
+        ("ss_network_dim", opts.rank.to_string()),
+        ("ss_network_alpha", format!("{:.1}", opts.rank as f64)),
+        ("ss_network_args", args),
+        (
+            "ss_v2",
+            if family == Family::Sd2 {
+                "True"
+            } else {
+                "False"
+            }
+            .to_string(),
+        ),
+        ("ss_base_model_version", base.to_string()),
+        ("modelspec.sai_model_spec", "1.0.1".to_string()),
+        ("modelspec.architecture", arch.to_string()),
+        ("modelspec.implementation", implementation.to_string()),
+        ("modelspec.title", title),
+        ("modelspec.resolution", res.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}

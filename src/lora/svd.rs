@@ -1,0 +1,80 @@
+//! Low-rank factorization shared by extraction and LoRA merging (lora.md §3 steps 5-7, §4):
+//! a thin SVD in f32 (faer), `up = U[:, :r] · diag(S[:r])`, `down = Vh[:r, :]` (all of S on
+//! the up side, as sd-scripts does), then the optional quantile clamp of both factors.
+
+use faer::Mat;
+
+use crate::error::{Error, Result};
+
+/// A rank-r factorization of an `[out, cols]` matrix.
+#[derive(Debug, Clone)]
+pub struct Factors {
+    /// `[out, r]`, row-major.
+    pub up: Vec<f32>,
+    /// `[r, cols]`, row-major.
+    pub down: Vec<f32>,
+    /// The rank kept.
+    pub rank: usize,
+    /// √(Σ of the discarded squared singular values): the best possible Frobenius error
+    /// at this rank (Eckart–Young), before clamping.
+    pub optimal_error: f64,
+}
+
+/// Factors `m` (`[rows, cols]`, row-major) at rank `min(rank, rows, cols)`.
+pub fn factorize(m: &[f32], rows: usize, cols: usize, rank: usize) -> Result<Factors> {
+    let a = Mat::<f32>::from_fn(rows, cols, |i, j| m[i * cols + j]);
+    let svd = a
+        .thin_svd()
+        .map_err(|e| Error::Invalid(format!("SVD of a {rows}x{cols} matrix failed: {e:?}")))?;
+    let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+    let r = rank.min(rows).min(cols);
+    let mut up = vec![0f32; rows * r];
+    for i in 0..rows {
+        for k in 0..r {
+            up[i * r + k] = u[(i, k)] * s[k];
+        }
+    }
+    let mut down = vec![0f32; r * cols];
+    for k in 0..r {
+        for j in 0..cols {
+            down[k * cols + j] = v[(j, k)];
+        }
+    }
+    let optimal_error = (r..s.nrows())
+        .map(|k| (s[k] as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    Ok(Factors {
+        up,
+        down,
+        rank: r,
+        optimal_error,
+    })
+}
+
+/// The `q` quantile of `values` with linear interpolation between order statistics (as
+/// torch.quantile does: position `q · (n − 1)` of the sorted values).
+pub fn quantile(values: &[f32], q: f64) -> f32 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let t = (pos - lo as f64) as f32;
+    v[lo] + (v[hi] - v[lo]) * t
+}
+
+/// Clamps both factors to `[−hi, hi]`, `hi` the `q` quantile of their signed values
+/// together (sd-scripts' `clamp_quantile`); `q >= 1` leaves them unchanged.
+pub fn clamp(f: &mut Factors, q: f64) {
+    if q >= 1.0 {
+        return;
+    }
+    let all: Vec<f32> = f.up.iter().chain(&f.down).copied().collect();
+    let hi = quantile(&all, q).abs();
+    for x in f.up.iter_mut().chain(f.down.iter_mut()) {
+        *x = x.clamp(-hi, hi);
+    }
+}
