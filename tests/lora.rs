@@ -1013,7 +1013,12 @@ fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
             continue;
         }
         let (x, y) = (as_f32(w), as_f32(&got[k]));
-        let diff: f64 = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = x.iter().map(|a| a * a).sum::<f64>().sqrt();
         if norm > 0.0 {
             worst = worst.max(diff / norm);
