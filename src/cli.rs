@@ -124,15 +124,8 @@ pub struct LoraExtractArgs {
     /// Output dtype.
     #[arg(long, value_enum, default_value = "fp32")]
     pub dtype: crate::dtype::FloatType,
-    /// Output file.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Replace the output file if it exists.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// Arguments of `lora merge`.
@@ -164,15 +157,8 @@ pub struct LoraMergeArgs {
     /// Output dtype.
     #[arg(long, value_enum, default_value = "fp32")]
     pub dtype: crate::dtype::FloatType,
-    /// Output file.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Replace the output file if it exists.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// Arguments of `lora apply`.
@@ -196,15 +182,8 @@ pub struct LoraApplyArgs {
     /// Skip LoRA modules that match no weight of the checkpoint (default: error).
     #[arg(long)]
     pub allow_unmatched: bool,
-    /// Output file.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Replace the output file if it exists.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// `mergesmith recipe ...`
@@ -639,14 +618,20 @@ pub fn run(command: Command) -> Result<()> {
                 dtype: a.dtype,
             };
             let started = std::time::Instant::now();
-            let r =
-                crate::lora::extract::extract(&a.a, &a.b, &opts, &a.output, a.overwrite, !a.json)?;
-            if a.json {
+            let r = crate::lora::extract::extract(
+                &a.a,
+                &a.b,
+                &opts,
+                &a.out.output,
+                a.out.overwrite,
+                !a.out.json,
+            )?;
+            if a.out.json {
                 return print_json(&r);
             }
             println!(
                 "wrote {} ({} modules{}) in {:.1} s; relative error {:.4} (best possible at this rank {:.4})",
-                a.output.display(),
+                a.out.output.display(),
                 r.modules,
                 if r.text_encoder { "" } else { "; text encoders identical, left out" },
                 started.elapsed().as_secs_f64(),
@@ -678,13 +663,13 @@ pub fn run(command: Command) -> Result<()> {
                 clamp_quantile: a.clamp_quantile,
                 dtype: a.dtype,
             };
-            let r = merge(&sources, &opts, &a.output, a.overwrite)?;
-            if a.json {
+            let r = merge(&sources, &opts, &a.out.output, a.out.overwrite)?;
+            if a.out.json {
                 return print_json(&r);
             }
             println!(
                 "wrote {} ({} modules; relative error {:.4})",
-                a.output.display(),
+                a.out.output.display(),
                 r.modules,
                 r.relative_error
             );
@@ -859,25 +844,25 @@ fn lora_apply(a: LoraApplyArgs) -> Result<()> {
     let plan = bake_file(
         &a.model,
         &apps,
-        &a.output,
+        &a.out.output,
         &md,
         a.allow_unmatched,
-        a.overwrite,
-        !a.json,
+        a.out.overwrite,
+        !a.out.json,
     )?;
     let report = serde_json::json!({
-        "output": a.output,
+        "output": a.out.output,
         "modules_applied": plan.applied,
         "tensors_changed": plan.changes.len(),
         "unmatched": plan.unmatched.iter().map(|(i, n)| serde_json::json!({"lora": a.loras[*i], "module": n})).collect::<Vec<_>>(),
         "seconds": started.elapsed().as_secs_f64(),
     });
-    if a.json {
+    if a.out.json {
         return print_json(&report);
     }
     println!(
         "wrote {} ({} modules applied, {} tensors changed{}) in {:.1} s",
-        a.output.display(),
+        a.out.output.display(),
         plan.applied,
         plan.changes.len(),
         if plan.unmatched.is_empty() {

@@ -731,36 +731,24 @@ fn cli_synthesizes_and_bakes_loras() {
             .unwrap()
     };
     // sd-scripts' default targets of SD1: 264 modules, 86 more with LoCon.
-    let out = run(&[
-        "lora",
-        "synth",
-        "-m",
-        "model.safetensors",
-        "--rank",
-        "4",
-        "-o",
-        "l.safetensors",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("(264 modules)"),
-        "{out:?}"
-    );
-    let out = run(&[
-        "lora",
-        "synth",
-        "-m",
-        "model.safetensors",
-        "--rank",
-        "4",
-        "--conv-rank",
-        "2",
-        "-o",
-        "lc.safetensors",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("(350 modules)"),
-        "{out:?}"
-    );
+    for (file, conv, modules) in [("l.safetensors", "0", 264), ("lc.safetensors", "2", 350)] {
+        let out = run(&[
+            "lora",
+            "synth",
+            "-m",
+            "model.safetensors",
+            "--rank",
+            "4",
+            "--conv-rank",
+            conv,
+            "-o",
+            file,
+        ]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("({modules} modules)")),
+            "{out:?}"
+        );
+    }
     let bake = |spec: &str, file: &str| {
         let o = run(&[
             "lora",

@@ -8,13 +8,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::{self, Family};
-use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::Checkpoint;
 use crate::convert;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::lora::names::Targets;
-use crate::lora::svd;
+use crate::lora::{svd, write_kohya, Factored};
 
 /// Options of an extraction.
 #[derive(Debug, Clone)]
@@ -120,7 +119,7 @@ pub fn extract(
     }
     let targets = Targets::of(&a);
     let mut jobs = Vec::new();
-    for (name, shape) in crate::lora::synth::modules(&a, opts.conv_rank.is_some()) {
+    for (name, shape) in crate::lora::synth::modules_of(&a, opts.conv_rank.is_some()) {
         let t = targets
             .get(&name)
             .ok_or_else(|| Error::Invalid(format!("module `{name}` does not resolve")))?;
@@ -154,11 +153,9 @@ pub fn extract(
         .into_iter()
         .filter(|j| with_te || !is_text_encoder(&j.name))
         .collect();
-    let dtype = opts.dtype.dtype();
     let bar = crate::progress::bytes(jobs.len() as u64, "extract", progress);
     let (mut err2, mut opt2, mut norm2) = (0f64, 0f64, 0f64);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut dims = BTreeMap::new();
+    let mut modules = Vec::new();
     for j in &jobs {
         let d = delta(j)?;
         let out_ch = j.shape[0];
@@ -180,46 +177,24 @@ pub fn extract(
             .sum::<f64>();
         opt2 += f.optimal_error.powi(2);
         norm2 += d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
-        let (mut up_s, mut down_s) = (vec![out_ch, f.rank], vec![f.rank]);
-        if j.shape.len() == 4 {
-            up_s.extend([1, 1]);
-            down_s.extend_from_slice(&j.shape[1..]);
-        } else {
-            down_s.push(cols);
-        }
-        tensors.push((
-            format!("{}.lora_up.weight", j.name),
-            up_s,
-            convert::from_f32(&f.up, dtype)?,
-        ));
-        tensors.push((
-            format!("{}.lora_down.weight", j.name),
-            down_s,
-            convert::from_f32(&f.down, dtype)?,
-        ));
-        tensors.push((
-            format!("{}.alpha", j.name),
-            vec![],
-            convert::from_f32(&[f.rank as f32], dtype)?,
-        ));
-        dims.insert(j.name.clone(), f.rank);
+        modules.push(Factored {
+            name: j.name.clone(),
+            shape: j.shape.clone(),
+            alpha: f.rank as f32,
+            rank: f.rank,
+            up: f.up,
+            down: f.down,
+        });
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let specs = tensors
-        .iter()
-        .map(|(n, s, _)| TensorSpec {
-            name: n.clone(),
-            dtype,
-            shape: s.clone(),
-        })
-        .collect();
-    let md = metadata(family, opts, out);
-    let writer = SafetensorsWriter::create(out, specs, &md, overwrite)?;
-    for (n, _, bytes) in &tensors {
-        writer.write(n, bytes)?;
-    }
-    writer.finish()?;
+    write_kohya(
+        out,
+        &modules,
+        opts.dtype.dtype(),
+        &metadata(family, opts, out),
+        overwrite,
+    )?;
     let rel = |x: f64| if norm2 > 0.0 { (x / norm2).sqrt() } else { 0.0 };
     Ok(ExtractReport {
         modules: jobs.len(),

@@ -18,14 +18,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::Family;
-use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
-use crate::convert;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::lora::blocks::BlockWeights;
 use crate::lora::delta::{delta, natural_shape};
 use crate::lora::names::module_block;
-use crate::lora::{svd, Kind, LoraFile};
+use crate::lora::{svd, write_kohya, Factored, Kind, LoraFile};
 
 /// How LoRAs are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -109,8 +107,7 @@ pub fn merge(
             names.entry(m.name.as_str()).or_default().push((si, mi));
         }
     }
-    let dtype = opts.dtype.dtype();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut modules = Vec::new();
     let (mut err2, mut norm2) = (0f64, 0f64);
     for (name, uses) in &names {
         let shape = natural_shape(
@@ -193,25 +190,15 @@ pub fn merge(
                 (f.up, f.down, f.rank)
             }
         };
-        let (mut up_s, mut down_s) = (vec![out_ch, rank], vec![rank]);
-        if shape.len() == 4 {
-            up_s.extend([1, 1]);
-            down_s.extend_from_slice(&shape[1..]);
-        } else {
-            down_s.push(cols);
-        }
-        tensors.push((format!("{name}.lora_up.weight"), up_s, up));
-        tensors.push((format!("{name}.lora_down.weight"), down_s, down));
-        tensors.push((format!("{name}.alpha"), vec![], vec![rank as f32]));
+        modules.push(Factored {
+            name: name.to_string(),
+            shape,
+            up,
+            down,
+            rank,
+            alpha: rank as f32,
+        });
     }
-    let specs = tensors
-        .iter()
-        .map(|(n, s, _)| TensorSpec {
-            name: n.clone(),
-            dtype,
-            shape: s.clone(),
-        })
-        .collect();
     let mut md = BTreeMap::new();
     md.insert("ss_network_module".to_string(), "networks.lora".to_string());
     if opts.mode == MergeMode::Svd {
@@ -232,11 +219,7 @@ pub fn merge(
         })
         .collect();
     md.insert("modelspec.merged_from".to_string(), merged.join(", "));
-    let writer = SafetensorsWriter::create(out, specs, &md, overwrite)?;
-    for (n, _, v) in &tensors {
-        writer.write(n, &convert::from_f32(v, dtype)?)?;
-    }
-    writer.finish()?;
+    write_kohya(out, &modules, opts.dtype.dtype(), &md, overwrite)?;
     Ok(MergeReport {
         modules: names.len(),
         relative_error: if norm2 > 0.0 {

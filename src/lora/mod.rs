@@ -279,3 +279,61 @@ impl LoraFile {
         s
     }
 }
+
+/// One module of a LoRA to write in kohya format: the shape of the weight it changes and its
+/// factors (`up [out, rank]`, `down [rank, rest]`, row-major).
+#[derive(Debug, Clone)]
+pub struct Factored {
+    /// Module name.
+    pub name: String,
+    /// Shape of the weight it changes (2-D linear or 4-D convolution).
+    pub shape: Vec<usize>,
+    /// `[out, rank]`.
+    pub up: Vec<f32>,
+    /// `[rank, rest]`.
+    pub down: Vec<f32>,
+    /// The rank.
+    pub rank: usize,
+    /// The alpha to record.
+    pub alpha: f32,
+}
+
+/// Writes modules as a kohya LoRA file (`lora_up` `[out, r(, 1, 1)]`, `lora_down`
+/// `[r, in(, kh, kw)]`, `alpha`) in `dtype` (temp file, fsync, rename).
+pub fn write_kohya(
+    out: &Path,
+    modules: &[Factored],
+    dtype: crate::dtype::DType,
+    metadata: &BTreeMap<String, String>,
+    overwrite: bool,
+) -> Result<()> {
+    use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    let alphas: Vec<[f32; 1]> = modules.iter().map(|m| [m.alpha]).collect();
+    for (m, alpha) in modules.iter().zip(&alphas) {
+        let (mut up_s, mut down_s) = (vec![m.shape[0], m.rank], vec![m.rank]);
+        if m.shape.len() == 4 {
+            up_s.extend([1, 1]);
+            down_s.extend_from_slice(&m.shape[1..]);
+        } else {
+            down_s.push(m.shape[1..].iter().product());
+        }
+        tensors.push((format!("{}.lora_up.weight", m.name), up_s, &m.up));
+        tensors.push((format!("{}.lora_down.weight", m.name), down_s, &m.down));
+        tensors.push((format!("{}.alpha", m.name), vec![], alpha));
+    }
+    let specs = tensors
+        .iter()
+        .map(|(n, s, _)| TensorSpec {
+            name: n.clone(),
+            dtype,
+            shape: s.clone(),
+        })
+        .collect();
+    let writer = SafetensorsWriter::create(out, specs, metadata, overwrite)?;
+    for (n, _, v) in &tensors {
+        writer.write(n, &crate::convert::from_f32(v, dtype)?)?;
+    }
+    writer.finish()?;
+    Ok(())
+}

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::{self, Family};
-use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::lora::names::ldm_to_diffusers;
+use crate::lora::{write_kohya, Factored};
 
 const DOMAIN: &str = "mergesmith synth-lora v1";
 
@@ -40,7 +40,7 @@ fn unet_target(p: &str, conv: bool) -> bool {
 }
 
 /// (module name, out rows, target shape) of every default target of `ck`.
-pub fn modules(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
+pub fn modules_of(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
     let family = arch::detect(ck.tensors()).family;
     let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
     let mut out = Vec::new();
@@ -120,7 +120,7 @@ pub fn modules(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Writes a LoRA for `model` with rank `rank` (LoCon convs too when `conv_rank` > 0),
-/// alpha = rank / 2, up and down ~ N(0, 1/rank) in fp16, to `out`.
+/// alpha = rank / 2, up and down ~ N(0, 1/rank) in fp16, to `out`. Returns the module count.
 pub fn synthesize(
     model: &Path,
     rank: usize,
@@ -133,38 +133,28 @@ pub fn synthesize(
         return Err(Error::Invalid("--rank must be at least 1".into()));
     }
     let ck = Checkpoint::open(model)?;
-    let mods = modules(&ck, conv_rank > 0);
-    let mut specs = Vec::new();
-    let mut plan = Vec::new();
-    for (name, shape) in &mods {
-        let r = if shape.len() == 4 && shape[2] * shape[3] > 1 {
-            conv_rank
-        } else {
-            rank
-        };
-        if r == 0 {
-            continue;
-        }
-        let r = r.min(shape[0]).min(shape[1]);
-        let mut up = vec![shape[0], r];
-        let mut down = vec![r, shape[1]];
-        if shape.len() == 4 {
-            up.extend([1, 1]);
-            down.extend_from_slice(&shape[2..]);
-        }
-        for (part, s) in [("lora_up.weight", up), ("lora_down.weight", down)] {
-            specs.push(TensorSpec {
-                name: format!("{name}.{part}"),
-                dtype: DType::F16,
-                shape: s,
-            });
-        }
-        specs.push(TensorSpec {
-            name: format!("{name}.alpha"),
-            dtype: DType::F32,
-            shape: vec![],
+    let normal = |name: &str, n: usize, r: usize| {
+        let mut v = vec![0f32; n];
+        crate::noise::fill_normal(DOMAIN, seed, name, 0, &mut v);
+        let sd = 1.0 / (r as f32).sqrt();
+        v.iter_mut().for_each(|x| *x *= sd);
+        v
+    };
+    let mut modules = Vec::new();
+    for (name, shape) in modules_of(&ck, conv_rank > 0) {
+        let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
+        let r = if conv3 { conv_rank } else { rank }
+            .min(shape[0])
+            .min(shape[1]);
+        let rest: usize = shape[1..].iter().product();
+        modules.push(Factored {
+            up: normal(&format!("{name}.lora_up.weight"), shape[0] * r, r),
+            down: normal(&format!("{name}.lora_down.weight"), r * rest, r),
+            alpha: r as f32 / 2.0,
+            rank: r,
+            name,
+            shape,
         });
-        plan.push((name.clone(), r));
     }
     let mut md = BTreeMap::new();
     md.insert("ss_network_module".to_string(), "networks.lora".to_string());
@@ -173,30 +163,6 @@ pub fn synthesize(
         "ss_network_alpha".to_string(),
         format!("{:.1}", rank as f64 / 2.0),
     );
-    let writer = SafetensorsWriter::create(out, specs.clone(), &md, overwrite)?;
-    use rayon::prelude::*;
-    specs.par_iter().try_for_each(|s| {
-        let n: usize = s.shape.iter().product();
-        let bytes = if s.name.ends_with(".alpha") {
-            let r = plan
-                .iter()
-                .find(|(m, _)| s.name.starts_with(m.as_str()))
-                .map_or(1, |p| p.1);
-            (r as f32 / 2.0).to_le_bytes().to_vec()
-        } else {
-            let mut v = vec![0f32; n];
-            crate::noise::fill_normal(DOMAIN, seed, &s.name, 0, &mut v);
-            let r = if s.name.ends_with("lora_up.weight") {
-                s.shape[1]
-            } else {
-                s.shape[0]
-            };
-            let sd = 1.0 / (r as f32).sqrt();
-            v.iter_mut().for_each(|x| *x *= sd);
-            crate::convert::from_f32(&v, DType::F16)?
-        };
-        writer.write(&s.name, &bytes)
-    })?;
-    writer.finish()?;
-    Ok(plan.len())
+    write_kohya(out, &modules, DType::F16, &md, overwrite)?;
+    Ok(modules.len())
 }
