@@ -576,7 +576,12 @@ fn schedule<'p>(
                 let (tx, work) = (tx.clone(), &work);
                 running += 1;
                 s.spawn(move || {
-                    let _ = tx.send((p, work(p)));
+                    // A panic in one node must not leave the scheduler waiting for its report.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(p)))
+                        .unwrap_or_else(|_| {
+                            Err(Error::Failed(format!("node `{}`: internal error", p.name)))
+                        });
+                    let _ = tx.send((p, result));
                 });
             }
             if running == 0 {
@@ -655,9 +660,9 @@ impl Ctx<'_> {
         Ok(report)
     }
 
-    /// Opens a merge input: the file of a model, or the stored result of a node; with its
-    /// tensor keys and file hashes.
-    fn open(&self, input: &Input) -> Result<Opened> {
+    /// Opens an input: the file of a model, or the stored result of a node; with its tensor
+    /// keys and (when `hashed`, for merge metadata) its file hashes.
+    fn open(&self, input: &Input, hashed: bool) -> Result<Opened> {
         match input {
             Input::Model(m) => {
                 let path = &self.recipe.models[m].0;
@@ -667,7 +672,7 @@ impl Ctx<'_> {
                 Ok(Opened {
                     ck,
                     keys,
-                    hashes,
+                    hashes: Some(hashes),
                     label: path.clone(),
                 })
             }
@@ -682,7 +687,7 @@ impl Ctx<'_> {
                 Ok(Opened {
                     ck: self.store.open_result(key, &label)?,
                     keys,
-                    hashes: self.store.result_hashes(key)?,
+                    hashes: hashed.then(|| self.store.result_hashes(key)).transpose()?,
                     label,
                 })
             }
@@ -702,7 +707,7 @@ impl Ctx<'_> {
         spec.bake_vae = vae.as_ref().map(|v| self.recipe.models[v].0.clone());
         let mut opened = inputs
             .iter()
-            .map(|i| self.open(i))
+            .map(|i| self.open(i, true))
             .collect::<Result<Vec<_>>>()?
             .into_iter();
         let (a, b, c) = (
@@ -712,14 +717,19 @@ impl Ctx<'_> {
         );
         let v = vae
             .as_ref()
-            .map(|v| self.open(&Input::Model(v.clone())))
+            .map(|v| self.open(&Input::Model(v.clone()), true))
             .transpose()?;
-        let record = |o: &Opened| (o.label.clone(), o.hashes.clone(), o.keys.clone());
+        let record = |o: &Opened| -> Result<(PathBuf, FileHashes, tensors::KeyMap)> {
+            let hashes = o.hashes.clone().ok_or_else(|| {
+                Error::Invalid(format!("{}: hashes not computed", o.label.display()))
+            })?;
+            Ok((o.label.clone(), hashes, o.keys.clone()))
+        };
         let (ra, rb, rc, rv) = (
-            record(&a),
-            record(&b),
-            c.as_ref().map(record),
-            v.as_ref().map(record),
+            record(&a)?,
+            record(&b)?,
+            c.as_ref().map(record).transpose()?,
+            v.as_ref().map(record).transpose()?,
         );
         let prepared =
             Prepared::from_checkpoints(a.ck, b.ck, c.map(|o| o.ck), v.map(|o| o.ck), &spec)?;
@@ -804,7 +814,7 @@ impl Ctx<'_> {
         else {
             unreachable!("lora nodes only");
         };
-        let base = self.open(input)?;
+        let base = self.open(input, false)?;
         let (apps, record, contents) = self.lora_applications(loras, &base.ck, *fill)?;
         let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
         let mut md = base.ck.metadata().clone();
@@ -931,6 +941,6 @@ impl Ctx<'_> {
 struct Opened {
     ck: Checkpoint,
     keys: tensors::KeyMap,
-    hashes: FileHashes,
+    hashes: Option<FileHashes>,
     label: PathBuf,
 }
