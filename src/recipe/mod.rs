@@ -203,9 +203,10 @@ pub struct LoraUseDecl {
     /// The LoRA file: a name under `models`.
     #[schemars(with = "String")]
     pub file: Spanned<String>,
-    /// Strength (default 1).
+    /// Strength (default 1): a number or a `$var`.
     #[serde(default)]
-    pub strength: Option<f64>,
+    #[schemars(with = "Option<RatioDecl>")]
+    pub strength: Option<Spanned<RatioDecl>>,
     /// Block weights: 17/26 values (SD1/SD2), 12/20 (SDXL), or a preset (OUTD, ...).
     #[serde(default)]
     pub blocks: Option<String>,
@@ -593,7 +594,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
                 None
             }
             (Some(_), Some(_)) => None, // reported just above
-            (None, None) if d.lora.is_some() => lora_node(name, d, &resolve, &mut errs),
+            (None, None) if d.lora.is_some() => lora_node(name, d, &scope, &resolve, &mut errs),
             (None, None) => {
                 errs.push(
                     &decl.referenced,
@@ -740,6 +741,7 @@ fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) ->
 fn lora_node(
     name: &str,
     d: &NodeDecl,
+    scope: &RatioScope,
     resolve: &Resolver,
     errs: &mut RecipeErrors,
 ) -> Option<Node> {
@@ -768,18 +770,34 @@ fn lora_node(
     }
     let mut loras = Vec::new();
     for u in &d.apply {
-        match resolve(&u.file, errs) {
-            Some(Input::Model(m)) => loras.push(LoraUse {
+        let strength = match &u.strength {
+            None => Some(1.0),
+            Some(s) => match ratio(s, scope, errs) {
+                Some(Ratio::Scalar(v)) => Some(v),
+                Some(_) => {
+                    errs.push(
+                        &s.referenced,
+                        "a LoRA strength is one number; per-block values go in `blocks`".into(),
+                        None,
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        match (resolve(&u.file, errs), strength) {
+            (Some(Input::Model(m)), Some(strength)) => loras.push(LoraUse {
                 file: m,
-                strength: u.strength.unwrap_or(1.0),
+                strength,
                 blocks: u.blocks.clone(),
             }),
-            Some(Input::Node(n)) => errs.push(
+            (Some(Input::Model(_)), None) => {}
+            (Some(Input::Node(n)), _) => errs.push(
                 &u.file.referenced,
                 format!("`{n}` is a node; `apply` takes LoRA files declared under `models`"),
                 None,
             ),
-            None => {}
+            (None, _) => {}
         }
     }
     let input = input?;
