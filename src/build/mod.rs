@@ -302,23 +302,7 @@ fn check_runs(
                     ..
                 } => {
                     let base = open(input)?;
-                    let family = crate::arch::detect(base.tensors()).family;
-                    let apps = loras
-                        .iter()
-                        .map(|u| {
-                            Ok(crate::lora::bake::Application {
-                                file: crate::lora::LoraFile::open(&recipe.models[&u.file].0)?,
-                                strength: u.strength,
-                                blocks: u
-                                    .blocks
-                                    .as_deref()
-                                    .map(|b| {
-                                        crate::lora::blocks::BlockWeights::parse(b, family, *fill)
-                                    })
-                                    .transpose()?,
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let apps = lora_applications(recipe, loras, &base, *fill)?;
                     crate::lora::bake::plan(&base, &apps, *allow_unmatched)?;
                     Ok(header(&base))
                 }
@@ -777,14 +761,15 @@ impl Ctx<'_> {
         metadata: BTreeMap<String, String>,
         write: impl FnOnce(&crate::checkpoint::writer::SafetensorsWriter) -> Result<()>,
     ) -> Result<(usize, usize)> {
-        let index = self.store.index();
+        let packs = self.store.packs_of(tensors.iter().map(|t| t.3.as_str()));
         let tensors: Vec<Entry> = tensors
             .into_iter()
-            .map(|(name, dtype, shape, tk)| Entry {
+            .zip(packs)
+            .map(|((name, dtype, shape, tk), pack)| Entry {
                 name,
                 dtype,
                 shape,
-                pack: index.get(&tk).cloned().unwrap_or_default(),
+                pack: pack.unwrap_or_default(),
                 key: tk,
             })
             .collect();
@@ -815,7 +800,8 @@ impl Ctx<'_> {
             unreachable!("lora nodes only");
         };
         let base = self.open(input, false)?;
-        let (apps, record, contents) = self.lora_applications(loras, &base.ck, *fill)?;
+        let apps = lora_applications(self.recipe, loras, &base.ck, *fill)?;
+        let (record, contents) = self.lora_record(loras, &apps)?;
         let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
         let mut md = base.ck.metadata().clone();
         md.insert("mergesmith_loras".into(), record.to_string());
@@ -861,40 +847,25 @@ impl Ctx<'_> {
         })
     }
 
-    /// Opens the LoRA files of a node: the applications, the metadata record and each file's
-    /// content key.
-    fn lora_applications(
+    /// The metadata record of a node's LoRA files and each file's content key.
+    fn lora_record(
         &self,
         loras: &[crate::recipe::LoraUse],
-        base: &Checkpoint,
-        fill: f64,
-    ) -> Result<(Vec<crate::lora::bake::Application>, Value, Vec<String>)> {
-        let family = crate::arch::detect(base.tensors()).family;
-        let mut apps = Vec::new();
+        apps: &[crate::lora::bake::Application],
+    ) -> Result<(Value, Vec<String>)> {
         let mut record = Vec::new();
         let mut contents = Vec::new();
-        for u in loras {
-            let path = &self.recipe.models[&u.file].0;
-            let (hashes, _) = self.store.memo.hashes(path)?;
-            let blocks = u
-                .blocks
-                .as_deref()
-                .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
-                .transpose()?;
+        for (u, app) in loras.iter().zip(apps) {
+            let (hashes, _) = self.store.memo.hashes(&self.recipe.models[&u.file].0)?;
             record.push(json!({
                 "file": u.file,
                 "sha256": hashes.sha256,
                 "strength": u.strength,
-                "blocks": blocks,
+                "blocks": app.blocks,
             }));
             contents.push(hashes.blake3);
-            apps.push(crate::lora::bake::Application {
-                file: crate::lora::LoraFile::open(path)?,
-                strength: u.strength,
-                blocks,
-            });
         }
-        Ok((apps, Value::Array(record), contents))
+        Ok((Value::Array(record), contents))
     }
 
     /// Writes a stored result to `to`, refusing to replace a file mergesmith did not write
@@ -935,6 +906,30 @@ impl Ctx<'_> {
             .materialize(key, to, hardlink, self.run.progress)?;
         record()
     }
+}
+
+/// Opens the LoRA files of a `lora` node, with block weights read for `base`'s family.
+fn lora_applications(
+    recipe: &Recipe,
+    loras: &[crate::recipe::LoraUse],
+    base: &Checkpoint,
+    fill: f64,
+) -> Result<Vec<crate::lora::bake::Application>> {
+    let family = crate::arch::detect(base.tensors()).family;
+    loras
+        .iter()
+        .map(|u| {
+            Ok(crate::lora::bake::Application {
+                file: crate::lora::LoraFile::open(&recipe.models[&u.file].0)?,
+                strength: u.strength,
+                blocks: u
+                    .blocks
+                    .as_deref()
+                    .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
+                    .transpose()?,
+            })
+        })
+        .collect()
 }
 
 /// An opened merge input.

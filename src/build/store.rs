@@ -180,13 +180,10 @@ impl Cache {
     }
 }
 
-/// An in-memory pack: its anonymous file and the tensor keys it holds.
-type MemoryPack = (Arc<File>, Vec<String>);
-
 /// Packs and results kept in memory for one build (`cache: memory` nodes).
 #[derive(Default)]
 struct Memory {
-    packs: Mutex<HashMap<String, MemoryPack>>,
+    packs: Mutex<HashMap<String, Arc<File>>>,
     results: Mutex<HashMap<String, Manifest>>,
 }
 
@@ -206,6 +203,9 @@ pub struct Store<'a> {
     /// The hash memo.
     pub memo: HashMemo,
     memory: Memory,
+    /// Tensor key -> pack: read from the cache on first use, then kept current by `put`
+    /// (packs other processes write meanwhile are simply not shared with this build).
+    index: Mutex<Option<HashMap<String, String>>>,
 }
 
 /// An anonymous file in RAM (memfd on Linux; an unlinked temporary file elsewhere).
@@ -229,6 +229,7 @@ impl<'a> Store<'a> {
             cache,
             memo: cache.memo(),
             memory: Memory::default(),
+            index: Mutex::new(None),
         }
     }
 
@@ -262,7 +263,7 @@ impl<'a> Store<'a> {
             .lock()
             .expect("memory store")
             .get(pack)
-            .map(|(f, _)| f.clone());
+            .cloned();
         let (file, label) = match mem {
             Some(file) => (file, PathBuf::from(format!("memory:{pack}"))),
             None => {
@@ -306,15 +307,11 @@ impl<'a> Store<'a> {
         Ok((ck, files))
     }
 
-    /// Tensor key -> pack, over the cache and this build's memory.
-    pub fn index(&self) -> HashMap<String, String> {
-        let mut index = self.cache.tensor_index();
-        for (pack, (_, keys)) in self.memory.packs.lock().expect("memory store").iter() {
-            for k in keys {
-                index.insert(k.clone(), pack.clone());
-            }
-        }
-        index
+    /// The pack holding each of `keys`, if any does (in the cache or this build's memory).
+    pub fn packs_of<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Vec<Option<String>> {
+        let mut index = self.index.lock().expect("pack index");
+        let index = index.get_or_insert_with(|| self.cache.tensor_index());
+        keys.map(|k| index.get(k).cloned()).collect()
     }
 
     /// Stores a result: `write` fills a writer with the tensors of `fresh` (tensor keys of
@@ -373,9 +370,14 @@ impl<'a> Store<'a> {
                         .packs
                         .lock()
                         .expect("memory store")
-                        .insert(pack.clone(), (Arc::new(file), key_list));
+                        .insert(pack.clone(), Arc::new(file));
                 }
             }
+            let mut index = self.index.lock().expect("pack index");
+            index
+                .get_or_insert_with(|| self.cache.tensor_index())
+                .extend(key_list.into_iter().map(|k| (k, pack.clone())));
+            drop(index);
             for e in manifest.tensors.iter_mut().filter(|e| e.pack.is_empty()) {
                 e.pack = pack.clone();
             }

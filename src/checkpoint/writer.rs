@@ -438,11 +438,7 @@ fn copy_in_kernel(_: &Piece, _: &File, _: u64) -> std::io::Result<bool> {
 /// Makes `dest` a hard link to `src`, replacing `dest` atomically (link under a temporary
 /// name beside it, then rename).
 pub fn link_atomic(src: &Path, dest: &Path) -> Result<()> {
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let dir = dest_dir(dest)?;
     let tmp = tempfile::Builder::new()
         .prefix(".mergesmith-link.")
         .make_in(dir, |p| std::fs::hard_link(src, p))
@@ -452,15 +448,22 @@ pub fn link_atomic(src: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A temporary file in `dest`'s directory (created if missing; the same directory makes the
-/// final rename atomic), named
-/// `.<name>.<random>.partial`, with ordinary file permissions (0644 before umask).
-fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
+/// The directory `dest` goes in (created if missing); temporary files go there too, so the
+/// final rename is atomic.
+fn dest_dir(dest: &Path) -> Result<&Path> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(dir)
+}
+
+/// A temporary file in `dest`'s directory (created if missing; the same directory makes the
+/// final rename atomic), named
+/// `.<name>.<random>.partial`, with ordinary file permissions (0644 before umask).
+fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
+    let dir = dest_dir(dest)?;
     let file_name = dest
         .file_name()
         .and_then(|n| n.to_str())

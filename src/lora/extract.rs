@@ -157,26 +157,17 @@ pub fn extract(
     let (mut err2, mut opt2, mut norm2) = (0f64, 0f64, 0f64);
     let mut modules = Vec::new();
     for j in &jobs {
-        let d = delta(j)?;
-        let out_ch = j.shape[0];
-        let cols = d.len() / out_ch.max(1);
-        let conv3 = j.shape.len() == 4 && j.shape[2] * j.shape[3] > 1;
-        let want = if conv3 {
-            opts.conv_rank.unwrap_or(opts.rank)
-        } else {
-            opts.rank
-        };
-        let rank = want.min(out_ch).min(j.shape[1]);
-        let mut f = svd::factorize(&d, out_ch, cols, rank)?;
-        svd::clamp(&mut f, opts.clamp_quantile);
-        let approx = crate::lora::delta::matmul(&f.up, out_ch, f.rank, &f.down, cols);
-        err2 += d
-            .iter()
-            .zip(&approx)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>();
+        let m = svd::factor_module(
+            &delta(j)?,
+            &j.shape,
+            opts.rank,
+            opts.conv_rank,
+            opts.clamp_quantile,
+        )?;
+        let f = m.factors;
+        err2 += m.error2;
         opt2 += f.optimal_error.powi(2);
-        norm2 += d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+        norm2 += m.norm2;
         modules.push(Factored {
             name: j.name.clone(),
             shape: j.shape.clone(),

@@ -172,21 +172,16 @@ pub fn merge(
                         *x += k * dv;
                     }
                 }
-                let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
-                let want = if conv3 {
-                    opts.conv_rank.unwrap_or(opts.rank)
-                } else {
-                    opts.rank
-                };
-                let mut f = svd::factorize(&sum, out_ch, cols, want.min(shape[1]))?;
-                svd::clamp(&mut f, opts.clamp_quantile);
-                let approx = crate::lora::delta::matmul(&f.up, out_ch, f.rank, &f.down, cols);
-                err2 += sum
-                    .iter()
-                    .zip(&approx)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum::<f64>();
-                norm2 += sum.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+                let m = svd::factor_module(
+                    &sum,
+                    &shape,
+                    opts.rank,
+                    opts.conv_rank,
+                    opts.clamp_quantile,
+                )?;
+                err2 += m.error2;
+                norm2 += m.norm2;
+                let f = m.factors;
                 (f.up, f.down, f.rank)
             }
         };

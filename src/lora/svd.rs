@@ -81,3 +81,48 @@ pub fn clamp(f: &mut Factors, q: f64) {
         *x = x.clamp(-hi, hi);
     }
 }
+
+/// A module's weight change factored for a LoRA file, with what is needed to report its error.
+#[derive(Debug, Clone)]
+pub struct ModuleFactors {
+    /// The (clamped) factors.
+    pub factors: Factors,
+    /// ‖d − up·down‖²_F of the written factors.
+    pub error2: f64,
+    /// ‖d‖²_F.
+    pub norm2: f64,
+}
+
+/// Factors the weight change `d` of a module whose weight has `shape`: at `conv_rank` for
+/// kernels larger than 1x1 (when given), else at `rank`, never above the input channels;
+/// then clamps at `clamp_quantile`.
+pub fn factor_module(
+    d: &[f32],
+    shape: &[usize],
+    rank: usize,
+    conv_rank: Option<usize>,
+    clamp_quantile: f64,
+) -> Result<ModuleFactors> {
+    let out = shape[0];
+    let cols = d.len() / out.max(1);
+    let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
+    let want = if conv3 {
+        conv_rank.unwrap_or(rank)
+    } else {
+        rank
+    };
+    let mut f = factorize(d, out, cols, want.min(shape[1]))?;
+    clamp(&mut f, clamp_quantile);
+    let approx = crate::lora::delta::matmul(&f.up, out, f.rank, &f.down, cols);
+    let error2 = d
+        .iter()
+        .zip(&approx)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let norm2 = d.iter().map(|x| (*x as f64).powi(2)).sum();
+    Ok(ModuleFactors {
+        factors: f,
+        error2,
+        norm2,
+    })
+}
