@@ -17,7 +17,7 @@ $bin build recipes/example.yaml
 $bin build recipes/trials.yaml --jobs 2
 $bin plan recipes/trials.yaml
 $bin build recipes/detail-transfer.yaml
-# A synthetic LoRA baked into a merge (only the changed tensors are stored).
+# LoRAs: one extracted from tuned - base, merged with a synthetic style LoRA, baked into a merge.
 $bin lora synth -m "$m/base.safetensors" --rank 4 --conv-rank 2 -o "$m/style.safetensors" --overwrite
 $bin build recipes/styled.yaml
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'

@@ -1152,3 +1152,218 @@ nodes:
         "recipe.yaml:5:33: `y` is not a model or node of this recipe (did you mean `m`?)"
     );
 }
+
+/// The tensors of a safetensors file, by name.
+fn tensor_bytes(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let ck = mergesmith::checkpoint::Checkpoint::open(path).unwrap();
+    ck.tensors()
+        .iter()
+        .map(|t| (t.name.clone(), ck.data(t).into_owned()))
+        .collect()
+}
+
+const LORA_NODES: &str = "version: 1
+models:
+  base:  { path: models/base.safetensors }
+  tuned: { path: models/tuned.safetensors }
+  other: { path: models/other.safetensors }
+  style: { path: models/style.safetensors }
+nodes:
+  delta:
+    extract_lora: { a: tuned, b: base, rank: RANK, clamp_quantile: 1 }
+  both:
+    merge_loras:
+      loras:
+        - { file: delta, strength: 0.5 }
+        - { file: style, strength: STRENGTH, blocks: OUTD }
+  styled:
+    lora: other
+    apply: [{ file: both }]
+  delta_file: { save: delta, to: out/delta.safetensors }
+  both_file: { save: both, to: out/both.safetensors }
+  release: { save: styled, to: out/result.safetensors }
+";
+
+#[test]
+fn extract_and_merge_lora_nodes_build_what_the_cli_makes() {
+    let p = Project::new();
+    let d = p.dir.path();
+    let models = d.join("models");
+    let style = models.join("style.safetensors");
+    mergesmith::lora::synth::synthesize(&models.join("base.safetensors"), 4, 2, 7, &style, false)
+        .unwrap();
+    let text = |rank: &str, strength: &str| {
+        LORA_NODES
+            .replace("RANK", rank)
+            .replace("STRENGTH", strength)
+    };
+    let r = p.write(&text("3", "0.8"));
+    let reports = p.build(&r);
+    assert_eq!(
+        sorted(built(&reports)),
+        vec![
+            "both",
+            "both_file",
+            "delta",
+            "delta_file",
+            "release",
+            "styled"
+        ]
+    );
+
+    // The same LoRAs and model as the CLI's extract, merge and apply.
+    let cli = d.join("cli");
+    std::fs::create_dir_all(&cli).unwrap();
+    let opts = mergesmith::lora::extract::ExtractOptions {
+        rank: 3,
+        clamp_quantile: 1.0,
+        ..Default::default()
+    };
+    let delta = cli.join("delta.safetensors");
+    mergesmith::lora::extract::extract(
+        &models.join("tuned.safetensors"),
+        &models.join("base.safetensors"),
+        &opts,
+        &delta,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&delta).unwrap(),
+        std::fs::read(d.join("out/delta.safetensors")).unwrap(),
+        "the saved extract_lora result is the CLI's file, metadata included"
+    );
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
+    let source = |path: &Path, ratio: f64, blocks: Option<&str>| Source {
+        file: mergesmith::lora::LoraFile::open(path).unwrap(),
+        ratio,
+        blocks: blocks
+            .map(|b| mergesmith::lora::blocks::BlockWeights::parse(b, Family::Sd1, 0.0).unwrap()),
+    };
+    let both = cli.join("both.safetensors");
+    let merge_opts = MergeOptions {
+        mode: MergeMode::Concat,
+        rank: 64,
+        conv_rank: None,
+        clamp_quantile: 0.99,
+        dtype: mergesmith::dtype::FloatType::Fp32,
+    };
+    let sources = [source(&delta, 0.5, None), source(&style, 0.8, Some("OUTD"))];
+    merge(&sources, &merge_opts, &both, false).unwrap();
+    assert!(tensor_bytes(&both) == tensor_bytes(&d.join("out/both.safetensors")));
+    let app = mergesmith::lora::bake::Application {
+        file: mergesmith::lora::LoraFile::open(&both).unwrap(),
+        strength: 1.0,
+        blocks: None,
+    };
+    let styled = cli.join("styled.safetensors");
+    mergesmith::lora::bake::bake_file(
+        &models.join("other.safetensors"),
+        &[app],
+        &styled,
+        &Default::default(),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    assert!(tensor_bytes(&styled) == tensor_bytes(&d.join("out/result.safetensors")));
+
+    // A ratio of one merged LoRA rebuilds the merge and what uses it, not the extraction.
+    let r = p.write(&text("3", "0.6"));
+    let plan = p.plan(&r);
+    assert_eq!(status(&plan, "delta"), &Status::Hit);
+    assert_eq!(
+        reasons(&plan, "both"),
+        vec!["loras[1].strength: 0.8 -> 0.6"]
+    );
+    assert_eq!(
+        sorted(built(&p.build(&r))),
+        vec!["both", "both_file", "release", "styled"]
+    );
+    // A new rank re-extracts, and everything downstream follows.
+    let r = p.write(&text("2", "0.6"));
+    assert_eq!(built(&p.build(&r)).len(), 6);
+    let ranks = mergesmith::lora::LoraFile::open(&d.join("out/delta.safetensors"))
+        .unwrap()
+        .summary()
+        .ranks;
+    assert_eq!(ranks.keys().copied().collect::<Vec<_>>(), vec![2]);
+    // Nothing changed: nothing runs.
+    assert!(built(&p.build(&r)).is_empty());
+}
+
+#[test]
+fn lora_node_references_are_checked_by_kind() {
+    let head = "version: 1\nmodels:\n  m: { path: a.safetensors }\n  n: { path: b.safetensors }\nnodes:\n  x: { extract_lora: { a: m, b: n } }\n";
+    let e = errors(&format!(
+        "{head}  y: {{ merge: weight_sum, a: m, b: x, alpha: 0.5 }}\n"
+    ));
+    assert_eq!(
+        e.to_string(),
+        "recipe.yaml:7:36: `x` makes a LoRA, not a checkpoint; bake it into one with a `lora` node"
+    );
+    let e = errors(&format!(
+        "{head}  y: {{ merge: weight_sum, a: m, b: n, alpha: 0.5 }}\n  z: {{ lora: m, apply: [{{ file: y }}] }}\n"
+    ));
+    assert!(
+        e.to_string()
+            .starts_with("recipe.yaml:8:33: `y` is a checkpoint node; this takes a LoRA"),
+        "{e}"
+    );
+    let e = errors(&format!(
+        "{head}  y: {{ extract_lora: {{ a: m, b: x, rank: 0 }}, a: m }}\n"
+    ));
+    let messages: Vec<String> = e
+        .errors
+        .iter()
+        .map(|e| format!("{}:{}: {} ({:?})", e.line, e.column, e.message, e.help))
+        .collect();
+    assert_eq!(
+        messages,
+        vec![
+            "7:6: extract_lora node `y` takes no `a` (Some(\"options go under `extract_lora:`\"))",
+            "7:33: `x` makes a LoRA, not a checkpoint; bake it into one with a `lora` node (None)",
+            "7:42: a rank is at least 1 (None)",
+        ]
+    );
+    let e = errors(&format!(
+        "{head}  y: {{ merge_loras: {{ loras: [{{ file: x }}], clamp_quantile: 1.5 }} }}\n"
+    ));
+    assert!(
+        e.to_string()
+            .starts_with("recipe.yaml:7:61: clamp_quantile 1.5 is not in (0, 1]"),
+        "{e}"
+    );
+    let e = errors(&format!("{head}  y: {{ merge_loras: {{ loras: [] }} }}\n"));
+    assert!(e.to_string().contains("merge_loras needs `loras:"), "{e}");
+}
+
+#[test]
+fn plan_checks_extractions_before_building() {
+    let p = Project::new();
+    synth(
+        &p.dir.path().join("models"),
+        "xl.safetensors",
+        &tiny(Family::Sdxl, 4),
+    );
+    let r = p.write(
+        "version: 1
+models:
+  base: { path: models/base.safetensors }
+  xl:   { path: models/xl.safetensors }
+nodes:
+  delta: { extract_lora: { a: xl, b: base, rank: 4 } }
+  keep: { save: delta, to: out/delta.safetensors }
+",
+    );
+    let err = build::plan(&recipe::load(&r).unwrap(), &p.cache(), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("node `delta`: cannot extract a LoRA between SDXL base"),
+        "{err}"
+    );
+    assert_eq!(p.cache().stats().packs, 0);
+}

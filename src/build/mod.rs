@@ -168,10 +168,8 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
         .collect();
     let memory = |n: &str| recipe.nodes[n].in_memory();
     let hit = |n: &str| match &recipe.nodes[n] {
-        Node::Merge { memory, .. } | Node::Lora { memory, .. } => {
-            !memory && cache.has_result(&keys[n].0)
-        }
         Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
+        node => !node.in_memory() && cache.has_result(&keys[n].0),
     };
     let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
     let mut demanded: BTreeSet<&str> = if targets.is_empty() {
@@ -271,6 +269,7 @@ fn check_runs(
                 }
             }
         };
+        let open_lora = &|i: &Input| crate::lora::LoraFile::from_checkpoint(open(i)?);
         let checked = (|| -> Result<Header> {
             match node {
                 Node::Merge {
@@ -302,9 +301,26 @@ fn check_runs(
                     ..
                 } => {
                     let base = open(input)?;
-                    let apps = lora_applications(recipe, loras, &base, *fill)?;
+                    let apps = lora_applications(loras, &base, *fill, open_lora)?;
                     crate::lora::bake::plan(&base, &apps, *allow_unmatched)?;
                     Ok(header(&base))
+                }
+                Node::ExtractLora { a, b, options, .. } => {
+                    let plan = crate::lora::extract::plan(&open(a)?, &open(b)?, options)?;
+                    Ok(lora_header(plan.layout(options), options.dtype))
+                }
+                Node::MergeLoras {
+                    loras,
+                    options,
+                    fill,
+                    ..
+                } => {
+                    let sources = merge_sources(loras, *fill, open_lora)?;
+                    let plan = crate::lora::merge::plan(&sources, options)?;
+                    Ok(lora_header(
+                        crate::lora::merge::layout(&plan),
+                        options.dtype,
+                    ))
                 }
                 Node::Save { .. } => unreachable!("saves are skipped above"),
             }
@@ -323,6 +339,17 @@ fn check_runs(
         true => Ok(()),
         false => Err(Error::Invalid(errors.join("\n"))),
     }
+}
+
+/// The header of a LoRA laid out as (name, shape) in `dtype` (alphas are scalars).
+fn lora_header(
+    layout: Vec<(String, Vec<usize>)>,
+    dtype: crate::dtype::FloatType,
+) -> Vec<(String, crate::dtype::DType, Vec<usize>)> {
+    layout
+        .into_iter()
+        .map(|(n, s)| (n, dtype.dtype(), s))
+        .collect()
 }
 
 /// Whether the file at `to` is still exactly what the last build wrote from result `key`
@@ -391,6 +418,18 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
             Input::Model(m) => json!({ "model": m, "content": model_keys[m.as_str()] }),
             Input::Node(n) => json!({ "node": n, "key": out[n].0 }),
         };
+        let lora_keys = |loras: &[crate::recipe::LoraUse]| -> Vec<Value> {
+            loras
+                .iter()
+                .map(|l| {
+                    json!({
+                        "lora": input_key(&l.source),
+                        "strength": l.strength,
+                        "blocks": l.blocks,
+                    })
+                })
+                .collect()
+        };
         // Where a result is kept (`cache: memory`) is not part of what it is.
         let preimage = match &recipe.nodes[name] {
             Node::Merge {
@@ -412,14 +451,28 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                 "op": "lora",
                 "algorithm": ALGORITHM_VERSION,
                 "input": input_key(input),
-                "loras": loras.iter().map(|l| json!({
-                    "file": l.file,
-                    "content": model_keys[l.file.as_str()],
-                    "strength": l.strength,
-                    "blocks": l.blocks,
-                })).collect::<Vec<_>>(),
+                "loras": lora_keys(loras),
                 "fill": fill,
                 "allow_unmatched": allow_unmatched,
+            }),
+            Node::ExtractLora { a, b, options, .. } => json!({
+                "op": "extract_lora",
+                "algorithm": ALGORITHM_VERSION,
+                "a": input_key(a),
+                "b": input_key(b),
+                "options": options,
+            }),
+            Node::MergeLoras {
+                loras,
+                options,
+                fill,
+                ..
+            } => json!({
+                "op": "merge_loras",
+                "algorithm": ALGORITHM_VERSION,
+                "loras": lora_keys(loras),
+                "options": options,
+                "fill": fill,
             }),
             Node::Save { from, link, .. } => json!({
                 "op": "save",
@@ -605,23 +658,6 @@ impl Ctx<'_> {
         let mut report = NodeReport::nothing_done(p);
         let failed = |e: Error| Error::Failed(format!("node `{}`: {e}", p.name));
         match &self.recipe.nodes[&p.name] {
-            node @ (Node::Merge { memory, .. } | Node::Lora { memory, .. }) => {
-                let place = if *memory { Place::Memory } else { Place::Disk };
-                // One build at a time per result: a concurrent build of the same node waits
-                // here, then finds the result the other one stored.
-                let _lock = match place {
-                    Place::Disk => Some(cache.lock(&p.key)?),
-                    Place::Memory => None,
-                };
-                if place == Place::Memory || !cache.has_result(&p.key) {
-                    let built = match node {
-                        Node::Merge { .. } => self.merge(&p.name, &p.key, place),
-                        _ => self.lora(&p.name, &p.key, place),
-                    };
-                    let (c, r) = built.map_err(failed)?;
-                    (report.stored, report.reused) = (Some(c), Some(r));
-                }
-            }
             Node::Save {
                 from,
                 to,
@@ -632,6 +668,28 @@ impl Ctx<'_> {
                 self.save(&self.keys[from], to, *overwrite, *link == Link::Hardlink)
                     .map_err(failed)?;
                 report.output = Some(to.clone());
+            }
+            node => {
+                let place = if node.in_memory() {
+                    Place::Memory
+                } else {
+                    Place::Disk
+                };
+                // One build at a time per result: a concurrent build of the same node waits
+                // here, then finds the result the other one stored.
+                let _lock = match place {
+                    Place::Disk => Some(cache.lock(&p.key)?),
+                    Place::Memory => None,
+                };
+                if place == Place::Memory || !cache.has_result(&p.key) {
+                    let built = match node {
+                        Node::Merge { .. } => self.merge(&p.name, &p.key, place),
+                        Node::Lora { .. } => self.lora(&p.name, &p.key, place),
+                        _ => self.make_lora(&p.name, &p.key, place),
+                    };
+                    let (c, r) = built.map_err(failed)?;
+                    (report.stored, report.reused) = (Some(c), Some(r));
+                }
             }
         }
         let text =
@@ -800,7 +858,7 @@ impl Ctx<'_> {
             unreachable!("lora nodes only");
         };
         let base = self.open(input, false)?;
-        let apps = lora_applications(self.recipe, loras, &base.ck, *fill)?;
+        let apps = lora_applications(loras, &base.ck, *fill, &|i| self.open_lora(i))?;
         let (record, contents) = self.lora_record(loras, &apps)?;
         let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
         let mut md = base.ck.metadata().clone();
@@ -856,16 +914,74 @@ impl Ctx<'_> {
         let mut record = Vec::new();
         let mut contents = Vec::new();
         for (u, app) in loras.iter().zip(apps) {
-            let (hashes, _) = self.store.memo.hashes(&self.recipe.models[&u.file].0)?;
+            let (sha256, content) = match &u.source {
+                Input::Model(m) => {
+                    let (h, _) = self.store.memo.hashes(&self.recipe.models[m].0)?;
+                    (h.sha256, h.blake3)
+                }
+                Input::Node(n) => {
+                    let key = &self.keys[n];
+                    (self.store.result_hashes(key)?.sha256, key.clone())
+                }
+            };
             record.push(json!({
-                "file": u.file,
-                "sha256": hashes.sha256,
+                "file": u.source.name(),
+                "sha256": sha256,
                 "strength": u.strength,
                 "blocks": app.blocks,
             }));
-            contents.push(hashes.blake3);
+            contents.push(content);
         }
         Ok((Value::Array(record), contents))
+    }
+
+    /// Opens a LoRA: a model file, or the stored result of a LoRA node.
+    fn open_lora(&self, source: &Input) -> Result<crate::lora::LoraFile> {
+        match source {
+            Input::Model(m) => crate::lora::LoraFile::open(&self.recipe.models[m].0),
+            Input::Node(_) => crate::lora::LoraFile::from_checkpoint(self.open(source, false)?.ck),
+        }
+    }
+
+    /// Runs an `extract_lora` or `merge_loras` node: makes the LoRA in memory (a few hundred
+    /// MB at most), then stores it as one new pack.
+    fn make_lora(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
+        let (lora, dtype) = match &self.recipe.nodes[name] {
+            Node::ExtractLora { a, b, options, .. } => {
+                let (a, b) = (self.open(a, false)?.ck, self.open(b, false)?.ck);
+                let plan = crate::lora::extract::plan(&a, &b, options)?;
+                let progress = self.run.progress;
+                let (lora, _) = crate::lora::extract::run(&a, &b, plan, options, name, progress)?;
+                (lora, options.dtype.dtype())
+            }
+            Node::MergeLoras {
+                loras,
+                options,
+                fill,
+                ..
+            } => {
+                let sources = merge_sources(loras, *fill, &|i| self.open_lora(i))?;
+                let plan = crate::lora::merge::plan(&sources, options)?;
+                let (lora, _) = crate::lora::merge::run(&sources, &plan, options)?;
+                (lora, options.dtype.dtype())
+            }
+            _ => unreachable!("LoRA-making nodes only"),
+        };
+        let tensors = lora
+            .specs(dtype)
+            .into_iter()
+            .map(|t| {
+                let tk = blake3::hash(
+                    json!({ "result": key, "tensor": t.name })
+                        .to_string()
+                        .as_bytes(),
+                );
+                (t.name, t.dtype, t.shape, tk.to_hex().to_string())
+            })
+            .collect();
+        self.put(key, place, tensors, lora.metadata.clone(), |w| {
+            lora.write_into(w, dtype)
+        })
     }
 
     /// Writes a stored result to `to`, refusing to replace a file mergesmith did not write
@@ -908,25 +1024,51 @@ impl Ctx<'_> {
     }
 }
 
-/// Opens the LoRA files of a `lora` node, with block weights read for `base`'s family.
+/// Opens the LoRAs of a `lora` node (through `open`), with block weights read for `base`'s
+/// family.
 fn lora_applications(
-    recipe: &Recipe,
     loras: &[crate::recipe::LoraUse],
     base: &Checkpoint,
     fill: f64,
+    open: &dyn Fn(&Input) -> Result<crate::lora::LoraFile>,
 ) -> Result<Vec<crate::lora::bake::Application>> {
     let family = crate::arch::detect(base.tensors()).family;
     loras
         .iter()
         .map(|u| {
             Ok(crate::lora::bake::Application {
-                file: crate::lora::LoraFile::open(&recipe.models[&u.file].0)?,
+                file: open(&u.source)?,
                 strength: u.strength,
                 blocks: u
                     .blocks
                     .as_deref()
                     .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
                     .transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// Opens the LoRAs of a `merge_loras` node (through `open`), with block weights read for the
+/// family each file was made for.
+fn merge_sources(
+    loras: &[crate::recipe::LoraUse],
+    fill: f64,
+    open: &dyn Fn(&Input) -> Result<crate::lora::LoraFile>,
+) -> Result<Vec<crate::lora::merge::Source>> {
+    loras
+        .iter()
+        .map(|u| {
+            let file = open(&u.source)?;
+            let family = crate::lora::merge::family_of(&file);
+            Ok(crate::lora::merge::Source {
+                blocks: u
+                    .blocks
+                    .as_deref()
+                    .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
+                    .transpose()?,
+                file,
+                ratio: u.strength,
             })
         })
         .collect()

@@ -59,23 +59,6 @@ pub struct BakePlan {
     pub applied: usize,
 }
 
-/// The family a LoRA was made for, when its text-encoder module names say so: SDXL's second
-/// encoder (`lora_te2_`), or SD1/SD2's single one (`lora_te_`).
-fn lora_family(f: &LoraFile) -> Option<Family> {
-    let any = |p: &[&str]| {
-        f.modules
-            .iter()
-            .any(|m| p.iter().any(|p| m.name.starts_with(p)))
-    };
-    if any(&["lora_te2_", "text_encoder_2."]) {
-        Some(Family::Sdxl)
-    } else if any(&["lora_te_"]) {
-        Some(Family::Sd1)
-    } else {
-        None
-    }
-}
-
 /// Resolves every module of every LoRA against the checkpoint. Modules that match nothing are
 /// an error naming them, unless `allow_unmatched` (then they are listed in the plan).
 pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Result<BakePlan> {
@@ -84,7 +67,7 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
     let mut out = BakePlan::default();
     for (li, app) in loras.iter().enumerate() {
         let f = &app.file;
-        let made_for = lora_family(f);
+        let made_for = f.family();
         let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
         if made_for == Some(Family::Sdxl) && !xl || made_for == Some(Family::Sd1) && xl {
             return Err(Error::Invalid(format!(

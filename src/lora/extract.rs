@@ -1,6 +1,6 @@
 //! Extracting a LoRA from two checkpoints (lora.md §3): for every module sd-scripts trains by
 //! default, `ΔW = alpha · A − beta · B` is factored at the requested rank by a truncated SVD
-//! in f32 (`svd`), clamped at the 0.99 quantile, and written in kohya format with
+//! (`svd`, in f64; the factors are stored in f32), clamped at the 0.99 quantile, and written in kohya format with
 //! `alpha = rank` and kohya / modelspec metadata. Text encoders are left out when they do not
 //! differ (max |ΔW| over all of them ≤ `min_diff`).
 
@@ -13,10 +13,10 @@ use crate::convert;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::lora::names::Targets;
-use crate::lora::{svd, write_kohya, Factored};
+use crate::lora::{svd, Factored, KohyaLora};
 
 /// Options of an extraction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ExtractOptions {
     /// Rank of linear and 1x1 modules (sd-scripts `--dim`).
     pub rank: usize,
@@ -68,6 +68,7 @@ fn is_text_encoder(module: &str) -> bool {
 }
 
 /// One module to extract: name, checkpoint key, row slice, target shape.
+#[derive(Debug)]
 struct Job {
     name: String,
     key: String,
@@ -91,38 +92,42 @@ fn weight_rows(ck: &Checkpoint, key: &str, rows: Option<(usize, usize)>) -> Resu
     })
 }
 
-/// Extracts a LoRA of `tuned` relative to `base` into `out`.
-pub fn extract(
-    tuned: &Path,
-    base: &Path,
-    opts: &ExtractOptions,
-    out: &Path,
-    overwrite: bool,
-    progress: bool,
-) -> Result<ExtractReport> {
-    if !overwrite && out.exists() {
-        return Err(Error::OutputExists {
-            path: out.to_path_buf(),
-        });
-    }
-    let (a, b) = (Checkpoint::open(tuned)?, Checkpoint::open(base)?);
+/// The modules an extraction factors, checked against both checkpoints.
+#[derive(Debug)]
+pub struct ExtractPlan {
+    family: Family,
+    jobs: Vec<Job>,
+}
+
+/// Plans the extraction of a LoRA of `a` (tuned) relative to `b` (base) on their headers:
+/// same family, every module resolves, the same shapes in both.
+pub fn plan(a: &Checkpoint, b: &Checkpoint, opts: &ExtractOptions) -> Result<ExtractPlan> {
     let family = arch::detect(a.tensors()).family;
     let other = arch::detect(b.tensors()).family;
     if family != other {
         return Err(Error::Invalid(format!(
             "cannot extract a LoRA between {} ({}) and {} ({})",
             family.label(),
-            tuned.display(),
+            a.path().display(),
             other.label(),
-            base.display()
+            b.path().display()
         )));
     }
-    let targets = Targets::of(&a);
+    let targets = Targets::of(a);
     let mut jobs = Vec::new();
-    for (name, shape) in crate::lora::synth::modules_of(&a, opts.conv_rank.is_some()) {
+    for (name, shape) in crate::lora::synth::modules_of(a, opts.conv_rank.is_some()) {
         let t = targets
             .get(&name)
             .ok_or_else(|| Error::Invalid(format!("module `{name}` does not resolve")))?;
+        let (ta, tb) = (a.get(&t.key), b.get(&t.key));
+        if ta.map(|t| &t.shape) != tb.map(|t| &t.shape) {
+            return Err(Error::Invalid(format!(
+                "`{}` has different shapes in {} and {}",
+                t.key,
+                a.path().display(),
+                b.path().display()
+            )));
+        }
         jobs.push(Job {
             name,
             key: t.key.clone(),
@@ -130,26 +135,47 @@ pub fn extract(
             shape,
         });
     }
+    Ok(ExtractPlan { family, jobs })
+}
+
+impl ExtractPlan {
+    /// The tensors (name, shape) the LoRA has, text encoders included (they are left out
+    /// when they do not differ, which only the weights tell).
+    pub fn layout(&self, opts: &ExtractOptions) -> Vec<(String, Vec<usize>)> {
+        crate::lora::kohya_layout(self.jobs.iter().map(|j| {
+            (
+                j.name.as_str(),
+                j.shape.as_slice(),
+                svd::rank_for(&j.shape, opts.rank, opts.conv_rank),
+            )
+        }))
+    }
+}
+
+/// Runs a planned extraction; `title` names the LoRA in its metadata.
+pub fn run(
+    a: &Checkpoint,
+    b: &Checkpoint,
+    plan: ExtractPlan,
+    opts: &ExtractOptions,
+    title: &str,
+    progress: bool,
+) -> Result<(KohyaLora, ExtractReport)> {
     let delta = |j: &Job| -> Result<Vec<f32>> {
-        let wa = weight_rows(&a, &j.key, j.rows)?;
-        let wb = weight_rows(&b, &j.key, j.rows)?;
-        if wa.len() != wb.len() {
-            return Err(Error::Invalid(format!(
-                "`{}` has different shapes in the two models",
-                j.key
-            )));
-        }
+        let wa = weight_rows(a, &j.key, j.rows)?;
+        let wb = weight_rows(b, &j.key, j.rows)?;
         let (ka, kb) = (opts.alpha as f32, opts.beta as f32);
         Ok(wa.iter().zip(&wb).map(|(x, y)| ka * x - kb * y).collect())
     };
     // The text-encoder gate needs every TE delta first.
     let mut te_max = 0f64;
-    for j in jobs.iter().filter(|j| is_text_encoder(&j.name)) {
+    for j in plan.jobs.iter().filter(|j| is_text_encoder(&j.name)) {
         let d = delta(j)?;
         te_max = d.iter().fold(te_max, |m, x| m.max(x.abs() as f64));
     }
     let with_te = te_max > opts.min_diff;
-    let jobs: Vec<Job> = jobs
+    let jobs: Vec<Job> = plan
+        .jobs
         .into_iter()
         .filter(|j| with_te || !is_text_encoder(&j.name))
         .collect();
@@ -179,25 +205,48 @@ pub fn extract(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    write_kohya(
-        out,
-        &modules,
-        opts.dtype.dtype(),
-        &metadata(family, opts, out),
-        overwrite,
-    )?;
     let rel = |x: f64| if norm2 > 0.0 { (x / norm2).sqrt() } else { 0.0 };
-    Ok(ExtractReport {
+    let report = ExtractReport {
         modules: jobs.len(),
         text_encoder: with_te,
         text_encoder_max_diff: te_max,
         relative_error: rel(err2),
         optimal_relative_error: rel(opt2),
-    })
+    };
+    let lora = KohyaLora {
+        modules,
+        metadata: metadata(plan.family, opts, title),
+    };
+    Ok((lora, report))
+}
+
+/// Extracts a LoRA of `tuned` relative to `base` into `out`.
+pub fn extract(
+    tuned: &Path,
+    base: &Path,
+    opts: &ExtractOptions,
+    out: &Path,
+    overwrite: bool,
+    progress: bool,
+) -> Result<ExtractReport> {
+    if !overwrite && out.exists() {
+        return Err(Error::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    let (a, b) = (Checkpoint::open(tuned)?, Checkpoint::open(base)?);
+    let plan = plan(&a, &b, opts)?;
+    let title = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (lora, report) = run(&a, &b, plan, opts, &title, progress)?;
+    lora.write(out, opts.dtype.dtype(), overwrite)?;
+    Ok(report)
 }
 
 /// kohya (`ss_*`) and modelspec metadata of an extracted LoRA.
-fn metadata(family: Family, opts: &ExtractOptions, out: &Path) -> BTreeMap<String, String> {
+fn metadata(family: Family, opts: &ExtractOptions, title: &str) -> BTreeMap<String, String> {
     let (base, arch, res) = match family {
         Family::Sdxl | Family::SdxlRefiner => (
             "sdxl_base_v1-0",
@@ -219,10 +268,6 @@ fn metadata(family: Family, opts: &ExtractOptions, out: &Path) -> BTreeMap<Strin
     } else {
         "diffusers"
     };
-    let title = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
     [
         ("ss_network_module", "networks.lora".to_string()),
         ("ss_network_dim", opts.rank.to_string()),
@@ -241,7 +286,7 @@ fn metadata(family: Family, opts: &ExtractOptions, out: &Path) -> BTreeMap<Strin
         ("modelspec.sai_model_spec", "1.0.1".to_string()),
         ("modelspec.architecture", arch.to_string()),
         ("modelspec.implementation", implementation.to_string()),
-        ("modelspec.title", title),
+        ("modelspec.title", title.to_string()),
         ("modelspec.resolution", res.to_string()),
     ]
     .into_iter()

@@ -23,10 +23,20 @@ use crate::error::{Error, Result};
 use crate::lora::blocks::BlockWeights;
 use crate::lora::delta::{delta, natural_shape};
 use crate::lora::names::module_block;
-use crate::lora::{svd, write_kohya, Factored, Kind, LoraFile};
+use crate::lora::{svd, Factored, Kind, KohyaLora, LoraFile};
 
 /// How LoRAs are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MergeMode {
     /// Exact concatenation along the rank (LoRA / LoCon without lora_mid).
@@ -57,7 +67,7 @@ impl Source {
 }
 
 /// Options of a merge.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct MergeOptions {
     /// Concat or SVD.
     pub mode: MergeMode,
@@ -82,38 +92,90 @@ pub struct MergeReport {
 
 /// The family that block weights of LoRA files are read for.
 pub fn family_of(f: &LoraFile) -> Family {
-    if f.summary().architecture == "SDXL" {
-        Family::Sdxl
-    } else {
-        Family::Sd1
-    }
+    f.family().unwrap_or(Family::Sd1)
 }
 
-/// Merges `sources` into one kohya-format LoRA at `out`.
-pub fn merge(
-    sources: &[Source],
-    opts: &MergeOptions,
-    out: &Path,
-    overwrite: bool,
-) -> Result<MergeReport> {
-    if !overwrite && out.exists() {
-        return Err(Error::OutputExists {
-            path: out.to_path_buf(),
-        });
-    }
+/// One module of the merged LoRA: its name, the weight shape it changes, its rank, and the
+/// (source, module) pairs that contribute.
+#[derive(Debug)]
+pub struct PlannedModule {
+    /// Module name.
+    pub name: String,
+    /// Shape of the weight it changes.
+    pub shape: Vec<usize>,
+    /// Rank of the merged module.
+    pub rank: usize,
+    uses: Vec<(usize, usize)>,
+}
+
+/// Plans a merge on the files' headers: groups modules by name, checks that a module has one
+/// shape in every file (and, for concat, is plain LoRA / LoCon), and works out each rank.
+pub fn plan(sources: &[Source], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
     let mut names: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
     for (si, s) in sources.iter().enumerate() {
         for (mi, m) in s.file.modules.iter().enumerate() {
             names.entry(m.name.as_str()).or_default().push((si, mi));
         }
     }
+    let mut out = Vec::new();
+    for (name, uses) in names {
+        let (s0, m0) = uses[0];
+        let shape = natural_shape(&sources[s0].file, &sources[s0].file.modules[m0])?;
+        let mut rank = 0;
+        for &(si, mi) in &uses {
+            let (f, m) = (&sources[si].file, &sources[si].file.modules[mi]);
+            if natural_shape(f, m)? != shape {
+                return Err(Error::Invalid(format!(
+                    "module `{name}` has different shapes in the files merged"
+                )));
+            }
+            if opts.mode == MergeMode::Concat {
+                if m.kind != Kind::Lora || m.parts.contains_key("mid") {
+                    return Err(Error::Invalid(format!(
+                        "{}: module `{name}` is {}{}: concat merges plain LoRA / LoCon only; use mode svd",
+                        f.path.display(),
+                        m.kind.label(),
+                        if m.parts.contains_key("mid") { " with lora_mid" } else { "" }
+                    )));
+                }
+                rank += m
+                    .parts
+                    .get("down")
+                    .and_then(|n| f.ck.get(n))
+                    .map_or(0, |t| t.shape[0]);
+            }
+        }
+        if opts.mode == MergeMode::Svd {
+            rank = svd::rank_for(&shape, opts.rank, opts.conv_rank);
+        }
+        out.push(PlannedModule {
+            name: name.to_string(),
+            shape,
+            rank,
+            uses,
+        });
+    }
+    Ok(out)
+}
+
+/// The tensors (name, shape) of the merged LoRA.
+pub fn layout(plan: &[PlannedModule]) -> Vec<(String, Vec<usize>)> {
+    crate::lora::kohya_layout(
+        plan.iter()
+            .map(|m| (m.name.as_str(), m.shape.as_slice(), m.rank)),
+    )
+}
+
+/// Runs a planned merge.
+pub fn run(
+    sources: &[Source],
+    plan: &[PlannedModule],
+    opts: &MergeOptions,
+) -> Result<(KohyaLora, MergeReport)> {
     let mut modules = Vec::new();
     let (mut err2, mut norm2) = (0f64, 0f64);
-    for (name, uses) in &names {
-        let shape = natural_shape(
-            &sources[uses[0].0].file,
-            &sources[uses[0].0].file.modules[uses[0].1],
-        )?;
+    for pm in plan {
+        let (name, shape) = (pm.name.as_str(), &pm.shape);
         let out_ch = shape[0];
         let cols: usize = shape[1..].iter().product();
         let (up, down, rank) = match opts.mode {
@@ -121,22 +183,9 @@ pub fn merge(
                 let mut ups: Vec<Vec<f32>> = Vec::new();
                 let mut downs: Vec<f32> = Vec::new();
                 let mut total = 0;
-                for &(si, mi) in uses {
+                for &(si, mi) in &pm.uses {
                     let s = &sources[si];
                     let m = &s.file.modules[mi];
-                    if m.kind != Kind::Lora || m.parts.contains_key("mid") {
-                        return Err(Error::Invalid(format!(
-                            "{}: module `{name}` is {}{}: concat merges plain LoRA / LoCon only; use --mode svd",
-                            s.file.path.display(),
-                            m.kind.label(),
-                            if m.parts.contains_key("mid") { " with lora_mid" } else { "" }
-                        )));
-                    }
-                    if natural_shape(&s.file, m)? != shape {
-                        return Err(Error::Invalid(format!(
-                            "module `{name}` has different shapes in the files merged"
-                        )));
-                    }
                     let (u, _) = s.file.part(m, "up")?.unwrap_or_default();
                     let (d, ds) = s.file.part(m, "down")?.unwrap_or_default();
                     let r = ds[0];
@@ -163,10 +212,10 @@ pub fn merge(
             }
             MergeMode::Svd => {
                 let mut sum = vec![0f32; out_ch * cols];
-                for &(si, mi) in uses {
+                for &(si, mi) in &pm.uses {
                     let s = &sources[si];
                     let m = &s.file.modules[mi];
-                    let d = delta(&s.file, m, out_ch * cols, None, &shape)?;
+                    let d = delta(&s.file, m, out_ch * cols, None, shape)?;
                     let k = s.factor(name) as f32;
                     for (x, dv) in sum.iter_mut().zip(&d) {
                         *x += k * dv;
@@ -174,7 +223,7 @@ pub fn merge(
                 }
                 let m = svd::factor_module(
                     &sum,
-                    &shape,
+                    shape,
                     opts.rank,
                     opts.conv_rank,
                     opts.clamp_quantile,
@@ -187,7 +236,7 @@ pub fn merge(
         };
         modules.push(Factored {
             name: name.to_string(),
-            shape,
+            shape: shape.clone(),
             up,
             down,
             rank,
@@ -214,13 +263,37 @@ pub fn merge(
         })
         .collect();
     md.insert("modelspec.merged_from".to_string(), merged.join(", "));
-    write_kohya(out, &modules, opts.dtype.dtype(), &md, overwrite)?;
-    Ok(MergeReport {
-        modules: names.len(),
+    let report = MergeReport {
+        modules: plan.len(),
         relative_error: if norm2 > 0.0 {
             (err2 / norm2).sqrt()
         } else {
             0.0
         },
-    })
+    };
+    Ok((
+        KohyaLora {
+            modules,
+            metadata: md,
+        },
+        report,
+    ))
+}
+
+/// Merges `sources` into one kohya-format LoRA at `out`.
+pub fn merge(
+    sources: &[Source],
+    opts: &MergeOptions,
+    out: &Path,
+    overwrite: bool,
+) -> Result<MergeReport> {
+    if !overwrite && out.exists() {
+        return Err(Error::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    let planned = plan(sources, opts)?;
+    let (lora, report) = run(sources, &planned, opts)?;
+    lora.write(out, opts.dtype.dtype(), overwrite)?;
+    Ok(report)
 }

@@ -21,6 +21,7 @@ pub mod synth;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
@@ -158,7 +159,12 @@ fn kind_of(module: &str, parts: &BTreeMap<&'static str, String>) -> Result<Kind>
 impl LoraFile {
     /// Opens a LoRA file and groups its tensors into modules.
     pub fn open(path: &Path) -> Result<LoraFile> {
-        let ck = Checkpoint::open(path)?;
+        Self::from_checkpoint(Checkpoint::open(path)?)
+    }
+
+    /// Groups the tensors of an opened LoRA (a file, or a stored node result) into modules.
+    pub fn from_checkpoint(ck: Checkpoint) -> Result<LoraFile> {
+        let path = ck.path().to_path_buf();
         let mut grouped: BTreeMap<String, BTreeMap<&'static str, String>> = BTreeMap::new();
         for t in ck.tensors() {
             let Some((module, part)) = split_part(&t.name) else {
@@ -188,11 +194,7 @@ impl LoraFile {
                 path.display()
             )));
         }
-        Ok(LoraFile {
-            path: path.to_path_buf(),
-            ck,
-            modules,
-        })
+        Ok(LoraFile { path, ck, modules })
     }
 
     /// A part of a module as f32 values with its shape.
@@ -229,21 +231,33 @@ pub struct Summary {
 }
 
 impl LoraFile {
+    /// The family the LoRA was made for, when its text-encoder module names say so: SDXL's
+    /// second encoder (`lora_te2_`), or SD1/SD2's single one (`lora_te_`).
+    pub fn family(&self) -> Option<Family> {
+        let any = |p: &[&str]| {
+            self.modules
+                .iter()
+                .any(|m| p.iter().any(|p| m.name.starts_with(p)))
+        };
+        if any(&["lora_te2_", "text_encoder_2."]) {
+            Some(Family::Sdxl)
+        } else if any(&["lora_te_"]) {
+            Some(Family::Sd1)
+        } else {
+            None
+        }
+    }
+
     /// Counts types, ranks, alphas and modules per block.
     pub fn summary(&self) -> Summary {
-        let mut s =
-            Summary {
-                architecture: if self.modules.iter().any(|m| {
-                    m.name.starts_with("lora_te2_") || m.name.starts_with("text_encoder_2.")
-                }) {
-                    "SDXL".into()
-                } else if self.modules.iter().any(|m| m.name.starts_with("lora_te_")) {
-                    "SD1.x / SD2.x".into()
-                } else {
-                    "not stated by the module names (U-Net only)".into()
-                },
-                ..Summary::default()
-            };
+        let mut s = Summary {
+            architecture: match self.family() {
+                Some(Family::Sdxl) => "SDXL".into(),
+                Some(_) => "SD1.x / SD2.x".into(),
+                None => "not stated by the module names (U-Net only)".into(),
+            },
+            ..Summary::default()
+        };
         let shape = |m: &Module, p: &str| {
             m.parts
                 .get(p)
@@ -298,42 +312,81 @@ pub struct Factored {
     pub alpha: f32,
 }
 
-/// Writes modules as a kohya LoRA file (`lora_up` `[out, r(, 1, 1)]`, `lora_down`
-/// `[r, in(, kh, kw)]`, `alpha`) in `dtype` (temp file, fsync, rename).
-pub fn write_kohya(
-    out: &Path,
-    modules: &[Factored],
-    dtype: crate::dtype::DType,
-    metadata: &BTreeMap<String, String>,
-    overwrite: bool,
-) -> Result<()> {
-    use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    let alphas: Vec<[f32; 1]> = modules.iter().map(|m| [m.alpha]).collect();
-    for (m, alpha) in modules.iter().zip(&alphas) {
-        let (mut up_s, mut down_s) = (vec![m.shape[0], m.rank], vec![m.rank]);
-        if m.shape.len() == 4 {
-            up_s.extend([1, 1]);
-            down_s.extend_from_slice(&m.shape[1..]);
+/// The tensors of modules in kohya layout (`lora_up` `[out, r(, 1, 1)]`, `lora_down`
+/// `[r, in(, kh, kw)]`, `alpha` `[]`): (name, shape) in file order, given (name, weight
+/// shape, rank) per module.
+pub fn kohya_layout<'a>(
+    modules: impl IntoIterator<Item = (&'a str, &'a [usize], usize)>,
+) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (name, shape, rank) in modules {
+        let (mut up, mut down) = (vec![shape[0], rank], vec![rank]);
+        if shape.len() == 4 {
+            up.extend([1, 1]);
+            down.extend_from_slice(&shape[1..]);
         } else {
-            down_s.push(m.shape[1..].iter().product());
+            down.push(shape[1..].iter().product());
         }
-        tensors.push((format!("{}.lora_up.weight", m.name), up_s, &m.up));
-        tensors.push((format!("{}.lora_down.weight", m.name), down_s, &m.down));
-        tensors.push((format!("{}.alpha", m.name), vec![], alpha));
+        out.push((format!("{name}.lora_up.weight"), up));
+        out.push((format!("{name}.lora_down.weight"), down));
+        out.push((format!("{name}.alpha"), vec![]));
     }
-    let specs = tensors
-        .iter()
-        .map(|(n, s, _)| TensorSpec {
-            name: n.clone(),
-            dtype,
-            shape: s.clone(),
-        })
-        .collect();
-    let writer = SafetensorsWriter::create(out, specs, metadata, overwrite)?;
-    for (n, _, v) in &tensors {
-        writer.write(n, &crate::convert::from_f32(v, dtype)?)?;
+    out
+}
+
+/// A LoRA made by mergesmith (extracted or merged), ready to be written in kohya format.
+#[derive(Debug, Clone)]
+pub struct KohyaLora {
+    /// The modules, sorted by name.
+    pub modules: Vec<Factored>,
+    /// File metadata (`ss_*`, `modelspec.*`).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl KohyaLora {
+    /// Tensor specs of the file in `dtype`.
+    pub fn specs(&self, dtype: crate::dtype::DType) -> Vec<crate::checkpoint::writer::TensorSpec> {
+        kohya_layout(
+            self.modules
+                .iter()
+                .map(|m| (m.name.as_str(), m.shape.as_slice(), m.rank)),
+        )
+        .into_iter()
+        .map(|(name, shape)| crate::checkpoint::writer::TensorSpec { name, dtype, shape })
+        .collect()
     }
-    writer.finish()?;
-    Ok(())
+
+    /// Writes every tensor the writer expects (the writer was made from [`Self::specs`]).
+    pub fn write_into(
+        &self,
+        writer: &crate::checkpoint::writer::SafetensorsWriter,
+        dtype: crate::dtype::DType,
+    ) -> Result<()> {
+        for m in &self.modules {
+            for (suffix, values) in [
+                ("lora_up.weight", m.up.as_slice()),
+                ("lora_down.weight", m.down.as_slice()),
+                ("alpha", std::slice::from_ref(&m.alpha)),
+            ] {
+                let name = format!("{}.{suffix}", m.name);
+                if writer.expects(&name) {
+                    writer.write(&name, &crate::convert::from_f32(values, dtype)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the LoRA to `out` (temp file, fsync, rename).
+    pub fn write(&self, out: &Path, dtype: crate::dtype::DType, overwrite: bool) -> Result<()> {
+        let writer = crate::checkpoint::writer::SafetensorsWriter::create(
+            out,
+            self.specs(dtype),
+            &self.metadata,
+            overwrite,
+        )?;
+        self.write_into(&writer, dtype)?;
+        writer.finish()?;
+        Ok(())
+    }
 }

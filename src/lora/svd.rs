@@ -93,9 +93,20 @@ pub struct ModuleFactors {
     pub norm2: f64,
 }
 
-/// Factors the weight change `d` of a module whose weight has `shape`: at `conv_rank` for
-/// kernels larger than 1x1 (when given), else at `rank`, never above the input channels;
-/// then clamps at `clamp_quantile`.
+/// The rank a module whose weight has `shape` is factored at: `conv_rank` for kernels larger
+/// than 1x1 (when given), else `rank`, never above the input or output channels.
+pub fn rank_for(shape: &[usize], rank: usize, conv_rank: Option<usize>) -> usize {
+    let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
+    let want = if conv3 {
+        conv_rank.unwrap_or(rank)
+    } else {
+        rank
+    };
+    want.min(shape[1]).min(shape[0])
+}
+
+/// Factors the weight change `d` of a module whose weight has `shape` at [`rank_for`], then
+/// clamps at `clamp_quantile`.
 pub fn factor_module(
     d: &[f32],
     shape: &[usize],
@@ -105,13 +116,7 @@ pub fn factor_module(
 ) -> Result<ModuleFactors> {
     let out = shape[0];
     let cols = d.len() / out.max(1);
-    let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
-    let want = if conv3 {
-        conv_rank.unwrap_or(rank)
-    } else {
-        rank
-    };
-    let mut f = factorize(d, out, cols, want.min(shape[1]))?;
+    let mut f = factorize(d, out, cols, rank_for(shape, rank, conv_rank))?;
     clamp(&mut f, clamp_quantile);
     let approx = crate::lora::delta::matmul(&f.up, out, f.rank, &f.down, cols);
     let error2 = d

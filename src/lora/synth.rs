@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::lora::names::ldm_to_diffusers;
-use crate::lora::{write_kohya, Factored};
+use crate::lora::{Factored, KohyaLora};
 
 const DOMAIN: &str = "mergesmith synth-lora v1";
 
@@ -163,6 +163,11 @@ pub fn synthesize(
         "ss_network_alpha".to_string(),
         format!("{:.1}", rank as f64 / 2.0),
     );
-    write_kohya(out, &modules, DType::F16, &md, overwrite)?;
-    Ok(modules.len())
+    let count = modules.len();
+    KohyaLora {
+        modules,
+        metadata: md,
+    }
+    .write(out, DType::F16, overwrite)?;
+    Ok(count)
 }

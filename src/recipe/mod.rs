@@ -9,7 +9,7 @@
 pub mod diagnostics;
 pub mod import;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::dtype::FloatType;
+use crate::lora::extract::ExtractOptions;
+use crate::lora::merge::{MergeMode, MergeOptions};
 use crate::merge::select::FilterMode;
 use crate::merge::{CalcMode, FilterSpec, MergeSpec, Mode, Presets, Ratio};
 pub use diagnostics::{RecipeError, RecipeErrors};
@@ -194,13 +196,87 @@ pub struct NodeDecl {
     /// LoRA: skip modules that match no weight of the checkpoint instead of failing.
     #[serde(default)]
     pub allow_unmatched: bool,
+    /// Extract a LoRA from the difference `alpha·A − beta·B` of two checkpoints.
+    #[serde(default)]
+    #[schemars(with = "Option<ExtractDecl>")]
+    pub extract_lora: Option<Spanned<ExtractDecl>>,
+    /// Merge LoRAs into one.
+    #[serde(default)]
+    #[schemars(with = "Option<MergeLorasDecl>")]
+    pub merge_loras: Option<Spanned<MergeLorasDecl>>,
 }
 
-/// One LoRA of a `lora` node.
+/// An `extract_lora` node's options.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractDecl {
+    /// The tuned checkpoint: a model or node.
+    #[schemars(with = "String")]
+    pub a: Spanned<String>,
+    /// The base checkpoint: a model or node.
+    #[schemars(with = "String")]
+    pub b: Spanned<String>,
+    /// Weight of A in the difference (default 1).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Weight of B in the difference (default 1).
+    #[serde(default)]
+    pub beta: Option<f64>,
+    /// Rank of linear and 1x1 modules (default 128).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub rank: Option<Spanned<usize>>,
+    /// Rank of 3x3 convolutions (LoCon); without it convolutions are left out.
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub conv_rank: Option<Spanned<usize>>,
+    /// Text encoders whose largest change is at most this are left out (default 0.01).
+    #[serde(default)]
+    pub min_diff: Option<f64>,
+    /// Quantile at which the factors are clamped (default 0.99; 1: no clamp).
+    #[serde(default)]
+    #[schemars(with = "Option<f64>")]
+    pub clamp_quantile: Option<Spanned<f64>>,
+    /// Float type of the LoRA's tensors (default fp32).
+    #[serde(default)]
+    pub dtype: Option<FloatType>,
+}
+
+/// A `merge_loras` node's options.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeLorasDecl {
+    /// The LoRAs (files under `models`, or LoRA nodes) with ratio (`strength`) and block
+    /// weights.
+    pub loras: Vec<LoraUseDecl>,
+    /// `concat` (default: exact, LoRA / LoCon only) or `svd` (any type, re-factored at `rank`).
+    #[serde(default)]
+    pub mode: Option<MergeMode>,
+    /// svd: rank of linear and 1x1 modules (default 64).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub rank: Option<Spanned<usize>>,
+    /// svd: rank of 3x3 convolutions (default: `rank`).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub conv_rank: Option<Spanned<usize>>,
+    /// svd: quantile at which the factors are clamped (default 0.99; 1: no clamp).
+    #[serde(default)]
+    #[schemars(with = "Option<f64>")]
+    pub clamp_quantile: Option<Spanned<f64>>,
+    /// Weight of blocks a short block-weight vector leaves out (default 0).
+    #[serde(default)]
+    pub fill: Option<f64>,
+    /// Float type of the LoRA's tensors (default fp32).
+    #[serde(default)]
+    pub dtype: Option<FloatType>,
+}
+
+/// One LoRA of a `lora` or `merge_loras` node.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraUseDecl {
-    /// The LoRA file: a name under `models`.
+    /// The LoRA: a file under `models`, or an `extract_lora` / `merge_loras` node.
     #[schemars(with = "String")]
     pub file: Spanned<String>,
     /// Strength (default 1): a number or a `$var`.
@@ -212,12 +288,12 @@ pub struct LoraUseDecl {
     pub blocks: Option<String>,
 }
 
-/// One LoRA baked by a `lora` node.
+/// One LoRA baked by a `lora` node or merged by a `merge_loras` node.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LoraUse {
-    /// The model name of the LoRA file.
-    pub file: String,
-    /// Strength.
+    /// The LoRA: a model (file) or a LoRA node.
+    pub source: Input,
+    /// Strength (merge_loras: ratio).
     pub strength: f64,
     /// Block weights as written (parsed against the checkpoint's family when built).
     pub blocks: Option<String>,
@@ -282,6 +358,28 @@ pub enum Node {
         /// Keep the result in memory only (`cache: memory`).
         memory: bool,
     },
+    /// A LoRA extracted from two checkpoints.
+    ExtractLora {
+        /// The tuned checkpoint (A).
+        a: Input,
+        /// The base checkpoint (B).
+        b: Input,
+        /// How it is extracted.
+        options: ExtractOptions,
+        /// Keep the result in memory only (`cache: memory`).
+        memory: bool,
+    },
+    /// LoRAs merged into one.
+    MergeLoras {
+        /// The LoRAs, in order.
+        loras: Vec<LoraUse>,
+        /// How they are merged.
+        options: MergeOptions,
+        /// Weight of blocks a short vector leaves out.
+        fill: f64,
+        /// Keep the result in memory only (`cache: memory`).
+        memory: bool,
+    },
     /// Writing a node's result to a file.
     Save {
         /// The node saved.
@@ -306,10 +404,14 @@ impl Node {
                     Input::Model(_) => None,
                 })
                 .collect(),
-            Node::Lora { input, .. } => match input {
-                Input::Node(n) => vec![n.as_str()],
-                Input::Model(_) => vec![],
-            },
+            Node::Lora { input, loras, .. } => std::iter::once(input)
+                .chain(loras.iter().map(|l| &l.source))
+                .filter_map(Input::node)
+                .collect(),
+            Node::ExtractLora { a, b, .. } => [a, b].into_iter().filter_map(Input::node).collect(),
+            Node::MergeLoras { loras, .. } => {
+                loras.iter().filter_map(|l| l.source.node()).collect()
+            }
             Node::Save { from, .. } => vec![from.as_str()],
         }
     }
@@ -318,8 +420,32 @@ impl Node {
     pub fn in_memory(&self) -> bool {
         matches!(
             self,
-            Node::Merge { memory: true, .. } | Node::Lora { memory: true, .. }
+            Node::Merge { memory: true, .. }
+                | Node::Lora { memory: true, .. }
+                | Node::ExtractLora { memory: true, .. }
+                | Node::MergeLoras { memory: true, .. }
         )
+    }
+
+    /// Whether the node's result is a LoRA (not a checkpoint).
+    pub fn makes_lora(&self) -> bool {
+        matches!(self, Node::ExtractLora { .. } | Node::MergeLoras { .. })
+    }
+}
+
+impl Input {
+    /// The node name, when this is a node.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Input::Node(n) => Some(n),
+            Input::Model(_) => None,
+        }
+    }
+
+    /// The model or node name.
+    pub fn name(&self) -> &str {
+        let (Input::Model(n) | Input::Node(n)) = self;
+        n
     }
 }
 
@@ -560,11 +686,16 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         .chain(nodes_decl.keys())
         .map(|s| s.as_str())
         .collect();
-    let resolve = |r: &Spanned<String>, errs: &mut RecipeErrors| -> Option<Input> {
-        if models_decl.contains_key(&r.value) {
-            Some(Input::Model(r.value.clone()))
+    let lora_nodes: BTreeSet<&str> = nodes_decl
+        .iter()
+        .filter(|(_, n)| n.decl.value.extract_lora.is_some() || n.decl.value.merge_loras.is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let resolve = |r: &Spanned<String>, want: Want, errs: &mut RecipeErrors| -> Option<Input> {
+        let found = if models_decl.contains_key(&r.value) {
+            Input::Model(r.value.clone())
         } else if nodes_decl.contains_key(&r.value) {
-            Some(Input::Node(r.value.clone()))
+            Input::Node(r.value.clone())
         } else {
             let near = crate::merge::weights::nearest(&r.value, names.iter().copied());
             errs.push(
@@ -572,7 +703,28 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
                 format!("`{}` is not a model or node of this recipe", r.value),
                 near.map(|n| format!("did you mean `{n}`?")),
             );
-            None
+            return None;
+        };
+        let is_lora = found.node().is_some_and(|n| lora_nodes.contains(n));
+        let wrong = match want {
+            Want::Any => None,
+            Want::Checkpoint if is_lora => Some(format!(
+                "`{}` makes a LoRA, not a checkpoint; bake it into one with a `lora` node",
+                r.value
+            )),
+            Want::Lora if found.node().is_some() && !is_lora => Some(format!(
+                "`{}` is a checkpoint node; this takes a LoRA: a file under `models`, or an \
+                 `extract_lora` / `merge_loras` node",
+                r.value
+            )),
+            _ => None,
+        };
+        match wrong {
+            Some(msg) => {
+                errs.push(&r.referenced, msg, None);
+                None
+            }
+            None => Some(found),
         }
     };
     let mut nodes = BTreeMap::new();
@@ -581,74 +733,90 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         let d = &decl.value;
         let dir = dir_of(declared.part);
         errs.at(declared.part);
-        let kinds = [d.merge.is_some(), d.save.is_some(), d.lora.is_some()];
-        let node = match (&d.merge, &d.save) {
-            _ if kinds.iter().filter(|k| **k).count() > 1 => {
-                errs.push(
-                    &decl.referenced,
-                    format!(
-                        "node `{name}` is more than one of `merge`, `save` and `lora`; split it"
-                    ),
-                    None,
-                );
-                None
-            }
-            (Some(_), Some(_)) => None, // reported just above
-            (None, None) if d.lora.is_some() => lora_node(name, d, &scope, &resolve, &mut errs),
-            (None, None) => {
-                errs.push(
-                    &decl.referenced,
-                    format!("node `{name}` needs `merge: MODE`, `lora: MODEL` or `save: NODE`"),
-                    None,
-                );
-                None
-            }
-            (Some(mode), None) => merge_node(name, d, mode, &scope, &resolve, &mut errs),
-            (None, Some(from)) => {
-                for (field, set) in [
-                    ("a", d.a.is_some()),
-                    ("b", d.b.is_some()),
-                    ("alpha", d.alpha.is_some()),
-                    ("cache", d.cache.is_some()),
-                ] {
-                    if set {
-                        errs.push(
-                            &decl.referenced,
-                            format!("save node `{name}` takes no `{field}`"),
-                            None,
-                        );
-                    }
-                }
-                let from_node = match resolve(from, &mut errs) {
-                    Some(Input::Node(n)) => Some(n),
-                    Some(Input::Model(m)) => {
-                        errs.push(
-                            &from.referenced,
-                            format!("`{m}` is a model: `save` takes a node"),
-                            None,
-                        );
-                        None
-                    }
-                    None => None,
-                };
-                match (&d.to, from_node) {
-                    (None, _) => {
-                        errs.push(
-                            &decl.referenced,
-                            format!("save node `{name}` needs `to: PATH`"),
-                            None,
-                        );
-                        None
-                    }
-                    (Some(to), Some(from)) => Some(Node::Save {
-                        from,
-                        to: dir.join(to),
-                        overwrite: d.overwrite,
-                        link: d.link.unwrap_or_default(),
-                    }),
-                    _ => None,
-                }
-            }
+        let kinds: Vec<&str> = [
+            ("merge", d.merge.is_some()),
+            ("save", d.save.is_some()),
+            ("lora", d.lora.is_some()),
+            ("extract_lora", d.extract_lora.is_some()),
+            ("merge_loras", d.merge_loras.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        let Some(&kind) = kinds.first() else {
+            errs.push(
+                &decl.referenced,
+                format!(
+                    "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
+                     `extract_lora: {{a, b}}` or `merge_loras: {{loras}}`"
+                ),
+                None,
+            );
+            continue;
+        };
+        if kinds.len() > 1 {
+            errs.push(
+                &decl.referenced,
+                format!(
+                    "node `{name}` is more than one of {}; split it",
+                    kinds.join(", ")
+                ),
+                None,
+            );
+            continue;
+        }
+        let allowed: &[&str] = match kind {
+            "merge" => &[
+                "a",
+                "b",
+                "c",
+                "alpha",
+                "beta",
+                "calcmode",
+                "gamma",
+                "seed",
+                "elemental",
+                "xl_elemental_shift",
+                "include",
+                "exclude",
+                "adjust",
+                "dtype",
+                "prune",
+                "reset_position_ids",
+                "bake_vae",
+                "cache",
+            ],
+            "save" => &["to", "overwrite", "link"],
+            "lora" => &["apply", "fill", "allow_unmatched", "cache"],
+            _ => &["cache"],
+        };
+        let stray: Vec<&str> = set_fields(d)
+            .into_iter()
+            .filter(|f| !allowed.contains(f))
+            .collect();
+        if !stray.is_empty() {
+            let hint = match kind {
+                "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
+                "extract_lora" | "merge_loras" => Some(format!("options go under `{kind}:`")),
+                _ => None,
+            };
+            errs.push(
+                &decl.referenced,
+                format!("{kind} node `{name}` takes no `{}`", stray.join("`, `")),
+                hint,
+            );
+        }
+        let memory = d.cache == Some(Keep::Memory);
+        let node = if let Some(mode) = &d.merge {
+            merge_node(name, d, mode, &scope, &resolve, &mut errs)
+        } else if let Some(x) = &d.extract_lora {
+            extract_node(x, memory, &resolve, &mut errs)
+        } else if let Some(m) = &d.merge_loras {
+            merge_loras_node(m, memory, &scope, &resolve, &mut errs)
+        } else if d.lora.is_some() {
+            lora_node(name, d, &scope, &resolve, &mut errs)
+        } else {
+            save_node(name, decl, dir, &resolve, &mut errs)
         };
         if let Some(n) = node {
             nodes.insert(name.clone(), n);
@@ -675,7 +843,218 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
     })
 }
 
-type Resolver<'a> = dyn Fn(&Spanned<String>, &mut RecipeErrors) -> Option<Input> + 'a;
+/// What a reference must name.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// A checkpoint: a model file or a checkpoint-making node.
+    Checkpoint,
+    /// A LoRA: a model file or a LoRA-making node.
+    Lora,
+    /// Any node or model.
+    Any,
+}
+
+type Resolver<'a> = dyn Fn(&Spanned<String>, Want, &mut RecipeErrors) -> Option<Input> + 'a;
+
+/// The flat node fields a declaration sets (the kind keys aside).
+fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
+    [
+        ("a", d.a.is_some()),
+        ("b", d.b.is_some()),
+        ("c", d.c.is_some()),
+        ("alpha", d.alpha.is_some()),
+        ("beta", d.beta.is_some()),
+        ("calcmode", d.calcmode.is_some()),
+        ("gamma", d.gamma.is_some()),
+        ("seed", d.seed.is_some()),
+        ("elemental", d.elemental.is_some()),
+        ("xl_elemental_shift", d.xl_elemental_shift),
+        ("include", d.include.is_some()),
+        ("exclude", d.exclude.is_some()),
+        ("adjust", d.adjust.is_some()),
+        ("dtype", d.dtype.is_some()),
+        ("prune", d.prune),
+        ("reset_position_ids", d.reset_position_ids),
+        ("bake_vae", d.bake_vae.is_some()),
+        ("to", d.to.is_some()),
+        ("overwrite", d.overwrite),
+        ("link", d.link.is_some()),
+        ("cache", d.cache.is_some()),
+        ("apply", !d.apply.is_empty()),
+        ("fill", d.fill.is_some()),
+        ("allow_unmatched", d.allow_unmatched),
+    ]
+    .into_iter()
+    .filter_map(|(f, set)| set.then_some(f))
+    .collect()
+}
+
+/// A `save` node.
+fn save_node(
+    name: &str,
+    decl: &Spanned<NodeDecl>,
+    dir: &Path,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let d = &decl.value;
+    let from = resolve(d.save.as_ref()?, Want::Any, errs);
+    let from = match from? {
+        Input::Node(n) => n,
+        Input::Model(m) => {
+            errs.push(
+                &d.save.as_ref()?.referenced,
+                format!("`{m}` is a model: `save` takes a node"),
+                None,
+            );
+            return None;
+        }
+    };
+    let Some(to) = &d.to else {
+        errs.push(
+            &decl.referenced,
+            format!("save node `{name}` needs `to: PATH`"),
+            None,
+        );
+        return None;
+    };
+    Some(Node::Save {
+        from,
+        to: dir.join(to),
+        overwrite: d.overwrite,
+        link: d.link.unwrap_or_default(),
+    })
+}
+
+/// A rank option: at least 1.
+fn rank(r: &Option<Spanned<usize>>, errs: &mut RecipeErrors) -> Option<Option<usize>> {
+    match r {
+        Some(r) if r.value == 0 => {
+            errs.push(&r.referenced, "a rank is at least 1".into(), None);
+            None
+        }
+        r => Some(r.as_ref().map(|r| r.value)),
+    }
+}
+
+/// A clamp quantile: above 0, at most 1.
+fn quantile(q: &Option<Spanned<f64>>, errs: &mut RecipeErrors) -> Option<f64> {
+    match q {
+        None => Some(0.99),
+        Some(q) if q.value > 0.0 && q.value <= 1.0 => Some(q.value),
+        Some(q) => {
+            errs.push(
+                &q.referenced,
+                format!("clamp_quantile {} is not in (0, 1]", q.value),
+                Some("1 turns the clamp off".into()),
+            );
+            None
+        }
+    }
+}
+
+/// An `extract_lora` node.
+fn extract_node(
+    x: &Spanned<ExtractDecl>,
+    memory: bool,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let v = &x.value;
+    let a = resolve(&v.a, Want::Checkpoint, errs);
+    let b = resolve(&v.b, Want::Checkpoint, errs);
+    let defaults = ExtractOptions::default();
+    let (rank, conv_rank) = (rank(&v.rank, errs), rank(&v.conv_rank, errs));
+    let clamp_quantile = quantile(&v.clamp_quantile, errs);
+    if v.min_diff.is_some_and(|m| m < 0.0) {
+        errs.push(&x.referenced, "min_diff must be 0 or more".into(), None);
+        return None;
+    }
+    Some(Node::ExtractLora {
+        a: a?,
+        b: b?,
+        options: ExtractOptions {
+            rank: rank?.unwrap_or(defaults.rank),
+            conv_rank: conv_rank?,
+            alpha: v.alpha.unwrap_or(defaults.alpha),
+            beta: v.beta.unwrap_or(defaults.beta),
+            min_diff: v.min_diff.unwrap_or(defaults.min_diff),
+            clamp_quantile: clamp_quantile?,
+            dtype: v.dtype.unwrap_or(defaults.dtype),
+        },
+        memory,
+    })
+}
+
+/// A `merge_loras` node.
+fn merge_loras_node(
+    m: &Spanned<MergeLorasDecl>,
+    memory: bool,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let v = &m.value;
+    if v.loras.is_empty() {
+        errs.push(
+            &m.referenced,
+            "merge_loras needs `loras: [{ file: LORA, strength: 1 }, ...]`".into(),
+            None,
+        );
+        return None;
+    }
+    let loras = lora_uses(&v.loras, scope, resolve, errs);
+    let (rank, conv_rank) = (rank(&v.rank, errs), rank(&v.conv_rank, errs));
+    let clamp_quantile = quantile(&v.clamp_quantile, errs);
+    Some(Node::MergeLoras {
+        loras: loras?,
+        options: MergeOptions {
+            mode: v.mode.unwrap_or(MergeMode::Concat),
+            rank: rank?.unwrap_or(64),
+            conv_rank: conv_rank?,
+            clamp_quantile: clamp_quantile?,
+            dtype: v.dtype.unwrap_or(FloatType::Fp32),
+        },
+        fill: v.fill.unwrap_or(0.0),
+        memory,
+    })
+}
+
+/// The LoRAs of a `lora` or `merge_loras` node, with strengths resolved (all of them, or
+/// `None` after reporting what is wrong).
+fn lora_uses(
+    uses: &[LoraUseDecl],
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Vec<LoraUse>> {
+    let mut out = Vec::new();
+    for u in uses {
+        let strength = match &u.strength {
+            None => Some(1.0),
+            Some(s) => match ratio(s, scope, errs) {
+                Some(Ratio::Scalar(v)) => Some(v),
+                Some(_) => {
+                    errs.push(
+                        &s.referenced,
+                        "a LoRA strength is one number; per-block values go in `blocks`".into(),
+                        None,
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        if let (Some(source), Some(strength)) = (resolve(&u.file, Want::Lora, errs), strength) {
+            out.push(LoraUse {
+                source,
+                strength,
+                blocks: u.blocks.clone(),
+            });
+        }
+    }
+    (out.len() == uses.len()).then_some(out)
+}
 
 /// Resolves a ratio field: a value, or `$name` for a var (declared, or set on the command
 /// line); errors point at the field, or at the var's own value when that is what is wrong.
@@ -737,7 +1116,7 @@ fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) ->
     }
 }
 
-/// A `lora` node: the checkpoint, then each LoRA file with its strength and block weights.
+/// A `lora` node: the checkpoint, then each LoRA with its strength and block weights.
 fn lora_node(
     name: &str,
     d: &NodeDecl,
@@ -746,64 +1125,19 @@ fn lora_node(
     errs: &mut RecipeErrors,
 ) -> Option<Node> {
     let base = d.lora.as_ref()?;
-    let input = resolve(base, errs);
+    let input = resolve(base, Want::Checkpoint, errs);
     if d.apply.is_empty() {
         errs.push(
             &base.referenced,
             format!("lora node `{name}` needs `apply: [{{ file: LORA, strength: 1 }}]`"),
             None,
         );
+        return None;
     }
-    for (field, set) in [
-        ("a", d.a.is_some()),
-        ("b", d.b.is_some()),
-        ("alpha", d.alpha.is_some()),
-        ("to", d.to.is_some()),
-    ] {
-        if set {
-            errs.push(
-                &base.referenced,
-                format!("lora node `{name}` takes no `{field}`"),
-                None,
-            );
-        }
-    }
-    let mut loras = Vec::new();
-    for u in &d.apply {
-        let strength = match &u.strength {
-            None => Some(1.0),
-            Some(s) => match ratio(s, scope, errs) {
-                Some(Ratio::Scalar(v)) => Some(v),
-                Some(_) => {
-                    errs.push(
-                        &s.referenced,
-                        "a LoRA strength is one number; per-block values go in `blocks`".into(),
-                        None,
-                    );
-                    None
-                }
-                None => None,
-            },
-        };
-        match (resolve(&u.file, errs), strength) {
-            (Some(Input::Model(m)), Some(strength)) => loras.push(LoraUse {
-                file: m,
-                strength,
-                blocks: u.blocks.clone(),
-            }),
-            (Some(Input::Model(_)), None) => {}
-            (Some(Input::Node(n)), _) => errs.push(
-                &u.file.referenced,
-                format!("`{n}` is a node; `apply` takes LoRA files declared under `models`"),
-                None,
-            ),
-            (None, _) => {}
-        }
-    }
-    let input = input?;
-    (loras.len() == d.apply.len() && !loras.is_empty()).then_some(Node::Lora {
-        input,
-        loras,
+    let loras = lora_uses(&d.apply, scope, resolve, errs);
+    Some(Node::Lora {
+        input: input?,
+        loras: loras?,
         fill: d.fill.unwrap_or(0.0),
         allow_unmatched: d.allow_unmatched,
         memory: d.cache == Some(Keep::Memory),
@@ -822,7 +1156,7 @@ fn merge_node(
     let mut inputs = Vec::new();
     for (field, r) in [("a", &d.a), ("b", &d.b), ("c", &d.c)] {
         match r {
-            Some(r) => inputs.extend(resolve(r, errs)),
+            Some(r) => inputs.extend(resolve(r, Want::Checkpoint, errs)),
             None if field == "c" && !mode_v.uses_c() => {}
             None => {
                 errs.push(
@@ -837,13 +1171,6 @@ fn merge_node(
         errs.push(
             &c.referenced,
             format!("{} does not use model C", mode_v.label()),
-            None,
-        );
-    }
-    if d.save.is_none() && (d.to.is_some() || d.overwrite || d.link.is_some()) {
-        errs.push(
-            &mode.referenced,
-            format!("merge node `{name}` takes no `to`/`overwrite`/`link`; add a save node"),
             None,
         );
     }
@@ -890,18 +1217,21 @@ fn merge_node(
         }),
         (None, None) => None,
     };
-    let vae = d.bake_vae.as_ref().and_then(|v| match resolve(v, errs) {
-        Some(Input::Model(m)) => Some(m),
-        Some(Input::Node(_)) => {
-            errs.push(
-                &v.referenced,
-                "bake_vae takes a model (a VAE file)".to_string(),
-                None,
-            );
-            None
-        }
-        None => None,
-    });
+    let vae = d
+        .bake_vae
+        .as_ref()
+        .and_then(|v| match resolve(v, Want::Checkpoint, errs) {
+            Some(Input::Model(m)) => Some(m),
+            Some(Input::Node(_)) => {
+                errs.push(
+                    &v.referenced,
+                    "bake_vae takes a model (a VAE file)".to_string(),
+                    None,
+                );
+                None
+            }
+            None => None,
+        });
     let calcmode = d.calcmode.as_ref().map(|c| c.value).unwrap_or_default();
     if !calcmode.modes().contains(&mode_v) {
         let at = d
@@ -1028,10 +1358,18 @@ impl Recipe {
                     }
                 }
                 Node::Lora { input, loras, .. } => {
-                    let (Input::Model(f) | Input::Node(f)) = input;
-                    out.push((f.clone(), name.clone()));
+                    for i in std::iter::once(input).chain(loras.iter().map(|l| &l.source)) {
+                        out.push((i.name().to_string(), name.clone()));
+                    }
+                }
+                Node::MergeLoras { loras, .. } => {
                     for l in loras {
-                        out.push((l.file.clone(), name.clone()));
+                        out.push((l.source.name().to_string(), name.clone()));
+                    }
+                }
+                Node::ExtractLora { a, b, .. } => {
+                    for i in [a, b] {
+                        out.push((i.name().to_string(), name.clone()));
                     }
                 }
                 Node::Save { from, .. } => out.push((from.clone(), name.clone())),
@@ -1040,7 +1378,8 @@ impl Recipe {
         out
     }
 
-    /// The recipe graph as text: models as cylinders, merges as boxes, saves as files.
+    /// The recipe graph as text: models as cylinders, checkpoint nodes as boxes, LoRA nodes as
+    /// hexagons, saves as files.
     pub fn dag(&self, format: DagFormat) -> String {
         let id = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
         let mut out = String::new();
@@ -1059,6 +1398,16 @@ impl Recipe {
                         )),
                         Node::Lora { loras, .. } => out.push_str(&format!(
                             "  {}[\"{name}<br/>LoRA x{}\"]\n",
+                            id(name),
+                            loras.len()
+                        )),
+                        Node::ExtractLora { options, .. } => out.push_str(&format!(
+                            "  {}{{{{\"{name}<br/>extract LoRA r{}\"}}}}\n",
+                            id(name),
+                            options.rank
+                        )),
+                        Node::MergeLoras { loras, .. } => out.push_str(&format!(
+                            "  {}{{{{\"{name}<br/>merge {} LoRAs\"}}}}\n",
                             id(name),
                             loras.len()
                         )),
@@ -1083,6 +1432,7 @@ impl Recipe {
                 for name in &self.order {
                     let shape = match self.nodes[name] {
                         Node::Merge { .. } | Node::Lora { .. } => "box",
+                        Node::ExtractLora { .. } | Node::MergeLoras { .. } => "hexagon",
                         Node::Save { .. } => "note",
                     };
                     out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
