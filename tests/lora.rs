@@ -161,6 +161,34 @@ fn known_answers_of_lora_md() {
             0.5, 0.5, 1., 1., 0., 0., 0., 0., 1.5, 1.5, 2., 2., 0., 0., 0., 0.,
         ],
     );
+    // 6b. LoKr with a Tucker w2 (1x2 kernel, rank 1, alpha 0.5): w2[p, 0, 0, x] =
+    // t2[x] · w2_a[p] · w2_b = [[2, 4], [6, 12]]; kron with w1 = [1, -1]ᵀ; scale 0.5.
+    let d = delta_of(
+        &[
+            t("lokr_w1", vec![2, 1], vec![1., -1.]),
+            t("lokr_t2", vec![1, 1, 1, 2], vec![1., 2.]),
+            t("lokr_w2_a", vec![1, 2], vec![1., 3.]),
+            t("lokr_w2_b", vec![1, 1], vec![2.]),
+            t("alpha", vec![], vec![0.5]),
+        ],
+        &[4, 1, 1, 2],
+        None,
+    );
+    close(&d, &[1., 2., 3., 6., -1., -2., -3., -6.]);
+    // Rank 2 with an asymmetric core (a swapped index would give [5, 2]):
+    // w2[p] = Σ_ij t2[i, j] · w2_a[i, p] · w2_b[j] = [7, 2]; alpha = rank, scale 1.
+    let d = delta_of(
+        &[
+            t("lokr_w1", vec![1, 1], vec![1.]),
+            t("lokr_t2", vec![2, 2, 1, 1], vec![1., 2., 0., 1.]),
+            t("lokr_w2_a", vec![2, 2], vec![1., 0., 1., 1.]),
+            t("lokr_w2_b", vec![2, 1], vec![1., 2.]),
+            t("alpha", vec![], vec![2.]),
+        ],
+        &[2, 1, 1, 1],
+        None,
+    );
+    close(&d, &[7., 2.]);
     // 7. IA3 on the output and on the input axis.
     let w = [1f32, 2., 3., 4.];
     let ia3 = |on_input: f32| {

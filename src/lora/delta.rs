@@ -153,11 +153,6 @@ pub fn delta(
             }
         }
         Kind::Lokr => {
-            if m.parts.contains_key("lokr_t2") {
-                return Err(err(
-                    "LoKr with a Tucker w2 (lokr_t2) is not supported yet".into()
-                ));
-            }
             let factor =
                 |full: &str, a: &str, b: &str| -> Result<(Vec<f32>, usize, usize, Option<usize>)> {
                     match f.part(m, full)? {
@@ -174,7 +169,19 @@ pub fn delta(
                     }
                 };
             let (w1, a, c, dim1) = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
-            let (w2, b, dk, dim2) = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
+            let (w2, b, dk, dim2) = match f.part(m, "lokr_t2")? {
+                // Tucker: w2[p, q, y, x] = Σ_i Σ_j t2[i, j, y, x] · w2_a[i, p] · w2_b[j, q].
+                Some((t2, t2_s)) => {
+                    let (wa, wa_s) = need("lokr_w2_a")?;
+                    let (wb, wb_s) = need("lokr_w2_b")?;
+                    let b = wa_s[1];
+                    let up = transpose(&wa, wa_s[0], b);
+                    let w2 = tucker(&up, b, &t2, &t2_s, &wb, wb_s[1]);
+                    let dk = w2.len() / b.max(1);
+                    (w2, b, dk, Some(wb_s[0]))
+                }
+                None => factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?,
+            };
             let mut v = vec![0f32; a * b * c * dk];
             let cols = c * dk;
             for p in 0..a {
@@ -316,6 +323,12 @@ pub fn natural_shape(f: &LoraFile, m: &Module) -> Result<Vec<usize>> {
             let w1 = shape("lokr_w1").or_else(|_| {
                 Ok::<_, Error>(vec![shape("lokr_w1_a")?[0], shape("lokr_w1_b")?[1]])
             })?;
+            if m.parts.contains_key("lokr_t2") {
+                let (a, b, t) = (shape("lokr_w2_a")?, shape("lokr_w2_b")?, shape("lokr_t2")?);
+                let mut s = vec![w1[0] * a[1], w1[1] * b[1]];
+                s.extend_from_slice(&t[2..]);
+                return Ok(s);
+            }
             match shape("lokr_w2") {
                 Ok(w2) => {
                     let mut s = vec![w1[0] * w2[0], w1[1] * w2[1]];
