@@ -1058,3 +1058,91 @@ fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
     let r = extract(&base, &base, &full, &unet_only, false, false).unwrap();
     assert_eq!((r.modules, r.text_encoder), (192, false));
 }
+
+#[test]
+fn lora_merge_matches_modules_across_spellings() {
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let (kohya, peft) = lora_files(dir.path(), &Checkpoint::open(&model).unwrap());
+    let mut names: Vec<&str> = CASES.iter().map(|c| c.kohya).collect();
+    names.sort();
+    for mode in [MergeMode::Concat, MergeMode::Svd] {
+        let out = dir.path().join(format!("{mode:?}.safetensors"));
+        let sources = [
+            Source {
+                file: LoraFile::open(&kohya).unwrap(),
+                ratio: 0.5,
+                blocks: None,
+            },
+            Source {
+                file: LoraFile::open(&peft).unwrap(),
+                ratio: 0.25,
+                blocks: None,
+            },
+        ];
+        let opts = MergeOptions {
+            mode,
+            rank: RANK,
+            conv_rank: None,
+            clamp_quantile: 1.0,
+            dtype: mergesmith::dtype::FloatType::Fp32,
+        };
+        merge(&sources, &opts, &out, false).unwrap();
+        // One module per weight, under its kohya name, holding both files' changes: the
+        // same ΔW, so 0.5 + 0.25 of it (rank 2 holds it exactly in svd mode too).
+        let merged = LoraFile::open(&out).unwrap();
+        let got: Vec<&str> = merged.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(got, names, "{mode:?}");
+        for name in &names {
+            let want: Vec<f32> = product(&kohya, name).iter().map(|x| 0.75 * x).collect();
+            let have = product(&out, name);
+            assert_eq!(want.len(), have.len());
+            for (w, h) in want.iter().zip(&have) {
+                assert!(
+                    (w - h).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{mode:?} {name}: {w} vs {h}"
+                );
+            }
+        }
+    }
+    // Files for different families are refused, naming both.
+    let module = |prefix: &str| {
+        let name = format!("{prefix}text_model_encoder_layers_0_self_attn_q_proj");
+        write_f32(
+            &dir.path().join(format!("{prefix}.safetensors")),
+            &[
+                (
+                    Box::leak(format!("{name}.lora_up.weight").into_boxed_str()),
+                    vec![2, 1],
+                    vec![1., 2.],
+                ),
+                (
+                    Box::leak(format!("{name}.lora_down.weight").into_boxed_str()),
+                    vec![1, 2],
+                    vec![1., 0.],
+                ),
+            ],
+        )
+    };
+    let sources = ["lora_te_", "lora_te2_"].map(|p| Source {
+        file: LoraFile::open(&module(p)).unwrap(),
+        ratio: 1.0,
+        blocks: None,
+    });
+    let opts = MergeOptions {
+        mode: MergeMode::Concat,
+        rank: 4,
+        conv_rank: None,
+        clamp_quantile: 1.0,
+        dtype: mergesmith::dtype::FloatType::Fp32,
+    };
+    let err = merge(&sources, &opts, &dir.path().join("x.safetensors"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_te_.safetensors is a LoRA for SD1.x")
+            && err.contains("lora_te2_.safetensors for SDXL base: they cannot be merged"),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
-//! Merging LoRAs into one (lora.md §2.3, §4), module by module (modules are matched by
-//! name, so the files should use the same spelling).
+//! Merging LoRAs into one (lora.md §2.3, §4), module by module. Modules are matched by the
+//! weight they change (resolved through the family's reference layout), so files in different
+//! spellings merge together; the result is always written with kohya names.
 //!
 //! - `concat` (exact): each file's factors are scaled by `√|c|` (the sign on `up`) with
 //!   `c = ratio · block weight · alpha / rank`, then concatenated along the rank; the result
@@ -18,11 +19,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::Family;
+use crate::checkpoint::Checkpoint;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::lora::blocks::BlockWeights;
 use crate::lora::delta::{delta, natural_shape};
-use crate::lora::names::module_block;
+use crate::lora::names::{module_block, Targets};
 use crate::lora::{svd, Factored, Kind, KohyaLora, LoraFile};
 
 /// How LoRAs are combined.
@@ -108,15 +110,96 @@ pub struct PlannedModule {
     uses: Vec<(usize, usize)>,
 }
 
-/// Plans a merge on the files' headers: groups modules by name, checks that a module has one
-/// shape in every file (and, for concat, is plain LoRA / LoCon), and works out each rank.
-pub fn plan(sources: &[Source], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
-    let mut names: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
-    for (si, s) in sources.iter().enumerate() {
-        for (mi, m) in s.file.modules.iter().enumerate() {
-            names.entry(m.name.as_str()).or_default().push((si, mi));
+/// Module names of one family resolved to the weights they change, and the kohya name of
+/// each weight sd-scripts targets, from the family's reference layout.
+struct Canon {
+    targets: Targets,
+    kohya: BTreeMap<(String, Option<(usize, usize)>), String>,
+}
+
+impl Canon {
+    fn of(family: Family) -> Result<Canon> {
+        let entries = crate::arch::layout::release_keys(family, false)?;
+        let ck = Checkpoint::header_only(
+            Path::new("reference layout"),
+            entries.into_iter().map(|e| (e.key, e.dtype, e.shape)),
+        );
+        let targets = Targets::of(&ck);
+        let mut kohya = BTreeMap::new();
+        for (name, _) in crate::lora::synth::modules_of(&ck, true) {
+            if let Some(t) = targets.get(&name) {
+                kohya.insert((t.key.clone(), t.rows), name);
+            }
+        }
+        Ok(Canon { targets, kohya })
+    }
+
+    /// What a module is grouped by (the weight and rows it changes, or its own name when it
+    /// resolves to nothing), and the kohya name of that weight when sd-scripts targets it.
+    fn identify(&self, module: &str) -> (String, Option<&str>) {
+        match self.targets.get(module) {
+            Some(t) => (
+                format!("{}{:?}", t.key, t.rows),
+                self.kohya.get(&(t.key.clone(), t.rows)).map(String::as_str),
+            ),
+            None => (format!("name {module}"), None),
         }
     }
+}
+
+/// The family the files were made for: what their names say (they must agree), else the
+/// family whose reference layout resolves more of their modules.
+fn family_of_all(sources: &[Source]) -> Result<Family> {
+    let stated: Vec<Family> = sources.iter().filter_map(|s| s.file.family()).collect();
+    if let Some(&first) = stated.first() {
+        if let Some(s) = sources
+            .iter()
+            .find(|s| s.file.family().is_some_and(|f| f != first))
+        {
+            return Err(Error::Invalid(format!(
+                "{} is a LoRA for {}, {} for {}: they cannot be merged",
+                sources[0].file.path.display(),
+                first.label(),
+                s.file.path.display(),
+                s.file.family().map_or("another family", |f| f.label())
+            )));
+        }
+        return Ok(first);
+    }
+    let resolved = |family| -> Result<usize> {
+        let canon = Canon::of(family)?;
+        Ok(sources
+            .iter()
+            .flat_map(|s| &s.file.modules)
+            .filter(|m| canon.targets.get(&m.name).is_some())
+            .count())
+    };
+    Ok(if resolved(Family::Sdxl)? > resolved(Family::Sd1)? {
+        Family::Sdxl
+    } else {
+        Family::Sd1
+    })
+}
+
+/// Plans a merge on the files' headers: groups modules by the weight they change (so
+/// kohya, diffusers and PEFT spellings of one module are merged together, under its kohya
+/// name), checks that a module has one shape in every file (and, for concat, is plain LoRA /
+/// LoCon), and works out each rank.
+pub fn plan(sources: &[Source], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
+    let canon = Canon::of(family_of_all(sources)?)?;
+    let mut groups: BTreeMap<String, (String, Vec<(usize, usize)>)> = BTreeMap::new();
+    for (si, s) in sources.iter().enumerate() {
+        for (mi, m) in s.file.modules.iter().enumerate() {
+            let (id, kohya) = canon.identify(&m.name);
+            groups
+                .entry(id)
+                .or_insert_with(|| (kohya.unwrap_or(&m.name).to_string(), Vec::new()))
+                .1
+                .push((si, mi));
+        }
+    }
+    let mut names: Vec<(String, Vec<(usize, usize)>)> = groups.into_values().collect();
+    names.sort();
     let mut out = Vec::new();
     for (name, uses) in names {
         let (s0, m0) = uses[0];
@@ -149,7 +232,7 @@ pub fn plan(sources: &[Source], opts: &MergeOptions) -> Result<Vec<PlannedModule
             rank = svd::rank_for(&shape, opts.rank, opts.conv_rank);
         }
         out.push(PlannedModule {
-            name: name.to_string(),
+            name,
             shape,
             rank,
             uses,
