@@ -203,6 +203,52 @@ fn known_answers_of_lora_md() {
     };
     close(&ia3(0.), &[0.5, 1., -3., -4.]);
     close(&ia3(1.), &[0.5, -2., 1.5, -4.]);
+    // 8. GLoRA, current layout, then the 2023 layout of the same factors; scale 1.
+    let w = [1f32, 0., 0., 2.];
+    let glora = |parts: [(&str, Vec<usize>, Vec<f32>); 4]| {
+        let mut tensors: Vec<_> = parts
+            .into_iter()
+            .map(|(p, s, v)| t(&format!("{p}.weight"), s, v))
+            .collect();
+        tensors.push(t("alpha", vec![], vec![1.]));
+        delta_of(&tensors, &[2, 2], Some(&w))
+    };
+    let current = glora([
+        ("b1", vec![2, 1], vec![1., 0.]),
+        ("b2", vec![1, 2], vec![0., 1.]),
+        ("a1", vec![2, 1], vec![1., 1.]),
+        ("a2", vec![1, 2], vec![1., 0.]),
+    ]);
+    close(&current, &[1., 1., 2., 0.]);
+    let old = glora([
+        ("b2", vec![2, 1], vec![1., 0.]),
+        ("b1", vec![1, 2], vec![0., 1.]),
+        ("a2", vec![2, 1], vec![1., 1.]),
+        ("a1", vec![1, 2], vec![1., 0.]),
+    ]);
+    close(&old, &[1., 1., 2., 0.]);
+    // OFT, one 2x2 block: Q = [[0, .5], [-.5, 0]], Cayley R = [[.6, .8], [-.8, .6]];
+    // W = (1, 2)ᵀ becomes Rᵀ·W = (-1, 2), so ΔW = (-2, 0). With alpha 0.1 the constraint
+    // 0.1 · 2 rows scales Q to norm 0.2 (t = 0.141421): R = [[.960784, .277297], [-.277297,
+    // .960784]], ΔW = (-0.593810, 0.198866). A rescale of (2, 1) doubles row 0 of Rᵀ·W.
+    let w = [1f32, 2.];
+    let oft = |alpha: f32, rescale: bool| {
+        let mut parts = vec![
+            t("oft_blocks", vec![1, 2, 2], vec![0., 0.5, 0., 0.]),
+            t("alpha", vec![], vec![alpha]),
+        ];
+        if rescale {
+            parts.push(t("rescale", vec![2, 1], vec![2., 1.]));
+        }
+        delta_of(&parts, &[2, 1], Some(&w))
+    };
+    close(&oft(1.0, false), &[-2., 0.]);
+    let clamped = oft(0.1, false);
+    assert!(
+        (clamped[0] + 0.593810).abs() < 1e-5 && (clamped[1] - 0.198866).abs() < 1e-5,
+        "{clamped:?}"
+    );
+    close(&oft(1.0, true), &[-3., 0.]);
 }
 
 #[test]
@@ -1145,4 +1191,59 @@ fn lora_merge_matches_modules_across_spellings() {
             && err.contains("lora_te2_.safetensors for SDXL base: they cannot be merged"),
         "{err}"
     );
+}
+
+#[test]
+fn glora_matches_an_f64_reference() {
+    let (out, inp, r) = (3usize, 4usize, 2usize);
+    let (w, a1, a2, b1, b2) = (
+        values(out * inp, 1),
+        values(inp * r, 2),
+        values(r * inp, 3),
+        values(out * r, 4),
+        values(r * inp, 5),
+    );
+    let alpha = 1.5f64;
+    let mm = |a: &[f32], m: usize, k: usize, b: &[f32], n: usize| -> Vec<f64> {
+        let mut o = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k)
+                    .map(|x| a[i * k + x] as f64 * b[x * n + j] as f64)
+                    .sum();
+            }
+        }
+        o
+    };
+    let a: Vec<f32> = mm(&a1, inp, r, &a2, inp)
+        .iter()
+        .map(|x| *x as f32)
+        .collect();
+    let (bb, wa) = (mm(&b1, out, r, &b2, inp), mm(&w, out, inp, &a, inp));
+    let want: Vec<f32> = bb
+        .iter()
+        .zip(&wa)
+        .map(|(x, y)| ((x + y) * alpha / r as f64) as f32)
+        .collect();
+    let m = "lora_unet_x";
+    let t = |p: &str, s: Vec<usize>, v: Vec<f32>| {
+        (Box::leak(format!("{m}.{p}").into_boxed_str()) as &str, s, v)
+    };
+    let got = delta_of(
+        &[
+            t("a1.weight", vec![inp, r], a1.clone()),
+            t("a2.weight", vec![r, inp], a2.clone()),
+            t("b1.weight", vec![out, r], b1.clone()),
+            t("b2.weight", vec![r, inp], b2.clone()),
+            t("alpha", vec![], vec![alpha as f32]),
+        ],
+        &[out, inp],
+        Some(&w),
+    );
+    for (g, e) in got.iter().zip(&want) {
+        assert!(
+            (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+            "{got:?} vs {want:?}"
+        );
+    }
 }

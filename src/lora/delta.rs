@@ -222,6 +222,78 @@ pub fn delta(
                 .collect();
             (v, 1.0)
         }
+        Kind::Glora => {
+            let w = weight.ok_or_else(|| err("GLoRA needs the target weight".into()))?;
+            let out = target_shape.first().copied().unwrap_or(1);
+            let cols = target_numel / out.max(1);
+            let (a1, a2, b1, b2) = (need("a1")?, need("a2")?, need("b1")?, need("b2")?);
+            // The current layout (b1 [out, r], b2 [r, in], a1 [in, r], a2 [r, in]) computes
+            // b1·b2 + W·a1·a2; the 2023 one stores each pair the other way round (b2 [out, r],
+            // a2 [in, r]) and computes b2·b1 + W·a2·a1. Told apart by shapes.
+            let current = b1.1[0] == out && as_matrix(&b1.1).1 == b2.1[0];
+            let ((bu, bu_s), (bd, bd_s), (au, au_s), (ad, ad_s)) = match current {
+                true => (b1, b2, a1, a2),
+                false => (b2, b1, a2, a1),
+            };
+            let (r, ra) = (as_matrix(&bu_s).1, as_matrix(&au_s).1);
+            if as_matrix(&bu_s).0 != out
+                || as_matrix(&bd_s) != (r, cols)
+                || as_matrix(&au_s).0 != cols
+                || as_matrix(&ad_s) != (ra, cols)
+            {
+                return Err(err(format!(
+                    "GLoRA parts a1 {:?}, a2 {:?}, b1 {:?}, b2 {:?} do not fit a weight of {target_shape:?}",
+                    need("a1")?.1,
+                    need("a2")?.1,
+                    need("b1")?.1,
+                    need("b2")?.1
+                )));
+            }
+            let b = matmul(&bu, out, r, &bd, cols);
+            // (W·a_up)·a_down: never the [in, in] product.
+            let wa = matmul(&matmul(w, out, cols, &au, ra), out, ra, &ad, cols);
+            (
+                b.iter().zip(&wa).map(|(x, y)| x + y).collect(),
+                scale_for(Some(r)),
+            )
+        }
+        Kind::Oft => {
+            let w = weight.ok_or_else(|| err("OFT needs the target weight".into()))?;
+            let (blocks, b_s) = need("oft_blocks")?;
+            let out = target_shape.first().copied().unwrap_or(1);
+            let cols = target_numel / out.max(1);
+            let (nb, bs) = (b_s[0], b_s.get(1).copied().unwrap_or(0));
+            if b_s.len() != 3 || b_s[2] != bs || nb * bs != out {
+                return Err(err(format!(
+                    "oft_blocks {b_s:?} do not split the weight's {out} output rows"
+                )));
+            }
+            let rotations = oft_rotations(&blocks, nb, bs, alpha.map(|a| a as f64 * out as f64))?;
+            let rescale = f.part(m, "rescale")?.map(|(v, _)| v);
+            // W'[p] = rescale[p] · Σ_o R[o, p] · W[o] within each block; ΔW = W' − W.
+            let mut v = vec![0f32; out * cols];
+            for (p, row) in v.chunks_mut(cols.max(1)).enumerate() {
+                let (k, pp) = (p / bs, p % bs);
+                let r = &rotations[k * bs * bs..(k + 1) * bs * bs];
+                let mut acc = vec![0f64; cols];
+                for o in 0..bs {
+                    let c = r[o * bs + pp];
+                    let src = &w[(k * bs + o) * cols..(k * bs + o + 1) * cols];
+                    acc.iter_mut()
+                        .zip(src)
+                        .for_each(|(a, x)| *a += c * *x as f64);
+                }
+                let s = rescale
+                    .as_ref()
+                    .and_then(|r| r.get(p))
+                    .map_or(1.0, |s| *s as f64);
+                let orig = &w[p * cols..(p + 1) * cols];
+                for ((d, a), x) in row.iter_mut().zip(&acc).zip(orig) {
+                    *d = (s * a - *x as f64) as f32;
+                }
+            }
+            (v, 1.0)
+        }
         Kind::Full => match f.part(m, "diff")? {
             Some((d, _)) => (d, 1.0),
             None => (vec![0.0; target_numel], 1.0),
@@ -238,6 +310,50 @@ pub fn delta(
     } else {
         values.into_iter().map(|v| v * scale).collect()
     })
+}
+
+/// The rotations of OFT blocks `B` (`[nb, bs, bs]`, row-major), as sd-scripts computes them:
+/// `Q = B − Bᵀ`, scaled down so that ‖Q‖_F over all blocks is at most `constraint` (when
+/// given), then the Cayley transform `R = (I + Q)(I − Q)⁻¹` per block (in f64).
+fn oft_rotations(
+    blocks: &[f32],
+    nb: usize,
+    bs: usize,
+    constraint: Option<f64>,
+) -> Result<Vec<f64>> {
+    use faer::prelude::Solve;
+    let mut q: Vec<f64> = Vec::with_capacity(nb * bs * bs);
+    for k in 0..nb {
+        let b = &blocks[k * bs * bs..(k + 1) * bs * bs];
+        for i in 0..bs {
+            for j in 0..bs {
+                q.push(b[i * bs + j] as f64 - b[j * bs + i] as f64);
+            }
+        }
+    }
+    let norm = q.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if let Some(c) = constraint {
+        let factor = (norm.min(c) + 1e-8) / (norm + 1e-8);
+        q.iter_mut().for_each(|x| *x *= factor);
+    }
+    let mut out = Vec::with_capacity(q.len());
+    for k in 0..nb {
+        let qk = &q[k * bs * bs..(k + 1) * bs * bs];
+        let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
+        let minus = faer::Mat::<f64>::from_fn(bs, bs, |i, j| eye(i, j) - qk[i * bs + j]);
+        let plus = faer::Mat::<f64>::from_fn(bs, bs, |i, j| eye(i, j) + qk[i * bs + j]);
+        // (I + Q) and (I − Q) commute, so R = (I − Q)⁻¹ (I + Q).
+        let r = minus.partial_piv_lu().solve(&plus);
+        if r.col_iter().flat_map(|c| c.iter()).any(|x| !x.is_finite()) {
+            return Err(Error::Invalid("an OFT block is singular".into()));
+        }
+        for i in 0..bs {
+            for j in 0..bs {
+                out.push(r[(i, j)]);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// DoRA (lora.md §5): with `V = W + block · ΔW` (ΔW already scaled by alpha / dim), the
@@ -342,11 +458,12 @@ pub fn natural_shape(f: &LoraFile, m: &Module) -> Result<Vec<usize>> {
             }
         }
         Kind::Full => shape("diff")?,
-        Kind::Ia3 => {
+        Kind::Ia3 | Kind::Glora | Kind::Oft => {
             return Err(Error::Invalid(format!(
-                "{}: module `{}` is IA3, which scales an existing weight: bake it instead",
+                "{}: module `{}` is {}, whose change depends on the weight: bake it instead",
                 f.path.display(),
-                m.name
+                m.name,
+                m.kind.label()
             )))
         }
     })

@@ -37,6 +37,10 @@ pub enum Kind {
     Lokr,
     /// LyCORIS (IA)^3: a per-channel scale of the weight.
     Ia3,
+    /// LyCORIS GLoRA: `b1·b2 + W·a1·a2` (reads the weight).
+    Glora,
+    /// OFT: block-diagonal orthogonal rotations of the weight's output rows.
+    Oft,
     /// A full weight (and bias) difference.
     Full,
 }
@@ -49,6 +53,8 @@ impl Kind {
             Kind::Loha => "LoHa",
             Kind::Lokr => "LoKr",
             Kind::Ia3 => "IA3",
+            Kind::Glora => "GLoRA",
+            Kind::Oft => "OFT",
             Kind::Full => "Full",
         }
     }
@@ -88,6 +94,12 @@ const PARTS: &[(&str, &str)] = &[
     (".lokr_w2", "lokr_w2"),
     (".lokr_t2", "lokr_t2"),
     (".on_input", "on_input"),
+    (".oft_blocks", "oft_blocks"),
+    (".rescale", "rescale"),
+    (".a1.weight", "a1"),
+    (".a2.weight", "a2"),
+    (".b1.weight", "b1"),
+    (".b2.weight", "b2"),
     (".diff_b", "diff_b"),
     (".diff", "diff"),
     (".weight", "weight"),
@@ -144,13 +156,17 @@ fn kind_of(module: &str, parts: &BTreeMap<&'static str, String>) -> Result<Kind>
         Kind::Lokr
     } else if has("weight") && has("on_input") {
         Kind::Ia3
+    } else if has("a1") && has("a2") && has("b1") && has("b2") {
+        Kind::Glora
+    } else if has("oft_blocks") {
+        Kind::Oft
     } else if has("diff") || has("diff_b") {
         Kind::Full
     } else {
         let found: Vec<&str> = parts.keys().copied().collect();
         return Err(Error::Invalid(format!(
             "module `{module}` has parts {found:?}, which make no known adapter \
-             (LoRA up/down, LoHa hada_*, LoKr lokr_*, IA3 weight+on_input, full diff)"
+             (LoRA up/down, LoHa hada_*, LoKr lokr_*, IA3 weight+on_input, GLoRA a1/a2/b1/b2, OFT oft_blocks, full diff)"
         )));
     };
     Ok(kind)
@@ -272,7 +288,8 @@ impl LoraFile {
                 Kind::Lokr => shape(m, "lokr_w2_b")
                     .or_else(|| shape(m, "lokr_w1_b"))
                     .map(|s| s[0]),
-                Kind::Ia3 | Kind::Full => None,
+                Kind::Glora => shape(m, "b1").map(|s| s[0].min(s[1])),
+                Kind::Ia3 | Kind::Oft | Kind::Full => None,
             };
             if let Some(r) = rank {
                 *s.ranks.entry(r).or_default() += 1;
