@@ -641,7 +641,8 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Lora(LoraCommand::Merge(a)) => {
-            use crate::lora::merge::{family_of, merge, MergeOptions, Source};
+            use crate::lora::bake::Application;
+            use crate::lora::merge::{family_of, merge, MergeOptions};
             let mut sources = Vec::new();
             for spec in &a.loras {
                 let (path, ratio, blocks) = lora_spec(spec)?;
@@ -650,9 +651,9 @@ pub fn run(command: Command) -> Result<()> {
                 let blocks = blocks
                     .map(|b| crate::lora::blocks::BlockWeights::parse(&b, family, a.fill))
                     .transpose()?;
-                sources.push(Source {
+                sources.push(Application {
                     file,
-                    ratio,
+                    strength: ratio,
                     blocks,
                 });
             }

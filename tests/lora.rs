@@ -922,7 +922,7 @@ fn product(path: &Path, module: &str) -> Vec<f32> {
 
 #[test]
 fn quantile_and_svd_merge_known_answers() {
-    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions};
     // 10. torch-style quantile.
     let q = mergesmith::lora::svd::quantile(&[0., 4., 0., 1.], 0.99);
     assert!((q - 3.91).abs() < 1e-6, "{q}");
@@ -955,14 +955,14 @@ fn quantile_and_svd_merge_known_answers() {
     );
     let sources = |ra: f64, rb: f64| {
         vec![
-            Source {
+            Application {
                 file: LoraFile::open(&a).unwrap(),
-                ratio: ra,
+                strength: ra,
                 blocks: None,
             },
-            Source {
+            Application {
                 file: LoraFile::open(&b).unwrap(),
-                ratio: rb,
+                strength: rb,
                 blocks: None,
             },
         ]
@@ -1006,14 +1006,14 @@ fn quantile_and_svd_merge_known_answers() {
         ],
     );
     let pair = vec![
-        Source {
+        Application {
             file: LoraFile::open(&c).unwrap(),
-            ratio: 1.0,
+            strength: 1.0,
             blocks: None,
         },
-        Source {
+        Application {
             file: LoraFile::open(&d).unwrap(),
-            ratio: 0.5,
+            strength: 0.5,
             blocks: None,
         },
     ];
@@ -1024,14 +1024,14 @@ fn quantile_and_svd_merge_known_answers() {
     assert_eq!(alpha, vec![2.0]);
     // Negative ratios keep their sign (no squaring).
     let neg = vec![
-        Source {
+        Application {
             file: LoraFile::open(&c).unwrap(),
-            ratio: -2.0,
+            strength: -2.0,
             blocks: None,
         },
-        Source {
+        Application {
             file: LoraFile::open(&d).unwrap(),
-            ratio: 0.5,
+            strength: 0.5,
             blocks: None,
         },
     ];
@@ -1107,7 +1107,7 @@ fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
 
 #[test]
 fn lora_merge_matches_modules_across_spellings() {
-    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions};
     let dir = tempfile::tempdir().unwrap();
     let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
     let (kohya, peft) = lora_files(dir.path(), &Checkpoint::open(&model).unwrap());
@@ -1116,14 +1116,14 @@ fn lora_merge_matches_modules_across_spellings() {
     for mode in [MergeMode::Concat, MergeMode::Svd] {
         let out = dir.path().join(format!("{mode:?}.safetensors"));
         let sources = [
-            Source {
+            Application {
                 file: LoraFile::open(&kohya).unwrap(),
-                ratio: 0.5,
+                strength: 0.5,
                 blocks: None,
             },
-            Source {
+            Application {
                 file: LoraFile::open(&peft).unwrap(),
-                ratio: 0.25,
+                strength: 0.25,
                 blocks: None,
             },
         ];
@@ -1171,9 +1171,9 @@ fn lora_merge_matches_modules_across_spellings() {
             ],
         )
     };
-    let sources = ["lora_te_", "lora_te2_"].map(|p| Source {
+    let sources = ["lora_te_", "lora_te2_"].map(|p| Application {
         file: LoraFile::open(&module(p)).unwrap(),
-        ratio: 1.0,
+        strength: 1.0,
         blocks: None,
     });
     let opts = MergeOptions {

@@ -1234,10 +1234,11 @@ fn extract_and_merge_lora_nodes_build_what_the_cli_makes() {
         std::fs::read(d.join("out/delta.safetensors")).unwrap(),
         "the saved extract_lora result is the CLI's file, metadata included"
     );
-    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions, Source};
-    let source = |path: &Path, ratio: f64, blocks: Option<&str>| Source {
+    use mergesmith::lora::bake::Application;
+    use mergesmith::lora::merge::{merge, MergeMode, MergeOptions};
+    let source = |path: &Path, ratio: f64, blocks: Option<&str>| Application {
         file: mergesmith::lora::LoraFile::open(path).unwrap(),
-        ratio,
+        strength: ratio,
         blocks: blocks
             .map(|b| mergesmith::lora::blocks::BlockWeights::parse(b, Family::Sd1, 0.0).unwrap()),
     };

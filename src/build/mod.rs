@@ -301,7 +301,8 @@ fn check_runs(
                     ..
                 } => {
                     let base = open(input)?;
-                    let apps = lora_applications(loras, &base, *fill, open_lora)?;
+                    let family = crate::arch::detect(base.tensors()).family;
+                    let apps = lora_applications(loras, Some(family), *fill, open_lora)?;
                     crate::lora::bake::plan(&base, &apps, *allow_unmatched)?;
                     Ok(header(&base))
                 }
@@ -315,7 +316,7 @@ fn check_runs(
                     fill,
                     ..
                 } => {
-                    let sources = merge_sources(loras, *fill, open_lora)?;
+                    let sources = lora_applications(loras, None, *fill, open_lora)?;
                     let plan = crate::lora::merge::plan(&sources, options)?;
                     Ok(lora_header(
                         crate::lora::merge::layout(&plan),
@@ -858,7 +859,8 @@ impl Ctx<'_> {
             unreachable!("lora nodes only");
         };
         let base = self.open(input, false)?;
-        let apps = lora_applications(loras, &base.ck, *fill, &|i| self.open_lora(i))?;
+        let family = crate::arch::detect(base.ck.tensors()).family;
+        let apps = lora_applications(loras, Some(family), *fill, &|i| self.open_lora(i))?;
         let (record, contents) = self.lora_record(loras, &apps)?;
         let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
         let mut md = base.ck.metadata().clone();
@@ -960,7 +962,7 @@ impl Ctx<'_> {
                 fill,
                 ..
             } => {
-                let sources = merge_sources(loras, *fill, &|i| self.open_lora(i))?;
+                let sources = lora_applications(loras, None, *fill, &|i| self.open_lora(i))?;
                 let plan = crate::lora::merge::plan(&sources, options)?;
                 let (lora, _) = crate::lora::merge::run(&sources, &plan, options)?;
                 (lora, options.dtype.dtype())
@@ -1024,51 +1026,28 @@ impl Ctx<'_> {
     }
 }
 
-/// Opens the LoRAs of a `lora` node (through `open`), with block weights read for `base`'s
-/// family.
+/// Opens the LoRAs of a `lora` or `merge_loras` node (through `open`), with block weights
+/// read for `family` (the checkpoint's, when baking), else for the family each file was made
+/// for.
 fn lora_applications(
     loras: &[crate::recipe::LoraUse],
-    base: &Checkpoint,
+    family: Option<crate::arch::Family>,
     fill: f64,
     open: &dyn Fn(&Input) -> Result<crate::lora::LoraFile>,
 ) -> Result<Vec<crate::lora::bake::Application>> {
-    let family = crate::arch::detect(base.tensors()).family;
-    loras
-        .iter()
-        .map(|u| {
-            Ok(crate::lora::bake::Application {
-                file: open(&u.source)?,
-                strength: u.strength,
-                blocks: u
-                    .blocks
-                    .as_deref()
-                    .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
-                    .transpose()?,
-            })
-        })
-        .collect()
-}
-
-/// Opens the LoRAs of a `merge_loras` node (through `open`), with block weights read for the
-/// family each file was made for.
-fn merge_sources(
-    loras: &[crate::recipe::LoraUse],
-    fill: f64,
-    open: &dyn Fn(&Input) -> Result<crate::lora::LoraFile>,
-) -> Result<Vec<crate::lora::merge::Source>> {
     loras
         .iter()
         .map(|u| {
             let file = open(&u.source)?;
-            let family = crate::lora::merge::family_of(&file);
-            Ok(crate::lora::merge::Source {
+            let family = family.unwrap_or_else(|| crate::lora::merge::family_of(&file));
+            Ok(crate::lora::bake::Application {
                 blocks: u
                     .blocks
                     .as_deref()
                     .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
                     .transpose()?,
                 file,
-                ratio: u.strength,
+                strength: u.strength,
             })
         })
         .collect()

@@ -22,7 +22,7 @@ use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::lora::blocks::BlockWeights;
+use crate::lora::bake::Application;
 use crate::lora::delta::{delta, natural_shape};
 use crate::lora::names::{module_block, Targets};
 use crate::lora::{svd, Factored, Kind, KohyaLora, LoraFile};
@@ -47,25 +47,13 @@ pub enum MergeMode {
     Svd,
 }
 
-/// One LoRA to merge.
-#[derive(Debug)]
-pub struct Source {
-    /// The file.
-    pub file: LoraFile,
-    /// Its ratio.
-    pub ratio: f64,
-    /// Its block weights.
-    pub blocks: Option<BlockWeights>,
-}
-
-impl Source {
-    fn factor(&self, module: &str) -> f64 {
-        let b = self
-            .blocks
-            .as_ref()
-            .map_or(1.0, |b| b.weight(module_block(module).as_deref()));
-        self.ratio * b
-    }
+/// The weight of a LoRA's module in a merge: ratio × block weight.
+fn factor(source: &Application, module: &str) -> f64 {
+    let b = source
+        .blocks
+        .as_ref()
+        .map_or(1.0, |b| b.weight(module_block(module).as_deref()));
+    source.strength * b
 }
 
 /// Options of a merge.
@@ -149,7 +137,7 @@ impl Canon {
 
 /// The family the files were made for: what their names say (they must agree), else the
 /// family whose reference layout resolves more of their modules.
-fn family_of_all(sources: &[Source]) -> Result<Family> {
+fn family_of_all(sources: &[Application]) -> Result<Family> {
     let stated: Vec<Family> = sources.iter().filter_map(|s| s.file.family()).collect();
     if let Some(&first) = stated.first() {
         if let Some(s) = sources
@@ -185,7 +173,7 @@ fn family_of_all(sources: &[Source]) -> Result<Family> {
 /// kohya, diffusers and PEFT spellings of one module are merged together, under its kohya
 /// name), checks that a module has one shape in every file (and, for concat, is plain LoRA /
 /// LoCon), and works out each rank.
-pub fn plan(sources: &[Source], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
+pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
     let canon = Canon::of(family_of_all(sources)?)?;
     let mut groups: BTreeMap<String, (String, Vec<(usize, usize)>)> = BTreeMap::new();
     for (si, s) in sources.iter().enumerate() {
@@ -251,7 +239,7 @@ pub fn layout(plan: &[PlannedModule]) -> Vec<(String, Vec<usize>)> {
 
 /// Runs a planned merge.
 pub fn run(
-    sources: &[Source],
+    sources: &[Application],
     plan: &[PlannedModule],
     opts: &MergeOptions,
 ) -> Result<(KohyaLora, MergeReport)> {
@@ -276,7 +264,7 @@ pub fn run(
                         .file
                         .part(m, "alpha")?
                         .and_then(|(v, _)| v.first().copied());
-                    let c = s.factor(name) * alpha.map_or(1.0, |a| a as f64 / r as f64);
+                    let c = factor(s, name) * alpha.map_or(1.0, |a| a as f64 / r as f64);
                     let root = c.abs().sqrt() as f32;
                     let sign = if c < 0.0 { -root } else { root };
                     ups.push(u.iter().map(|x| x * sign).collect());
@@ -299,7 +287,7 @@ pub fn run(
                     let s = &sources[si];
                     let m = &s.file.modules[mi];
                     let d = delta(&s.file, m, out_ch * cols, None, shape)?;
-                    let k = s.factor(name) as f32;
+                    let k = factor(s, name) as f32;
                     for (x, dv) in sum.iter_mut().zip(&d) {
                         *x += k * dv;
                     }
@@ -365,7 +353,7 @@ pub fn run(
 
 /// Merges `sources` into one kohya-format LoRA at `out`.
 pub fn merge(
-    sources: &[Source],
+    sources: &[Application],
     opts: &MergeOptions,
     out: &Path,
     overwrite: bool,
