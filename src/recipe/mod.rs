@@ -729,95 +729,9 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
     };
     let mut nodes = BTreeMap::new();
     for (name, declared) in &nodes_decl {
-        let decl = declared.decl;
-        let d = &decl.value;
-        let dir = dir_of(declared.part);
+        let (decl, dir) = (declared.decl, dir_of(declared.part));
         errs.at(declared.part);
-        let kinds: Vec<&str> = [
-            ("merge", d.merge.is_some()),
-            ("save", d.save.is_some()),
-            ("lora", d.lora.is_some()),
-            ("extract_lora", d.extract_lora.is_some()),
-            ("merge_loras", d.merge_loras.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(k, set)| set.then_some(k))
-        .collect();
-        let Some(&kind) = kinds.first() else {
-            errs.push(
-                &decl.referenced,
-                format!(
-                    "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
-                     `extract_lora: {{a, b}}` or `merge_loras: {{loras}}`"
-                ),
-                None,
-            );
-            continue;
-        };
-        if kinds.len() > 1 {
-            errs.push(
-                &decl.referenced,
-                format!(
-                    "node `{name}` is more than one of {}; split it",
-                    kinds.join(", ")
-                ),
-                None,
-            );
-            continue;
-        }
-        let allowed: &[&str] = match kind {
-            "merge" => &[
-                "a",
-                "b",
-                "c",
-                "alpha",
-                "beta",
-                "calcmode",
-                "gamma",
-                "seed",
-                "elemental",
-                "xl_elemental_shift",
-                "include",
-                "exclude",
-                "adjust",
-                "dtype",
-                "prune",
-                "reset_position_ids",
-                "bake_vae",
-                "cache",
-            ],
-            "save" => &["to", "overwrite", "link"],
-            "lora" => &["apply", "fill", "allow_unmatched", "cache"],
-            _ => &["cache"],
-        };
-        let stray: Vec<&str> = set_fields(d)
-            .into_iter()
-            .filter(|f| !allowed.contains(f))
-            .collect();
-        if !stray.is_empty() {
-            let hint = match kind {
-                "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
-                "extract_lora" | "merge_loras" => Some(format!("options go under `{kind}:`")),
-                _ => None,
-            };
-            errs.push(
-                &decl.referenced,
-                format!("{kind} node `{name}` takes no `{}`", stray.join("`, `")),
-                hint,
-            );
-        }
-        let memory = d.cache == Some(Keep::Memory);
-        let node = if let Some(mode) = &d.merge {
-            merge_node(name, d, mode, &scope, &resolve, &mut errs)
-        } else if let Some(x) = &d.extract_lora {
-            extract_node(x, memory, &resolve, &mut errs)
-        } else if let Some(m) = &d.merge_loras {
-            merge_loras_node(m, memory, &scope, &resolve, &mut errs)
-        } else if d.lora.is_some() {
-            lora_node(name, d, &scope, &resolve, &mut errs)
-        } else {
-            save_node(name, decl, dir, &resolve, &mut errs)
-        };
+        let node = node(name, decl, dir, &scope, &resolve, &mut errs);
         if let Some(n) = node {
             nodes.insert(name.clone(), n);
         }
@@ -841,6 +755,104 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         nodes,
         order,
     })
+}
+
+/// Validates one node declaration: exactly one kind key, only the fields that kind takes,
+/// then the kind's own checks.
+fn node(
+    name: &str,
+    decl: &Spanned<NodeDecl>,
+    dir: &Path,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let d = &decl.value;
+    let kinds: Vec<&str> = [
+        ("merge", d.merge.is_some()),
+        ("save", d.save.is_some()),
+        ("lora", d.lora.is_some()),
+        ("extract_lora", d.extract_lora.is_some()),
+        ("merge_loras", d.merge_loras.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    let Some(&kind) = kinds.first() else {
+        errs.push(
+            &decl.referenced,
+            format!(
+                "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
+                 `extract_lora: {{a, b}}` or `merge_loras: {{loras}}`"
+            ),
+            None,
+        );
+        return None;
+    };
+    if kinds.len() > 1 {
+        errs.push(
+            &decl.referenced,
+            format!(
+                "node `{name}` is more than one of {}; split it",
+                kinds.join(", ")
+            ),
+            None,
+        );
+        return None;
+    }
+    let allowed: &[&str] = match kind {
+        "merge" => &[
+            "a",
+            "b",
+            "c",
+            "alpha",
+            "beta",
+            "calcmode",
+            "gamma",
+            "seed",
+            "elemental",
+            "xl_elemental_shift",
+            "include",
+            "exclude",
+            "adjust",
+            "dtype",
+            "prune",
+            "reset_position_ids",
+            "bake_vae",
+            "cache",
+        ],
+        "save" => &["to", "overwrite", "link"],
+        "lora" => &["apply", "fill", "allow_unmatched", "cache"],
+        _ => &["cache"],
+    };
+    let stray: Vec<&str> = set_fields(d)
+        .into_iter()
+        .filter(|f| !allowed.contains(f))
+        .collect();
+    if !stray.is_empty() {
+        let hint = match kind {
+            "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
+            "extract_lora" | "merge_loras" => Some(format!("options go under `{kind}:`")),
+            _ => None,
+        };
+        errs.push(
+            &decl.referenced,
+            format!("{kind} node `{name}` takes no `{}`", stray.join("`, `")),
+            hint,
+        );
+    }
+    let memory = d.cache == Some(Keep::Memory);
+    if let Some(mode) = &d.merge {
+        merge_node(name, d, mode, scope, resolve, errs)
+    } else if let Some(x) = &d.extract_lora {
+        extract_node(x, memory, resolve, errs)
+    } else if let Some(m) = &d.merge_loras {
+        merge_loras_node(m, memory, scope, resolve, errs)
+    } else if d.lora.is_some() {
+        lora_node(name, d, scope, resolve, errs)
+    } else {
+        save_node(name, decl, dir, resolve, errs)
+    }
 }
 
 /// What a reference must name.
