@@ -1186,6 +1186,32 @@ fn lora_merge_matches_modules_across_spellings() {
     let err = merge(&sources, &opts, &dir.path().join("x.safetensors"), false)
         .unwrap_err()
         .to_string();
+    // DoRA depends on the weight: merging it is refused (in svd mode too), not approximated.
+    let dora = write_f32(
+        &dir.path().join("dora.safetensors"),
+        &[
+            ("lora_unet_x.lora_up.weight", vec![2, 1], vec![1., 2.]),
+            ("lora_unet_x.lora_down.weight", vec![1, 2], vec![1., 0.]),
+            ("lora_unet_x.dora_scale", vec![2, 1], vec![1., 1.]),
+        ],
+    );
+    for mode in [MergeMode::Concat, MergeMode::Svd] {
+        let one = [Application {
+            file: LoraFile::open(&dora).unwrap(),
+            strength: 1.0,
+            blocks: None,
+        }];
+        let opts = MergeOptions {
+            mode,
+            ..opts.clone()
+        };
+        let e = merge(&one, &opts, &dir.path().join("d.safetensors"), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is DoRA, whose change depends on the weight"),
+            "{e}"
+        );
+    }
     assert!(
         err.contains("lora_te_.safetensors is a LoRA for SD1.x")
             && err.contains("lora_te2_.safetensors for SDXL base: they cannot be merged"),

@@ -195,6 +195,13 @@ pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedM
         let mut rank = 0;
         for &(si, mi) in &uses {
             let (f, m) = (&sources[si].file, &sources[si].file.modules[mi]);
+            if m.parts.contains_key("dora_scale") {
+                return Err(Error::Invalid(format!(
+                    "{}: module `{}` is DoRA, whose change depends on the weight: bake it instead",
+                    f.path.display(),
+                    m.name
+                )));
+            }
             if natural_shape(f, m)? != shape {
                 return Err(Error::Invalid(format!(
                     "module `{name}` has different shapes in the files merged"
