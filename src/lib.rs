@@ -20,6 +20,7 @@ pub mod convert;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gen;
 pub mod hashing;
 pub mod inspect;
 pub mod lora;

@@ -272,26 +272,12 @@ fn dora_known_answers() {
     assert!(dora_change(&w, &[2, 2], &[0.; 4], 1.0, &[1., 2., 3.], &[3, 1], 1.0).is_err());
 }
 
-/// Keys and shapes of a layout table (full size).
-fn table(text: &str) -> Vec<(String, Vec<usize>)> {
-    text.lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            let shape = if f[3].is_empty() {
-                vec![]
-            } else {
-                f[3].split('x').map(|d| d.parse().unwrap()).collect()
-            };
-            (f[1].to_string(), shape)
-        })
-        .collect()
-}
-
 fn header_only(text: &str) -> Checkpoint {
     Checkpoint::header_only(
         Path::new("layout"),
-        table(text).into_iter().map(|(k, s)| (k, DType::F16, s)),
+        layout_table(text)
+            .into_iter()
+            .map(|(k, s)| (k, DType::F16, s)),
     )
 }
 
@@ -321,13 +307,14 @@ fn kohya_target(path: &str) -> bool {
 fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
     let ck = header_only(include_str!("../data/layouts/sd1-ldm.tsv"));
     let targets = Targets::of(&ck);
-    let shapes: BTreeMap<String, Vec<usize>> = table(include_str!("../data/layouts/sd1-ldm.tsv"))
-        .into_iter()
-        .collect();
+    let shapes: BTreeMap<String, Vec<usize>> =
+        layout_table(include_str!("../data/layouts/sd1-ldm.tsv"))
+            .into_iter()
+            .collect();
     let numel = |k: &str| shapes[k].iter().product::<usize>();
     // sd-scripts names SD1 modules by their diffusers paths.
     let (mut unet, mut te) = (0, 0);
-    for (key, shape) in table(include_str!("../data/layouts/sd1-diffusers-names.tsv")) {
+    for (key, shape) in layout_table(include_str!("../data/layouts/sd1-diffusers-names.tsv")) {
         let Some(path) = key.strip_suffix(".weight") else {
             continue;
         };
@@ -363,11 +350,11 @@ fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
 fn ldm_paths_map_to_the_diffusers_table() {
     // Every SD1 U-Net weight of the LDM table maps to a diffusers name of the same shape.
     let d: BTreeMap<String, Vec<usize>> =
-        table(include_str!("../data/layouts/sd1-diffusers-names.tsv"))
+        layout_table(include_str!("../data/layouts/sd1-diffusers-names.tsv"))
             .into_iter()
             .collect();
     let mut n = 0;
-    for (key, shape) in table(include_str!("../data/layouts/sd1-ldm.tsv")) {
+    for (key, shape) in layout_table(include_str!("../data/layouts/sd1-ldm.tsv")) {
         let Some(p) = key
             .strip_prefix("model.diffusion_model.")
             .and_then(|p| p.strip_suffix(".weight"))
@@ -445,7 +432,7 @@ fn sdxl_module_names_resolve_with_fused_qkv_slices() {
     let targets = Targets::of(&ck);
     // sd-scripts names SDXL U-Net modules by their LDM paths.
     let mut unet = 0;
-    for (key, shape) in table(include_str!("../data/layouts/sdxl-sgm.tsv")) {
+    for (key, shape) in layout_table(include_str!("../data/layouts/sdxl-sgm.tsv")) {
         let Some(p) = key
             .strip_prefix("model.diffusion_model.")
             .and_then(|p| p.strip_suffix(".weight"))

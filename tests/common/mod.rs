@@ -205,3 +205,19 @@ pub fn related_models(
     let c = related("c.safetensors", seed + 2);
     Models { dir, a, b, c }
 }
+
+/// Keys and shapes of a layout table of `data/layouts` (full size).
+pub fn layout_table(text: &str) -> Vec<(String, Vec<usize>)> {
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let shape = if f[3].is_empty() {
+                vec![]
+            } else {
+                f[3].split('x').map(|d| d.parse().unwrap()).collect()
+            };
+            (f[1].to_string(), shape)
+        })
+        .collect()
+}

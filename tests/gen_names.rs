@@ -1,0 +1,430 @@
+//! Generation weight names: every U-Net, VAE and text-encoder key of the reference layouts
+//! maps to the diffusers name generation code loads, checked against the diffusers-named
+//! tables where they exist (SD1 completely; SDXL's text encoders).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::layout_table;
+use mergesmith::arch::{layout, Family};
+use mergesmith::checkpoint::Checkpoint;
+use mergesmith::gen::names::{map_key, Part, WeightMap};
+
+/// A header-only checkpoint of a layout's keys.
+fn layout_ck(keys: &[(String, Vec<usize>)]) -> Checkpoint {
+    Checkpoint::header_only(
+        Path::new("layout"),
+        keys.iter()
+            .map(|(k, s)| (k.clone(), mergesmith::dtype::DType::F16, s.clone())),
+    )
+}
+
+/// Shape without trailing 1s (1x1 convolutions load as linear layers).
+fn squeezed(s: &[usize]) -> Vec<usize> {
+    let mut s = s.to_vec();
+    while s.len() > 2 && s.last() == Some(&1) {
+        s.pop();
+    }
+    s
+}
+
+/// (part-prefixed diffusers name -> shape) of every mapped key of a layout, each name once.
+fn mapped(
+    keys: &[(String, Vec<usize>)],
+    prefix: impl Fn(Part) -> &'static str,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    for (key, shape) in keys {
+        for (part, name, src) in map_key(key, shape) {
+            let mut s = shape.clone();
+            if let Some((a, b)) = src.rows {
+                s[0] = b - a;
+            }
+            if src.transpose {
+                s.reverse();
+            }
+            let full = format!("{}{name}", prefix(part));
+            assert!(
+                out.insert(full.clone(), squeezed(&s)).is_none(),
+                "{full} mapped twice"
+            );
+        }
+    }
+    out
+}
+
+fn table_of(text: &str, keep: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<usize>> {
+    layout_table(text)
+        .into_iter()
+        .filter(|(k, _)| keep(k) && !k.ends_with("position_ids"))
+        .map(|(k, s)| (k, squeezed(&s)))
+        .collect()
+}
+
+#[test]
+fn sd1_maps_onto_the_diffusers_table_exactly() {
+    let keys = layout_table(include_str!("../data/layouts/sd1-ldm.tsv"));
+    let got = mapped(&keys, |p| match p {
+        Part::Unet => "unet.",
+        Part::Vae => "vae.",
+        Part::TextEncoder => "te.",
+        Part::TextEncoder2 => "te2.",
+    });
+    let want = table_of(
+        include_str!("../data/layouts/sd1-diffusers-names.tsv"),
+        |_| true,
+    );
+    assert_eq!(got.len(), 686 + 248 + 196);
+    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}\nextra {extra:?}"
+    );
+    for (k, s) in &want {
+        assert_eq!(&got[k], s, "{k}");
+    }
+    // Nothing else of the checkpoint is used: EMA copies, schedule buffers, position ids.
+    let unused: BTreeSet<&str> = keys
+        .iter()
+        .filter(|(k, s)| map_key(k, s).is_empty())
+        .map(|(k, _)| k.split('.').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        unused,
+        BTreeSet::from([
+            "alphas_cumprod",
+            "alphas_cumprod_prev",
+            "betas",
+            "cond_stage_model",
+            "log_one_minus_alphas_cumprod",
+            "model_ema",
+            "posterior_log_variance_clipped",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+            "posterior_variance",
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod"
+        ])
+    );
+}
+
+#[test]
+fn sdxl_text_encoders_map_onto_the_diffusers_table_and_the_unet_maps_completely() {
+    let keys = layout_table(include_str!("../data/layouts/sdxl-sgm.tsv"));
+    let got = mapped(&keys, |p| match p {
+        Part::Unet => "unet.",
+        Part::Vae => "vae.",
+        Part::TextEncoder => "te1.",
+        Part::TextEncoder2 => "te2.",
+    });
+    let want = table_of(
+        include_str!("../data/layouts/sdxl-diffusers-names.tsv"),
+        |k| k.starts_with("te"),
+    );
+    let got_te: BTreeMap<&String, &Vec<usize>> =
+        got.iter().filter(|(k, _)| k.starts_with("te")).collect();
+    assert_eq!(got_te.len(), 196 + 517);
+    for (k, s) in &want {
+        assert_eq!(got_te.get(k), Some(&s), "{k}");
+    }
+    assert_eq!(got_te.len(), want.len());
+    // U-Net and VAE: every key maps, to distinct names (checked by `mapped`); the VAE is
+    // SD1's, so its names are the SD1 table's.
+    for (k, s) in &keys {
+        if k.starts_with("model.diffusion_model.") || k.starts_with("first_stage_model.") {
+            assert_eq!(map_key(k, s).len(), 1, "{k}");
+        }
+    }
+    let sd1_vae = table_of(
+        include_str!("../data/layouts/sd1-diffusers-names.tsv"),
+        |k| k.starts_with("vae."),
+    );
+    let xl_vae: BTreeMap<&String, &Vec<usize>> =
+        got.iter().filter(|(k, _)| k.starts_with("vae.")).collect();
+    assert_eq!(xl_vae.len(), sd1_vae.len());
+    for (k, s) in &sd1_vae {
+        assert_eq!(xl_vae.get(k), Some(&s), "{k}");
+    }
+    let unet: Vec<&String> = got.keys().filter(|k| k.starts_with("unet.")).collect();
+    assert_eq!(unet.len(), 1680);
+    assert!(got.contains_key("unet.add_embedding.linear_1.weight"));
+    assert!(
+        got.contains_key("unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight")
+    );
+    assert!(!unet
+        .iter()
+        .any(|k| k.contains("down_blocks.3") || k.contains("up_blocks.3")));
+}
+
+#[test]
+fn sd2_open_clip_splits_into_hf_layers() {
+    let keys: Vec<(String, Vec<usize>)> = layout::release_keys(Family::Sd2, false)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.shape))
+        .collect();
+    let map = WeightMap::of(&layout_ck(&keys));
+    let te: Vec<&str> = map.names(Part::TextEncoder).collect();
+    let layers: BTreeSet<&str> = te
+        .iter()
+        .filter_map(|n| n.strip_prefix("text_model.encoder.layers."))
+        .filter_map(|n| n.split('.').next())
+        .collect();
+    // 16 tensors per layer (q/k/v/out projections, two layer norms, two MLP layers; weight
+    // and bias each) plus two embeddings, the final layer norm and the text projection.
+    assert_eq!(layers.len(), 24);
+    assert_eq!(te.len(), 24 * 16 + 5);
+    let q = map
+        .get(
+            Part::TextEncoder,
+            "text_model.encoder.layers.3.self_attn.v_proj.weight",
+        )
+        .unwrap();
+    assert_eq!(
+        q.key,
+        "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight"
+    );
+    assert_eq!(q.rows, Some((2048, 3072)));
+    for part in [Part::Unet, Part::Vae] {
+        assert!(map.names(part).count() > 200);
+    }
+    assert_eq!(map.names(Part::TextEncoder2).count(), 0);
+}
+
+/// What a model constructor asked for: name -> shape.
+type Seen = std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<usize>>>>;
+
+/// A candle weight backend that records the name and shape of every tensor a model
+/// constructor asks for and hands out zero-strided broadcasts (no memory at full size).
+struct Recorder {
+    available: BTreeMap<String, Vec<usize>>,
+    seen: Seen,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.seen
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), s.dims().to_vec());
+        candle_core::Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let shape = self.available.get(name).cloned().unwrap_or_default();
+        self.get(shape.into(), name, candle_nn::Init::Const(0.), dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.available.contains_key(name)
+    }
+}
+
+/// Builds a candle model on a [`Recorder`] over what the mapping of `keys` provides for
+/// `part`; asserts every tensor it asks for is provided with the same shape (a trailing 1x1
+/// aside) and returns the provided names it did not ask for.
+fn unasked(
+    keys: &[(String, Vec<usize>)],
+    part: Part,
+    build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>,
+) -> Vec<String> {
+    let mut available = BTreeMap::new();
+    for (key, shape) in keys {
+        for (p, name, src) in map_key(key, shape) {
+            if p == part {
+                let mut s = shape.clone();
+                if let Some((a, b)) = src.rows {
+                    s[0] = b - a;
+                }
+                if src.transpose {
+                    s.reverse();
+                }
+                available.insert(name, squeezed(&s));
+            }
+        }
+    }
+    let seen = Seen::default();
+    let rec = Recorder {
+        available: available.clone(),
+        seen: seen.clone(),
+    };
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(rec),
+        candle_core::DType::F32,
+        candle_core::Device::Cpu,
+    );
+    build(vb).unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty());
+    for (name, shape) in seen.iter() {
+        assert_eq!(
+            available.get(name),
+            Some(&squeezed(shape)),
+            "{part:?} {name}"
+        );
+    }
+    available
+        .keys()
+        .filter(|n| !seen.contains_key(*n))
+        .cloned()
+        .collect()
+}
+
+fn unet_config(
+    channels: [usize; 4],
+    levels: usize,
+    transformers: [Option<usize>; 4],
+    heads: [usize; 4],
+    context: usize,
+    linear: bool,
+) -> candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig {
+    use candle_transformers::models::stable_diffusion::unet_2d::{
+        BlockConfig, UNet2DConditionModelConfig,
+    };
+    UNet2DConditionModelConfig {
+        blocks: (0..levels)
+            .map(|i| BlockConfig {
+                out_channels: channels[i],
+                use_cross_attn: transformers[i],
+                attention_head_dim: heads[i],
+            })
+            .collect(),
+        center_input_sample: false,
+        cross_attention_dim: context,
+        downsample_padding: 1,
+        flip_sin_to_cos: true,
+        freq_shift: 0.,
+        layers_per_block: 2,
+        mid_block_scale_factor: 1.,
+        norm_eps: 1e-5,
+        norm_num_groups: 32,
+        sliced_attention_size: None,
+        use_linear_projection: linear,
+    }
+}
+
+/// Checks the U-Net, VAE and text encoders candle builds for a family against the mapping
+/// of its reference layout; returns the mapped names no candle model asked for.
+fn candle_unasked(family: Family) -> BTreeMap<Part, Vec<String>> {
+    use candle_transformers::models::stable_diffusion::{clip, unet_2d, vae};
+    let keys: Vec<(String, Vec<usize>)> = layout::release_keys(family, false)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.shape))
+        .collect();
+    // The published diffusers configs of SD 1.5, SD 2.1 and SDXL base.
+    let unet = match family {
+        Family::Sd1 => unet_config(
+            [320, 640, 1280, 1280],
+            4,
+            [Some(1), Some(1), Some(1), None],
+            [8; 4],
+            768,
+            false,
+        ),
+        Family::Sd2 => unet_config(
+            [320, 640, 1280, 1280],
+            4,
+            [Some(1), Some(1), Some(1), None],
+            [5, 10, 20, 20],
+            1024,
+            true,
+        ),
+        _ => unet_config(
+            [320, 640, 1280, 0],
+            3,
+            [None, Some(2), Some(10), None],
+            [5, 10, 20, 0],
+            2048,
+            true,
+        ),
+    };
+    let mut out = BTreeMap::new();
+    out.insert(
+        Part::Unet,
+        unasked(&keys, Part::Unet, |vb| {
+            unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, unet).map(|_| ())
+        }),
+    );
+    let vae_config = vae::AutoEncoderKLConfig {
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        latent_channels: 4,
+        norm_num_groups: 32,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    };
+    out.insert(
+        Part::Vae,
+        unasked(&keys, Part::Vae, |vb| {
+            vae::AutoEncoderKL::new(vb, 3, 3, vae_config).map(|_| ())
+        }),
+    );
+    let encoders = match family {
+        Family::Sd1 => vec![(Part::TextEncoder, clip::Config::v1_5())],
+        Family::Sd2 => vec![(Part::TextEncoder, clip::Config::v2_1())],
+        _ => vec![
+            (Part::TextEncoder, clip::Config::sdxl()),
+            (Part::TextEncoder2, clip::Config::sdxl2()),
+        ],
+    };
+    for (part, config) in encoders {
+        out.insert(
+            part,
+            unasked(&keys, part, |vb| {
+                clip::ClipTextTransformer::new(vb, &config).map(|_| ())
+            }),
+        );
+    }
+    out
+}
+
+#[test]
+fn candle_models_load_every_tensor_they_need_from_the_mapping() {
+    let none: Vec<String> = vec![];
+    // SD1: candle asks for exactly what the checkpoint has.
+    let sd1 = candle_unasked(Family::Sd1);
+    assert!(sd1.values().all(|v| v.is_empty()), "{sd1:?}");
+    // SD2: all but OpenCLIP's last layer and text projection (SD2 conditions on the
+    // penultimate layer, and diffusers' SD2 text encoder has 23 layers).
+    let sd2 = candle_unasked(Family::Sd2);
+    assert_eq!(sd2[&Part::Unet], none);
+    assert_eq!(sd2[&Part::Vae], none);
+    let te = &sd2[&Part::TextEncoder];
+    assert_eq!(te.len(), 17, "{te:?}");
+    assert!(te
+        .iter()
+        .all(|n| n.starts_with("text_model.encoder.layers.23.") || n == "text_projection.weight"));
+    // SDXL: candle's U-Net has no size/pooled-text conditioning (`add_embedding`), and its
+    // CLIP model no text projection: generation has to supply both itself.
+    let xl = candle_unasked(Family::Sdxl);
+    assert_eq!(
+        xl[&Part::Unet],
+        vec![
+            "add_embedding.linear_1.bias",
+            "add_embedding.linear_1.weight",
+            "add_embedding.linear_2.bias",
+            "add_embedding.linear_2.weight"
+        ]
+    );
+    assert_eq!(xl[&Part::Vae], none);
+    assert_eq!(xl[&Part::TextEncoder], none);
+    assert_eq!(xl[&Part::TextEncoder2], vec!["text_projection.weight"]);
+}
