@@ -1,6 +1,7 @@
-//! Generation weight names: every U-Net, VAE and text-encoder key of the reference layouts
-//! maps to the diffusers name generation code loads, checked against the diffusers-named
-//! tables where they exist (SD1 completely; SDXL's text encoders).
+//! Generation weights: every U-Net, VAE and text-encoder key of the reference layouts maps to
+//! the diffusers name generation code loads, checked against the diffusers-named tables where
+//! they exist (SD1 completely; SDXL's text encoders) and against what candle's own model
+//! constructors ask for; the candle weight backend serves mapped tensors from a checkpoint.
 
 mod common;
 
@@ -427,4 +428,88 @@ fn candle_models_load_every_tensor_they_need_from_the_mapping() {
     assert_eq!(xl[&Part::Vae], none);
     assert_eq!(xl[&Part::TextEncoder], none);
     assert_eq!(xl[&Part::TextEncoder2], vec!["text_projection.weight"]);
+}
+
+#[test]
+fn checkpoint_weights_serve_mapped_tensors_to_candle() {
+    use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+    use mergesmith::dtype::DType;
+    use mergesmith::gen::weights::CheckpointWeights;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let tensors: [(&str, DType, Vec<usize>); 3] = [
+        (
+            "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+            DType::F16,
+            vec![6, 2],
+        ),
+        (
+            "cond_stage_model.model.text_projection",
+            DType::F32,
+            vec![2, 3],
+        ),
+        (
+            "first_stage_model.encoder.mid.attn_1.q.weight",
+            DType::BF16,
+            vec![2, 2, 1, 1],
+        ),
+    ];
+    let specs = tensors
+        .iter()
+        .map(|(n, d, s)| TensorSpec {
+            name: n.to_string(),
+            dtype: *d,
+            shape: s.clone(),
+        })
+        .collect();
+    let w = SafetensorsWriter::create(&path, specs, &BTreeMap::new(), false).unwrap();
+    for (n, d, s) in &tensors {
+        let v: Vec<f32> = (0..s.iter().product::<usize>()).map(|i| i as f32).collect();
+        w.write(n, &mergesmith::convert::from_f32(&v, *d).unwrap())
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let ck = std::sync::Arc::new(Checkpoint::open(&path).unwrap());
+    let map = std::sync::Arc::new(WeightMap::of(&ck));
+    let dev = candle_core::Device::Cpu;
+    let vb = |part| {
+        CheckpointWeights::new(ck.clone(), map.clone(), part)
+            .var_builder(candle_core::DType::F32, &dev)
+    };
+    let te = vb(Part::TextEncoder);
+    let values = |t: candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // The fused projection's rows 2..4 are k (row-major [6, 2]: values 4..8).
+    let k = te
+        .get(
+            (2, 2),
+            "text_model.encoder.layers.0.self_attn.k_proj.weight",
+        )
+        .unwrap();
+    assert_eq!(values(k), vec![4., 5., 6., 7.]);
+    // OpenCLIP's [2, 3] projection is served transposed, as a linear layer's [3, 2] weight.
+    let p = te.get((3, 2), "text_projection.weight").unwrap();
+    assert_eq!(values(p), vec![0., 3., 1., 4., 2., 5.]);
+    // A 1x1 convolution loads as the linear layer the model builds.
+    let q = vb(Part::Vae)
+        .get((2, 2), "encoder.mid_block.attentions.0.to_q.weight")
+        .unwrap();
+    assert_eq!(values(q), vec![0., 1., 2., 3.]);
+    // Wrong shapes and missing names are errors that say which.
+    let e = te
+        .get(
+            (3, 3),
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is [2, 2], the model expects [3, 3]"), "{e}");
+    let e = te
+        .get(
+            (2, 2),
+            "text_model.encoder.layers.1.self_attn.q_proj.weight",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no tensor for the TextEncoder weight"), "{e}");
+    assert!(!te.contains_tensor("text_model.final_layer_norm.weight"));
 }
