@@ -513,3 +513,60 @@ fn checkpoint_weights_serve_mapped_tensors_to_candle() {
     assert!(e.contains("no tensor for the TextEncoder weight"), "{e}");
     assert!(!te.contains_tensor("text_model.final_layer_norm.weight"));
 }
+
+#[test]
+fn png_carries_a1111_parameters_and_the_node_key() {
+    use mergesmith::gen::png::{read_text, write, Hires, Parameters};
+    let mut p = Parameters {
+        prompt: "a cat, masterpiece".into(),
+        negative: "blurry".into(),
+        steps: 20,
+        sampler: "Euler a".into(),
+        cfg: 7.0,
+        seed: 1234,
+        width: 4,
+        height: 2,
+        model_hash: "0123456789".into(),
+        model: "blend: v2".into(),
+        clip_skip: 2,
+        hires: Some(Hires {
+            scale: 2.0,
+            steps: 10,
+            strength: 0.55,
+        }),
+    };
+    // A1111's layout; a value with a colon is JSON-quoted.
+    assert_eq!(
+        p.text(),
+        "a cat, masterpiece\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, \
+         Seed: 1234, Size: 4x2, Model hash: 0123456789, Model: \"blend: v2\", \
+         Denoising strength: 0.55, Clip skip: 2, Hires upscale: 2, Hires steps: 10, \
+         Hires upscaler: Latent"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.png");
+    let rgb: Vec<u8> = (0..4 * 2 * 3).map(|i| (i * 10) as u8).collect();
+    // Text Latin-1 cannot hold goes into iTXt and reads back the same.
+    p.prompt = "猫, masterpiece".into();
+    write(&path, &rgb, 4, 2, &p, "abc123", false).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let text: BTreeMap<String, String> = read_text(&bytes).unwrap().into_iter().collect();
+    assert_eq!(text["parameters"], p.text());
+    assert_eq!(text["mergesmith"], "abc123");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(&bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (4, 2));
+    assert_eq!(&buf[..info.buffer_size()], &rgb[..]);
+    // No clip skip at 1, no negative line when empty, no hires keys without hires.
+    p.negative.clear();
+    p.clip_skip = 1;
+    p.hires = None;
+    assert!(!p.text().contains("Negative prompt") && !p.text().contains("Clip skip"));
+    assert!(!p.text().contains("Hires"));
+    // An existing file is not replaced unless asked.
+    assert!(write(&path, &rgb, 4, 2, &p, "x", false).is_err());
+    assert!(write(&path, &rgb[1..], 4, 2, &p, "x", true).is_err());
+}
