@@ -570,3 +570,123 @@ fn png_carries_a1111_parameters_and_the_node_key() {
     assert!(write(&path, &rgb, 4, 2, &p, "x", false).is_err());
     assert!(write(&path, &rgb[1..], 4, 2, &p, "x", true).is_err());
 }
+
+#[test]
+fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
+    use candle_core::{Device, Tensor};
+    use mergesmith::gen::sampler::{sample, Sampler, Schedule};
+    let sch = Schedule::default();
+    // SD's well-known extremes (k-diffusion / the web UI print the same).
+    assert!(
+        (sch.sigma_min() - 0.029168).abs() < 1e-5,
+        "{}",
+        sch.sigma_min()
+    );
+    assert!(
+        (sch.sigma_max() - 14.614642).abs() < 1e-5,
+        "{}",
+        sch.sigma_max()
+    );
+    assert_eq!(sch.normal(1), vec![sch.sigma_max(), 0.0]);
+    let k = sch.karras(10);
+    assert_eq!(k.len(), 11);
+    assert!((k[0] - sch.sigma_max()).abs() < 1e-9 && (k[9] - sch.sigma_min()).abs() < 1e-9);
+    let d = sch.ddim(20);
+    assert_eq!(d.len(), 21);
+    assert!(d.windows(2).all(|w| w[0] > w[1]));
+    assert_eq!(*d.last().unwrap(), sch.sigma_min());
+    for s in [sch.normal(25), sch.karras(25)] {
+        assert!(s.windows(2).all(|w| w[0] > w[1]) && s[25] == 0.0);
+    }
+
+    let dev = Device::Cpu;
+    let start = Tensor::new(&[1.5f32, -0.5, 2.0], &dev).unwrap();
+    let vals = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+    let noise = |_: usize| Ok(Tensor::new(&[0.3f32, -1.0, 0.7], &dev).unwrap());
+    // A denoiser that always answers μ: every sampler lands on μ at σ = 0 (the steps
+    // telescope), DDIM stops at σ_min, σ_min / σ_0 of the way from μ to the start.
+    let mu = Tensor::new(&[0.25f32, 0.5, -1.0], &dev).unwrap();
+    for sampler in [
+        Sampler::Euler,
+        Sampler::EulerA,
+        Sampler::DpmPp2m,
+        Sampler::Ddim,
+    ] {
+        let sigmas = sampler.sigmas(&sch, 12);
+        let x = (&start * sigmas[0]).unwrap();
+        let out = sample(sampler, x.clone(), &sigmas, |_, _| Ok(mu.clone()), noise).unwrap();
+        let want: Vec<f32> = match sampler {
+            Sampler::Ddim => vals(&x)
+                .iter()
+                .zip(vals(&mu))
+                .map(|(x, m)| m + (sch.sigma_min() / sigmas[0]) as f32 * (x - m))
+                .collect(),
+            _ => vals(&mu),
+        };
+        for (a, b) in vals(&out).iter().zip(&want) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{sampler:?}: {:?} vs {want:?}",
+                vals(&out)
+            );
+        }
+    }
+    // Gaussian data N(0, s²): the ideal denoiser is x·s²/(s² + σ²) and the probability-flow
+    // ODE keeps x / √(s² + σ²) constant, so x_0 = x_T · s / √(s² + σ_T²). Euler is first
+    // order, DPM++ 2M second order: at 20 steps its error is far smaller.
+    let s2 = 0.25f64;
+    let error = |sampler: Sampler, steps: usize| {
+        let sigmas = match sampler {
+            Sampler::DpmPp2m | Sampler::Euler => sch.karras(steps),
+            _ => sampler.sigmas(&sch, steps),
+        };
+        let x = (&start * sigmas[0]).unwrap();
+        let out = sample(
+            sampler,
+            x.clone(),
+            &sigmas,
+            |x, sigma| Ok((x * (s2 / (s2 + sigma * sigma))).unwrap()),
+            noise,
+        )
+        .unwrap();
+        let scale = (s2.sqrt() / (s2 + sigmas[0] * sigmas[0]).sqrt()) as f32;
+        vals(&out)
+            .iter()
+            .zip(vals(&x))
+            .map(|(o, x)| ((o - x * scale) / (x * scale)).abs())
+            .fold(0f32, f32::max)
+    };
+    // Measured here: Euler 0.171, 0.086, 0.044 at 10, 20, 40 steps (halving: first order);
+    // DPM++ 2M 0.052, 0.0128, 0.0016 (a quarter or less: second order), until f32 and the
+    // first-order last step (0.17 % on its own) set a floor near 0.001.
+    let e = |s, n| error(s, n) as f64;
+    let euler = [
+        e(Sampler::Euler, 10),
+        e(Sampler::Euler, 20),
+        e(Sampler::Euler, 40),
+    ];
+    let dpm = [e(Sampler::DpmPp2m, 10), e(Sampler::DpmPp2m, 20)];
+    for w in euler.windows(2) {
+        assert!(
+            (1.7..2.3).contains(&(w[0] / w[1])),
+            "Euler is first order: {euler:?}"
+        );
+    }
+    assert!(dpm[0] / dpm[1] > 3.5, "DPM++ 2M is second order: {dpm:?}");
+    assert!(dpm[1] * 5.0 < euler[1], "{dpm:?} vs {euler:?}");
+    // Only the ancestral sampler draws noise, and its result depends on it.
+    let with_noise = |sampler: Sampler, n: f32| {
+        let sigmas = sampler.sigmas(&sch, 8);
+        let x = (&start * sigmas[0]).unwrap();
+        let denoise = |x: &Tensor, sigma: f64| Ok((x * (s2 / (s2 + sigma * sigma))).unwrap());
+        let noise = |_: usize| Ok(Tensor::new(&[n, n, n], &dev).unwrap());
+        vals(&sample(sampler, x, &sigmas, denoise, noise).unwrap())
+    };
+    assert_ne!(
+        with_noise(Sampler::EulerA, 0.5),
+        with_noise(Sampler::EulerA, -0.5)
+    );
+    for sampler in [Sampler::Euler, Sampler::DpmPp2m, Sampler::Ddim] {
+        assert_eq!(with_noise(sampler, 0.5), with_noise(sampler, -0.5));
+    }
+}
