@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::layout_table;
 use mergesmith::arch::{layout, Family};
@@ -689,4 +689,93 @@ fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
     for sampler in [Sampler::Euler, Sampler::DpmPp2m, Sampler::Ddim] {
         assert_eq!(with_noise(sampler, 0.5), with_noise(sampler, -0.5));
     }
+}
+
+/// A small word-level tokenizer.json with CLIP's special tokens and ids.
+fn toy_tokenizer(path: &Path) {
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": { "type": "Lowercase" },
+        "pre_tokenizer": { "type": "Whitespace" },
+        "post_processor": null,
+        "decoder": null,
+        "model": {
+            "type": "WordLevel",
+            "vocab": { "!": 0, "<unk>": 1, "a": 320, "cat": 2368,
+                       "<|startoftext|>": 49406, "<|endoftext|>": 49407 },
+            "unk_token": "<unk>"
+        }
+    });
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+#[test]
+fn clip_tokenizer_frames_chunks_and_is_found_or_asked_for() {
+    use mergesmith::gen::tokenizer::{ClipTokenizer, Pad, CONTEXT};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tok/tokenizer.json");
+    toy_tokenizer(&file);
+    let tok = ClipTokenizer::open(&file).unwrap();
+    let chunks = tok.encode("A cat", Pad::EndOfText).unwrap();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(&chunks[0][..4], &[49406, 320, 2368, 49407]);
+    assert!(chunks[0][4..].iter().all(|&t| t == 49407) && chunks[0].len() == CONTEXT);
+    let zero = tok.encode("a cat", Pad::Zero).unwrap();
+    assert!(zero[0][4..].iter().all(|&t| t == 0));
+    // 100 tokens: chunks of 75 and 25, each framed.
+    let long = tok
+        .encode(&vec!["cat"; 100].join(" "), Pad::EndOfText)
+        .unwrap();
+    assert_eq!(long.len(), 2);
+    assert_eq!((long[0][0], long[0][76]), (49406, 49407));
+    assert_eq!(long[1][26], 49407);
+    assert_eq!(long[1][1..26], [2368; 25]);
+    assert_eq!(
+        tok.encode("", Pad::EndOfText).unwrap()[0][..2],
+        [49406, 49407]
+    );
+
+    // Found through the environment variable, then in a hub cache.
+    let env = |vars: Vec<(&'static str, PathBuf)>| {
+        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    };
+    let by_var = ClipTokenizer::find_with(None, &env(vec![("MERGESMITH_TOKENIZER", file.clone())]));
+    assert_eq!(by_var.unwrap().path, file);
+    let hub = dir
+        .path()
+        .join("hf/hub/models--openai--clip-vit-large-patch14/snapshots/abc");
+    toy_tokenizer(&hub.join("tokenizer.json"));
+    let found = ClipTokenizer::find_with(None, &env(vec![("HF_HOME", dir.path().join("hf"))]));
+    assert_eq!(found.unwrap().path, hub.join("tokenizer.json"));
+    // None anywhere: the error says how to provide one.
+    let home = dir.path().join("empty-home");
+    let e = ClipTokenizer::find_with(None, &env(vec![("HOME", home)]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("no CLIP tokenizer found")
+            && e.contains("--tokenizer")
+            && e.contains("MERGESMITH_TOKENIZER")
+            && e.contains("huggingface-cli download openai/clip-vit-large-patch14 tokenizer.json"),
+        "{e}"
+    );
+    // A tokenizer without CLIP's special tokens is refused, naming the file.
+    let other = dir.path().join("other.json");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("<|startoftext|>", "<s>"),
+    )
+    .unwrap();
+    let e = ClipTokenizer::open(&other).err().unwrap().to_string();
+    assert!(
+        e.contains("other.json") && e.contains("no `<|startoftext|>` token"),
+        "{e}"
+    );
 }
