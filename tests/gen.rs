@@ -31,6 +31,18 @@ fn squeezed(s: &[usize]) -> Vec<usize> {
     s
 }
 
+/// The shape a mapped tensor is served with (rows sliced, transposed, 1x1 dropped).
+fn served_shape(shape: &[usize], src: &mergesmith::gen::names::Source) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some((a, b)) = src.rows {
+        s[0] = b - a;
+    }
+    if src.transpose {
+        s.reverse();
+    }
+    squeezed(&s)
+}
+
 /// (part-prefixed diffusers name -> shape) of every mapped key of a layout, each name once.
 fn mapped(
     keys: &[(String, Vec<usize>)],
@@ -39,16 +51,10 @@ fn mapped(
     let mut out = BTreeMap::new();
     for (key, shape) in keys {
         for (part, name, src) in map_key(key, shape) {
-            let mut s = shape.clone();
-            if let Some((a, b)) = src.rows {
-                s[0] = b - a;
-            }
-            if src.transpose {
-                s.reverse();
-            }
             let full = format!("{}{name}", prefix(part));
             assert!(
-                out.insert(full.clone(), squeezed(&s)).is_none(),
+                out.insert(full.clone(), served_shape(shape, &src))
+                    .is_none(),
                 "{full} mapped twice"
             );
         }
@@ -250,14 +256,7 @@ fn unasked(
     for (key, shape) in keys {
         for (p, name, src) in map_key(key, shape) {
             if p == part {
-                let mut s = shape.clone();
-                if let Some((a, b)) = src.rows {
-                    s[0] = b - a;
-                }
-                if src.transpose {
-                    s.reverse();
-                }
-                available.insert(name, squeezed(&s));
+                available.insert(name, served_shape(shape, &src));
             }
         }
     }
