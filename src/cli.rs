@@ -124,6 +124,7 @@ pub struct LoraExtractArgs {
     /// Output dtype.
     #[arg(long, value_enum, default_value = "fp32")]
     pub dtype: crate::dtype::FloatType,
+    /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -157,6 +158,7 @@ pub struct LoraMergeArgs {
     /// Output dtype.
     #[arg(long, value_enum, default_value = "fp32")]
     pub dtype: crate::dtype::FloatType,
+    /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -182,6 +184,7 @@ pub struct LoraApplyArgs {
     /// Skip LoRA modules that match no weight of the checkpoint (default: error).
     #[arg(long)]
     pub allow_unmatched: bool,
+    /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -407,6 +410,7 @@ pub struct MergeArgs {
     #[arg(long, value_name = "FILE")]
     pub presets: Vec<PathBuf>,
     /// Output options.
+    /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
     /// Cache directory for the input-hash memo.
@@ -504,6 +508,7 @@ pub struct SynthArgs {
     #[arg(long, value_enum, value_delimiter = ',', requires = "copy_from")]
     pub copy: Vec<ComponentArg>,
     /// Output options.
+    /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
 }

@@ -8,9 +8,14 @@
 //!   reference layouts;
 //! - [`convert`]: float storage conversions with correct rounding;
 //! - [`merge`]: the merge engine (modes, block weights, planning, streaming execution);
+//! - [`lora`]: LoRA files, baking, extraction and merging;
+//! - [`gen`]: generation (in progress: weight names, candle weights, samplers, tokenizer,
+//!   PNG output);
 //! - [`synth`]: synthetic checkpoints with the real layouts, for tests and benchmarks;
 //! - [`hashing`]: blake3 / SHA-256 / AUTOMATIC1111 hashes with a memo;
 //! - [`inspect`]: the `inspect` report.
+
+#![warn(missing_docs)]
 
 pub mod arch;
 pub mod build;
