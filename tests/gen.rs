@@ -778,3 +778,156 @@ fn clip_tokenizer_frames_chunks_and_is_found_or_asked_for() {
         "{e}"
     );
 }
+
+#[test]
+fn clip_text_model_matches_candles_clip_and_serves_every_sd_variant() {
+    use candle_core::{DType, Device, IndexOp, Tensor};
+    use candle_transformers::models::clip::text_model::{
+        Activation, ClipTextConfig, ClipTextTransformer,
+    };
+    use mergesmith::gen::clip::{ClipConfig, ClipTextModel};
+    let dev = Device::Cpu;
+    let config = ClipConfig {
+        vocab: 100,
+        dim: 32,
+        layers: 3,
+        heads: 4,
+        intermediate: 64,
+        positions: 77,
+        quick_gelu: true,
+    };
+    let reference_config = ClipTextConfig {
+        vocab_size: 100,
+        embed_dim: 32,
+        activation: Activation::QuickGelu,
+        intermediate_size: 64,
+        max_position_embeddings: 77,
+        pad_with: None,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        projection_dim: 32,
+    };
+    // Random weights, shared by name: candle's model creates them, ours reads the same ones.
+    let vars = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let reference = ClipTextTransformer::new(vb.pp("text_model"), &reference_config).unwrap();
+    let ours = ClipTextModel::new(vb.clone(), &config, true).unwrap();
+    // Two prompts: start, words, end (the largest id), padding.
+    let mut rows = vec![vec![98u32, 5, 17, 42, 99], vec![98u32, 7, 99, 99, 99]];
+    for r in &mut rows {
+        r.resize(77, 99);
+    }
+    let ids = Tensor::new(rows, &dev).unwrap();
+    let close = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "max difference {d}");
+    };
+    // Last layer through the final norm: candle's output for every token.
+    let full = ours.forward(&ids, 1, true).unwrap();
+    close(
+        &full.hidden,
+        &reference.forward_with_mask(&ids, usize::MAX).unwrap(),
+    );
+    // Pooled: the final norm at each end token, through the projection.
+    let at_end = candle_core::Module::forward(&reference, &ids).unwrap();
+    let w = vars
+        .data()
+        .lock()
+        .unwrap()
+        .get("text_projection.weight")
+        .unwrap()
+        .as_tensor()
+        .clone();
+    close(
+        full.pooled.as_ref().unwrap(),
+        &at_end.matmul(&w.t().unwrap()).unwrap(),
+    );
+    // Clip skip 2: the penultimate layer, i.e. a model with one layer fewer, without the
+    // final norm (SDXL) or with it (SD1 in the web UI).
+    let short = ClipTextModel::new(
+        vb.clone(),
+        &ClipConfig {
+            layers: 2,
+            ..config.clone()
+        },
+        false,
+    )
+    .unwrap();
+    for norm in [false, true] {
+        let skipped = ours.forward(&ids, 2, norm).unwrap();
+        close(
+            &skipped.hidden,
+            &short.forward(&ids, 1, norm).unwrap().hidden,
+        );
+    }
+    // The penultimate differs from the last, and a causal mask holds: the first prompt's
+    // first two tokens do not depend on what follows them.
+    let skipped = ours.forward(&ids, 2, true).unwrap().hidden;
+    assert!(
+        (&skipped - &full.hidden)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-3
+    );
+    let mut other = ids.to_vec2::<u32>().unwrap();
+    other[0][2] = 3;
+    let changed = ours
+        .forward(&Tensor::new(other, &dev).unwrap(), 1, true)
+        .unwrap()
+        .hidden;
+    close(
+        &changed.i((0, 0..2)).unwrap(),
+        &full.hidden.i((0, 0..2)).unwrap(),
+    );
+}
+
+#[test]
+fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
+    use mergesmith::gen::clip::{ClipConfig, ClipTextModel};
+    let keys = |family| -> Vec<(String, Vec<usize>)> {
+        layout::release_keys(family, false)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.shape))
+            .collect()
+    };
+    let load = |family, part, config: ClipConfig, projection| {
+        unasked(&keys(family), part, |vb| {
+            ClipTextModel::new(vb, &config, projection).map(|_| ())
+        })
+    };
+    let none: Vec<String> = vec![];
+    assert_eq!(
+        load(Family::Sd1, Part::TextEncoder, ClipConfig::clip_l(), false),
+        none
+    );
+    // SD2 never uses OpenCLIP's projection.
+    assert_eq!(
+        load(
+            Family::Sd2,
+            Part::TextEncoder,
+            ClipConfig::open_clip_h(),
+            false
+        ),
+        vec!["text_projection.weight"]
+    );
+    assert_eq!(
+        load(Family::Sdxl, Part::TextEncoder, ClipConfig::clip_l(), false),
+        none
+    );
+    assert_eq!(
+        load(
+            Family::Sdxl,
+            Part::TextEncoder2,
+            ClipConfig::open_clip_bigg(),
+            true
+        ),
+        none
+    );
+}

@@ -1,10 +1,12 @@
-//! Image generation from single-file checkpoints (issue #6, in progress): so far the mapping
-//! of LDM / SGM checkpoint keys to the diffusers names generation models are built with
-//! ([`names`]), a candle weight backend that serves them from a checkpoint ([`weights`]), and
-//! PNG files with AUTOMATIC1111's generation parameters ([`png`]), the samplers
-//! ([`sampler`]) and the CLIP tokenizer ([`tokenizer`]). Not yet: the pipeline (text
-//! encoding, the U-Net loop, VAE decoding), the `generate` node and `mergesmith gen`.
+//! Image generation from single-file checkpoints (issue #6, in progress). So far: the
+//! mapping of LDM / SGM checkpoint keys to the diffusers names generation models load
+//! ([`names`]), a candle weight backend that serves them from a checkpoint ([`weights`]), the
+//! CLIP text encoders ([`clip`]), the samplers ([`sampler`]), the CLIP tokenizer
+//! ([`tokenizer`]) and PNG files with AUTOMATIC1111's generation parameters ([`png`]). Not
+//! yet: the pipeline (the U-Net loop with guidance, VAE decoding, hires fix), the `generate`
+//! node and `mergesmith gen`.
 
+pub mod clip;
 pub mod names;
 pub mod png;
 pub mod sampler;
