@@ -31,6 +31,9 @@ const NOISE_CHUNK: usize = 1 << 20;
 pub enum Size {
     /// Every key, dimensions divided by 32 (a few MB): for tests.
     Tiny,
+    /// Every key, widths shrunk so that the model still runs (SD1 only: U-Net widths / 10,
+    /// CLIP / 24, VAE / 4; about 30 MB): for generation tests.
+    Small,
     /// The real shapes (SD1 fp16 about 2 GB, SDXL fp16 about 6.9 GB): for benchmarks.
     Full,
 }
@@ -221,6 +224,12 @@ pub fn synthesize(
 }
 
 fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
+    if opts.size == Size::Small && opts.family != crate::arch::Family::Sd1 {
+        return Err(crate::error::Error::Invalid(format!(
+            "small (runnable) synthetic models exist for SD1 only, not {}",
+            opts.family.label()
+        )));
+    }
     let entries = layout::release_keys(opts.family, opts.ema)?;
     Ok(entries
         .into_iter()
@@ -228,6 +237,11 @@ fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
             let mut shape: Vec<usize> = match opts.size {
                 Size::Full => e.shape,
                 Size::Tiny => e.shape.into_iter().map(layout::tiny_dim).collect(),
+                Size::Small => e
+                    .shape
+                    .into_iter()
+                    .map(|d| layout::small_dim(&e.component, d))
+                    .collect(),
             };
             if e.key == UNET_CONV_IN {
                 shape[1] = match opts.variant {

@@ -162,6 +162,21 @@ pub fn tiny_dim(d: usize) -> usize {
     }
 }
 
+/// Shrinks a dimension of an SD1 tensor of `component` for `small` models, which must still
+/// run: U-Net widths (multiples of 320) / 10 and its cross-attention context 768 → 32, CLIP-L
+/// widths / 24 (768 → 32, 3072 → 128), VAE widths / 4 (128, 256, 512 → 32, 64, 128); so
+/// every GroupNorm still has 32 groups. Vocabulary, positions, kernels and latent channels
+/// are kept.
+pub fn small_dim(component: &str, d: usize) -> usize {
+    match component {
+        "diffuser" | "ema" if d.is_multiple_of(320) => d / 10,
+        "diffuser" | "ema" | "clip_l" if d == 768 => 32,
+        "clip_l" if d == 3072 => 128,
+        "vae" if matches!(d, 128 | 256 | 512) => d / 4,
+        _ => d,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

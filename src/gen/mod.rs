@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod names;
+pub mod pipeline;
 pub mod png;
 pub mod sampler;
 pub mod tokenizer;

@@ -98,6 +98,22 @@ impl Schedule {
         ((1.0 - w) * self.sigmas[lo].ln() + w * self.sigmas[hi].ln()).exp()
     }
 
+    /// The fractional timestep of σ (the inverse of the log-linear interpolation), which the
+    /// U-Net is conditioned on.
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        let ls = sigma.ln();
+        if ls <= self.sigmas[0].ln() {
+            return 0.0;
+        }
+        for i in 0..999 {
+            let (a, b) = (self.sigmas[i].ln(), self.sigmas[i + 1].ln());
+            if ls <= b {
+                return i as f64 + (ls - a) / (b - a);
+            }
+        }
+        999.0
+    }
+
     /// k-diffusion's discrete schedule: `steps` timesteps evenly spaced from 999 to 0, then 0.
     pub fn normal(&self, steps: usize) -> Vec<f64> {
         let mut out: Vec<f64> = (0..steps)
