@@ -59,6 +59,62 @@ pub enum Command {
     /// LoRA tools.
     #[command(subcommand)]
     Lora(LoraCommand),
+    /// Generate images from a checkpoint (SD1 so far) into PNGs carrying AUTOMATIC1111's
+    /// generation parameters.
+    Gen(GenArgs),
+}
+
+/// Arguments of `gen`.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// The checkpoint.
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+    /// The negative prompt.
+    #[arg(short = 'n', long, default_value = "")]
+    pub negative: String,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f64,
+    /// Sampler.
+    #[arg(long, value_enum, default_value = "euler-a")]
+    pub sampler: crate::gen::sampler::Sampler,
+    /// Seed (image i of a batch uses seed + i, as the web UI does).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Width in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Height in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Images to make.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// CLIP skip (1: the last layer; 2: the penultimate).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Where the models run: cpu, cuda or cuda:N (f16 on CUDA, f32 on the CPU).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: crate::device::ComputeDevice,
+    /// Output PNG; a batch writes NAME-1.png, NAME-2.png, ...
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mergesmith lora ...`
@@ -785,6 +841,7 @@ pub fn run(command: Command) -> Result<()> {
                 )))
             }
         }
+        Command::Gen(a) => gen(a),
         Command::Schema => {
             print!("{}", crate::recipe::schema_json());
             Ok(())
@@ -1177,5 +1234,95 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
         started.elapsed().as_secs_f64(),
         lock.display()
     );
+    Ok(())
+}
+
+/// `mergesmith gen`.
+fn gen(a: GenArgs) -> Result<()> {
+    use crate::gen::pipeline::{Models, Request};
+    let started = std::time::Instant::now();
+    let tok = crate::gen::tokenizer::ClipTokenizer::find(a.tokenizer.as_deref())?;
+    let device = a.device.candle()?.unwrap_or(candle_core::Device::Cpu);
+    let dtype = match device.is_cuda() {
+        true => candle_core::DType::F16,
+        false => candle_core::DType::F32,
+    };
+    let hashes = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir())
+        .hashes(&a.model)?
+        .0;
+    let ck = std::sync::Arc::new(crate::checkpoint::Checkpoint::open(&a.model)?);
+    let models = Models::load(ck, &device, dtype)?;
+    let req = Request {
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler: a.sampler,
+        seed: a.seed,
+        width: a.width,
+        height: a.height,
+        batch: a.batch.max(1),
+        clip_skip: a.clip_skip.max(1),
+    };
+    let outputs: Vec<PathBuf> = match req.batch {
+        1 => vec![a.output.clone()],
+        n => (1..=n)
+            .map(|i| {
+                let stem = a.output.file_stem().unwrap_or_default().to_string_lossy();
+                a.output.with_file_name(format!("{stem}-{i}.png"))
+            })
+            .collect(),
+    };
+    if !a.overwrite {
+        if let Some(p) = outputs.iter().find(|p| p.exists()) {
+            return Err(Error::OutputExists { path: p.clone() });
+        }
+    }
+    let images = models.generate(&tok, &req)?;
+    let key = blake3::hash(
+        serde_json::json!({ "model": hashes.blake3, "request": req })
+            .to_string()
+            .as_bytes(),
+    )
+    .to_hex()
+    .to_string();
+    let model = a
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (i, (img, out)) in images.iter().zip(&outputs).enumerate() {
+        let params = crate::gen::png::Parameters {
+            prompt: req.prompt.clone(),
+            negative: req.negative.clone(),
+            steps: req.steps as u32,
+            sampler: req.sampler.label().to_string(),
+            cfg: req.cfg,
+            seed: req.seed + i as u64,
+            width: req.width as u32,
+            height: req.height as u32,
+            model_hash: hashes.autov2.clone(),
+            model: model.clone(),
+            clip_skip: req.clip_skip as u32,
+            hires: None,
+        };
+        crate::gen::png::write(
+            out,
+            img,
+            req.width as u32,
+            req.height as u32,
+            &params,
+            &key,
+            a.overwrite,
+        )?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        return print_json(&serde_json::json!({ "outputs": outputs, "seconds": seconds }));
+    }
+    for o in &outputs {
+        println!("wrote {}", o.display());
+    }
+    println!("{} image(s) in {seconds:.1} s", outputs.len());
     Ok(())
 }

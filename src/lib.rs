@@ -9,8 +9,7 @@
 //! - [`convert`]: float storage conversions with correct rounding;
 //! - [`merge`]: the merge engine (modes, block weights, planning, streaming execution);
 //! - [`lora`]: LoRA files, baking, extraction and merging;
-//! - [`gen`]: generation (in progress: weight names, candle weights, CLIP, samplers,
-//!   tokenizer, PNG output);
+//! - [`gen`]: generation (in progress: SD1 text to image, PNG output);
 //! - [`synth`]: synthetic checkpoints with the real layouts, for tests and benchmarks;
 //! - [`hashing`]: blake3 / SHA-256 / AUTOMATIC1111 hashes with a memo;
 //! - [`inspect`]: the `inspect` report.

@@ -966,12 +966,133 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
     assert_ne!(images[0], images[1], "batch images use different noise");
     // Same seed, same bytes; another seed, another image.
     assert_eq!(models.generate(&tok, &req).unwrap(), images);
-    let other = models.generate(&tok, &Request { seed: 8, batch: 1, ..req.clone() }).unwrap();
+    // Image 1 of the batch is seed + 1 on its own (as in the web UI).
+    let other = models
+        .generate(
+            &tok,
+            &Request {
+                seed: 8,
+                batch: 1,
+                ..req.clone()
+            },
+        )
+        .unwrap();
+    assert_eq!(other[0], images[1]);
+    let other = models
+        .generate(
+            &tok,
+            &Request {
+                seed: 9,
+                batch: 1,
+                ..req.clone()
+            },
+        )
+        .unwrap();
     assert_ne!(other[0], images[0]);
     // Every sampler runs; sizes must be multiples of 8.
     for sampler in [Sampler::Euler, Sampler::Ddim, Sampler::DpmPp2m] {
-        let one = models.generate(&tok, &Request { sampler, batch: 1, ..req.clone() }).unwrap();
+        let one = models
+            .generate(
+                &tok,
+                &Request {
+                    sampler,
+                    batch: 1,
+                    ..req.clone()
+                },
+            )
+            .unwrap();
         assert_eq!(one[0].len(), 64 * 48 * 3);
     }
-    assert!(models.generate(&tok, &Request { width: 60, ..req.clone() }).is_err());
+    assert!(models
+        .generate(
+            &tok,
+            &Request {
+                width: 60,
+                ..req.clone()
+            }
+        )
+        .is_err());
+}
+
+#[test]
+fn cli_gen_writes_pngs_with_parameters_and_asks_for_a_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = common::tiny(Family::Sd1, 3);
+    opts.size = mergesmith::synth::Size::Small;
+    let model = common::synth(dir.path(), "small.safetensors", &opts);
+    let tok = dir.path().join("tokenizer.json");
+    toy_tokenizer(&tok);
+    let empty = dir.path().join("home");
+    let run = |extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"));
+        c.args([
+            "gen",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "a cat, best",
+            "--steps",
+            "2",
+        ])
+        .args(["--width", "64", "--height", "64", "--seed", "5"])
+        .args(extra)
+        .current_dir(dir.path())
+        .env("MERGESMITH_CACHE", dir.path().join("cache"))
+        .env("HOME", &empty)
+        .env_remove("MERGESMITH_TOKENIZER")
+        .env_remove("HF_HOME")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("XDG_CACHE_HOME");
+        c.output().unwrap()
+    };
+    let out = run(&[
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "-o",
+        "cat.png",
+        "--batch",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sha = mergesmith::hashing::hash_file(&model).unwrap();
+    for (i, name) in ["cat-1.png", "cat-2.png"].iter().enumerate() {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        let text: BTreeMap<String, String> = mergesmith::gen::png::read_text(&bytes)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let p = &text["parameters"];
+        assert!(
+            p.starts_with("a cat, best\nSteps: 2, Sampler: Euler a, CFG scale: 7, "),
+            "{p}"
+        );
+        assert!(
+            p.contains(&format!(
+                "Seed: {}, Size: 64x64, Model hash: {}, Model: small",
+                5 + i,
+                sha.autov2
+            )),
+            "{p}"
+        );
+    }
+    // Existing files are kept unless --overwrite; no tokenizer anywhere is explained.
+    let again = run(&[
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "-o",
+        "cat.png",
+        "--batch",
+        "2",
+    ]);
+    assert!(!again.status.success());
+    let none = run(&["-o", "x.png"]);
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        !none.status.success() && err.contains("no CLIP tokenizer found"),
+        "{err}"
+    );
 }

@@ -2,9 +2,8 @@
 //! mapping of LDM / SGM checkpoint keys to the diffusers names generation models load
 //! ([`names`]), a candle weight backend that serves them from a checkpoint ([`weights`]), the
 //! CLIP text encoders ([`clip`]), the samplers ([`sampler`]), the CLIP tokenizer
-//! ([`tokenizer`]) and PNG files with AUTOMATIC1111's generation parameters ([`png`]). Not
-//! yet: the pipeline (the U-Net loop with guidance, VAE decoding, hires fix), the `generate`
-//! node and `mergesmith gen`.
+//! ([`tokenizer`]), SD1 text to image ([`pipeline`]) and PNG files with AUTOMATIC1111's
+//! generation parameters ([`png`]). Not yet: SD2 / SDXL, hires fix, the `generate` node.
 
 pub mod clip;
 pub mod names;

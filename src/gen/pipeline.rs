@@ -32,7 +32,7 @@ pub struct Request {
     pub cfg: f64,
     /// Sampler.
     pub sampler: Sampler,
-    /// Seed (image `i` of a batch uses noise stream `i`).
+    /// Seed (image `i` of a batch uses seed + `i`, as the web UI does).
     pub seed: u64,
     /// Width in pixels (a multiple of 8).
     pub width: usize,
@@ -83,7 +83,8 @@ impl Models {
             )));
         }
         let map = Arc::new(WeightMap::of(&ck));
-        let vb = |part| CheckpointWeights::new(ck.clone(), map.clone(), part).var_builder(dtype, device);
+        let vb =
+            |part| CheckpointWeights::new(ck.clone(), map.clone(), part).var_builder(dtype, device);
         let te = |n: &str| shape(&ck, &map, Part::TextEncoder, n);
         let token = te("text_model.embeddings.token_embedding.weight")?;
         let layers = map
@@ -113,7 +114,12 @@ impl Models {
             attention_head_dim: 8,
         };
         let unet_config = unet_2d::UNet2DConditionModelConfig {
-            blocks: vec![block(1, true), block(2, true), block(4, true), block(4, false)],
+            blocks: vec![
+                block(1, true),
+                block(2, true),
+                block(4, true),
+                block(4, false),
+            ],
             center_input_sample: false,
             cross_attention_dim: context,
             downsample_padding: 1,
@@ -156,14 +162,20 @@ impl Models {
             let ids = Tensor::new(c.as_slice(), &self.device)
                 .and_then(|t| t.unsqueeze(0))
                 .map_err(cerr)?;
-            out.push(self.clip.forward(&ids, clip_skip, true).map_err(cerr)?.hidden);
+            out.push(
+                self.clip
+                    .forward(&ids, clip_skip, true)
+                    .map_err(cerr)?
+                    .hidden,
+            );
         }
         Tensor::cat(&out, 1).map_err(cerr)
     }
 
     /// Generates `req.batch` images: 8-bit RGB pixels, `width × height × 3` each.
     pub fn generate(&self, tok: &ClipTokenizer, req: &Request) -> Result<Vec<Vec<u8>>> {
-        if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
+        let ok = |d: usize| d > 0 && d.is_multiple_of(8);
+        if !ok(req.width) || !ok(req.height) {
             return Err(Error::Invalid(format!(
                 "image size {}x{} is not a multiple of 8",
                 req.width, req.height
@@ -181,14 +193,15 @@ impl Models {
             .map_err(cerr)?;
         let (lh, lw) = (req.height / 8, req.width / 8);
         let sigmas = req.sampler.sigmas(&self.schedule, req.steps.max(1));
-        let normal = |key: &str, stream: u64| -> Result<Tensor> {
+        // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
+        let normal = |key: &str, seed: u64| -> Result<Tensor> {
             let mut v = vec![0f32; 4 * lh * lw];
-            crate::noise::fill_normal("mergesmith-gen-v1", req.seed, key, stream, &mut v);
+            crate::noise::fill_normal("mergesmith-gen-v1", seed, key, 0, &mut v);
             Tensor::from_vec(v, (1, 4, lh, lw), &self.device).map_err(cerr)
         };
         let mut images = Vec::new();
         for b in 0..req.batch.max(1) {
-            let b = b as u64;
+            let b = req.seed.wrapping_add(b as u64);
             let x = (normal("latent", b)? * sigmas[0]).map_err(cerr)?;
             let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
                 let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
@@ -222,7 +235,12 @@ impl Models {
             .and_then(|i| i.to_dtype(DType::F32))
             .and_then(|i| ((i + 1.0)? * 127.5)?.clamp(0f32, 255f32))
             .and_then(|i| i.round())
-            .and_then(|i| i.get(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>())
+            .and_then(|i| {
+                i.get(0)?
+                    .permute((1, 2, 0))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+            })
             .map_err(cerr)?;
         Ok(img.into_iter().map(|v| v as u8).collect())
     }

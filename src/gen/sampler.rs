@@ -20,7 +20,15 @@ use crate::error::{Error, Result};
 
 /// A sampler, by its web UI name.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Sampler {
@@ -31,6 +39,8 @@ pub enum Sampler {
     /// DDIM (η = 0).
     Ddim,
     /// DPM++ 2M (with Karras sigmas, as the web UI's default for it).
+    #[serde(rename = "dpmpp_2m")]
+    #[value(name = "dpmpp-2m")]
     DpmPp2m,
 }
 
