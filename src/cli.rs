@@ -94,7 +94,7 @@ pub struct GenArgs {
     /// Height in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     pub height: usize,
-    /// Images to make.
+    /// Images to make (a batch writes NAME-1.png, NAME-2.png, ... for `-o NAME.png`).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// CLIP skip (1: the last layer; 2: the penultimate).
@@ -106,15 +106,9 @@ pub struct GenArgs {
     /// Where the models run: cpu, cuda or cuda:N (f16 on CUDA, f32 on the CPU).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: crate::device::ComputeDevice,
-    /// Output PNG; a batch writes NAME-1.png, NAME-2.png, ...
-    #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Replace existing files.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Print a JSON report instead of text.
-    #[arg(long)]
-    pub json: bool,
+    /// Where the PNG goes and how the command reports.
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// `mergesmith lora ...`
@@ -465,7 +459,6 @@ pub struct MergeArgs {
     /// Extra MBW preset files (`NAME<TAB>v1,...` per line).
     #[arg(long, value_name = "FILE")]
     pub presets: Vec<PathBuf>,
-    /// Output options.
     /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
@@ -563,7 +556,6 @@ pub struct SynthArgs {
     /// Components to copy from --copy-from.
     #[arg(long, value_enum, value_delimiter = ',', requires = "copy_from")]
     pub copy: Vec<ComponentArg>,
-    /// Output options.
     /// Where the file goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
@@ -703,20 +695,18 @@ pub fn run(command: Command) -> Result<()> {
         }
         Command::Lora(LoraCommand::Merge(a)) => {
             use crate::lora::bake::Application;
-            use crate::lora::merge::{family_of, merge, MergeOptions};
+            use crate::lora::merge::{merge, MergeOptions};
             let mut sources = Vec::new();
             for spec in &a.loras {
                 let (path, ratio, blocks) = lora_spec(spec)?;
                 let file = crate::lora::LoraFile::open(&path)?;
-                let family = family_of(&file);
-                let blocks = blocks
-                    .map(|b| crate::lora::blocks::BlockWeights::parse(&b, family, a.fill))
-                    .transpose()?;
-                sources.push(Application {
+                sources.push(Application::new(
                     file,
-                    strength: ratio,
-                    blocks,
-                });
+                    ratio,
+                    blocks.as_deref(),
+                    None,
+                    a.fill,
+                )?);
             }
             let opts = MergeOptions {
                 mode: a.mode,
@@ -880,9 +870,7 @@ fn lora_apply(a: LoraApplyArgs) -> Result<()> {
     for spec in &a.loras {
         let (path, strength, blocks) = lora_spec(spec)?;
         let file = crate::lora::LoraFile::open(&path)?;
-        let blocks = blocks
-            .map(|b| crate::lora::blocks::BlockWeights::parse(&b, family, a.fill))
-            .transpose()?;
+        let app = Application::new(file, strength, blocks.as_deref(), Some(family), a.fill)?;
         let hashes = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir())
             .hashes(&path)?
             .0;
@@ -890,13 +878,9 @@ fn lora_apply(a: LoraApplyArgs) -> Result<()> {
             "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
             "sha256": hashes.sha256,
             "strength": strength,
-            "blocks": blocks,
+            "blocks": app.blocks,
         }));
-        apps.push(Application {
-            file,
-            strength,
-            blocks,
-        });
+        apps.push(app);
     }
     let mut md = std::collections::BTreeMap::new();
     md.insert(
@@ -1265,15 +1249,20 @@ fn gen(a: GenArgs) -> Result<()> {
         clip_skip: a.clip_skip.max(1),
     };
     let outputs: Vec<PathBuf> = match req.batch {
-        1 => vec![a.output.clone()],
+        1 => vec![a.out.output.clone()],
         n => (1..=n)
             .map(|i| {
-                let stem = a.output.file_stem().unwrap_or_default().to_string_lossy();
-                a.output.with_file_name(format!("{stem}-{i}.png"))
+                let stem = a
+                    .out
+                    .output
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                a.out.output.with_file_name(format!("{stem}-{i}.png"))
             })
             .collect(),
     };
-    if !a.overwrite {
+    if !a.out.overwrite {
         if let Some(p) = outputs.iter().find(|p| p.exists()) {
             return Err(Error::OutputExists { path: p.clone() });
         }
@@ -1298,7 +1287,7 @@ fn gen(a: GenArgs) -> Result<()> {
             steps: req.steps as u32,
             sampler: req.sampler.label().to_string(),
             cfg: req.cfg,
-            seed: req.seed + i as u64,
+            seed: req.seed.wrapping_add(i as u64),
             width: req.width as u32,
             height: req.height as u32,
             model_hash: hashes.autov2.clone(),
@@ -1313,11 +1302,11 @@ fn gen(a: GenArgs) -> Result<()> {
             req.height as u32,
             &params,
             &key,
-            a.overwrite,
+            a.out.overwrite,
         )?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    if a.json {
+    if a.out.json {
         return print_json(&serde_json::json!({ "outputs": outputs, "seconds": seconds }));
     }
     for o in &outputs {

@@ -151,13 +151,19 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         }
         None => (None, None),
     };
+    let (format, file_bytes) = (ckpt.format(), ckpt.file_len());
+    // A file of no known architecture may be a LoRA: read it as one, without reopening it.
     let lora = (arch.family == arch::Family::Unknown)
-        .then(|| crate::lora::LoraFile::open(path).ok().map(|f| f.summary()))
+        .then(|| {
+            crate::lora::LoraFile::from_checkpoint(ckpt)
+                .ok()
+                .map(|f| f.summary())
+        })
         .flatten();
     Ok(Report {
         path: path.to_path_buf(),
-        format: ckpt.format(),
-        file_bytes: ckpt.file_len(),
+        format,
+        file_bytes,
         arch,
         total,
         dtypes,

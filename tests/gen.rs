@@ -932,17 +932,23 @@ fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
     );
 }
 
+/// A runnable small SD1 model (`synth --size small`) and a stand-in tokenizer in `dir`.
+fn small_model(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let mut opts = common::tiny(Family::Sd1, seed);
+    opts.size = mergesmith::synth::Size::Small;
+    let model = common::synth(dir, "small.safetensors", &opts);
+    let tok = dir.join("tokenizer.json");
+    toy_tokenizer(&tok);
+    (model, tok)
+}
+
 #[test]
 fn sd1_generates_reproducible_images_of_the_requested_size() {
     use mergesmith::gen::pipeline::{Models, Request};
     use mergesmith::gen::sampler::Sampler;
     use mergesmith::gen::tokenizer::ClipTokenizer;
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = common::tiny(Family::Sd1, 1);
-    opts.size = mergesmith::synth::Size::Small;
-    let model = common::synth(dir.path(), "small.safetensors", &opts);
-    let tok_path = dir.path().join("tokenizer.json");
-    toy_tokenizer(&tok_path);
+    let (model, tok_path) = small_model(dir.path(), 1);
     let tok = ClipTokenizer::open(&tok_path).unwrap();
     let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
     let started = std::time::Instant::now();
@@ -1017,11 +1023,7 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
 #[test]
 fn cli_gen_writes_pngs_with_parameters_and_asks_for_a_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = common::tiny(Family::Sd1, 3);
-    opts.size = mergesmith::synth::Size::Small;
-    let model = common::synth(dir.path(), "small.safetensors", &opts);
-    let tok = dir.path().join("tokenizer.json");
-    toy_tokenizer(&tok);
+    let (model, tok) = small_model(dir.path(), 3);
     let empty = dir.path().join("home");
     let run = |extra: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"));

@@ -1038,17 +1038,13 @@ fn lora_applications(
     loras
         .iter()
         .map(|u| {
-            let file = open(&u.source)?;
-            let family = family.unwrap_or_else(|| crate::lora::merge::family_of(&file));
-            Ok(crate::lora::bake::Application {
-                blocks: u
-                    .blocks
-                    .as_deref()
-                    .map(|b| crate::lora::blocks::BlockWeights::parse(b, family, fill))
-                    .transpose()?,
-                file,
-                strength: u.strength,
-            })
+            crate::lora::bake::Application::new(
+                open(&u.source)?,
+                u.strength,
+                u.blocks.as_deref(),
+                family,
+                fill,
+            )
         })
         .collect()
 }

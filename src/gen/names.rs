@@ -79,6 +79,9 @@ impl WeightMap {
     }
 }
 
+/// An LDM module path to its diffusers path.
+type ModuleMap = fn(&str) -> Option<String>;
+
 /// The diffusers name(s) of one checkpoint key of shape `shape` (three for a fused q/k/v
 /// projection, none for keys generation does not use).
 pub fn map_key(key: &str, shape: &[usize]) -> Vec<Mapped> {
@@ -93,21 +96,19 @@ pub fn map_key(key: &str, shape: &[usize]) -> Vec<Mapped> {
             },
         )]
     };
-    if let Some(rest) = key.strip_prefix("model.diffusion_model.") {
-        let Some((path, suffix)) = rest.rsplit_once('.') else {
-            return vec![];
-        };
-        return ldm_to_diffusers(path)
-            .map(|p| whole(Part::Unet, format!("{p}.{suffix}")))
-            .unwrap_or_default();
-    }
-    if let Some(rest) = key.strip_prefix("first_stage_model.") {
-        let Some((path, suffix)) = rest.rsplit_once('.') else {
-            return vec![];
-        };
-        return vae_to_diffusers(path)
-            .map(|p| whole(Part::Vae, format!("{p}.{suffix}")))
-            .unwrap_or_default();
+    let modules: [(&str, Part, ModuleMap); 2] = [
+        ("model.diffusion_model.", Part::Unet, ldm_to_diffusers),
+        ("first_stage_model.", Part::Vae, vae_to_diffusers),
+    ];
+    for (prefix, part, to_diffusers) in modules {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            let Some((path, suffix)) = rest.rsplit_once('.') else {
+                return vec![];
+            };
+            return to_diffusers(path)
+                .map(|p| whole(part, format!("{p}.{suffix}")))
+                .unwrap_or_default();
+        }
     }
     for (prefix, part) in [
         ("cond_stage_model.transformer.", Part::TextEncoder),

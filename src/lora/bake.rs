@@ -29,6 +29,29 @@ pub struct Application {
     pub blocks: Option<BlockWeights>,
 }
 
+impl Application {
+    /// `file` at `strength`, with block weights `blocks` (as written: values or a preset) read
+    /// for `family`, or for the family the file's names point to when `None` (SD1 when they
+    /// do not say); `fill` weights the blocks a short vector leaves out.
+    pub fn new(
+        file: LoraFile,
+        strength: f64,
+        blocks: Option<&str>,
+        family: Option<Family>,
+        fill: f64,
+    ) -> Result<Self> {
+        let family = family.or_else(|| file.family()).unwrap_or(Family::Sd1);
+        let blocks = blocks
+            .map(|b| BlockWeights::parse(b, family, fill))
+            .transpose()?;
+        Ok(Application {
+            file,
+            strength,
+            blocks,
+        })
+    }
+}
+
 /// One module's share of one checkpoint tensor.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Contribution {

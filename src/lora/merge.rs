@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::lora::bake::Application;
 use crate::lora::delta::{delta, natural_shape};
 use crate::lora::names::{module_block, Targets};
-use crate::lora::{svd, Factored, Kind, KohyaLora, LoraFile};
+use crate::lora::{svd, Factored, Kind, KohyaLora};
 
 /// How LoRAs are combined.
 #[derive(
@@ -78,11 +78,6 @@ pub struct MergeReport {
     pub modules: usize,
     /// SVD: ‖M − up·down‖_F / ‖M‖_F over all modules (clamp included); 0 for concat.
     pub relative_error: f64,
-}
-
-/// The family that block weights of LoRA files are read for.
-pub fn family_of(f: &LoraFile) -> Family {
-    f.family().unwrap_or(Family::Sd1)
 }
 
 /// One module of the merged LoRA: its name, the weight shape it changes, its rank, and the

@@ -262,21 +262,17 @@ pub fn module_block(module: &str) -> Option<String> {
         let rest = &n[n.find(key)? + key.len()..];
         rest.split('_').next()?.parse().ok()
     };
-    let level = |key: &str| -> Option<(usize, Option<usize>, &str)> {
+    // (level, sub-block index; `None` for the level's down/upsampler).
+    let level = |key: &str| -> Option<(usize, Option<usize>)> {
         let i = num_after(key)?;
         let rest = &n[n.find(key)? + key.len()..];
         let rest = rest.split_once('_')?.1;
         for kind in ["attentions_", "resnets_"] {
             if let Some(r) = rest.strip_prefix(kind) {
-                return Some((i, r.split('_').next()?.parse().ok(), kind));
+                return Some((i, r.split('_').next()?.parse().ok()));
             }
         }
-        rest.starts_with("downsamplers_")
-            .then_some((i, None, "downsamplers"))
-            .or_else(|| {
-                rest.starts_with("upsamplers_")
-                    .then_some((i, None, "upsamplers"))
-            })
+        (rest.starts_with("downsamplers_") || rest.starts_with("upsamplers_")).then_some((i, None))
     };
     if n.contains("mid_block") || n.contains("middle_block") {
         Some("M00".into())
@@ -284,9 +280,9 @@ pub fn module_block(module: &str) -> Option<String> {
         Some(format!("IN{b:02}"))
     } else if let Some(b) = num_after("output_blocks_") {
         Some(format!("OUT{b:02}"))
-    } else if let Some((i, j, _)) = level("down_blocks_") {
+    } else if let Some((i, j)) = level("down_blocks_") {
         Some(format!("IN{:02}", j.map_or(3 * i + 3, |j| 3 * i + j + 1)))
-    } else if let Some((i, j, _)) = level("up_blocks_") {
+    } else if let Some((i, j)) = level("up_blocks_") {
         Some(format!("OUT{:02}", j.map_or(3 * i + 2, |j| 3 * i + j)))
     } else {
         None

@@ -39,7 +39,7 @@ fn unet_target(p: &str, conv: bool) -> bool {
     linear || conv && locon
 }
 
-/// (module name, out rows, target shape) of every default target of `ck`.
+/// (kohya module name, target shape) of every default target of `ck`.
 pub fn modules_of(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
     let family = arch::detect(ck.tensors()).family;
     let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
@@ -142,10 +142,7 @@ pub fn synthesize(
     };
     let mut modules = Vec::new();
     for (name, shape) in modules_of(&ck, conv_rank > 0) {
-        let conv3 = shape.len() == 4 && shape[2] * shape[3] > 1;
-        let r = if conv3 { conv_rank } else { rank }
-            .min(shape[0])
-            .min(shape[1]);
+        let r = crate::lora::svd::rank_for(&shape, rank, Some(conv_rank));
         let rest: usize = shape[1..].iter().product();
         modules.push(Factored {
             up: normal(&format!("{name}.lora_up.weight"), shape[0] * r, r),
