@@ -88,18 +88,33 @@ pub struct GenArgs {
     /// Seed (image i of a batch uses seed + i, as the web UI does).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Width in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Height in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Width in pixels, a multiple of 8 [default: the model's native size: 512 for SD1 and
+    /// SD2-base, 768 for SD2 768-v, 1024 for SDXL].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels, a multiple of 8 [default: as the width].
+    #[arg(long)]
+    pub height: Option<usize>,
     /// Images to make (a batch writes NAME-1.png, NAME-2.png, ... for `-o NAME.png`).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// CLIP skip (1: the last layer; 2: the penultimate).
+    /// CLIP skip (1: the last layer; 2: the penultimate). SD1 only: SD2 and SDXL always use
+    /// the penultimate layer, as the web UI does.
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Hires fix: upscale the latent by this factor (1 to 8), then denoise again.
+    #[arg(long, value_name = "FACTOR")]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass (0: as many as --steps).
+    #[arg(long, default_value_t = 0, requires = "hires_scale")]
+    pub hires_steps: u32,
+    /// Hires fix: denoising strength of the second pass, in (0, 1].
+    #[arg(long, default_value_t = 0.7, requires = "hires_scale")]
+    pub hires_strength: f64,
+    /// What the model predicts [default: guessed from the file: `v` for a `v_pred` marker
+    /// or an SD2 768-v model, else `epsilon`].
+    #[arg(long, value_enum)]
+    pub prediction: Option<crate::gen::pipeline::Prediction>,
     /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache].
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -1236,6 +1251,7 @@ fn gen(a: GenArgs) -> Result<()> {
         .0;
     let ck = std::sync::Arc::new(crate::checkpoint::Checkpoint::open(&a.model)?);
     let models = Models::load(ck, &device, dtype)?;
+    let size = models.native_size();
     let req = Request {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),
@@ -1243,10 +1259,16 @@ fn gen(a: GenArgs) -> Result<()> {
         cfg: a.cfg,
         sampler: a.sampler,
         seed: a.seed,
-        width: a.width,
-        height: a.height,
+        width: a.width.unwrap_or(size),
+        height: a.height.unwrap_or(size),
         batch: a.batch.max(1),
         clip_skip: a.clip_skip.max(1),
+        hires: a.hires_scale.map(|scale| crate::gen::png::Hires {
+            scale,
+            steps: a.hires_steps,
+            strength: a.hires_strength,
+        }),
+        prediction: a.prediction,
     };
     let outputs: Vec<PathBuf> = match req.batch {
         1 => vec![a.out.output.clone()],
@@ -1280,26 +1302,14 @@ fn gen(a: GenArgs) -> Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let (width, height) = req.output_size();
     for (i, (img, out)) in images.iter().zip(&outputs).enumerate() {
-        let params = crate::gen::png::Parameters {
-            prompt: req.prompt.clone(),
-            negative: req.negative.clone(),
-            steps: req.steps as u32,
-            sampler: req.sampler.label().to_string(),
-            cfg: req.cfg,
-            seed: req.seed.wrapping_add(i as u64),
-            width: req.width as u32,
-            height: req.height as u32,
-            model_hash: hashes.autov2.clone(),
-            model: model.clone(),
-            clip_skip: req.clip_skip as u32,
-            hires: None,
-        };
+        let params = crate::gen::png::Parameters::of(&req, i, &model, &hashes.autov2);
         crate::gen::png::write(
             out,
             img,
-            req.width as u32,
-            req.height as u32,
+            width as u32,
+            height as u32,
             &params,
             &key,
             a.out.overwrite,

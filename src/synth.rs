@@ -31,8 +31,8 @@ const NOISE_CHUNK: usize = 1 << 20;
 pub enum Size {
     /// Every key, dimensions divided by 32 (a few MB): for tests.
     Tiny,
-    /// Every key, widths shrunk so that the model still runs (SD1 only: U-Net widths / 10,
-    /// CLIP / 24, VAE / 4; about 30 MB): for generation tests.
+    /// Every key, widths shrunk so that the model still runs (SD1, SD2, SDXL: U-Net widths /
+    /// 10, text encoders 32 wide, VAE / 4; 30 to 75 MB): for generation tests.
     Small,
     /// The real shapes (SD1 fp16 about 2 GB, SDXL fp16 about 6.9 GB): for benchmarks.
     Full,
@@ -224,9 +224,11 @@ pub fn synthesize(
 }
 
 fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
-    if opts.size == Size::Small && opts.family != crate::arch::Family::Sd1 {
+    use crate::arch::Family;
+    if opts.size == Size::Small && !matches!(opts.family, Family::Sd1 | Family::Sd2 | Family::Sdxl)
+    {
         return Err(crate::error::Error::Invalid(format!(
-            "small (runnable) synthetic models exist for SD1 only, not {}",
+            "small (runnable) synthetic models exist for SD1, SD2 and SDXL, not {}",
             opts.family.label()
         )));
     }

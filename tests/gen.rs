@@ -934,9 +934,14 @@ fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
 
 /// A runnable small SD1 model (`synth --size small`) and a stand-in tokenizer in `dir`.
 fn small_model(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
-    let mut opts = common::tiny(Family::Sd1, seed);
+    small_model_of(Family::Sd1, dir, seed)
+}
+
+/// A runnable small model of `family` and a stand-in tokenizer in `dir`.
+fn small_model_of(family: Family, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let mut opts = common::tiny(family, seed);
     opts.size = mergesmith::synth::Size::Small;
-    let model = common::synth(dir, "small.safetensors", &opts);
+    let model = common::synth(dir, &format!("small-{}.safetensors", family.label()), &opts);
     let tok = dir.join("tokenizer.json");
     toy_tokenizer(&tok);
     (model, tok)
@@ -964,6 +969,8 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
         height: 48,
         batch: 2,
         clip_skip: 1,
+        hires: None,
+        prediction: None,
     };
     let images = models.generate(&tok, &req).unwrap();
     eprintln!("load + 2 images: {:.2} s", started.elapsed().as_secs_f64());
@@ -1074,7 +1081,7 @@ fn cli_gen_writes_pngs_with_parameters_and_asks_for_a_tokenizer() {
         );
         assert!(
             p.contains(&format!(
-                "Seed: {}, Size: 64x64, Model hash: {}, Model: small",
+                "Seed: {}, Size: 64x64, Model hash: {}, Model: small-SD1.x",
                 5 + i,
                 sha.autov2
             )),
@@ -1097,4 +1104,378 @@ fn cli_gen_writes_pngs_with_parameters_and_asks_for_a_tokenizer() {
         !none.status.success() && err.contains("no CLIP tokenizer found"),
         "{err}"
     );
+}
+
+/// Our U-Net's shape as read from a family's full reference layout.
+fn our_unet_config(
+    family: Family,
+    keys: &[(String, Vec<usize>)],
+) -> mergesmith::gen::unet::UnetConfig {
+    let shapes: BTreeMap<String, Vec<usize>> = keys
+        .iter()
+        .flat_map(|(k, s)| {
+            map_key(k, s)
+                .into_iter()
+                .map(move |(p, n, _)| (p, n, s.clone()))
+        })
+        .filter(|(p, _, _)| *p == Part::Unet)
+        .map(|(_, n, s)| (n, s))
+        .collect();
+    let pooled = (family == Family::Sdxl).then_some(1280);
+    let head_dim = (family != Family::Sd1).then_some(64);
+    mergesmith::gen::unet::UnetConfig::read(|n| shapes.get(n).cloned(), head_dim, pooled).unwrap()
+}
+
+#[test]
+fn our_unet_reads_its_shape_and_loads_every_unet_tensor_of_each_family() {
+    use mergesmith::gen::unet::{Level, Unet};
+    let level = |channels, depth, heads| Level {
+        channels,
+        depth,
+        heads,
+    };
+    for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+        let keys: Vec<(String, Vec<usize>)> = layout::release_keys(family, false)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.shape))
+            .collect();
+        let config = our_unet_config(family, &keys);
+        // The published diffusers configs of SD 1.5, SD 2.1 and SDXL base.
+        let (levels, context, linear, added, mid) = match family {
+            Family::Sd1 => (
+                vec![
+                    level(320, 1, 8),
+                    level(640, 1, 8),
+                    level(1280, 1, 8),
+                    level(1280, 0, 8),
+                ],
+                768,
+                false,
+                None,
+                1,
+            ),
+            Family::Sd2 => (
+                vec![
+                    level(320, 1, 5),
+                    level(640, 1, 10),
+                    level(1280, 1, 20),
+                    level(1280, 0, 20),
+                ],
+                1024,
+                true,
+                None,
+                1,
+            ),
+            _ => (
+                vec![level(320, 0, 5), level(640, 2, 10), level(1280, 10, 20)],
+                2048,
+                true,
+                Some((2816, 256)),
+                10,
+            ),
+        };
+        assert_eq!(config.levels, levels, "{family:?}");
+        assert_eq!(
+            (
+                config.context,
+                config.linear_projection,
+                config.added,
+                config.mid_depth
+            ),
+            (context, linear, added, mid),
+            "{family:?}"
+        );
+        assert_eq!((config.layers_per_block, config.latent_channels), (2, 4));
+        // Every mapped U-Net tensor is asked for, with its shape (unlike candle's own U-Net,
+        // which leaves SDXL's added conditioning out).
+        let left = unasked(&keys, Part::Unet, |vb| Unet::new(vb, config).map(|_| ()));
+        assert!(left.is_empty(), "{family:?}: {left:?}");
+    }
+}
+
+/// Every U-Net tensor of a small model by diffusers name, `zero` ones zeroed.
+fn unet_tensors(
+    ck: &std::sync::Arc<Checkpoint>,
+    zero: &[&str],
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    use mergesmith::gen::weights::CheckpointWeights;
+    let map = std::sync::Arc::new(WeightMap::of(ck));
+    let dev = candle_core::Device::Cpu;
+    let vb = CheckpointWeights::new(ck.clone(), map.clone(), Part::Unet)
+        .var_builder(candle_core::DType::F32, &dev);
+    map.names(Part::Unet)
+        .map(|n| {
+            let t = vb.get_unchecked(n).unwrap();
+            let t = match zero.contains(&n) {
+                true => t.zeros_like().unwrap(),
+                false => t,
+            };
+            (n.to_string(), t)
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn our_unet_matches_candles_and_adds_sdxl_conditioning_exactly() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+    use mergesmith::gen::unet::{Unet, UnetConfig};
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+        let (model, _) = small_model_of(family, dir.path(), 11);
+        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+        let xl = family == Family::Sdxl;
+        // With SDXL's added MLP output zeroed, the U-Nets must agree; candle's has no added
+        // conditioning at all.
+        let zeroed = [
+            "add_embedding.linear_2.weight",
+            "add_embedding.linear_2.bias",
+        ];
+        let tensors = unet_tensors(&ck, if xl { &zeroed } else { &[] });
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+        let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+        let config = UnetConfig::read(
+            shape,
+            (family != Family::Sd1).then_some(64),
+            xl.then_some(32),
+        )
+        .unwrap();
+        let ours = Unet::new(vb.clone(), config.clone()).unwrap();
+        let l = &config.levels;
+        let mut channels = [0; 4];
+        let mut transformers = [None; 4];
+        let mut heads = [0; 4];
+        for (i, level) in l.iter().enumerate() {
+            channels[i] = level.channels;
+            transformers[i] = (level.depth > 0).then_some(level.depth);
+            heads[i] = level.heads;
+        }
+        let candle_config = unet_config(
+            channels,
+            l.len(),
+            transformers,
+            heads,
+            config.context,
+            config.linear_projection,
+        );
+        let theirs = UNet2DConditionModel::new(vb, 4, 4, false, candle_config).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev).unwrap();
+        let ctx = Tensor::randn(0f32, 1., (2, 77, config.context), &dev).unwrap();
+        let pooled = Tensor::randn(0f32, 1., (2, 32), &dev).unwrap();
+        let ids = Tensor::new(
+            &[[64f32, 64., 0., 0., 64., 64.], [48., 64., 8., 0., 64., 64.]],
+            &dev,
+        )
+        .unwrap();
+        let added = xl.then_some((&pooled, &ids));
+        let a = ours.forward(&x, 500., &ctx, added).unwrap();
+        let b = theirs.forward(&x, 500., &ctx).unwrap();
+        let scale = max_abs_diff(&b, &b.zeros_like().unwrap());
+        assert!(max_abs_diff(&a, &b) <= 1e-5 * scale.max(1.0), "{family:?}");
+        if !xl {
+            continue;
+        }
+        // The added embedding against a plain f64 computation from the checkpoint weights:
+        // each time id as [cos(id·f_k), sin(id·f_k)] with f_k = 10000^(−k/128), after the
+        // pooled text, then linear_1, SiLU, linear_2.
+        let real = Unet::new(
+            candle_nn::VarBuilder::from_tensors(unet_tensors(&ck, &[]), DType::F32, &dev),
+            config,
+        )
+        .unwrap();
+        let got = real
+            .added_embedding(&pooled, &ids)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let w = |n: &str| tensors_f64(&ck, n);
+        let (w1, b1, w2, b2) = (
+            w("add_embedding.linear_1.weight"),
+            w("add_embedding.linear_1.bias"),
+            w("add_embedding.linear_2.weight"),
+            w("add_embedding.linear_2.bias"),
+        );
+        let pooled = pooled.to_vec2::<f32>().unwrap();
+        let ids = ids.to_vec2::<f32>().unwrap();
+        for b in 0..2 {
+            let mut input: Vec<f64> = pooled[b].iter().map(|&v| v as f64).collect();
+            for &id in &ids[b] {
+                let f = |k: usize| (-(10000f64.ln()) * k as f64 / 128.0).exp();
+                input.extend((0..128).map(|k| (id as f64 * f(k)).cos()));
+                input.extend((0..128).map(|k| (id as f64 * f(k)).sin()));
+            }
+            let lin = |w: &[Vec<f64>], b: &[Vec<f64>], x: &[f64]| -> Vec<f64> {
+                w.iter()
+                    .zip(&b[0])
+                    .map(|(row, bias)| row.iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + bias)
+                    .collect()
+            };
+            let h: Vec<f64> = lin(&w1, &b1, &input)
+                .into_iter()
+                .map(|v| v / (1.0 + (-v).exp()))
+                .collect();
+            let want = lin(&w2, &b2, &h);
+            for (g, e) in got[b].iter().zip(&want) {
+                assert!(
+                    (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
+/// A U-Net tensor of a checkpoint in f64 rows (a vector is one row).
+fn tensors_f64(ck: &std::sync::Arc<Checkpoint>, name: &str) -> Vec<Vec<f64>> {
+    let t = &unet_tensors(ck, &[])[name];
+    let t = match t.rank() {
+        1 => t.unsqueeze(0).unwrap(),
+        _ => t.clone(),
+    };
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn v_prediction_and_hires_helpers_solve_known_cases() {
+    use candle_core::{Device, Tensor};
+    use mergesmith::gen::pipeline::{denoised, hires_sigmas, upscale_latent, Prediction};
+    use mergesmith::gen::sampler::{Sampler, Schedule};
+    let dev = Device::Cpu;
+    // x = x0 + σ·ε; the ideal ε-model outputs ε, the ideal v-model (ε − σ·x0) / √(σ² + 1):
+    // both denoisers must give x0 back.
+    let (x0, eps, sigma) = ([0.3f32, -1.2, 2.0], [1.0f32, 0.5, -0.7], 2.5f64);
+    let x: Vec<f32> = x0
+        .iter()
+        .zip(&eps)
+        .map(|(a, e)| a + sigma as f32 * e)
+        .collect();
+    let v: Vec<f32> = x0
+        .iter()
+        .zip(&eps)
+        .map(|(a, e)| ((*e as f64 - sigma * *a as f64) / (sigma * sigma + 1.0).sqrt()) as f32)
+        .collect();
+    let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
+    for (prediction, out) in [(Prediction::Epsilon, eps.to_vec()), (Prediction::V, v)] {
+        let got = denoised(prediction, &t(&x), &t(&out), sigma)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (g, e) in got.iter().zip(&x0) {
+            assert!((g - e).abs() < 1e-5, "{prediction:?}: {got:?}");
+        }
+    }
+    // PyTorch's bilinear interpolate(scale_factor=2, align_corners=False) of [[0, 1], [2, 3]].
+    let latent = Tensor::new(&[0f32, 1., 2., 3.], &dev)
+        .unwrap()
+        .reshape((1, 1, 2, 2))
+        .unwrap();
+    let up = upscale_latent(&latent, 4, 4)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(
+        up,
+        [0., 0.25, 0.75, 1., 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2., 2.25, 2.75, 3.]
+    );
+    // A hires pass of 10 steps at strength 0.5 walks the last 10 steps of a 20-step schedule.
+    let schedule = Schedule::default();
+    let full = Sampler::Euler.sigmas(&schedule, 20);
+    let part = hires_sigmas(Sampler::Euler, &schedule, 10, 0.5);
+    assert_eq!(part.len(), 11);
+    assert_eq!(part, full[10..]);
+    // Strength 1 starts from (almost) pure noise: A1111 caps it at 0.999.
+    let all = hires_sigmas(Sampler::Euler, &schedule, 10, 1.0);
+    assert_eq!(all.len(), 11);
+    assert!(all[0] <= Sampler::Euler.sigmas(&schedule, 10)[0]);
+}
+
+#[test]
+fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
+    use mergesmith::gen::pipeline::{Models, Prediction, Request};
+    use mergesmith::gen::png::Hires;
+    use mergesmith::gen::sampler::Sampler;
+    use mergesmith::gen::tokenizer::ClipTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Sd2, Family::Sdxl] {
+        let (model, tok_path) = small_model_of(family, dir.path(), 5);
+        let tok = ClipTokenizer::open(&tok_path).unwrap();
+        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+        let models = Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        assert_eq!(models.family(), family);
+        // Synthetic SD2 weights are not spread like 768-v's: ε-prediction, 512 px.
+        assert_eq!(models.prediction(), Prediction::Epsilon);
+        assert_eq!(
+            models.native_size(),
+            if family == Family::Sdxl { 1024 } else { 512 }
+        );
+        let req = Request {
+            prompt: "a cat".into(),
+            negative: "a".into(),
+            steps: 2,
+            cfg: 5.0,
+            sampler: Sampler::DpmPp2m,
+            seed: 1,
+            width: 64,
+            height: 48,
+            batch: 2,
+            clip_skip: 1,
+            hires: None,
+            prediction: None,
+        };
+        let images = models.generate(&tok, &req).unwrap();
+        assert_eq!(images.len(), 2);
+        assert!(images.iter().all(|i| i.len() == 64 * 48 * 3));
+        assert_ne!(images[0], images[1]);
+        assert_eq!(models.generate(&tok, &req).unwrap(), images, "{family:?}");
+        // v-prediction changes the image; the hires fix makes 1.5 × the size.
+        let v = Request {
+            prediction: Some(Prediction::V),
+            batch: 1,
+            ..req.clone()
+        };
+        assert_ne!(models.generate(&tok, &v).unwrap()[0], images[0]);
+        let hires = Request {
+            hires: Some(Hires {
+                scale: 1.5,
+                steps: 2,
+                strength: 0.5,
+            }),
+            batch: 1,
+            ..req.clone()
+        };
+        assert_eq!(hires.output_size(), (96, 72));
+        let big = models.generate(&tok, &hires).unwrap();
+        assert_eq!(big[0].len(), 96 * 72 * 3);
+        assert_eq!(models.generate(&tok, &hires).unwrap(), big);
+        let bad = Request {
+            hires: Some(Hires {
+                scale: 1.5,
+                steps: 0,
+                strength: 1.5,
+            }),
+            ..req.clone()
+        };
+        let err = models.generate(&tok, &bad).unwrap_err().to_string();
+        assert!(err.contains("denoising strength 1.5"), "{err}");
+    }
 }

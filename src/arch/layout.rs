@@ -162,16 +162,40 @@ pub fn tiny_dim(d: usize) -> usize {
     }
 }
 
-/// Shrinks a dimension of an SD1 tensor of `component` for `small` models, which must still
-/// run: U-Net widths (multiples of 320) / 10 and its cross-attention context 768 → 32, CLIP-L
-/// widths / 24 (768 → 32, 3072 → 128), VAE widths / 4 (128, 256, 512 → 32, 64, 128); so
-/// every GroupNorm still has 32 groups. Vocabulary, positions, kernels and latent channels
-/// are kept.
+/// Shrinks a dimension of an SD1 / SD2 / SDXL tensor of `component` for `small` models, which
+/// must still run: U-Net widths (multiples of 320) / 10; every text encoder 32 wide with a
+/// 128-wide MLP, so the U-Net's context becomes 32 (SD1, SD2) or 64 (SDXL: two encoders) and
+/// SDXL's added conditioning 32 + 6 × 256 (pooled text, time ids); VAE widths / 4 (128, 256,
+/// 512 → 32, 64, 128), so every GroupNorm still has 32 groups. Vocabulary, positions,
+/// kernels, latent channels and the time ids' 256-wide embedding are kept.
 pub fn small_dim(component: &str, d: usize) -> usize {
+    const CLIP: usize = 32;
     match component {
-        "diffuser" | "ema" if d.is_multiple_of(320) => d / 10,
-        "diffuser" | "ema" | "clip_l" if d == 768 => 32,
-        "clip_l" if d == 3072 => 128,
+        "diffuser" | "ema" => match d {
+            _ if d.is_multiple_of(320) => d / 10,
+            768 | 1024 => CLIP,
+            2048 => 2 * CLIP,
+            2816 => CLIP + 6 * 256,
+            _ => d,
+        },
+        // Width, MLP width and (OpenCLIP) the fused q/k/v projection's 3 × width.
+        "clip_l" => match d {
+            768 => CLIP,
+            3072 => 4 * CLIP,
+            _ => d,
+        },
+        "clip_h" => match d {
+            1024 => CLIP,
+            4096 => 4 * CLIP,
+            3072 => 3 * CLIP,
+            _ => d,
+        },
+        "clip_g" => match d {
+            1280 => CLIP,
+            5120 => 4 * CLIP,
+            3840 => 3 * CLIP,
+            _ => d,
+        },
         "vae" if matches!(d, 128 | 256 | 512) => d / 4,
         _ => d,
     }

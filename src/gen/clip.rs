@@ -147,6 +147,11 @@ impl ClipTextModel {
         })
     }
 
+    /// Its transformer layers.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Encodes `ids` (`[batch, tokens]`, u32): the hidden states after layer `layers − skip`
     /// (`skip` 1 is the last layer, 2 the penultimate: the web UI's "clip skip"), through the
     /// final layer norm when `final_norm`; plus the pooled output when the model has a

@@ -11,4 +11,5 @@ pub mod pipeline;
 pub mod png;
 pub mod sampler;
 pub mod tokenizer;
+pub mod unet;
 pub mod weights;

@@ -1,23 +1,54 @@
-//! Text to image for SD1 checkpoints (SD2 and SDXL to come): our CLIP text encoder, candle's
-//! U-Net and VAE, all loading straight from the checkpoint through [`CheckpointWeights`],
-//! driven by [`sampler`](crate::gen::sampler) with classifier-free guidance. Model shapes are
-//! read from the checkpoint, so full-size and `synth --size small` models load alike.
+//! Text to image for SD1, SD2 and SDXL checkpoints: our CLIP text encoders, our U-Net on
+//! candle's blocks ([`Unet`]) and candle's VAE, all loading straight from the checkpoint
+//! through [`CheckpointWeights`], driven by [`sampler`](crate::gen::sampler) with
+//! classifier-free guidance, plus A1111's hires fix (the latent upscaled bilinearly, then
+//! denoised again from part way down the schedule). Model shapes are read from the checkpoint,
+//! so full-size and `synth --size small` models load alike.
+//!
+//! Text conditioning follows the web UI per family:
+//! - SD1: CLIP-L, the hidden state `clip_skip` layers from the end, through the final norm.
+//! - SD2: OpenCLIP ViT-H, always the penultimate layer through the final norm (A1111 ignores
+//!   clip skip for SD2).
+//! - SDXL: CLIP-L and OpenCLIP bigG, both penultimate without the final norm, concatenated
+//!   (768 + 1280 = 2048 wide); bigG's pooled, projected end token of the first chunk and the
+//!   time ids (size, crop 0, target size = the pass's image size) feed the U-Net's added
+//!   embedding.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::vae;
 
+use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
 use crate::gen::names::{Part, WeightMap};
+use crate::gen::png::Hires;
 use crate::gen::sampler::{sample, Sampler, Schedule};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
+use crate::gen::unet::{Unet, UnetConfig, TIME_IDS};
 use crate::gen::weights::CheckpointWeights;
 
-/// The VAE's latent scale for SD1 / SD2.
-const LATENT_SCALE: f64 = 0.18215;
+/// What the model's output predicts.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The noise (SD1, SD2-base, SDXL).
+    Epsilon,
+    /// The "velocity" (SD2 768-v, v-prediction fine-tunes).
+    V,
+}
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -34,24 +65,64 @@ pub struct Request {
     pub sampler: Sampler,
     /// Seed (image `i` of a batch uses seed + `i`, as the web UI does).
     pub seed: u64,
-    /// Width in pixels (a multiple of 8).
+    /// Width in pixels (a multiple of 8), before any hires fix.
     pub width: usize,
-    /// Height in pixels (a multiple of 8).
+    /// Height in pixels (a multiple of 8), before any hires fix.
     pub height: usize,
     /// Images.
     pub batch: usize,
-    /// CLIP skip (1: the last layer).
+    /// CLIP skip (1: the last layer; SD1 only, as in the web UI).
     pub clip_skip: usize,
+    /// Hires fix: a second pass at `scale` times the size.
+    pub hires: Option<Hires>,
+    /// What the model predicts; `None`: as [`Models::prediction`] guessed from the file.
+    pub prediction: Option<Prediction>,
 }
 
-/// A loaded SD1 model: text encoder, U-Net and VAE, reused for every image.
+impl Request {
+    /// The size of the images it makes: (width, height) after the hires fix, if any.
+    pub fn output_size(&self) -> (usize, usize) {
+        match &self.hires {
+            None => (self.width, self.height),
+            Some(h) => (
+                hires_dim(self.width, h.scale),
+                hires_dim(self.height, h.scale),
+            ),
+        }
+    }
+}
+
+/// A hires-fix dimension: `d · scale` rounded down to a multiple of 8, as A1111 does.
+fn hires_dim(d: usize, scale: f64) -> usize {
+    ((d as f64 * scale) as usize / 8 * 8).max(8)
+}
+
+/// The text encoders of a family.
+enum TextEncoders {
+    /// SD1: CLIP-L.
+    Sd1(ClipTextModel),
+    /// SD2: OpenCLIP ViT-H.
+    Sd2(ClipTextModel),
+    /// SDXL: CLIP-L and OpenCLIP bigG (with its projection).
+    Sdxl(ClipTextModel, ClipTextModel),
+}
+
+/// A prompt's conditioning: `[1, tokens, width]` hidden states, and SDXL's pooled embedding.
+struct Cond {
+    context: Tensor,
+    pooled: Option<Tensor>,
+}
+
+/// A loaded model: text encoder(s), U-Net and VAE, reused for every image.
 pub struct Models {
-    clip: ClipTextModel,
-    unet: unet_2d::UNet2DConditionModel,
+    family: Family,
+    text: TextEncoders,
+    unet: Unet,
     vae: vae::AutoEncoderKL,
     device: Device,
     dtype: DType,
     schedule: Schedule,
+    prediction: Prediction,
 }
 
 fn cerr(e: candle_core::Error) -> Error {
@@ -71,69 +142,76 @@ fn shape(ck: &Checkpoint, map: &WeightMap, part: Part, name: &str) -> Result<Vec
         })
 }
 
+/// The VAE's latent scale: SD1 / SD2, SDXL.
+fn latent_scale(family: Family) -> f64 {
+    match family {
+        Family::Sdxl => 0.13025,
+        _ => 0.18215,
+    }
+}
+
+/// SDXL conditions on CLIP-L's 11th layer (the penultimate of 12); some files drop the 12th,
+/// which nothing uses.
+const SDXL_CLIP_L_LAYER: usize = 11;
+
+/// The spread of this norm bias tells SD2 768-v from SD2-base (ComfyUI's rule: v-prediction
+/// when its standard deviation is above 0.09).
+const SD2_V_PROBE: &str =
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+
 impl Models {
-    /// Loads an SD1 checkpoint's models on `device` in `dtype`.
+    /// Loads a checkpoint's models on `device`: text encoders and U-Net in `dtype`, the VAE
+    /// in f32 (SDXL's VAE overflows in f16).
     pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
-        let family = crate::arch::detect(ck.tensors()).family;
-        if family != crate::arch::Family::Sd1 {
+        let arch = crate::arch::detect(ck.tensors());
+        let family = arch.family;
+        let supported = matches!(family, Family::Sd1 | Family::Sd2 | Family::Sdxl);
+        if !supported || arch.variant != crate::arch::Variant::Standard {
             return Err(Error::Invalid(format!(
-                "{}: generation supports SD1 checkpoints so far, this is {}",
+                "{}: generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL \
+                 checkpoints; this is {} ({})",
                 ck.path().display(),
-                family.label()
+                family.label(),
+                arch.rule
             )));
         }
         let map = Arc::new(WeightMap::of(&ck));
-        let vb =
-            |part| CheckpointWeights::new(ck.clone(), map.clone(), part).var_builder(dtype, device);
-        let te = |n: &str| shape(&ck, &map, Part::TextEncoder, n);
-        let token = te("text_model.embeddings.token_embedding.weight")?;
-        let layers = map
-            .names(Part::TextEncoder)
-            .filter(|n| n.ends_with(".layer_norm1.weight"))
-            .count();
-        let clip_config = ClipConfig {
-            vocab: token[0],
-            dim: token[1],
-            layers,
-            heads: (token[1] / 64).max(1),
-            intermediate: te("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
-            positions: te("text_model.embeddings.position_embedding.weight")?[0],
-            quick_gelu: true,
+        let vb = |part, dtype| {
+            CheckpointWeights::new(ck.clone(), map.clone(), part).var_builder(dtype, device)
         };
-        let clip = ClipTextModel::new(vb(Part::TextEncoder), &clip_config, false).map_err(cerr)?;
-        let c0 = shape(&ck, &map, Part::Unet, "conv_in.weight")?[0];
-        let context = shape(
-            &ck,
-            &map,
-            Part::Unet,
-            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-        )?[1];
-        let block = |mult: usize, attn: bool| unet_2d::BlockConfig {
-            out_channels: c0 * mult,
-            use_cross_attn: attn.then_some(1),
-            attention_head_dim: 8,
+        let clip = |part: Part, quick_gelu: bool, projection: bool| -> Result<ClipTextModel> {
+            let config = clip_config(&ck, &map, part, quick_gelu)?;
+            ClipTextModel::new(vb(part, dtype), &config, projection).map_err(cerr)
         };
-        let unet_config = unet_2d::UNet2DConditionModelConfig {
-            blocks: vec![
-                block(1, true),
-                block(2, true),
-                block(4, true),
-                block(4, false),
-            ],
-            center_input_sample: false,
-            cross_attention_dim: context,
-            downsample_padding: 1,
-            flip_sin_to_cos: true,
-            freq_shift: 0.,
-            layers_per_block: 2,
-            mid_block_scale_factor: 1.,
-            norm_eps: 1e-5,
-            norm_num_groups: 32,
-            sliced_attention_size: None,
-            use_linear_projection: false,
+        let (text, pooled) = match family {
+            Family::Sd1 => (
+                TextEncoders::Sd1(clip(Part::TextEncoder, true, false)?),
+                None,
+            ),
+            Family::Sd2 => (
+                TextEncoders::Sd2(clip(Part::TextEncoder, false, false)?),
+                None,
+            ),
+            _ => {
+                let proj = shape(&ck, &map, Part::TextEncoder2, "text_projection.weight")?;
+                (
+                    TextEncoders::Sdxl(
+                        clip(Part::TextEncoder, true, false)?,
+                        clip(Part::TextEncoder2, false, true)?,
+                    ),
+                    Some(proj[0]),
+                )
+            }
         };
-        let unet = unet_2d::UNet2DConditionModel::new(vb(Part::Unet), 4, 4, false, unet_config)
-            .map_err(cerr)?;
+        let unet_shape = |name: &str| {
+            map.get(Part::Unet, name)
+                .and_then(|s| ck.get(&s.key))
+                .map(|t| t.shape.clone())
+        };
+        let head_dim = (family != Family::Sd1).then_some(64);
+        let unet_config = UnetConfig::read(unet_shape, head_dim, pooled)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+        let unet = Unet::new(vb(Part::Unet, dtype), unet_config).map_err(cerr)?;
         let v0 = shape(&ck, &map, Part::Vae, "decoder.conv_norm_out.weight")?[0];
         let vae_config = vae::AutoEncoderKLConfig {
             block_out_channels: vec![v0, 2 * v0, 4 * v0, 4 * v0],
@@ -143,96 +221,145 @@ impl Models {
             use_quant_conv: true,
             use_post_quant_conv: true,
         };
-        let vae = vae::AutoEncoderKL::new(vb(Part::Vae), 3, 3, vae_config).map_err(cerr)?;
+        let vae =
+            vae::AutoEncoderKL::new(vb(Part::Vae, DType::F32), 3, 3, vae_config).map_err(cerr)?;
+        let prediction = guess_prediction(&ck, family)?;
         Ok(Models {
-            clip,
+            family,
+            text,
             unet,
             vae,
             device: device.clone(),
             dtype,
             schedule: Schedule::default(),
+            prediction,
         })
     }
 
-    /// Text embeddings of a prompt: its 77-token chunks encoded and joined along the tokens.
-    fn embed(&self, tok: &ClipTokenizer, text: &str, clip_skip: usize) -> Result<Tensor> {
-        let chunks = tok.encode(text, Pad::EndOfText)?;
-        let mut out = Vec::new();
-        for c in chunks {
-            let ids = Tensor::new(c.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(cerr)?;
-            out.push(
-                self.clip
-                    .forward(&ids, clip_skip, true)
-                    .map_err(cerr)?
-                    .hidden,
-            );
-        }
-        Tensor::cat(&out, 1).map_err(cerr)
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.family
     }
 
-    /// Generates `req.batch` images: 8-bit RGB pixels, `width × height × 3` each.
-    pub fn generate(&self, tok: &ClipTokenizer, req: &Request) -> Result<Vec<Vec<u8>>> {
-        let ok = |d: usize| d > 0 && d.is_multiple_of(8);
-        if !ok(req.width) || !ok(req.height) {
-            return Err(Error::Invalid(format!(
-                "image size {}x{} is not a multiple of 8",
-                req.width, req.height
-            )));
+    /// What the file's model predicts, as far as the file tells: v-prediction when it has a
+    /// `v_pred` marker tensor (as v-prediction SDXL fine-tunes ship) or is an SD2 768-v model
+    /// by ComfyUI's rule; noise otherwise. A request's `prediction` overrides it.
+    pub fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    /// The size the family was trained at: 512 (SD1, SD2-base), 768 (SD2 768-v), 1024 (SDXL).
+    pub fn native_size(&self) -> usize {
+        match (self.family, self.prediction) {
+            (Family::Sdxl, _) => 1024,
+            (Family::Sd2, Prediction::V) => 768,
+            _ => 512,
         }
-        let (cond, uncond) = (
-            self.embed(tok, &req.prompt, req.clip_skip)?,
-            self.embed(tok, &req.negative, req.clip_skip)?,
-        );
+    }
+
+    /// Encodes a prompt chunk by chunk (75 tokens each), joining the chunks along the tokens.
+    fn encode(&self, tok: &ClipTokenizer, text: &str, clip_skip: usize) -> Result<Cond> {
+        let run = |model: &ClipTextModel, pad: Pad, skip: usize, norm: bool| {
+            let mut hidden = Vec::new();
+            let mut pooled = None;
+            for chunk in tok.encode(text, pad)? {
+                let ids = Tensor::new(chunk.as_slice(), &self.device)
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(cerr)?;
+                let out = model.forward(&ids, skip, norm).map_err(cerr)?;
+                hidden.push(out.hidden);
+                // The web UI takes the pooled embedding of the first chunk.
+                pooled = pooled.or(out.pooled);
+            }
+            let hidden = Tensor::cat(&hidden, 1).map_err(cerr)?;
+            Ok::<_, Error>((hidden, pooled))
+        };
+        Ok(match &self.text {
+            TextEncoders::Sd1(m) => Cond {
+                context: run(m, Pad::EndOfText, clip_skip.max(1), true)?.0,
+                pooled: None,
+            },
+            TextEncoders::Sd2(m) => Cond {
+                context: run(m, Pad::Zero, 2, true)?.0,
+                pooled: None,
+            },
+            TextEncoders::Sdxl(l, g) => {
+                let skip_l = (l.layers() + 1).saturating_sub(SDXL_CLIP_L_LAYER).max(1);
+                let (hl, _) = run(l, Pad::EndOfText, skip_l, false)?;
+                let (hg, pooled) = run(g, Pad::Zero, 2, false)?;
+                Cond {
+                    context: Tensor::cat(&[hl, hg], 2).map_err(cerr)?,
+                    pooled,
+                }
+            }
+        })
+    }
+
+    /// Generates `req.batch` images: 8-bit RGB pixels, row-major `height × width × 3` each,
+    /// at [`Request::output_size`].
+    pub fn generate(&self, tok: &ClipTokenizer, req: &Request) -> Result<Vec<Vec<u8>>> {
+        check(req)?;
+        let prediction = req.prediction.unwrap_or(self.prediction);
+        let cond = self.encode(tok, &req.prompt, req.clip_skip)?;
+        let uncond = self.encode(tok, &req.negative, req.clip_skip)?;
         // Prompt and negative prompt may have different numbers of chunks: repeat the
         // shorter one's last chunk, as the web UI pads with empty chunks.
-        let (cond, uncond) = match_chunks(cond, uncond)?;
-        let context = Tensor::cat(&[uncond, cond], 0)
+        let (c, u) = match_chunks(cond.context, uncond.context)?;
+        let context = Tensor::cat(&[u, c], 0)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(cerr)?;
-        let (lh, lw) = (req.height / 8, req.width / 8);
-        let sigmas = req.sampler.sigmas(&self.schedule, req.steps.max(1));
-        // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
-        let normal = |key: &str, seed: u64| -> Result<Tensor> {
-            let mut v = vec![0f32; 4 * lh * lw];
-            crate::noise::fill_normal("mergesmith-gen-v1", seed, key, 0, &mut v);
-            Tensor::from_vec(v, (1, 4, lh, lw), &self.device).map_err(cerr)
+        let pooled = match (uncond.pooled, cond.pooled) {
+            (Some(u), Some(c)) => Some(
+                Tensor::cat(&[u, c], 0)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(cerr)?,
+            ),
+            _ => None,
+        };
+        let pass = Pass {
+            models: self,
+            req,
+            prediction,
+            context: &context,
+            pooled: pooled.as_ref(),
         };
         let mut images = Vec::new();
         for b in 0..req.batch.max(1) {
-            let b = req.seed.wrapping_add(b as u64);
-            let x = (normal("latent", b)? * sigmas[0]).map_err(cerr)?;
-            let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
-                let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-                let input = (Tensor::cat(&[x, x], 0).map_err(cerr)? * c_in)
-                    .and_then(|t| t.to_dtype(self.dtype))
-                    .map_err(cerr)?;
-                let t = self.schedule.timestep(sigma);
-                let eps = self
-                    .unet
-                    .forward(&input, t, &context)
-                    .and_then(|e| e.to_dtype(DType::F32))
-                    .map_err(cerr)?;
-                let (u, c) = (eps.get(0).map_err(cerr)?, eps.get(1).map_err(cerr)?);
-                let guided = (&u + ((c - &u).map_err(cerr)? * req.cfg).map_err(cerr)?)
-                    .and_then(|g| g.unsqueeze(0))
-                    .map_err(cerr)?;
-                (x - (guided * sigma).map_err(cerr)?).map_err(cerr)
-            };
-            let steps = |i: usize| normal(&format!("step{i}"), b);
-            let latent = sample(req.sampler, x, &sigmas, denoise, steps)?;
+            // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
+            let seed = req.seed.wrapping_add(b as u64);
+            let (lw, lh) = (req.width / 8, req.height / 8);
+            let sigmas = req.sampler.sigmas(&self.schedule, req.steps);
+            let x = (self.noise("latent", seed, lw, lh)? * sigmas[0]).map_err(cerr)?;
+            let mut latent = pass.run(x, &sigmas, seed, "step")?;
+            if let Some(h) = &req.hires {
+                let (w, h2) = req.output_size();
+                let up = upscale_latent(&latent, w / 8, h2 / 8)?;
+                let steps = match h.steps {
+                    0 => req.steps,
+                    n => n as usize,
+                };
+                let sigmas = hires_sigmas(req.sampler, &self.schedule, steps, h.strength);
+                let noise =
+                    (self.noise("hires", seed, w / 8, h2 / 8)? * sigmas[0]).map_err(cerr)?;
+                latent = pass.run((up + noise).map_err(cerr)?, &sigmas, seed, "hires-step")?;
+            }
             images.push(self.decode(&latent)?);
         }
         Ok(images)
     }
 
+    /// Standard normal latent noise `[1, 4, lh, lw]` from the seeded stream `key`.
+    fn noise(&self, key: &str, seed: u64, lw: usize, lh: usize) -> Result<Tensor> {
+        let mut v = vec![0f32; 4 * lh * lw];
+        crate::noise::fill_normal("mergesmith-gen-v1", seed, key, 0, &mut v);
+        Tensor::from_vec(v, (1, 4, lh, lw), &self.device).map_err(cerr)
+    }
+
     /// Decodes one latent to 8-bit RGB, row-major `height × width × 3`.
     fn decode(&self, latent: &Tensor) -> Result<Vec<u8>> {
-        let img = (latent / LATENT_SCALE)
-            .and_then(|l| l.to_dtype(self.dtype))
+        let img = (latent / latent_scale(self.family))
+            .and_then(|l| l.to_dtype(DType::F32))
             .and_then(|l| self.vae.decode(&l))
-            .and_then(|i| i.to_dtype(DType::F32))
             .and_then(|i| ((i + 1.0)? * 127.5)?.clamp(0f32, 255f32))
             .and_then(|i| i.round())
             .and_then(|i| {
@@ -244,6 +371,196 @@ impl Models {
             .map_err(cerr)?;
         Ok(img.into_iter().map(|v| v as u8).collect())
     }
+}
+
+/// One denoising pass's fixed inputs.
+struct Pass<'a> {
+    models: &'a Models,
+    req: &'a Request,
+    prediction: Prediction,
+    /// `[2, tokens, width]`: negative, then positive.
+    context: &'a Tensor,
+    /// SDXL: `[2, pooled]`.
+    pooled: Option<&'a Tensor>,
+}
+
+impl Pass<'_> {
+    /// Samples from `x` (noise at `sigmas[0]`) down `sigmas`; ancestral noise from the
+    /// stream `key{i}` of `seed`.
+    fn run(&self, x: Tensor, sigmas: &[f64], seed: u64, key: &str) -> Result<Tensor> {
+        let m = self.models;
+        let (lh, lw) = (x.dim(2).map_err(cerr)?, x.dim(3).map_err(cerr)?);
+        // SDXL's time ids: original size, crop (0, 0), target size, as (height, width).
+        let ids = match self.pooled {
+            None => None,
+            Some(_) => {
+                let (h, w) = ((lh * 8) as f32, (lw * 8) as f32);
+                let one = [h, w, 0.0, 0.0, h, w];
+                let both: Vec<f32> = one.iter().chain(&one).copied().collect();
+                Some(Tensor::from_vec(both, (2, TIME_IDS), &m.device).map_err(cerr)?)
+            }
+        };
+        let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
+            let scale = (sigma * sigma + 1.0).sqrt();
+            let input = (Tensor::cat(&[x, x], 0).map_err(cerr)? / scale)
+                .and_then(|t| t.to_dtype(m.dtype))
+                .map_err(cerr)?;
+            let t = m.schedule.timestep(sigma);
+            let added = self.pooled.zip(ids.as_ref());
+            let out = m
+                .unet
+                .forward(&input, t, self.context, added)
+                .and_then(|e| e.to_dtype(DType::F32))
+                .map_err(cerr)?;
+            let (u, c) = (out.get(0).map_err(cerr)?, out.get(1).map_err(cerr)?);
+            let guided = (&u + ((c - &u).map_err(cerr)? * self.req.cfg).map_err(cerr)?)
+                .and_then(|g| g.unsqueeze(0))
+                .map_err(cerr)?;
+            denoised(self.prediction, x, &guided, sigma)
+        };
+        let noise = |i: usize| m.noise(&format!("{key}{i}"), seed, lw, lh);
+        sample(self.req.sampler, x, sigmas, denoise, noise)
+    }
+}
+
+/// The clean-latent estimate from the model's output `out` for `x` at noise level `sigma`
+/// (k-diffusion's denoisers): `x − σ·ε` for ε-prediction; `x / (σ² + 1) − v · σ / √(σ² + 1)`
+/// for v-prediction.
+pub fn denoised(prediction: Prediction, x: &Tensor, out: &Tensor, sigma: f64) -> Result<Tensor> {
+    let scale = (sigma * sigma + 1.0).sqrt();
+    match prediction {
+        Prediction::Epsilon => (x - (out * sigma).map_err(cerr)?).map_err(cerr),
+        Prediction::V => ((x / (scale * scale)).map_err(cerr)?
+            - (out * (sigma / scale)).map_err(cerr)?)
+        .map_err(cerr),
+    }
+}
+
+/// Rejects requests the pipeline cannot run, saying why.
+fn check(req: &Request) -> Result<()> {
+    let ok = |d: usize| d > 0 && d.is_multiple_of(8);
+    if !ok(req.width) || !ok(req.height) {
+        return Err(Error::Invalid(format!(
+            "image size {}x{} is not a multiple of 8",
+            req.width, req.height
+        )));
+    }
+    if req.steps == 0 {
+        return Err(Error::Invalid("steps must be at least 1".into()));
+    }
+    if let Some(h) = &req.hires {
+        if !(h.scale >= 1.0 && h.scale <= 8.0) {
+            return Err(Error::Invalid(format!(
+                "hires scale {} is outside 1..=8",
+                h.scale
+            )));
+        }
+        if !(h.strength > 0.0 && h.strength <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "hires denoising strength {} is outside (0, 1]",
+                h.strength
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The sigmas of a hires (img2img) pass of `steps` steps at denoising `strength`, as A1111
+/// runs them: the schedule for `steps / strength` steps, of which the last `steps` are walked.
+pub fn hires_sigmas(
+    sampler: Sampler,
+    schedule: &Schedule,
+    steps: usize,
+    strength: f64,
+) -> Vec<f64> {
+    let total = ((steps as f64 / strength.min(0.999)) as usize).max(steps);
+    let all = sampler.sigmas(schedule, total);
+    all[total - steps..].to_vec()
+}
+
+/// Bilinear resize of a `[1, c, h, w]` latent to `[1, c, to_h, to_w]`, with half-pixel centres
+/// (PyTorch's `interpolate(mode="bilinear", align_corners=False)`, A1111's "Latent" upscaler).
+pub fn upscale_latent(latent: &Tensor, to_w: usize, to_h: usize) -> Result<Tensor> {
+    let (_, c, h, w) = latent.dims4().map_err(cerr)?;
+    let dev = latent.device();
+    let src = latent
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(cerr)?;
+    let taps = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
+        (0..out)
+            .map(|o| {
+                let s = ((o as f64 + 0.5) * inp as f64 / out as f64 - 0.5).max(0.0);
+                let i0 = (s.floor() as usize).min(inp - 1);
+                let i1 = (i0 + 1).min(inp - 1);
+                (i0, i1, (s - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let (ys, xs) = (taps(to_h, h), taps(to_w, w));
+    let mut out = Vec::with_capacity(c * to_h * to_w);
+    for ch in 0..c {
+        let plane = &src[ch * h * w..(ch + 1) * h * w];
+        for &(y0, y1, fy) in &ys {
+            for &(x0, x1, fx) in &xs {
+                let at = |y: usize, x: usize| plane[y * w + x];
+                let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+                let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+                out.push(top * (1.0 - fy) + bottom * fy);
+            }
+        }
+    }
+    Tensor::from_vec(out, (1, c, to_h, to_w), dev).map_err(cerr)
+}
+
+/// A text encoder's shape, read from its weights.
+fn clip_config(
+    ck: &Checkpoint,
+    map: &WeightMap,
+    part: Part,
+    quick_gelu: bool,
+) -> Result<ClipConfig> {
+    let te = |n: &str| shape(ck, map, part, n);
+    let token = te("text_model.embeddings.token_embedding.weight")?;
+    let layers = map
+        .names(part)
+        .filter(|n| n.ends_with(".layer_norm1.weight"))
+        .count();
+    Ok(ClipConfig {
+        vocab: token[0],
+        dim: token[1],
+        layers,
+        heads: (token[1] / 64).max(1),
+        intermediate: te("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+        positions: te("text_model.embeddings.position_embedding.weight")?[0],
+        quick_gelu,
+    })
+}
+
+/// Whether a checkpoint's model predicts v: a `v_pred` marker, or an SD2 model whose probe
+/// bias is spread out (see [`SD2_V_PROBE`]).
+fn guess_prediction(ck: &Checkpoint, family: Family) -> Result<Prediction> {
+    if ck.get("v_pred").is_some() {
+        return Ok(Prediction::V);
+    }
+    if family == Family::Sd2 {
+        if let Some(info) = ck.get(SD2_V_PROBE) {
+            let values = crate::convert::to_f32(info.dtype, &ck.data(info))?;
+            ck.release(info);
+            let n = values.len().max(1) as f64;
+            let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = values
+                .iter()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            if var.sqrt() > 0.09 {
+                return Ok(Prediction::V);
+            }
+        }
+    }
+    Ok(Prediction::Epsilon)
 }
 
 /// Pads the embeddings with fewer 77-token chunks by repeating its last chunk.

@@ -10,11 +10,13 @@ use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
 
 /// Hires fix: the latent upscaled by `scale`, then denoised again.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Hires {
     /// Upscale factor.
     pub scale: f64,
-    /// Steps of the second pass.
+    /// Steps of the second pass (0: as many as the first).
+    #[serde(default)]
     pub steps: u32,
     /// Denoising strength of the second pass.
     pub strength: f64,
@@ -47,6 +49,33 @@ pub struct Parameters {
     pub clip_skip: u32,
     /// Hires fix, if any.
     pub hires: Option<Hires>,
+}
+
+impl Parameters {
+    /// The parameters of image `index` of a batch made by `req` with the model named `model`
+    /// (A1111's short hash `model_hash`).
+    pub fn of(
+        req: &crate::gen::pipeline::Request,
+        index: usize,
+        model: &str,
+        model_hash: &str,
+    ) -> Self {
+        let (width, height) = req.output_size();
+        Parameters {
+            prompt: req.prompt.clone(),
+            negative: req.negative.clone(),
+            steps: req.steps as u32,
+            sampler: req.sampler.label().to_string(),
+            cfg: req.cfg,
+            seed: req.seed.wrapping_add(index as u64),
+            width: width as u32,
+            height: height as u32,
+            model_hash: model_hash.to_string(),
+            model: model.to_string(),
+            clip_skip: req.clip_skip as u32,
+            hires: req.hires.clone(),
+        }
+    }
 }
 
 /// A value as A1111 quotes it: JSON-quoted (non-ASCII kept) when it holds a comma, colon or
