@@ -385,6 +385,10 @@ pub struct BuildArgs {
     /// Nodes built at the same time (each merge also uses every thread of `--threads`).
     #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
     pub jobs: usize,
+    /// The CLIP tokenizer.json of generate nodes [default: the recipe's `tokenizer:`, else
+    /// $MERGESMITH_TOKENIZER, else the Hugging Face cache].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, String)>,
@@ -1161,8 +1165,11 @@ fn explain(a: ExplainArgs) -> Result<()> {
 
 fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     use crate::build::{Cache, Status};
-    let recipe =
+    let mut recipe =
         crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
+    if a.tokenizer.is_some() {
+        recipe.tokenizer = a.tokenizer.clone();
+    }
     let cache = Cache::new(
         &a.cache
             .clone()
@@ -1212,7 +1219,12 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
                 r.plan.name,
                 r.seconds,
                 match (r.stored, r.reused) {
-                    (Some(c), Some(u)) => format!("  ({c} tensors stored, {u} reused)"),
+                    (Some(c), Some(u)) => match recipe.nodes[&r.plan.name] {
+                        crate::recipe::Node::Generate { .. } => {
+                            format!("  ({c} images made, {u} found in the cache)")
+                        }
+                        _ => format!("  ({c} tensors stored, {u} reused)"),
+                    },
                     _ => String::new(),
                 },
                 r.output
@@ -1238,7 +1250,8 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
 
 /// `mergesmith gen`.
 fn gen(a: GenArgs) -> Result<()> {
-    use crate::gen::pipeline::{Models, Request};
+    use crate::gen::job::Job;
+    use crate::gen::pipeline::Models;
     let started = std::time::Instant::now();
     let tok = crate::gen::tokenizer::ClipTokenizer::find(a.tokenizer.as_deref())?;
     let device = a.device.candle()?.unwrap_or(candle_core::Device::Cpu);
@@ -1246,22 +1259,19 @@ fn gen(a: GenArgs) -> Result<()> {
         true => candle_core::DType::F16,
         false => candle_core::DType::F32,
     };
-    let hashes = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir())
-        .hashes(&a.model)?
-        .0;
-    let ck = std::sync::Arc::new(crate::checkpoint::Checkpoint::open(&a.model)?);
-    let models = Models::load(ck, &device, dtype)?;
-    let size = models.native_size();
-    let req = Request {
+    let memo = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir());
+    let hashes = memo.hashes(&a.model)?.0;
+    let tok_key = memo.hashes(&tok.path)?.0.blake3;
+    let job = Job {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),
         steps: a.steps,
         cfg: a.cfg,
         sampler: a.sampler,
         seed: a.seed,
-        width: a.width.unwrap_or(size),
-        height: a.height.unwrap_or(size),
         batch: a.batch.max(1),
+        width: a.width,
+        height: a.height,
         clip_skip: a.clip_skip.max(1),
         hires: a.hires_scale.map(|scale| crate::gen::png::Hires {
             scale,
@@ -1270,7 +1280,7 @@ fn gen(a: GenArgs) -> Result<()> {
         }),
         prediction: a.prediction,
     };
-    let outputs: Vec<PathBuf> = match req.batch {
+    let outputs: Vec<PathBuf> = match job.batch {
         1 => vec![a.out.output.clone()],
         n => (1..=n)
             .map(|i| {
@@ -1289,31 +1299,17 @@ fn gen(a: GenArgs) -> Result<()> {
             return Err(Error::OutputExists { path: p.clone() });
         }
     }
-    let images = models.generate(&tok, &req)?;
-    let key = blake3::hash(
-        serde_json::json!({ "model": hashes.blake3, "request": req })
-            .to_string()
-            .as_bytes(),
-    )
-    .to_hex()
-    .to_string();
+    let ck = std::sync::Arc::new(crate::checkpoint::Checkpoint::open(&a.model)?);
+    let models = Models::load(ck, &device, dtype)?;
     let model = a
         .model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let (width, height) = req.output_size();
-    for (i, (img, out)) in images.iter().zip(&outputs).enumerate() {
-        let params = crate::gen::png::Parameters::of(&req, i, &model, &hashes.autov2);
-        crate::gen::png::write(
-            out,
-            img,
-            width as u32,
-            height as u32,
-            &params,
-            &key,
-            a.out.overwrite,
-        )?;
+    for (seed, out) in job.seeds().zip(&outputs) {
+        let key = job.image_key(&hashes.blake3, &tok_key, seed);
+        let name = (model.as_str(), hashes.autov2.as_str());
+        job.write_image(&models, &tok, seed, &key, name, out, a.out.overwrite)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     if a.out.json {

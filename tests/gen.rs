@@ -1479,3 +1479,178 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
         assert!(err.contains("denoising strength 1.5"), "{err}");
     }
 }
+
+/// Width and height of a PNG file.
+fn png_size(path: &Path) -> (u32, u32) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    (reader.info().width, reader.info().height)
+}
+
+const GENERATE_RECIPE: &str = "version: 1
+tokenizer: tokenizer.json
+models:
+  a: { path: small-SD1.x.safetensors }
+  b: { path: b.safetensors }
+nodes:
+  blend:
+    merge: weight_sum
+    a: a
+    b: b
+    alpha: 0.4
+    cache: memory
+  preview:
+    generate:
+      model: blend
+      prompt: a cat
+      negative: a
+      steps: 2
+      seed: 10
+      batch: BATCH
+      width: 64
+      height: 48
+    to: out
+  big:
+    generate:
+      model: a
+      prompt: a cat
+      steps: 1
+      width: 32
+      height: 32
+      hires: { scale: 1.5, steps: 1, strength: 0.5 }
+";
+
+#[test]
+fn generate_nodes_cache_images_and_skip_the_merge_when_they_exist() {
+    use mergesmith::build::{self, BuildOptions, Cache, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_model(d, 1);
+    let mut opts = common::tiny(Family::Sd1, 2);
+    opts.size = mergesmith::synth::Size::Small;
+    common::synth(d, "b.safetensors", &opts);
+    let recipe_path = d.join("recipe.yaml");
+    let write = |batch: usize| {
+        std::fs::write(
+            &recipe_path,
+            GENERATE_RECIPE.replace("BATCH", &batch.to_string()),
+        )
+        .unwrap();
+        mergesmith::recipe::load(&recipe_path).unwrap()
+    };
+    let run = |cache: &str, batch: usize| {
+        build::build(
+            &write(batch),
+            &Cache::new(&d.join(cache)),
+            &[],
+            &BuildOptions::default(),
+        )
+        .unwrap()
+    };
+    let report = |r: &[build::NodeReport], n: &str| {
+        let r = r.iter().find(|r| r.plan.name == n).unwrap();
+        (r.plan.status.clone(), r.stored, r.reused)
+    };
+    let first = run("cache", 2);
+    assert!(matches!(report(&first, "blend").0, Status::Miss(_)));
+    assert_eq!(report(&first, "preview").1, Some(2));
+    let out = d.join("out");
+    for seed in [10, 11] {
+        assert_eq!(png_size(&out.join(format!("preview-{seed}.png"))), (64, 48));
+    }
+    assert_ne!(
+        std::fs::read(out.join("preview-10.png")).unwrap(),
+        std::fs::read(out.join("preview-11.png")).unwrap()
+    );
+    // The hires fix makes 1.5 × the size; the image lives in the cache only.
+    let big = &first.iter().find(|r| r.plan.name == "big").unwrap().plan;
+    let key = &build::images::image_keys(&big.preimage)[0].1;
+    assert_eq!(
+        png_size(&Cache::new(&d.join("cache")).image_path(key)),
+        (48, 48)
+    );
+    // Nothing changed: nothing is generated, and the memory merge is not even built.
+    let again = run("cache", 2);
+    assert_eq!(report(&again, "preview").0, Status::Hit);
+    assert!(matches!(report(&again, "blend").0, Status::Skip(_)));
+    // A lost copy comes back from the cache, still without merging.
+    std::fs::remove_file(out.join("preview-11.png")).unwrap();
+    let copy = run("cache", 2);
+    assert_eq!(report(&copy, "preview").1, Some(0));
+    assert!(matches!(report(&copy, "blend").0, Status::Skip(_)));
+    // One more image: one made, two found; the merge runs again (in memory) for it.
+    let more = run("cache", 3);
+    assert_eq!(
+        (report(&more, "preview").1, report(&more, "preview").2),
+        (Some(1), Some(2))
+    );
+    assert!(matches!(report(&more, "blend").0, Status::Miss(_)));
+    // Same recipe in a fresh cache: the same bytes.
+    let before = std::fs::read(out.join("preview-12.png")).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    run("cache2", 3);
+    assert_eq!(std::fs::read(out.join("preview-12.png")).unwrap(), before);
+    // A file mergesmith did not write is kept.
+    std::fs::write(out.join("preview-10.png"), b"mine").unwrap();
+    std::fs::remove_file(out.join("preview-11.png")).unwrap();
+    let err = build::build(
+        &write(3),
+        &Cache::new(&d.join("cache2")),
+        &[],
+        &BuildOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("was not written by this recipe"), "{err}");
+    assert_eq!(std::fs::read(out.join("preview-10.png")).unwrap(), b"mine");
+}
+
+#[test]
+fn generate_node_errors_point_at_the_recipe() {
+    let errors = |nodes: &str| {
+        let text = format!("version: 1\nmodels:\n  a: {{ path: a.safetensors }}\nnodes:\n{nodes}");
+        mergesmith::recipe::parse(Path::new("r.yaml"), &text)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      width: 60\n");
+    assert!(
+        e.contains("r.yaml:9:14: 60 is not an image size (a multiple of 8)"),
+        "{e}"
+    );
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      steps: 0\n      hires: { scale: 1.5, strength: 2 }\n");
+    assert!(e.contains("0 is not a number of steps"), "{e}");
+    assert!(e.contains("hires strength 2 is outside (0, 1]"), "{e}");
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n  m:\n    merge: weight_sum\n    a: a\n    b: g\n    alpha: 0.5\n");
+    assert!(e.contains("`g` makes images, which nothing reads"), "{e}");
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n    seed: 3\n");
+    assert!(e.contains("generate node `g` takes no `seed`"), "{e}");
+    assert!(e.contains("options go under `generate:`"), "{e}");
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      seeds: 3\n");
+    assert!(e.contains("unknown field `seeds`"), "{e}");
+}
+
+#[test]
+fn images_are_the_same_bytes_whatever_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tok) = small_model_of(Family::Sdxl, dir.path(), 4);
+    let run = |threads: &str| {
+        let out = dir.path().join(format!("t{threads}.png"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+            .args(["gen", "-m", model.to_str().unwrap(), "-p", "a cat"])
+            .args(["--steps", "2", "--width", "64", "--height", "64"])
+            .args([
+                "--tokenizer",
+                tok.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .env("RAYON_NUM_THREADS", threads)
+            .env("MERGESMITH_CACHE", dir.path().join("cache"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read(out).unwrap()
+    };
+    assert_eq!(run("1"), run("4"));
+}

@@ -18,6 +18,7 @@
 //! `v2/locks/`, `v2/file-hashes/` (hash memo), `v2/log.jsonl`.
 
 pub mod diff;
+pub mod images;
 pub mod lock;
 pub mod log;
 pub mod maintenance;
@@ -37,7 +38,7 @@ use crate::hashing::{FileHashes, HashMemo, Stamp};
 use crate::merge::metadata::{self, InputRecord};
 use crate::merge::{engine, Prepared, RunOptions};
 use crate::recipe::{Input, Link, Node, Recipe};
-use store::{Entry, Manifest, Place, Store};
+use store::{shard, Entry, Manifest, Place, Store};
 
 /// Bumped whenever a change to the merge code changes results for the same inputs.
 pub const ALGORITHM_VERSION: u32 = 1;
@@ -169,6 +170,9 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     let memory = |n: &str| recipe.nodes[n].in_memory();
     let hit = |n: &str| match &recipe.nodes[n] {
         Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
+        Node::Generate { to, .. } => {
+            images::up_to_date(cache, &state, n, to.as_deref(), &keys[n].1)
+        }
         node => !node.in_memory() && cache.has_result(&keys[n].0),
     };
     let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
@@ -185,11 +189,18 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     } else {
         targets.iter().map(String::as_str).collect()
     };
+    // A generate node whose images are all stored only copies them out: it needs no input.
+    let needs_inputs = |n: &str| match &recipe.nodes[n] {
+        Node::Generate { .. } => !images::all_stored(cache, &keys[n].1),
+        _ => true,
+    };
     let mut runs = BTreeSet::new();
     for n in order.iter().rev() {
         if demanded.contains(n) && !hits.contains(n) {
             runs.insert(*n);
-            demanded.extend(recipe.nodes[*n].node_inputs());
+            if needs_inputs(n) {
+                demanded.extend(recipe.nodes[*n].node_inputs());
+            }
         }
     }
     check_runs(recipe, cache, &keys, &order, &runs)?;
@@ -250,7 +261,9 @@ fn check_runs(
     };
     for &name in order.iter().filter(|n| runs.contains(*n)) {
         let node = &recipe.nodes[name];
-        if matches!(node, Node::Save { .. }) {
+        let copies_only =
+            matches!(node, Node::Generate { .. }) && images::all_stored(cache, &keys[name].1);
+        if matches!(node, Node::Save { .. }) || copies_only {
             continue;
         }
         if node.node_inputs().iter().any(|n| failed.contains(n)) {
@@ -322,6 +335,12 @@ fn check_runs(
                         crate::lora::merge::layout(&plan),
                         options.dtype,
                     ))
+                }
+                Node::Generate { model, .. } => {
+                    let ck = open(model)?;
+                    crate::gen::pipeline::check_arch(&crate::arch::detect(ck.tensors()))
+                        .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+                    Ok(Vec::new())
                 }
                 Node::Save { .. } => unreachable!("saves are skipped above"),
             }
@@ -413,6 +432,18 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
         }
         model_keys.insert(name, h.blake3);
     }
+    // Generate nodes' images depend on the tokenizer's vocabulary: key it by content.
+    let generates = recipe
+        .nodes
+        .values()
+        .any(|n| matches!(n, Node::Generate { .. }));
+    let tokenizer = match generates {
+        true => {
+            let tok = crate::gen::tokenizer::ClipTokenizer::find(recipe.tokenizer.as_deref())?;
+            memo.hashes(&tok.path)?.0.blake3
+        }
+        false => String::new(),
+    };
     let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();
     for name in &recipe.order {
         let input_key = |i: &Input| match i {
@@ -475,6 +506,24 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                 "options": options,
                 "fill": fill,
             }),
+            Node::Generate { model, job, .. } => {
+                let content = match model {
+                    Input::Model(m) => model_keys[m.as_str()].clone(),
+                    Input::Node(n) => out[n].0.clone(),
+                };
+                let images: Vec<Value> = job
+                    .seeds()
+                    .map(|seed| json!({ "seed": seed, "key": job.image_key(&content, &tokenizer, seed) }))
+                    .collect();
+                json!({
+                    "op": "generate",
+                    "version": crate::gen::job::VERSION,
+                    "model": input_key(model),
+                    "tokenizer": tokenizer,
+                    "job": job,
+                    "images": images,
+                })
+            }
             Node::Save { from, link, .. } => json!({
                 "op": "save",
                 "from": { "node": from, "key": out[from].0 },
@@ -498,12 +547,13 @@ pub struct NodeReport {
     pub plan: NodePlan,
     /// Seconds spent building it (0 for hits).
     pub seconds: f64,
-    /// The file it wrote, for save nodes.
+    /// The file it wrote, for save nodes; the directory, for generate nodes with `to`.
     pub output: Option<PathBuf>,
     /// Merge nodes built: tensors written to the store (computed, or copied from an input
-    /// file because no stored pack held them yet).
+    /// file because no stored pack held them yet); generate nodes: images made.
     pub stored: Option<usize>,
-    /// Merge nodes built: tensors an earlier result already held (referred to, not stored).
+    /// Merge nodes built: tensors an earlier result already held (referred to, not stored);
+    /// generate nodes: images found in the cache.
     pub reused: Option<usize>,
 }
 
@@ -560,6 +610,7 @@ pub fn build(
         store: &store,
         state: &state,
         run: &opts.run,
+        generation: images::Generation::default(),
     };
     let misses: Vec<&NodePlan> = plans
         .iter()
@@ -649,6 +700,7 @@ struct Ctx<'a> {
     store: &'a Store<'a>,
     state: &'a Mutex<State>,
     run: &'a RunOptions,
+    generation: images::Generation,
 }
 
 impl Ctx<'_> {
@@ -669,6 +721,12 @@ impl Ctx<'_> {
                 self.save(&self.keys[from], to, *overwrite, *link == Link::Hardlink)
                     .map_err(failed)?;
                 report.output = Some(to.clone());
+            }
+            Node::Generate { to, .. } => {
+                let _lock = cache.lock(&p.key)?;
+                let (made, found) = self.generate(&p.name, &p.preimage).map_err(failed)?;
+                (report.stored, report.reused) = (Some(made), Some(found));
+                report.output = to.clone();
             }
             node => {
                 let place = if node.in_memory() {

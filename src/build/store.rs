@@ -98,7 +98,8 @@ fn pack_name(keys: &BTreeSet<&str>, metadata: &BTreeMap<String, String>) -> Stri
     h.finalize().to_hex().to_string()
 }
 
-fn shard(root: &Path, dir: &str, name: &str, ext: &str) -> PathBuf {
+/// `root/dir/ab/name.ext`: objects sharded by the first two characters of their name.
+pub(super) fn shard(root: &Path, dir: &str, name: &str, ext: &str) -> PathBuf {
     root.join(dir)
         .join(&name[..2.min(name.len())])
         .join(format!("{name}.{ext}"))

@@ -6,6 +6,7 @@
 //! generation parameters ([`png`]). Not yet: SD2 / SDXL, hires fix, the `generate` node.
 
 pub mod clip;
+pub mod job;
 pub mod names;
 pub mod pipeline;
 pub mod png;

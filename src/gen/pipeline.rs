@@ -142,6 +142,20 @@ fn shape(ck: &Checkpoint, map: &WeightMap, part: Part, name: &str) -> Result<Vec
         })
 }
 
+/// Whether text to image can run on a checkpoint of this architecture, or why not.
+pub fn check_arch(arch: &crate::arch::Arch) -> std::result::Result<(), String> {
+    let supported = matches!(arch.family, Family::Sd1 | Family::Sd2 | Family::Sdxl);
+    if !supported || arch.variant != crate::arch::Variant::Standard {
+        return Err(format!(
+            "generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL \
+             checkpoints; this is {} ({})",
+            arch.family.label(),
+            arch.rule
+        ));
+    }
+    Ok(())
+}
+
 /// The VAE's latent scale: SD1 / SD2, SDXL.
 fn latent_scale(family: Family) -> f64 {
     match family {
@@ -164,17 +178,8 @@ impl Models {
     /// in f32 (SDXL's VAE overflows in f16).
     pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
         let arch = crate::arch::detect(ck.tensors());
+        check_arch(&arch).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
         let family = arch.family;
-        let supported = matches!(family, Family::Sd1 | Family::Sd2 | Family::Sdxl);
-        if !supported || arch.variant != crate::arch::Variant::Standard {
-            return Err(Error::Invalid(format!(
-                "{}: generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL \
-                 checkpoints; this is {} ({})",
-                ck.path().display(),
-                family.label(),
-                arch.rule
-            )));
-        }
         let map = Arc::new(WeightMap::of(&ck));
         let vb = |part, dtype| {
             CheckpointWeights::new(ck.clone(), map.clone(), part).var_builder(dtype, device)

@@ -58,6 +58,10 @@ pub struct RecipeFile {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, RatioDecl>")]
     pub vars: BTreeMap<String, Spanned<RatioDecl>>,
+    /// The CLIP `tokenizer.json` generate nodes use (relative to the recipe); default:
+    /// `--tokenizer`, `$MERGESMITH_TOKENIZER`, or the Hugging Face hub cache.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
 }
 
 /// An input checkpoint.
@@ -204,6 +208,60 @@ pub struct NodeDecl {
     #[serde(default)]
     #[schemars(with = "Option<MergeLorasDecl>")]
     pub merge_loras: Option<Spanned<MergeLorasDecl>>,
+    /// Generate images from a checkpoint (a model or node); `to: DIR` also writes them there.
+    #[serde(default)]
+    #[schemars(with = "Option<GenerateDecl>")]
+    pub generate: Option<Spanned<GenerateDecl>>,
+}
+
+/// A `generate` node's parameters (the web UI's txt2img settings).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateDecl {
+    /// The checkpoint: a model or node.
+    #[schemars(with = "String")]
+    pub model: Spanned<String>,
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    #[serde(default)]
+    pub negative: String,
+    /// Sampling steps (default 20).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub steps: Option<Spanned<usize>>,
+    /// Guidance scale (default 7).
+    #[serde(default)]
+    pub cfg: Option<f64>,
+    /// Sampler: euler_a (default), euler, ddim, dpmpp_2m.
+    #[serde(default)]
+    pub sampler: Option<crate::gen::sampler::Sampler>,
+    /// Seed of the first image (default 0).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Images, of seeds seed, seed + 1, ... (default 1).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub batch: Option<Spanned<usize>>,
+    /// Width in pixels, a multiple of 8 (default: the model's native size).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub width: Option<Spanned<usize>>,
+    /// Height in pixels, a multiple of 8 (default: the width).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub height: Option<Spanned<usize>>,
+    /// CLIP skip (SD1; default 1).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub clip_skip: Option<Spanned<usize>>,
+    /// Hires fix: `{scale, steps, strength}`.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::gen::png::Hires>")]
+    pub hires: Option<Spanned<crate::gen::png::Hires>>,
+    /// What the model predicts: epsilon or v (default: guessed from the file).
+    #[serde(default)]
+    pub prediction: Option<crate::gen::pipeline::Prediction>,
 }
 
 /// An `extract_lora` node's options.
@@ -380,6 +438,17 @@ pub enum Node {
         /// Keep the result in memory only (`cache: memory`).
         memory: bool,
     },
+    /// Images generated from a checkpoint.
+    Generate {
+        /// The checkpoint.
+        model: Input,
+        /// What to generate.
+        job: crate::gen::job::Job,
+        /// A directory the images are also written to (absolute), as `NODE-SEED.png`.
+        to: Option<PathBuf>,
+        /// Replace files there that mergesmith did not write.
+        overwrite: bool,
+    },
     /// Writing a node's result to a file.
     Save {
         /// The node saved.
@@ -413,6 +482,7 @@ impl Node {
                 loras.iter().filter_map(|l| l.source.node()).collect()
             }
             Node::Save { from, .. } => vec![from.as_str()],
+            Node::Generate { model, .. } => model.node().into_iter().collect(),
         }
     }
 
@@ -460,6 +530,8 @@ pub struct Recipe {
     pub nodes: BTreeMap<String, Node>,
     /// Nodes in dependency order.
     pub order: Vec<String>,
+    /// The tokenizer generate nodes use (`tokenizer:`, resolved), if the recipe names one.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Reads and validates a recipe file.
@@ -691,6 +763,11 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         .filter(|(_, n)| n.decl.value.extract_lora.is_some() || n.decl.value.merge_loras.is_some())
         .map(|(name, _)| name.as_str())
         .collect();
+    let image_nodes: BTreeSet<&str> = nodes_decl
+        .iter()
+        .filter(|(_, n)| n.decl.value.generate.is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
     let resolve = |r: &Spanned<String>, want: Want, errs: &mut RecipeErrors| -> Option<Input> {
         let found = if models_decl.contains_key(&r.value) {
             Input::Model(r.value.clone())
@@ -707,6 +784,10 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         };
         let is_lora = found.node().is_some_and(|n| lora_nodes.contains(n));
         let wrong = match want {
+            _ if found.node().is_some_and(|n| image_nodes.contains(n)) => Some(format!(
+                "`{}` makes images, which nothing reads (its `to:` writes them out)",
+                r.value
+            )),
             Want::Any => None,
             Want::Checkpoint if is_lora => Some(format!(
                 "`{}` makes a LoRA, not a checkpoint; bake it into one with a `lora` node",
@@ -749,11 +830,15 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         }
     };
     errs.finish()?;
+    let tokenizer = parts
+        .iter()
+        .find_map(|(i, p)| p.file.tokenizer.as_ref().map(|t| dir_of(*i).join(t)));
     Ok(Recipe {
         path: path.to_path_buf(),
         models,
         nodes,
         order,
+        tokenizer,
     })
 }
 
@@ -774,6 +859,7 @@ fn node(
         ("lora", d.lora.is_some()),
         ("extract_lora", d.extract_lora.is_some()),
         ("merge_loras", d.merge_loras.is_some()),
+        ("generate", d.generate.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
@@ -783,7 +869,8 @@ fn node(
             &decl.referenced,
             format!(
                 "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
-                 `extract_lora: {{a, b}}` or `merge_loras: {{loras}}`"
+                 `extract_lora: {{a, b}}`, `merge_loras: {{loras}}` or \
+                 `generate: {{model, prompt}}`"
             ),
             None,
         );
@@ -823,6 +910,7 @@ fn node(
         ],
         "save" => &["to", "overwrite", "link"],
         "lora" => &["apply", "fill", "allow_unmatched", "cache"],
+        "generate" => &["to", "overwrite"],
         _ => &["cache"],
     };
     let stray: Vec<&str> = set_fields(d)
@@ -832,7 +920,9 @@ fn node(
     if !stray.is_empty() {
         let hint = match kind {
             "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
-            "extract_lora" | "merge_loras" => Some(format!("options go under `{kind}:`")),
+            "extract_lora" | "merge_loras" | "generate" => {
+                Some(format!("options go under `{kind}:`"))
+            }
             _ => None,
         };
         errs.push(
@@ -848,6 +938,8 @@ fn node(
         extract_node(x, memory, resolve, errs)
     } else if let Some(m) = &d.merge_loras {
         merge_loras_node(m, memory, scope, resolve, errs)
+    } else if let Some(g) = &d.generate {
+        generate_node(g, d, dir, resolve, errs)
     } else if d.lora.is_some() {
         lora_node(name, d, scope, resolve, errs)
     } else {
@@ -935,6 +1027,82 @@ fn save_node(
         to: dir.join(to),
         overwrite: d.overwrite,
         link: d.link.unwrap_or_default(),
+    })
+}
+
+/// A `generate` node.
+fn generate_node(
+    g: &Spanned<GenerateDecl>,
+    d: &NodeDecl,
+    dir: &Path,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Node> {
+    let v = &g.value;
+    let model = resolve(&v.model, Want::Checkpoint, errs);
+    let mut ok = true;
+    let mut check = |field: &Option<Spanned<usize>>, good: fn(usize) -> bool, what: &str| {
+        if let Some(f) = field.as_ref().filter(|f| !good(f.value)) {
+            errs.push(&f.referenced, format!("{} is not {what}", f.value), None);
+            ok = false;
+        }
+    };
+    let positive = |n: usize| n >= 1;
+    check(&v.steps, positive, "a number of steps (at least 1)");
+    check(&v.batch, positive, "a batch size (at least 1)");
+    check(&v.clip_skip, positive, "a clip skip (at least 1)");
+    for size in [&v.width, &v.height] {
+        check(
+            size,
+            |n| n > 0 && n % 8 == 0,
+            "an image size (a multiple of 8)",
+        );
+    }
+    if let Some(h) = &v.hires {
+        let (scale, strength) = (h.value.scale, h.value.strength);
+        if !(1.0..=8.0).contains(&scale) {
+            errs.push(
+                &h.referenced,
+                format!("hires scale {scale} is outside 1..=8"),
+                None,
+            );
+            ok = false;
+        }
+        if !(strength > 0.0 && strength <= 1.0) {
+            errs.push(
+                &h.referenced,
+                format!("hires strength {strength} is outside (0, 1]"),
+                None,
+            );
+            ok = false;
+        }
+    }
+    if v.cfg.is_some_and(|c| !c.is_finite()) {
+        errs.push(&g.referenced, "cfg must be a finite number".into(), None);
+        ok = false;
+    }
+    let defaults = crate::gen::job::Job::default();
+    let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
+    let job = crate::gen::job::Job {
+        prompt: v.prompt.clone(),
+        negative: v.negative.clone(),
+        steps: value(&v.steps).unwrap_or(defaults.steps),
+        cfg: v.cfg.unwrap_or(defaults.cfg),
+        sampler: v.sampler.unwrap_or(defaults.sampler),
+        seed: v.seed.unwrap_or(defaults.seed),
+        batch: value(&v.batch).unwrap_or(defaults.batch),
+        width: value(&v.width),
+        height: value(&v.height),
+        clip_skip: value(&v.clip_skip).unwrap_or(defaults.clip_skip),
+        hires: v.hires.as_ref().map(|h| h.value.clone()),
+        prediction: v.prediction,
+    };
+    let model = model?;
+    ok.then_some(Node::Generate {
+        model,
+        job,
+        to: d.to.as_ref().map(|t| dir.join(t)),
+        overwrite: d.overwrite,
     })
 }
 
@@ -1385,6 +1553,7 @@ impl Recipe {
                     }
                 }
                 Node::Save { from, .. } => out.push((from.clone(), name.clone())),
+                Node::Generate { model, .. } => out.push((model.name().to_string(), name.clone())),
             }
         }
         out
@@ -1423,6 +1592,11 @@ impl Recipe {
                             id(name),
                             loras.len()
                         )),
+                        Node::Generate { job, .. } => out.push_str(&format!(
+                            "  {}[[\"{name}<br/>{} image(s)\"]]\n",
+                            id(name),
+                            job.batch
+                        )),
                         Node::Save { to, .. } => out.push_str(&format!(
                             "  {}[/\"{name}<br/>{}\"/]\n",
                             id(name),
@@ -1446,6 +1620,7 @@ impl Recipe {
                         Node::Merge { .. } | Node::Lora { .. } => "box",
                         Node::ExtractLora { .. } | Node::MergeLoras { .. } => "hexagon",
                         Node::Save { .. } => "note",
+                        Node::Generate { .. } => "box3d",
                     };
                     out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
                 }

@@ -1,0 +1,188 @@
+//! `generate` nodes: images in the cache, one PNG per image key (see [`crate::gen::job`]),
+//! under `v2/images/ab/<key>.png`, with A1111's `parameters` and the image key in their text
+//! chunks. A node is up to date when all its images are stored (and, with `to: DIR`, its
+//! copies there are the files the last build wrote), so a rebuild whose images exist loads no
+//! model and builds none of the nodes upstream.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use super::{output_current, shard, Cache, Ctx, State, Written};
+use crate::checkpoint::writer::write_file_atomic;
+use crate::error::{Error, Result};
+use crate::gen::pipeline::Models;
+use crate::gen::tokenizer::ClipTokenizer;
+use crate::hashing::Stamp;
+use crate::recipe::{Input, Node};
+
+impl Cache {
+    /// Where the image of a key lives.
+    pub fn image_path(&self, key: &str) -> PathBuf {
+        shard(&self.root, "images", key, "png")
+    }
+}
+
+/// The (seed, image key) pairs recorded in a generate node's preimage.
+pub fn image_keys(preimage: &Value) -> Vec<(u64, String)> {
+    preimage["images"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| Some((e["seed"].as_u64()?, e["key"].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every image of a generate node (by its preimage) is stored.
+pub(super) fn all_stored(cache: &Cache, preimage: &Value) -> bool {
+    image_keys(preimage)
+        .iter()
+        .all(|(_, key)| cache.image_path(key).is_file())
+}
+
+/// The file name of a generate node's image of `seed` in its `to` directory.
+pub fn file_name(node: &str, seed: u64) -> String {
+    format!("{node}-{seed}.png")
+}
+
+/// Whether a generate node is up to date: every image stored, every copy in `to` current.
+pub(super) fn up_to_date(
+    cache: &Cache,
+    state: &State,
+    node: &str,
+    to: Option<&Path>,
+    preimage: &Value,
+) -> bool {
+    all_stored(cache, preimage)
+        && image_keys(preimage).iter().all(|(seed, key)| {
+            to.is_none_or(|dir| output_current(state, &dir.join(file_name(node, *seed)), key))
+        })
+}
+
+/// What generate nodes of one build share: the tokenizer, and the last model loaded (kept
+/// while consecutive nodes generate from the same checkpoint).
+#[derive(Default)]
+pub(super) struct Generation {
+    tokenizer: Mutex<Option<Arc<ClipTokenizer>>>,
+    models: Mutex<Option<(String, Arc<Models>)>>,
+}
+
+impl Ctx<'_> {
+    /// Runs a generate node: makes the images the cache lacks, copies them to `to`. Returns
+    /// (images made, images found in the cache).
+    pub(super) fn generate(&self, name: &str, preimage: &Value) -> Result<(usize, usize)> {
+        let Node::Generate {
+            model,
+            job,
+            to,
+            overwrite,
+        } = &self.recipe.nodes[name]
+        else {
+            unreachable!("generate nodes only");
+        };
+        let cache = self.store.cache;
+        let images = image_keys(preimage);
+        let missing: Vec<&(u64, String)> = images
+            .iter()
+            .filter(|(_, key)| !cache.image_path(key).is_file())
+            .collect();
+        if !missing.is_empty() {
+            let (models, label, autov2) = self.models_for(model)?;
+            let tok = self.tokenizer()?;
+            for (seed, key) in &missing {
+                let path = cache.image_path(key);
+                job.write_image(&models, &tok, *seed, key, (&label, &autov2), &path, true)?;
+            }
+        }
+        if let Some(dir) = to {
+            for (seed, key) in &images {
+                self.copy_out(key, &dir.join(file_name(name, *seed)), *overwrite)?;
+            }
+        }
+        Ok((missing.len(), images.len() - missing.len()))
+    }
+
+    /// The loaded models of a checkpoint input, its name for the PNGs, and its A1111 hash.
+    fn models_for(&self, input: &Input) -> Result<(Arc<Models>, String, String)> {
+        let (ck, content, autov2) = match input {
+            Input::Model(m) => {
+                let path = &self.recipe.models[m].0;
+                let (h, _) = self.store.memo.hashes(path)?;
+                (
+                    crate::checkpoint::Checkpoint::open(path)?,
+                    h.blake3,
+                    h.autov2,
+                )
+            }
+            Input::Node(n) => {
+                let key = &self.keys[n];
+                let label = PathBuf::from(format!("{n}.safetensors"));
+                let h = self.store.result_hashes(key)?;
+                (self.store.open_result(key, &label)?, key.clone(), h.autov2)
+            }
+        };
+        let mut slot = self.generation.models.lock().expect("models lock");
+        if let Some((k, m)) = slot.as_ref() {
+            if *k == content {
+                return Ok((m.clone(), input.name().to_string(), autov2));
+            }
+        }
+        *slot = None; // free the previous model before loading the next
+        let device = self
+            .run
+            .device
+            .candle()?
+            .unwrap_or(candle_core::Device::Cpu);
+        let dtype = match device.is_cuda() {
+            true => candle_core::DType::F16,
+            false => candle_core::DType::F32,
+        };
+        let models = Arc::new(Models::load(Arc::new(ck), &device, dtype)?);
+        *slot = Some((content, models.clone()));
+        Ok((models, input.name().to_string(), autov2))
+    }
+
+    /// The build's tokenizer, loaded once.
+    fn tokenizer(&self) -> Result<Arc<ClipTokenizer>> {
+        let mut slot = self.generation.tokenizer.lock().expect("tokenizer lock");
+        if let Some(t) = slot.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(ClipTokenizer::find(self.recipe.tokenizer.as_deref())?);
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Copies a stored image to `to`, refusing to replace a file this recipe did not write
+    /// there unless `overwrite` (or it already holds these bytes).
+    fn copy_out(&self, key: &str, to: &Path, overwrite: bool) -> Result<()> {
+        let from = self.store.cache.image_path(key);
+        let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+        let mut state = self.state.lock().expect("state lock");
+        if to.exists() && !overwrite {
+            let ours = state
+                .outputs
+                .get(to)
+                .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp));
+            let same = std::fs::read(to).is_ok_and(|b| b == bytes);
+            if !ours && !same {
+                return Err(Error::Invalid(format!(
+                    "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
+                    to.display()
+                )));
+            }
+        }
+        write_file_atomic(to, &bytes, true)?;
+        state.outputs.insert(
+            to.to_path_buf(),
+            Written {
+                object: key.to_string(),
+                stamp: Stamp::of(to)?,
+            },
+        );
+        Ok(())
+    }
+}
