@@ -1261,7 +1261,7 @@ fn gen(a: GenArgs) -> Result<()> {
     };
     let memo = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir());
     let hashes = memo.hashes(&a.model)?.0;
-    let tok_key = memo.hashes(&tok.path)?.0.blake3;
+    let tok_key = tok.key.clone();
     let job = Job {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),

@@ -438,10 +438,7 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
         .values()
         .any(|n| matches!(n, Node::Generate { .. }));
     let tokenizer = match generates {
-        true => {
-            let tok = crate::gen::tokenizer::ClipTokenizer::find(recipe.tokenizer.as_deref())?;
-            memo.hashes(&tok.path)?.0.blake3
-        }
+        true => crate::gen::tokenizer::ClipTokenizer::find(recipe.tokenizer.as_deref())?.key,
         false => String::new(),
     };
     let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();

@@ -1,6 +1,8 @@
-//! The CLIP tokenizer, from a Hugging Face `tokenizer.json` (the `tokenizers` crate does the
-//! BPE). mergesmith ships no vocabulary: it uses the file the user names, or finds one in the
-//! usual local caches, and says exactly how to get one when there is none.
+//! The CLIP tokenizer (the `tokenizers` crate does the BPE): a Hugging Face `tokenizer.json`
+//! the user names or that sits in the usual local caches, else the CLIP vocabulary bundled in
+//! the binary (`assets/clip/`, MIT-licensed, as open-clip-torch ships it), set up as
+//! HF's CLIP tokenizer is: NFC, whitespace runs to one space, lowercase, CLIP's word regex,
+//! byte-level characters, BPE with the `</w>` end-of-word suffix.
 //!
 //! Prompts are encoded the way the web UI does: tokens in chunks of 75, each framed as
 //! `<|startoftext|> ... <|endoftext|>` and padded to 77, with `<|endoftext|>` (CLIP-L: SD1,
@@ -27,8 +29,36 @@ pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
     bos: u32,
     eos: u32,
-    /// Where it was read from.
+    /// Where it was read from (`<bundled>` for the built-in vocabulary).
     pub path: PathBuf,
+    /// Content key: blake3 of the file (or of the bundled vocabulary), which image keys
+    /// include.
+    pub key: String,
+}
+
+/// CLIP's BPE merges, gzipped, as OpenAI published them.
+const BUNDLED_VOCAB: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+
+/// The merges CLIP uses: lines 1 to 48894 of the vocabulary file (line 0 is a header).
+const MERGES: usize = 49152 - 256 - 2;
+
+/// GPT-2's byte-to-character table, in CLIP's vocabulary order: the printable bytes map to
+/// themselves, the others to U+0100 onwards.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
+    let mut chars: Vec<char> = (0..256u32)
+        .filter(|&b| printable(b))
+        .filter_map(char::from_u32)
+        .collect();
+    let others = (0..256u32).filter(|&b| !printable(b));
+    chars.extend(
+        others
+            .enumerate()
+            .filter_map(|(n, _)| char::from_u32(256 + n as u32)),
+    );
+    chars
 }
 
 /// The Hugging Face repositories whose `tokenizer.json` is CLIP's BPE, in the order they are
@@ -49,23 +79,86 @@ impl ClipTokenizer {
         };
         let bad =
             |e: String| Error::Invalid(format!("{}: not a usable tokenizer: {e}", file.display()));
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| bad(e.to_string()))?;
+        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let key = blake3::hash(&bytes).to_hex().to_string();
+        Self::new(inner, file.clone(), key).map_err(bad)
+    }
+
+    fn new(
+        inner: tokenizers::Tokenizer,
+        path: PathBuf,
+        key: String,
+    ) -> std::result::Result<Self, String> {
         let id = |t: &str| {
             inner
                 .token_to_id(t)
-                .ok_or_else(|| bad(format!("it has no `{t}` token, so it is not CLIP's")))
+                .ok_or_else(|| format!("it has no `{t}` token, so it is not CLIP's"))
         };
         Ok(ClipTokenizer {
             bos: id("<|startoftext|>")?,
             eos: id("<|endoftext|>")?,
             inner,
-            path: file,
+            path,
+            key,
         })
+    }
+
+    /// The tokenizer of the CLIP vocabulary bundled in the binary.
+    pub fn bundled() -> Result<ClipTokenizer> {
+        let bad = |e: String| Error::Invalid(format!("the bundled CLIP vocabulary: {e}"));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(BUNDLED_VOCAB), &mut text)
+            .map_err(|e| bad(e.to_string()))?;
+        let merges: Vec<&str> = text.lines().skip(1).take(MERGES).collect();
+        let bytes: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+        let mut vocab: Vec<String> = bytes.clone();
+        vocab.extend(bytes.iter().map(|b| format!("{b}</w>")));
+        vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
+        vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
+        let ids: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i.into()))
+            .collect();
+        let special = |id: usize, content: &str| {
+            serde_json::json!({ "id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": true, "special": true })
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [special(vocab.len() - 2, "<|startoftext|>"), special(vocab.len() - 1, "<|endoftext|>")],
+            "normalizer": { "type": "Sequence", "normalizers": [
+                { "type": "NFC" },
+                { "type": "Replace", "pattern": { "Regex": "\\s+" }, "content": " " },
+                { "type": "Lowercase" },
+            ]},
+            "pre_tokenizer": { "type": "Sequence", "pretokenizers": [
+                { "type": "Split", "behavior": "Removed", "invert": true, "pattern": { "Regex":
+                  "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+" } },
+                { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false },
+            ]},
+            "post_processor": null,
+            "decoder": { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false },
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+                "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+                "fuse_unk": false, "byte_fallback": false,
+                "vocab": ids, "merges": merges,
+            },
+        });
+        let bytes = serde_json::to_vec(&json).map_err(|e| bad(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let key = format!("bundled-{}", blake3::hash(BUNDLED_VOCAB).to_hex());
+        Self::new(inner, PathBuf::from("<bundled>"), key).map_err(bad)
     }
 
     /// The tokenizer at `explicit` when given, else the first found of `$MERGESMITH_TOKENIZER`
     /// and CLIP's `tokenizer.json` in the Hugging Face hub cache (`$HF_HUB_CACHE`,
-    /// `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub` or `~/.cache/huggingface/hub`).
+    /// `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub` or `~/.cache/huggingface/hub`), else
+    /// the bundled vocabulary.
     pub fn find(explicit: Option<&Path>) -> Result<ClipTokenizer> {
         Self::find_with(explicit, &|k| std::env::var_os(k).map(PathBuf::from))
     }
@@ -106,15 +199,7 @@ impl ClipTokenizer {
                 }
             }
         }
-        let searched: Vec<String> = hubs.iter().map(|h| h.display().to_string()).collect();
-        Err(Error::Invalid(format!(
-            "no CLIP tokenizer found (searched the Hugging Face hub cache{}{}). Provide one: \
-             pass --tokenizer PATH/tokenizer.json (or `tokenizer:` in the recipe), set \
-             MERGESMITH_TOKENIZER, or fetch it into the cache with \
-             `huggingface-cli download openai/clip-vit-large-patch14 tokenizer.json`",
-            if searched.is_empty() { "" } else { " in " },
-            searched.join(", ")
-        )))
+        Self::bundled()
     }
 
     /// The prompt's tokens in chunks of 75, each framed and padded to [`CONTEXT`] (an empty
