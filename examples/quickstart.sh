@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: make three related tiny SD1.x checkpoints (real key layout, synthetic weights),
 # build recipes/example.yaml (two merges and a save), then build it again: nothing changed,
-# so every node is a cache hit. Then the other example recipes; finally inspect a result.
+# so every node is a cache hit. Then the other example recipes (LoRAs, generation); finally
+# inspect a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -20,4 +21,10 @@ $bin build recipes/detail-transfer.yaml
 # LoRAs: one extracted from tuned - base, merged with a synthetic style LoRA, baked into a merge.
 $bin lora synth -m "$m/base.safetensors" --rank 4 --conv-rank 2 -o "$m/style.safetensors" --overwrite
 $bin build recipes/styled.yaml
+# Generation: two small runnable SD1 models, merged in memory and previewed as PNGs (with
+# AUTOMATIC1111's parameters) in recipes/out/previews; the second build finds every image cached.
+$bin synth --arch sd1 --size small --seed 1 -o "$m/small-a.safetensors" --overwrite
+$bin synth --arch sd1 --size small --seed 2 -o "$m/small-b.safetensors" --overwrite
+$bin build recipes/preview.yaml
+$bin build recipes/preview.yaml
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'
