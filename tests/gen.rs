@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use common::layout_table;
+use mergesmith::arch::names::{map_key, Part, WeightMap};
 use mergesmith::arch::{layout, Family};
 use mergesmith::checkpoint::Checkpoint;
-use mergesmith::gen::names::{map_key, Part, WeightMap};
 
 /// A header-only checkpoint of a layout's keys.
 fn layout_ck(keys: &[(String, Vec<usize>)]) -> Checkpoint {
@@ -32,7 +32,7 @@ fn squeezed(s: &[usize]) -> Vec<usize> {
 }
 
 /// The shape a mapped tensor is served with (rows sliced, transposed, 1x1 dropped).
-fn served_shape(shape: &[usize], src: &mergesmith::gen::names::Source) -> Vec<usize> {
+fn served_shape(shape: &[usize], src: &mergesmith::arch::names::Source) -> Vec<usize> {
     let mut s = shape.to_vec();
     if let Some((a, b)) = src.rows {
         s[0] = b - a;

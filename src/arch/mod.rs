@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod layout;
+pub mod names;
 
 use std::fmt;
 

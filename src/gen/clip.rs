@@ -2,7 +2,7 @@
 //! layout), written on candle-nn so that every variant the web UI uses is reachable: the
 //! hidden state of any layer (clip skip; SD2 and SDXL condition on the penultimate one), with
 //! or without the final layer norm, and the pooled, projected end-token output SDXL adds to
-//! its time embedding. Weights load by the HF names of `gen::names` (`text_model.*`,
+//! its time embedding. Weights load by the HF names of `arch::names` (`text_model.*`,
 //! `text_projection.weight`).
 
 use candle_core::{DType, Module, Tensor, D};

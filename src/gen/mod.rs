@@ -1,13 +1,12 @@
-//! Image generation from single-file checkpoints (issue #6, in progress). So far: the
-//! mapping of LDM / SGM checkpoint keys to the diffusers names generation models load
-//! ([`names`]), a candle weight backend that serves them from a checkpoint ([`weights`]), the
-//! CLIP text encoders ([`clip`]), the samplers ([`sampler`]), the CLIP tokenizer
-//! ([`tokenizer`]), SD1 text to image ([`pipeline`]) and PNG files with AUTOMATIC1111's
-//! generation parameters ([`png`]). Not yet: SD2 / SDXL, hires fix, the `generate` node.
+//! Image generation from single-file checkpoints: a candle weight backend that serves a
+//! checkpoint's tensors by their diffusers names ([`weights`], names from
+//! [`crate::arch::names`]), the CLIP text encoders ([`clip`]), the U-Net ([`unet`]), the
+//! samplers ([`sampler`]), the CLIP tokenizer ([`tokenizer`]), SD1 / SD2 / SDXL text to
+//! image with the hires fix ([`pipeline`]), `generate` jobs and image keys ([`job`]), and PNG
+//! files with AUTOMATIC1111's generation parameters ([`png`]).
 
 pub mod clip;
 pub mod job;
-pub mod names;
 pub mod pipeline;
 pub mod png;
 pub mod sampler;

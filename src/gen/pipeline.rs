@@ -19,11 +19,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::vae;
 
+use crate::arch::names::{Part, WeightMap};
 use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
-use crate::gen::names::{Part, WeightMap};
 use crate::gen::png::Hires;
 use crate::gen::sampler::{sample, Sampler, Schedule};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use candle_core::{DType as CDType, Device, Shape, Tensor};
 
+use crate::arch::names::{Part, WeightMap};
 use crate::checkpoint::Checkpoint;
 use crate::device::candle_dtype;
-use crate::gen::names::{Part, WeightMap};
 
 /// One model part of a checkpoint, as candle weights.
 pub struct CheckpointWeights {

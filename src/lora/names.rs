@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+pub use crate::arch::names::ldm_to_diffusers;
+use crate::arch::names::{map_key, Part};
 use crate::checkpoint::Checkpoint;
 
 /// A checkpoint weight a LoRA module changes, or a row slice of it.
@@ -28,80 +30,30 @@ pub struct Targets {
 
 const UNET: &str = "model.diffusion_model.";
 
-/// The diffusers name of a ResNet sub-module of the LDM layout.
-fn resnet_part(ldm: &str) -> Option<&'static str> {
-    Some(match ldm {
-        "in_layers.0" => "norm1",
-        "in_layers.2" => "conv1",
-        "out_layers.0" => "norm2",
-        "out_layers.3" => "conv2",
-        "emb_layers.1" => "time_emb_proj",
-        "skip_connection" => "conv_shortcut",
-        _ => return None,
-    })
-}
-
-/// The diffusers module path of an LDM/SGM U-Net module path (both without the
-/// `model.diffusion_model.` prefix and without `.weight`), or `None` when it has no
-/// counterpart. The same rule serves SD1/SD2 (4 levels) and SDXL (3 levels).
-pub fn ldm_to_diffusers(p: &str) -> Option<String> {
-    let fixed = [
-        ("input_blocks.0.0", "conv_in"),
-        ("time_embed.0", "time_embedding.linear_1"),
-        ("time_embed.2", "time_embedding.linear_2"),
-        ("label_emb.0.0", "add_embedding.linear_1"),
-        ("label_emb.0.2", "add_embedding.linear_2"),
-        ("out.0", "conv_norm_out"),
-        ("out.2", "conv_out"),
-    ];
-    for (l, d) in fixed {
-        if p == l {
-            return Some(d.to_string());
-        }
+/// The LoRA module of a text-encoder weight (checkpoint `key`, mapped to `part` / HF-CLIP
+/// `name` by [`map_key`]): its HF module path if it is an attention projection or MLP layer,
+/// the kohya prefixes that name it (sd-scripts writes the first: `lora_te_` for SD1 / SD2,
+/// `lora_te1_` / `lora_te2_` for SDXL's encoders) and the diffusers / PEFT prefix.
+pub fn te_module<'a>(
+    key: &str,
+    part: Part,
+    name: &'a str,
+) -> Option<(&'a str, &'static [&'static str], &'static str)> {
+    let module = name.strip_suffix(".weight")?;
+    let projection = ["_proj", ".fc1", ".fc2"]
+        .iter()
+        .any(|s| module.ends_with(s));
+    if !module.starts_with("text_model.encoder.layers.") || !projection {
+        return None;
     }
-    let parts: Vec<&str> = p.splitn(4, '.').collect();
-    let num = |s: &str| s.parse::<usize>().ok();
-    match parts.as_slice() {
-        ["input_blocks", n, "0", rest] => {
-            let n = num(n)?.checked_sub(1)?;
-            let (i, j) = (n / 3, n % 3);
-            if j == 2 {
-                (*rest == "op").then(|| format!("down_blocks.{i}.downsamplers.0.conv"))
-            } else {
-                Some(format!(
-                    "down_blocks.{i}.resnets.{j}.{}",
-                    resnet_part(rest)?
-                ))
-            }
-        }
-        ["input_blocks", n, "1", rest] => {
-            let n = num(n)?.checked_sub(1)?;
-            Some(format!("down_blocks.{}.attentions.{}.{rest}", n / 3, n % 3))
-        }
-        ["middle_block", k, rest @ ..] => {
-            let rest = rest.join(".");
-            match *k {
-                "0" | "2" => Some(format!(
-                    "mid_block.resnets.{}.{}",
-                    num(k)? / 2,
-                    resnet_part(&rest)?
-                )),
-                "1" => Some(format!("mid_block.attentions.0.{rest}")),
-                _ => None,
-            }
-        }
-        ["output_blocks", n, k, rest] => {
-            let n = num(n)?;
-            let (i, j) = (n / 3, n % 3);
-            match (*k, *rest) {
-                ("0", r) => Some(format!("up_blocks.{i}.resnets.{j}.{}", resnet_part(r)?)),
-                (_, "conv") => Some(format!("up_blocks.{i}.upsamplers.0.conv")),
-                ("1", r) => Some(format!("up_blocks.{i}.attentions.{j}.{r}")),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
+    let (kohya, dotted): (&'static [&'static str], &'static str) =
+        match (part, key.starts_with("conditioner.")) {
+            (Part::TextEncoder, false) => (&["lora_te_", "lora_te1_"], "text_encoder."),
+            (Part::TextEncoder, true) => (&["lora_te1_"], "text_encoder."),
+            (Part::TextEncoder2, _) => (&["lora_te2_"], "text_encoder_2."),
+            _ => return None,
+        };
+    Some((module, kohya, dotted))
 }
 
 fn underscored(s: &str) -> String {
@@ -123,19 +75,16 @@ impl Targets {
     pub fn of(ck: &Checkpoint) -> Targets {
         let mut t = Targets::default();
         for info in ck.tensors() {
-            let Some(path) = info.name.strip_suffix(".weight") else {
-                if let Some(p) = info.name.strip_suffix(".attn.in_proj_weight") {
-                    t.fused_qkv(&info.name, p, info.shape.first().copied().unwrap_or(0));
-                }
-                continue;
-            };
-            if !(info.shape.len() == 2 || info.shape.len() == 4) {
+            let unet = info
+                .name
+                .strip_prefix(UNET)
+                .and_then(|p| p.strip_suffix(".weight"));
+            if let Some(p) = unet.filter(|_| matches!(info.shape.len(), 2 | 4)) {
+                t.unet(&info.name, p);
                 continue;
             }
-            if let Some(p) = path.strip_prefix(UNET) {
-                t.unet(&info.name, p);
-            } else {
-                t.text_encoder(&info.name, path);
+            for (part, name, src) in map_key(&info.name, &info.shape) {
+                t.text_encoder(&info.name, part, &name, src.rows);
             }
         }
         t
@@ -163,60 +112,16 @@ impl Targets {
         }
     }
 
-    /// Text-encoder weights: HF-CLIP layouts (SD1's encoder, SDXL's first) by path, OpenCLIP
-    /// layouts (SD2's, SDXL's second) by their HF-CLIP equivalents.
-    fn text_encoder(&mut self, key: &str, path: &str) {
-        let path = path.replace(
-            "cond_stage_model.transformer.encoder.",
-            "cond_stage_model.transformer.text_model.encoder.",
-        );
-        if let Some(rest) = path.strip_prefix("cond_stage_model.transformer.") {
-            self.te_names(key, rest, &["lora_te_", "lora_te1_"], "text_encoder.");
-        } else if let Some(rest) = path.strip_prefix("conditioner.embedders.0.transformer.") {
-            self.te_names(key, rest, &["lora_te1_"], "text_encoder.");
-        } else if let Some((layer, part)) = path
-            .split_once(".attn.")
-            .or_else(|| path.split_once(".mlp."))
-        {
-            let Some((kohya, dotted, n)) = openclip_layer(layer) else {
-                return;
-            };
-            let hf = match part {
-                "out_proj" => "self_attn.out_proj",
-                "c_fc" => "mlp.fc1",
-                "c_proj" => "mlp.fc2",
-                _ => return,
-            };
-            let rest = format!("text_model.encoder.layers.{n}.{hf}");
-            self.te_names(key, &rest, &[kohya], dotted);
-        }
-    }
-
-    /// Registers `text_model.encoder.layers.N.{self_attn.X_proj|mlp.fcK}` under kohya and
-    /// dotted spellings.
-    fn te_names(&mut self, key: &str, rest: &str, kohya: &[&str], dotted: &str) {
-        if !rest.starts_with("text_model.encoder.layers.") {
-            return;
-        }
-        for p in kohya {
-            self.add(format!("{p}{}", underscored(rest)), key, None);
-        }
-        self.add(format!("{dotted}{rest}"), key, None);
-    }
-
-    /// OpenCLIP layers: SD2's encoder (`lora_te_`) and SDXL's second (`lora_te2_`), written in
-    /// HF-CLIP terms: q/k/v are row slices of the fused `in_proj_weight`.
-    fn fused_qkv(&mut self, key: &str, layer: &str, rows: usize) {
-        let Some((kohya, dotted, n)) = openclip_layer(layer) else {
+    /// Registers a text-encoder weight under every spelling of its module (see
+    /// [`te_module`]).
+    fn text_encoder(&mut self, key: &str, part: Part, name: &str, rows: Option<(usize, usize)>) {
+        let Some((module, kohya, dotted)) = te_module(key, part, name) else {
             return;
         };
-        let d = rows / 3;
-        for (i, x) in ["q", "k", "v"].into_iter().enumerate() {
-            let rest = format!("text_model.encoder.layers.{n}.self_attn.{x}_proj");
-            let slice = Some((i * d, (i + 1) * d));
-            self.add(format!("{kohya}{}", underscored(&rest)), key, slice);
-            self.add(format!("{dotted}{rest}"), key, slice);
+        for p in kohya {
+            self.add(format!("{p}{}", underscored(module)), key, rows);
         }
+        self.add(format!("{dotted}{module}"), key, rows);
     }
 
     /// The target of a module name, if the checkpoint has it.
@@ -232,18 +137,6 @@ impl Targets {
     /// True if nothing is registered.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
-    }
-}
-
-/// For an OpenCLIP resblock path (`...transformer.resblocks.N`): kohya prefix, dotted prefix,
-/// layer number.
-fn openclip_layer(layer: &str) -> Option<(&'static str, &'static str, usize)> {
-    let (enc, n) = layer.rsplit_once(".transformer.resblocks.")?;
-    let n: usize = n.parse().ok()?;
-    match enc {
-        "cond_stage_model.model" => Some(("lora_te_", "text_encoder.", n)),
-        "conditioner.embedders.1.model" => Some(("lora_te2_", "text_encoder_2.", n)),
-        _ => None,
     }
 }
 

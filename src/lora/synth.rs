@@ -65,54 +65,13 @@ pub fn modules_of(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
             }
             continue;
         }
-        let hf = [
-            ("cond_stage_model.transformer.text_model.", "lora_te_"),
-            (
-                "conditioner.embedders.0.transformer.text_model.",
-                "lora_te1_",
-            ),
-        ];
-        for (prefix, kohya) in hf {
-            if let Some(rest) = t
-                .name
-                .strip_prefix(prefix)
-                .and_then(|r| r.strip_suffix(".weight"))
-            {
-                let wanted = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
-                if rest.starts_with("encoder.layers.") && wanted.iter().any(|w| rest.ends_with(w)) {
-                    out.push((
-                        format!("{kohya}text_model_{}", rest.replace('.', "_")),
-                        t.shape.clone(),
-                    ));
+        for (part, name, src) in crate::arch::names::map_key(&t.name, &t.shape) {
+            if let Some((module, kohya, _)) = crate::lora::names::te_module(&t.name, part, &name) {
+                let mut shape = t.shape.clone();
+                if let Some((a, b)) = src.rows {
+                    shape[0] = b - a;
                 }
-            }
-        }
-        let openclip = [
-            ("cond_stage_model.model.transformer.resblocks.", "lora_te_"),
-            (
-                "conditioner.embedders.1.model.transformer.resblocks.",
-                "lora_te2_",
-            ),
-        ];
-        for (prefix, kohya) in openclip {
-            let Some((n, part)) = t.name.strip_prefix(prefix).and_then(|r| r.split_once('.'))
-            else {
-                continue;
-            };
-            let layer = format!("{kohya}text_model_encoder_layers_{n}_");
-            match part {
-                "attn.in_proj_weight" => {
-                    let d = t.shape[0] / 3;
-                    for x in ["q", "k", "v"] {
-                        out.push((format!("{layer}self_attn_{x}_proj"), vec![d, t.shape[1]]));
-                    }
-                }
-                "attn.out_proj.weight" => {
-                    out.push((format!("{layer}self_attn_out_proj"), t.shape.clone()))
-                }
-                "mlp.c_fc.weight" => out.push((format!("{layer}mlp_fc1"), t.shape.clone())),
-                "mlp.c_proj.weight" => out.push((format!("{layer}mlp_fc2"), t.shape.clone())),
-                _ => {}
+                out.push((format!("{}{}", kohya[0], module.replace('.', "_")), shape));
             }
         }
     }

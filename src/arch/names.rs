@@ -1,6 +1,6 @@
 //! Diffusers names of single-file checkpoint tensors, per model part (U-Net, VAE, text
-//! encoders), as diffusers-layout generation code (candle's Stable Diffusion blocks) expects
-//! them.
+//! encoders): what diffusers-layout generation code (candle's Stable Diffusion blocks) loads,
+//! and what LoRA files in diffusers / PEFT / kohya spelling name.
 //!
 //! - U-Net: `model.diffusion_model.*` through [`ldm_to_diffusers`] (SD1, SD2 and SDXL alike).
 //! - VAE: `first_stage_model.*`: `down.N.block.M` → `down_blocks.N.resnets.M`, the decoder's
@@ -16,7 +16,82 @@
 use std::collections::BTreeMap;
 
 use crate::checkpoint::Checkpoint;
-use crate::lora::names::ldm_to_diffusers;
+
+/// The diffusers name of a ResNet sub-module of the LDM layout.
+fn resnet_part(ldm: &str) -> Option<&'static str> {
+    Some(match ldm {
+        "in_layers.0" => "norm1",
+        "in_layers.2" => "conv1",
+        "out_layers.0" => "norm2",
+        "out_layers.3" => "conv2",
+        "emb_layers.1" => "time_emb_proj",
+        "skip_connection" => "conv_shortcut",
+        _ => return None,
+    })
+}
+
+/// The diffusers module path of an LDM/SGM U-Net module path (both without the
+/// `model.diffusion_model.` prefix and without `.weight`), or `None` when it has no
+/// counterpart. The same rule serves SD1/SD2 (4 levels) and SDXL (3 levels).
+pub fn ldm_to_diffusers(p: &str) -> Option<String> {
+    let fixed = [
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("label_emb.0.0", "add_embedding.linear_1"),
+        ("label_emb.0.2", "add_embedding.linear_2"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ];
+    for (l, d) in fixed {
+        if p == l {
+            return Some(d.to_string());
+        }
+    }
+    let parts: Vec<&str> = p.splitn(4, '.').collect();
+    let num = |s: &str| s.parse::<usize>().ok();
+    match parts.as_slice() {
+        ["input_blocks", n, "0", rest] => {
+            let n = num(n)?.checked_sub(1)?;
+            let (i, j) = (n / 3, n % 3);
+            if j == 2 {
+                (*rest == "op").then(|| format!("down_blocks.{i}.downsamplers.0.conv"))
+            } else {
+                Some(format!(
+                    "down_blocks.{i}.resnets.{j}.{}",
+                    resnet_part(rest)?
+                ))
+            }
+        }
+        ["input_blocks", n, "1", rest] => {
+            let n = num(n)?.checked_sub(1)?;
+            Some(format!("down_blocks.{}.attentions.{}.{rest}", n / 3, n % 3))
+        }
+        ["middle_block", k, rest @ ..] => {
+            let rest = rest.join(".");
+            match *k {
+                "0" | "2" => Some(format!(
+                    "mid_block.resnets.{}.{}",
+                    num(k)? / 2,
+                    resnet_part(&rest)?
+                )),
+                "1" => Some(format!("mid_block.attentions.0.{rest}")),
+                _ => None,
+            }
+        }
+        ["output_blocks", n, k, rest] => {
+            let n = num(n)?;
+            let (i, j) = (n / 3, n % 3);
+            match (*k, *rest) {
+                ("0", r) => Some(format!("up_blocks.{i}.resnets.{j}.{}", resnet_part(r)?)),
+                (_, "conv") => Some(format!("up_blocks.{i}.upsamplers.0.conv")),
+                ("1", r) => Some(format!("up_blocks.{i}.attentions.{j}.{r}")),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
 
 /// A model of a generation pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
