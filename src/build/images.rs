@@ -1,8 +1,9 @@
-//! `generate` nodes: images in the cache, one PNG per image key (see [`crate::gen::job`]),
-//! under `v2/images/ab/<key>.png`, with A1111's `parameters` and the image key in their text
-//! chunks. A node is up to date when all its images are stored (and, with `to: DIR`, its
-//! copies there are the files the last build wrote), so a rebuild whose images exist loads no
-//! model and builds none of the nodes upstream.
+//! `generate` and `xy` nodes: images in the cache, one PNG per image key (see
+//! [`crate::gen::job`]; a grid's key covers its cells' keys, labels and layout), under
+//! `v2/images/ab/<key>.png`. A node's preimage lists its outputs (file name, image key); it is
+//! up to date when all are stored (and, with `to: DIR`, its copies there are the files the
+//! last build wrote), so a rebuild whose images exist loads no model and builds none of the
+//! nodes upstream: a sweep whose grids exist does not even look at its cells.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,9 +37,26 @@ pub fn image_keys(preimage: &Value) -> Vec<(u64, String)> {
         .unwrap_or_default()
 }
 
-/// Whether every image of a generate node (by its preimage) is stored.
+/// The (file name, image key) outputs recorded in a generate or xy node's preimage.
+pub fn outputs(preimage: &Value) -> Vec<(String, String)> {
+    preimage["outputs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["file"].as_str()?.to_string(),
+                        e["key"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every output of a generate or xy node (by its preimage) is stored.
 pub(super) fn all_stored(cache: &Cache, preimage: &Value) -> bool {
-    image_keys(preimage)
+    outputs(preimage)
         .iter()
         .all(|(_, key)| cache.image_path(key).is_file())
 }
@@ -48,18 +66,18 @@ pub fn file_name(node: &str, seed: u64) -> String {
     format!("{node}-{seed}.png")
 }
 
-/// Whether a generate node is up to date: every image stored, every copy in `to` current.
+/// Whether a generate or xy node is up to date: every output stored, every copy in `to`
+/// current.
 pub(super) fn up_to_date(
     cache: &Cache,
     state: &State,
-    node: &str,
     to: Option<&Path>,
     preimage: &Value,
 ) -> bool {
     all_stored(cache, preimage)
-        && image_keys(preimage).iter().all(|(seed, key)| {
-            to.is_none_or(|dir| output_current(state, &dir.join(file_name(node, *seed)), key))
-        })
+        && outputs(preimage)
+            .iter()
+            .all(|(file, key)| to.is_none_or(|dir| output_current(state, &dir.join(file), key)))
 }
 
 /// What generate nodes of one build share: the tokenizer, and the last model loaded (kept
@@ -97,12 +115,61 @@ impl Ctx<'_> {
                 job.write_image(&models, &tok, *seed, key, (&label, &autov2), &path, true)?;
             }
         }
+        self.copy_outputs(to.as_deref(), *overwrite, preimage)?;
+        Ok((missing.len(), images.len() - missing.len()))
+    }
+
+    /// Copies a node's stored outputs to `to`, if it has one.
+    fn copy_outputs(&self, to: Option<&Path>, overwrite: bool, preimage: &Value) -> Result<()> {
         if let Some(dir) = to {
-            for (seed, key) in &images {
-                self.copy_out(key, &dir.join(file_name(name, *seed)), *overwrite)?;
+            for (file, key) in outputs(preimage) {
+                self.copy_out(&key, &dir.join(file), overwrite)?;
             }
         }
-        Ok((missing.len(), images.len() - missing.len()))
+        Ok(())
+    }
+
+    /// Runs an xy node: composes the grids the cache lacks from its cells' images, copies
+    /// them to `to`. Returns (grids made, grids found in the cache).
+    pub(super) fn grids(&self, name: &str, preimage: &Value) -> Result<(usize, usize)> {
+        let Node::Xy { to, overwrite, .. } = &self.recipe.nodes[name] else {
+            unreachable!("xy nodes only");
+        };
+        let cache = self.store.cache;
+        let mut made = 0;
+        let grids = preimage["grids"].as_array().cloned().unwrap_or_default();
+        for g in &grids {
+            let key = g["key"].as_str().unwrap_or_default();
+            if cache.image_path(key).is_file() {
+                continue;
+            }
+            let labels = |k: &str| -> Vec<String> {
+                g[k].as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let cells = labels("cells")
+                .iter()
+                .map(|k| crate::gen::grid::read_png(&cache.image_path(k)).map(Some))
+                .collect::<Result<Vec<_>>>()?;
+            let (x_labels, y_labels) = (labels("x_labels"), labels("y_labels"));
+            let img = crate::gen::grid::compose(&crate::gen::grid::GridSpec {
+                header: g["header"].as_str().unwrap_or_default(),
+                x_labels: &x_labels,
+                y_labels: &y_labels,
+                cells: &cells,
+            })?;
+            let text = [("mergesmith", key)];
+            let png = crate::gen::png::encode(img.as_raw(), img.width(), img.height(), &text)?;
+            write_file_atomic(&cache.image_path(key), &png, true)?;
+            made += 1;
+        }
+        self.copy_outputs(to.as_deref(), *overwrite, preimage)?;
+        Ok((made, grids.len() - made))
     }
 
     /// The loaded models of a checkpoint input, its name for the PNGs, and its A1111 hash.

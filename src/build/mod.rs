@@ -170,8 +170,8 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     let memory = |n: &str| recipe.nodes[n].in_memory();
     let hit = |n: &str| match &recipe.nodes[n] {
         Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
-        Node::Generate { to, .. } => {
-            images::up_to_date(cache, &state, n, to.as_deref(), &keys[n].1)
+        Node::Generate { to, .. } | Node::Xy { to, .. } => {
+            images::up_to_date(cache, &state, to.as_deref(), &keys[n].1)
         }
         node => !node.in_memory() && cache.has_result(&keys[n].0),
     };
@@ -191,7 +191,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
     };
     // A generate node whose images are all stored only copies them out: it needs no input.
     let needs_inputs = |n: &str| match &recipe.nodes[n] {
-        Node::Generate { .. } => !images::all_stored(cache, &keys[n].1),
+        Node::Generate { .. } | Node::Xy { .. } => !images::all_stored(cache, &keys[n].1),
         _ => true,
     };
     let mut runs = BTreeSet::new();
@@ -263,7 +263,7 @@ fn check_runs(
         let node = &recipe.nodes[name];
         let copies_only =
             matches!(node, Node::Generate { .. }) && images::all_stored(cache, &keys[name].1);
-        if matches!(node, Node::Save { .. }) || copies_only {
+        if matches!(node, Node::Save { .. } | Node::Xy { .. }) || copies_only {
             continue;
         }
         if node.node_inputs().iter().any(|n| failed.contains(n)) {
@@ -342,7 +342,9 @@ fn check_runs(
                         .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
                     Ok(Vec::new())
                 }
-                Node::Save { .. } => unreachable!("saves are skipped above"),
+                Node::Save { .. } | Node::Xy { .. } => {
+                    unreachable!("saves and sweeps are skipped above")
+                }
             }
         })();
         match checked {
@@ -508,9 +510,9 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                     Input::Model(m) => model_keys[m.as_str()].clone(),
                     Input::Node(n) => out[n].0.clone(),
                 };
-                let images: Vec<Value> = job
+                let images: Vec<(u64, String)> = job
                     .seeds()
-                    .map(|seed| json!({ "seed": seed, "key": job.image_key(&content, &tokenizer, seed) }))
+                    .map(|seed| (seed, job.image_key(&content, &tokenizer, seed)))
                     .collect();
                 json!({
                     "op": "generate",
@@ -518,7 +520,53 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                     "model": input_key(model),
                     "tokenizer": tokenizer,
                     "job": job,
-                    "images": images,
+                    "images": images.iter().map(|(seed, key)| json!({ "seed": seed, "key": key })).collect::<Vec<_>>(),
+                    "outputs": images.iter().map(|(seed, key)| json!({ "file": images::file_name(name, *seed), "key": key })).collect::<Vec<_>>(),
+                })
+            }
+            Node::Xy { grids, .. } => {
+                // One grid image per grid and batch index, keyed by its cells' images, its
+                // labels and the grid code's version.
+                let mut entries = Vec::new();
+                for g in grids {
+                    let cell_images: Vec<Vec<String>> = g
+                        .cells
+                        .iter()
+                        .map(|c| {
+                            images::image_keys(&out[c].1)
+                                .into_iter()
+                                .map(|(_, k)| k)
+                                .collect()
+                        })
+                        .collect();
+                    let batch = cell_images.iter().map(Vec::len).min().unwrap_or(0);
+                    for b in 0..batch {
+                        let cells: Vec<&String> = cell_images.iter().map(|c| &c[b]).collect();
+                        let mut entry = json!({
+                            "grid": g.name,
+                            "batch": b,
+                            "header": g.header,
+                            "x_labels": g.x_labels,
+                            "y_labels": g.y_labels,
+                            "z_label": g.z_label,
+                            "cells": cells,
+                            "version": crate::gen::job::GRID_VERSION,
+                        });
+                        let key = blake3::hash(entry.to_string().as_bytes())
+                            .to_hex()
+                            .to_string();
+                        entry["key"] = json!(key);
+                        entry["file"] = json!(match batch {
+                            1 => format!("{}.png", g.name),
+                            _ => format!("{}-b{b}.png", g.name),
+                        });
+                        entries.push(entry);
+                    }
+                }
+                json!({
+                    "op": "xy",
+                    "outputs": entries.iter().map(|e| json!({ "file": e["file"], "key": e["key"] })).collect::<Vec<_>>(),
+                    "grids": entries,
                 })
             }
             Node::Save { from, link, .. } => json!({
@@ -719,9 +767,13 @@ impl Ctx<'_> {
                     .map_err(failed)?;
                 report.output = Some(to.clone());
             }
-            Node::Generate { to, .. } => {
+            Node::Generate { to, .. } | Node::Xy { to, .. } => {
                 let _lock = cache.lock(&p.key)?;
-                let (made, found) = self.generate(&p.name, &p.preimage).map_err(failed)?;
+                let done = match self.recipe.nodes[&p.name] {
+                    Node::Xy { .. } => self.grids(&p.name, &p.preimage),
+                    _ => self.generate(&p.name, &p.preimage),
+                };
+                let (made, found) = done.map_err(failed)?;
                 (report.stored, report.reused) = (Some(made), Some(found));
                 report.output = to.clone();
             }
@@ -737,7 +789,8 @@ impl Ctx<'_> {
                     Place::Disk => Some(cache.lock(&p.key)?),
                     Place::Memory => None,
                 };
-                if place == Place::Memory || !cache.has_result(&p.key) {
+                // Sweep cells repeat nodes: one with the same key may have run already.
+                if !self.store.has_result(&p.key) {
                     let built = match node {
                         Node::Merge { .. } => self.merge(&p.name, &p.key, place),
                         Node::Lora { .. } => self.lora(&p.name, &p.key, place),

@@ -17,6 +17,9 @@ use crate::gen::tokenizer::ClipTokenizer;
 /// Bumped whenever a change to the generation code changes images for the same parameters.
 pub const VERSION: u32 = 1;
 
+/// Bumped whenever a change to [`crate::gen::grid`] changes grid images.
+pub const GRID_VERSION: u32 = 1;
+
 /// A `generate` node's parameters, defaults filled in.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Job {

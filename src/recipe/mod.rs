@@ -8,6 +8,7 @@
 
 pub mod diagnostics;
 pub mod import;
+pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -212,6 +213,10 @@ pub struct NodeDecl {
     #[serde(default)]
     #[schemars(with = "Option<GenerateDecl>")]
     pub generate: Option<Spanned<GenerateDecl>>,
+    /// An XY(Z) sweep of a generate node: comparison grids; `to: DIR` also writes them there.
+    #[serde(default)]
+    #[schemars(with = "Option<sweep::XyDecl>")]
+    pub xy: Option<Spanned<sweep::XyDecl>>,
 }
 
 /// A `generate` node's parameters (the web UI's txt2img settings).
@@ -449,6 +454,15 @@ pub enum Node {
         /// Replace files there that mergesmith did not write.
         overwrite: bool,
     },
+    /// An XY(Z) sweep: comparison grids over its cells' generate nodes.
+    Xy {
+        /// Its grids (one per part and Z value), cells row-major.
+        grids: Vec<sweep::Grid>,
+        /// A directory the grids are also written to (absolute), as `GRID-bN.png`.
+        to: Option<PathBuf>,
+        /// Replace files there that mergesmith did not write.
+        overwrite: bool,
+    },
     /// Writing a node's result to a file.
     Save {
         /// The node saved.
@@ -483,6 +497,38 @@ impl Node {
             }
             Node::Save { from, .. } => vec![from.as_str()],
             Node::Generate { model, .. } => model.node().into_iter().collect(),
+            Node::Xy { grids, .. } => grids
+                .iter()
+                .flat_map(|g| g.cells.iter().map(String::as_str))
+                .collect(),
+        }
+    }
+
+    /// Renames the nodes it reads (for sweep cells, which copy nodes under a prefix).
+    pub fn rename_inputs(&mut self, f: &dyn Fn(&str) -> String) {
+        let input = |i: &mut Input| {
+            if let Input::Node(n) = i {
+                *n = f(n);
+            }
+        };
+        match self {
+            Node::Merge { inputs, .. } => inputs.iter_mut().for_each(input),
+            Node::Lora {
+                input: i, loras, ..
+            } => {
+                input(i);
+                loras.iter_mut().for_each(|l| input(&mut l.source));
+            }
+            Node::ExtractLora { a, b, .. } => {
+                input(a);
+                input(b);
+            }
+            Node::MergeLoras { loras, .. } => loras.iter_mut().for_each(|l| input(&mut l.source)),
+            Node::Generate { model, .. } => input(model),
+            Node::Xy { grids, .. } => grids
+                .iter_mut()
+                .for_each(|g| g.cells.iter_mut().for_each(|c| *c = f(c))),
+            Node::Save { from, .. } => *from = f(from),
         }
     }
 
@@ -765,7 +811,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         .collect();
     let image_nodes: BTreeSet<&str> = nodes_decl
         .iter()
-        .filter(|(_, n)| n.decl.value.generate.is_some())
+        .filter(|(_, n)| n.decl.value.generate.is_some() || n.decl.value.xy.is_some())
         .map(|(name, _)| name.as_str())
         .collect();
     let resolve = |r: &Spanned<String>, want: Want, errs: &mut RecipeErrors| -> Option<Input> {
@@ -809,14 +855,20 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         }
     };
     let mut nodes = BTreeMap::new();
+    let mut sweeps = BTreeMap::new();
     for (name, declared) in &nodes_decl {
         let (decl, dir) = (declared.decl, dir_of(declared.part));
         errs.at(declared.part);
         let node = node(name, decl, dir, &scope, &resolve, &mut errs);
         if let Some(n) = node {
             nodes.insert(name.clone(), n);
+        } else if let Some(xy) = &decl.value.xy {
+            let to = decl.value.to.as_ref().map(|t| dir.join(t));
+            sweeps.insert(name.clone(), (declared.part, xy, to, decl.value.overwrite));
         }
     }
+    // Sweeps copy validated nodes into their cells.
+    sweep::expand_all(&sweeps, &mut nodes, &scope, &resolve, &mut errs);
     let order = match topo_order(&nodes) {
         Ok(o) => o,
         Err(cycle) => {
@@ -860,6 +912,7 @@ fn node(
         ("extract_lora", d.extract_lora.is_some()),
         ("merge_loras", d.merge_loras.is_some()),
         ("generate", d.generate.is_some()),
+        ("xy", d.xy.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
@@ -869,8 +922,8 @@ fn node(
             &decl.referenced,
             format!(
                 "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
-                 `extract_lora: {{a, b}}`, `merge_loras: {{loras}}` or \
-                 `generate: {{model, prompt}}`"
+                 `extract_lora: {{a, b}}`, `merge_loras: {{loras}}`, \
+                 `generate: {{model, prompt}}` or `xy: {{generate, x}}`"
             ),
             None,
         );
@@ -910,7 +963,7 @@ fn node(
         ],
         "save" => &["to", "overwrite", "link"],
         "lora" => &["apply", "fill", "allow_unmatched", "cache"],
-        "generate" => &["to", "overwrite"],
+        "generate" | "xy" => &["to", "overwrite"],
         _ => &["cache"],
     };
     let stray: Vec<&str> = set_fields(d)
@@ -920,7 +973,7 @@ fn node(
     if !stray.is_empty() {
         let hint = match kind {
             "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
-            "extract_lora" | "merge_loras" | "generate" => {
+            "extract_lora" | "merge_loras" | "generate" | "xy" => {
                 Some(format!("options go under `{kind}:`"))
             }
             _ => None,
@@ -940,6 +993,8 @@ fn node(
         merge_loras_node(m, memory, scope, resolve, errs)
     } else if let Some(g) = &d.generate {
         generate_node(g, d, dir, resolve, errs)
+    } else if d.xy.is_some() {
+        None // expanded once every other node is validated
     } else if d.lora.is_some() {
         lora_node(name, d, scope, resolve, errs)
     } else {
@@ -1554,6 +1609,11 @@ impl Recipe {
                 }
                 Node::Save { from, .. } => out.push((from.clone(), name.clone())),
                 Node::Generate { model, .. } => out.push((model.name().to_string(), name.clone())),
+                Node::Xy { .. } => {
+                    for cell in self.nodes[name].node_inputs() {
+                        out.push((cell.to_string(), name.clone()));
+                    }
+                }
             }
         }
         out
@@ -1597,6 +1657,11 @@ impl Recipe {
                             id(name),
                             job.batch
                         )),
+                        Node::Xy { grids, .. } => out.push_str(&format!(
+                            "  {}[[\"{name}<br/>{} grid(s)\"]]\n",
+                            id(name),
+                            grids.len()
+                        )),
                         Node::Save { to, .. } => out.push_str(&format!(
                             "  {}[/\"{name}<br/>{}\"/]\n",
                             id(name),
@@ -1620,7 +1685,7 @@ impl Recipe {
                         Node::Merge { .. } | Node::Lora { .. } => "box",
                         Node::ExtractLora { .. } | Node::MergeLoras { .. } => "hexagon",
                         Node::Save { .. } => "note",
-                        Node::Generate { .. } => "box3d",
+                        Node::Generate { .. } | Node::Xy { .. } => "box3d",
                     };
                     out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
                 }

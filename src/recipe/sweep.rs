@@ -1,0 +1,927 @@
+//! `xy` nodes: XY(Z) sweeps as SuperMerger plots them (supermerger.md §5), expanded at parse
+//! time into ordinary nodes. Every cell is a copy of the swept `generate` node (and of the
+//! nodes between it and the merge node that merge axes change) with the cell's axis values
+//! applied, named `SWEEP.N.NODE`; cells share cached results through their content keys like
+//! any other node, so a seed axis merges once and a pinpoint-blocks axis recomputes one block
+//! per cell. The `xy` node itself depends on every cell and assembles the grids.
+//!
+//! Values are a YAML list (one value per item) or SuperMerger's text: comma-separated, or one
+//! per line for vectors, prompts and adjust, blank-line-separated for elemental. A `|` in a
+//! text splits the axis into parts; every combination of parts is its own set of grids.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{Input, Node, RatioScope, RecipeErrors, Resolver, Want};
+use crate::arch::blocks::{SDXL_BLOCKS, SD_BLOCKS};
+use crate::merge::{FilterSpec, Ratio};
+
+/// An `xy` node's declaration.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct XyDecl {
+    /// The generate node every cell runs again with its axis values.
+    #[schemars(with = "String")]
+    pub generate: Spanned<String>,
+    /// The merge node that merge axes change (default: the generate node's model).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub merge: Option<Spanned<String>>,
+    /// Columns.
+    #[schemars(with = "AxisDecl")]
+    pub x: Spanned<AxisDecl>,
+    /// Rows.
+    #[serde(default)]
+    #[schemars(with = "Option<AxisDecl>")]
+    pub y: Option<Spanned<AxisDecl>>,
+    /// One grid per value.
+    #[serde(default)]
+    #[schemars(with = "Option<AxisDecl>")]
+    pub z: Option<Spanned<AxisDecl>>,
+}
+
+/// One axis.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AxisDecl {
+    /// What it sweeps.
+    #[serde(rename = "type")]
+    pub kind: AxisKind,
+    /// Its values: a list, or SuperMerger's text (`|` splits it into parts).
+    pub values: AxisValues,
+}
+
+/// What an axis sweeps (SuperMerger's axis types, plus generation parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AxisKind {
+    /// The merge's alpha (a number, vector or preset per value).
+    Alpha,
+    /// The merge's beta.
+    Beta,
+    /// Alpha and beta: `a b` pairs (one number sets both).
+    AlphaAndBeta,
+    /// Per-block alpha vectors or preset names (one per line in text).
+    MbwAlpha,
+    /// Per-block beta vectors or preset names.
+    MbwBeta,
+    /// Model A of the merge.
+    ModelA,
+    /// Model B.
+    ModelB,
+    /// Model C.
+    ModelC,
+    /// Blocks that get the alpha axis' value (`IN00 IN03-IN05`, `NOT M00`, `ALL`); the merge's
+    /// own alpha stays elsewhere.
+    PinpointBlocks,
+    /// Merge only these blocks.
+    IncludeBlocks,
+    /// Never merge these blocks.
+    ExcludeBlocks,
+    /// Elemental text (replaces the merge's).
+    Elemental,
+    /// Elemental text added to the merge's.
+    AddElemental,
+    /// Adjust vectors (8 values).
+    Adjust,
+    /// Calculation mode.
+    Calcmode,
+    /// Generation seed.
+    Seed,
+    /// Prompt (one per line in text).
+    Prompt,
+    /// Negative prompt.
+    Negative,
+    /// Sampling steps.
+    Steps,
+    /// Guidance scale.
+    Cfg,
+    /// Sampler.
+    Sampler,
+    /// CLIP skip.
+    ClipSkip,
+    /// Width.
+    Width,
+    /// Height.
+    Height,
+}
+
+impl AxisKind {
+    /// Its name, as written.
+    pub fn label(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    fn changes_merge(self) -> bool {
+        !matches!(
+            self,
+            AxisKind::Seed
+                | AxisKind::Prompt
+                | AxisKind::Negative
+                | AxisKind::Steps
+                | AxisKind::Cfg
+                | AxisKind::Sampler
+                | AxisKind::ClipSkip
+                | AxisKind::Width
+                | AxisKind::Height
+        )
+    }
+
+    /// How a text value splits into values.
+    fn separator(self) -> Sep {
+        match self {
+            AxisKind::MbwAlpha
+            | AxisKind::MbwBeta
+            | AxisKind::Prompt
+            | AxisKind::Negative
+            | AxisKind::Adjust => Sep::Line,
+            AxisKind::Elemental | AxisKind::AddElemental => Sep::BlankLine,
+            _ => Sep::Comma,
+        }
+    }
+}
+
+enum Sep {
+    Comma,
+    Line,
+    BlankLine,
+}
+
+/// An axis' values as written.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum AxisValues {
+    /// One value per item.
+    List(Vec<AxisValue>),
+    /// SuperMerger's text.
+    Text(String),
+}
+
+/// One value of a list.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum AxisValue {
+    /// A number.
+    Number(f64),
+    /// A vector.
+    List(Vec<f64>),
+    /// Text.
+    Text(String),
+}
+
+/// A parsed axis value.
+#[derive(Debug, Clone, PartialEq)]
+enum Setting {
+    Alpha(Ratio),
+    Beta(Ratio),
+    AlphaBeta(Ratio, Ratio),
+    Model(usize, Input),
+    Pinpoint(String),
+    Include(String),
+    Exclude(String),
+    Elemental(String),
+    AddElemental(String),
+    Adjust([f64; 8]),
+    Calcmode(crate::merge::CalcMode),
+    Seed(u64),
+    Prompt(String),
+    Negative(String),
+    Steps(usize),
+    Cfg(f64),
+    Sampler(crate::gen::sampler::Sampler),
+    ClipSkip(usize),
+    Width(usize),
+    Height(usize),
+}
+
+/// One parsed axis: its kind and, per part, (label, setting) values.
+struct Axis {
+    kind: AxisKind,
+    parts: Vec<Vec<(String, Setting)>>,
+}
+
+/// One grid of a sweep.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Grid {
+    /// File stem of its images (`SWEEP`, `SWEEP-z1`, `SWEEP-part2-z0`, ...).
+    pub name: String,
+    /// The header: the merge formula with swept parameters named X / Y.
+    pub header: String,
+    /// Column labels.
+    pub x_labels: Vec<String>,
+    /// Row labels (one empty label without a Y axis).
+    pub y_labels: Vec<String>,
+    /// The Z value of this grid, if any.
+    pub z_label: Option<String>,
+    /// The cells' generate nodes, row-major.
+    pub cells: Vec<String>,
+}
+
+/// Reads the `xy` nodes (after every other node is validated) and adds their cells and the
+/// sweep nodes to `nodes`.
+/// Sweeps by name: (source part, declaration, `to`, `overwrite`).
+pub(super) type SweepDecls<'a> =
+    BTreeMap<String, (usize, &'a Spanned<XyDecl>, Option<std::path::PathBuf>, bool)>;
+
+pub(super) fn expand_all(
+    decls: &SweepDecls,
+    nodes: &mut BTreeMap<String, Node>,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) {
+    for (name, (part, decl, to, overwrite)) in decls {
+        errs.at(*part);
+        if let Some(grids) = expand(name, decl, nodes, scope, resolve, errs) {
+            nodes.insert(
+                name.clone(),
+                Node::Xy {
+                    grids,
+                    to: to.clone(),
+                    overwrite: *overwrite,
+                },
+            );
+        }
+    }
+}
+
+fn expand(
+    name: &str,
+    decl: &Spanned<XyDecl>,
+    nodes: &mut BTreeMap<String, Node>,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Vec<Grid>> {
+    let d = &decl.value;
+    let gen_name = &d.generate.value;
+    if !matches!(nodes.get(gen_name), Some(Node::Generate { .. })) {
+        errs.push(
+            &d.generate.referenced,
+            format!("`{gen_name}` is not a generate node of this recipe"),
+            None,
+        );
+        return None;
+    }
+    let declared: Vec<(&str, &Spanned<AxisDecl>)> =
+        [("x", Some(&d.x)), ("y", d.y.as_ref()), ("z", d.z.as_ref())]
+            .into_iter()
+            .filter_map(|(n, a)| a.map(|a| (n, a)))
+            .collect();
+    let mut axes = Vec::new();
+    for (_, a) in &declared {
+        axes.push(parse_axis(a, scope, resolve, errs)?);
+    }
+    // Rules: two axes of one type make no grid (add_elemental aside); pinpointing needs an
+    // alpha (or beta) axis for the value.
+    for i in 0..axes.len() {
+        for j in i + 1..axes.len() {
+            if axes[i].kind == axes[j].kind && axes[i].kind != AxisKind::AddElemental {
+                errs.push(
+                    &declared[j].1.referenced,
+                    format!(
+                        "axes {} and {} both sweep {}",
+                        declared[i].0,
+                        declared[j].0,
+                        axes[i].kind.label()
+                    ),
+                    None,
+                );
+                return None;
+            }
+        }
+    }
+    let kinds: Vec<AxisKind> = axes.iter().map(|a| a.kind).collect();
+    if let Some(p) = kinds.iter().position(|k| *k == AxisKind::PinpointBlocks) {
+        if !kinds
+            .iter()
+            .any(|k| matches!(k, AxisKind::Alpha | AxisKind::Beta))
+        {
+            errs.push(
+                &declared[p].1.referenced,
+                "pinpoint_blocks needs an alpha (or beta) axis giving the value of the pinpointed blocks".into(),
+                None,
+            );
+            return None;
+        }
+    }
+    // The merge node merge axes change, and the chain of nodes from it to the generate node.
+    let merge_name = match (&d.merge, kinds.iter().any(|k| k.changes_merge())) {
+        (Some(m), _) => {
+            if !matches!(nodes.get(&m.value), Some(Node::Merge { .. })) {
+                errs.push(
+                    &m.referenced,
+                    format!("`{}` is not a merge node", m.value),
+                    None,
+                );
+                return None;
+            }
+            Some(m.value.clone())
+        }
+        (None, false) => None,
+        (None, true) => {
+            let Some(Node::Generate { model, .. }) = nodes.get(gen_name) else {
+                return None;
+            };
+            match model
+                .node()
+                .filter(|m| matches!(nodes.get(*m), Some(Node::Merge { .. })))
+            {
+                Some(m) => Some(m.to_string()),
+                None => {
+                    errs.push(
+                        &decl.referenced,
+                        format!("merge axes need a merge node: `{gen_name}` does not read one directly; name it with `merge:`"),
+                        None,
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    let chain = chain(nodes, gen_name, merge_name.as_deref());
+    if merge_name.is_some() && chain.len() < 2 {
+        errs.push(
+            &decl.referenced,
+            format!(
+                "`{gen_name}` does not read the merge node `{}`",
+                merge_name.unwrap_or_default()
+            ),
+            None,
+        );
+        return None;
+    }
+    let header = header(nodes, merge_name.as_deref(), gen_name, &kinds);
+    let mut grids = Vec::new();
+    let mut cell_index = 0usize;
+    let part_counts: Vec<usize> = axes.iter().map(|a| a.parts.len()).collect();
+    let combos = combinations(&part_counts);
+    let several_parts = combos.len() > 1;
+    for (pi, combo) in combos.iter().enumerate() {
+        let x = &axes[0].parts[combo[0]];
+        let y = axes.get(1).map(|a| &a.parts[combo[1]]);
+        let z = axes.get(2).map(|a| &a.parts[combo[2]]);
+        let z_values: Vec<Option<&(String, Setting)>> = match z {
+            Some(z) => z.iter().map(Some).collect(),
+            None => vec![None],
+        };
+        for (zi, zv) in z_values.iter().enumerate() {
+            let mut cells = Vec::new();
+            let rows: Vec<Option<&(String, Setting)>> = match y {
+                Some(y) => y.iter().map(Some).collect(),
+                None => vec![None],
+            };
+            for yv in &rows {
+                for xv in x {
+                    let settings: Vec<&Setting> = [Some(xv), *yv, *zv]
+                        .into_iter()
+                        .flatten()
+                        .map(|(_, s)| s)
+                        .collect();
+                    let prefix = format!("{name}.{cell_index}.");
+                    cell_index += 1;
+                    match make_cell(nodes, &chain, &prefix, &settings, merge_name.as_deref()) {
+                        Ok(cell) => cells.push(cell),
+                        Err(e) => {
+                            errs.push(&decl.referenced, format!("xy node `{name}`: {e}"), None);
+                            return None;
+                        }
+                    }
+                }
+            }
+            let mut grid_name = name.to_string();
+            if several_parts {
+                grid_name.push_str(&format!("-part{}", pi + 1));
+            }
+            if z.is_some() {
+                grid_name.push_str(&format!("-z{zi}"));
+            }
+            let first_prefixed = |kind: AxisKind, labels: Vec<String>| -> Vec<String> {
+                labels
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        if i == 0 {
+                            format!("{} = {l}", kind.label())
+                        } else {
+                            l
+                        }
+                    })
+                    .collect()
+            };
+            grids.push(Grid {
+                name: grid_name,
+                header: header.clone(),
+                x_labels: first_prefixed(axes[0].kind, x.iter().map(|(l, _)| l.clone()).collect()),
+                y_labels: match (y, axes.get(1)) {
+                    (Some(y), Some(a)) => {
+                        first_prefixed(a.kind, y.iter().map(|(l, _)| l.clone()).collect())
+                    }
+                    _ => vec![String::new()],
+                },
+                z_label: zv.map(|(l, _)| format!("{} = {l}", axes[2].kind.label())),
+                cells,
+            });
+        }
+    }
+    Some(grids)
+}
+
+/// Every combination of part indices, the first axis fastest.
+fn combinations(counts: &[usize]) -> Vec<Vec<usize>> {
+    let mut out = vec![vec![]];
+    for &n in counts {
+        out = (0..n)
+            .flat_map(|i| {
+                out.iter().map(move |c| {
+                    let mut c = c.clone();
+                    c.push(i);
+                    c
+                })
+            })
+            .collect();
+    }
+    out
+}
+
+/// The nodes a cell copies: the generate node, plus, with a merge node, every node on a
+/// path from it to the generate node, in no particular order.
+fn chain(nodes: &BTreeMap<String, Node>, gen: &str, merge: Option<&str>) -> Vec<String> {
+    let Some(merge) = merge else {
+        return vec![gen.to_string()];
+    };
+    // Nodes that (transitively) read the merge node, memoized.
+    fn reads(
+        nodes: &BTreeMap<String, Node>,
+        n: &str,
+        merge: &str,
+        memo: &mut BTreeMap<String, bool>,
+    ) -> bool {
+        if n == merge {
+            return true;
+        }
+        if let Some(&r) = memo.get(n) {
+            return r;
+        }
+        let r = nodes.get(n).is_some_and(|node| {
+            node.node_inputs()
+                .iter()
+                .any(|i| reads(nodes, i, merge, memo))
+        });
+        memo.insert(n.to_string(), r);
+        r
+    }
+    let mut memo = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    let mut stack = vec![gen.to_string()];
+    while let Some(n) = stack.pop() {
+        if reads(nodes, &n, merge, &mut memo) && out.insert(n.clone()) {
+            if let Some(node) = nodes.get(&n) {
+                stack.extend(node.node_inputs().into_iter().map(String::from));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Copies the chain under `prefix` with `settings` applied; returns the cell's generate node.
+fn make_cell(
+    nodes: &mut BTreeMap<String, Node>,
+    chain: &[String],
+    prefix: &str,
+    settings: &[&Setting],
+    merge: Option<&str>,
+) -> Result<String, String> {
+    let renamed = |n: &str| match chain.iter().any(|c| c == n) {
+        true => format!("{prefix}{n}"),
+        false => n.to_string(),
+    };
+    let mut gen_name = String::new();
+    let mut copies = Vec::new();
+    for n in chain {
+        let mut node = nodes[n].clone();
+        node.rename_inputs(&renamed);
+        match &mut node {
+            Node::Merge { inputs, spec, .. } if Some(n.as_str()) == merge => {
+                apply_merge(inputs, spec, settings)?;
+            }
+            Node::Generate { job, to, .. } => {
+                apply_job(job, settings);
+                *to = None;
+                gen_name = renamed(n);
+            }
+            _ => {}
+        }
+        copies.push((renamed(n), node));
+    }
+    nodes.extend(copies);
+    Ok(gen_name)
+}
+
+fn apply_merge(
+    inputs: &mut [Input],
+    spec: &mut crate::merge::MergeSpec,
+    settings: &[&Setting],
+) -> Result<(), String> {
+    let pinpoint = settings.iter().find_map(|s| match s {
+        Setting::Pinpoint(p) => Some(p.clone()),
+        _ => None,
+    });
+    for s in settings {
+        match s {
+            Setting::Alpha(r) => match &pinpoint {
+                Some(p) => spec.alpha = pinpointed(&spec.alpha, p, r)?,
+                None => spec.alpha = r.clone(),
+            },
+            Setting::Beta(r) => match (&pinpoint, &spec.beta) {
+                (Some(p), Some(base)) => spec.beta = Some(pinpointed(base, p, r)?),
+                (Some(_), None) => return Err("pinpointing beta needs the merge's beta".into()),
+                (None, _) => spec.beta = Some(r.clone()),
+            },
+            Setting::AlphaBeta(a, b) => {
+                spec.alpha = a.clone();
+                spec.beta = Some(b.clone());
+            }
+            Setting::Model(i, input) => match inputs.get_mut(*i) {
+                Some(slot) => *slot = input.clone(),
+                None => return Err(format!("the merge has no model {}", ["A", "B", "C"][*i])),
+            },
+            Setting::Include(b) | Setting::Exclude(b) => {
+                spec.filter = Some(FilterSpec {
+                    mode: match s {
+                        Setting::Include(_) => crate::merge::select::FilterMode::Include,
+                        _ => crate::merge::select::FilterMode::Exclude,
+                    },
+                    blocks: b.clone(),
+                    elements: String::new(),
+                })
+            }
+            Setting::Elemental(e) => spec.elemental = Some(e.clone()),
+            Setting::AddElemental(e) => {
+                let base = spec.elemental.take().unwrap_or_default();
+                spec.elemental = Some(match base.trim().is_empty() {
+                    true => e.clone(),
+                    false => format!("{base}\n{e}"),
+                });
+            }
+            Setting::Adjust(a) => spec.adjust = Some(*a),
+            Setting::Calcmode(c) => spec.calcmode = *c,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
+    for s in settings {
+        match s {
+            Setting::Seed(v) => job.seed = *v,
+            Setting::Prompt(p) => job.prompt = p.clone(),
+            Setting::Negative(p) => job.negative = p.clone(),
+            Setting::Steps(v) => job.steps = *v,
+            Setting::Cfg(v) => job.cfg = *v,
+            Setting::Sampler(v) => job.sampler = *v,
+            Setting::ClipSkip(v) => job.clip_skip = *v,
+            Setting::Width(v) => job.width = Some(*v),
+            Setting::Height(v) => job.height = Some(*v),
+            _ => {}
+        }
+    }
+}
+
+/// `base` with the blocks of `which` (`IN00 IN02-IN04`, `NOT ...`, `ALL`) set to `value`'s
+/// scalar. The block list is the base vector's (26: SD1/SD2, 20: SDXL), or for a scalar base
+/// the one that knows every named block (SD1's when both do).
+fn pinpointed(base: &Ratio, which: &str, value: &Ratio) -> Result<Ratio, String> {
+    let Ratio::Scalar(v) = value else {
+        return Err("a pinpointed block takes one number, not a vector".into());
+    };
+    let list: &[String] = match base {
+        Ratio::Blocks(b) if b.len() == SDXL_BLOCKS.len() => &SDXL_BLOCKS,
+        Ratio::Blocks(b) if b.len() == SD_BLOCKS.len() => &SD_BLOCKS,
+        Ratio::Blocks(b) => {
+            return Err(format!(
+                "pinpointing needs a 26- or 20-value alpha, not {} values",
+                b.len()
+            ))
+        }
+        Ratio::Scalar(_) => match crate::merge::select::parse_blocks(which, &SD_BLOCKS) {
+            Ok(_) => &SD_BLOCKS,
+            Err(_) => &SDXL_BLOCKS,
+        },
+    };
+    let set = crate::merge::select::parse_blocks(which, list).map_err(|e| e.to_string())?;
+    let mut values = match base {
+        Ratio::Scalar(s) => vec![*s; list.len()],
+        Ratio::Blocks(b) => b.clone(),
+    };
+    for (i, b) in list.iter().enumerate() {
+        if set.blocks.contains(b) != set.not {
+            values[i] = *v;
+        }
+    }
+    Ok(Ratio::Blocks(values))
+}
+
+/// The header of a sweep's grids: the merge formula (or the generate node) with the swept
+/// parameters as X, Y, Z.
+fn header(
+    nodes: &BTreeMap<String, Node>,
+    merge: Option<&str>,
+    gen: &str,
+    kinds: &[AxisKind],
+) -> String {
+    let swept = |k: AxisKind| -> Option<&'static str> {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .map(|i| ["X", "Y", "Z"][i])
+    };
+    let sweeps = |ks: &[AxisKind]| ks.iter().find_map(|k| swept(*k));
+    let mut parts = Vec::new();
+    if let Some(Node::Merge { inputs, spec, .. }) = merge.and_then(|m| nodes.get(m)) {
+        let names = ["A", "B", "C"];
+        let models: Vec<String> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let k = [AxisKind::ModelA, AxisKind::ModelB, AxisKind::ModelC][i];
+                format!(
+                    "{}={}",
+                    names[i],
+                    swept(k)
+                        .map(String::from)
+                        .unwrap_or_else(|| input.name().to_string())
+                )
+            })
+            .collect();
+        let ratio = |r: &Ratio| match r {
+            Ratio::Scalar(v) => format!("{v}"),
+            Ratio::Blocks(b) => format!(
+                "({})",
+                b.iter()
+                    .map(|v| format!("{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        let alpha = sweeps(&[AxisKind::Alpha, AxisKind::MbwAlpha, AxisKind::AlphaAndBeta])
+            .map(String::from)
+            .unwrap_or_else(|| ratio(&spec.alpha));
+        parts.push(format!("{} {}", spec.mode.label(), models.join(" ")));
+        parts.push(format!("alpha={alpha}"));
+        if let Some(b) = &spec.beta {
+            let beta = sweeps(&[AxisKind::Beta, AxisKind::MbwBeta, AxisKind::AlphaAndBeta])
+                .map(String::from)
+                .unwrap_or_else(|| ratio(b));
+            parts.push(format!("beta={beta}"));
+        }
+        if let Some(s) = swept(AxisKind::PinpointBlocks) {
+            parts.push(format!("blocks={s}"));
+        }
+        if let Some(s) = swept(AxisKind::Calcmode) {
+            parts.push(format!("calcmode={s}"));
+        } else if spec.calcmode != crate::merge::CalcMode::Normal {
+            parts.push(format!("calcmode={:?}", spec.calcmode));
+        }
+    }
+    if let Some(Node::Generate { job, .. }) = nodes.get(gen) {
+        let seed = swept(AxisKind::Seed)
+            .map(String::from)
+            .unwrap_or_else(|| job.seed.to_string());
+        parts.push(format!("seed={seed}"));
+        if let Some(s) = swept(AxisKind::Prompt) {
+            parts.push(format!("prompt={s}"));
+        }
+    }
+    parts.join(", ")
+}
+
+/// Parses an axis: its values, split into parts at `|`, checked per type.
+fn parse_axis(
+    a: &Spanned<AxisDecl>,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    errs: &mut RecipeErrors,
+) -> Option<Axis> {
+    let kind = a.value.kind;
+    let raw: Vec<Vec<AxisValue>> = match &a.value.values {
+        AxisValues::List(v) => vec![v.clone()],
+        AxisValues::Text(t) => t
+            .split('|')
+            .map(|part| {
+                split_text(part, kind.separator())
+                    .into_iter()
+                    .map(AxisValue::Text)
+                    .collect()
+            })
+            .collect(),
+    };
+    let mut parts = Vec::new();
+    for values in raw {
+        // `ALL` pinpoints every block, one per value.
+        let values: Vec<AxisValue> = values
+            .into_iter()
+            .flat_map(|v| match (&v, kind) {
+                (AxisValue::Text(t), AxisKind::PinpointBlocks) if t.trim() == "ALL" => SD_BLOCKS
+                    .iter()
+                    .map(|b| AxisValue::Text(b.clone()))
+                    .collect(),
+                _ => vec![v],
+            })
+            .collect();
+        if values.is_empty() {
+            errs.push(
+                &a.referenced,
+                format!("the {} axis has no values", kind.label()),
+                None,
+            );
+            return None;
+        }
+        let mut part = Vec::new();
+        for v in &values {
+            match setting(kind, v, scope, resolve, a, errs) {
+                Ok(s) => part.push((label(v), s)),
+                Err(e) => {
+                    errs.push(&a.referenced, format!("{} axis: {e}", kind.label()), None);
+                    return None;
+                }
+            }
+        }
+        parts.push(part);
+    }
+    Some(Axis { kind, parts })
+}
+
+fn split_text(text: &str, sep: Sep) -> Vec<String> {
+    let pieces: Vec<String> = match sep {
+        Sep::Comma => text.split(',').map(String::from).collect(),
+        Sep::Line => text.lines().map(String::from).collect(),
+        Sep::BlankLine => {
+            let mut out = vec![String::new()];
+            for line in text.lines() {
+                if line.trim().is_empty() {
+                    out.push(String::new());
+                } else {
+                    let last = out.last_mut().expect("one piece");
+                    if !last.is_empty() {
+                        last.push('\n');
+                    }
+                    last.push_str(line);
+                }
+            }
+            out
+        }
+    };
+    pieces
+        .into_iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn label(v: &AxisValue) -> String {
+    match v {
+        AxisValue::Number(n) => format!("{n}"),
+        AxisValue::List(l) => l
+            .iter()
+            .map(|x| format!("{x}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        AxisValue::Text(t) => t.clone(),
+    }
+}
+
+/// One value of an axis of `kind`.
+fn setting(
+    kind: AxisKind,
+    v: &AxisValue,
+    scope: &RatioScope,
+    resolve: &Resolver,
+    a: &Spanned<AxisDecl>,
+    errs: &mut RecipeErrors,
+) -> Result<Setting, String> {
+    let text = label(v);
+    let ratio = |v: &AxisValue| -> Result<Ratio, String> {
+        match v {
+            AxisValue::Number(n) => Ok(Ratio::Scalar(*n)),
+            AxisValue::List(l) => Ok(Ratio::Blocks(l.clone())),
+            AxisValue::Text(t) => Ratio::parse(t, &scope.presets).map_err(|e| e.to_string()),
+        }
+    };
+    let int = |what: &str| -> Result<u64, String> {
+        match v {
+            AxisValue::Number(n) if n.fract() == 0.0 && *n >= 0.0 => Ok(*n as u64),
+            AxisValue::Text(t) => t.trim().parse().map_err(|_| format!("`{t}` is not {what}")),
+            _ => Err(format!("`{text}` is not {what}")),
+        }
+    };
+    let float = || -> Result<f64, String> {
+        match v {
+            AxisValue::Number(n) => Ok(*n),
+            _ => text
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{text}` is not a number")),
+        }
+    };
+    let named = |what: &str| -> Result<serde_json::Value, String> {
+        match v {
+            AxisValue::Text(t) => Ok(serde_json::Value::String(t.trim().to_string())),
+            _ => Err(format!("`{text}` is not {what}")),
+        }
+    };
+    let at_least_one = |n: u64, what: &str| match n {
+        0 => Err(format!("{what} is at least 1")),
+        n => Ok(n as usize),
+    };
+    let size = |n: u64| match n > 0 && n.is_multiple_of(8) {
+        true => Ok(n as usize),
+        false => Err(format!("{n} is not an image size (a multiple of 8)")),
+    };
+    Ok(match kind {
+        AxisKind::Alpha | AxisKind::MbwAlpha => Setting::Alpha(ratio(v)?),
+        AxisKind::Beta | AxisKind::MbwBeta => Setting::Beta(ratio(v)?),
+        AxisKind::AlphaAndBeta => {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let num = |w: &str| {
+                w.parse::<f64>()
+                    .map(Ratio::Scalar)
+                    .map_err(|_| format!("`{w}` is not a number"))
+            };
+            match words.as_slice() {
+                [one] => Setting::AlphaBeta(num(one)?, num(one)?),
+                [x, y] => Setting::AlphaBeta(num(x)?, num(y)?),
+                _ => return Err(format!("`{text}` is not `alpha beta`")),
+            }
+        }
+        AxisKind::ModelA | AxisKind::ModelB | AxisKind::ModelC => {
+            let name = Spanned {
+                value: text.trim().to_string(),
+                referenced: a.referenced,
+                defined: a.defined,
+            };
+            let input = resolve(&name, Want::Checkpoint, errs)
+                .ok_or_else(|| format!("`{}` is not a checkpoint", name.value))?;
+            let i = match kind {
+                AxisKind::ModelA => 0,
+                AxisKind::ModelB => 1,
+                _ => 2,
+            };
+            Setting::Model(i, input)
+        }
+        AxisKind::PinpointBlocks => {
+            let t = text.trim().to_string();
+            let known = |list: &[String]| crate::merge::select::parse_blocks(&t, list).is_ok();
+            if !known(&SD_BLOCKS) && !known(&SDXL_BLOCKS) {
+                return Err(crate::merge::select::parse_blocks(&t, &SD_BLOCKS)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default());
+            }
+            Setting::Pinpoint(t)
+        }
+        AxisKind::IncludeBlocks => Setting::Include(text.trim().to_string()),
+        AxisKind::ExcludeBlocks => Setting::Exclude(text.trim().to_string()),
+        AxisKind::Elemental => Setting::Elemental(text),
+        AxisKind::AddElemental => Setting::AddElemental(text),
+        AxisKind::Adjust => {
+            let values: Vec<f64> = match v {
+                AxisValue::List(l) => l.clone(),
+                _ => text
+                    .split(',')
+                    .map(|x| {
+                        x.trim()
+                            .parse::<f64>()
+                            .map_err(|_| format!("`{x}` is not a number"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            Setting::Adjust(values.try_into().map_err(|v: Vec<f64>| {
+                format!("an adjust vector has 8 values (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3), not {}", v.len())
+            })?)
+        }
+        AxisKind::Calcmode => Setting::Calcmode(
+            serde_json::from_value(named("a calcmode")?).map_err(|e| e.to_string())?,
+        ),
+        AxisKind::Seed => Setting::Seed(int("a seed")?),
+        AxisKind::Prompt => Setting::Prompt(text),
+        AxisKind::Negative => Setting::Negative(text),
+        AxisKind::Steps => Setting::Steps(at_least_one(int("a number of steps")?, "steps")?),
+        AxisKind::Cfg => Setting::Cfg(float()?),
+        AxisKind::Sampler => {
+            Setting::Sampler(serde_json::from_value(named("a sampler")?).map_err(|_| {
+                format!("`{text}` is not a sampler (euler_a, euler, ddim, dpmpp_2m)")
+            })?)
+        }
+        AxisKind::ClipSkip => Setting::ClipSkip(at_least_one(int("a clip skip")?, "clip skip")?),
+        AxisKind::Width => Setting::Width(size(int("a width")?)?),
+        AxisKind::Height => Setting::Height(size(int("a height")?)?),
+    })
+}
