@@ -1,0 +1,368 @@
+//! XY(Z) sweeps: axis parsing per type (values and errors), cell expansion, cache sharing
+//! between cells, and grids built from cached cell images.
+
+mod common;
+
+use std::path::Path;
+
+use mergesmith::arch::Family;
+use mergesmith::build::{self, BuildOptions, Cache, Status};
+use mergesmith::merge::{CalcMode, Ratio};
+use mergesmith::recipe::{self, Input, Node};
+
+const BASE: &str = "version: 1
+models:
+  a: { path: a.safetensors }
+  b: { path: b.safetensors }
+  c: { path: c.safetensors }
+nodes:
+  blend:
+    merge: weight_sum
+    a: a
+    b: b
+    alpha: 0.5
+  look:
+    generate:
+      model: blend
+      prompt: a cat
+      steps: 2
+      width: 64
+      height: 48
+  sweep:
+    xy:
+      generate: look
+";
+
+fn parse(axes: &str) -> Result<recipe::Recipe, String> {
+    recipe::parse(Path::new("r.yaml"), &format!("{BASE}{axes}")).map_err(|e| e.to_string())
+}
+
+fn grids(r: &recipe::Recipe) -> Vec<mergesmith::recipe::sweep::Grid> {
+    match &r.nodes["sweep"] {
+        Node::Xy { grids, .. } => grids.clone(),
+        _ => panic!("not a sweep"),
+    }
+}
+
+/// The merge spec and job of cell `i`.
+fn cell(
+    r: &recipe::Recipe,
+    i: usize,
+) -> (
+    &mergesmith::merge::MergeSpec,
+    &[Input],
+    &mergesmith::gen::job::Job,
+) {
+    let Node::Generate { job, model, .. } = &r.nodes[&format!("sweep.{i}.look")] else {
+        panic!("no cell {i}");
+    };
+    let merge = model.node().unwrap();
+    let Node::Merge { spec, inputs, .. } = &r.nodes[merge] else {
+        panic!("no merge for cell {i}");
+    };
+    (spec, inputs, job)
+}
+
+#[test]
+fn axes_expand_into_cells_with_their_values() {
+    let r = parse(
+        "      x: { type: alpha, values: \"0.2, 0.4,0.6\" }\n      y: { type: seed, values: [1, 2] }\n      z: { type: prompt, values: \"a cat\\na dog\" }\n",
+    )
+    .unwrap();
+    let g = grids(&r);
+    assert_eq!(g.len(), 2, "one grid per Z value");
+    assert_eq!(g[0].x_labels, ["alpha = 0.2", "0.4", "0.6"]);
+    assert_eq!(g[0].y_labels, ["seed = 1", "2"]);
+    assert_eq!(g[1].z_label.as_deref(), Some("prompt = a dog"));
+    assert_eq!(g[0].cells.len(), 6);
+    assert_eq!(
+        (g[0].name.as_str(), g[1].name.as_str()),
+        ("sweep-z0", "sweep-z1")
+    );
+    assert!(
+        g[0].header.starts_with("Weight sum A=a B=b, alpha=X"),
+        "{}",
+        g[0].header
+    );
+    // Cells are row-major, X fastest: cell 4 is x = 0.4, y = 2, z = "a cat".
+    let (spec, _, job) = cell(&r, 4);
+    assert_eq!(spec.alpha, Ratio::Scalar(0.4));
+    assert_eq!((job.seed, job.prompt.as_str()), (2, "a cat"));
+    let (_, _, job) = cell(&r, 7);
+    assert_eq!(job.prompt, "a dog");
+    // The swept node itself is untouched.
+    let Node::Merge { spec, .. } = &r.nodes["blend"] else {
+        panic!()
+    };
+    assert_eq!(spec.alpha, Ratio::Scalar(0.5));
+
+    // `|` splits an axis into parts, each its own grid.
+    let r = parse("      x: { type: alpha, values: \"0.2,0.4|0.6\" }\n").unwrap();
+    let g = grids(&r);
+    assert_eq!(
+        g.iter()
+            .map(|g| (g.name.as_str(), g.cells.len()))
+            .collect::<Vec<_>>(),
+        [("sweep-part1", 2), ("sweep-part2", 1)]
+    );
+}
+
+#[test]
+fn every_axis_type_sets_what_it_names() {
+    let one = |axis: &str| parse(&format!("      x: {axis}\n")).unwrap();
+    let r = one("{ type: beta, values: [0.3] }");
+    assert_eq!(cell(&r, 0).0.beta, Some(Ratio::Scalar(0.3)));
+    let r = one("{ type: alpha_and_beta, values: \"0.1 0.2, 0.7\" }");
+    assert_eq!(cell(&r, 0).0.alpha, Ratio::Scalar(0.1));
+    assert_eq!(cell(&r, 0).0.beta, Some(Ratio::Scalar(0.2)));
+    assert_eq!(cell(&r, 1).0.beta, Some(Ratio::Scalar(0.7)));
+    let r = one("{ type: mbw_alpha, values: \"GRAD_V\\n0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1\" }");
+    assert!(matches!(&cell(&r, 0).0.alpha, Ratio::Blocks(v) if v.len() == 26));
+    assert!(matches!(&cell(&r, 1).0.alpha, Ratio::Blocks(v) if v[1] == 1.0));
+    let r = one("{ type: mbw_beta, values: [[0.1, 0.2]] }");
+    assert_eq!(cell(&r, 0).0.beta, Some(Ratio::Blocks(vec![0.1, 0.2])));
+    let r = one("{ type: model_b, values: \"c, a\" }");
+    assert_eq!(cell(&r, 0).1[1], Input::Model("c".into()));
+    assert_eq!(cell(&r, 1).1[1], Input::Model("a".into()));
+    let r = one("{ type: model_a, values: [c] }");
+    assert_eq!(cell(&r, 0).1[0], Input::Model("c".into()));
+    let r = one("{ type: include_blocks, values: \"IN00 IN01, OUT05-OUT11\" }");
+    let f = cell(&r, 1).0.filter.clone().unwrap();
+    assert_eq!(
+        (f.mode, f.blocks.as_str()),
+        (
+            mergesmith::merge::select::FilterMode::Include,
+            "OUT05-OUT11"
+        )
+    );
+    let r = one("{ type: exclude_blocks, values: [M00] }");
+    assert_eq!(
+        cell(&r, 0).0.filter.clone().unwrap().mode,
+        mergesmith::merge::select::FilterMode::Exclude
+    );
+    let r = one("{ type: elemental, values: \"IN04:attn1:0.3\\n\\nOUT05::0.9\" }");
+    assert_eq!(cell(&r, 0).0.elemental.as_deref(), Some("IN04:attn1:0.3"));
+    assert_eq!(cell(&r, 1).0.elemental.as_deref(), Some("OUT05::0.9"));
+    let r = one("{ type: adjust, values: \"0,0,0,0,0.1,0,0,0\\n1,0,0,0,0,0,0,0\" }");
+    assert_eq!(cell(&r, 1).0.adjust, Some([1., 0., 0., 0., 0., 0., 0., 0.]));
+    let r = one("{ type: calcmode, values: \"trainDifference, cosineA\" }");
+    assert_eq!(cell(&r, 0).0.calcmode, CalcMode::TrainDifference);
+    let r = one("{ type: negative, values: [blurry] }");
+    assert_eq!(cell(&r, 0).2.negative, "blurry");
+    let r = one("{ type: steps, values: \"3, 5\" }");
+    assert_eq!(cell(&r, 1).2.steps, 5);
+    let r = one("{ type: cfg, values: [4.5] }");
+    assert_eq!(cell(&r, 0).2.cfg, 4.5);
+    let r = one("{ type: sampler, values: \"euler, dpmpp_2m\" }");
+    assert_eq!(
+        cell(&r, 1).2.sampler,
+        mergesmith::gen::sampler::Sampler::DpmPp2m
+    );
+    let r = one("{ type: clip_skip, values: [2] }");
+    assert_eq!(cell(&r, 0).2.clip_skip, 2);
+    let r = one("{ type: width, values: [96] }");
+    assert_eq!(cell(&r, 0).2.width, Some(96));
+    let r = one("{ type: height, values: [32] }");
+    assert_eq!(cell(&r, 0).2.height, Some(32));
+    // add_elemental appends to the merge's own text; X and Y may both be it.
+    let r = parse("      x: { type: add_elemental, values: [\"IN00::0.1\"] }\n      y: { type: add_elemental, values: [\"OUT00::0.2\"] }\n").unwrap();
+    assert_eq!(
+        cell(&r, 0).0.elemental.as_deref(),
+        Some("IN00::0.1\nOUT00::0.2")
+    );
+}
+
+#[test]
+fn pinpoint_blocks_give_the_alpha_axis_value_to_the_named_blocks() {
+    let r = parse("      x: { type: pinpoint_blocks, values: \"IN01, NOT IN01, OUT00-OUT02\" }\n      y: { type: alpha, values: [1] }\n").unwrap();
+    let blocks = |i: usize| match &cell(&r, i).0.alpha {
+        Ratio::Blocks(v) => v.clone(),
+        other => panic!("{other:?}"),
+    };
+    // SD1's 26 blocks: BASE, IN00..IN11, M00, OUT00..OUT11; the base alpha is 0.5.
+    let mut want = vec![0.5; 26];
+    want[2] = 1.0;
+    assert_eq!(blocks(0), want);
+    let not: Vec<f64> = (0..26).map(|i| if i == 2 { 0.5 } else { 1.0 }).collect();
+    assert_eq!(blocks(1), not);
+    assert_eq!(blocks(2)[14..17], [1.0, 1.0, 1.0]);
+    assert_eq!(blocks(2).iter().filter(|v| **v == 1.0).count(), 3);
+    // ALL: one column per block.
+    let r = parse(
+        "      x: { type: pinpoint_blocks, values: ALL }\n      y: { type: alpha, values: [0] }\n",
+    )
+    .unwrap();
+    assert_eq!(grids(&r)[0].cells.len(), 26);
+}
+
+#[test]
+fn bad_axes_are_errors_with_positions() {
+    let err = |axes: &str| parse(axes).unwrap_err();
+    let e = err("      x: { type: alpha, values: \"0.2, x\" }\n");
+    assert!(
+        e.contains("r.yaml:22:10") && e.contains("alpha axis"),
+        "{e}"
+    );
+    let e = err("      x: { type: seed, values: [1.5] }\n");
+    assert!(e.contains("`1.5` is not a seed"), "{e}");
+    let e = err("      x: { type: model_b, values: [nope] }\n");
+    assert!(e.contains("`nope` is not a model or node"), "{e}");
+    let e = err("      x: { type: pinpoint_blocks, values: [IN99] }\n      y: { type: alpha, values: [1] }\n");
+    assert!(e.contains("unknown block `IN99`"), "{e}");
+    let e = err("      x: { type: pinpoint_blocks, values: [IN01] }\n");
+    assert!(e.contains("pinpoint_blocks needs an alpha"), "{e}");
+    let e = err("      x: { type: seed, values: [1] }\n      y: { type: seed, values: [2] }\n");
+    assert!(e.contains("axes x and y both sweep seed"), "{e}");
+    let e = err("      x: { type: adjust, values: \"1,2,3\" }\n");
+    assert!(e.contains("an adjust vector has 8 values"), "{e}");
+    let e = err("      x: { type: calcmode, values: [bogus] }\n");
+    assert!(e.contains("calcmode axis"), "{e}");
+    let e = err("      x: { type: width, values: [60] }\n");
+    assert!(e.contains("60 is not an image size"), "{e}");
+    let e = err("      x: { type: alpha, values: \"\" }\n");
+    assert!(e.contains("the alpha axis has no values"), "{e}");
+    let e = err("      x: { type: colour, values: [1] }\n");
+    assert!(e.contains("unknown variant `colour`"), "{e}");
+    let e = recipe::parse(
+        Path::new("r.yaml"),
+        &format!("{BASE}      x: {{ type: seed, values: [1] }}\n  m:\n    merge: weight_sum\n    a: a\n    b: sweep\n    alpha: 0.5\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`sweep` makes images"), "{e}");
+}
+
+#[test]
+fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        common::synth(
+            d,
+            &format!("{name}.safetensors"),
+            &common::tiny(Family::Sd1, seed),
+        );
+    }
+    let path = d.join("r.yaml");
+    std::fs::write(
+        &path,
+        format!("{BASE}      x: {{ type: pinpoint_blocks, values: \"IN01, IN02, M00, OUT03, OUT11\" }}\n      y: {{ type: alpha, values: [1] }}\n"),
+    )
+    .unwrap();
+    let r = recipe::load(&path).unwrap();
+    let cache = Cache::new(&d.join("cache"));
+    // The swept merge first (a full merge), then only the cells' merges: no generation.
+    let full = build::build(&r, &cache, &["blend".into()], &BuildOptions::default()).unwrap();
+    let total = full[0].stored.unwrap() + full[0].reused.unwrap();
+    let targets: Vec<String> = (0..5).map(|i| format!("sweep.{i}.blend")).collect();
+    let reports = build::build(&r, &cache, &targets, &BuildOptions::default()).unwrap();
+    let ck = mergesmith::checkpoint::Checkpoint::open(&d.join("a.safetensors")).unwrap();
+    let in_block = |b: &str| {
+        ck.tensors()
+            .iter()
+            .filter(|t| mergesmith::arch::blocks::sd_block(&t.name) == b)
+            .count()
+    };
+    for (i, block) in ["IN01", "IN02", "M00", "OUT03", "OUT11"].iter().enumerate() {
+        let rep = reports.iter().find(|r| r.plan.name == targets[i]).unwrap();
+        assert!(matches!(rep.plan.status, Status::Miss(_)));
+        assert_eq!(rep.stored, Some(in_block(block)), "{block}");
+        assert_eq!(rep.stored.unwrap() + rep.reused.unwrap(), total);
+        assert!(
+            rep.stored.unwrap() > 0 && rep.stored.unwrap() * 5 < total,
+            "{block}"
+        );
+    }
+}
+
+#[test]
+fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        let mut o = common::tiny(Family::Sd1, seed);
+        o.size = mergesmith::synth::Size::Small;
+        common::synth(d, &format!("{name}.safetensors"), &o);
+    }
+    let path = d.join("r.yaml");
+    let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
+    std::fs::write(
+        &path,
+        format!("{text}      x: {{ type: alpha, values: [0.25, 0.75] }}\n      y: {{ type: seed, values: \"3, 4\" }}\n    to: grids\n"),
+    )
+    .unwrap();
+    let r = recipe::load(&path).unwrap();
+    let cache = Cache::new(&d.join("cache"));
+    let first = build::build(&r, &cache, &["sweep".into()], &BuildOptions::default()).unwrap();
+    let made = |reports: &[build::NodeReport], n: &str| {
+        reports
+            .iter()
+            .find(|r| r.plan.name == n)
+            .and_then(|r| r.stored)
+    };
+    assert_eq!(made(&first, "sweep"), Some(1));
+    // Two alphas: two merges (the seed axis reuses them), four images.
+    let merges = first
+        .iter()
+        .filter(|r| r.plan.name.ends_with(".blend") && r.stored.is_some_and(|s| s > 0))
+        .count();
+    assert_eq!(merges, 2);
+    let images: usize = first
+        .iter()
+        .filter(|r| r.plan.name.ends_with(".look"))
+        .filter_map(|r| r.stored)
+        .sum();
+    assert_eq!(images, 4);
+    let grid = image::open(d.join("grids/sweep.png")).unwrap().to_rgb8();
+    let cell = image::open(
+        cache.image_path(
+            &build::images::image_keys(
+                &first
+                    .iter()
+                    .find(|r| r.plan.name == "sweep.0.look")
+                    .unwrap()
+                    .plan
+                    .preimage,
+            )[0]
+            .1,
+        ),
+    )
+    .unwrap()
+    .to_rgb8();
+    assert_eq!((cell.width(), cell.height()), (64, 48));
+    assert!(grid.width() > 2 * 64 && grid.height() > 2 * 48);
+    // The bottom-right cell of the grid is the image of x = 0.75, y = 4 (cell 3).
+    let last = image::open(
+        cache.image_path(
+            &build::images::image_keys(
+                &first
+                    .iter()
+                    .find(|r| r.plan.name == "sweep.3.look")
+                    .unwrap()
+                    .plan
+                    .preimage,
+            )[0]
+            .1,
+        ),
+    )
+    .unwrap()
+    .to_rgb8();
+    let (gx, gy) = (grid.width() - 64, grid.height() - 48);
+    for (x, y) in [(0, 0), (63, 47), (20, 30)] {
+        assert_eq!(grid.get_pixel(gx + x, gy + y), last.get_pixel(x, y));
+    }
+    // Again: the grid is a hit, and no cell is even planned to run.
+    let again = build::build(&r, &cache, &["sweep".into()], &BuildOptions::default()).unwrap();
+    assert!(again
+        .iter()
+        .all(|r| !matches!(r.plan.status, Status::Miss(_))));
+    assert_eq!(
+        again
+            .iter()
+            .find(|r| r.plan.name == "sweep")
+            .unwrap()
+            .plan
+            .status,
+        Status::Hit
+    );
+}
