@@ -256,7 +256,7 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
     let total = full[0].stored.unwrap() + full[0].reused.unwrap();
     let targets: Vec<String> = (0..5).map(|i| format!("sweep.{i}.blend")).collect();
     let reports = build::build(&r, &cache, &targets, &BuildOptions::default()).unwrap();
-    let ck = mergesmith::checkpoint::Checkpoint::open(&d.join("a.safetensors")).unwrap();
+    let ck = mergesmith::checkpoint::Checkpoint::open(d.join("a.safetensors")).unwrap();
     let in_block = |b: &str| {
         ck.tensors()
             .iter()
