@@ -37,6 +37,9 @@ pub enum Command {
     Build(BuildArgs),
     /// Show what `build` would do for each node, and why.
     Plan(BuildArgs),
+    /// Build a recipe, then write a static HTML report of it (sweeps' grids, images, where the
+    /// models differ per block, the graph, every node's status) into a folder.
+    Report(ReportArgs),
     /// Show a node's key, status, and what its key is computed from.
     Explain(ExplainArgs),
     /// Print the recipe graph (mermaid or dot).
@@ -397,6 +400,17 @@ pub struct BuildArgs {
     pub json: bool,
 }
 
+/// `mergesmith report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The build (recipe, targets, cache, device...).
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// The folder the site is written to (created; pages are replaced, images kept).
+    #[arg(long, short = 'o', default_value = "site", value_name = "DIR")]
+    pub out: PathBuf,
+}
+
 fn parse_set(text: &str) -> std::result::Result<(String, String), String> {
     match text.split_once('=') {
         Some((name, value)) if !name.trim().is_empty() => {
@@ -639,6 +653,7 @@ pub fn run(command: Command) -> Result<()> {
             build(a, dry)
         }
         Command::Plan(a) => build(a, true),
+        Command::Report(a) => build_and_report(a.build, Some(&a.out)),
         Command::Explain(a) => explain(a),
         Command::Dag(a) => {
             let recipe = load_recipe(&a.recipe)?;
@@ -1164,6 +1179,15 @@ fn explain(a: ExplainArgs) -> Result<()> {
 }
 
 fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
+    plan_or_build(a, plan_only, None)
+}
+
+/// `mergesmith report`: a build, then the site.
+fn build_and_report(a: BuildArgs, out: Option<&std::path::Path>) -> Result<()> {
+    plan_or_build(a, false, out)
+}
+
+fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>) -> Result<()> {
     use crate::build::{Cache, Status};
     let mut recipe =
         crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
@@ -1203,8 +1227,22 @@ fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
     let reports = crate::build::build(&recipe, &cache, &a.targets, &opts)?;
     let lock = crate::build::lock::write(&recipe, &cache.memo())?;
     let id = cache.append_log(&a.recipe, &reports)?;
+    let site = report
+        .map(|out| crate::report::write(&recipe, &cache, &reports, out))
+        .transpose()?;
     if a.json {
-        return print_json(&reports);
+        return match site {
+            Some(site) => print_json(&serde_json::json!({ "nodes": reports, "site": site })),
+            None => print_json(&reports),
+        };
+    }
+    if let Some(site) = &site {
+        println!(
+            "report: {} ({} pages, {} new images)",
+            site.index.display(),
+            site.pages.len(),
+            site.images_copied
+        );
     }
     let built = reports
         .iter()

@@ -65,6 +65,11 @@ pub enum BlockNames {
     ShiftedXl,
 }
 
+/// The merge blocks of a family, in order (26 for SD1 / SD2, 20 for SDXL).
+pub fn block_list(family: Family) -> &'static [String] {
+    names(family, BlockNames::Standard)
+}
+
 fn names(family: Family, names: BlockNames) -> &'static [String] {
     match (family, names) {
         (Family::Sdxl, BlockNames::Extended) => &SDXL_EXTENDED_BLOCKS,
