@@ -27,4 +27,6 @@ $bin synth --arch sd1 --size small --seed 1 -o "$m/small-a.safetensors" --overwr
 $bin synth --arch sd1 --size small --seed 2 -o "$m/small-b.safetensors" --overwrite
 $bin build recipes/preview.yaml
 $bin build recipes/preview.yaml
+# XY sweeps (alpha x seed, pinpointed blocks) as grids, and the static report of them.
+$bin report recipes/sweep.yaml -o recipes/out/site
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'
