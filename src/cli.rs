@@ -388,6 +388,10 @@ pub struct BuildArgs {
     /// Nodes built at the same time (each merge also uses every thread of `--threads`).
     #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
     pub jobs: usize,
+    /// Build everything that does not depend on a failed node (a sweep draws failed cells
+    /// grey); report the failures and exit with an error at the end.
+    #[arg(long)]
+    pub keep_going: bool,
     /// The CLIP tokenizer.json of generate nodes [default: the recipe's `tokenizer:`, else
     /// $MERGESMITH_TOKENIZER, else the Hugging Face cache].
     #[arg(long, value_name = "FILE")]
@@ -839,6 +843,7 @@ pub fn run(command: Command) -> Result<()> {
                         device: Default::default(),
                     },
                     jobs: a.jobs,
+                    keep_going: false,
                 };
                 crate::build::lock::verify_rebuild(&load_recipe(&a.recipe)?, &opts)?
             } else {
@@ -1222,6 +1227,7 @@ fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>
             device: a.device,
         },
         jobs: a.jobs,
+        keep_going: a.keep_going,
     };
     let started = std::time::Instant::now();
     let reports = crate::build::build(&recipe, &cache, &a.targets, &opts)?;
@@ -1230,11 +1236,22 @@ fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>
     let site = report
         .map(|out| crate::report::write(&recipe, &cache, &reports, out))
         .transpose()?;
+    let failures: Vec<&String> = reports.iter().filter_map(|r| r.error.as_ref()).collect();
+    let failed = || -> Result<()> {
+        match failures.len() {
+            0 => Ok(()),
+            n => Err(Error::Failed(format!("{n} node(s) failed"))),
+        }
+    };
     if a.json {
-        return match site {
-            Some(site) => print_json(&serde_json::json!({ "nodes": reports, "site": site })),
-            None => print_json(&reports),
+        match site {
+            Some(site) => print_json(&serde_json::json!({ "nodes": reports, "site": site }))?,
+            None => print_json(&reports)?,
         };
+        return failed();
+    }
+    for f in &failures {
+        eprintln!("failed: {f}");
     }
     if let Some(site) = &site {
         println!(
@@ -1283,7 +1300,7 @@ fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>
         started.elapsed().as_secs_f64(),
         lock.display()
     );
-    Ok(())
+    failed()
 }
 
 /// `mergesmith gen`.

@@ -196,6 +196,56 @@ fn pinpoint_blocks_give_the_alpha_axis_value_to_the_named_blocks() {
 }
 
 #[test]
+fn pinpointed_elements_adjust_slots_and_lora_axes() {
+    let r = parse("      x: { type: pinpoint_element, values: \"IN04:attn1, OUT05:\" }\n      y: { type: alpha, values: [0.8] }\n").unwrap();
+    assert_eq!(cell(&r, 0).0.elemental.as_deref(), Some("IN04:attn1:0.8"));
+    assert_eq!(cell(&r, 1).0.elemental.as_deref(), Some("OUT05::0.8"));
+    // The alpha axis gave its value to the elements: the merge's alpha stays.
+    assert_eq!(cell(&r, 1).0.alpha, Ratio::Scalar(0.5));
+    // The effective checker prepends a baseline without the element and flags its grid.
+    let r = parse("      x: { type: effective, values: [\"IN04:attn1\"] }\n      y: { type: alpha, values: [0.8] }\n").unwrap();
+    let g = grids(&r);
+    assert!(g[0].effective);
+    assert_eq!(g[0].x_labels, ["effective = baseline", "IN04:attn1"]);
+    assert_eq!(cell(&r, 0).0.elemental, None);
+    assert_eq!(cell(&r, 1).0.elemental.as_deref(), Some("IN04:attn1:0.8"));
+    let e = parse("      x: { type: effective, values: [\"IN04:attn1\"] }\n      y: { type: alpha, values: [0.8, 0.9] }\n").unwrap_err();
+    assert!(e.contains("takes one value"), "{e}");
+    let r = parse("      x: { type: pinpoint_adjust, values: \"CONT, ALL\" }\n      y: { type: alpha, values: [2] }\n").unwrap();
+    assert_eq!(cell(&r, 0).0.adjust, Some([0., 0., 0., 2., 0., 0., 0., 0.]));
+    assert_eq!(cell(&r, 1).0.adjust, Some([2., 2., 2., 2., 0., 2., 2., 2.]));
+    let e = parse("      x: { type: pinpoint_adjust, values: [HUE] }\n      y: { type: alpha, values: [2] }\n").unwrap_err();
+    assert!(e.contains("`HUE` is not an adjust slot"), "{e}");
+    // LoRA axes change the lora node the generate node reads.
+    let text = BASE
+        .replace(
+            "  c: { path: c.safetensors }\n",
+            "  c: { path: c.safetensors }\n  style: { path: style.safetensors }\n",
+        )
+        .replace("      model: blend\n", "      model: styled\n")
+        .replace(
+            "  look:\n",
+            "  styled:\n    lora: blend\n    apply: [{ file: style, strength: 1 }]\n  look:\n",
+        );
+    let r = recipe::parse(
+        Path::new("r.yaml"),
+        &format!("{text}      x: {{ type: lora_strength, values: \"0.5, 1.5\" }}\n      y: {{ type: lora_blocks, values: \"OUTD\\nINALL\" }}\n"),
+    )
+    .unwrap();
+    let Node::Lora { loras, input, .. } = &r.nodes["sweep.3.styled"] else {
+        panic!()
+    };
+    assert_eq!(
+        (loras[0].strength, loras[0].blocks.as_deref()),
+        (1.5, Some("INALL"))
+    );
+    // Only the LoRA changes: the cells read the original merge.
+    assert_eq!(input, &Input::Node("blend".into()));
+    let e = parse("      x: { type: lora_strength, values: [1] }\n").unwrap_err();
+    assert!(e.contains("LoRA axes change the `lora` node"), "{e}");
+}
+
+#[test]
 fn bad_axes_are_errors_with_positions() {
     let err = |axes: &str| parse(axes).unwrap_err();
     let e = err("      x: { type: alpha, values: \"0.2, x\" }\n");
@@ -210,7 +260,10 @@ fn bad_axes_are_errors_with_positions() {
     let e = err("      x: { type: pinpoint_blocks, values: [IN99] }\n      y: { type: alpha, values: [1] }\n");
     assert!(e.contains("unknown block `IN99`"), "{e}");
     let e = err("      x: { type: pinpoint_blocks, values: [IN01] }\n");
-    assert!(e.contains("pinpoint_blocks needs an alpha"), "{e}");
+    assert!(
+        e.contains("pinpoint_blocks needs an alpha (or beta) axis"),
+        "{e}"
+    );
     let e = err("      x: { type: seed, values: [1] }\n      y: { type: seed, values: [2] }\n");
     assert!(e.contains("axes x and y both sweep seed"), "{e}");
     let e = err("      x: { type: adjust, values: \"1,2,3\" }\n");
@@ -365,4 +418,103 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
             .status,
         Status::Hit
     );
+}
+
+#[test]
+fn the_effective_checker_adds_a_difference_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        let mut o = common::tiny(Family::Sd1, seed);
+        o.size = mergesmith::synth::Size::Small;
+        common::synth(d, &format!("{name}.safetensors"), &o);
+    }
+    let path = d.join("r.yaml");
+    std::fs::write(
+        &path,
+        format!("{}      x: {{ type: effective, values: \"OUT00-OUT11:, IN04:attn\" }}\n      y: {{ type: alpha, values: [0.9] }}\n    to: grids\n", BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n")),
+    )
+    .unwrap();
+    let r = recipe::load(&path).unwrap();
+    build::build(
+        &r,
+        &Cache::new(&d.join("cache")),
+        &[],
+        &BuildOptions::default(),
+    )
+    .unwrap();
+    let grid = image::open(d.join("grids/sweep.png")).unwrap().to_rgb8();
+    // Three columns (baseline and two elements) of 64 px, two rows (images, differences).
+    assert!(
+        grid.width() >= 3 * 64 && grid.height() >= 2 * 48,
+        "{:?}",
+        grid.dimensions()
+    );
+    // The baseline's difference with itself is all white; the bottom-left cell is white.
+    let (x0, y0) = (grid.width() - 3 * 64, grid.height() - 48);
+    assert!((0..64).all(|x| (0..48).all(|y| grid.get_pixel(x0 + x, y0 + y).0 == [255, 255, 255])));
+    // Changing every OUT block's weights changes the picture somewhere.
+    let (x1, y1) = (grid.width() - 2 * 64, grid.height() - 48);
+    assert!((0..64).any(|x| (0..48).any(|y| grid.get_pixel(x1 + x, y1 + y).0 == [0, 0, 0])));
+}
+
+#[test]
+fn keep_going_builds_the_other_cells_and_greys_the_failed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        let mut o = common::tiny(Family::Sd1, seed);
+        o.size = mergesmith::synth::Size::Small;
+        common::synth(d, &format!("{name}.safetensors"), &o);
+    }
+    // Model C is an SDXL file: merging it with SD1 models fails.
+    common::synth(d, "c.safetensors", &common::tiny(Family::Sdxl, 3));
+    let path = d.join("r.yaml");
+    let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
+    std::fs::write(
+        &path,
+        format!("{text}      x: {{ type: model_b, values: \"b, c, a\" }}\n    to: grids\n"),
+    )
+    .unwrap();
+    let r = recipe::load(&path).unwrap();
+    let cache = Cache::new(&d.join("cache"));
+    // Without --keep-going the plan refuses the whole build.
+    let err = build::build(&r, &cache, &[], &BuildOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("sweep.1.blend"), "{err}");
+    let opts = BuildOptions {
+        keep_going: true,
+        ..BuildOptions::default()
+    };
+    let reports = build::build(&r, &cache, &[], &opts).unwrap();
+    let report = |n: &str| reports.iter().find(|r| r.plan.name == n).unwrap();
+    assert!(report("sweep.1.blend").error.is_some());
+    assert!(report("sweep.1.look")
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("its input `sweep.1.blend` failed"));
+    assert!(report("sweep.0.look").error.is_none() && report("sweep.2.look").error.is_none());
+    assert!(report("sweep")
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("1 cell(s) failed"));
+    // The grid is written with a grey middle cell, but not stored as the complete grid.
+    let grid = image::open(d.join("grids/sweep.png")).unwrap().to_rgb8();
+    let (x, y) = (grid.width() - 2 * 64 + 32, grid.height() - 10);
+    assert_eq!(grid.get_pixel(x, y).0, [200, 200, 200]);
+    let again = build::plan(&r, &cache, &["sweep.0.look".into()]).unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .find(|p| p.name == "sweep.0.look")
+            .unwrap()
+            .status,
+        Status::Hit
+    );
+    // The report shows the failure in the cell's slot.
+    let site = mergesmith::report::write(&r, &cache, &reports, &d.join("site")).unwrap();
+    let page = std::fs::read_to_string(d.join("site/sweep-sweep.html")).unwrap();
+    assert!(page.contains("failed: sweep.1.look"), "{page}");
+    assert_eq!(site.pages.len(), 2);
 }

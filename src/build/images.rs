@@ -61,6 +61,14 @@ pub(super) fn all_stored(cache: &Cache, preimage: &Value) -> bool {
         .all(|(_, key)| cache.image_path(key).is_file())
 }
 
+/// Where a grid with failed cells is kept (the complete grid's key stays free, so the grid
+/// is made again once its cells exist).
+pub fn incomplete_key(key: &str) -> String {
+    blake3::hash(format!("incomplete {key}").as_bytes())
+        .to_hex()
+        .to_string()
+}
+
 /// The file name of a generate node's image of `seed` in its `to` directory.
 pub fn file_name(node: &str, seed: u64) -> String {
     format!("{node}-{seed}.png")
@@ -136,7 +144,7 @@ impl Ctx<'_> {
             unreachable!("xy nodes only");
         };
         let cache = self.store.cache;
-        let mut made = 0;
+        let (mut made, mut failed_cells) = (0, 0);
         let grids = preimage["grids"].as_array().cloned().unwrap_or_default();
         for g in &grids {
             let key = g["key"].as_str().unwrap_or_default();
@@ -152,11 +160,31 @@ impl Ctx<'_> {
                     })
                     .unwrap_or_default()
             };
-            let cells = labels("cells")
+            // A cell without an image failed (a `--keep-going` build): drawn grey, and the
+            // grid is stored only as incomplete, so the next build tries the cell again.
+            let mut cells = labels("cells")
                 .iter()
-                .map(|k| crate::gen::grid::read_png(&cache.image_path(k)).map(Some))
+                .map(|k| match cache.image_path(k) {
+                    p if p.is_file() => crate::gen::grid::read_png(&p).map(Some),
+                    _ => Ok(None),
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let (x_labels, y_labels) = (labels("x_labels"), labels("y_labels"));
+            let complete = cells.iter().all(Option::is_some);
+            let (mut x_labels, mut y_labels) = (labels("x_labels"), labels("y_labels"));
+            if g["effective"].as_bool() == Some(true) {
+                // The effective checker: a row of differences against the baseline (cell 0).
+                let base = cells.first().cloned().flatten();
+                let mut diffs = Vec::new();
+                for (cell, label) in cells.iter().zip(x_labels.iter_mut()) {
+                    if let (Some(b), Some(c)) = (&base, cell) {
+                        let (d, share) = crate::gen::grid::difference(b, c);
+                        label.push_str(&format!("\nDiff : {share:.3}%"));
+                        diffs.push(Some(d));
+                    }
+                }
+                cells.extend(diffs);
+                y_labels = vec!["image".into(), "diff".into()];
+            }
             let img = crate::gen::grid::compose(&crate::gen::grid::GridSpec {
                 header: g["header"].as_str().unwrap_or_default(),
                 x_labels: &x_labels,
@@ -165,8 +193,23 @@ impl Ctx<'_> {
             })?;
             let text = [("mergesmith", key)];
             let png = crate::gen::png::encode(img.as_raw(), img.width(), img.height(), &text)?;
-            write_file_atomic(&cache.image_path(key), &png, true)?;
+            let stored = match complete {
+                true => key.to_string(),
+                false => incomplete_key(key),
+            };
+            write_file_atomic(&cache.image_path(&stored), &png, true)?;
             made += 1;
+            if !complete {
+                failed_cells += cells.iter().filter(|c| c.is_none()).count();
+                if let (Some(dir), Some(file)) = (to, g["file"].as_str()) {
+                    self.copy_out(&stored, &dir.join(file), *overwrite)?;
+                }
+            }
+        }
+        if failed_cells > 0 {
+            return Err(Error::Failed(format!(
+                "node `{name}`: {failed_cells} cell(s) failed; their grid slots are grey"
+            )));
         }
         self.copy_outputs(to.as_deref(), *overwrite, preimage)?;
         Ok((made, grids.len() - made))

@@ -158,6 +158,22 @@ pub struct NodePlan {
 /// when it is out of date and demanded: named as a target (with no targets, every node that
 /// no other node reads is, save `cache: memory` merges), or an input of a node that runs.
 pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<NodePlan>> {
+    let (plans, errors) = plan_checked(recipe, cache, targets)?;
+    match errors.is_empty() {
+        true => Ok(plans),
+        false => Err(Error::Invalid(
+            errors.into_values().collect::<Vec<_>>().join("\n"),
+        )),
+    }
+}
+
+/// [`plan`], with the nodes whose checks on headers failed (by name, with the error) apart
+/// instead of failing the plan.
+pub fn plan_checked(
+    recipe: &Recipe,
+    cache: &Cache,
+    targets: &[String],
+) -> Result<(Vec<NodePlan>, BTreeMap<String, String>)> {
     let keys = keys(recipe, cache)?;
     let state = cache.load_state(&recipe.path);
     let needed = needed(recipe, targets)?;
@@ -203,7 +219,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
             }
         }
     }
-    check_runs(recipe, cache, &keys, &order, &runs)?;
+    let errors = check_runs(recipe, cache, &keys, &order, &runs);
     let mut out = Vec::new();
     for name in order {
         let (key, preimage) = &keys[name];
@@ -234,25 +250,26 @@ pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<No
             preimage: preimage.clone(),
         });
     }
-    Ok(out)
+    Ok((out, errors))
 }
 
 /// Plans every merge that will run against the headers of its inputs (model files, stored
 /// results, or the planned output of a node that runs before it), so that architecture,
 /// shape and parameter errors surface before anything is built or any tensor is read.
-/// Reports every failing node at once.
+/// Returns every failing node's error at once (the nodes that read a failing one are not
+/// checked, and not listed).
 fn check_runs(
     recipe: &Recipe,
     cache: &Cache,
     keys: &BTreeMap<String, (String, Value)>,
     order: &[&str],
     runs: &BTreeSet<&str>,
-) -> Result<()> {
+) -> BTreeMap<String, String> {
     type Header = Vec<(String, crate::dtype::DType, Vec<usize>)>;
     let store = Store::new(cache);
     let mut planned: BTreeMap<&str, Header> = BTreeMap::new();
     let mut failed: BTreeSet<&str> = BTreeSet::new();
-    let mut errors = Vec::new();
+    let mut errors = BTreeMap::new();
     let header = |ck: &Checkpoint| -> Header {
         ck.tensors()
             .iter()
@@ -353,14 +370,11 @@ fn check_runs(
             }
             Err(e) => {
                 failed.insert(name);
-                errors.push(format!("node `{name}`: {e}"));
+                errors.insert(name.to_string(), format!("node `{name}`: {e}"));
             }
         }
     }
-    match errors.is_empty() {
-        true => Ok(()),
-        false => Err(Error::Invalid(errors.join("\n"))),
-    }
+    errors
 }
 
 /// The header of a LoRA laid out as (name, shape) in `dtype` (alphas are scalars).
@@ -549,6 +563,7 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
                             "x_labels": g.x_labels,
                             "y_labels": g.y_labels,
                             "z_label": g.z_label,
+                            "effective": g.effective,
                             "cells": cells,
                             "version": crate::gen::job::GRID_VERSION,
                         });
@@ -600,6 +615,9 @@ pub struct NodeReport {
     /// Merge nodes built: tensors an earlier result already held (referred to, not stored);
     /// generate nodes: images found in the cache.
     pub reused: Option<usize>,
+    /// Why it failed (`--keep-going` builds; otherwise the build stops with the error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl NodeReport {
@@ -612,6 +630,7 @@ impl NodeReport {
             output: None,
             stored: None,
             reused: None,
+            error: None,
         }
     }
 }
@@ -623,6 +642,8 @@ pub struct BuildOptions {
     pub run: RunOptions,
     /// Nodes built at the same time (each merge is parallel inside as well).
     pub jobs: usize,
+    /// Build everything that does not depend on a failed node (failures in the reports).
+    pub keep_going: bool,
 }
 
 impl Default for BuildOptions {
@@ -630,6 +651,7 @@ impl Default for BuildOptions {
         BuildOptions {
             run: RunOptions::default(),
             jobs: 1,
+            keep_going: false,
         }
     }
 }
@@ -642,7 +664,25 @@ pub fn build(
     targets: &[String],
     opts: &BuildOptions,
 ) -> Result<Vec<NodeReport>> {
-    let plans = plan(recipe, cache, targets)?;
+    let mut failed_early: BTreeMap<String, NodeReport> = BTreeMap::new();
+    let plans = match opts.keep_going {
+        false => plan(recipe, cache, targets)?,
+        true => {
+            let (plans, errors) = plan_checked(recipe, cache, targets)?;
+            failed_early = plans
+                .iter()
+                .filter_map(|p| {
+                    let e = errors.get(&p.name)?;
+                    let report = NodeReport {
+                        error: Some(e.clone()),
+                        ..NodeReport::nothing_done(p)
+                    };
+                    Some((p.name.clone(), report))
+                })
+                .collect();
+            plans
+        }
+    };
     let keys: BTreeMap<String, String> = plans
         .iter()
         .map(|p| (p.name.clone(), p.key.clone()))
@@ -659,16 +699,24 @@ pub fn build(
     };
     let misses: Vec<&NodePlan> = plans
         .iter()
-        .filter(|p| matches!(p.status, Status::Miss(_)))
+        .filter(|p| matches!(p.status, Status::Miss(_)) && !failed_early.contains_key(&p.name))
         .collect();
-    let mut built = schedule(&misses, recipe, opts.jobs.max(1), |p| ctx.run_node(p))?;
+    let mut built = schedule(
+        &misses,
+        recipe,
+        opts.jobs.max(1),
+        failed_early,
+        opts.keep_going,
+        |p| ctx.run_node(p),
+    )?;
     let mut st = state.into_inner().expect("state lock");
     let mut reports = Vec::new();
     for p in &plans {
         if p.status == Status::Hit && !matches!(recipe.nodes[&p.name], Node::Save { .. }) {
             cache.touch(&p.key);
         }
-        if !matches!(p.status, Status::Skip(_)) {
+        let failed = built.get(&p.name).is_some_and(|r| r.error.is_some());
+        if !matches!(p.status, Status::Skip(_)) && !failed {
             st.nodes.insert(p.name.clone(), p.key.clone());
         }
         reports.push(
@@ -682,17 +730,26 @@ pub fn build(
 }
 
 /// Runs `work` on every node of `nodes` (in dependency order), up to `jobs` at a time, each
-/// after the nodes among `nodes` it reads. Stops starting nodes after the first failure and
-/// returns it once the running ones finish.
+/// after the nodes among `nodes` it reads. Without `keep_going`, stops starting nodes after the
+/// first failure and returns it once the running ones finish. With it, a failed node's
+/// dependents fail without running (sweeps aside: they draw the cells that exist), every
+/// other node still runs, and the failures come back in their reports' `error`
+/// (`failed_early`: the reports of nodes that failed their checks at plan time).
 fn schedule<'p>(
     nodes: &[&'p NodePlan],
     recipe: &Recipe,
     jobs: usize,
+    failed_early: BTreeMap<String, NodeReport>,
+    keep_going: bool,
     work: impl Fn(&'p NodePlan) -> Result<NodeReport> + Sync,
 ) -> Result<BTreeMap<String, NodeReport>> {
     let names: BTreeSet<&str> = nodes.iter().map(|p| p.name.as_str()).collect();
     let mut pending: Vec<&NodePlan> = nodes.to_vec();
-    let mut done: BTreeMap<String, NodeReport> = BTreeMap::new();
+    let mut done: BTreeMap<String, NodeReport> = failed_early;
+    let failed_report = |p: &NodePlan, e: &Error| NodeReport {
+        error: Some(e.to_string()),
+        ..NodeReport::nothing_done(p)
+    };
     let failure = std::thread::scope(|s| {
         let mut failure = None;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -707,6 +764,16 @@ fn schedule<'p>(
                 });
                 let Some(i) = ready else { break };
                 let p = pending.remove(i);
+                let node = &recipe.nodes[&p.name];
+                let broken = node
+                    .node_inputs()
+                    .into_iter()
+                    .find(|i| done.get(*i).is_some_and(|r| r.error.is_some()));
+                if let (Some(input), false) = (broken, matches!(node, Node::Xy { .. })) {
+                    let e = Error::Failed(format!("node `{}`: its input `{input}` failed", p.name));
+                    done.insert(p.name.clone(), failed_report(p, &e));
+                    continue;
+                }
                 let (tx, work) = (tx.clone(), &work);
                 running += 1;
                 s.spawn(move || {
@@ -726,6 +793,9 @@ fn schedule<'p>(
             match result {
                 Ok(r) => {
                     done.insert(p.name.clone(), r);
+                }
+                Err(e) if keep_going => {
+                    done.insert(p.name.clone(), failed_report(p, &e));
                 }
                 Err(e) => failure = failure.or(Some(e)),
             }

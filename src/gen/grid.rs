@@ -184,6 +184,29 @@ pub fn compose(spec: &GridSpec) -> Result<RgbImage> {
     Ok(img)
 }
 
+/// SuperMerger's effective-elemental check of `img` against `base`: pixels whose channels
+/// differ by more than 20 count as changed; returns the inverted difference image (black where
+/// changed, white elsewhere) and the changed share in percent.
+pub fn difference(base: &RgbImage, img: &RgbImage) -> (RgbImage, f64) {
+    let (w, h) = (
+        img.width().min(base.width()),
+        img.height().min(base.height()),
+    );
+    let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let mut changed = 0usize;
+    for y in 0..h {
+        for x in 0..w {
+            let (p, q) = (base.get_pixel(x, y), img.get_pixel(x, y));
+            if p.0.iter().zip(q.0).any(|(a, b)| a.abs_diff(b) > 20) {
+                out.put_pixel(x, y, Rgb([0, 0, 0]));
+                changed += 1;
+            }
+        }
+    }
+    let share = 100.0 * changed as f64 / (w as f64 * h as f64).max(1.0);
+    (out, share)
+}
+
 /// Reads an RGB PNG.
 pub fn read_png(path: &std::path::Path) -> Result<RgbImage> {
     let img = image::open(path)
@@ -194,6 +217,20 @@ pub fn read_png(path: &std::path::Path) -> Result<RgbImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn difference_counts_pixels_beyond_the_threshold() {
+        let base = RgbImage::from_pixel(4, 2, Rgb([100, 100, 100]));
+        let mut img = base.clone();
+        img.put_pixel(0, 0, Rgb([121, 100, 100])); // 21 > 20: changed
+        img.put_pixel(1, 0, Rgb([100, 80, 100])); // 20: not changed
+        img.put_pixel(3, 1, Rgb([0, 0, 0]));
+        let (d, share) = difference(&base, &img);
+        assert_eq!(share, 25.0);
+        assert_eq!(d.get_pixel(0, 0), &Rgb([0, 0, 0]));
+        assert_eq!(d.get_pixel(1, 0), &Rgb([255, 255, 255]));
+        assert_eq!(d.get_pixel(3, 1), &Rgb([0, 0, 0]));
+    }
 
     #[test]
     fn wrap_breaks_after_commas_and_spaces() {

@@ -83,6 +83,19 @@ pub enum AxisKind {
     ExcludeBlocks,
     /// Elemental text (replaces the merge's).
     Elemental,
+    /// `blocks:elements` items (no ratio) added to the merge's elemental text with the alpha
+    /// axis' value as their ratio; the merge's alpha stays.
+    PinpointElement,
+    /// SuperMerger's "effective elemental checker": as `pinpoint_element`, after a baseline
+    /// without any, and the grid adds a row showing what changed against the baseline.
+    Effective,
+    /// Adjust slots (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3, or ALL) set to the alpha
+    /// axis' value.
+    PinpointAdjust,
+    /// Strength of the LoRAs of the `lora` node the generate node reads.
+    LoraStrength,
+    /// Block weights of those LoRAs.
+    LoraBlocks,
     /// Elemental text added to the merge's.
     AddElemental,
     /// Adjust vectors (8 values).
@@ -118,19 +131,36 @@ impl AxisKind {
             .unwrap_or_default()
     }
 
-    fn changes_merge(self) -> bool {
-        !matches!(
+    fn changes_lora(self) -> bool {
+        matches!(self, AxisKind::LoraStrength | AxisKind::LoraBlocks)
+    }
+
+    /// Whether it gives its value to the alpha axis' target (the alpha axis then does not
+    /// change alpha itself).
+    fn pinpoints(self) -> bool {
+        matches!(
             self,
-            AxisKind::Seed
-                | AxisKind::Prompt
-                | AxisKind::Negative
-                | AxisKind::Steps
-                | AxisKind::Cfg
-                | AxisKind::Sampler
-                | AxisKind::ClipSkip
-                | AxisKind::Width
-                | AxisKind::Height
+            AxisKind::PinpointBlocks
+                | AxisKind::PinpointElement
+                | AxisKind::Effective
+                | AxisKind::PinpointAdjust
         )
+    }
+
+    fn changes_merge(self) -> bool {
+        !self.changes_lora()
+            && !matches!(
+                self,
+                AxisKind::Seed
+                    | AxisKind::Prompt
+                    | AxisKind::Negative
+                    | AxisKind::Steps
+                    | AxisKind::Cfg
+                    | AxisKind::Sampler
+                    | AxisKind::ClipSkip
+                    | AxisKind::Width
+                    | AxisKind::Height
+            )
     }
 
     /// How a text value splits into values.
@@ -140,8 +170,10 @@ impl AxisKind {
             | AxisKind::MbwBeta
             | AxisKind::Prompt
             | AxisKind::Negative
-            | AxisKind::Adjust => Sep::Line,
+            | AxisKind::Adjust
+            | AxisKind::LoraBlocks => Sep::Line,
             AxisKind::Elemental | AxisKind::AddElemental => Sep::BlankLine,
+            AxisKind::PinpointElement | AxisKind::Effective => Sep::CommaOrLine,
             _ => Sep::Comma,
         }
     }
@@ -149,6 +181,7 @@ impl AxisKind {
 
 enum Sep {
     Comma,
+    CommaOrLine,
     Line,
     BlankLine,
 }
@@ -187,6 +220,11 @@ enum Setting {
     Exclude(String),
     Elemental(String),
     AddElemental(String),
+    /// A `blocks:elements` item; `None`: the effective checker's baseline.
+    PinpointElement(Option<String>),
+    PinpointAdjust(Vec<usize>),
+    LoraStrength(f64),
+    LoraBlocks(String),
     Adjust([f64; 8]),
     Calcmode(crate::merge::CalcMode),
     Seed(u64),
@@ -221,6 +259,8 @@ pub struct Grid {
     pub z_label: Option<String>,
     /// The cells' generate nodes, row-major.
     pub cells: Vec<String>,
+    /// An effective-elemental-checker grid: a row of differences against the first cell.
+    pub effective: bool,
 }
 
 /// Reads the `xy` nodes (after every other node is validated) and adds their cells and the
@@ -298,18 +338,53 @@ fn expand(
         }
     }
     let kinds: Vec<AxisKind> = axes.iter().map(|a| a.kind).collect();
-    if let Some(p) = kinds.iter().position(|k| *k == AxisKind::PinpointBlocks) {
-        if !kinds
-            .iter()
-            .any(|k| matches!(k, AxisKind::Alpha | AxisKind::Beta))
-        {
+    let pinpointing: Vec<usize> = (0..kinds.len()).filter(|&i| kinds[i].pinpoints()).collect();
+    if pinpointing.len() > 1 {
+        errs.push(
+            &declared[pinpointing[1]].1.referenced,
+            "one pinpointing axis per sweep".into(),
+            None,
+        );
+        return None;
+    }
+    if let Some(&p) = pinpointing.first() {
+        let value_axis = match kinds[p] {
+            AxisKind::PinpointBlocks => kinds
+                .iter()
+                .position(|k| matches!(k, AxisKind::Alpha | AxisKind::Beta)),
+            _ => kinds.iter().position(|k| *k == AxisKind::Alpha),
+        };
+        let Some(v) = value_axis else {
+            let what = match kinds[p] {
+                AxisKind::PinpointBlocks => "an alpha (or beta) axis",
+                _ => "an alpha axis",
+            };
             errs.push(
                 &declared[p].1.referenced,
-                "pinpoint_blocks needs an alpha (or beta) axis giving the value of the pinpointed blocks".into(),
+                format!(
+                    "{} needs {what} giving the pinpointed value",
+                    kinds[p].label()
+                ),
+                None,
+            );
+            return None;
+        };
+        if kinds[p] == AxisKind::Effective && axes[v].parts.iter().any(|part| part.len() != 1) {
+            errs.push(
+                &declared[v].1.referenced,
+                "the effective checker's alpha axis takes one value".into(),
                 None,
             );
             return None;
         }
+    }
+    if kinds.contains(&AxisKind::Effective) && kinds[0] != AxisKind::Effective {
+        errs.push(
+            &declared[0].1.referenced,
+            "the effective checker is the X axis".into(),
+            None,
+        );
+        return None;
     }
     // The merge node merge axes change, and the chain of nodes from it to the generate node.
     let merge_name = match (&d.merge, kinds.iter().any(|k| k.changes_merge())) {
@@ -345,8 +420,33 @@ fn expand(
             }
         }
     };
-    let chain = chain(nodes, gen_name, merge_name.as_deref());
-    if merge_name.is_some() && chain.len() < 2 {
+    let lora_name = match kinds.iter().any(|k| k.changes_lora()) {
+        false => None,
+        true => match nodes.get(gen_name) {
+            Some(Node::Generate { model, .. })
+                if model
+                    .node()
+                    .is_some_and(|m| matches!(nodes.get(m), Some(Node::Lora { .. }))) =>
+            {
+                model.node().map(String::from)
+            }
+            _ => {
+                errs.push(
+                    &decl.referenced,
+                    format!("LoRA axes change the `lora` node the generate node reads: `{gen_name}` reads none"),
+                    None,
+                );
+                return None;
+            }
+        },
+    };
+    let roots: Vec<&str> = merge_name
+        .iter()
+        .chain(&lora_name)
+        .map(String::as_str)
+        .collect();
+    let chain = chain(nodes, gen_name, &roots);
+    if merge_name.is_some() && !chain.iter().any(|c| Some(c) == merge_name.as_ref()) {
         errs.push(
             &decl.referenced,
             format!(
@@ -427,6 +527,7 @@ fn expand(
                 },
                 z_label: zv.map(|(l, _)| format!("{} = {l}", axes[2].kind.label())),
                 cells,
+                effective: kinds.contains(&AxisKind::Effective),
             });
         }
     }
@@ -450,20 +551,20 @@ fn combinations(counts: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
-/// The nodes a cell copies: the generate node, plus, with a merge node, every node on a
-/// path from it to the generate node, in no particular order.
-fn chain(nodes: &BTreeMap<String, Node>, gen: &str, merge: Option<&str>) -> Vec<String> {
-    let Some(merge) = merge else {
+/// The nodes a cell copies: the generate node, plus every node on a path from one of the
+/// `roots` (the nodes axes change) to it, in no particular order.
+fn chain(nodes: &BTreeMap<String, Node>, gen: &str, roots: &[&str]) -> Vec<String> {
+    if roots.is_empty() {
         return vec![gen.to_string()];
-    };
-    // Nodes that (transitively) read the merge node, memoized.
+    }
+    // Whether a node (transitively) reads a root, memoized.
     fn reads(
         nodes: &BTreeMap<String, Node>,
         n: &str,
-        merge: &str,
+        roots: &[&str],
         memo: &mut BTreeMap<String, bool>,
     ) -> bool {
-        if n == merge {
+        if roots.contains(&n) {
             return true;
         }
         if let Some(&r) = memo.get(n) {
@@ -472,7 +573,7 @@ fn chain(nodes: &BTreeMap<String, Node>, gen: &str, merge: Option<&str>) -> Vec<
         let r = nodes.get(n).is_some_and(|node| {
             node.node_inputs()
                 .iter()
-                .any(|i| reads(nodes, i, merge, memo))
+                .any(|i| reads(nodes, i, roots, memo))
         });
         memo.insert(n.to_string(), r);
         r
@@ -481,12 +582,13 @@ fn chain(nodes: &BTreeMap<String, Node>, gen: &str, merge: Option<&str>) -> Vec<
     let mut out = BTreeSet::new();
     let mut stack = vec![gen.to_string()];
     while let Some(n) = stack.pop() {
-        if reads(nodes, &n, merge, &mut memo) && out.insert(n.clone()) {
+        if reads(nodes, &n, roots, &mut memo) && out.insert(n.clone()) {
             if let Some(node) = nodes.get(&n) {
                 stack.extend(node.node_inputs().into_iter().map(String::from));
             }
         }
     }
+    out.insert(gen.to_string());
     out.into_iter().collect()
 }
 
@@ -511,6 +613,17 @@ fn make_cell(
             Node::Merge { inputs, spec, .. } if Some(n.as_str()) == merge => {
                 apply_merge(inputs, spec, settings)?;
             }
+            Node::Lora { loras, .. } => {
+                for s in settings {
+                    for l in loras.iter_mut() {
+                        match s {
+                            Setting::LoraStrength(v) => l.strength = *v,
+                            Setting::LoraBlocks(b) => l.blocks = Some(b.clone()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
             Node::Generate { job, to, .. } => {
                 apply_job(job, settings);
                 *to = None;
@@ -533,8 +646,36 @@ fn apply_merge(
         Setting::Pinpoint(p) => Some(p.clone()),
         _ => None,
     });
+    let element = settings.iter().find_map(|s| match s {
+        Setting::PinpointElement(e) => Some(e.clone()),
+        _ => None,
+    });
+    let adjust_slots = settings.iter().find_map(|s| match s {
+        Setting::PinpointAdjust(slots) => Some(slots.clone()),
+        _ => None,
+    });
     for s in settings {
         match s {
+            Setting::Alpha(r) if element.is_some() || adjust_slots.is_some() => {
+                let Ratio::Scalar(v) = r else {
+                    return Err("a pinpointed value is one number, not a vector".into());
+                };
+                if let Some(Some(item)) = &element {
+                    let base = spec.elemental.take().unwrap_or_default();
+                    let entry = format!("{item}:{v}");
+                    spec.elemental = Some(match base.trim().is_empty() {
+                        true => entry,
+                        false => format!("{base}\n{entry}"),
+                    });
+                }
+                if let Some(slots) = &adjust_slots {
+                    let mut a = spec.adjust.unwrap_or([0.0; 8]);
+                    for &i in slots {
+                        a[i] = *v;
+                    }
+                    spec.adjust = Some(a);
+                }
+            }
             Setting::Alpha(r) => match &pinpoint {
                 Some(p) => spec.alpha = pinpointed(&spec.alpha, p, r)?,
                 None => spec.alpha = r.clone(),
@@ -682,8 +823,15 @@ fn header(
                 .unwrap_or_else(|| ratio(b));
             parts.push(format!("beta={beta}"));
         }
-        if let Some(s) = swept(AxisKind::PinpointBlocks) {
-            parts.push(format!("blocks={s}"));
+        for (k, what) in [
+            (AxisKind::PinpointBlocks, "blocks"),
+            (AxisKind::PinpointElement, "elemental"),
+            (AxisKind::Effective, "elemental"),
+            (AxisKind::PinpointAdjust, "adjust"),
+        ] {
+            if let Some(s) = swept(k) {
+                parts.push(format!("{what}={s}"));
+            }
         }
         if let Some(s) = swept(AxisKind::Calcmode) {
             parts.push(format!("calcmode={s}"));
@@ -745,6 +893,9 @@ fn parse_axis(
             return None;
         }
         let mut part = Vec::new();
+        if kind == AxisKind::Effective {
+            part.push(("baseline".to_string(), Setting::PinpointElement(None)));
+        }
         for v in &values {
             match setting(kind, v, scope, resolve, a, errs) {
                 Ok(s) => part.push((label(v), s)),
@@ -762,6 +913,7 @@ fn parse_axis(
 fn split_text(text: &str, sep: Sep) -> Vec<String> {
     let pieces: Vec<String> = match sep {
         Sep::Comma => text.split(',').map(String::from).collect(),
+        Sep::CommaOrLine => text.split([',', '\n']).map(String::from).collect(),
         Sep::Line => text.lines().map(String::from).collect(),
         Sep::BlankLine => {
             let mut out = vec![String::new()];
@@ -891,6 +1043,26 @@ fn setting(
         AxisKind::ExcludeBlocks => Setting::Exclude(text.trim().to_string()),
         AxisKind::Elemental => Setting::Elemental(text),
         AxisKind::AddElemental => Setting::AddElemental(text),
+        AxisKind::PinpointElement | AxisKind::Effective => {
+            let item = text.trim().to_string();
+            if item.split(':').count() != 2 {
+                return Err(format!("`{item}` is not `blocks:elements`"));
+            }
+            Setting::PinpointElement(Some(item))
+        }
+        AxisKind::PinpointAdjust => {
+            const SLOTS: [&str; 8] = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"];
+            let t = text.trim().to_ascii_uppercase();
+            let slots = match t.as_str() {
+                "ALL" => (0..8).filter(|&i| i != 4).collect(),
+                _ => vec![SLOTS.iter().position(|s| *s == t).ok_or_else(|| {
+                    format!("`{t}` is not an adjust slot ({})", SLOTS.join(", "))
+                })?],
+            };
+            Setting::PinpointAdjust(slots)
+        }
+        AxisKind::LoraStrength => Setting::LoraStrength(float()?),
+        AxisKind::LoraBlocks => Setting::LoraBlocks(text.trim().to_string()),
         AxisKind::Adjust => {
             let values: Vec<f64> = match v {
                 AxisValue::List(l) => l.clone(),

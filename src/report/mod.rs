@@ -161,10 +161,11 @@ pub fn write(recipe: &Recipe, cache: &Cache, reports: &[NodeReport], out: &Path)
         if is_cell(recipe, &r.plan.name) {
             continue;
         }
-        let (status, class) = match &r.plan.status {
-            Status::Hit => ("cached".to_string(), "hit"),
-            Status::Miss(why) => (format!("built: {}", why.join("; ")), "miss"),
-            Status::Skip(why) => (format!("skipped: {why}"), "skip"),
+        let (status, class) = match (&r.plan.status, &r.error) {
+            (_, Some(e)) => (format!("failed: {e}"), "miss"),
+            (Status::Hit, _) => ("cached".to_string(), "hit"),
+            (Status::Miss(why), _) => (format!("built: {}", why.join("; ")), "miss"),
+            (Status::Skip(why), _) => (format!("skipped: {why}"), "skip"),
         };
         nodes.push(NodeRow {
             name: r.plan.name.clone(),
@@ -286,7 +287,11 @@ fn sweep_page(
             .find(|g| Some(g.name.as_str()) == entry["grid"].as_str());
         let Some(grid) = grid else { continue };
         let batch = entry["batch"].as_u64().unwrap_or(0) as usize;
-        let (src, _) = imgs.add(key)?;
+        let stored = match imgs.cache.image_path(key).is_file() {
+            true => key.to_string(),
+            false => images::incomplete_key(key),
+        };
+        let (src, _) = imgs.add(&stored)?;
         let cols = grid.x_labels.len().max(1);
         let mut rows = Vec::new();
         for (r, label) in grid.y_labels.iter().enumerate() {
@@ -296,14 +301,24 @@ fn sweep_page(
                     .get(cell.as_str())
                     .map(|p| images::image_keys(&p.plan.preimage))
                     .unwrap_or_default();
-                if let Some((_, k)) = keys.get(batch) {
-                    let (src, thumb) = imgs.add(k)?;
-                    cells.push(CellRef {
+                let made = |k: &String| imgs.cache.image_path(k).is_file();
+                match keys.get(batch).filter(|(_, k)| made(k)) {
+                    Some((_, k)) => {
+                        let (src, thumb) = imgs.add(k)?;
+                        cells.push(CellRef {
+                            node: cell.clone(),
+                            key: k[..12].to_string(),
+                            src,
+                            thumb,
+                        });
+                    }
+                    // A failed cell (`--keep-going`): an empty slot saying so.
+                    None => cells.push(CellRef {
                         node: cell.clone(),
-                        key: k[..12].to_string(),
-                        src,
-                        thumb,
-                    });
+                        key: String::new(),
+                        src: String::new(),
+                        thumb: String::new(),
+                    }),
                 }
             }
             rows.push(Row {
