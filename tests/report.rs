@@ -52,11 +52,7 @@ fn links(html: &str) -> Vec<String> {
 }
 
 fn site(dir: &Path) -> (recipe::Recipe, Cache, PathBuf, mergesmith::report::Site) {
-    for (name, seed) in [("a", 1), ("b", 2)] {
-        let mut o = common::tiny(Family::Sd1, seed);
-        o.size = mergesmith::synth::Size::Small;
-        common::synth(dir, &format!("{name}.safetensors"), &o);
-    }
+    common::small_models(dir, &["a", "b"]);
     let path = dir.join("r.yaml");
     std::fs::write(&path, RECIPE).unwrap();
     let r = recipe::load(&path).unwrap();

@@ -332,11 +332,7 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
 fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
-        let mut o = common::tiny(Family::Sd1, seed);
-        o.size = mergesmith::synth::Size::Small;
-        common::synth(d, &format!("{name}.safetensors"), &o);
-    }
+    common::small_models(d, &["a", "b", "c"]);
     let path = d.join("r.yaml");
     let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
     std::fs::write(
@@ -367,39 +363,16 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
         .sum();
     assert_eq!(images, 4);
     let grid = image::open(d.join("grids/sweep.png")).unwrap().to_rgb8();
-    let cell = image::open(
-        cache.image_path(
-            &build::images::image_keys(
-                &first
-                    .iter()
-                    .find(|r| r.plan.name == "sweep.0.look")
-                    .unwrap()
-                    .plan
-                    .preimage,
-            )[0]
-            .1,
-        ),
-    )
-    .unwrap()
-    .to_rgb8();
+    let cell_image = |node: &str| {
+        let plan = &first.iter().find(|r| r.plan.name == node).unwrap().plan;
+        let key = &build::images::image_keys(&plan.preimage)[0].1;
+        image::open(cache.image_path(key)).unwrap().to_rgb8()
+    };
+    let cell = cell_image("sweep.0.look");
     assert_eq!((cell.width(), cell.height()), (64, 48));
     assert!(grid.width() > 2 * 64 && grid.height() > 2 * 48);
     // The bottom-right cell of the grid is the image of x = 0.75, y = 4 (cell 3).
-    let last = image::open(
-        cache.image_path(
-            &build::images::image_keys(
-                &first
-                    .iter()
-                    .find(|r| r.plan.name == "sweep.3.look")
-                    .unwrap()
-                    .plan
-                    .preimage,
-            )[0]
-            .1,
-        ),
-    )
-    .unwrap()
-    .to_rgb8();
+    let last = cell_image("sweep.3.look");
     let (gx, gy) = (grid.width() - 64, grid.height() - 48);
     for (x, y) in [(0, 0), (63, 47), (20, 30)] {
         assert_eq!(grid.get_pixel(gx + x, gy + y), last.get_pixel(x, y));
@@ -424,11 +397,7 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
 fn the_effective_checker_adds_a_difference_row() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
-        let mut o = common::tiny(Family::Sd1, seed);
-        o.size = mergesmith::synth::Size::Small;
-        common::synth(d, &format!("{name}.safetensors"), &o);
-    }
+    common::small_models(d, &["a", "b", "c"]);
     let path = d.join("r.yaml");
     std::fs::write(
         &path,
@@ -462,11 +431,7 @@ fn the_effective_checker_adds_a_difference_row() {
 fn keep_going_builds_the_other_cells_and_greys_the_failed_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (name, seed) in [("a", 1), ("b", 2)] {
-        let mut o = common::tiny(Family::Sd1, seed);
-        o.size = mergesmith::synth::Size::Small;
-        common::synth(d, &format!("{name}.safetensors"), &o);
-    }
+    common::small_models(d, &["a", "b"]);
     // Model C is an SDXL file: merging it with SD1 models fails.
     common::synth(d, "c.safetensors", &common::tiny(Family::Sdxl, 3));
     let path = d.join("r.yaml");

@@ -38,6 +38,15 @@ pub fn synth(dir: &Path, name: &str, opts: &SynthOptions) -> PathBuf {
     path
 }
 
+/// Runnable small SD1 models (`synth --size small`) `NAME.safetensors` in `dir`, seeds 1, 2, ...
+pub fn small_models(dir: &Path, names: &[&str]) {
+    for (i, name) in names.iter().enumerate() {
+        let mut o = tiny(Family::Sd1, i as u64 + 1);
+        o.size = Size::Small;
+        synth(dir, &format!("{name}.safetensors"), &o);
+    }
+}
+
 /// A tensor for a torch checkpoint: storage bytes, plus the view (offset, size, stride).
 pub struct TorchTensor {
     pub name: String,
