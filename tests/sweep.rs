@@ -242,7 +242,82 @@ fn pinpointed_elements_adjust_slots_and_lora_axes() {
     // Only the LoRA changes: the cells read the original merge.
     assert_eq!(input, &Input::Node("blend".into()));
     let e = parse("      x: { type: lora_strength, values: [1] }\n").unwrap_err();
-    assert!(e.contains("LoRA axes change the `lora` node"), "{e}");
+    assert!(
+        e.contains("lora_strength changes a `lora` node, and `look` does not read one"),
+        "{e}"
+    );
+}
+
+#[test]
+fn path_axes_and_paired_vectors() {
+    let r = parse("      x: { path: look.cfg, values: [4, 8] }\n      y: { type: prompt2, values: \"a cat\\nwith a hat\\n\\na dog\" }\n").unwrap();
+    assert_eq!(cell(&r, 1).2.cfg, 8.0);
+    assert_eq!(cell(&r, 2).2.prompt, "a dog");
+    assert_eq!(cell(&r, 0).2.prompt, "a cat\nwith a hat");
+    // Only the generate node is copied: the cells read the original merge.
+    let Node::Generate { model, .. } = &r.nodes["sweep.0.look"] else {
+        panic!()
+    };
+    assert_eq!(model, &Input::Node("blend".into()));
+    // A merge further up: every node between it and the generate node is copied.
+    let two = BASE
+        .replace("      model: blend\n", "      model: second\n")
+        .replace(
+            "  look:\n",
+            "  second:\n    merge: weight_sum\n    a: blend\n    b: c\n    alpha: 0.3\n  look:\n",
+        );
+    let parse2 = |axes: &str| recipe::parse(Path::new("r.yaml"), &format!("{two}{axes}"));
+    let r = parse2("      x: { path: blend.alpha, values: [0.1, 0.9] }\n      y: { type: beta, node: second, values: [0.2] }\n").unwrap();
+    let Node::Merge { spec, inputs, .. } = &r.nodes["sweep.1.second"] else {
+        panic!()
+    };
+    assert_eq!(inputs[0], Input::Node("sweep.1.blend".into()));
+    assert_eq!(
+        (spec.alpha.clone(), spec.beta.clone()),
+        (Ratio::Scalar(0.3), Some(Ratio::Scalar(0.2)))
+    );
+    let Node::Merge { spec, .. } = &r.nodes["sweep.1.blend"] else {
+        panic!()
+    };
+    assert_eq!(spec.alpha, Ratio::Scalar(0.9));
+    // Without `node:`, merge axes change the merge the generate node reads.
+    let r = parse2("      x: { type: alpha, values: [0.6] }\n").unwrap();
+    assert!(!r.nodes.contains_key("sweep.0.blend"));
+    let Node::Merge { spec, .. } = &r.nodes["sweep.0.second"] else {
+        panic!()
+    };
+    assert_eq!(spec.alpha, Ratio::Scalar(0.6));
+    let e = parse2("      x: { path: blend.colour, values: [1] }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`colour` is not a parameter a sweep can change"),
+        "{e}"
+    );
+    let e = parse2("      x: { path: look.alpha, values: [1] }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`look` is not a merge node"), "{e}");
+    let e = parse2("      x: { type: alpha }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("values"), "{e}");
+    let e = parse2("      x: { values: [1] }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs either `type` or `path`"), "{e}");
+    // mbw alpha and beta: lines in pairs.
+    let r = parse(
+        "      x: { type: mbw_alpha_and_beta, values: \"GRAD_V\\nGRAD_A\\nFLAT_25\\nFLAT_75\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        grids(&r)[0].x_labels[0],
+        "mbw_alpha_and_beta = alpha:(GRAD_V),beta(GRAD_A)"
+    );
+    assert!(matches!(&cell(&r, 1).0.beta, Some(Ratio::Blocks(v)) if v.len() == 26));
+    let e = parse("      x: { type: mbw_alpha_and_beta, values: \"GRAD_V\" }\n").unwrap_err();
+    assert!(e.contains("in pairs"), "{e}");
 }
 
 #[test]

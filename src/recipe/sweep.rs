@@ -48,8 +48,18 @@ pub struct XyDecl {
 #[serde(deny_unknown_fields)]
 pub struct AxisDecl {
     /// What it sweeps.
-    #[serde(rename = "type")]
-    pub kind: AxisKind,
+    #[serde(default, rename = "type")]
+    pub kind: Option<AxisKind>,
+    /// Instead of `type`: a node's parameter as `NODE.FIELD` (`blend.beta`, `look.cfg`,
+    /// `second_merge.alpha`, `styled.strength`), sweeping that node.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
+    /// The node it changes (default: the merge node / `lora` node the sweep changes, or the
+    /// swept generate node for generation parameters).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub node: Option<Spanned<String>>,
     /// Its values: a list, or SuperMerger's text (`|` splits it into parts).
     pub values: AxisValues,
 }
@@ -68,6 +78,8 @@ pub enum AxisKind {
     MbwAlpha,
     /// Per-block beta vectors or preset names.
     MbwBeta,
+    /// Alpha and beta vectors (or presets): lines taken in pairs, alpha first.
+    MbwAlphaAndBeta,
     /// Model A of the merge.
     ModelA,
     /// Model B.
@@ -106,6 +118,8 @@ pub enum AxisKind {
     Seed,
     /// Prompt (one per line in text).
     Prompt,
+    /// Prompts of several lines (separated by blank lines in text).
+    Prompt2,
     /// Negative prompt.
     Negative,
     /// Sampling steps.
@@ -153,6 +167,7 @@ impl AxisKind {
                 self,
                 AxisKind::Seed
                     | AxisKind::Prompt
+                    | AxisKind::Prompt2
                     | AxisKind::Negative
                     | AxisKind::Steps
                     | AxisKind::Cfg
@@ -168,11 +183,12 @@ impl AxisKind {
         match self {
             AxisKind::MbwAlpha
             | AxisKind::MbwBeta
+            | AxisKind::MbwAlphaAndBeta
             | AxisKind::Prompt
             | AxisKind::Negative
             | AxisKind::Adjust
             | AxisKind::LoraBlocks => Sep::Line,
-            AxisKind::Elemental | AxisKind::AddElemental => Sep::BlankLine,
+            AxisKind::Elemental | AxisKind::AddElemental | AxisKind::Prompt2 => Sep::BlankLine,
             AxisKind::PinpointElement | AxisKind::Effective => Sep::CommaOrLine,
             _ => Sep::Comma,
         }
@@ -238,9 +254,11 @@ enum Setting {
     Height(usize),
 }
 
-/// One parsed axis: its kind and, per part, (label, setting) values.
+/// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
+/// values.
 struct Axis {
     kind: AxisKind,
+    node: Option<Spanned<String>>,
     parts: Vec<Vec<(String, Setting)>>,
 }
 
@@ -386,77 +404,103 @@ fn expand(
         );
         return None;
     }
-    // The merge node merge axes change, and the chain of nodes from it to the generate node.
-    let merge_name = match (&d.merge, kinds.iter().any(|k| k.changes_merge())) {
-        (Some(m), _) => {
-            if !matches!(nodes.get(&m.value), Some(Node::Merge { .. })) {
-                errs.push(
-                    &m.referenced,
-                    format!("`{}` is not a merge node", m.value),
-                    None,
-                );
-                return None;
-            }
-            Some(m.value.clone())
-        }
-        (None, false) => None,
-        (None, true) => {
-            let Some(Node::Generate { model, .. }) = nodes.get(gen_name) else {
-                return None;
-            };
-            match model
+    // Each axis changes one node: its `node`, else the sweep's merge node (`merge:`, else
+    // the merge the generate node reads) for merge axes, the `lora` node the generate node
+    // reads for LoRA axes, the generate node itself for generation parameters.
+    let read_by_gen = |want: fn(&Node) -> bool| -> Option<String> {
+        match nodes.get(gen_name) {
+            Some(Node::Generate { model, .. }) => model
                 .node()
-                .filter(|m| matches!(nodes.get(*m), Some(Node::Merge { .. })))
-            {
-                Some(m) => Some(m.to_string()),
-                None => {
-                    errs.push(
-                        &decl.referenced,
-                        format!("merge axes need a merge node: `{gen_name}` does not read one directly; name it with `merge:`"),
-                        None,
-                    );
-                    return None;
-                }
-            }
+                .filter(|m| nodes.get(*m).is_some_and(want))
+                .map(String::from),
+            _ => None,
         }
     };
-    let lora_name = match kinds.iter().any(|k| k.changes_lora()) {
-        false => None,
-        true => match nodes.get(gen_name) {
-            Some(Node::Generate { model, .. })
-                if model
-                    .node()
-                    .is_some_and(|m| matches!(nodes.get(m), Some(Node::Lora { .. }))) =>
-            {
-                model.node().map(String::from)
-            }
-            _ => {
+    let is_merge = |n: &Node| matches!(n, Node::Merge { .. });
+    let is_lora = |n: &Node| matches!(n, Node::Lora { .. });
+    let mut targets = Vec::new();
+    for (ax, (_, at)) in axes.iter().zip(&declared) {
+        let (what, want, default): (&str, fn(&Node) -> bool, Option<String>) =
+            if ax.kind.changes_lora() {
+                ("a `lora` node", is_lora, read_by_gen(is_lora))
+            } else if ax.kind.changes_merge() {
+                let default = match &d.merge {
+                    Some(m) => Some(m.value.clone()),
+                    None => read_by_gen(is_merge),
+                };
+                ("a merge node", is_merge, default)
+            } else {
+                let gen = |n: &Node| matches!(n, Node::Generate { .. });
+                ("the swept generate node", gen, Some(gen_name.clone()))
+            };
+        let (target, place) = match &ax.node {
+            Some(n) => (Some(n.value.clone()), &n.referenced),
+            None => (default, &at.referenced),
+        };
+        let Some(target) = target.filter(|t| nodes.get(t).is_some_and(want)) else {
+            let hint = match &ax.node {
+                Some(n) => format!("`{}` is not {what}", n.value),
+                None => format!(
+                    "{} changes {what}, and `{gen_name}` does not read one directly: name it with `node:` (or `merge:` on the sweep)",
+                    ax.kind.label()
+                ),
+            };
+            errs.push(place, hint, None);
+            return None;
+        };
+        if !ax.kind.changes_merge() && !ax.kind.changes_lora() && target != *gen_name {
+            errs.push(
+                place,
+                format!(
+                    "{} changes the swept generate node `{gen_name}`",
+                    ax.kind.label()
+                ),
+                None,
+            );
+            return None;
+        }
+        targets.push(target);
+    }
+    if let Some(&p) = pinpointing.first() {
+        if let Some(v) = kinds
+            .iter()
+            .position(|k| matches!(k, AxisKind::Alpha | AxisKind::Beta))
+        {
+            if targets[p] != targets[v] {
                 errs.push(
-                    &decl.referenced,
-                    format!("LoRA axes change the `lora` node the generate node reads: `{gen_name}` reads none"),
+                    &declared[v].1.referenced,
+                    format!(
+                        "the pinpointed value must go to `{}`, the node {} changes",
+                        targets[p],
+                        kinds[p].label()
+                    ),
                     None,
                 );
                 return None;
             }
-        },
-    };
-    let roots: Vec<&str> = merge_name
+        }
+    }
+    let roots: Vec<&str> = targets
         .iter()
-        .chain(&lora_name)
+        .filter(|t| *t != gen_name)
         .map(String::as_str)
         .collect();
     let chain = chain(nodes, gen_name, &roots);
-    if merge_name.is_some() && !chain.iter().any(|c| Some(c) == merge_name.as_ref()) {
+    if let Some(r) = roots.iter().find(|r| !chain.iter().any(|c| c == *r)) {
         errs.push(
             &decl.referenced,
-            format!(
-                "`{gen_name}` does not read the merge node `{}`",
-                merge_name.unwrap_or_default()
-            ),
+            format!("`{gen_name}` does not read `{r}`, which an axis changes"),
             None,
         );
         return None;
     }
+    let merge_name = targets
+        .iter()
+        .zip(&kinds)
+        .find(|(_, k)| k.changes_merge())
+        .map(|(t, _)| t.clone())
+        .or_else(|| d.merge.as_ref().map(|m| m.value.clone()))
+        .or_else(|| read_by_gen(is_merge));
     let header = header(nodes, merge_name.as_deref(), gen_name, &kinds);
     let mut grids = Vec::new();
     let mut cell_index = 0usize;
@@ -479,14 +523,14 @@ fn expand(
             };
             for yv in &rows {
                 for xv in x {
-                    let settings: Vec<&Setting> = [Some(xv), *yv, *zv]
+                    let settings: Vec<(&str, &Setting)> = [Some(xv), *yv, *zv]
                         .into_iter()
-                        .flatten()
-                        .map(|(_, s)| s)
+                        .zip(&targets)
+                        .filter_map(|(v, t)| v.map(|(_, s)| (t.as_str(), s)))
                         .collect();
                     let prefix = format!("{name}.{cell_index}.");
                     cell_index += 1;
-                    match make_cell(nodes, &chain, &prefix, &settings, merge_name.as_deref()) {
+                    match make_cell(nodes, &chain, &prefix, &settings) {
                         Ok(cell) => cells.push(cell),
                         Err(e) => {
                             errs.push(&decl.referenced, format!("xy node `{name}`: {e}"), None);
@@ -592,13 +636,13 @@ fn chain(nodes: &BTreeMap<String, Node>, gen: &str, roots: &[&str]) -> Vec<Strin
     out.into_iter().collect()
 }
 
-/// Copies the chain under `prefix` with `settings` applied; returns the cell's generate node.
+/// Copies the chain under `prefix` with `settings` (each for its target node) applied;
+/// returns the cell's generate node.
 fn make_cell(
     nodes: &mut BTreeMap<String, Node>,
     chain: &[String],
     prefix: &str,
-    settings: &[&Setting],
-    merge: Option<&str>,
+    settings: &[(&str, &Setting)],
 ) -> Result<String, String> {
     let renamed = |n: &str| match chain.iter().any(|c| c == n) {
         true => format!("{prefix}{n}"),
@@ -609,12 +653,15 @@ fn make_cell(
     for n in chain {
         let mut node = nodes[n].clone();
         node.rename_inputs(&renamed);
+        let mine: Vec<&Setting> = settings
+            .iter()
+            .filter(|(t, _)| t == n)
+            .map(|(_, s)| *s)
+            .collect();
         match &mut node {
-            Node::Merge { inputs, spec, .. } if Some(n.as_str()) == merge => {
-                apply_merge(inputs, spec, settings)?;
-            }
+            Node::Merge { inputs, spec, .. } => apply_merge(inputs, spec, &mine)?,
             Node::Lora { loras, .. } => {
-                for s in settings {
+                for s in &mine {
                     for l in loras.iter_mut() {
                         match s {
                             Setting::LoraStrength(v) => l.strength = *v,
@@ -625,7 +672,7 @@ fn make_cell(
                 }
             }
             Node::Generate { job, to, .. } => {
-                apply_job(job, settings);
+                apply_job(job, &mine);
                 *to = None;
                 gen_name = renamed(n);
             }
@@ -844,7 +891,7 @@ fn header(
             .map(String::from)
             .unwrap_or_else(|| job.seed.to_string());
         parts.push(format!("seed={seed}"));
-        if let Some(s) = swept(AxisKind::Prompt) {
+        if let Some(s) = sweeps(&[AxisKind::Prompt, AxisKind::Prompt2]) {
             parts.push(format!("prompt={s}"));
         }
     }
@@ -858,7 +905,41 @@ fn parse_axis(
     resolve: &Resolver,
     errs: &mut RecipeErrors,
 ) -> Option<Axis> {
-    let kind = a.value.kind;
+    let (kind, node) = match (&a.value.kind, &a.value.path) {
+        (Some(k), None) => (*k, a.value.node.clone()),
+        (None, Some(p)) => {
+            let Some((node, field)) = p.value.split_once('.') else {
+                errs.push(
+                    &p.referenced,
+                    format!("`{}` is not `NODE.FIELD`", p.value),
+                    None,
+                );
+                return None;
+            };
+            let Some(kind) = field_kind(field) else {
+                errs.push(
+                    &p.referenced,
+                    format!("`{field}` is not a parameter a sweep can change"),
+                    Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".into()),
+                );
+                return None;
+            };
+            let node = Spanned {
+                value: node.to_string(),
+                referenced: p.referenced,
+                defined: p.defined,
+            };
+            (kind, Some(node))
+        }
+        _ => {
+            errs.push(
+                &a.referenced,
+                "an axis needs either `type` or `path`".into(),
+                None,
+            );
+            return None;
+        }
+    };
     let raw: Vec<Vec<AxisValue>> = match &a.value.values {
         AxisValues::List(v) => vec![v.clone()],
         AxisValues::Text(t) => t
@@ -896,6 +977,34 @@ fn parse_axis(
         if kind == AxisKind::Effective {
             part.push(("baseline".to_string(), Setting::PinpointElement(None)));
         }
+        if kind == AxisKind::MbwAlphaAndBeta {
+            // Lines in pairs: an alpha vector, then a beta vector.
+            if values.len() % 2 != 0 {
+                errs.push(
+                    &a.referenced,
+                    "mbw_alpha_and_beta takes its values in pairs (alpha, then beta)".into(),
+                    None,
+                );
+                return None;
+            }
+            for pair in values.chunks(2) {
+                let x = setting(AxisKind::MbwAlpha, &pair[0], scope, resolve, a, errs);
+                let y = setting(AxisKind::MbwAlpha, &pair[1], scope, resolve, a, errs);
+                match (x, y) {
+                    (Ok(Setting::Alpha(x)), Ok(Setting::Alpha(y))) => part.push((
+                        format!("alpha:({}),beta({})", label(&pair[0]), label(&pair[1])),
+                        Setting::AlphaBeta(x, y),
+                    )),
+                    (Err(e), _) | (_, Err(e)) => {
+                        errs.push(&a.referenced, format!("{} axis: {e}", kind.label()), None);
+                        return None;
+                    }
+                    _ => unreachable!("mbw values are alphas"),
+                }
+            }
+            parts.push(part);
+            continue;
+        }
         for v in &values {
             match setting(kind, v, scope, resolve, a, errs) {
                 Ok(s) => part.push((label(v), s)),
@@ -907,7 +1016,25 @@ fn parse_axis(
         }
         parts.push(part);
     }
-    Some(Axis { kind, parts })
+    Some(Axis { kind, node, parts })
+}
+
+/// The axis kind of a node field named in a `path` axis.
+fn field_kind(field: &str) -> Option<AxisKind> {
+    Some(match field {
+        "a" => AxisKind::ModelA,
+        "b" => AxisKind::ModelB,
+        "c" => AxisKind::ModelC,
+        "include" => AxisKind::IncludeBlocks,
+        "exclude" => AxisKind::ExcludeBlocks,
+        "strength" => AxisKind::LoraStrength,
+        "blocks" => AxisKind::LoraBlocks,
+        "alpha" | "beta" | "calcmode" | "elemental" | "adjust" | "seed" | "prompt" | "negative"
+        | "steps" | "cfg" | "sampler" | "clip_skip" | "width" | "height" => {
+            serde_json::from_value(serde_json::Value::String(field.into())).ok()?
+        }
+        _ => return None,
+    })
 }
 
 fn split_text(text: &str, sep: Sep) -> Vec<String> {
@@ -1000,6 +1127,7 @@ fn setting(
     Ok(match kind {
         AxisKind::Alpha | AxisKind::MbwAlpha => Setting::Alpha(ratio(v)?),
         AxisKind::Beta | AxisKind::MbwBeta => Setting::Beta(ratio(v)?),
+        AxisKind::MbwAlphaAndBeta => unreachable!("paired before"),
         AxisKind::AlphaAndBeta => {
             let words: Vec<&str> = text.split_whitespace().collect();
             let num = |w: &str| {
@@ -1083,7 +1211,7 @@ fn setting(
             serde_json::from_value(named("a calcmode")?).map_err(|e| e.to_string())?,
         ),
         AxisKind::Seed => Setting::Seed(int("a seed")?),
-        AxisKind::Prompt => Setting::Prompt(text),
+        AxisKind::Prompt | AxisKind::Prompt2 => Setting::Prompt(text),
         AxisKind::Negative => Setting::Negative(text),
         AxisKind::Steps => Setting::Steps(at_least_one(int("a number of steps")?, "steps")?),
         AxisKind::Cfg => Setting::Cfg(float()?),
