@@ -979,7 +979,7 @@ fn parse_axis(
         }
         if kind == AxisKind::MbwAlphaAndBeta {
             // Lines in pairs: an alpha vector, then a beta vector.
-            if values.len() % 2 != 0 {
+            if !values.len().is_multiple_of(2) {
                 errs.push(
                     &a.referenced,
                     "mbw_alpha_and_beta takes its values in pairs (alpha, then beta)".into(),
