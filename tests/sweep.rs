@@ -321,6 +321,32 @@ fn path_axes_and_paired_vectors() {
 }
 
 #[test]
+fn random_merges_are_seeded() {
+    let r = parse(
+        "      x: { type: random, values: 3, seed: 7 }\n      y: { type: seed, values: [1, 2] }\n",
+    )
+    .unwrap();
+    let alpha = |i| match &cell(&r, i).0.alpha {
+        Ratio::Blocks(v) => v.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(grids(&r)[0].x_labels, ["random = #1", "#2", "#3"]);
+    assert_eq!(alpha(0).len(), 26);
+    assert!(alpha(0)
+        .iter()
+        .all(|v| (0.0..1.0).contains(v) && (v * 1000.0).fract() == 0.0));
+    assert_ne!(alpha(0), alpha(1));
+    // The same column in every row; the same weights for the same seed, others for another.
+    assert_eq!(alpha(0), alpha(3));
+    let again = parse("      x: { type: random, values: \"3\", seed: 7 }\n").unwrap();
+    assert_eq!(cell(&again, 2).0.alpha, cell(&r, 2).0.alpha);
+    let other = parse("      x: { type: random, values: 3, seed: 8 }\n").unwrap();
+    assert_ne!(cell(&other, 0).0.alpha, cell(&r, 0).0.alpha);
+    let e = parse("      x: { type: random, values: [1, 2] }\n").unwrap_err();
+    assert!(e.contains("a random axis takes one count"), "{e}");
+}
+
+#[test]
 fn bad_axes_are_errors_with_positions() {
     let err = |axes: &str| parse(axes).unwrap_err();
     let e = err("      x: { type: alpha, values: \"0.2, x\" }\n");

@@ -62,6 +62,9 @@ pub struct AxisDecl {
     pub node: Option<Spanned<String>>,
     /// Its values: a list, or SuperMerger's text (`|` splits it into parts).
     pub values: AxisValues,
+    /// `random`: the seed of the random weights (default 0).
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 /// What an axis sweeps (SuperMerger's axis types, plus generation parameters).
@@ -104,6 +107,9 @@ pub enum AxisKind {
     /// Adjust slots (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3, or ALL) set to the alpha
     /// axis' value.
     PinpointAdjust,
+    /// SuperMerger's random merge ("R"): `values` is a count N; cell i gets per-block alpha
+    /// weights drawn uniformly from [0, 1) (3 decimals) from the axis' `seed`.
+    Random,
     /// Strength of the LoRAs of the `lora` node the generate node reads.
     LoraStrength,
     /// Block weights of those LoRAs.
@@ -208,6 +214,8 @@ enum Sep {
 pub enum AxisValues {
     /// One value per item.
     List(Vec<AxisValue>),
+    /// One number (`random`'s count).
+    Number(f64),
     /// SuperMerger's text.
     Text(String),
 }
@@ -241,6 +249,8 @@ enum Setting {
     PinpointAdjust(Vec<usize>),
     LoraStrength(f64),
     LoraBlocks(String),
+    /// Cell `i` of a random axis of seed `seed`.
+    Random(u64, u64),
     Adjust([f64; 8]),
     Calcmode(crate::merge::CalcMode),
     Seed(u64),
@@ -736,6 +746,7 @@ fn apply_merge(
                 spec.alpha = a.clone();
                 spec.beta = Some(b.clone());
             }
+            Setting::Random(i, seed) => spec.alpha = random_alpha(&spec.alpha, *i, *seed),
             Setting::Model(i, input) => match inputs.get_mut(*i) {
                 Some(slot) => *slot = input.clone(),
                 None => return Err(format!("the merge has no model {}", ["A", "B", "C"][*i])),
@@ -781,6 +792,23 @@ fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
             _ => {}
         }
     }
+}
+
+/// Per-block alpha weights of random cell `i`: as many as the base alpha's vector (26 for a
+/// scalar base: SD1 / SD2), each uniform in [0, 1) rounded to 3 decimals, from a stream of
+/// `seed` (the same on every machine).
+fn random_alpha(base: &Ratio, i: u64, seed: u64) -> Ratio {
+    use rand::RngExt;
+    let n = match base {
+        Ratio::Blocks(b) => b.len(),
+        Ratio::Scalar(_) => SD_BLOCKS.len(),
+    };
+    let mut r = crate::noise::rng("mergesmith-random-merge", seed, "alpha", i);
+    Ratio::Blocks(
+        (0..n)
+            .map(|_| (r.random::<f64>() * 1000.0).round() / 1000.0)
+            .collect(),
+    )
 }
 
 /// `base` with the blocks of `which` (`IN00 IN02-IN04`, `NOT ...`, `ALL`) set to `value`'s
@@ -859,9 +887,15 @@ fn header(
                     .join(",")
             ),
         };
-        let alpha = sweeps(&[AxisKind::Alpha, AxisKind::MbwAlpha, AxisKind::AlphaAndBeta])
-            .map(String::from)
-            .unwrap_or_else(|| ratio(&spec.alpha));
+        let alpha = sweeps(&[
+            AxisKind::Alpha,
+            AxisKind::MbwAlpha,
+            AxisKind::AlphaAndBeta,
+            AxisKind::MbwAlphaAndBeta,
+            AxisKind::Random,
+        ])
+        .map(String::from)
+        .unwrap_or_else(|| ratio(&spec.alpha));
         parts.push(format!("{} {}", spec.mode.label(), models.join(" ")));
         parts.push(format!("alpha={alpha}"));
         if let Some(b) = &spec.beta {
@@ -942,6 +976,7 @@ fn parse_axis(
     };
     let raw: Vec<Vec<AxisValue>> = match &a.value.values {
         AxisValues::List(v) => vec![v.clone()],
+        AxisValues::Number(n) => vec![vec![AxisValue::Number(*n)]],
         AxisValues::Text(t) => t
             .split('|')
             .map(|part| {
@@ -976,6 +1011,33 @@ fn parse_axis(
         let mut part = Vec::new();
         if kind == AxisKind::Effective {
             part.push(("baseline".to_string(), Setting::PinpointElement(None)));
+        }
+        if kind == AxisKind::Random {
+            let count = match values.as_slice() {
+                [AxisValue::Number(n)] if n.fract() == 0.0 && (1.0..=1000.0).contains(n) => {
+                    *n as u64
+                }
+                [AxisValue::Text(t)] => match t.trim().parse::<u64>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            if count == 0 {
+                errs.push(
+                    &a.referenced,
+                    "a random axis takes one count, 1 to 1000 (`values: 8`)".into(),
+                    None,
+                );
+                return None;
+            }
+            let seed = a.value.seed.unwrap_or(0);
+            parts.push(
+                (0..count)
+                    .map(|i| (format!("#{}", i + 1), Setting::Random(i, seed)))
+                    .collect(),
+            );
+            continue;
         }
         if kind == AxisKind::MbwAlphaAndBeta {
             // Lines in pairs: an alpha vector, then a beta vector.
@@ -1127,7 +1189,7 @@ fn setting(
     Ok(match kind {
         AxisKind::Alpha | AxisKind::MbwAlpha => Setting::Alpha(ratio(v)?),
         AxisKind::Beta | AxisKind::MbwBeta => Setting::Beta(ratio(v)?),
-        AxisKind::MbwAlphaAndBeta => unreachable!("paired before"),
+        AxisKind::MbwAlphaAndBeta | AxisKind::Random => unreachable!("parsed before"),
         AxisKind::AlphaAndBeta => {
             let words: Vec<&str> = text.split_whitespace().collect();
             let num = |w: &str| {
