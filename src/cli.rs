@@ -1278,6 +1278,9 @@ fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>
                         crate::recipe::Node::Generate { .. } => {
                             format!("  ({c} images made, {u} found in the cache)")
                         }
+                        crate::recipe::Node::Xy { .. } => {
+                            format!("  ({c} grids made, {u} found in the cache)")
+                        }
                         _ => format!("  ({c} tensors stored, {u} reused)"),
                     },
                     _ => String::new(),
