@@ -206,3 +206,49 @@ fn chromium_renders_the_grid_images_when_installed() {
         .count();
     assert!(colourful > 1000, "{colourful} colourful pixels");
 }
+
+#[test]
+fn a_stored_merge_is_compared_with_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::synth(d, "a.safetensors", &common::tiny(Family::Sd1, 1));
+    common::synth(d, "b.safetensors", &common::tiny(Family::Sd1, 2));
+    let path = d.join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nmodels:\n  a: { path: a.safetensors }\n  b: { path: b.safetensors }\nnodes:\n  half:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.5\n",
+    )
+    .unwrap();
+    let r = recipe::load(&path).unwrap();
+    let cache = Cache::new(&d.join("cache"));
+    let reports = build::build(&r, &cache, &[], &BuildOptions::default()).unwrap();
+    let keys = reports
+        .iter()
+        .map(|r| (r.plan.name.as_str(), r.plan.key.as_str()))
+        .collect();
+    let tables = mergesmith::report::similarity::tables(&r, &cache, &keys).unwrap();
+    let titles: Vec<&str> = tables.iter().map(|t| t.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "half: A = a vs B = b",
+            "half: a vs the result",
+            "half: b vs the result"
+        ]
+    );
+    // The result is (A + B) / 2, so A - result = (A - B) / 2 block by block (f16 rounding
+    // of the stored result aside).
+    for (ab, ar) in tables[0].rows.iter().zip(&tables[1].rows) {
+        assert_eq!(ab.block, ar.block);
+        assert!(
+            (ar.distance - ab.distance / 2.0).abs() < 2e-3 * ab.distance.max(1.0),
+            "{}: {} vs {}",
+            ab.block,
+            ar.distance,
+            ab.distance / 2.0
+        );
+    }
+    mergesmith::report::write(&r, &cache, &reports, &d.join("site")).unwrap();
+    let index = std::fs::read_to_string(d.join("site/index.html")).unwrap();
+    assert!(index.contains("half: a vs the result"));
+}

@@ -210,7 +210,11 @@ pub fn write(recipe: &Recipe, cache: &Cache, reports: &[NodeReport], out: &Path)
             "sha256": h.sha256, "autov2": h.autov2,
         }));
     }
-    let similarity = similarity::tables(recipe)?;
+    let keys: BTreeMap<&str, &str> = reports
+        .iter()
+        .map(|r| (r.plan.name.as_str(), r.plan.key.as_str()))
+        .collect();
+    let similarity = similarity::tables(recipe, cache, &keys)?;
     let mut env = minijinja::Environment::new();
     for (name, text) in [
         ("base.html", include_str!("templates/base.html")),

@@ -2,7 +2,8 @@
 //! similarity of their weights and the relative L2 distance `‖A − B‖ / ‖A‖`, accumulated in
 //! f64 over every U-Net and text-encoder tensor the two share (text encoders count as `BASE`,
 //! as in SuperMerger; the VAE and EMA copies are left out). Tensors are read one at a time in
-//! parallel, so memory stays at a few tensors.
+//! parallel, so memory stays at a few tensors. Reports compare the two models of each merge,
+//! and each of them with the merge's result when the cache holds it.
 
 use std::collections::BTreeMap;
 
@@ -116,9 +117,15 @@ pub fn compare(a: &Checkpoint, b: &Checkpoint) -> Result<Vec<BlockRow>> {
     Ok(rows)
 }
 
-/// A table per merge node (sweep cells aside) whose models A and B are files: where the two
-/// models it blends differ.
-pub fn tables(recipe: &Recipe) -> Result<Vec<Table>> {
+/// Tables per merge node (sweep cells aside): where the models A and B it blends differ (when
+/// both are files), and, when its result is stored in `cache` (key from `keys`), how far the
+/// result moved from A and from B.
+pub fn tables(
+    recipe: &Recipe,
+    cache: &crate::build::Cache,
+    keys: &BTreeMap<&str, &str>,
+) -> Result<Vec<Table>> {
+    let store = crate::build::store::Store::new(cache);
     let mut out = Vec::new();
     for (name, node) in &recipe.nodes {
         let Node::Merge { inputs, .. } = node else {
@@ -130,10 +137,21 @@ pub fn tables(recipe: &Recipe) -> Result<Vec<Table>> {
         let models: Vec<&str> = inputs.iter().take(2).filter_map(super::model_of).collect();
         let [a, b] = models[..] else { continue };
         let open = |m: &str| Checkpoint::open(&recipe.models[m].0);
+        let (ca, cb) = (open(a)?, open(b)?);
         out.push(Table {
             title: format!("{name}: A = {a} vs B = {b}"),
-            rows: compare(&open(a)?, &open(b)?)?,
+            rows: compare(&ca, &cb)?,
         });
+        let stored = keys.get(name.as_str()).filter(|k| cache.has_result(k));
+        if let Some(key) = stored {
+            let result = store.open_result(key, std::path::Path::new(name))?;
+            for (label, input) in [(a, &ca), (b, &cb)] {
+                out.push(Table {
+                    title: format!("{name}: {label} vs the result"),
+                    rows: compare(input, &result)?,
+                });
+            }
+        }
     }
     Ok(out)
 }
