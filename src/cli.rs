@@ -62,7 +62,7 @@ pub enum Command {
     /// LoRA tools.
     #[command(subcommand)]
     Lora(LoraCommand),
-    /// Generate images from a checkpoint (SD1 so far) into PNGs carrying AUTOMATIC1111's
+    /// Generate images from an SD1, SD2 or SDXL checkpoint into PNGs carrying AUTOMATIC1111's
     /// generation parameters.
     Gen(GenArgs),
 }
@@ -118,7 +118,8 @@ pub struct GenArgs {
     /// or an SD2 768-v model, else `epsilon`].
     #[arg(long, value_enum)]
     pub prediction: Option<crate::gen::pipeline::Prediction>,
-    /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache].
+    /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache,
+    /// else the bundled CLIP vocabulary].
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Where the models run: cpu, cuda or cuda:N (f16 on CUDA, f32 on the CPU).
@@ -393,7 +394,7 @@ pub struct BuildArgs {
     #[arg(long)]
     pub keep_going: bool,
     /// The CLIP tokenizer.json of generate nodes [default: the recipe's `tokenizer:`, else
-    /// $MERGESMITH_TOKENIZER, else the Hugging Face cache].
+    /// $MERGESMITH_TOKENIZER, else the Hugging Face cache, else the bundled CLIP vocabulary].
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
@@ -654,10 +655,10 @@ pub fn run(command: Command) -> Result<()> {
         Command::Merge(a) => merge(*a),
         Command::Build(a) => {
             let dry = a.dry_run;
-            build(a, dry)
+            build(a, dry, None)
         }
-        Command::Plan(a) => build(a, true),
-        Command::Report(a) => build_and_report(a.build, Some(&a.out)),
+        Command::Plan(a) => build(a, true, None),
+        Command::Report(a) => build(a.build, false, Some(&a.out)),
         Command::Explain(a) => explain(a),
         Command::Dag(a) => {
             let recipe = load_recipe(&a.recipe)?;
@@ -1183,16 +1184,8 @@ fn explain(a: ExplainArgs) -> Result<()> {
     Ok(())
 }
 
-fn build(a: BuildArgs, plan_only: bool) -> Result<()> {
-    plan_or_build(a, plan_only, None)
-}
-
-/// `mergesmith report`: a build, then the site.
-fn build_and_report(a: BuildArgs, out: Option<&std::path::Path>) -> Result<()> {
-    plan_or_build(a, false, out)
-}
-
-fn plan_or_build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>) -> Result<()> {
+/// `mergesmith build`, `plan` (`plan_only`) and `report` (a build, then the site in `report`).
+fn build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>) -> Result<()> {
     use crate::build::{Cache, Status};
     let mut recipe =
         crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
@@ -1312,14 +1305,8 @@ fn gen(a: GenArgs) -> Result<()> {
     use crate::gen::pipeline::Models;
     let started = std::time::Instant::now();
     let tok = crate::gen::tokenizer::ClipTokenizer::find(a.tokenizer.as_deref())?;
-    let device = a.device.candle()?.unwrap_or(candle_core::Device::Cpu);
-    let dtype = match device.is_cuda() {
-        true => candle_core::DType::F16,
-        false => candle_core::DType::F32,
-    };
     let memo = crate::hashing::HashMemo::new(&crate::hashing::default_cache_dir());
     let hashes = memo.hashes(&a.model)?.0;
-    let tok_key = tok.key.clone();
     let job = Job {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),
@@ -1358,14 +1345,14 @@ fn gen(a: GenArgs) -> Result<()> {
         }
     }
     let ck = std::sync::Arc::new(crate::checkpoint::Checkpoint::open(&a.model)?);
-    let models = Models::load(ck, &device, dtype)?;
+    let models = Models::load_on(ck, a.device)?;
     let model = a
         .model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     for (seed, out) in job.seeds().zip(&outputs) {
-        let key = job.image_key(&hashes.blake3, &tok_key, seed);
+        let key = job.image_key(&hashes.blake3, &tok.key, seed);
         let name = (model.as_str(), hashes.autov2.as_str());
         job.write_image(&models, &tok, seed, &key, name, out, a.out.overwrite)?;
     }

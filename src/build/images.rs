@@ -74,18 +74,12 @@ pub fn file_name(node: &str, seed: u64) -> String {
     format!("{node}-{seed}.png")
 }
 
-/// Whether a generate or xy node is up to date: every output stored, every copy in `to`
-/// current.
-pub(super) fn up_to_date(
-    cache: &Cache,
-    state: &State,
-    to: Option<&Path>,
-    preimage: &Value,
-) -> bool {
-    all_stored(cache, preimage)
-        && outputs(preimage)
-            .iter()
-            .all(|(file, key)| to.is_none_or(|dir| output_current(state, &dir.join(file), key)))
+/// Whether the copies of a generate or xy node's outputs in `to` (if any) are the files the
+/// last build wrote.
+pub(super) fn copies_current(state: &State, to: Option<&Path>, preimage: &Value) -> bool {
+    outputs(preimage)
+        .iter()
+        .all(|(file, key)| to.is_none_or(|dir| output_current(state, &dir.join(file), key)))
 }
 
 /// What generate nodes of one build share: the tokenizer, and the last model loaded (kept
@@ -216,43 +210,35 @@ impl Ctx<'_> {
     }
 
     /// The loaded models of a checkpoint input, its name for the PNGs, and its A1111 hash.
+    /// The checkpoint is opened only when it is not the model already loaded.
     fn models_for(&self, input: &Input) -> Result<(Arc<Models>, String, String)> {
-        let (ck, content, autov2) = match input {
+        let (content, autov2) = match input {
             Input::Model(m) => {
-                let path = &self.recipe.models[m].0;
-                let (h, _) = self.store.memo.hashes(path)?;
-                (
-                    crate::checkpoint::Checkpoint::open(path)?,
-                    h.blake3,
-                    h.autov2,
-                )
+                let h = self.store.memo.hashes(&self.recipe.models[m].0)?.0;
+                (h.blake3, h.autov2)
             }
             Input::Node(n) => {
                 let key = &self.keys[n];
-                let label = PathBuf::from(format!("{n}.safetensors"));
-                let h = self.store.result_hashes(key)?;
-                (self.store.open_result(key, &label)?, key.clone(), h.autov2)
+                (key.clone(), self.store.result_hashes(key)?.autov2)
             }
         };
+        let name = input.name().to_string();
         let mut slot = self.generation.models.lock().expect("models lock");
         if let Some((k, m)) = slot.as_ref() {
             if *k == content {
-                return Ok((m.clone(), input.name().to_string(), autov2));
+                return Ok((m.clone(), name, autov2));
             }
         }
         *slot = None; // free the previous model before loading the next
-        let device = self
-            .run
-            .device
-            .candle()?
-            .unwrap_or(candle_core::Device::Cpu);
-        let dtype = match device.is_cuda() {
-            true => candle_core::DType::F16,
-            false => candle_core::DType::F32,
+        let ck = match input {
+            Input::Model(m) => crate::checkpoint::Checkpoint::open(&self.recipe.models[m].0)?,
+            Input::Node(n) => self
+                .store
+                .open_result(&content, &PathBuf::from(format!("{n}.safetensors")))?,
         };
-        let models = Arc::new(Models::load(Arc::new(ck), &device, dtype)?);
+        let models = Arc::new(Models::load_on(Arc::new(ck), self.run.device)?);
         *slot = Some((content, models.clone()));
-        Ok((models, input.name().to_string(), autov2))
+        Ok((models, name, autov2))
     }
 
     /// The build's tokenizer, loaded once.

@@ -184,10 +184,18 @@ pub fn plan_checked(
         .filter(|n| needed.contains(*n))
         .collect();
     let memory = |n: &str| recipe.nodes[n].in_memory();
+    // Generate and xy nodes whose images are all stored: they at most copy them out, and
+    // need none of their inputs.
+    let images_stored: BTreeSet<&str> = order
+        .iter()
+        .copied()
+        .filter(|n| matches!(recipe.nodes[*n], Node::Generate { .. } | Node::Xy { .. }))
+        .filter(|n| images::all_stored(cache, &keys[*n].1))
+        .collect();
     let hit = |n: &str| match &recipe.nodes[n] {
         Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
         Node::Generate { to, .. } | Node::Xy { to, .. } => {
-            images::up_to_date(cache, &state, to.as_deref(), &keys[n].1)
+            images_stored.contains(n) && images::copies_current(&state, to.as_deref(), &keys[n].1)
         }
         node => !node.in_memory() && cache.has_result(&keys[n].0),
     };
@@ -205,21 +213,16 @@ pub fn plan_checked(
     } else {
         targets.iter().map(String::as_str).collect()
     };
-    // A generate node whose images are all stored only copies them out: it needs no input.
-    let needs_inputs = |n: &str| match &recipe.nodes[n] {
-        Node::Generate { .. } | Node::Xy { .. } => !images::all_stored(cache, &keys[n].1),
-        _ => true,
-    };
     let mut runs = BTreeSet::new();
     for n in order.iter().rev() {
         if demanded.contains(n) && !hits.contains(n) {
             runs.insert(*n);
-            if needs_inputs(n) {
+            if !images_stored.contains(n) {
                 demanded.extend(recipe.nodes[*n].node_inputs());
             }
         }
     }
-    let errors = check_runs(recipe, cache, &keys, &order, &runs);
+    let errors = check_runs(recipe, cache, &keys, &order, &runs, &images_stored);
     let mut out = Vec::new();
     for name in order {
         let (key, preimage) = &keys[name];
@@ -264,6 +267,7 @@ fn check_runs(
     keys: &BTreeMap<String, (String, Value)>,
     order: &[&str],
     runs: &BTreeSet<&str>,
+    images_stored: &BTreeSet<&str>,
 ) -> BTreeMap<String, String> {
     type Header = Vec<(String, crate::dtype::DType, Vec<usize>)>;
     let store = Store::new(cache);
@@ -278,9 +282,8 @@ fn check_runs(
     };
     for &name in order.iter().filter(|n| runs.contains(*n)) {
         let node = &recipe.nodes[name];
-        let copies_only =
-            matches!(node, Node::Generate { .. }) && images::all_stored(cache, &keys[name].1);
-        if matches!(node, Node::Save { .. } | Node::Xy { .. }) || copies_only {
+        // Saves, sweeps and generate nodes that only copy stored images read no checkpoint.
+        if matches!(node, Node::Save { .. } | Node::Xy { .. }) || images_stored.contains(name) {
             continue;
         }
         if node.node_inputs().iter().any(|n| failed.contains(n)) {

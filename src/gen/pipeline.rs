@@ -241,6 +241,17 @@ impl Models {
         })
     }
 
+    /// Loads a checkpoint's models where `device` says (the CPU unless it names CUDA): f16 on
+    /// a GPU, f32 on the CPU.
+    pub fn load_on(ck: Arc<Checkpoint>, device: crate::device::ComputeDevice) -> Result<Models> {
+        let device = device.candle()?.unwrap_or(Device::Cpu);
+        let dtype = match device.is_cuda() {
+            true => DType::F16,
+            false => DType::F32,
+        };
+        Self::load(ck, &device, dtype)
+    }
+
     /// The model family.
     pub fn family(&self) -> Family {
         self.family
