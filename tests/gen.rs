@@ -754,6 +754,11 @@ fn clip_tokenizer_frames_chunks_and_is_found_or_bundled() {
     let home = dir.path().join("empty-home");
     let bundled = ClipTokenizer::find_with(None, &env(vec![("HOME", home)])).unwrap();
     assert_eq!(bundled.path, Path::new("<bundled>"));
+    // The key of a found file, as plans compute it without building a tokenizer.
+    assert_eq!(
+        ClipTokenizer::find_key(Some(&file)).unwrap(),
+        ClipTokenizer::open(&file).unwrap().key
+    );
     assert!(bundled.key.starts_with("bundled-"));
     // A tokenizer without CLIP's special tokens is refused, naming the file.
     let other = dir.path().join("other.json");

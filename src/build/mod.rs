@@ -457,7 +457,7 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
         .values()
         .any(|n| matches!(n, Node::Generate { .. }));
     let tokenizer = match generates {
-        true => crate::gen::tokenizer::ClipTokenizer::find(recipe.tokenizer.as_deref())?.key,
+        true => crate::gen::tokenizer::ClipTokenizer::find_key(recipe.tokenizer.as_deref())?,
         false => String::new(),
     };
     let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();

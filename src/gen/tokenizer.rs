@@ -42,6 +42,45 @@ const BUNDLED_VOCAB: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_
 /// The merges CLIP uses: lines 1 to 48894 of the vocabulary file (line 0 is a header).
 const MERGES: usize = 49152 - 256 - 2;
 
+/// The content key of the bundled vocabulary.
+fn bundled_key() -> String {
+    format!("bundled-{}", blake3::hash(BUNDLED_VOCAB).to_hex())
+}
+
+/// Where [`ClipTokenizer::find_with`] looks, in order: `explicit`, `$MERGESMITH_TOKENIZER`,
+/// CLIP's `tokenizer.json` in a Hugging Face hub cache; `None`: use the bundled vocabulary.
+fn locate(explicit: Option<&Path>, env: &dyn Fn(&str) -> Option<PathBuf>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = env("MERGESMITH_TOKENIZER") {
+        return Some(p);
+    }
+    let hubs = [
+        env("HF_HUB_CACHE"),
+        env("HF_HOME").map(|h| h.join("hub")),
+        env("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")),
+        env("HOME").map(|h| h.join(".cache/huggingface/hub")),
+    ];
+    for hub in hubs.iter().flatten() {
+        for repo in HUB_REPOS {
+            let Ok(snapshots) = std::fs::read_dir(hub.join(repo).join("snapshots")) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = snapshots
+                .flatten()
+                .map(|e| e.path().join("tokenizer.json"))
+                .filter(|p| p.is_file())
+                .collect();
+            found.sort();
+            if let Some(p) = found.into_iter().next() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
 /// GPT-2's byte-to-character table, in CLIP's vocabulary order: the printable bytes map to
 /// themselves, the others to U+0100 onwards.
 fn byte_chars() -> Vec<char> {
@@ -151,8 +190,7 @@ impl ClipTokenizer {
         });
         let bytes = serde_json::to_vec(&json).map_err(|e| bad(e.to_string()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
-        let key = format!("bundled-{}", blake3::hash(BUNDLED_VOCAB).to_hex());
-        Self::new(inner, PathBuf::from("<bundled>"), key).map_err(bad)
+        Self::new(inner, PathBuf::from("<bundled>"), bundled_key()).map_err(bad)
     }
 
     /// The tokenizer at `explicit` when given, else the first found of `$MERGESMITH_TOKENIZER`
@@ -168,38 +206,19 @@ impl ClipTokenizer {
         explicit: Option<&Path>,
         env: &dyn Fn(&str) -> Option<PathBuf>,
     ) -> Result<ClipTokenizer> {
-        if let Some(p) = explicit {
-            return Self::open(p);
+        match locate(explicit, env) {
+            Some(p) => Self::open(&p),
+            None => Self::bundled(),
         }
-        if let Some(p) = env("MERGESMITH_TOKENIZER") {
-            return Self::open(&p);
+    }
+
+    /// The content key of the tokenizer [`Self::find`] gives, without building the bundled
+    /// one (a file is opened, so a file that is not CLIP's tokenizer is still an error).
+    pub fn find_key(explicit: Option<&Path>) -> Result<String> {
+        match locate(explicit, &|k| std::env::var_os(k).map(PathBuf::from)) {
+            Some(p) => Ok(Self::open(&p)?.key),
+            None => Ok(bundled_key()),
         }
-        let hubs: Vec<PathBuf> = [
-            env("HF_HUB_CACHE"),
-            env("HF_HOME").map(|h| h.join("hub")),
-            env("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")),
-            env("HOME").map(|h| h.join(".cache/huggingface/hub")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        for hub in &hubs {
-            for repo in HUB_REPOS {
-                let Ok(snapshots) = std::fs::read_dir(hub.join(repo).join("snapshots")) else {
-                    continue;
-                };
-                let mut found: Vec<PathBuf> = snapshots
-                    .flatten()
-                    .map(|e| e.path().join("tokenizer.json"))
-                    .filter(|p| p.is_file())
-                    .collect();
-                found.sort();
-                if let Some(p) = found.first() {
-                    return Self::open(p);
-                }
-            }
-        }
-        Self::bundled()
     }
 
     /// The prompt's tokens in chunks of 75, each framed and padded to [`CONTEXT`] (an empty
