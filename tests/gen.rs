@@ -1006,7 +1006,8 @@ fn small_model_of(family: Family, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
 
 #[test]
 fn sd1_generates_reproducible_images_of_the_requested_size() {
-    use mergesmith::gen::pipeline::{Models, Request};
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::pipeline::Models;
     use mergesmith::gen::sampler::Sampler;
     use mergesmith::gen::tokenizer::ClipTokenizer;
     let dir = tempfile::tempdir().unwrap();
@@ -1015,15 +1016,15 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
     let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
     let started = std::time::Instant::now();
     let models = Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let req = Request {
+    let req = Job {
         prompt: "a cat".into(),
         negative: String::new(),
         steps: 3,
         cfg: 7.0,
         sampler: Sampler::EulerA,
         seed: 7,
-        width: 64,
-        height: 48,
+        width: Some(64),
+        height: Some(48),
         batch: 2,
         clip_skip: 1,
         hires: None,
@@ -1040,7 +1041,7 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
     let other = models
         .generate(
             &tok,
-            &Request {
+            &Job {
                 seed: 8,
                 batch: 1,
                 ..req.clone()
@@ -1051,7 +1052,7 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
     let other = models
         .generate(
             &tok,
-            &Request {
+            &Job {
                 seed: 9,
                 batch: 1,
                 ..req.clone()
@@ -1064,7 +1065,7 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
         let one = models
             .generate(
                 &tok,
-                &Request {
+                &Job {
                     sampler,
                     batch: 1,
                     ..req.clone()
@@ -1076,8 +1077,8 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
     assert!(models
         .generate(
             &tok,
-            &Request {
-                width: 60,
+            &Job {
+                width: Some(60),
                 ..req.clone()
             }
         )
@@ -1469,7 +1470,8 @@ fn v_prediction_and_hires_helpers_solve_known_cases() {
 
 #[test]
 fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
-    use mergesmith::gen::pipeline::{Models, Prediction, Request};
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::pipeline::{Models, Prediction};
     use mergesmith::gen::png::Hires;
     use mergesmith::gen::sampler::Sampler;
     use mergesmith::gen::tokenizer::ClipTokenizer;
@@ -1486,15 +1488,15 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
             models.native_size(),
             if family == Family::Sdxl { 1024 } else { 512 }
         );
-        let req = Request {
+        let req = Job {
             prompt: "a cat".into(),
             negative: "a".into(),
             steps: 2,
             cfg: 5.0,
             sampler: Sampler::DpmPp2m,
             seed: 1,
-            width: 64,
-            height: 48,
+            width: Some(64),
+            height: Some(48),
             batch: 2,
             clip_skip: 1,
             hires: None,
@@ -1506,13 +1508,13 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
         assert_ne!(images[0], images[1]);
         assert_eq!(models.generate(&tok, &req).unwrap(), images, "{family:?}");
         // v-prediction changes the image; the hires fix makes 1.5 × the size.
-        let v = Request {
+        let v = Job {
             prediction: Some(Prediction::V),
             batch: 1,
             ..req.clone()
         };
         assert_ne!(models.generate(&tok, &v).unwrap()[0], images[0]);
-        let hires = Request {
+        let hires = Job {
             hires: Some(Hires {
                 scale: 1.5,
                 steps: 2,
@@ -1521,11 +1523,11 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
             batch: 1,
             ..req.clone()
         };
-        assert_eq!(hires.output_size(), (96, 72));
+        assert_eq!(hires.output_size(models.native_size()), (96, 72));
         let big = models.generate(&tok, &hires).unwrap();
         assert_eq!(big[0].len(), 96 * 72 * 3);
         assert_eq!(models.generate(&tok, &hires).unwrap(), big);
-        let bad = Request {
+        let bad = Job {
             hires: Some(Hires {
                 scale: 1.5,
                 steps: 0,

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use crate::error::Result;
-use crate::gen::pipeline::{Models, Prediction, Request};
+use crate::gen::pipeline::{Models, Prediction};
 use crate::gen::png::Hires;
 use crate::gen::sampler::Sampler;
 use crate::gen::tokenizer::ClipTokenizer;
@@ -94,22 +94,19 @@ impl Job {
             .to_string()
     }
 
-    /// The request for its image of `seed`, with sizes left open taken as `native`.
-    pub fn request(&self, seed: u64, native: usize) -> Request {
+    /// Width and height before any hires fix, sizes left open taken as `native` (the height
+    /// defaults to the width).
+    pub fn size(&self, native: usize) -> (usize, usize) {
         let width = self.width.unwrap_or(native);
-        Request {
-            prompt: self.prompt.clone(),
-            negative: self.negative.clone(),
-            steps: self.steps,
-            cfg: self.cfg,
-            sampler: self.sampler,
-            seed,
-            width,
-            height: self.height.unwrap_or(width),
-            batch: 1,
-            clip_skip: self.clip_skip,
-            hires: self.hires.clone(),
-            prediction: self.prediction,
+        (width, self.height.unwrap_or(width))
+    }
+
+    /// The size of the images it makes: [`Self::size`] after the hires fix, if any.
+    pub fn output_size(&self, native: usize) -> (usize, usize) {
+        let (w, h) = self.size(native);
+        match &self.hires {
+            None => (w, h),
+            Some(hires) => (hires_dim(w, hires.scale), hires_dim(h, hires.scale)),
         }
     }
 
@@ -127,10 +124,20 @@ impl Job {
         path: &Path,
         overwrite: bool,
     ) -> Result<()> {
-        let req = self.request(seed, models.native_size());
-        let rgb = models.generate(tok, &req)?.remove(0);
-        let params = crate::gen::png::Parameters::of(&req, 0, model, autov2);
-        let (w, h) = req.output_size();
+        let one = Job {
+            seed,
+            batch: 1,
+            ..self.clone()
+        };
+        let rgb = models.generate(tok, &one)?.remove(0);
+        let native = models.native_size();
+        let params = crate::gen::png::Parameters::of(&one, native, model, autov2);
+        let (w, h) = one.output_size(native);
         crate::gen::png::write(path, &rgb, w as u32, h as u32, &params, key, overwrite)
     }
+}
+
+/// A hires-fix dimension: `d · scale` rounded down to a multiple of 8, as A1111 does.
+fn hires_dim(d: usize, scale: f64) -> usize {
+    ((d as f64 * scale) as usize / 8 * 8).max(8)
 }

@@ -24,7 +24,7 @@ use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
-use crate::gen::png::Hires;
+use crate::gen::job::Job;
 use crate::gen::sampler::{sample, Sampler, Schedule};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::unet::{Unet, UnetConfig, TIME_IDS};
@@ -48,53 +48,6 @@ pub enum Prediction {
     Epsilon,
     /// The "velocity" (SD2 768-v, v-prediction fine-tunes).
     V,
-}
-
-/// What to generate.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Request {
-    /// Prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative: String,
-    /// Sampling steps.
-    pub steps: usize,
-    /// Guidance scale.
-    pub cfg: f64,
-    /// Sampler.
-    pub sampler: Sampler,
-    /// Seed (image `i` of a batch uses seed + `i`, as the web UI does).
-    pub seed: u64,
-    /// Width in pixels (a multiple of 8), before any hires fix.
-    pub width: usize,
-    /// Height in pixels (a multiple of 8), before any hires fix.
-    pub height: usize,
-    /// Images.
-    pub batch: usize,
-    /// CLIP skip (1: the last layer; SD1 only, as in the web UI).
-    pub clip_skip: usize,
-    /// Hires fix: a second pass at `scale` times the size.
-    pub hires: Option<Hires>,
-    /// What the model predicts; `None`: as [`Models::prediction`] guessed from the file.
-    pub prediction: Option<Prediction>,
-}
-
-impl Request {
-    /// The size of the images it makes: (width, height) after the hires fix, if any.
-    pub fn output_size(&self) -> (usize, usize) {
-        match &self.hires {
-            None => (self.width, self.height),
-            Some(h) => (
-                hires_dim(self.width, h.scale),
-                hires_dim(self.height, h.scale),
-            ),
-        }
-    }
-}
-
-/// A hires-fix dimension: `d · scale` rounded down to a multiple of 8, as A1111 does.
-fn hires_dim(d: usize, scale: f64) -> usize {
-    ((d as f64 * scale) as usize / 8 * 8).max(8)
 }
 
 /// The text encoders of a family.
@@ -311,13 +264,15 @@ impl Models {
         })
     }
 
-    /// Generates `req.batch` images: 8-bit RGB pixels, row-major `height × width × 3` each,
-    /// at [`Request::output_size`].
-    pub fn generate(&self, tok: &ClipTokenizer, req: &Request) -> Result<Vec<Vec<u8>>> {
-        check(req)?;
-        let prediction = req.prediction.unwrap_or(self.prediction);
-        let cond = self.encode(tok, &req.prompt, req.clip_skip)?;
-        let uncond = self.encode(tok, &req.negative, req.clip_skip)?;
+    /// Generates the images of `job` (one per seed): 8-bit RGB pixels, row-major
+    /// `height × width × 3` each, at [`Job::output_size`] (sizes left open are the model's
+    /// native size).
+    pub fn generate(&self, tok: &ClipTokenizer, job: &Job) -> Result<Vec<Vec<u8>>> {
+        let (width, height) = job.size(self.native_size());
+        check(job, width, height)?;
+        let prediction = job.prediction.unwrap_or(self.prediction);
+        let cond = self.encode(tok, &job.prompt, job.clip_skip)?;
+        let uncond = self.encode(tok, &job.negative, job.clip_skip)?;
         // Prompt and negative prompt may have different numbers of chunks: repeat the
         // shorter one's last chunk, as the web UI pads with empty chunks.
         let (c, u) = match_chunks(cond.context, uncond.context)?;
@@ -334,27 +289,26 @@ impl Models {
         };
         let pass = Pass {
             models: self,
-            req,
+            job,
             prediction,
             context: &context,
             pooled: pooled.as_ref(),
         };
         let mut images = Vec::new();
-        for b in 0..req.batch.max(1) {
-            // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
-            let seed = req.seed.wrapping_add(b as u64);
-            let (lw, lh) = (req.width / 8, req.height / 8);
-            let sigmas = req.sampler.sigmas(&self.schedule, req.steps);
+        // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
+        for seed in job.seeds() {
+            let (lw, lh) = (width / 8, height / 8);
+            let sigmas = job.sampler.sigmas(&self.schedule, job.steps);
             let x = (self.noise("latent", seed, lw, lh)? * sigmas[0]).map_err(cerr)?;
             let mut latent = pass.run(x, &sigmas, seed, "step")?;
-            if let Some(h) = &req.hires {
-                let (w, h2) = req.output_size();
+            if let Some(h) = &job.hires {
+                let (w, h2) = job.output_size(self.native_size());
                 let up = upscale_latent(&latent, w / 8, h2 / 8)?;
                 let steps = match h.steps {
-                    0 => req.steps,
+                    0 => job.steps,
                     n => n as usize,
                 };
-                let sigmas = hires_sigmas(req.sampler, &self.schedule, steps, h.strength);
+                let sigmas = hires_sigmas(job.sampler, &self.schedule, steps, h.strength);
                 let noise =
                     (self.noise("hires", seed, w / 8, h2 / 8)? * sigmas[0]).map_err(cerr)?;
                 latent = pass.run((up + noise).map_err(cerr)?, &sigmas, seed, "hires-step")?;
@@ -392,7 +346,7 @@ impl Models {
 /// One denoising pass's fixed inputs.
 struct Pass<'a> {
     models: &'a Models,
-    req: &'a Request,
+    job: &'a Job,
     prediction: Prediction,
     /// `[2, tokens, width]`: negative, then positive.
     context: &'a Tensor,
@@ -429,13 +383,13 @@ impl Pass<'_> {
                 .and_then(|e| e.to_dtype(DType::F32))
                 .map_err(cerr)?;
             let (u, c) = (out.get(0).map_err(cerr)?, out.get(1).map_err(cerr)?);
-            let guided = (&u + ((c - &u).map_err(cerr)? * self.req.cfg).map_err(cerr)?)
+            let guided = (&u + ((c - &u).map_err(cerr)? * self.job.cfg).map_err(cerr)?)
                 .and_then(|g| g.unsqueeze(0))
                 .map_err(cerr)?;
             denoised(self.prediction, x, &guided, sigma)
         };
         let noise = |i: usize| m.noise(&format!("{key}{i}"), seed, lw, lh);
-        sample(self.req.sampler, x, sigmas, denoise, noise)
+        sample(self.job.sampler, x, sigmas, denoise, noise)
     }
 }
 
@@ -453,18 +407,17 @@ pub fn denoised(prediction: Prediction, x: &Tensor, out: &Tensor, sigma: f64) ->
 }
 
 /// Rejects requests the pipeline cannot run, saying why.
-fn check(req: &Request) -> Result<()> {
+fn check(job: &Job, width: usize, height: usize) -> Result<()> {
     let ok = |d: usize| d > 0 && d.is_multiple_of(8);
-    if !ok(req.width) || !ok(req.height) {
+    if !ok(width) || !ok(height) {
         return Err(Error::Invalid(format!(
-            "image size {}x{} is not a multiple of 8",
-            req.width, req.height
+            "image size {width}x{height} is not a multiple of 8"
         )));
     }
-    if req.steps == 0 {
+    if job.steps == 0 {
         return Err(Error::Invalid("steps must be at least 1".into()));
     }
-    if let Some(h) = &req.hires {
+    if let Some(h) = &job.hires {
         if !(h.scale >= 1.0 && h.scale <= 8.0) {
             return Err(Error::Invalid(format!(
                 "hires scale {} is outside 1..=8",

@@ -52,28 +52,23 @@ pub struct Parameters {
 }
 
 impl Parameters {
-    /// The parameters of image `index` of a batch made by `req` with the model named `model`
-    /// (A1111's short hash `model_hash`).
-    pub fn of(
-        req: &crate::gen::pipeline::Request,
-        index: usize,
-        model: &str,
-        model_hash: &str,
-    ) -> Self {
-        let (width, height) = req.output_size();
+    /// The parameters of the first image of `job` (its seed), made with the model named
+    /// `model` (A1111's short hash `model_hash`) whose native size is `native`.
+    pub fn of(job: &crate::gen::job::Job, native: usize, model: &str, model_hash: &str) -> Self {
+        let (width, height) = job.output_size(native);
         Parameters {
-            prompt: req.prompt.clone(),
-            negative: req.negative.clone(),
-            steps: req.steps as u32,
-            sampler: req.sampler.label().to_string(),
-            cfg: req.cfg,
-            seed: req.seed.wrapping_add(index as u64),
+            prompt: job.prompt.clone(),
+            negative: job.negative.clone(),
+            steps: job.steps as u32,
+            sampler: job.sampler.label().to_string(),
+            cfg: job.cfg,
+            seed: job.seed,
             width: width as u32,
             height: height as u32,
             model_hash: model_hash.to_string(),
             model: model.to_string(),
-            clip_skip: req.clip_skip as u32,
-            hires: req.hires.clone(),
+            clip_skip: job.clip_skip as u32,
+            hires: job.hires.clone(),
         }
     }
 }
