@@ -25,33 +25,29 @@ impl Cache {
     }
 }
 
+/// The entries of a preimage's array `field` that `f` can read.
+fn entries<T>(preimage: &Value, field: &str, f: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+    preimage[field]
+        .as_array()
+        .map(|a| a.iter().filter_map(f).collect())
+        .unwrap_or_default()
+}
+
 /// The (seed, image key) pairs recorded in a generate node's preimage.
 pub fn image_keys(preimage: &Value) -> Vec<(u64, String)> {
-    preimage["images"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| Some((e["seed"].as_u64()?, e["key"].as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+    entries(preimage, "images", |e| {
+        Some((e["seed"].as_u64()?, e["key"].as_str()?.to_string()))
+    })
 }
 
 /// The (file name, image key) outputs recorded in a generate or xy node's preimage.
 pub fn outputs(preimage: &Value) -> Vec<(String, String)> {
-    preimage["outputs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| {
-                    Some((
-                        e["file"].as_str()?.to_string(),
-                        e["key"].as_str()?.to_string(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    entries(preimage, "outputs", |e| {
+        Some((
+            e["file"].as_str()?.to_string(),
+            e["key"].as_str()?.to_string(),
+        ))
+    })
 }
 
 /// Whether every output of a generate or xy node (by its preimage) is stored.
