@@ -44,7 +44,12 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Print the recipe graph (mermaid or dot).
     Dag(DagArgs),
-    /// Cache statistics.
+    /// Upload a recipe's stored results and images to a remote cache.
+    Push(SyncArgs),
+    /// Download a recipe's results and images from a remote cache (verified).
+    Pull(SyncArgs),
+    /// Cache statistics (`stats`), or check every stored file and remove corrupt ones
+    /// (`verify`).
     Cache(CacheArgs),
     /// Delete least recently used cache packs until the cache fits a size budget.
     Gc(GcArgs),
@@ -346,8 +351,9 @@ pub struct DagArgs {
 /// Which cache a maintenance command works on.
 #[derive(Debug, Args)]
 pub struct CacheArgs {
-    /// `stats` (the only action, also the default).
-    #[arg(default_value = "stats", value_parser = ["stats"])]
+    /// `stats` (the default), or `verify`: check packs against their recorded blake3,
+    /// images and manifests by decoding them, and remove what fails.
+    #[arg(default_value = "stats", value_parser = ["stats", "verify"])]
     pub action: String,
     /// Cache directory [default: $MERGESMITH_CACHE, else ./cache].
     #[arg(long, value_name = "DIR")]
@@ -397,6 +403,40 @@ pub struct BuildArgs {
     /// $MERGESMITH_TOKENIZER, else the Hugging Face cache, else the bundled CLIP vocabulary].
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+    /// A remote cache shared with other machines: s3://BUCKET[/PREFIX] (credentials from
+    /// the AWS environment or profile), file:///DIR or a directory. Local misses it holds are
+    /// downloaded (verified) when needed; what is built is uploaded in the background.
+    #[arg(long, env = "MERGESMITH_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Build slice I of N (0 <= I < N): sweep cells and independent targets, balanced by
+    /// estimated cost; the same on every machine. Sweep grids and saves are left to a final
+    /// build or report.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::build::shard::Shard>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mergesmith push` / `pull`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The recipe file.
+    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Nodes to sync (with what they need); all nodes when none are given.
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
+    /// The remote cache: s3://BUCKET[/PREFIX] (credentials from the AWS environment or
+    /// profile), file:///DIR or a directory.
+    #[arg(long, env = "MERGESMITH_REMOTE", value_name = "URL")]
+    pub remote: String,
+    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
     /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, String)>,
@@ -664,6 +704,29 @@ pub fn run(command: Command) -> Result<()> {
             let recipe = load_recipe(&a.recipe)?;
             print!("{}", recipe.dag(a.format));
             Ok(())
+        }
+        Command::Push(a) => sync(a, true),
+        Command::Pull(a) => sync(a, false),
+        Command::Cache(a) if a.action == "verify" => {
+            let v = cache_of(a.cache.as_deref()).verify()?;
+            if a.json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "checked {} files ({}): {} corrupt, removed{}",
+                    v.checked,
+                    crate::inspect::human_bytes(v.bytes),
+                    v.removed.len(),
+                    match v.unrecorded {
+                        0 => String::new(),
+                        n => format!("; {n} packs predate recorded digests (headers checked)"),
+                    }
+                );
+            }
+            match v.removed.len() {
+                0 => Ok(()),
+                n => Err(Error::Failed(format!("{n} corrupt file(s) removed"))),
+            }
         }
         Command::Cache(a) => {
             let stats = cache_of(a.cache.as_deref()).stats();
@@ -1185,20 +1248,140 @@ fn explain(a: ExplainArgs) -> Result<()> {
 }
 
 /// `mergesmith build`, `plan` (`plan_only`) and `report` (a build, then the site in `report`).
+/// The cache of a recipe command: `--cache`, else the default beside the recipe, reading
+/// through to `remote` if given.
+fn recipe_cache(
+    recipe: &std::path::Path,
+    dir: Option<&std::path::Path>,
+    remote: Option<&str>,
+) -> Result<crate::build::Cache> {
+    use crate::build::Cache;
+    let cache = Cache::new(&dir.map_or_else(|| Cache::default_for(recipe), Into::into));
+    Ok(match remote {
+        Some(url) => cache.with_remote(crate::remote::Remote::open(url)?),
+        None => cache,
+    })
+}
+
+/// `push` / `pull`: every result and image the recipe's plan names.
+fn sync(a: SyncArgs, push: bool) -> Result<()> {
+    use crate::recipe::Node;
+    use crate::remote::Kind;
+    let recipe =
+        crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
+    let cache = recipe_cache(&a.recipe, a.cache.as_deref(), Some(&a.remote))?;
+    let plan = crate::build::plan(&recipe, &cache, &a.targets)?;
+    let mut items: Vec<(String, Kind)> = Vec::new();
+    for p in &plan {
+        match &recipe.nodes[&p.name] {
+            Node::Generate { .. } | Node::Xy { .. } => items.extend(
+                crate::build::images::outputs(&p.preimage)
+                    .into_iter()
+                    .map(|(_, k)| (k, Kind::Image)),
+            ),
+            Node::Save { .. } => {}
+            node if !node.in_memory() => items.push((p.key.clone(), Kind::Result)),
+            _ => {}
+        }
+    }
+    let verb = if push { "push" } else { "pull" };
+    let bar = crate::progress::count(items.len() as u64, verb, !a.json);
+    let (mut here, mut created) = (0usize, 0usize);
+    let mut failures = Vec::new();
+    for (key, kind) in &items {
+        let done = match push {
+            true => cache.push(key, *kind).map(|(stored, new)| {
+                created += usize::from(new);
+                stored
+            }),
+            false => cache.pull(key, *kind),
+        };
+        match done {
+            Ok(present) => here += usize::from(present),
+            Err(e) => failures.push(e.to_string()),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let summary = cache.remote().expect("sync has a remote").finish();
+    if a.json {
+        print_json(&serde_json::json!({
+            "items": items.len(),
+            "present": here,
+            "entries_created": created,
+            "failures": failures,
+            "remote": summary,
+        }))?;
+    } else {
+        for f in &failures {
+            eprintln!("failed: {f}");
+        }
+        match push {
+            true => println!(
+                "{here} of {} results and images are stored here; {created} new on the remote",
+                items.len()
+            ),
+            false => println!("{here} of {} results and images are here now", items.len()),
+        }
+        println!("{}", summary.line());
+    }
+    match failures.len() {
+        0 => Ok(()),
+        n => Err(Error::Failed(format!(
+            "{n} of {} failed to {verb}",
+            items.len()
+        ))),
+    }
+}
+
 fn build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>) -> Result<()> {
-    use crate::build::{Cache, Status};
+    let cache = recipe_cache(&a.recipe, a.cache.as_deref(), a.remote.as_deref())?;
+    let json = a.json;
+    let result = build_with(a, &cache, plan_only, report);
+    if let Some(remote) = cache.remote() {
+        let summary = remote.finish();
+        let moved = summary.uploaded_objects + summary.downloaded_objects + summary.discarded;
+        if !json && (moved > 0 || !summary.errors.is_empty()) {
+            eprintln!("{}", summary.line());
+        }
+    }
+    result
+}
+
+fn build_with(
+    mut a: BuildArgs,
+    cache: &crate::build::Cache,
+    plan_only: bool,
+    report: Option<&std::path::Path>,
+) -> Result<()> {
+    use crate::build::Status;
     let mut recipe =
         crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
     if a.tokenizer.is_some() {
         recipe.tokenizer = a.tokenizer.clone();
     }
-    let cache = Cache::new(
-        &a.cache
-            .clone()
-            .unwrap_or_else(|| Cache::default_for(&a.recipe)),
-    );
+    if let Some(shard) = a.shard {
+        a.targets = crate::build::shard::targets(&recipe, &a.targets, shard)?;
+        if !a.json {
+            eprintln!(
+                "shard {}/{}: {}",
+                shard.index,
+                shard.count,
+                match a.targets.is_empty() {
+                    true => "nothing to build".to_string(),
+                    false => a.targets.join(", "),
+                }
+            );
+        }
+        if a.targets.is_empty() {
+            return match a.json {
+                true => print_json(&Vec::<()>::new()),
+                false => Ok(()),
+            };
+        }
+    }
     if plan_only {
-        let plan = crate::build::plan(&recipe, &cache, &a.targets)?;
+        let plan = crate::build::plan(&recipe, cache, &a.targets)?;
         if a.json {
             return print_json(&plan);
         }
@@ -1223,11 +1406,11 @@ fn build(a: BuildArgs, plan_only: bool, report: Option<&std::path::Path>) -> Res
         keep_going: a.keep_going,
     };
     let started = std::time::Instant::now();
-    let reports = crate::build::build(&recipe, &cache, &a.targets, &opts)?;
+    let reports = crate::build::build(&recipe, cache, &a.targets, &opts)?;
     let lock = crate::build::lock::write(&recipe, &cache.memo())?;
     let id = cache.append_log(&a.recipe, &reports)?;
     let site = report
-        .map(|out| crate::report::write(&recipe, &cache, &reports, out))
+        .map(|out| crate::report::write(&recipe, cache, &reports, out))
         .transpose()?;
     let failures: Vec<&String> = reports.iter().filter_map(|r| r.error.as_ref()).collect();
     let failed = || -> Result<()> {

@@ -54,6 +54,14 @@ pub enum Error {
     /// A build step or a check failed (exit code 1).
     #[error("{0}")]
     Failed(String),
+    /// A remote cache failed (credentials never appear in the message).
+    #[error("remote {url}: {msg}")]
+    Remote {
+        /// The remote (without credentials).
+        url: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// Errors in a recipe file, each with its position.
     #[error("{0}")]
     Recipe(Box<crate::recipe::RecipeErrors>),

@@ -104,6 +104,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The blake3 (hex) and length of a file, hashed from a memory map on every thread.
+pub fn blake3_file(path: &Path) -> Result<(String, u64)> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path).map_err(|e| Error::io(path, e))?;
+    Ok((h.finalize().to_hex().to_string(), h.count()))
+}
+
 /// Hashes a file in one streaming pass: a reader thread fills buffers while the hashes
 /// consume the previous one, so memory stays at a few buffers whatever the file size.
 pub fn hash_file(path: &Path) -> Result<FileHashes> {

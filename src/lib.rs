@@ -32,6 +32,7 @@ pub mod merge;
 pub mod noise;
 pub mod progress;
 pub mod recipe;
+pub mod remote;
 pub mod report;
 pub mod synth;
 

@@ -29,3 +29,18 @@ pub fn bytes(total: u64, message: &str, enabled: bool) -> ProgressBar {
     bar.set_message(message.to_string());
     bar
 }
+
+/// A counting progress bar (items), drawn like [`bytes`]'s.
+pub fn count(total: u64, message: &str, enabled: bool) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = bars().add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

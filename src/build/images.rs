@@ -17,11 +17,30 @@ use crate::gen::pipeline::Models;
 use crate::gen::tokenizer::ClipTokenizer;
 use crate::hashing::Stamp;
 use crate::recipe::{Input, Node};
+use crate::remote::Kind;
 
 impl Cache {
     /// Where the image of a key lives.
     pub fn image_path(&self, key: &str) -> PathBuf {
         shard(&self.root, "images", key, "png")
+    }
+
+    /// Whether the image of a key is stored: here, or in the remote.
+    pub fn has_image(&self, key: &str) -> bool {
+        self.image_path(key).is_file() || self.in_remote(key, Kind::Image)
+    }
+
+    /// The file of a stored image: here, else downloaded from the remote (and verified).
+    pub fn image(&self, key: &str) -> Option<PathBuf> {
+        let path = self.image_path(key);
+        (path.is_file() || self.fetch(key, Kind::Image)).then_some(path)
+    }
+
+    /// Stores an image (temp file, fsync, rename) and queues it for the remote.
+    fn put_image(&self, key: &str, png: &[u8]) -> Result<()> {
+        write_file_atomic(&self.image_path(key), png, true)?;
+        self.publish(key, Kind::Image);
+        Ok(())
     }
 }
 
@@ -54,7 +73,7 @@ pub fn outputs(preimage: &Value) -> Vec<(String, String)> {
 pub(super) fn all_stored(cache: &Cache, preimage: &Value) -> bool {
     outputs(preimage)
         .iter()
-        .all(|(_, key)| cache.image_path(key).is_file())
+        .all(|(_, key)| cache.has_image(key))
 }
 
 /// Where a grid with failed cells is kept (the complete grid's key stays free, so the grid
@@ -103,7 +122,7 @@ impl Ctx<'_> {
         let images = image_keys(preimage);
         let missing: Vec<&(u64, String)> = images
             .iter()
-            .filter(|(_, key)| !cache.image_path(key).is_file())
+            .filter(|(_, key)| !cache.has_image(key))
             .collect();
         if !missing.is_empty() {
             let (models, label, autov2) = self.models_for(model)?;
@@ -111,6 +130,7 @@ impl Ctx<'_> {
             for (seed, key) in &missing {
                 let path = cache.image_path(key);
                 job.write_image(&models, &tok, *seed, key, (&label, &autov2), &path, true)?;
+                cache.publish(key, Kind::Image);
             }
         }
         self.copy_outputs(to.as_deref(), *overwrite, preimage)?;
@@ -138,7 +158,7 @@ impl Ctx<'_> {
         let grids = preimage["grids"].as_array().cloned().unwrap_or_default();
         for g in &grids {
             let key = g["key"].as_str().unwrap_or_default();
-            if cache.image_path(key).is_file() {
+            if cache.has_image(key) {
                 continue;
             }
             let labels = |k: &str| -> Vec<String> {
@@ -154,9 +174,9 @@ impl Ctx<'_> {
             // grid is stored only as incomplete, so the next build tries the cell again.
             let mut cells = labels("cells")
                 .iter()
-                .map(|k| match cache.image_path(k) {
-                    p if p.is_file() => crate::gen::grid::read_png(&p).map(Some),
-                    _ => Ok(None),
+                .map(|k| match cache.image(k) {
+                    Some(p) => crate::gen::grid::read_png(&p).map(Some),
+                    None => Ok(None),
                 })
                 .collect::<Result<Vec<_>>>()?;
             let complete = cells.iter().all(Option::is_some);
@@ -184,10 +204,17 @@ impl Ctx<'_> {
             let text = [("mergesmith", key)];
             let png = crate::gen::png::encode(img.as_raw(), img.width(), img.height(), &text)?;
             let stored = match complete {
-                true => key.to_string(),
-                false => incomplete_key(key),
+                true => {
+                    cache.put_image(key, &png)?;
+                    key.to_string()
+                }
+                false => {
+                    // Kept here only: another machine may hold the cells this one lacks.
+                    let stored = incomplete_key(key);
+                    write_file_atomic(&cache.image_path(&stored), &png, true)?;
+                    stored
+                }
             };
-            write_file_atomic(&cache.image_path(&stored), &png, true)?;
             made += 1;
             if !complete {
                 failed_cells += cells.iter().filter(|c| c.is_none()).count();
@@ -251,7 +278,11 @@ impl Ctx<'_> {
     /// Copies a stored image to `to`, refusing to replace a file this recipe did not write
     /// there unless `overwrite` (or it already holds these bytes).
     fn copy_out(&self, key: &str, to: &Path, overwrite: bool) -> Result<()> {
-        let from = self.store.cache.image_path(key);
+        let from = self
+            .store
+            .cache
+            .image(key)
+            .ok_or_else(|| Error::Invalid(format!("image {key} is no longer in the cache")))?;
         let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
         let mut state = self.state.lock().expect("state lock");
         if to.exists() && !overwrite {

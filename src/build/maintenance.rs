@@ -56,7 +56,7 @@ impl Cache {
             .filter_map(|f| {
                 let path = f.path();
                 let key = path.file_stem()?.to_str()?.to_string();
-                let m = self.manifest(&key)?;
+                let m = self.local_manifest(&key)?;
                 let packs = m
                     .packs()
                     .into_iter()
@@ -149,13 +149,111 @@ impl Cache {
     /// Removes everything this cache version stores (the hash memo is kept).
     pub fn clean(&self) -> Result<Stats> {
         let before = self.stats();
-        for sub in ["packs", "results", "nodes", "state", "locks"] {
+        for sub in ["packs", "results", "images", "nodes", "state", "locks"] {
             let p = self.root.join(sub);
             if p.exists() {
                 std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
             }
         }
         Ok(before)
+    }
+}
+
+/// What `cache verify` found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Verified {
+    /// Files checked: packs against the blake3 recorded when they were written, images
+    /// by decoding them (PNG checksums), manifests by parsing them.
+    pub checked: usize,
+    /// Bytes read to check them.
+    pub bytes: u64,
+    /// Packs written before digests were recorded (their headers were checked only).
+    pub unrecorded: usize,
+    /// Files that failed, removed (their results are rebuilt, or fetched again, when needed).
+    pub removed: Vec<PathBuf>,
+}
+
+impl Cache {
+    /// Checks every pack, image and manifest of the cache; removes the ones that fail.
+    pub fn verify(&self) -> Result<Verified> {
+        use rayon::prelude::*;
+        let mut files: Vec<PathBuf> = ["packs", "images", "results"]
+            .iter()
+            .flat_map(|d| files_in(&self.root.join(d)))
+            .map(|f| f.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                !name.starts_with('.') && !name.ends_with(".keys.json")
+            })
+            .collect();
+        files.sort();
+        // (path, bytes read, whether its digest was recorded, fault)
+        let checked: Vec<(PathBuf, u64, bool, Option<String>)> = files
+            .into_par_iter()
+            .map(|path| {
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or_default();
+                let (recorded, fault) = match ext {
+                    "safetensors" => check_pack(&path),
+                    "png" => (
+                        true,
+                        crate::gen::grid::read_png(&path)
+                            .err()
+                            .map(|e| e.to_string()),
+                    ),
+                    _ => (
+                        true,
+                        std::fs::read(&path)
+                            .ok()
+                            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                            .is_none()
+                            .then(|| "not valid JSON".to_string()),
+                    ),
+                };
+                (path, len, recorded, fault)
+            })
+            .collect();
+        let mut out = Verified::default();
+        for (path, len, recorded, fault) in checked {
+            out.checked += 1;
+            out.bytes += len;
+            out.unrecorded += usize::from(!recorded);
+            if let Some(why) = fault {
+                eprintln!("corrupt: {} ({why}); removed", path.display());
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                if path.extension().is_some_and(|e| e == "safetensors") {
+                    let _ = std::fs::remove_file(path.with_extension("keys.json"));
+                }
+                out.removed.push(path);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a pack against the digest in its key list: (whether one was recorded, fault).
+fn check_pack(path: &Path) -> (bool, Option<String>) {
+    let record = super::store::read_pack_keys(&path.with_extension("keys.json"));
+    match record.and_then(|r| Some((r.blake3?, r.size?))) {
+        Some((digest, size)) => match crate::hashing::blake3_file(path) {
+            Ok((d, n)) if d == digest && n == size => (true, None),
+            Ok((d, n)) => (
+                true,
+                Some(format!(
+                    "blake3 {d} ({n} bytes) where {digest} ({size} bytes) was recorded"
+                )),
+            ),
+            Err(e) => (true, Some(e.to_string())),
+        },
+        None => (
+            false,
+            crate::checkpoint::Checkpoint::open(path)
+                .err()
+                .map(|e| e.to_string()),
+        ),
     }
 }
 

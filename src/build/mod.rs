@@ -22,12 +22,13 @@ pub mod images;
 pub mod lock;
 pub mod log;
 pub mod maintenance;
+pub mod shard;
 pub mod store;
 pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
@@ -38,6 +39,7 @@ use crate::hashing::{FileHashes, HashMemo, Stamp};
 use crate::merge::metadata::{self, InputRecord};
 use crate::merge::{engine, Prepared, RunOptions};
 use crate::recipe::{Input, Link, Node, Recipe};
+use crate::remote::{Kind, LocalFile, Remote};
 use store::{shard, Entry, Manifest, Place, Store};
 
 /// Bumped whenever a change to the merge code changes results for the same inputs.
@@ -46,13 +48,125 @@ pub const ALGORITHM_VERSION: u32 = 1;
 /// The cache layout version: the name of the cache's top directory.
 pub const LAYOUT: &str = "v2";
 
-/// A content-addressed node cache.
+/// A content-addressed node cache, optionally backed by a remote one.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Cache {
+    /// This cache reading through to `remote` (a local miss that the remote holds is
+    /// downloaded when it is read) and writing back to it (in the background) what it stores.
+    pub fn with_remote(mut self, remote: Arc<Remote>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The remote behind this cache, if any.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// Whether the remote holds `key`.
+    fn in_remote(&self, key: &str, kind: Kind) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.contains(key, kind))
+    }
+
+    /// Asks the remote, several at a time, for the results and images of `order` that are
+    /// not here (so that planning a large sweep does not wait on one request per node).
+    fn look_up_remote(
+        &self,
+        recipe: &Recipe,
+        order: &[&str],
+        keys: &BTreeMap<String, (String, Value)>,
+    ) {
+        let Some(remote) = &self.remote else { return };
+        let mut wanted = Vec::new();
+        for n in order {
+            let (key, preimage) = &keys[*n];
+            match &recipe.nodes[*n] {
+                Node::Generate { .. } | Node::Xy { .. } => wanted.extend(
+                    images::outputs(preimage)
+                        .into_iter()
+                        .filter(|(_, k)| !self.image_path(k).is_file())
+                        .map(|(_, k)| (k, Kind::Image)),
+                ),
+                Node::Save { .. } => {}
+                node if !node.in_memory() && !self.has_local_result(key) => {
+                    wanted.push((key.clone(), Kind::Result))
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = remote.lookup(&wanted) {
+            eprintln!("warning: {e}");
+        }
+    }
+
+    /// Downloads `key` from the remote into this cache; whether it is here now. A failure
+    /// (a corrupt object among others) is reported and leaves it absent.
+    fn fetch(&self, key: &str, kind: Kind) -> bool {
+        let Some(remote) = &self.remote else {
+            return false;
+        };
+        match remote.fetch(&self.root, key, kind) {
+            Ok(found) => found,
+            Err(e) => {
+                eprintln!("warning: {e}");
+                false
+            }
+        }
+    }
+
+    /// Queues the upload of a stored result or image to the remote, if there is one.
+    fn publish(&self, key: &str, kind: Kind) {
+        let Some(remote) = &self.remote else { return };
+        let files = match kind {
+            Kind::Result => self.result_files(key),
+            Kind::Image => Some(vec![LocalFile {
+                path: store::relative("images", key, "png"),
+                recorded: None,
+            }]),
+        };
+        if let Some(files) = files {
+            remote.publish(&self.root, key, kind, files);
+        }
+    }
+
+    /// Uploads the stored `key` now (`mergesmith push`); whether it was stored here, and
+    /// whether this call created its remote entry.
+    pub fn push(&self, key: &str, kind: Kind) -> Result<(bool, bool)> {
+        let Some(remote) = &self.remote else {
+            return Ok((false, false));
+        };
+        let files = match kind {
+            Kind::Result if self.has_local_result(key) => self.result_files(key),
+            Kind::Image if self.image_path(key).is_file() => Some(vec![LocalFile {
+                path: store::relative("images", key, "png"),
+                recorded: None,
+            }]),
+            _ => None,
+        };
+        match files {
+            Some(files) => Ok((true, remote.upload(&self.root, key, kind, &files)?)),
+            None => Ok((false, false)),
+        }
+    }
+
+    /// Downloads `key` now (`mergesmith pull`) unless it is here; whether it is here now.
+    pub fn pull(&self, key: &str, kind: Kind) -> Result<bool> {
+        let here = match kind {
+            Kind::Result => self.has_local_result(key),
+            Kind::Image => self.image_path(key).is_file(),
+        };
+        match (&self.remote, here) {
+            (_, true) => Ok(true),
+            (None, false) => Ok(false),
+            (Some(remote), false) => remote.fetch(&self.root, key, kind),
+        }
+    }
+
     /// Takes the build lock of a node key (waits while another build holds it).
     pub fn lock(&self, key: &str) -> Result<std::fs::File> {
         let dir = self.root.join("locks");
@@ -67,6 +181,7 @@ impl Cache {
     pub fn new(dir: &Path) -> Self {
         Cache {
             root: dir.join(LAYOUT),
+            remote: None,
         }
     }
 
@@ -184,6 +299,7 @@ pub fn plan_checked(
         .filter(|n| needed.contains(*n))
         .collect();
     let memory = |n: &str| recipe.nodes[n].in_memory();
+    cache.look_up_remote(recipe, &order, &keys);
     // Generate and xy nodes whose images are all stored: they at most copy them out, and
     // need none of their inputs.
     let images_stored: BTreeSet<&str> = order
@@ -661,7 +777,34 @@ impl Default for BuildOptions {
 
 /// Builds the nodes needed for `targets` (all when empty): misses run (up to `jobs` at a
 /// time, each once its inputs are done), hits and skips do not. Reports come in plan order.
+///
+/// With a remote, a result planned as a remote hit may turn out corrupt when it is
+/// downloaded: it is discarded, and the build is planned and run again (what was built
+/// meanwhile is a hit then), so that the result is rebuilt instead of used.
 pub fn build(
+    recipe: &Recipe,
+    cache: &Cache,
+    targets: &[String],
+    opts: &BuildOptions,
+) -> Result<Vec<NodeReport>> {
+    let discarded = || cache.remote().map_or(0, |r| r.discarded());
+    let mut attempt = 0;
+    loop {
+        let before = discarded();
+        let result = build_once(recipe, cache, targets, opts);
+        let failed = match &result {
+            Ok(reports) => reports.iter().any(|r| r.error.is_some()),
+            Err(_) => true,
+        };
+        attempt += 1;
+        if !(failed && discarded() > before && attempt < 4) {
+            return result;
+        }
+        eprintln!("note: remote objects were discarded; planning again to rebuild them");
+    }
+}
+
+fn build_once(
     recipe: &Recipe,
     cache: &Cache,
     targets: &[String],

@@ -27,6 +27,7 @@ use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::hashing::{FileHashes, HashMemo, Hashers};
+use crate::remote::{Kind, LocalFile};
 
 /// One tensor of a node result.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -98,11 +99,42 @@ fn pack_name(keys: &BTreeSet<&str>, metadata: &BTreeMap<String, String>) -> Stri
     h.finalize().to_hex().to_string()
 }
 
-/// `root/dir/ab/name.ext`: objects sharded by the first two characters of their name.
+/// `dir/ab/name.ext`: objects sharded by the first two characters of their name.
+pub(super) fn relative(dir: &str, name: &str, ext: &str) -> String {
+    format!("{dir}/{}/{name}.{ext}", &name[..2.min(name.len())])
+}
+
+/// `root/dir/ab/name.ext` (see [`relative`]).
 pub(super) fn shard(root: &Path, dir: &str, name: &str, ext: &str) -> PathBuf {
-    root.join(dir)
-        .join(&name[..2.min(name.len())])
-        .join(format!("{name}.{ext}"))
+    root.join(relative(dir, name, ext))
+}
+
+/// What a pack's `<name>.keys.json` records: the tensor keys it holds and the blake3 and
+/// size of the pack (files written before digests were recorded hold just the key list).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct PackKeys {
+    pub keys: Vec<String>,
+    pub blake3: Option<String>,
+    pub size: Option<u64>,
+}
+
+/// Reads a pack's key file (either format).
+pub(super) fn read_pack_keys(path: &Path) -> Option<PackKeys> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Record(PackKeys),
+        List(Vec<String>),
+    }
+    let text = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&text).ok()? {
+        Either::Record(r) => Some(r),
+        Either::List(keys) => Some(PackKeys {
+            keys,
+            blake3: None,
+            size: None,
+        }),
+    }
 }
 
 impl Cache {
@@ -111,7 +143,7 @@ impl Cache {
         shard(&self.root, "packs", pack, "safetensors")
     }
 
-    fn pack_keys_path(&self, pack: &str) -> PathBuf {
+    pub(super) fn pack_keys_path(&self, pack: &str) -> PathBuf {
         shard(&self.root, "packs", pack, "keys.json")
     }
 
@@ -120,22 +152,62 @@ impl Cache {
         shard(&self.root, "results", key, "json")
     }
 
-    /// The manifest of a node key, if stored.
-    pub fn manifest(&self, key: &str) -> Option<Manifest> {
+    /// The manifest of a node key, if stored here.
+    pub(super) fn local_manifest(&self, key: &str) -> Option<Manifest> {
         let text = std::fs::read(self.manifest_path(key)).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
+    /// The manifest of a node key, if stored: here, else fetched (with its packs) from the
+    /// remote. A fetch that fails verification is reported, and the result counts as absent.
+    pub fn manifest(&self, key: &str) -> Option<Manifest> {
+        self.local_manifest(key).or_else(|| {
+            self.fetch(key, Kind::Result)
+                .then(|| self.local_manifest(key))?
+        })
+    }
+
     /// Whether a merge result is complete in the cache: its manifest and every pack it
     /// reads from (packs are written before manifests, and `gc` may remove packs).
-    pub fn has_result(&self, key: &str) -> bool {
-        self.manifest(key)
+    pub(super) fn has_local_result(&self, key: &str) -> bool {
+        self.local_manifest(key)
             .is_some_and(|m| m.packs().iter().all(|p| self.pack_path(p).exists()))
+    }
+
+    /// Whether a merge result is stored: complete here, or in the remote.
+    pub fn has_result(&self, key: &str) -> bool {
+        self.has_local_result(key) || self.in_remote(key, Kind::Result)
     }
 
     fn write_manifest(&self, key: &str, m: &Manifest) -> Result<()> {
         let text = serde_json::to_vec(m).map_err(|e| Error::Invalid(e.to_string()))?;
         writer::write_file_atomic(&self.manifest_path(key), &text, true)
+    }
+
+    /// The local files of a stored result, for the remote: its packs with their key lists
+    /// (and the digests recorded for them), then the manifest, which makes it visible.
+    pub(super) fn result_files(&self, key: &str) -> Option<Vec<LocalFile>> {
+        let m = self.local_manifest(key)?;
+        let mut files = Vec::new();
+        for p in m.packs() {
+            let keys = self.pack_keys_path(p);
+            let recorded = read_pack_keys(&keys).and_then(|k| k.blake3);
+            files.push(LocalFile {
+                path: relative("packs", p, "safetensors"),
+                recorded,
+            });
+            if keys.is_file() {
+                files.push(LocalFile {
+                    path: relative("packs", p, "keys.json"),
+                    recorded: None,
+                });
+            }
+        }
+        files.push(LocalFile {
+            path: relative("results", key, "json"),
+            recorded: None,
+        });
+        Some(files)
     }
 
     /// Tensor key -> pack, over every pack present in the cache.
@@ -161,10 +233,7 @@ impl Cache {
             if !self.pack_path(pack).exists() {
                 continue;
             }
-            let keys: Vec<String> = std::fs::read(&path)
-                .ok()
-                .and_then(|t| serde_json::from_slice(&t).ok())
-                .unwrap_or_default();
+            let keys = read_pack_keys(&path).map(|k| k.keys).unwrap_or_default();
             for k in keys {
                 index.insert(k, pack.to_string());
             }
@@ -348,18 +417,21 @@ impl<'a> Store<'a> {
             let key_list: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
             match place {
                 Place::Disk => {
-                    // Keys first: the index only trusts keys whose pack exists.
-                    let text =
-                        serde_json::to_vec(&key_list).map_err(|e| Error::Invalid(e.to_string()))?;
-                    writer::write_file_atomic(&self.cache.pack_keys_path(&pack), &text, true)?;
-                    let w = SafetensorsWriter::create(
-                        self.cache.pack_path(&pack),
-                        specs,
-                        metadata,
-                        true,
-                    )?;
+                    let path = self.cache.pack_path(&pack);
+                    let w = SafetensorsWriter::create(path.clone(), specs, metadata, true)?;
                     write(&w)?;
                     w.finish()?;
+                    // The key list, with the pack's digest, once the pack is complete: the
+                    // index only knows packs through their key lists.
+                    let (blake3, size) = crate::hashing::blake3_file(&path)?;
+                    let record = PackKeys {
+                        keys: key_list.clone(),
+                        blake3: Some(blake3),
+                        size: Some(size),
+                    };
+                    let text =
+                        serde_json::to_vec(&record).map_err(|e| Error::Invalid(e.to_string()))?;
+                    writer::write_file_atomic(&self.cache.pack_keys_path(&pack), &text, true)?;
                 }
                 Place::Memory => {
                     let label = PathBuf::from(format!("memory:{pack}"));
@@ -387,7 +459,11 @@ impl<'a> Store<'a> {
             }
         }
         match place {
-            Place::Disk => self.cache.write_manifest(key, &manifest),
+            Place::Disk => {
+                self.cache.write_manifest(key, &manifest)?;
+                self.cache.publish(key, Kind::Result);
+                Ok(())
+            }
             Place::Memory => {
                 self.memory
                     .results

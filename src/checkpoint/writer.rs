@@ -321,7 +321,7 @@ impl SafetensorsWriter {
 
 /// fsyncs `tmp`, renames it to `dest` (refusing to replace a file unless `overwrite`), and
 /// fsyncs the directory.
-fn persist(tmp: NamedTempFile, dest: &Path, overwrite: bool) -> Result<()> {
+pub(crate) fn persist(tmp: NamedTempFile, dest: &Path, overwrite: bool) -> Result<()> {
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io(tmp.path(), e))?;
@@ -462,7 +462,7 @@ fn dest_dir(dest: &Path) -> Result<&Path> {
 /// A temporary file in `dest`'s directory (created if missing; the same directory makes the
 /// final rename atomic), named
 /// `.<name>.<random>.partial`, with ordinary file permissions (0644 before umask).
-fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
+pub(crate) fn temp_beside(dest: &Path) -> Result<NamedTempFile> {
     let dir = dest_dir(dest)?;
     let file_name = dest
         .file_name()

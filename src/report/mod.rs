@@ -100,7 +100,10 @@ impl Images<'_> {
         let (full, thumb) = (format!("img/{key}.png"), format!("img/{key}.thumb.png"));
         let dest = self.dir.join(&full);
         if !dest.is_file() {
-            let src = self.cache.image_path(key);
+            let src = self
+                .cache
+                .image(key)
+                .ok_or_else(|| Error::Invalid(format!("image {key} is not in the cache")))?;
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
             write_file_atomic(&dest, &bytes, true)?;
             self.copied += 1;
@@ -291,7 +294,7 @@ fn sweep_page(
             .find(|g| Some(g.name.as_str()) == entry["grid"].as_str());
         let Some(grid) = grid else { continue };
         let batch = entry["batch"].as_u64().unwrap_or(0) as usize;
-        let stored = match imgs.cache.image_path(key).is_file() {
+        let stored = match imgs.cache.has_image(key) {
             true => key.to_string(),
             false => images::incomplete_key(key),
         };
@@ -305,7 +308,7 @@ fn sweep_page(
                     .get(cell.as_str())
                     .map(|p| images::image_keys(&p.plan.preimage))
                     .unwrap_or_default();
-                let made = |k: &String| imgs.cache.image_path(k).is_file();
+                let made = |k: &String| imgs.cache.has_image(k);
                 match keys.get(batch).filter(|(_, k)| made(k)) {
                     Some((_, k)) => {
                         let (src, thumb) = imgs.add(k)?;

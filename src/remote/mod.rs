@@ -1,0 +1,799 @@
+//! Remote caches: a shared copy of the local cache on S3-compatible storage or in a plain
+//! directory (an NFS share), through the `object_store` crate.
+//!
+//! Layout under the remote's URL (`s3://BUCKET/PREFIX`, `file:///DIR` or a plain path):
+//!
+//! - `v2/cas/ab/<blake3>`: content objects (packs, pack key lists, manifests, images), named by
+//!   the blake3 of their bytes, so a name always means the same bytes and racing writers
+//!   write the same thing;
+//! - `v2/ac/ab/<key>.json`: action entries, one per node result or image key: the local cache
+//!   files that make it up (path relative to the cache's `v2/`, blake3, size). An entry is put
+//!   after its content objects, with a create-only put: the first writer wins, and a reader
+//!   that sees an entry finds everything it names.
+//!
+//! Every object fetched is checked against its blake3 and size before it is moved into the
+//! local cache; a corrupt, truncated or missing one is deleted from the remote together with
+//! the entry naming it (so it is rebuilt, then uploaded again), never used.
+//!
+//! Credentials come from the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, web
+//! identity, container credentials...) or, when those are unset, the profile of
+//! `~/.aws/credentials` and `~/.aws/config` named by `AWS_PROFILE`. They are never taken from a
+//! URL or a recipe, and every message leaving this module has them blanked out.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+
+use crate::error::{Error, Result};
+
+/// The remote layout version (the top folder under the URL), as the local cache's.
+const LAYOUT: &str = crate::build::LAYOUT;
+
+/// Objects larger than this go up in parts of this size.
+const PART: usize = 16 << 20;
+
+/// Parts of one object in flight at a time.
+const PARTS_IN_FLIGHT: usize = 8;
+
+/// Objects transferred at a time within one entry, and entries looked up at a time.
+const CONCURRENCY: usize = 8;
+
+/// What an action entry stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A merge node's result: its packs, their key lists, its manifest.
+    Result,
+    /// One image (a generated picture or a grid).
+    Image,
+}
+
+/// One local cache file of an entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileRef {
+    /// Path relative to the cache's layout folder, e.g. `packs/ab/<name>.safetensors`.
+    pub path: String,
+    /// blake3 of its bytes (the name of its content object).
+    pub blake3: String,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// An action entry: what a key's result is made of.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    /// Entry format version.
+    pub format: u32,
+    /// The node or image key.
+    pub key: String,
+    /// What it stands for.
+    pub kind: Kind,
+    /// Its files, in the order they are installed (the one that makes it visible last).
+    pub files: Vec<FileRef>,
+}
+
+/// A local file to upload: its path relative to the cache's layout folder, and the blake3
+/// recorded for it when it was written, if one was.
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    /// Path relative to the cache's layout folder.
+    pub path: String,
+    /// The digest recorded when the file was written (checked before uploading).
+    pub recorded: Option<String>,
+}
+
+/// Transfer counters of one remote.
+#[derive(Debug, Default)]
+struct Counters {
+    up_objects: AtomicU64,
+    up_bytes: AtomicU64,
+    up_entries: AtomicU64,
+    up_micros: AtomicU64,
+    down_objects: AtomicU64,
+    down_bytes: AtomicU64,
+    down_micros: AtomicU64,
+    discarded: AtomicU64,
+}
+
+/// What a remote did in one run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// The remote (URL without credentials).
+    pub remote: String,
+    /// Content objects uploaded (those the remote already had are not counted).
+    pub uploaded_objects: u64,
+    /// Their bytes.
+    pub uploaded_bytes: u64,
+    /// Action entries created.
+    pub uploaded_entries: u64,
+    /// Seconds spent uploading (summed over upload jobs).
+    pub upload_seconds: f64,
+    /// Content objects downloaded (and verified).
+    pub downloaded_objects: u64,
+    /// Their bytes.
+    pub downloaded_bytes: u64,
+    /// Seconds spent downloading.
+    pub download_seconds: f64,
+    /// Entries discarded because an object failed verification or was missing.
+    pub discarded: u64,
+    /// Uploads that failed (the build itself is not affected).
+    pub errors: Vec<String>,
+}
+
+/// The background uploader: a queue and the thread draining it.
+struct Uploader {
+    queue: std::sync::mpsc::Sender<(PathBuf, String, Kind, Vec<LocalFile>)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A remote cache.
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+    /// `[PREFIX/]v2`.
+    root: String,
+    runtime: tokio::runtime::Runtime,
+    /// Values that must never be printed (credentials found in the environment or profile).
+    secrets: Vec<String>,
+    entries: Mutex<HashMap<String, Option<Entry>>>,
+    counters: Counters,
+    uploader: Mutex<Option<Uploader>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+/// How requests are retried (each part of a multipart upload on its own).
+fn retry() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: Duration::from_secs(180),
+    }
+}
+
+/// Settings from the AWS shared files (`~/.aws/credentials`, `~/.aws/config`, or the files
+/// `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE` name) for the profile `AWS_PROFILE`
+/// (default `default`), for what the environment leaves unset.
+fn profile_settings() -> Vec<(AmazonS3ConfigKey, String)> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let Some(home) = env("HOME").map(PathBuf::from) else {
+        return Vec::new();
+    };
+    let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".to_string());
+    let load = |var: &str, default: &str| {
+        let path = env(var).map(PathBuf::from).unwrap_or(home.join(default));
+        ini::Ini::load_from_file(path).ok()
+    };
+    let mut out = Vec::new();
+    if env("AWS_ACCESS_KEY_ID").is_none() {
+        if let Some(creds) = load("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
+            if let Some(s) = creds.section(Some(profile.as_str())) {
+                for (field, key) in [
+                    ("aws_access_key_id", AmazonS3ConfigKey::AccessKeyId),
+                    ("aws_secret_access_key", AmazonS3ConfigKey::SecretAccessKey),
+                    ("aws_session_token", AmazonS3ConfigKey::Token),
+                ] {
+                    if let Some(v) = s.get(field) {
+                        out.push((key, v.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(config) = load("AWS_CONFIG_FILE", ".aws/config") {
+        let section = match profile.as_str() {
+            "default" => "default".to_string(),
+            p => format!("profile {p}"),
+        };
+        if let Some(s) = config.section(Some(section.as_str())) {
+            if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+                if let Some(v) = s.get("region") {
+                    out.push((AmazonS3ConfigKey::Region, v.to_string()));
+                }
+            }
+            if env("AWS_ENDPOINT_URL").is_none() {
+                if let Some(v) = s.get("endpoint_url") {
+                    out.push((AmazonS3ConfigKey::Endpoint, v.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The credential values present in the environment (to blank out of messages).
+fn env_secrets() -> Vec<String> {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok())
+    .filter(|v| !v.is_empty())
+    .collect()
+}
+
+/// `ab/<name>`: objects sharded by the first two characters of their name.
+fn sharded(name: &str) -> String {
+    format!("{}/{name}", &name[..2.min(name.len())])
+}
+
+/// Whether `path` is a file an entry may name: `packs|results|images/<ab>/<name>` with a
+/// plain name (no way out of the cache folder).
+fn valid_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    let [dir, shard, name] = parts[..] else {
+        return false;
+    };
+    matches!(dir, "packs" | "results" | "images")
+        && shard.len() == 2
+        && name.starts_with(shard)
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Remote {
+    /// Opens the remote at `url`: `s3://BUCKET[/PREFIX]` (credentials, region and endpoint
+    /// from the AWS environment or profile), `file:///DIR`, or a directory path.
+    pub fn open(url: &str) -> Result<Arc<Remote>> {
+        let invalid = |msg: String| Error::Remote {
+            url: String::new(),
+            msg,
+        };
+        let (store, shown, prefix): (Arc<dyn ObjectStore>, String, String) = match url
+            .split_once("://")
+        {
+            Some((scheme, rest)) => {
+                let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if authority.contains('@') {
+                    return Err(invalid(
+                        "credentials in the remote URL are not accepted (and not shown): \
+                             use the AWS environment variables or a profile"
+                            .to_string(),
+                    ));
+                }
+                match scheme {
+                    "s3" | "s3a" => {
+                        if authority.is_empty() {
+                            return Err(invalid(format!("`{url}`: expected s3://BUCKET[/PREFIX]")));
+                        }
+                        let mut b = AmazonS3Builder::from_env()
+                            .with_bucket_name(authority)
+                            .with_retry(retry());
+                        for (k, v) in profile_settings() {
+                            b = b.with_config(k, v);
+                        }
+                        let s3 = b.build().map_err(|e| Error::Remote {
+                            url: format!("s3://{authority}"),
+                            msg: redact(&e.to_string(), &env_secrets()),
+                        })?;
+                        (
+                            Arc::new(s3),
+                            format!("s3://{authority}/{prefix}"),
+                            prefix.to_string(),
+                        )
+                    }
+                    "file" => Self::directory(Path::new(&format!("/{prefix}")))?,
+                    other => {
+                        return Err(invalid(format!(
+                            "unsupported remote `{other}://`: expected s3://BUCKET[/PREFIX], \
+                                 file:///DIR or a directory"
+                        )))
+                    }
+                }
+            }
+            None => Self::directory(Path::new(url))?,
+        };
+        let root = match prefix.trim_matches('/') {
+            "" => LAYOUT.to_string(),
+            p => format!("{p}/{LAYOUT}"),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("mergesmith-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(Path::new("tokio runtime"), e))?;
+        let mut secrets = env_secrets();
+        secrets.extend(
+            profile_settings()
+                .into_iter()
+                .filter(|(k, _)| {
+                    matches!(
+                        k,
+                        AmazonS3ConfigKey::AccessKeyId
+                            | AmazonS3ConfigKey::SecretAccessKey
+                            | AmazonS3ConfigKey::Token
+                    )
+                })
+                .map(|(_, v)| v),
+        );
+        Ok(Arc::new(Remote {
+            store,
+            url: shown,
+            root,
+            runtime,
+            secrets,
+            entries: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            uploader: Mutex::new(None),
+            errors: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// A directory remote (created if missing).
+    fn directory(dir: &Path) -> Result<(Arc<dyn ObjectStore>, String, String)> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| Error::Remote {
+            url: dir.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        Ok((Arc::new(fs), dir.display().to_string(), String::new()))
+    }
+
+    /// The remote's URL (never with credentials).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// An error about this remote, with credentials blanked out.
+    fn error(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Remote {
+            url: self.url.clone(),
+            msg: redact(&format!("{what}: {e}"), &self.secrets),
+        }
+    }
+
+    fn cas(&self, digest: &str) -> ObjectPath {
+        ObjectPath::from(format!("{}/cas/{}", self.root, sharded(digest)))
+    }
+
+    fn ac(&self, key: &str) -> ObjectPath {
+        ObjectPath::from(format!("{}/ac/{}.json", self.root, sharded(key)))
+    }
+
+    /// Reads an action entry from the remote (`None` when there is none or it is unusable).
+    async fn read_entry(&self, key: &str, kind: Kind) -> Result<Option<Entry>> {
+        let got = match self.store.get(&self.ac(key)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(&format!("reading the entry of {key}"), e)),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.error(&format!("reading the entry of {key}"), e))?;
+        let entry: Option<Entry> = serde_json::from_slice(&bytes).ok();
+        Ok(entry.filter(|e| {
+            e.format == 1
+                && e.key == key
+                && e.kind == kind
+                && !e.files.is_empty()
+                && e.files.iter().all(|f| {
+                    valid_path(&f.path)
+                        && f.blake3.len() == 64
+                        && f.blake3.chars().all(|c| c.is_ascii_hexdigit())
+                })
+        }))
+    }
+
+    /// Looks the entries of `keys` up (several at a time) and remembers them.
+    pub fn lookup(&self, keys: &[(String, Kind)]) -> Result<()> {
+        let todo: Vec<&(String, Kind)> = {
+            let known = self.entries.lock().expect("remote entries");
+            keys.iter()
+                .filter(|(k, _)| !known.contains_key(k))
+                .collect()
+        };
+        let found: Vec<(String, Option<Entry>)> = self.runtime.block_on(
+            futures::stream::iter(todo)
+                .map(|(key, kind)| async move {
+                    Ok::<_, Error>((key.clone(), self.read_entry(key, *kind).await?))
+                })
+                .buffer_unordered(CONCURRENCY * 4)
+                .try_collect(),
+        )?;
+        self.entries.lock().expect("remote entries").extend(found);
+        Ok(())
+    }
+
+    /// The entry of `key`, looked up once per run.
+    fn entry(&self, key: &str, kind: Kind) -> Result<Option<Entry>> {
+        if let Some(e) = self.entries.lock().expect("remote entries").get(key) {
+            return Ok(e.clone());
+        }
+        let e = self.runtime.block_on(self.read_entry(key, kind))?;
+        self.entries
+            .lock()
+            .expect("remote entries")
+            .insert(key.to_string(), e.clone());
+        Ok(e)
+    }
+
+    /// Whether the remote holds `key`'s result (failures to ask count as no).
+    pub fn contains(&self, key: &str, kind: Kind) -> bool {
+        match self.entry(key, kind) {
+            Ok(e) => e.is_some(),
+            Err(e) => {
+                self.warn(&e.to_string());
+                self.entries
+                    .lock()
+                    .expect("remote entries")
+                    .insert(key.to_string(), None);
+                false
+            }
+        }
+    }
+
+    fn warn(&self, msg: &str) {
+        let mut errors = self.errors.lock().expect("remote errors");
+        if !errors.iter().any(|e| e == msg) {
+            eprintln!("warning: {msg}");
+            errors.push(msg.to_string());
+        }
+    }
+
+    /// Entries discarded so far (objects that failed verification or were missing).
+    pub fn discarded(&self) -> u64 {
+        self.counters.discarded.load(Ordering::Relaxed)
+    }
+
+    /// Downloads `key`'s files into the cache folder `root` (those not there already), each
+    /// verified against its blake3 and size before it is moved into place. Returns whether
+    /// the remote had the key. A file failing verification discards the entry (see the
+    /// module docs) and is an error.
+    pub fn fetch(&self, root: &Path, key: &str, kind: Kind) -> Result<bool> {
+        let Some(entry) = self.entry(key, kind)? else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let (last, rest) = entry.files.split_last().expect("entries name files");
+        let fetched = self.runtime.block_on(async {
+            futures::stream::iter(rest)
+                .map(|f| self.download(root, f))
+                .buffer_unordered(CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+            self.download(root, last).await
+        });
+        self.counters
+            .down_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match fetched {
+            Ok(()) => Ok(true),
+            Err(Fault::Io(e)) => Err(e),
+            Err(Fault::Bad(file, why)) => {
+                self.runtime.block_on(async {
+                    let _ = self.store.delete(&self.cas(&file.blake3)).await;
+                    let _ = self.store.delete(&self.ac(key)).await;
+                });
+                self.entries
+                    .lock()
+                    .expect("remote entries")
+                    .insert(key.to_string(), None);
+                self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+                Err(self.error(
+                    &format!("{} of {key}", file.path),
+                    format!("{why}; discarded from the remote, to be rebuilt"),
+                ))
+            }
+        }
+    }
+
+    /// Downloads one file unless present, verifying it.
+    async fn download(&self, root: &Path, f: &FileRef) -> std::result::Result<(), Fault> {
+        let dest = root.join(&f.path);
+        if dest.is_file() {
+            return Ok(());
+        }
+        let got = match self.store.get(&self.cas(&f.blake3)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Fault::Bad(f.clone(), "its object is missing".to_string()))
+            }
+            Err(e) => return Err(Fault::Io(self.error(&format!("downloading {}", f.path), e))),
+        };
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Fault::Io(Error::io(dir, e)))?;
+        }
+        let mut tmp = crate::checkpoint::writer::temp_beside(&dest).map_err(Fault::Io)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| Fault::Io(self.error(&format!("downloading {}", f.path), e)))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            if size > f.size {
+                break;
+            }
+            std::io::Write::write_all(&mut tmp, &chunk)
+                .map_err(|e| Fault::Io(Error::io(&dest, e)))?;
+        }
+        if size != f.size {
+            return Err(Fault::Bad(
+                f.clone(),
+                format!("{size} bytes where {} were expected (truncated?)", f.size),
+            ));
+        }
+        let digest = hasher.finalize().to_hex().to_string();
+        if digest != f.blake3 {
+            return Err(Fault::Bad(
+                f.clone(),
+                format!("blake3 {digest} where {} was expected (corrupt)", f.blake3),
+            ));
+        }
+        crate::checkpoint::writer::persist(tmp, &dest, true).map_err(Fault::Io)?;
+        self.counters.down_objects.fetch_add(1, Ordering::Relaxed);
+        self.counters.down_bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Uploads `key`'s files from the cache folder `root` (content objects the remote lacks,
+    /// then the entry, create-only). Returns whether this call created the entry.
+    pub fn upload(&self, root: &Path, key: &str, kind: Kind, files: &[LocalFile]) -> Result<bool> {
+        let started = Instant::now();
+        let refs = self.runtime.block_on(
+            futures::stream::iter(files)
+                .map(|f| self.upload_file(root, f))
+                .buffer_unordered(CONCURRENCY)
+                .try_collect::<Vec<FileRef>>(),
+        )?;
+        // Back in the caller's order (buffer_unordered finishes in any order).
+        let mut files_in_order = Vec::with_capacity(refs.len());
+        for f in files {
+            if let Some(r) = refs.iter().find(|r| r.path == f.path) {
+                files_in_order.push(r.clone());
+            }
+        }
+        let entry = Entry {
+            format: 1,
+            key: key.to_string(),
+            kind,
+            files: files_in_order,
+        };
+        let body = serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let created = match self.runtime.block_on(self.store.put_opts(
+            &self.ac(key),
+            PutPayload::from(body),
+            opts,
+        )) {
+            Ok(_) => true,
+            Err(object_store::Error::AlreadyExists { .. }) => false,
+            Err(e) => return Err(self.error(&format!("writing the entry of {key}"), e)),
+        };
+        if created {
+            self.counters.up_entries.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters
+            .up_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.entries
+            .lock()
+            .expect("remote entries")
+            .insert(key.to_string(), Some(entry));
+        Ok(created)
+    }
+
+    /// Uploads one file as a content object unless the remote has it; checks it against the
+    /// digest recorded when it was written first (a file corrupted since is not uploaded).
+    async fn upload_file(&self, root: &Path, f: &LocalFile) -> Result<FileRef> {
+        let path = root.join(&f.path);
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: cache files are written once (temp file, rename) and never modified.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let digest = if map.len() > PART {
+            let mut h = blake3::Hasher::new();
+            h.update_rayon(&map);
+            h.finalize()
+        } else {
+            blake3::hash(&map)
+        }
+        .to_hex()
+        .to_string();
+        if f.recorded.as_ref().is_some_and(|r| *r != digest) {
+            return Err(Error::Failed(format!(
+                "{}: its blake3 is not the one recorded when it was written (corrupt); run \
+                 `mergesmith cache verify` to discard it",
+                path.display()
+            )));
+        }
+        let size = map.len() as u64;
+        let location = self.cas(&digest);
+        let what = || format!("uploading {}", f.path);
+        match self.store.head(&location).await {
+            Ok(meta) if meta.size == size => {
+                return Ok(FileRef {
+                    path: f.path.clone(),
+                    blake3: digest,
+                    size,
+                })
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.error(&what(), e)),
+        }
+        let bytes = Bytes::from_owner(map);
+        if bytes.len() <= PART {
+            self.store
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.error(&what(), e))?;
+        } else {
+            let upload = self
+                .store
+                .put_multipart(&location)
+                .await
+                .map_err(|e| self.error(&what(), e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            for start in (0..bytes.len()).step_by(PART) {
+                if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                    // Aborting may fail too (the part already failed after its retries).
+                    let _ = w.abort().await;
+                    return Err(self.error(&what(), e));
+                }
+                w.put(bytes.slice(start..(start + PART).min(bytes.len())));
+            }
+            w.finish().await.map_err(|e| self.error(&what(), e))?;
+        }
+        self.counters.up_objects.fetch_add(1, Ordering::Relaxed);
+        self.counters.up_bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(FileRef {
+            path: f.path.clone(),
+            blake3: digest,
+            size,
+        })
+    }
+
+    /// Queues an upload of `key`'s files (from the cache folder `root`) on the background
+    /// uploader, which runs while the build goes on; [`Remote::finish`] waits for it.
+    pub fn publish(self: &Arc<Self>, root: &Path, key: &str, kind: Kind, files: Vec<LocalFile>) {
+        let mut slot = self.uploader.lock().expect("uploader");
+        let uploader = slot.get_or_insert_with(|| {
+            let (queue, jobs) =
+                std::sync::mpsc::channel::<(PathBuf, String, Kind, Vec<LocalFile>)>();
+            let remote = Arc::clone(self);
+            let thread = std::thread::spawn(move || {
+                for (root, key, kind, files) in jobs {
+                    if let Err(e) = remote.upload(&root, &key, kind, &files) {
+                        remote.warn(&format!("not uploaded: {e}"));
+                    }
+                }
+            });
+            Uploader { queue, thread }
+        });
+        let _ = uploader
+            .queue
+            .send((root.to_path_buf(), key.to_string(), kind, files));
+    }
+
+    /// Waits for the queued uploads, then says what this run transferred.
+    pub fn finish(&self) -> Summary {
+        let uploader = self.uploader.lock().expect("uploader").take();
+        if let Some(Uploader { queue, thread }) = uploader {
+            drop(queue);
+            let _ = thread.join();
+        }
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Summary {
+            remote: self.url.clone(),
+            uploaded_objects: get(&c.up_objects),
+            uploaded_bytes: get(&c.up_bytes),
+            uploaded_entries: get(&c.up_entries),
+            upload_seconds: get(&c.up_micros) as f64 / 1e6,
+            downloaded_objects: get(&c.down_objects),
+            downloaded_bytes: get(&c.down_bytes),
+            download_seconds: get(&c.down_micros) as f64 / 1e6,
+            discarded: get(&c.discarded),
+            errors: self.errors.lock().expect("remote errors").clone(),
+        }
+    }
+}
+
+/// Why a download failed: the remote's object is bad (discard it), or something else.
+enum Fault {
+    Bad(FileRef, String),
+    Io(Error),
+}
+
+/// `text` with every secret replaced by `***`.
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|s| s.len() >= 4)
+        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+}
+
+impl Summary {
+    /// One line for people: what moved, how fast.
+    pub fn line(&self) -> String {
+        let rate = |bytes: u64, s: f64| match s > 0.0 {
+            true => format!(", {:.0} MB/s", bytes as f64 / 1e6 / s),
+            false => String::new(),
+        };
+        format!(
+            "remote {}: uploaded {} objects ({:.1} MB{}) and {} entries; downloaded {} objects \
+             ({:.1} MB{}){}",
+            self.remote,
+            self.uploaded_objects,
+            self.uploaded_bytes as f64 / 1e6,
+            rate(self.uploaded_bytes, self.upload_seconds),
+            self.uploaded_entries,
+            self.downloaded_objects,
+            self.downloaded_bytes as f64 / 1e6,
+            rate(self.downloaded_bytes, self.download_seconds),
+            match self.discarded {
+                0 => String::new(),
+                n => format!("; {n} corrupt or missing entries discarded"),
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_paths_stay_inside_the_cache() {
+        assert!(valid_path("packs/ab/abcdef.safetensors"));
+        assert!(valid_path("packs/wh/whole-0123.safetensors"));
+        assert!(valid_path("images/0f/0f12.png"));
+        assert!(!valid_path("packs/ab/../../etc/passwd"));
+        assert!(!valid_path("../ab/abc.png"));
+        assert!(!valid_path("state/ab/ab.json"));
+        assert!(!valid_path("images/ab/cd.png"));
+        assert!(!valid_path("images/ab/ab/c.png"));
+        assert!(!valid_path("/images/ab/ab.png"));
+    }
+
+    #[test]
+    fn secrets_are_blanked() {
+        let s = vec!["AKIAEXAMPLE".to_string(), "s3cr3t/key+value".to_string()];
+        assert_eq!(
+            redact("id AKIAEXAMPLE key s3cr3t/key+value.", &s),
+            "id *** key ***."
+        );
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_echoing_them() {
+        let e = Remote::open("s3://AKIAXYZ:topsecret@bucket/p").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("not accepted"), "{msg}");
+        assert!(
+            !msg.contains("topsecret") && !msg.contains("AKIAXYZ"),
+            "{msg}"
+        );
+    }
+}
