@@ -99,9 +99,7 @@ impl Cache {
                 _ => {}
             }
         }
-        if let Err(e) = remote.lookup(&wanted) {
-            eprintln!("warning: {e}");
-        }
+        remote.lookup(&wanted);
     }
 
     /// Downloads `key` from the remote into this cache; whether it is here now. A failure
@@ -119,48 +117,42 @@ impl Cache {
         }
     }
 
+    /// The local files of a stored result or image, in upload order; `None` when it is not
+    /// (completely) stored here.
+    fn local_files(&self, key: &str, kind: Kind) -> Option<Vec<LocalFile>> {
+        match kind {
+            Kind::Result => self.has_local_result(key).then(|| self.result_files(key))?,
+            Kind::Image => self.image_path(key).is_file().then(|| {
+                vec![LocalFile {
+                    path: store::relative("images", key, "png"),
+                    recorded: None,
+                }]
+            }),
+        }
+    }
+
     /// Queues the upload of a stored result or image to the remote, if there is one.
     fn publish(&self, key: &str, kind: Kind) {
-        let Some(remote) = &self.remote else { return };
-        let files = match kind {
-            Kind::Result => self.result_files(key),
-            Kind::Image => Some(vec![LocalFile {
-                path: store::relative("images", key, "png"),
-                recorded: None,
-            }]),
-        };
-        if let Some(files) = files {
+        if let (Some(remote), Some(files)) = (&self.remote, self.local_files(key, kind)) {
             remote.publish(&self.root, key, kind, files);
         }
     }
 
-    /// Uploads the stored `key` now (`mergesmith push`); whether it was stored here, and
-    /// whether this call created its remote entry.
+    /// Uploads the stored `key` now (`mergesmith push`) unless the remote has it; whether it
+    /// is stored here, and whether this call created its remote entry.
     pub fn push(&self, key: &str, kind: Kind) -> Result<(bool, bool)> {
-        let Some(remote) = &self.remote else {
-            return Ok((false, false));
-        };
-        let files = match kind {
-            Kind::Result if self.has_local_result(key) => self.result_files(key),
-            Kind::Image if self.image_path(key).is_file() => Some(vec![LocalFile {
-                path: store::relative("images", key, "png"),
-                recorded: None,
-            }]),
-            _ => None,
-        };
-        match files {
-            Some(files) => Ok((true, remote.upload(&self.root, key, kind, &files)?)),
-            None => Ok((false, false)),
+        let files = self.local_files(key, kind);
+        match (&self.remote, files) {
+            (Some(remote), Some(files)) if !remote.contains(key, kind) => {
+                Ok((true, remote.upload(&self.root, key, kind, &files)?))
+            }
+            (_, files) => Ok((files.is_some(), false)),
         }
     }
 
     /// Downloads `key` now (`mergesmith pull`) unless it is here; whether it is here now.
     pub fn pull(&self, key: &str, kind: Kind) -> Result<bool> {
-        let here = match kind {
-            Kind::Result => self.has_local_result(key),
-            Kind::Image => self.image_path(key).is_file(),
-        };
-        match (&self.remote, here) {
+        match (&self.remote, self.local_files(key, kind).is_some()) {
             (_, true) => Ok(true),
             (None, false) => Ok(false),
             (Some(remote), false) => remote.fetch(&self.root, key, kind),

@@ -152,6 +152,9 @@ pub struct Remote {
     counters: Counters,
     uploader: Mutex<Option<Uploader>>,
     errors: Mutex<Vec<String>>,
+    /// Set by the first failure to reach the remote (after object_store's retries): the rest
+    /// of the run works locally instead of failing request after request.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -343,16 +346,19 @@ impl Remote {
             counters: Counters::default(),
             uploader: Mutex::new(None),
             errors: Mutex::new(Vec::new()),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
     /// A directory remote (created if missing).
     fn directory(dir: &Path) -> Result<(Arc<dyn ObjectStore>, String, String)> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| Error::Remote {
-            url: dir.display().to_string(),
-            msg: e.to_string(),
-        })?;
+        let fs = LocalFileSystem::new_with_prefix(dir)
+            .map(|fs| fs.with_fsync(true))
+            .map_err(|e| Error::Remote {
+                url: dir.display().to_string(),
+                msg: e.to_string(),
+            })?;
         Ok((Arc::new(fs), dir.display().to_string(), String::new()))
     }
 
@@ -402,51 +408,68 @@ impl Remote {
         }))
     }
 
-    /// Looks the entries of `keys` up (several at a time) and remembers them.
-    pub fn lookup(&self, keys: &[(String, Kind)]) -> Result<()> {
+    /// Looks the entries of `keys` up (several at a time) and remembers them. A remote that
+    /// cannot be reached is reported once and treated as empty for the rest of the run.
+    pub fn lookup(&self, keys: &[(String, Kind)]) {
+        if self.is_unreachable() {
+            return;
+        }
         let todo: Vec<&(String, Kind)> = {
             let known = self.entries.lock().expect("remote entries");
             keys.iter()
                 .filter(|(k, _)| !known.contains_key(k))
                 .collect()
         };
-        let found: Vec<(String, Option<Entry>)> = self.runtime.block_on(
+        let found: Result<Vec<(String, Option<Entry>)>> = self.runtime.block_on(
             futures::stream::iter(todo)
                 .map(|(key, kind)| async move {
                     Ok::<_, Error>((key.clone(), self.read_entry(key, *kind).await?))
                 })
                 .buffer_unordered(CONCURRENCY * 4)
                 .try_collect(),
-        )?;
-        self.entries.lock().expect("remote entries").extend(found);
-        Ok(())
-    }
-
-    /// The entry of `key`, looked up once per run.
-    fn entry(&self, key: &str, kind: Kind) -> Result<Option<Entry>> {
-        if let Some(e) = self.entries.lock().expect("remote entries").get(key) {
-            return Ok(e.clone());
+        );
+        match found {
+            Ok(found) => self.entries.lock().expect("remote entries").extend(found),
+            Err(e) => self.give_up(&e),
         }
-        let e = self.runtime.block_on(self.read_entry(key, kind))?;
-        self.entries
-            .lock()
-            .expect("remote entries")
-            .insert(key.to_string(), e.clone());
-        Ok(e)
     }
 
-    /// Whether the remote holds `key`'s result (failures to ask count as no).
-    pub fn contains(&self, key: &str, kind: Kind) -> bool {
-        match self.entry(key, kind) {
-            Ok(e) => e.is_some(),
-            Err(e) => {
-                self.warn(&e.to_string());
+    /// The entry of `key`, looked up once per run (`None` once the remote is unreachable).
+    fn entry(&self, key: &str, kind: Kind) -> Option<Entry> {
+        if let Some(e) = self.entries.lock().expect("remote entries").get(key) {
+            return e.clone();
+        }
+        if self.is_unreachable() {
+            return None;
+        }
+        match self.runtime.block_on(self.read_entry(key, kind)) {
+            Ok(e) => {
                 self.entries
                     .lock()
                     .expect("remote entries")
-                    .insert(key.to_string(), None);
-                false
+                    .insert(key.to_string(), e.clone());
+                e
             }
+            Err(e) => {
+                self.give_up(&e);
+                None
+            }
+        }
+    }
+
+    /// Whether the remote holds `key`'s result.
+    pub fn contains(&self, key: &str, kind: Kind) -> bool {
+        self.entry(key, kind).is_some()
+    }
+
+    fn is_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Reports a failure to reach the remote (once) and stops using it for this run.
+    fn give_up(&self, e: &Error) {
+        if !self.unreachable.swap(true, Ordering::Relaxed) {
+            self.warn(&format!("{e}; going on without the remote"));
         }
     }
 
@@ -468,7 +491,7 @@ impl Remote {
     /// the remote had the key. A file failing verification discards the entry (see the
     /// module docs) and is an error.
     pub fn fetch(&self, root: &Path, key: &str, kind: Kind) -> Result<bool> {
-        let Some(entry) = self.entry(key, kind)? else {
+        let Some(entry) = self.entry(key, kind) else {
             return Ok(false);
         };
         let started = Instant::now();
@@ -684,8 +707,14 @@ impl Remote {
             let remote = Arc::clone(self);
             let thread = std::thread::spawn(move || {
                 for (root, key, kind, files) in jobs {
-                    if let Err(e) = remote.upload(&root, &key, kind, &files) {
-                        remote.warn(&format!("not uploaded: {e}"));
+                    if remote.is_unreachable() {
+                        continue;
+                    }
+                    match remote.upload(&root, &key, kind, &files) {
+                        // The remote failed (after retries): stop trying for this run.
+                        Err(e @ Error::Remote { .. }) => remote.give_up(&e),
+                        Err(e) => remote.warn(&format!("not uploaded: {e}")),
+                        Ok(_) => {}
                     }
                 }
             });
