@@ -1265,25 +1265,15 @@ fn recipe_cache(
 
 /// `push` / `pull`: every result and image the recipe's plan names.
 fn sync(a: SyncArgs, push: bool) -> Result<()> {
-    use crate::recipe::Node;
     use crate::remote::Kind;
     let recipe =
         crate::recipe::load_with(&a.recipe, &a.set).map_err(|e| Error::Recipe(Box::new(e)))?;
     let cache = recipe_cache(&a.recipe, a.cache.as_deref(), Some(&a.remote))?;
     let plan = crate::build::plan(&recipe, &cache, &a.targets)?;
-    let mut items: Vec<(String, Kind)> = Vec::new();
-    for p in &plan {
-        match &recipe.nodes[&p.name] {
-            Node::Generate { .. } | Node::Xy { .. } => items.extend(
-                crate::build::images::outputs(&p.preimage)
-                    .into_iter()
-                    .map(|(_, k)| (k, Kind::Image)),
-            ),
-            Node::Save { .. } => {}
-            node if !node.in_memory() => items.push((p.key.clone(), Kind::Result)),
-            _ => {}
-        }
-    }
+    let items: Vec<(String, Kind)> = plan
+        .iter()
+        .flat_map(|p| crate::build::stored_objects(&recipe.nodes[&p.name], &p.key, &p.preimage))
+        .collect();
     let verb = if push { "push" } else { "pull" };
     let bar = crate::progress::count(items.len() as u64, verb, !a.json);
     let (mut here, mut created) = (0usize, 0usize);

@@ -82,23 +82,11 @@ impl Cache {
         keys: &BTreeMap<String, (String, Value)>,
     ) {
         let Some(remote) = &self.remote else { return };
-        let mut wanted = Vec::new();
-        for n in order {
-            let (key, preimage) = &keys[*n];
-            match &recipe.nodes[*n] {
-                Node::Generate { .. } | Node::Xy { .. } => wanted.extend(
-                    images::outputs(preimage)
-                        .into_iter()
-                        .filter(|(_, k)| !self.image_path(k).is_file())
-                        .map(|(_, k)| (k, Kind::Image)),
-                ),
-                Node::Save { .. } => {}
-                node if !node.in_memory() && !self.has_local_result(key) => {
-                    wanted.push((key.clone(), Kind::Result))
-                }
-                _ => {}
-            }
-        }
+        let wanted: Vec<(String, Kind)> = order
+            .iter()
+            .flat_map(|n| stored_objects(&recipe.nodes[*n], &keys[*n].0, &keys[*n].1))
+            .filter(|(key, kind)| !self.is_local(key, *kind))
+            .collect();
         remote.lookup(&wanted);
     }
 
@@ -117,17 +105,26 @@ impl Cache {
         }
     }
 
+    /// Whether a result or image is (completely) stored here.
+    fn is_local(&self, key: &str, kind: Kind) -> bool {
+        match kind {
+            Kind::Result => self.has_local_result(key),
+            Kind::Image => self.image_path(key).is_file(),
+        }
+    }
+
     /// The local files of a stored result or image, in upload order; `None` when it is not
     /// (completely) stored here.
     fn local_files(&self, key: &str, kind: Kind) -> Option<Vec<LocalFile>> {
+        if !self.is_local(key, kind) {
+            return None;
+        }
         match kind {
-            Kind::Result => self.has_local_result(key).then(|| self.result_files(key))?,
-            Kind::Image => self.image_path(key).is_file().then(|| {
-                vec![LocalFile {
-                    path: store::relative("images", key, "png"),
-                    recorded: None,
-                }]
-            }),
+            Kind::Result => self.result_files(key),
+            Kind::Image => Some(vec![LocalFile {
+                path: store::relative("images", key, "png"),
+                recorded: None,
+            }]),
         }
     }
 
@@ -152,7 +149,7 @@ impl Cache {
 
     /// Downloads `key` now (`mergesmith pull`) unless it is here; whether it is here now.
     pub fn pull(&self, key: &str, kind: Kind) -> Result<bool> {
-        match (&self.remote, self.local_files(key, kind).is_some()) {
+        match (&self.remote, self.is_local(key, kind)) {
             (_, true) => Ok(true),
             (None, false) => Ok(false),
             (Some(remote), false) => remote.fetch(&self.root, key, kind),
@@ -309,15 +306,7 @@ pub fn plan_checked(
     };
     let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
     let mut demanded: BTreeSet<&str> = if targets.is_empty() {
-        let used: BTreeSet<&str> = order
-            .iter()
-            .flat_map(|n| recipe.nodes[*n].node_inputs())
-            .collect();
-        order
-            .iter()
-            .copied()
-            .filter(|n| !memory(n) && !used.contains(n))
-            .collect()
+        default_targets(recipe).into_iter().collect()
     } else {
         targets.iter().map(String::as_str).collect()
     };
@@ -509,7 +498,39 @@ fn output_current(state: &State, to: &Path, key: &str) -> bool {
 }
 
 /// The nodes needed for `targets` (every node when empty), or an error for an unknown target.
-fn needed(recipe: &Recipe, targets: &[String]) -> Result<BTreeSet<String>> {
+/// The nodes a build without targets builds: every node no other node reads, save
+/// `cache: memory` merges (in recipe order).
+pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
+    let used: BTreeSet<&str> = recipe
+        .nodes
+        .values()
+        .flat_map(|n| n.node_inputs())
+        .collect();
+    recipe
+        .order
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !recipe.nodes[*n].in_memory() && !used.contains(n))
+        .collect()
+}
+
+/// The cache objects a node's result is made of: its merge result (unless kept in memory),
+/// or the images a generate or xy node outputs; none for a save.
+pub(crate) fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
+    match node {
+        Node::Generate { .. } | Node::Xy { .. } => images::outputs(preimage)
+            .into_iter()
+            .map(|(_, k)| (k, Kind::Image))
+            .collect(),
+        Node::Save { .. } => Vec::new(),
+        node if node.in_memory() => Vec::new(),
+        _ => vec![(key.to_string(), Kind::Result)],
+    }
+}
+
+/// `targets` and every node they read, directly or not (every node when `targets` is empty);
+/// an unknown target is an error (with the nearest name).
+pub(crate) fn needed(recipe: &Recipe, targets: &[String]) -> Result<BTreeSet<String>> {
     if targets.is_empty() {
         return Ok(recipe.nodes.keys().cloned().collect());
     }

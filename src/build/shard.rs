@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::recipe::{Node, Recipe};
 
 /// One slice of N: `index` in `0..count`.
@@ -70,25 +70,10 @@ fn node_cost(node: &Node) -> f64 {
 /// The targets of shard `shard` among `targets` (every node nothing else reads when empty):
 /// the units assigned to it, in recipe order.
 pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<String>> {
-    for t in targets {
-        if !recipe.nodes.contains_key(t) {
-            return Err(Error::Invalid(format!("no node named `{t}` in the recipe")));
-        }
-    }
-    let demanded: Vec<&str> = if targets.is_empty() {
-        let used: BTreeSet<&str> = recipe
-            .nodes
-            .values()
-            .flat_map(|n| n.node_inputs())
-            .collect();
-        recipe
-            .order
-            .iter()
-            .map(String::as_str)
-            .filter(|n| !used.contains(n) && !recipe.nodes[*n].in_memory())
-            .collect()
-    } else {
-        targets.iter().map(String::as_str).collect()
+    super::needed(recipe, targets)?; // unknown targets are errors
+    let demanded: Vec<&str> = match targets.is_empty() {
+        true => super::default_targets(recipe),
+        false => targets.iter().map(String::as_str).collect(),
     };
     let mut units: Vec<&str> = Vec::new();
     for t in demanded {
@@ -101,10 +86,13 @@ pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<
     let mut seen = BTreeSet::new();
     units.retain(|u| seen.insert(*u));
     // What each unit needs, and how many units need each node.
-    let needs: Vec<BTreeSet<&str>> = units.iter().map(|u| closure(recipe, u)).collect();
+    let needs = units
+        .iter()
+        .map(|u| super::needed(recipe, &[u.to_string()]))
+        .collect::<Result<Vec<BTreeSet<String>>>>()?;
     let mut sharing: BTreeMap<&str, usize> = BTreeMap::new();
     for n in needs.iter().flatten() {
-        *sharing.entry(n).or_default() += 1;
+        *sharing.entry(n.as_str()).or_default() += 1;
     }
     let mut costed: Vec<(f64, usize)> = needs
         .iter()
@@ -112,7 +100,7 @@ pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<
         .map(|(i, need)| {
             let cost = need
                 .iter()
-                .map(|n| node_cost(&recipe.nodes[*n]) / sharing[n] as f64)
+                .map(|n| node_cost(&recipe.nodes[n]) / sharing[n.as_str()] as f64)
                 .sum();
             (cost, i)
         })
@@ -138,18 +126,6 @@ pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<
     let mut out: Vec<&str> = mine.into_iter().map(|i| units[i]).collect();
     out.sort_by_key(|n| order.get(n).copied().unwrap_or(usize::MAX));
     Ok(out.into_iter().map(String::from).collect())
-}
-
-/// `unit` and every node it reads, directly or not.
-fn closure<'r>(recipe: &'r Recipe, unit: &'r str) -> BTreeSet<&'r str> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![unit];
-    while let Some(n) = stack.pop() {
-        if out.insert(n) {
-            stack.extend(recipe.nodes[n].node_inputs());
-        }
-    }
-    out
 }
 
 #[cfg(test)]

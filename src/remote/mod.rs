@@ -268,6 +268,9 @@ impl Remote {
             url: String::new(),
             msg,
         };
+        // Credential values, to blank out of messages: the environment's, and the profile's
+        // when one is read.
+        let mut secrets = env_secrets();
         let (store, shown, prefix): (Arc<dyn ObjectStore>, String, String) = match url
             .split_once("://")
         {
@@ -289,11 +292,19 @@ impl Remote {
                             .with_bucket_name(authority)
                             .with_retry(retry());
                         for (k, v) in profile_settings() {
+                            if matches!(
+                                k,
+                                AmazonS3ConfigKey::AccessKeyId
+                                    | AmazonS3ConfigKey::SecretAccessKey
+                                    | AmazonS3ConfigKey::Token
+                            ) {
+                                secrets.push(v.clone());
+                            }
                             b = b.with_config(k, v);
                         }
                         let s3 = b.build().map_err(|e| Error::Remote {
                             url: format!("s3://{authority}"),
-                            msg: redact(&e.to_string(), &env_secrets()),
+                            msg: redact(&e.to_string(), &secrets),
                         })?;
                         (
                             Arc::new(s3),
@@ -322,20 +333,6 @@ impl Remote {
             .enable_all()
             .build()
             .map_err(|e| Error::io(Path::new("tokio runtime"), e))?;
-        let mut secrets = env_secrets();
-        secrets.extend(
-            profile_settings()
-                .into_iter()
-                .filter(|(k, _)| {
-                    matches!(
-                        k,
-                        AmazonS3ConfigKey::AccessKeyId
-                            | AmazonS3ConfigKey::SecretAccessKey
-                            | AmazonS3ConfigKey::Token
-                    )
-                })
-                .map(|(_, v)| v),
-        );
         Ok(Arc::new(Remote {
             store,
             url: shown,
@@ -582,24 +579,18 @@ impl Remote {
     /// then the entry, create-only). Returns whether this call created the entry.
     pub fn upload(&self, root: &Path, key: &str, kind: Kind, files: &[LocalFile]) -> Result<bool> {
         let started = Instant::now();
+        // `buffered` runs several at a time and yields them in the caller's order.
         let refs = self.runtime.block_on(
             futures::stream::iter(files)
                 .map(|f| self.upload_file(root, f))
-                .buffer_unordered(CONCURRENCY)
+                .buffered(CONCURRENCY)
                 .try_collect::<Vec<FileRef>>(),
         )?;
-        // Back in the caller's order (buffer_unordered finishes in any order).
-        let mut files_in_order = Vec::with_capacity(refs.len());
-        for f in files {
-            if let Some(r) = refs.iter().find(|r| r.path == f.path) {
-                files_in_order.push(r.clone());
-            }
-        }
         let entry = Entry {
             format: 1,
             key: key.to_string(),
             kind,
-            files: files_in_order,
+            files: refs,
         };
         let body = serde_json::to_vec_pretty(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
         let opts = PutOptions {
