@@ -9,7 +9,7 @@
 //! mergesmith build recipe.yaml --remote s3://mergesmith/team
 //! ```
 
-#[path = "../tests/common/s3.rs"]
+#[path = "../tests/it/common/s3.rs"]
 mod s3;
 
 fn main() {

@@ -173,7 +173,6 @@ impl FromStr for DType {
     PartialEq,
     Eq,
     Hash,
-    clap::ValueEnum,
     serde::Serialize,
     serde::Deserialize,
     schemars::JsonSchema,
@@ -186,6 +185,14 @@ pub enum FloatType {
     Bf16,
     /// IEEE single precision.
     Fp32,
+}
+
+impl crate::text::Named for FloatType {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("fp16", FloatType::Fp16),
+        ("bf16", FloatType::Bf16),
+        ("fp32", FloatType::Fp32),
+    ];
 }
 
 impl FloatType {

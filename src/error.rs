@@ -62,9 +62,16 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
-    /// Errors in a recipe file, each with its position.
+    /// Errors in an input file (a recipe), each with its position.
     #[error("{0}")]
-    Recipe(Box<crate::recipe::RecipeErrors>),
+    Recipe(Box<dyn Located>),
+}
+
+/// Errors found at positions of an input file, which can show themselves with the lines
+/// they point at (recipe errors are).
+pub trait Located: std::fmt::Display + std::fmt::Debug + Send + Sync {
+    /// Every error with its file:line:column, the lines around it and what was expected.
+    fn render(&self) -> String;
 }
 
 impl Error {

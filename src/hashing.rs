@@ -203,7 +203,8 @@ struct MemoEntry {
     hashes: FileHashes,
 }
 
-/// A memo of file hashes stored under `<cache>/v2/file-hashes/`.
+/// A memo of file hashes, one small JSON file per file stamp in a directory (the cache's:
+/// [`crate::store::memo`]).
 #[derive(Debug, Clone)]
 pub struct HashMemo {
     dir: PathBuf,
@@ -220,10 +221,10 @@ pub enum HashSource {
 }
 
 impl HashMemo {
-    /// A memo under the cache directory `cache`.
-    pub fn new(cache: &Path) -> Self {
+    /// A memo kept in the directory `dir`.
+    pub fn at(dir: &Path) -> Self {
         HashMemo {
-            dir: cache.join(crate::build::LAYOUT).join("file-hashes"),
+            dir: dir.to_path_buf(),
         }
     }
 
@@ -271,28 +272,6 @@ impl HashMemo {
         }
         Ok((hashes, HashSource::Computed))
     }
-}
-
-/// `$MERGESMITH_CACHE`, when set and not empty.
-pub fn env_cache_dir() -> Option<PathBuf> {
-    std::env::var_os("MERGESMITH_CACHE")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-}
-
-/// The cache directory: `--cache`, else `$MERGESMITH_CACHE`, else the user cache directory
-/// (`$XDG_CACHE_HOME/mergesmith` or `~/.cache/mergesmith`), else `./cache`.
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = env_cache_dir() {
-        return d;
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("mergesmith");
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(h).join(".cache").join("mergesmith");
-    }
-    PathBuf::from("cache")
 }
 
 #[cfg(test)]

@@ -1,25 +1,24 @@
 //! mergesmith: Stable Diffusion model merging as a reproducible, incremental build.
 //!
-//! The library is organized in layers; the `mergesmith` binary is a thin shell over it
-//! (see `docs/architecture.md`):
-//! - [`checkpoint`]: memory-mapped safetensors / PyTorch checkpoint reading and a streaming,
-//!   crash-safe safetensors writer;
-//! - [`arch`]: architecture detection, key classification into components and MBW blocks,
-//!   reference layouts;
-//! - [`convert`]: float storage conversions with correct rounding;
-//! - [`merge`]: the merge engine (modes, block weights, planning, streaming execution);
-//! - [`lora`]: LoRA files, baking, extraction and merging;
-//! - [`gen`]: generation (in progress: SD1 text to image, PNG output);
-//! - [`synth`]: synthetic checkpoints with the real layouts, for tests and benchmarks;
-//! - [`hashing`]: blake3 / SHA-256 / AUTOMATIC1111 hashes with a memo;
-//! - [`inspect`]: the `inspect` report.
+//! The library is organized in layers, each importing only its own layer and those below
+//! (`docs/architecture.md`; a test checks it); the `mergesmith` binary (`src/cli/`, clap) is
+//! a thin shell over it:
+//! - vocabulary: [`dtype`], [`error`], [`progress`], [`noise`], [`text`];
+//! - checkpoint I/O: [`checkpoint`] (memory-mapped reading, a streaming crash-safe writer),
+//!   [`convert`] (float storage conversions), [`hashing`] (blake3 / SHA-256 / A1111 hashes),
+//!   [`device`];
+//! - [`arch`]: architecture detection, key classification into components and blocks;
+//! - engines: [`merge`], [`lora`], [`gen`], [`synth`], [`inspect`];
+//! - [`recipe`]: YAML recipes, validated, with sweeps;
+//! - [`store`]: the content-addressed cache (every cache path), packs, remote caches;
+//! - [`build`]: node keys, planning and incremental execution;
+//! - [`report`]: static HTML reports.
 
 #![warn(missing_docs)]
 
 pub mod arch;
 pub mod build;
 pub mod checkpoint;
-pub mod cli;
 pub mod convert;
 pub mod device;
 pub mod dtype;
@@ -32,8 +31,9 @@ pub mod merge;
 pub mod noise;
 pub mod progress;
 pub mod recipe;
-pub mod remote;
 pub mod report;
+pub mod store;
 pub mod synth;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -1,5 +1,7 @@
 //! The `mergesmith` command-line tool; see `mergesmith --help`.
 
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    mergesmith::cli::main()
+    cli::main()
 }

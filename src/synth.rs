@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 const NOISE_CHUNK: usize = 1 << 20;
 
 /// Model size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Size {
     /// Every key, dimensions divided by 32 (a few MB): for tests.
@@ -36,6 +36,14 @@ pub enum Size {
     Small,
     /// The real shapes (SD1 fp16 about 2 GB, SDXL fp16 about 6.9 GB): for benchmarks.
     Full,
+}
+
+impl crate::text::Named for Size {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("tiny", Size::Tiny),
+        ("small", Size::Small),
+        ("full", Size::Full),
+    ];
 }
 
 /// A LoRA-like perturbation of an existing model.

@@ -10,7 +10,7 @@ use std::fmt;
 use crate::checkpoint::TensorInfo;
 
 /// Model family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
     /// Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-dim context).
@@ -23,6 +23,16 @@ pub enum Family {
     SdxlRefiner,
     /// Not recognized; still mergeable key by key.
     Unknown,
+}
+
+impl crate::text::Named for Family {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("sd1", Family::Sd1),
+        ("sd2", Family::Sd2),
+        ("sdxl", Family::Sdxl),
+        ("sdxl-refiner", Family::SdxlRefiner),
+        ("unknown", Family::Unknown),
+    ];
 }
 
 impl Family {

@@ -10,39 +10,15 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use super::{output_current, shard, Cache, Ctx, State, Written};
+use super::{output_current, Ctx, State, Written};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
 use crate::gen::pipeline::Models;
 use crate::gen::tokenizer::ClipTokenizer;
 use crate::hashing::Stamp;
 use crate::recipe::{Input, Node};
-use crate::remote::Kind;
-
-impl Cache {
-    /// Where the image of a key lives.
-    pub fn image_path(&self, key: &str) -> PathBuf {
-        shard(&self.root, "images", key, "png")
-    }
-
-    /// Whether the image of a key is stored: here, or in the remote.
-    pub fn has_image(&self, key: &str) -> bool {
-        self.image_path(key).is_file() || self.in_remote(key, Kind::Image)
-    }
-
-    /// The file of a stored image: here, else downloaded from the remote (and verified).
-    pub fn image(&self, key: &str) -> Option<PathBuf> {
-        let path = self.image_path(key);
-        (path.is_file() || self.fetch(key, Kind::Image)).then_some(path)
-    }
-
-    /// Stores an image (temp file, fsync, rename) and queues it for the remote.
-    fn put_image(&self, key: &str, png: &[u8]) -> Result<()> {
-        write_file_atomic(&self.image_path(key), png, true)?;
-        self.publish(key, Kind::Image);
-        Ok(())
-    }
-}
+use crate::store::remote::Kind;
+use crate::store::Cache;
 
 /// The entries of a preimage's array `field` that `f` can read.
 fn entries<T>(preimage: &Value, field: &str, f: impl Fn(&Value) -> Option<T>) -> Vec<T> {

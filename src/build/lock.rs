@@ -143,7 +143,7 @@ pub fn verify_rebuild(recipe: &Recipe, opts: &crate::build::BuildOptions) -> Res
             *to = tmp.path().join("out").join(format!("{name}.safetensors"));
         }
     }
-    let cache = crate::build::Cache::new(&tmp.path().join("cache"));
+    let cache = crate::store::Cache::new(&tmp.path().join("cache"));
     crate::build::build(&fresh, &cache, &[], opts)?;
     let memo = cache.memo();
     let mut out = Vec::new();

@@ -3,8 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::build::{Cache, NodeReport, Status};
+use crate::build::{NodeReport, Status};
 use crate::error::{Error, Result};
+use crate::store::Cache;
 
 /// One build.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -22,10 +23,6 @@ pub struct Entry {
 }
 
 impl Cache {
-    fn log_path(&self) -> PathBuf {
-        self.root.join("log.jsonl")
-    }
-
     /// Every logged build, oldest first.
     pub fn log(&self) -> Vec<Entry> {
         std::fs::read_to_string(self.log_path())
@@ -38,7 +35,8 @@ impl Cache {
     /// Appends a build to the log; returns its ID.
     pub fn append_log(&self, recipe: &std::path::Path, reports: &[NodeReport]) -> Result<u64> {
         let path = self.log_path();
-        std::fs::create_dir_all(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        let dir = self.root();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let id = self.log().last().map(|e| e.id + 1).unwrap_or(1);
         let entry = Entry {
             id,

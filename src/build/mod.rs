@@ -4,7 +4,7 @@
 //! result (operation, normalized parameters, the keys of its inputs, the algorithm version).
 //! A model's key is the blake3 of its file contents (memoized on path, size, mtime, inode),
 //! so renaming a file changes nothing and editing its bytes changes exactly its dependents.
-//! A merge node's result is stored as a manifest over tensor packs (see [`store`]); a save
+//! A merge node's result is stored as a manifest over tensor packs (see [`crate::store`]); a save
 //! node writes it to its destination. The last build's keys and preimages are kept per
 //! recipe, so `plan` can say why a node must be rebuilt.
 //!
@@ -12,207 +12,46 @@
 //! demanded needs it, so a node whose dependents are all up to date is skipped (that is how
 //! `cache: memory` nodes cost nothing once what they feed exists).
 //!
-//! Cache layout (version 2), under `--cache` (default `cache/` beside the recipe):
-//! `v2/packs/ab/<pack>.safetensors` + `<pack>.keys.json`, `v2/results/ab/<key>.json`
-//! (manifests), `v2/nodes/<key>.json` (preimages), `v2/state/<recipe>.json` (last build),
-//! `v2/locks/`, `v2/file-hashes/` (hash memo), `v2/log.jsonl`.
+//! Where the cache is and how it is laid out: [`crate::store`].
 
 pub mod diff;
 pub mod images;
 pub mod lock;
 pub mod log;
-pub mod maintenance;
 pub mod shard;
-pub mod store;
 pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
 use crate::checkpoint::writer::write_file_atomic;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::hashing::{FileHashes, HashMemo, Stamp};
+use crate::hashing::{FileHashes, Stamp};
 use crate::merge::metadata::{self, InputRecord};
 use crate::merge::{engine, Prepared, RunOptions};
 use crate::recipe::{Input, Link, Node, Recipe};
-use crate::remote::{Kind, LocalFile, Remote};
-use store::{shard, Entry, Manifest, Place, Store};
+use crate::store::remote::Kind;
+use crate::store::{Cache, Entry, Manifest, Place, Store};
 
 /// Bumped whenever a change to the merge code changes results for the same inputs.
 pub const ALGORITHM_VERSION: u32 = 1;
 
-/// The cache layout version: the name of the cache's top directory.
-pub const LAYOUT: &str = "v2";
-
-/// A content-addressed node cache, optionally backed by a remote one.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    root: PathBuf,
-    remote: Option<Arc<Remote>>,
+/// What the last build of `recipe` produced (nothing when it was never built here).
+fn load_state(cache: &Cache, recipe: &Path) -> State {
+    std::fs::read_to_string(cache.state_path(recipe))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
-impl Cache {
-    /// This cache reading through to `remote` (a local miss that the remote holds is
-    /// downloaded when it is read) and writing back to it (in the background) what it stores.
-    pub fn with_remote(mut self, remote: Arc<Remote>) -> Self {
-        self.remote = Some(remote);
-        self
-    }
-
-    /// The remote behind this cache, if any.
-    pub fn remote(&self) -> Option<&Arc<Remote>> {
-        self.remote.as_ref()
-    }
-
-    /// Whether the remote holds `key`.
-    fn in_remote(&self, key: &str, kind: Kind) -> bool {
-        self.remote.as_ref().is_some_and(|r| r.contains(key, kind))
-    }
-
-    /// Asks the remote, several at a time, for the results and images of `order` that are
-    /// not here (so that planning a large sweep does not wait on one request per node).
-    fn look_up_remote(
-        &self,
-        recipe: &Recipe,
-        order: &[&str],
-        keys: &BTreeMap<String, (String, Value)>,
-    ) {
-        let Some(remote) = &self.remote else { return };
-        let wanted: Vec<(String, Kind)> = order
-            .iter()
-            .flat_map(|n| stored_objects(&recipe.nodes[*n], &keys[*n].0, &keys[*n].1))
-            .filter(|(key, kind)| !self.is_local(key, *kind))
-            .collect();
-        remote.lookup(&wanted);
-    }
-
-    /// Downloads `key` from the remote into this cache; whether it is here now. A failure
-    /// (a corrupt object among others) is reported and leaves it absent.
-    fn fetch(&self, key: &str, kind: Kind) -> bool {
-        let Some(remote) = &self.remote else {
-            return false;
-        };
-        match remote.fetch(&self.root, key, kind) {
-            Ok(found) => found,
-            Err(e) => {
-                eprintln!("warning: {e}");
-                false
-            }
-        }
-    }
-
-    /// Whether a result or image is (completely) stored here.
-    fn is_local(&self, key: &str, kind: Kind) -> bool {
-        match kind {
-            Kind::Result => self.has_local_result(key),
-            Kind::Image => self.image_path(key).is_file(),
-        }
-    }
-
-    /// The local files of a stored result or image, in upload order; `None` when it is not
-    /// (completely) stored here.
-    fn local_files(&self, key: &str, kind: Kind) -> Option<Vec<LocalFile>> {
-        if !self.is_local(key, kind) {
-            return None;
-        }
-        match kind {
-            Kind::Result => self.result_files(key),
-            Kind::Image => Some(vec![LocalFile {
-                path: store::relative("images", key, "png"),
-                recorded: None,
-            }]),
-        }
-    }
-
-    /// Queues the upload of a stored result or image to the remote, if there is one.
-    fn publish(&self, key: &str, kind: Kind) {
-        if let (Some(remote), Some(files)) = (&self.remote, self.local_files(key, kind)) {
-            remote.publish(&self.root, key, kind, files);
-        }
-    }
-
-    /// Uploads the stored `key` now (`mergesmith push`) unless the remote has it; whether it
-    /// is stored here, and whether this call created its remote entry.
-    pub fn push(&self, key: &str, kind: Kind) -> Result<(bool, bool)> {
-        let files = self.local_files(key, kind);
-        match (&self.remote, files) {
-            (Some(remote), Some(files)) if !remote.contains(key, kind) => {
-                Ok((true, remote.upload(&self.root, key, kind, &files)?))
-            }
-            (_, files) => Ok((files.is_some(), false)),
-        }
-    }
-
-    /// Downloads `key` now (`mergesmith pull`) unless it is here; whether it is here now.
-    pub fn pull(&self, key: &str, kind: Kind) -> Result<bool> {
-        match (&self.remote, self.is_local(key, kind)) {
-            (_, true) => Ok(true),
-            (None, false) => Ok(false),
-            (Some(remote), false) => remote.fetch(&self.root, key, kind),
-        }
-    }
-
-    /// Takes the build lock of a node key (waits while another build holds it).
-    pub fn lock(&self, key: &str) -> Result<std::fs::File> {
-        let dir = self.root.join("locks");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let path = dir.join(format!("{key}.lock"));
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        f.lock().map_err(|e| Error::io(&path, e))?;
-        Ok(f)
-    }
-
-    /// The cache rooted at `dir` (created on first write).
-    pub fn new(dir: &Path) -> Self {
-        Cache {
-            root: dir.join(LAYOUT),
-            remote: None,
-        }
-    }
-
-    /// The cache directory for a recipe: `$MERGESMITH_CACHE`, else `cache/` beside it.
-    pub fn default_for(recipe: &Path) -> PathBuf {
-        crate::hashing::env_cache_dir()
-            .unwrap_or_else(|| recipe.parent().unwrap_or(Path::new(".")).join("cache"))
-    }
-
-    /// The hash memo kept in this cache.
-    pub fn memo(&self) -> HashMemo {
-        HashMemo::new(self.root.parent().unwrap_or(&self.root))
-    }
-
-    fn preimage_path(&self, key: &str) -> PathBuf {
-        self.root.join("nodes").join(format!("{key}.json"))
-    }
-
-    /// The preimage recorded for a key, if any.
-    pub fn preimage(&self, key: &str) -> Option<Value> {
-        let text = std::fs::read_to_string(self.preimage_path(key)).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn state_path(&self, recipe: &Path) -> PathBuf {
-        let canon = std::fs::canonicalize(recipe).unwrap_or_else(|_| recipe.to_path_buf());
-        let id = blake3::hash(canon.to_string_lossy().as_bytes()).to_hex();
-        self.root.join("state").join(format!("{}.json", &id[..32]))
-    }
-
-    fn load_state(&self, recipe: &Path) -> State {
-        std::fs::read_to_string(self.state_path(recipe))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default()
-    }
-
-    fn save_state(&self, recipe: &Path, state: &State) -> Result<()> {
-        let path = self.state_path(recipe);
-        let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_file_atomic(&path, &text, true)
-    }
+/// Records what this build of `recipe` produced.
+fn save_state(cache: &Cache, recipe: &Path, state: &State) -> Result<()> {
+    let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_file_atomic(&cache.state_path(recipe), &text, true)
 }
 
 /// What the last build of a recipe produced.
@@ -279,7 +118,7 @@ pub fn plan_checked(
     targets: &[String],
 ) -> Result<(Vec<NodePlan>, BTreeMap<String, String>)> {
     let keys = keys(recipe, cache)?;
-    let state = cache.load_state(&recipe.path);
+    let state = load_state(cache, &recipe.path);
     let needed = needed(recipe, targets)?;
     let order: Vec<&str> = recipe
         .order
@@ -288,7 +127,11 @@ pub fn plan_checked(
         .filter(|n| needed.contains(*n))
         .collect();
     let memory = |n: &str| recipe.nodes[n].in_memory();
-    cache.look_up_remote(recipe, &order, &keys);
+    cache.look_up_remote(
+        order
+            .iter()
+            .flat_map(|n| stored_objects(&recipe.nodes[*n], &keys[*n].0, &keys[*n].1)),
+    );
     // Generate and xy nodes whose images are all stored: they at most copy them out, and
     // need none of their inputs.
     let images_stored: BTreeSet<&str> = order
@@ -516,7 +359,7 @@ pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
 
 /// The cache objects a node's result is made of: its merge result (unless kept in memory),
 /// or the images a generate or xy node outputs; none for a save.
-pub(crate) fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
+pub fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
     match node {
         Node::Generate { .. } | Node::Xy { .. } => images::outputs(preimage)
             .into_iter()
@@ -538,7 +381,7 @@ pub(crate) fn needed(recipe: &Recipe, targets: &[String]) -> Result<BTreeSet<Str
     let mut stack: Vec<String> = Vec::new();
     for t in targets {
         if !recipe.nodes.contains_key(t) {
-            let near = crate::merge::weights::nearest(t, recipe.nodes.keys().map(|s| s.as_str()));
+            let near = crate::text::nearest(t, recipe.nodes.keys().map(|s| s.as_str()));
             return Err(Error::Invalid(format!(
                 "no node `{t}` in {}{}",
                 recipe.path.display(),
@@ -847,7 +690,7 @@ fn build_once(
         .map(|p| (p.name.clone(), p.key.clone()))
         .collect();
     let store = Store::new(cache);
-    let state = Mutex::new(cache.load_state(&recipe.path));
+    let state = Mutex::new(load_state(cache, &recipe.path));
     let ctx = Ctx {
         recipe,
         keys: &keys,
@@ -884,7 +727,7 @@ fn build_once(
                 .unwrap_or_else(|| NodeReport::nothing_done(p)),
         );
     }
-    cache.save_state(&recipe.path, &st)?;
+    save_state(cache, &recipe.path, &st)?;
     Ok(reports)
 }
 
@@ -1030,12 +873,10 @@ impl Ctx<'_> {
                 }
             }
         }
-        let text =
-            serde_json::to_vec_pretty(&p.preimage).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_file_atomic(&cache.preimage_path(&p.key), &text, true)?;
+        cache.put_preimage(&p.key, &p.preimage)?;
         let mut state = self.state.lock().expect("state lock");
         state.nodes.insert(p.name.clone(), p.key.clone());
-        cache.save_state(&self.recipe.path, &state)?;
+        save_state(cache, &self.recipe.path, &state)?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

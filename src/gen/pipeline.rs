@@ -32,15 +32,7 @@ use crate::gen::weights::CheckpointWeights;
 
 /// What the model's output predicts.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-    clap::ValueEnum,
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Prediction {
@@ -48,6 +40,11 @@ pub enum Prediction {
     Epsilon,
     /// The "velocity" (SD2 768-v, v-prediction fine-tunes).
     V,
+}
+
+impl crate::text::Named for Prediction {
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("epsilon", Prediction::Epsilon), ("v", Prediction::V)];
 }
 
 /// The text encoders of a family.

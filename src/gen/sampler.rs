@@ -20,15 +20,7 @@ use crate::error::{Error, Result};
 
 /// A sampler, by its web UI name.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-    clap::ValueEnum,
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Sampler {
@@ -40,8 +32,16 @@ pub enum Sampler {
     Ddim,
     /// DPM++ 2M (with Karras sigmas, as the web UI's default for it).
     #[serde(rename = "dpmpp_2m")]
-    #[value(name = "dpmpp-2m")]
     DpmPp2m,
+}
+
+impl crate::text::Named for Sampler {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("euler-a", Sampler::EulerA),
+        ("euler", Sampler::Euler),
+        ("ddim", Sampler::Ddim),
+        ("dpmpp-2m", Sampler::DpmPp2m),
+    ];
 }
 
 impl Sampler {

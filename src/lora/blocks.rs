@@ -76,7 +76,7 @@ impl BlockWeights {
             .map(|v| v.trim().parse::<f64>())
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| {
-                let near = crate::merge::weights::nearest(t, PRESETS.iter().map(|(n, _)| *n));
+                let near = crate::text::nearest(t, PRESETS.iter().map(|(n, _)| *n));
                 Error::Invalid(format!(
                     "block weights `{t}`: not a preset ({}) nor comma-separated numbers{}",
                     PRESETS

@@ -29,15 +29,7 @@ use crate::lora::{svd, Factored, Kind, KohyaLora};
 
 /// How LoRAs are combined.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum MergeMode {
@@ -45,6 +37,11 @@ pub enum MergeMode {
     Concat,
     /// Sum of the deltas refactored by truncated SVD (any adapter type).
     Svd,
+}
+
+impl crate::text::Named for MergeMode {
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("concat", MergeMode::Concat), ("svd", MergeMode::Svd)];
 }
 
 /// The weight of a LoRA's module in a merge: ratio × block weight.

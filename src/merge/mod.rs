@@ -38,33 +38,39 @@ pub use weights::{BlockRatio, Presets, Ratio};
     Hash,
     serde::Serialize,
     serde::Deserialize,
-    clap::ValueEnum,
     schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum Mode {
     /// `(1-alpha)*A + alpha*B`.
-    #[value(alias = "weight-sum")]
     WeightSum,
     /// `A + alpha*(B - C)`.
-    #[value(alias = "add-difference")]
     AddDifference,
     /// `(1-alpha-beta)*A + alpha*B + beta*C`.
-    #[value(alias = "triple-sum")]
     TripleSum,
     /// `(1-beta)*((1-alpha)*A + alpha*B) + beta*C`.
-    #[value(alias = "sum-twice")]
     SumTwice,
+}
+
+impl crate::text::Named for Mode {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("weight_sum", Mode::WeightSum),
+        ("weight-sum", Mode::WeightSum),
+        ("add_difference", Mode::AddDifference),
+        ("add-difference", Mode::AddDifference),
+        ("triple_sum", Mode::TripleSum),
+        ("triple-sum", Mode::TripleSum),
+        ("sum_twice", Mode::SumTwice),
+        ("sum-twice", Mode::SumTwice),
+    ];
 }
 
 impl Mode {
     /// The mode with SuperMerger's UI label (`Weight sum`, `Add difference`, ...).
     pub fn from_label(label: &str) -> Option<Mode> {
-        use clap::ValueEnum;
-        Mode::value_variants()
+        <Mode as crate::text::Named>::NAMES
             .iter()
-            .copied()
+            .map(|(_, m)| *m)
             .find(|m| m.label() == label)
     }
 

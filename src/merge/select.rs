@@ -89,7 +89,7 @@ pub fn parse_blocks(text: &str, list: &[String]) -> Result<BlockSet> {
     }
     let find = |w: &str| {
         list.iter().position(|b| b == w).ok_or_else(|| {
-            let near = crate::merge::weights::nearest(w, list.iter().map(|s| s.as_str()));
+            let near = crate::text::nearest(w, list.iter().map(|s| s.as_str()));
             Error::Invalid(format!(
                 "unknown block `{w}`{}; blocks are {} ... {}",
                 near.map(|n| format!(" (did you mean `{n}`?)"))
@@ -180,13 +180,20 @@ pub fn elemental_alpha(
 }
 
 /// Include / Exclude mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterMode {
     /// Only matched keys are merged.
     Include,
     /// Matched keys keep model A.
     Exclude,
+}
+
+impl crate::text::Named for FilterMode {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("include", FilterMode::Include),
+        ("exclude", FilterMode::Exclude),
+    ];
 }
 
 /// The keys of the Adjust vector, in order of the slots that touch them.

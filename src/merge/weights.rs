@@ -127,7 +127,7 @@ impl Ratio {
         match presets.get(t) {
             Some(v) => Ok(Ratio::Blocks(v.to_vec())),
             None => {
-                let near = nearest(t, presets.names());
+                let near = crate::text::nearest(t, presets.names());
                 Err(Error::Invalid(format!(
                     "`{t}` is neither a number, a comma-separated vector nor a known preset{}",
                     near.map(|n| format!(" (did you mean `{n}`?)"))
@@ -144,33 +144,6 @@ impl Ratio {
             Ratio::Blocks(v) => v.first().copied().unwrap_or(0.0),
         }
     }
-}
-
-/// Closest name by edit distance, if reasonably close.
-pub fn nearest<'a>(word: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let upper = word.to_ascii_uppercase();
-    names
-        .map(|n| (edit_distance(&upper, &n.to_ascii_uppercase()), n))
-        .filter(|(d, n)| *d <= (n.len() / 3).max(2))
-        .min()
-        .map(|(_, n)| n)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// A ratio resolved for one model family: the value each key gets.

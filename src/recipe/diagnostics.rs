@@ -197,11 +197,17 @@ impl fmt::Display for RecipeErrors {
 
 impl std::error::Error for RecipeErrors {}
 
+impl crate::error::Located for RecipeErrors {
+    fn render(&self) -> String {
+        RecipeErrors::render(self)
+    }
+}
+
 /// For "unknown field `x`, expected one of a, b, c": the closest expected name.
 fn hint_for_unknown_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let (field, expected) = rest.split_once('`')?;
     let list = expected.split_once("expected one of ")?.1;
     let names = list.split(", ").map(|n| n.trim_matches('`'));
-    crate::merge::weights::nearest(field, names).map(|n| format!("did you mean `{n}`?"))
+    crate::text::nearest(field, names).map(|n| format!("did you mean `{n}`?"))
 }

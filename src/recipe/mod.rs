@@ -758,7 +758,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         if vars.contains_key(name) {
             set_map.insert(name.clone(), value.clone());
         } else {
-            let near = crate::merge::weights::nearest(name, vars.keys().map(|s| s.as_str()));
+            let near = crate::text::nearest(name, vars.keys().map(|s| s.as_str()));
             errs.push_plain(format!(
                 "--set {name}=...: the recipe declares no var `{name}`{}",
                 near.map(|n| format!(" (did you mean `{n}`?)"))
@@ -820,7 +820,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         } else if nodes_decl.contains_key(&r.value) {
             Input::Node(r.value.clone())
         } else {
-            let near = crate::merge::weights::nearest(&r.value, names.iter().copied());
+            let near = crate::text::nearest(&r.value, names.iter().copied());
             errs.push(
                 &r.referenced,
                 format!("`{}` is not a model or node of this recipe", r.value),
@@ -1306,8 +1306,7 @@ fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) ->
                 };
             }
             let Some(var) = scope.vars.get(name) else {
-                let near =
-                    crate::merge::weights::nearest(name, scope.vars.keys().map(|s| s.as_str()));
+                let near = crate::text::nearest(name, scope.vars.keys().map(|s| s.as_str()));
                 errs.push(
                     &r.referenced,
                     format!("no var `{name}` in this recipe"),
@@ -1569,12 +1568,17 @@ pub fn schema_json() -> String {
 }
 
 /// Graph output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DagFormat {
     /// Mermaid flowchart (renders in GitHub, GitLab and many editors).
     Mermaid,
     /// Graphviz dot.
     Dot,
+}
+
+impl crate::text::Named for DagFormat {
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("mermaid", DagFormat::Mermaid), ("dot", DagFormat::Dot)];
 }
 
 impl Recipe {

@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::build::{images, Cache, NodeReport, Status};
+use crate::build::{images, NodeReport, Status};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
 use crate::recipe::{Input, Node, Recipe};
+use crate::store::Cache;
 
 /// Thumbnails fit in a square of this many pixels.
 const THUMB: u32 = 256;

@@ -122,10 +122,10 @@ pub fn compare(a: &Checkpoint, b: &Checkpoint) -> Result<Vec<BlockRow>> {
 /// result moved from A and from B.
 pub fn tables(
     recipe: &Recipe,
-    cache: &crate::build::Cache,
+    cache: &crate::store::Cache,
     keys: &BTreeMap<&str, &str>,
 ) -> Result<Vec<Table>> {
-    let store = crate::build::store::Store::new(cache);
+    let store = crate::store::Store::new(cache);
     let mut out = Vec::new();
     for (name, node) in &recipe.nodes {
         let Node::Merge { inputs, .. } = node else {

@@ -24,54 +24,42 @@ use crate::merge::Mode;
     Default,
     serde::Serialize,
     serde::Deserialize,
-    clap::ValueEnum,
     schemars::JsonSchema,
 )]
 pub enum CalcMode {
     /// The mode's formula in f32, rounded once (all modes).
     #[default]
     #[serde(rename = "normal")]
-    #[value(name = "normal")]
     Normal,
     /// Blend A and B per input column by how similar they are, after normalization (weight_sum).
     #[serde(rename = "cosineA")]
-    #[value(name = "cosineA", alias = "cosine_a")]
     CosineA,
     /// Like cosineA on the raw weights (weight_sum).
     #[serde(rename = "cosineB")]
-    #[value(name = "cosineB", alias = "cosine_b")]
     CosineB,
     /// `A + 1.8*alpha*(B-C)*|B-A|/(|B-C|+|B-A|)` (add_difference).
     #[serde(rename = "trainDifference")]
-    #[value(name = "trainDifference", alias = "train_difference")]
     TrainDifference,
     /// `A + alpha*gaussian(median3(B-C))` (add_difference).
     #[serde(rename = "smoothAdd")]
-    #[value(name = "smoothAdd", alias = "smooth_add")]
     SmoothAdd,
     /// smoothAdd computed with more parallelism; identical results (add_difference).
     #[serde(rename = "smoothAdd MT")]
-    #[value(name = "smoothAddMT", alias = "smooth_add_mt")]
     SmoothAddMt,
     /// Keep the features B and C share (beta 0) or differ in (beta 1) (add_difference).
     #[serde(rename = "extract")]
-    #[value(name = "extract")]
     Extract,
     /// Swap row slices of A and B instead of blending (weight_sum, uses beta).
     #[serde(rename = "tensor")]
-    #[value(name = "tensor")]
     Tensor,
     /// Like tensor, slicing dimension 1 (weight_sum, uses beta).
     #[serde(rename = "tensor2")]
-    #[value(name = "tensor2")]
     Tensor2,
     /// `alpha * A` for keys other than to_out / proj_out / norm (weight_sum).
     #[serde(rename = "self")]
-    #[value(name = "self")]
     SelfScale,
     /// `A + alpha * N(0, 1)`, seeded, for keys other than to_out / proj_out / norm (weight_sum).
     #[serde(rename = "plus random")]
-    #[value(name = "plusRandom", alias = "plus_random")]
     PlusRandom,
 }
 
@@ -84,13 +72,34 @@ pub enum Kind {
     Whole,
 }
 
+impl crate::text::Named for CalcMode {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("normal", CalcMode::Normal),
+        ("cosineA", CalcMode::CosineA),
+        ("cosine_a", CalcMode::CosineA),
+        ("cosineB", CalcMode::CosineB),
+        ("cosine_b", CalcMode::CosineB),
+        ("trainDifference", CalcMode::TrainDifference),
+        ("train_difference", CalcMode::TrainDifference),
+        ("smoothAdd", CalcMode::SmoothAdd),
+        ("smooth_add", CalcMode::SmoothAdd),
+        ("smoothAddMT", CalcMode::SmoothAddMt),
+        ("smooth_add_mt", CalcMode::SmoothAddMt),
+        ("extract", CalcMode::Extract),
+        ("tensor", CalcMode::Tensor),
+        ("tensor2", CalcMode::Tensor2),
+        ("self", CalcMode::SelfScale),
+        ("plusRandom", CalcMode::PlusRandom),
+        ("plus_random", CalcMode::PlusRandom),
+    ];
+}
+
 impl CalcMode {
     /// The calcmode with SuperMerger's name `label` (`cosineA`, `smoothAdd MT`, `plus random`...).
     pub fn from_label(label: &str) -> Option<CalcMode> {
-        use clap::ValueEnum;
-        CalcMode::value_variants()
+        <CalcMode as crate::text::Named>::NAMES
             .iter()
-            .copied()
+            .map(|(_, c)| *c)
             .find(|c| c.label() == label)
     }
 

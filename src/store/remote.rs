@@ -40,7 +40,7 @@ use object_store::{
 use crate::error::{Error, Result};
 
 /// The remote layout version (the top folder under the URL), as the local cache's.
-const LAYOUT: &str = crate::build::LAYOUT;
+const LAYOUT: &str = super::LAYOUT;
 
 /// Objects larger than this go up in parts of this size.
 const PART: usize = 16 << 20;

@@ -1,11 +1,9 @@
 //! Architecture detection and block assignment on synthetic files with the real layouts.
 //! Expected per-block counts are derived independently from the diffusers-name tables.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use mergesmith::arch::{self, Component, Family, Variant};
 use mergesmith::checkpoint::Checkpoint;
 
@@ -67,7 +65,7 @@ fn sd1_blocks_match_diffusers_structure() {
     );
 
     let mut expected: BTreeMap<String, usize> = BTreeMap::new();
-    for key in table_keys(include_str!("../data/layouts/sd1-diffusers-names.tsv")) {
+    for key in table_keys(include_str!("../../data/layouts/sd1-diffusers-names.tsv")) {
         *expected.entry(sd1_block_from_diffusers(key)).or_insert(0) += 1;
     }
     // The diffusers table has no position_ids and no schedule buffers.
@@ -87,7 +85,7 @@ fn sdxl_blocks_match_table_structure() {
     assert_eq!(a.family, Family::Sdxl);
 
     let mut expected: BTreeMap<String, usize> = BTreeMap::new();
-    for key in table_keys(include_str!("../data/layouts/sdxl-diffusers-names.tsv")) {
+    for key in table_keys(include_str!("../../data/layouts/sdxl-diffusers-names.tsv")) {
         if !(key.contains("weight") || key.contains("bias")) || key.starts_with("te2.") {
             continue; // never merged (no block); te2 is counted below, its HF names split q/k/v
         }

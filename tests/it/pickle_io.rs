@@ -1,8 +1,6 @@
 //! PyTorch zip checkpoints: read without executing anything, plain tensors only.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use mergesmith::checkpoint::{Checkpoint, Format};
 use mergesmith::dtype::DType;
 use mergesmith::error::Error;
@@ -191,7 +189,6 @@ fn to_ckpt(src: &std::path::Path, dst: &std::path::Path) {
 #[test]
 fn a_ckpt_merges_like_its_safetensors_twin() {
     use mergesmith::arch::Family;
-    use mergesmith::hashing::HashMemo;
     use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
     let m = related_models(Family::Sd1, mergesmith::dtype::FloatType::Fp16, 51, 0.3, 2);
     let ckpt = m.dir.path().join("a.ckpt");
@@ -199,7 +196,7 @@ fn a_ckpt_merges_like_its_safetensors_twin() {
     let a = Checkpoint::open(&ckpt).unwrap();
     assert_eq!(mergesmith::arch::detect(a.tensors()).family, Family::Sd1);
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.4), None);
-    let memo = HashMemo::new(m.dir.path());
+    let memo = mergesmith::store::memo(m.dir.path());
     let outs: Vec<_> = [&ckpt, &m.a]
         .iter()
         .enumerate()

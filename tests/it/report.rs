@@ -2,14 +2,13 @@
 //! content-addressed images that are copied once, the per-block model comparison against an
 //! f64 reference, and (when Chromium is installed) a headless render.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mergesmith::arch::Family;
-use mergesmith::build::{self, BuildOptions, Cache};
+use mergesmith::build::{self, BuildOptions};
 use mergesmith::recipe;
+use mergesmith::store::Cache;
 
 const RECIPE: &str = "version: 1
 models:
@@ -52,7 +51,7 @@ fn links(html: &str) -> Vec<String> {
 }
 
 fn site(dir: &Path) -> (recipe::Recipe, Cache, PathBuf, mergesmith::report::Site) {
-    common::small_models(dir, &["a", "b"]);
+    crate::common::small_models(dir, &["a", "b"]);
     let path = dir.join("r.yaml");
     std::fs::write(&path, RECIPE).unwrap();
     let r = recipe::load(&path).unwrap();
@@ -104,8 +103,8 @@ fn the_site_escapes_user_text_and_every_link_resolves() {
 fn per_block_comparison_matches_an_f64_reference() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let a = common::synth(d, "a.safetensors", &common::tiny(Family::Sd1, 1));
-    let b = common::synth(d, "b.safetensors", &common::tiny(Family::Sd1, 2));
+    let a = crate::common::synth(d, "a.safetensors", &crate::common::tiny(Family::Sd1, 1));
+    let b = crate::common::synth(d, "b.safetensors", &crate::common::tiny(Family::Sd1, 2));
     let open = |p: &Path| mergesmith::checkpoint::Checkpoint::open(p).unwrap();
     let rows = mergesmith::report::similarity::compare(&open(&a), &open(&b)).unwrap();
     assert_eq!(
@@ -211,12 +210,16 @@ fn chromium_renders_the_grid_images_when_installed() {
 fn a_stored_merge_is_compared_with_its_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    common::synth(d, "a.safetensors", &common::tiny(Family::Sd1, 1));
-    common::synth(d, "b.safetensors", &common::tiny(Family::Sd1, 2));
+    crate::common::synth(d, "a.safetensors", &crate::common::tiny(Family::Sd1, 1));
+    crate::common::synth(d, "b.safetensors", &crate::common::tiny(Family::Sd1, 2));
     let path = d.join("r.yaml");
     std::fs::write(
         &path,
-        "version: 1\nmodels:\n  a: { path: a.safetensors }\n  b: { path: b.safetensors }\nnodes:\n  half:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.5\n",
+        crate::common::recipe_yaml(
+            "",
+            &["a", "b"],
+            "  half:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.5\n",
+        ),
     )
     .unwrap();
     let r = recipe::load(&path).unwrap();

@@ -3,9 +3,7 @@
 //! builds assembled by a report from hits, corrupt objects discarded and rebuilt, local
 //! verification, push / pull, and credentials kept out of everything mergesmith writes.
 
-mod common;
-#[path = "common/s3.rs"]
-mod s3;
+use crate::common::s3;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,7 +46,7 @@ nodes:
 /// A folder with the two small models and the recipe.
 fn project() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    common::small_models(dir.path(), &["a", "b"]);
+    crate::common::small_models(dir.path(), &["a", "b"]);
     let recipe = dir.path().join("r.yaml");
     std::fs::write(&recipe, RECIPE).unwrap();
     (dir, recipe)

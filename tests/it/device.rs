@@ -1,20 +1,17 @@
 //! The candle device path (used for `--device cuda`) agrees with mergesmith's CPU kernels:
 //! it is run here on candle's CPU device, so it is tested on machines without a GPU.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use mergesmith::arch::Family;
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::device::ComputeDevice;
 use mergesmith::dtype::FloatType;
-use mergesmith::hashing::HashMemo;
 use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
 
 #[test]
 fn candle_path_matches_cpu_kernels() {
     let m = related_models(Family::Sd1, FloatType::Fp16, 31, 0.5, 2);
-    let memo = HashMemo::new(m.dir.path());
+    let memo = mergesmith::store::memo(m.dir.path());
     let cases = [
         (Mode::WeightSum, CalcMode::Normal, 0.3, None),
         (Mode::AddDifference, CalcMode::Normal, 0.7, None),
@@ -82,9 +79,15 @@ fn cuda_request_is_clear_without_a_gpu_build() {
         c: None,
     };
     let out = m.dir.path().join("x.safetensors");
-    let e = merge_files(&files, &spec, &out, &HashMemo::new(m.dir.path()), &run)
-        .unwrap_err()
-        .to_string();
+    let e = merge_files(
+        &files,
+        &spec,
+        &out,
+        &mergesmith::store::memo(m.dir.path()),
+        &run,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("--features cuda"), "{e}");
     assert!(!out.exists());
 }

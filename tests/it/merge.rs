@@ -1,15 +1,12 @@
 //! The merge engine against an independent f64 reference, on tiny models with the real layouts.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use mergesmith::arch::{self, Family, Variant};
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::{DType, FloatType};
-use mergesmith::hashing::HashMemo;
 use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Presets, Ratio, RunOptions};
 
 fn models(family: Family) -> Models {
@@ -27,7 +24,7 @@ fn run(m: &Models, spec: &MergeSpec, c: bool, out: &str) -> PathBuf {
         &files,
         spec,
         &out,
-        &HashMemo::new(&m.dir.path().join("cache")),
+        &mergesmith::store::memo(&m.dir.path().join("cache")),
         &RunOptions::default(),
     )
     .unwrap();
@@ -40,7 +37,7 @@ fn merge_ab(
     b: &Path,
     spec: &MergeSpec,
     out: &Path,
-    memo: &HashMemo,
+    memo: &mergesmith::hashing::HashMemo,
 ) -> mergesmith::Result<(
     mergesmith::merge::Plan,
     mergesmith::merge::engine::MergeReport,
@@ -197,7 +194,7 @@ fn golden_exact_cases() {
         &files,
         &spec,
         &out,
-        &HashMemo::new(m.dir.path()),
+        &mergesmith::store::memo(m.dir.path()),
         &RunOptions::default(),
     )
     .unwrap();
@@ -416,7 +413,7 @@ fn inpainting_a_merges_its_first_four_channels() {
     ob.dtype = FloatType::Fp32;
     let b = synth(dir.path(), "b.safetensors", &ob);
     let out = dir.path().join("out.safetensors");
-    let memo = HashMemo::new(dir.path());
+    let memo = mergesmith::store::memo(dir.path());
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
     merge_ab(&a, &b, &spec, &out, &memo).unwrap();
     let (ca, cb, co) = (
@@ -467,7 +464,7 @@ fn mismatches_are_refused_before_any_output() {
     let dir = tempfile::tempdir().unwrap();
     let sd1 = synth(dir.path(), "sd1.safetensors", &tiny(Family::Sd1, 1));
     let xl = synth(dir.path(), "xl.safetensors", &tiny(Family::Sdxl, 1));
-    let memo = HashMemo::new(dir.path());
+    let memo = mergesmith::store::memo(dir.path());
     let out = dir.path().join("out.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
     let err = merge_ab(&sd1, &xl, &spec, &out, &memo)
@@ -534,7 +531,7 @@ fn missing_and_extra_keys_and_non_finite_values() {
         r#"{"model.k.weight":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"model.only_b.weight":{"dtype":"F32","shape":[1],"data_offsets":[16,20]}}"#,
         &data,
     );
-    let memo = HashMemo::new(dir.path());
+    let memo = mergesmith::store::memo(dir.path());
     let out = dir.path().join("out.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
     let (plan, _) = merge_ab(&a, &b, &spec, &out, &memo).unwrap();

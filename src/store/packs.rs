@@ -21,13 +21,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::build::Cache;
+use super::remote::{Kind, LocalFile};
+use super::{relative, Area, Cache};
 use crate::checkpoint::writer::{self, SafetensorsWriter, TensorSpec};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::hashing::{FileHashes, HashMemo, Hashers};
-use crate::remote::{Kind, LocalFile};
 
 /// One tensor of a node result.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -99,27 +99,17 @@ fn pack_name(keys: &BTreeSet<&str>, metadata: &BTreeMap<String, String>) -> Stri
     h.finalize().to_hex().to_string()
 }
 
-/// `dir/ab/name.ext`: objects sharded by the first two characters of their name.
-pub(super) fn relative(dir: &str, name: &str, ext: &str) -> String {
-    format!("{dir}/{}/{name}.{ext}", &name[..2.min(name.len())])
-}
-
-/// `root/dir/ab/name.ext` (see [`relative`]).
-pub(super) fn shard(root: &Path, dir: &str, name: &str, ext: &str) -> PathBuf {
-    root.join(relative(dir, name, ext))
-}
-
 /// What a pack's `<name>.keys.json` records: the tensor keys it holds and the blake3 and
 /// size of the pack (files written before digests were recorded hold just the key list).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(super) struct PackKeys {
+pub(crate) struct PackKeys {
     pub keys: Vec<String>,
     pub blake3: Option<String>,
     pub size: Option<u64>,
 }
 
 /// Reads a pack's key file (either format).
-pub(super) fn read_pack_keys(path: &Path) -> Option<PackKeys> {
+pub(crate) fn read_pack_keys(path: &Path) -> Option<PackKeys> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Either {
@@ -138,22 +128,8 @@ pub(super) fn read_pack_keys(path: &Path) -> Option<PackKeys> {
 }
 
 impl Cache {
-    /// Where a pack's tensors live.
-    pub fn pack_path(&self, pack: &str) -> PathBuf {
-        shard(&self.root, "packs", pack, "safetensors")
-    }
-
-    pub(super) fn pack_keys_path(&self, pack: &str) -> PathBuf {
-        shard(&self.root, "packs", pack, "keys.json")
-    }
-
-    /// Where the manifest of a node key lives.
-    pub fn manifest_path(&self, key: &str) -> PathBuf {
-        shard(&self.root, "results", key, "json")
-    }
-
     /// The manifest of a node key, if stored here.
-    pub(super) fn local_manifest(&self, key: &str) -> Option<Manifest> {
+    pub(crate) fn local_manifest(&self, key: &str) -> Option<Manifest> {
         let text = std::fs::read(self.manifest_path(key)).ok()?;
         serde_json::from_slice(&text).ok()
     }
@@ -169,7 +145,7 @@ impl Cache {
 
     /// Whether a merge result is complete in the cache: its manifest and every pack it
     /// reads from (packs are written before manifests, and `gc` may remove packs).
-    pub(super) fn has_local_result(&self, key: &str) -> bool {
+    pub(crate) fn has_local_result(&self, key: &str) -> bool {
         self.local_manifest(key)
             .is_some_and(|m| m.packs().iter().all(|p| self.pack_path(p).exists()))
     }
@@ -186,25 +162,25 @@ impl Cache {
 
     /// The local files of a stored result, for the remote: its packs with their key lists
     /// (and the digests recorded for them), then the manifest, which makes it visible.
-    pub(super) fn result_files(&self, key: &str) -> Option<Vec<LocalFile>> {
+    pub(crate) fn result_files(&self, key: &str) -> Option<Vec<LocalFile>> {
         let m = self.local_manifest(key)?;
         let mut files = Vec::new();
         for p in m.packs() {
             let keys = self.pack_keys_path(p);
             let recorded = read_pack_keys(&keys).and_then(|k| k.blake3);
             files.push(LocalFile {
-                path: relative("packs", p, "safetensors"),
+                path: relative(Area::Packs, p, "safetensors"),
                 recorded,
             });
             if keys.is_file() {
                 files.push(LocalFile {
-                    path: relative("packs", p, "keys.json"),
+                    path: relative(Area::Packs, p, "keys.json"),
                     recorded: None,
                 });
             }
         }
         files.push(LocalFile {
-            path: relative("results", key, "json"),
+            path: relative(Area::Results, key, "json"),
             recorded: None,
         });
         Some(files)
@@ -213,7 +189,7 @@ impl Cache {
     /// Tensor key -> pack, over every pack present in the cache.
     pub fn tensor_index(&self) -> HashMap<String, String> {
         let mut index = HashMap::new();
-        let Ok(shards) = std::fs::read_dir(self.root.join("packs")) else {
+        let Ok(shards) = std::fs::read_dir(self.area(Area::Packs)) else {
             return index;
         };
         for file in shards

@@ -3,12 +3,10 @@
 //! they exist (SD1 completely; SDXL's text encoders) and against what candle's own model
 //! constructors ask for; the candle weight backend serves mapped tensors from a checkpoint.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use common::layout_table;
+use crate::common::layout_table;
 use mergesmith::arch::names::{map_key, Part, WeightMap};
 use mergesmith::arch::{layout, Family};
 use mergesmith::checkpoint::Checkpoint;
@@ -72,7 +70,7 @@ fn table_of(text: &str, keep: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<usi
 
 #[test]
 fn sd1_maps_onto_the_diffusers_table_exactly() {
-    let keys = layout_table(include_str!("../data/layouts/sd1-ldm.tsv"));
+    let keys = layout_table(include_str!("../../data/layouts/sd1-ldm.tsv"));
     let got = mapped(&keys, |p| match p {
         Part::Unet => "unet.",
         Part::Vae => "vae.",
@@ -80,7 +78,7 @@ fn sd1_maps_onto_the_diffusers_table_exactly() {
         Part::TextEncoder2 => "te2.",
     });
     let want = table_of(
-        include_str!("../data/layouts/sd1-diffusers-names.tsv"),
+        include_str!("../../data/layouts/sd1-diffusers-names.tsv"),
         |_| true,
     );
     assert_eq!(got.len(), 686 + 248 + 196);
@@ -122,7 +120,7 @@ fn sd1_maps_onto_the_diffusers_table_exactly() {
 
 #[test]
 fn sdxl_text_encoders_map_onto_the_diffusers_table_and_the_unet_maps_completely() {
-    let keys = layout_table(include_str!("../data/layouts/sdxl-sgm.tsv"));
+    let keys = layout_table(include_str!("../../data/layouts/sdxl-sgm.tsv"));
     let got = mapped(&keys, |p| match p {
         Part::Unet => "unet.",
         Part::Vae => "vae.",
@@ -130,7 +128,7 @@ fn sdxl_text_encoders_map_onto_the_diffusers_table_and_the_unet_maps_completely(
         Part::TextEncoder2 => "te2.",
     });
     let want = table_of(
-        include_str!("../data/layouts/sdxl-diffusers-names.tsv"),
+        include_str!("../../data/layouts/sdxl-diffusers-names.tsv"),
         |k| k.starts_with("te"),
     );
     let got_te: BTreeMap<&String, &Vec<usize>> =
@@ -148,7 +146,7 @@ fn sdxl_text_encoders_map_onto_the_diffusers_table_and_the_unet_maps_completely(
         }
     }
     let sd1_vae = table_of(
-        include_str!("../data/layouts/sd1-diffusers-names.tsv"),
+        include_str!("../../data/layouts/sd1-diffusers-names.tsv"),
         |k| k.starts_with("vae."),
     );
     let xl_vae: BTreeMap<&String, &Vec<usize>> =
@@ -996,9 +994,9 @@ fn small_model(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
 
 /// A runnable small model of `family` and a stand-in tokenizer in `dir`.
 fn small_model_of(family: Family, dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
-    let mut opts = common::tiny(family, seed);
+    let mut opts = crate::common::tiny(family, seed);
     opts.size = mergesmith::synth::Size::Small;
-    let model = common::synth(dir, &format!("small-{}.safetensors", family.label()), &opts);
+    let model = crate::common::synth(dir, &format!("small-{}.safetensors", family.label()), &opts);
     let tok = dir.join("tokenizer.json");
     toy_tokenizer(&tok);
     (model, tok)
@@ -1582,13 +1580,14 @@ nodes:
 
 #[test]
 fn generate_nodes_cache_images_and_skip_the_merge_when_they_exist() {
-    use mergesmith::build::{self, BuildOptions, Cache, Status};
+    use mergesmith::build::{self, BuildOptions, Status};
+    use mergesmith::store::Cache;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     small_model(d, 1);
-    let mut opts = common::tiny(Family::Sd1, 2);
+    let mut opts = crate::common::tiny(Family::Sd1, 2);
     opts.size = mergesmith::synth::Size::Small;
-    common::synth(d, "b.safetensors", &opts);
+    crate::common::synth(d, "b.safetensors", &opts);
     let recipe_path = d.join("recipe.yaml");
     let write = |batch: usize| {
         std::fs::write(

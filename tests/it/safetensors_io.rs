@@ -1,10 +1,8 @@
 //! Reading, validation and writing of safetensors files on real files.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::DType;

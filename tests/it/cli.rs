@@ -352,3 +352,67 @@ fn merge_command() {
     assert_eq!(out3.status.code(), Some(2));
     assert!(!d.join("x.safetensors").exists());
 }
+
+/// `mergesmith` run in `dir` with no cache in the environment.
+fn ms_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("MERGESMITH_CACHE")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_command_finds_the_cache_build_filled_from_another_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let proj = dir.path().join("proj");
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(proj.join("models")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        crate::common::synth(
+            &proj.join("models"),
+            &format!("{name}.safetensors"),
+            &crate::common::tiny(mergesmith::arch::Family::Sd1, seed),
+        );
+    }
+    let nodes = "  m:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.3\n";
+    let text = crate::common::recipe_yaml("models/", &["a", "b"], nodes);
+    std::fs::write(proj.join("mergesmith.yaml"), text).unwrap();
+    let recipe = "../proj/mergesmith.yaml";
+    ok(ms_in(&elsewhere, &["build", recipe]));
+    let cache = std::fs::canonicalize(proj.join("cache")).unwrap();
+    assert!(
+        !elsewhere.join("cache").exists(),
+        "build filled the recipe's cache"
+    );
+
+    // Every maintenance command, from elsewhere with --recipe and from the project with
+    // nothing, reads the cache that build filled.
+    let stats = |d: &Path, args: &[&str]| {
+        let s = json(ms_in(d, &[&["cache", "--json"], args].concat()));
+        (
+            std::fs::canonicalize(d.join(s["path"].as_str().unwrap())).unwrap(),
+            s["results"].as_u64().unwrap(),
+        )
+    };
+    let layout = cache.join(mergesmith::store::LAYOUT);
+    assert_eq!(
+        stats(&elsewhere, &["--recipe", recipe]),
+        (layout.clone(), 1)
+    );
+    assert_eq!(stats(&proj, &[]), (layout.clone(), 1));
+    let log = json(ms_in(&elsewhere, &["log", "--json", "--recipe", recipe]));
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    let gc = ok(ms_in(
+        &elsewhere,
+        &["gc", "--max-size", "0", "--recipe", recipe],
+    ));
+    assert!(gc.starts_with("removed 1 packs"), "{gc}");
+    ok(ms_in(&elsewhere, &["build", recipe]));
+    let cleaned = json(ms_in(&elsewhere, &["clean", "--json", "--recipe", recipe]));
+    assert_eq!(cleaned["results"], 1);
+    assert_eq!(stats(&proj, &[]), (layout, 0));
+    assert!(!elsewhere.join("cache").exists());
+}

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::build::Cache;
+use super::{Area, Cache};
 use crate::error::{Error, Result};
 
 /// What the cache holds.
@@ -51,7 +51,7 @@ fn modified(f: &std::fs::DirEntry) -> SystemTime {
 impl Cache {
     /// Manifests: (node key, last use, packs read).
     fn results(&self) -> Vec<(String, SystemTime, Vec<String>)> {
-        files_in(&self.root.join("results"))
+        files_in(&self.area(Area::Results))
             .into_iter()
             .filter_map(|f| {
                 let path = f.path();
@@ -76,7 +76,7 @@ impl Cache {
                 *e = (*e).max(t);
             }
         }
-        files_in(&self.root.join("packs"))
+        files_in(&self.area(Area::Packs))
             .into_iter()
             .filter_map(|f| {
                 let path = f.path();
@@ -99,7 +99,7 @@ impl Cache {
     pub fn stats(&self) -> Stats {
         let packs = self.packs();
         Stats {
-            path: self.root.clone(),
+            path: self.root().to_path_buf(),
             results: self.results().len(),
             packs: packs.len(),
             bytes: packs.iter().map(|e| e.bytes).sum(),
@@ -135,8 +135,8 @@ impl Cache {
 
     /// Deletes temporary files left by builds killed mid-write more than an hour ago.
     fn remove_stale_partials(&self) {
-        for dir in ["packs", "results"] {
-            for f in files_in(&self.root.join(dir)) {
+        for area in [Area::Packs, Area::Results] {
+            for f in files_in(&self.area(area)) {
                 let path = f.path();
                 let old = modified(&f).elapsed().is_ok_and(|age| age.as_secs() > 3600);
                 if old && path.extension().is_some_and(|e| e == "partial") {
@@ -149,8 +149,8 @@ impl Cache {
     /// Removes everything this cache version stores (the hash memo is kept).
     pub fn clean(&self) -> Result<Stats> {
         let before = self.stats();
-        for sub in ["packs", "results", "images", "nodes", "state", "locks"] {
-            let p = self.root.join(sub);
+        for area in Area::CLEANED {
+            let p = self.area(area);
             if p.exists() {
                 std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
             }
@@ -177,9 +177,9 @@ impl Cache {
     /// Checks every pack, image and manifest of the cache; removes the ones that fail.
     pub fn verify(&self) -> Result<Verified> {
         use rayon::prelude::*;
-        let mut files: Vec<PathBuf> = ["packs", "images", "results"]
+        let mut files: Vec<PathBuf> = [Area::Packs, Area::Images, Area::Results]
             .iter()
-            .flat_map(|d| files_in(&self.root.join(d)))
+            .flat_map(|a| files_in(&self.area(*a)))
             .map(|f| f.path())
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -236,7 +236,7 @@ impl Cache {
 
 /// Checks a pack against the digest in its key list: (whether one was recorded, fault).
 fn check_pack(path: &Path) -> (bool, Option<String>) {
-    let record = super::store::read_pack_keys(&path.with_extension("keys.json"));
+    let record = super::packs::read_pack_keys(&path.with_extension("keys.json"));
     match record.and_then(|r| Some((r.blake3?, r.size?))) {
         Some((digest, size)) => match crate::hashing::blake3_file(path) {
             Ok((d, n)) if d == digest && n == size => (true, None),
@@ -285,14 +285,6 @@ pub fn parse_size(text: &str) -> Result<u64> {
         return Err(Error::Invalid(format!("size `{text}` must be positive")));
     }
     Ok((n * mult as f64) as u64)
-}
-
-/// A cache directory given on the command line, else `$MERGESMITH_CACHE`, else `./cache`.
-pub fn cache_dir(given: Option<&Path>) -> PathBuf {
-    given
-        .map(Path::to_path_buf)
-        .or_else(crate::hashing::env_cache_dir)
-        .unwrap_or_else(|| PathBuf::from("cache"))
 }
 
 #[cfg(test)]

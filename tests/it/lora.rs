@@ -2,12 +2,10 @@
 //! hand-worked answers (lora.md §7), and baking into tiny synthetic checkpoints checked
 //! against an f64 reference written here.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use mergesmith::arch::Family;
 use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use mergesmith::checkpoint::Checkpoint;
@@ -305,16 +303,16 @@ fn kohya_target(path: &str) -> bool {
 
 #[test]
 fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
-    let ck = header_only(include_str!("../data/layouts/sd1-ldm.tsv"));
+    let ck = header_only(include_str!("../../data/layouts/sd1-ldm.tsv"));
     let targets = Targets::of(&ck);
     let shapes: BTreeMap<String, Vec<usize>> =
-        layout_table(include_str!("../data/layouts/sd1-ldm.tsv"))
+        layout_table(include_str!("../../data/layouts/sd1-ldm.tsv"))
             .into_iter()
             .collect();
     let numel = |k: &str| shapes[k].iter().product::<usize>();
     // sd-scripts names SD1 modules by their diffusers paths.
     let (mut unet, mut te) = (0, 0);
-    for (key, shape) in layout_table(include_str!("../data/layouts/sd1-diffusers-names.tsv")) {
+    for (key, shape) in layout_table(include_str!("../../data/layouts/sd1-diffusers-names.tsv")) {
         let Some(path) = key.strip_suffix(".weight") else {
             continue;
         };
@@ -350,11 +348,11 @@ fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
 fn ldm_paths_map_to_the_diffusers_table() {
     // Every SD1 U-Net weight of the LDM table maps to a diffusers name of the same shape.
     let d: BTreeMap<String, Vec<usize>> =
-        layout_table(include_str!("../data/layouts/sd1-diffusers-names.tsv"))
+        layout_table(include_str!("../../data/layouts/sd1-diffusers-names.tsv"))
             .into_iter()
             .collect();
     let mut n = 0;
-    for (key, shape) in layout_table(include_str!("../data/layouts/sd1-ldm.tsv")) {
+    for (key, shape) in layout_table(include_str!("../../data/layouts/sd1-ldm.tsv")) {
         let Some(p) = key
             .strip_prefix("model.diffusion_model.")
             .and_then(|p| p.strip_suffix(".weight"))
@@ -368,8 +366,10 @@ fn ldm_paths_map_to_the_diffusers_table() {
     }
     assert_eq!(n, 391);
     // The worked examples of lora.md §1.3, SD1 and SDXL.
-    let sd1 = Targets::of(&header_only(include_str!("../data/layouts/sd1-ldm.tsv")));
-    let xl = Targets::of(&header_only(include_str!("../data/layouts/sdxl-sgm.tsv")));
+    let sd1 = Targets::of(&header_only(include_str!("../../data/layouts/sd1-ldm.tsv")));
+    let xl = Targets::of(&header_only(include_str!(
+        "../../data/layouts/sdxl-sgm.tsv"
+    )));
     for (t, name, key) in [
         (
             &sd1,
@@ -428,11 +428,11 @@ fn ldm_paths_map_to_the_diffusers_table() {
 
 #[test]
 fn sdxl_module_names_resolve_with_fused_qkv_slices() {
-    let ck = header_only(include_str!("../data/layouts/sdxl-sgm.tsv"));
+    let ck = header_only(include_str!("../../data/layouts/sdxl-sgm.tsv"));
     let targets = Targets::of(&ck);
     // sd-scripts names SDXL U-Net modules by their LDM paths.
     let mut unet = 0;
-    for (key, shape) in layout_table(include_str!("../data/layouts/sdxl-sgm.tsv")) {
+    for (key, shape) in layout_table(include_str!("../../data/layouts/sdxl-sgm.tsv")) {
         let Some(p) = key
             .strip_prefix("model.diffusion_model.")
             .and_then(|p| p.strip_suffix(".weight"))

@@ -1,14 +1,11 @@
 //! Calcmodes against straightforward f64 references written here, on tiny fp32 models.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use mergesmith::arch::Family;
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::FloatType;
-use mergesmith::hashing::HashMemo;
 use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
 
 fn models() -> Models {
@@ -32,7 +29,7 @@ fn run(m: &Models, s: &MergeSpec, out: &str) -> mergesmith::Result<PathBuf> {
         },
         s,
         &out,
-        &HashMemo::new(m.dir.path()),
+        &mergesmith::store::memo(m.dir.path()),
         &RunOptions::default(),
     )?;
     Ok(out)

@@ -2,6 +2,8 @@
 //! built opcode by opcode (the way `torch.save` writes them), and synthetic models.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -229,4 +231,50 @@ pub fn layout_table(text: &str) -> Vec<(String, Vec<usize>)> {
             (f[1].to_string(), shape)
         })
         .collect()
+}
+
+/// Set in the child process that [`run_alone`] starts.
+const ALONE: &str = "MERGESMITH_TEST_ALONE";
+
+/// Runs the ignored test `path` (module path inside this binary) by itself in a child process
+/// of this test binary, for measurements of process-wide state (I/O counters) that other
+/// tests running in parallel threads would disturb; fails when it fails.
+pub fn run_alone(path: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            path,
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(ALONE, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(out.status.success(), "{path} failed in its own process");
+    assert!(
+        stdout.contains("1 passed"),
+        "{path} did not run in its own process"
+    );
+}
+
+/// Whether this process is the child of [`run_alone`].
+pub fn is_alone() -> bool {
+    std::env::var_os(ALONE).is_some()
+}
+
+/// A recipe's text: `version: 1`, a model `NAME: { path: DIRNAME.safetensors }` for each
+/// name (`dir` ends with `/`, or is empty), then `nodes:` and `nodes` (indented by two).
+pub fn recipe_yaml(dir: &str, models: &[&str], nodes: &str) -> String {
+    let mut text = String::from("version: 1\nmodels:\n");
+    for m in models {
+        text.push_str(&format!("  {m}: {{ path: {dir}{m}.safetensors }}\n"));
+    }
+    text.push_str("nodes:\n");
+    text.push_str(nodes);
+    text
 }

@@ -1,14 +1,13 @@
 //! XY(Z) sweeps: axis parsing per type (values and errors), cell expansion, cache sharing
 //! between cells, and grids built from cached cell images.
 
-mod common;
-
 use std::path::Path;
 
 use mergesmith::arch::Family;
-use mergesmith::build::{self, BuildOptions, Cache, Status};
+use mergesmith::build::{self, BuildOptions, Status};
 use mergesmith::merge::{CalcMode, Ratio};
 use mergesmith::recipe::{self, Input, Node};
+use mergesmith::store::Cache;
 
 const BASE: &str = "version: 1
 models:
@@ -391,10 +390,10 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
-        common::synth(
+        crate::common::synth(
             d,
             &format!("{name}.safetensors"),
-            &common::tiny(Family::Sd1, seed),
+            &crate::common::tiny(Family::Sd1, seed),
         );
     }
     let path = d.join("r.yaml");
@@ -433,7 +432,7 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
 fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    common::small_models(d, &["a", "b", "c"]);
+    crate::common::small_models(d, &["a", "b", "c"]);
     let path = d.join("r.yaml");
     let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
     std::fs::write(
@@ -498,7 +497,7 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
 fn the_effective_checker_adds_a_difference_row() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    common::small_models(d, &["a", "b", "c"]);
+    crate::common::small_models(d, &["a", "b", "c"]);
     let path = d.join("r.yaml");
     std::fs::write(
         &path,
@@ -532,9 +531,9 @@ fn the_effective_checker_adds_a_difference_row() {
 fn keep_going_builds_the_other_cells_and_greys_the_failed_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    common::small_models(d, &["a", "b"]);
+    crate::common::small_models(d, &["a", "b"]);
     // Model C is an SDXL file: merging it with SD1 models fails.
-    common::synth(d, "c.safetensors", &common::tiny(Family::Sdxl, 3));
+    crate::common::synth(d, "c.safetensors", &crate::common::tiny(Family::Sdxl, 3));
     let path = d.join("r.yaml");
     let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
     std::fs::write(

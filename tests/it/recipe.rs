@@ -1,14 +1,13 @@
 //! Recipes: parsing, errors that point, and incremental builds on real (tiny) files.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use mergesmith::arch::Family;
 use mergesmith::build::BuildOptions;
-use mergesmith::build::{self, Cache, Status};
+use mergesmith::build::{self, Status};
 use mergesmith::recipe;
+use mergesmith::store::Cache;
 
 const RECIPE: &str = "version: 1
 models:
@@ -1101,7 +1100,7 @@ nodes:
     // The same bytes as baking the saved blend with `lora apply`.
     let blend_file = d.join("blend.safetensors");
     let cache = p.cache();
-    let store = mergesmith::build::store::Store::new(&cache);
+    let store = mergesmith::store::Store::new(&cache);
     store
         .materialize(&key_of(&p.plan(&r), "blend"), &blend_file, false, false)
         .unwrap();

@@ -1,0 +1,141 @@
+//! `mergesmith gen`: text to image into PNGs with AUTOMATIC1111's parameters.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use mergesmith::error::{Error, Result};
+use mergesmith::gen::pipeline::Prediction;
+use mergesmith::gen::sampler::Sampler;
+
+use super::{choice, print_json, OutputArgs};
+
+/// Arguments of `gen`.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// The checkpoint.
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+    /// The negative prompt.
+    #[arg(short = 'n', long, default_value = "")]
+    pub negative: String,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f64,
+    /// Sampler.
+    #[arg(long, value_parser = choice::<Sampler>(), default_value = "euler-a")]
+    pub sampler: Sampler,
+    /// Seed (image i of a batch uses seed + i, as the web UI does).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Width in pixels, a multiple of 8 [default: the model's native size: 512 for SD1 and
+    /// SD2-base, 768 for SD2 768-v, 1024 for SDXL].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels, a multiple of 8 [default: as the width].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images to make (a batch writes NAME-1.png, NAME-2.png, ... for `-o NAME.png`).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// CLIP skip (1: the last layer; 2: the penultimate). SD1 only: SD2 and SDXL always use
+    /// the penultimate layer, as the web UI does.
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// Hires fix: upscale the latent by this factor (1 to 8), then denoise again.
+    #[arg(long, value_name = "FACTOR")]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass (0: as many as --steps).
+    #[arg(long, default_value_t = 0, requires = "hires_scale")]
+    pub hires_steps: u32,
+    /// Hires fix: denoising strength of the second pass, in (0, 1].
+    #[arg(long, default_value_t = 0.7, requires = "hires_scale")]
+    pub hires_strength: f64,
+    /// What the model predicts [default: guessed from the file: `v` for a `v_pred` marker
+    /// or an SD2 768-v model, else `epsilon`].
+    #[arg(long, value_parser = choice::<Prediction>())]
+    pub prediction: Option<Prediction>,
+    /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache,
+    /// else the bundled CLIP vocabulary].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Where the models run: cpu, cuda or cuda:N (f16 on CUDA, f32 on the CPU).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: mergesmith::device::ComputeDevice,
+    /// Where the PNG goes and how the command reports.
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `mergesmith gen`.
+pub fn run(a: GenArgs) -> Result<()> {
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::pipeline::Models;
+    let started = std::time::Instant::now();
+    let tok = mergesmith::gen::tokenizer::ClipTokenizer::find(a.tokenizer.as_deref())?;
+    let memo = super::memo(None);
+    let hashes = memo.hashes(&a.model)?.0;
+    let job = Job {
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler: a.sampler,
+        seed: a.seed,
+        batch: a.batch.max(1),
+        width: a.width,
+        height: a.height,
+        clip_skip: a.clip_skip.max(1),
+        hires: a.hires_scale.map(|scale| mergesmith::gen::png::Hires {
+            scale,
+            steps: a.hires_steps,
+            strength: a.hires_strength,
+        }),
+        prediction: a.prediction,
+    };
+    let outputs: Vec<PathBuf> = match job.batch {
+        1 => vec![a.out.output.clone()],
+        n => (1..=n)
+            .map(|i| {
+                let stem = a
+                    .out
+                    .output
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                a.out.output.with_file_name(format!("{stem}-{i}.png"))
+            })
+            .collect(),
+    };
+    if !a.out.overwrite {
+        if let Some(p) = outputs.iter().find(|p| p.exists()) {
+            return Err(Error::OutputExists { path: p.clone() });
+        }
+    }
+    let ck = std::sync::Arc::new(mergesmith::checkpoint::Checkpoint::open(&a.model)?);
+    let models = Models::load_on(ck, a.device)?;
+    let model = a
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (seed, out) in job.seeds().zip(&outputs) {
+        let key = job.image_key(&hashes.blake3, &tok.key, seed);
+        let name = (model.as_str(), hashes.autov2.as_str());
+        job.write_image(&models, &tok, seed, &key, name, out, a.out.overwrite)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if a.out.json {
+        return print_json(&serde_json::json!({ "outputs": outputs, "seconds": seconds }));
+    }
+    for o in &outputs {
+        println!("wrote {}", o.display());
+    }
+    println!("{} image(s) in {seconds:.1} s", outputs.len());
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! `mergesmith merge`: a one-shot merge of two or three files.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use mergesmith::dtype::FloatType;
+use mergesmith::error::{Error, Result};
+use mergesmith::merge::{CalcMode, Mode};
+
+use super::{choice, print_json, OutputArgs};
+
+/// Arguments of `merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Merge mode.
+    #[arg(long, value_parser = choice::<Mode>(), default_value = "weight_sum")]
+    pub mode: Mode,
+    /// Model A (the base).
+    #[arg(short = 'a', long = "model-a", value_name = "FILE")]
+    pub a: PathBuf,
+    /// Model B.
+    #[arg(short = 'b', long = "model-b", value_name = "FILE")]
+    pub b: PathBuf,
+    /// Model C (add_difference, triple_sum, sum_twice).
+    #[arg(short = 'c', long = "model-c", value_name = "FILE")]
+    pub c: Option<PathBuf>,
+    /// Weight of B: a number, a preset name (GRAD_V...) or one value per block
+    /// (26 for SD1/SD2: BASE,IN00-IN11,M00,OUT00-OUT11; 20 or 110 for SDXL).
+    #[arg(long, allow_hyphen_values = true, default_value = "0.5")]
+    pub alpha: String,
+    /// Per-block weights of B (same as --alpha with a vector or preset).
+    #[arg(long, allow_hyphen_values = true, value_name = "PRESET|v1,...")]
+    pub mbw: Option<String>,
+    /// Weight of C (triple_sum, sum_twice): number, preset or per-block vector.
+    #[arg(long, allow_hyphen_values = true)]
+    pub beta: Option<String>,
+    /// Per-element calculation (SuperMerger's calcmode).
+    #[arg(long, value_parser = choice::<CalcMode>(), default_value = "normal")]
+    pub calcmode: CalcMode,
+    /// extract's gamma: how sharply similarity selects features.
+    #[arg(long, default_value_t = 0.3)]
+    pub gamma: f64,
+    /// Seed of random calcmodes (plusRandom).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output type of float tensors [default: keep model A's].
+    #[arg(long, value_parser = choice::<FloatType>())]
+    pub dtype: Option<FloatType>,
+    /// Elemental merge: `blocks:elements:ratio` entries (comma or newline separated) that
+    /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
+    #[arg(long, value_name = "TEXT")]
+    pub elemental: Option<String>,
+    /// Compatibility: read SDXL block names in --elemental the way SuperMerger did before its
+    /// fix (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
+    #[arg(long)]
+    pub xl_elemental_shift: bool,
+    /// Merge only the matched keys (blocks/elements given by --blocks/--elements).
+    #[arg(long, conflicts_with = "exclude")]
+    pub include: bool,
+    /// Keep model A for the matched keys (blocks/elements given by --blocks/--elements).
+    #[arg(long)]
+    pub exclude: bool,
+    /// Blocks for --include/--exclude: IDs and ranges (IN00-IN05), VAE, Adjust.
+    #[arg(long, default_value = "", value_name = "BLOCKS")]
+    pub blocks: String,
+    /// Key substrings for --include/--exclude (comma separated).
+    #[arg(long, default_value = "", value_name = "SUBSTRINGS")]
+    pub elements: String,
+    /// Adjust: 8 values IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3 (detail, contrast, brightness, colour).
+    #[arg(long, allow_hyphen_values = true, value_name = "v1,...,v8")]
+    pub adjust: Option<String>,
+    /// Keep only UNet, VAE and text-encoder tensors.
+    #[arg(long)]
+    pub prune: bool,
+    /// Rewrite CLIP position_ids as 0..76.
+    #[arg(long)]
+    pub reset_position_ids: bool,
+    /// Replace the VAE with this VAE file.
+    #[arg(long, value_name = "FILE")]
+    pub bake_vae: Option<PathBuf>,
+    /// Extra MBW preset files (`NAME<TAB>v1,...` per line).
+    #[arg(long, value_name = "FILE")]
+    pub presets: Vec<PathBuf>,
+    /// Where the file goes and how the command reports.
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Cache directory for the input-hash memo.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Where the arithmetic runs: cpu (mergesmith's kernels), cuda or cuda:N (a build with
+    /// the `cuda` feature). Element-wise formulas run there; the rest stays on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: mergesmith::device::ComputeDevice,
+}
+
+/// Runs `merge`.
+pub fn run(a: MergeArgs) -> Result<()> {
+    use mergesmith::merge::{MergeFiles, MergeSpec, Presets, Ratio};
+    let mut presets = Presets::default();
+    for p in &a.presets {
+        presets.add_file(p)?;
+    }
+    let alpha_text = match &a.mbw {
+        Some(m) if a.alpha != "0.5" => {
+            return Err(Error::Invalid(format!(
+                "give either --alpha {} or --mbw {m}, not both",
+                a.alpha
+            )));
+        }
+        Some(m) => m.as_str(),
+        None => a.alpha.as_str(),
+    };
+    let spec = MergeSpec {
+        mode: a.mode,
+        alpha: Ratio::parse(alpha_text, &presets)?,
+        beta: a
+            .beta
+            .as_deref()
+            .map(|b| Ratio::parse(b, &presets))
+            .transpose()?,
+        calcmode: a.calcmode,
+        gamma: a.gamma,
+        seed: a.seed,
+        dtype: a.dtype,
+        prune: a.prune,
+        reset_position_ids: a.reset_position_ids,
+        elemental: a.elemental.clone(),
+        xl_elemental_shift: a.xl_elemental_shift,
+        filter: match (a.include, a.exclude) {
+            (true, _) => Some(mergesmith::merge::FilterMode::Include),
+            (_, true) => Some(mergesmith::merge::FilterMode::Exclude),
+            _ => None,
+        }
+        .map(|mode| mergesmith::merge::FilterSpec {
+            mode,
+            blocks: a.blocks.clone(),
+            elements: a.elements.clone(),
+        }),
+        adjust: a
+            .adjust
+            .as_deref()
+            .map(mergesmith::merge::select::parse_adjust)
+            .transpose()?
+            .flatten(),
+        bake_vae: a.bake_vae.clone(),
+    };
+    if spec.filter.is_none() && !(a.blocks.is_empty() && a.elements.is_empty()) {
+        return Err(Error::Invalid(
+            "--blocks/--elements need --include or --exclude".into(),
+        ));
+    }
+    let files = MergeFiles {
+        a: &a.a,
+        b: &a.b,
+        c: a.c.as_deref(),
+    };
+    let memo = super::memo(a.cache.as_deref());
+    let started = std::time::Instant::now();
+    let (plan, report) = mergesmith::merge::merge_files(
+        &files,
+        &spec,
+        &a.out.output,
+        &memo,
+        &mergesmith::merge::RunOptions {
+            overwrite: a.out.overwrite,
+            progress: !a.out.json,
+            device: a.device,
+        },
+    )?;
+    if a.out.json {
+        return print_json(&serde_json::json!({ "report": report, "plan": {
+            "architecture": plan.arch,
+            "blended": plan.blended(),
+            "missing_in_b": plan.missing_in_b,
+            "missing_in_c": plan.missing_in_c,
+            "added_from_b": plan.added_from_b,
+        }}));
+    }
+    for (what, keys) in [
+        ("missing from B (kept from A)", &plan.missing_in_b),
+        ("missing from C (kept from A)", &plan.missing_in_c),
+        ("only in B (added)", &plan.added_from_b),
+    ] {
+        if !keys.is_empty() {
+            eprintln!(
+                "note: {} mergeable keys {what}, e.g. `{}`",
+                keys.len(),
+                keys[0]
+            );
+        }
+    }
+    println!(
+        "wrote {} ({}: {} tensors, {} blended, {}) in {:.1} s",
+        report.path.display(),
+        plan.arch,
+        report.tensors,
+        report.blended,
+        mergesmith::inspect::human_bytes(report.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

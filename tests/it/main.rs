@@ -1,0 +1,21 @@
+//! mergesmith's integration tests: one test binary (linking the library once), a module per
+//! area, helpers and recipe fixtures in `common`.
+
+mod common;
+
+mod arch_blocks;
+mod calcmodes;
+mod cli;
+mod device;
+mod gen;
+mod header_props;
+mod layers;
+mod lora;
+mod merge;
+mod noop_build;
+mod pickle_io;
+mod recipe;
+mod remote;
+mod report;
+mod safetensors_io;
+mod sweep;
