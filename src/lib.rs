@@ -28,6 +28,7 @@ pub mod hashing;
 pub mod inspect;
 pub mod lora;
 pub mod merge;
+pub mod nodes;
 pub mod noise;
 pub mod progress;
 pub mod recipe;

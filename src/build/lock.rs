@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
 use crate::hashing::{hash_file, HashMemo};
-use crate::recipe::{Node, Recipe};
+use crate::recipe::Recipe;
 
 /// One file in the lock.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,10 +65,14 @@ pub fn write(recipe: &Recipe, memo: &HashMemo) -> Result<PathBuf> {
         .iter()
         .map(|(n, (p, _))| Ok((n.clone(), entry(p)?)))
         .collect::<Result<_>>()?;
-    lock.outputs
-        .retain(|n, _| matches!(recipe.nodes.get(n), Some(Node::Save { .. })));
+    lock.outputs.retain(|n, _| {
+        recipe
+            .nodes
+            .get(n)
+            .is_some_and(|n| n.output_file().is_some())
+    });
     for (name, node) in &recipe.nodes {
-        if let Node::Save { to, .. } = node {
+        if let Some(to) = node.output_file() {
             if to.exists() {
                 lock.outputs.insert(name.clone(), entry(to)?);
             }
@@ -139,7 +143,7 @@ pub fn verify_rebuild(recipe: &Recipe, opts: &crate::build::BuildOptions) -> Res
         .map_err(|e| Error::io(dir, e))?;
     let mut fresh = recipe.clone();
     for (name, node) in fresh.nodes.iter_mut() {
-        if let Node::Save { to, .. } = node {
+        if let Some(to) = node.output_file_mut() {
             *to = tmp.path().join("out").join(format!("{name}.safetensors"));
         }
     }
@@ -168,9 +172,9 @@ pub fn verify_rebuild(recipe: &Recipe, opts: &crate::build::BuildOptions) -> Res
         compare("input", name, f, &dir.join(&f.path));
     }
     for (name, f) in &lock.outputs {
-        let rebuilt = match fresh.nodes.get(name) {
-            Some(Node::Save { to, .. }) => to.clone(),
-            _ => tmp.path().join("missing"),
+        let rebuilt = match fresh.nodes.get(name).and_then(|n| n.output_file()) {
+            Some(to) => to.to_path_buf(),
+            None => tmp.path().join("missing"),
         };
         compare("rebuilt output", name, f, &rebuilt);
     }

@@ -15,60 +15,23 @@
 //! Where the cache is and how it is laid out: [`crate::store`].
 
 pub mod diff;
-pub mod images;
 pub mod lock;
 pub mod log;
 pub mod shard;
-pub mod tensors;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::checkpoint::writer::write_file_atomic;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::hashing::{FileHashes, Stamp};
-use crate::merge::metadata::{self, InputRecord};
-use crate::merge::{engine, Prepared, RunOptions};
-use crate::recipe::{Input, Link, Node, Recipe};
+use crate::merge::RunOptions;
+use crate::nodes::{CheckCx, Header, HitCx, Input, KeyCx, Node, RunCx};
+use crate::recipe::Recipe;
 use crate::store::remote::Kind;
-use crate::store::{Cache, Entry, Manifest, Place, Store};
-
-/// Bumped whenever a change to the merge code changes results for the same inputs.
-pub const ALGORITHM_VERSION: u32 = 1;
-
-/// What the last build of `recipe` produced (nothing when it was never built here).
-fn load_state(cache: &Cache, recipe: &Path) -> State {
-    std::fs::read_to_string(cache.state_path(recipe))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
-}
-
-/// Records what this build of `recipe` produced.
-fn save_state(cache: &Cache, recipe: &Path, state: &State) -> Result<()> {
-    let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_file_atomic(&cache.state_path(recipe), &text, true)
-}
-
-/// What the last build of a recipe produced.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
-    /// Node name -> key.
-    nodes: BTreeMap<String, String>,
-    /// Output file -> what mergesmith wrote there.
-    outputs: BTreeMap<PathBuf, Written>,
-}
-
-/// A file a save node wrote: which result, and the file's stamp right after writing.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Written {
-    object: String,
-    stamp: Stamp,
-}
+use crate::store::{Cache, Store};
 
 /// Whether a node must run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -118,7 +81,7 @@ pub fn plan_checked(
     targets: &[String],
 ) -> Result<(Vec<NodePlan>, BTreeMap<String, String>)> {
     let keys = keys(recipe, cache)?;
-    let state = load_state(cache, &recipe.path);
+    let state = cache.load_state(&recipe.path);
     let needed = needed(recipe, targets)?;
     let order: Vec<&str> = recipe
         .order
@@ -137,16 +100,14 @@ pub fn plan_checked(
     let images_stored: BTreeSet<&str> = order
         .iter()
         .copied()
-        .filter(|n| matches!(recipe.nodes[*n], Node::Generate { .. } | Node::Xy { .. }))
-        .filter(|n| images::all_stored(cache, &keys[*n].1))
+        .filter(|n| recipe.nodes[*n].images_stored(&keys[*n].1, cache))
         .collect();
-    let hit = |n: &str| match &recipe.nodes[n] {
-        Node::Save { to, from, .. } => output_current(&state, to, &keys[from].0),
-        Node::Generate { to, .. } | Node::Xy { to, .. } => {
-            images_stored.contains(n) && images::copies_current(&state, to.as_deref(), &keys[n].1)
-        }
-        node => !node.in_memory() && cache.has_result(&keys[n].0),
+    let hit_cx = HitCx {
+        cache,
+        state: &state,
+        keys: &keys,
     };
+    let hit = |n: &str| recipe.nodes[n].is_current(&keys[n].0, &keys[n].1, &hit_cx);
     let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
     let mut demanded: BTreeSet<&str> = if targets.is_empty() {
         default_targets(recipe).into_iter().collect()
@@ -209,21 +170,14 @@ fn check_runs(
     runs: &BTreeSet<&str>,
     images_stored: &BTreeSet<&str>,
 ) -> BTreeMap<String, String> {
-    type Header = Vec<(String, crate::dtype::DType, Vec<usize>)>;
     let store = Store::new(cache);
     let mut planned: BTreeMap<&str, Header> = BTreeMap::new();
     let mut failed: BTreeSet<&str> = BTreeSet::new();
     let mut errors = BTreeMap::new();
-    let header = |ck: &Checkpoint| -> Header {
-        ck.tensors()
-            .iter()
-            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-            .collect()
-    };
     for &name in order.iter().filter(|n| runs.contains(*n)) {
         let node = &recipe.nodes[name];
-        // Saves, sweeps and generate nodes that only copy stored images read no checkpoint.
-        if matches!(node, Node::Save { .. } | Node::Xy { .. }) || images_stored.contains(name) {
+        // Generate and xy nodes that only copy stored images read no checkpoint.
+        if images_stored.contains(name) {
             continue;
         }
         if node.node_inputs().iter().any(|n| failed.contains(n)) {
@@ -242,75 +196,15 @@ fn check_runs(
                 }
             }
         };
-        let open_lora = &|i: &Input| crate::lora::LoraFile::from_checkpoint(open(i)?);
-        let checked = (|| -> Result<Header> {
-            match node {
-                Node::Merge {
-                    inputs, spec, vae, ..
-                } => {
-                    let opened = inputs.iter().map(open).collect::<Result<Vec<_>>>()?;
-                    let v = vae
-                        .as_ref()
-                        .map(|v| open(&Input::Model(v.clone())))
-                        .transpose()?;
-                    let inputs = crate::merge::plan::Inputs {
-                        a: &opened[0],
-                        b: &opened[1],
-                        c: opened.get(2),
-                        vae: v.as_ref(),
-                    };
-                    let plan = crate::merge::plan(&inputs, spec)?;
-                    Ok(plan
-                        .keys
-                        .iter()
-                        .map(|k| (k.name.clone(), k.dtype, k.shape.clone()))
-                        .collect())
-                }
-                Node::Lora {
-                    input,
-                    loras,
-                    fill,
-                    allow_unmatched,
-                    ..
-                } => {
-                    let base = open(input)?;
-                    let family = crate::arch::detect(base.tensors()).family;
-                    let apps = lora_applications(loras, Some(family), *fill, open_lora)?;
-                    crate::lora::bake::plan(&base, &apps, *allow_unmatched)?;
-                    Ok(header(&base))
-                }
-                Node::ExtractLora { a, b, options, .. } => {
-                    let plan = crate::lora::extract::plan(&open(a)?, &open(b)?, options)?;
-                    Ok(lora_header(plan.layout(options), options.dtype))
-                }
-                Node::MergeLoras {
-                    loras,
-                    options,
-                    fill,
-                    ..
-                } => {
-                    let sources = lora_applications(loras, None, *fill, open_lora)?;
-                    let plan = crate::lora::merge::plan(&sources, options)?;
-                    Ok(lora_header(
-                        crate::lora::merge::layout(&plan),
-                        options.dtype,
-                    ))
-                }
-                Node::Generate { model, .. } => {
-                    let ck = open(model)?;
-                    crate::gen::pipeline::check_arch(&crate::arch::detect(ck.tensors()))
-                        .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
-                    Ok(Vec::new())
-                }
-                Node::Save { .. } | Node::Xy { .. } => {
-                    unreachable!("saves and sweeps are skipped above")
-                }
-            }
-        })();
+        let checked = node.check(&CheckCx {
+            open: &open,
+            models: &recipe.models,
+        });
         match checked {
-            Ok(h) => {
+            Ok(Some(h)) => {
                 planned.insert(name, h);
             }
+            Ok(None) => {}
             Err(e) => {
                 failed.insert(name);
                 errors.insert(name.to_string(), format!("node `{name}`: {e}"));
@@ -320,27 +214,6 @@ fn check_runs(
     errors
 }
 
-/// The header of a LoRA laid out as (name, shape) in `dtype` (alphas are scalars).
-fn lora_header(
-    layout: Vec<(String, Vec<usize>)>,
-    dtype: crate::dtype::FloatType,
-) -> Vec<(String, crate::dtype::DType, Vec<usize>)> {
-    layout
-        .into_iter()
-        .map(|(n, s)| (n, dtype.dtype(), s))
-        .collect()
-}
-
-/// Whether the file at `to` is still exactly what the last build wrote from result `key`
-/// (checked by stamp, without reading it).
-fn output_current(state: &State, to: &Path, key: &str) -> bool {
-    state
-        .outputs
-        .get(to)
-        .is_some_and(|w| w.object == key && Stamp::of(to).is_ok_and(|s| s == w.stamp))
-}
-
-/// The nodes needed for `targets` (every node when empty), or an error for an unknown target.
 /// The nodes a build without targets builds: every node no other node reads, save
 /// `cache: memory` merges (in recipe order).
 pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
@@ -357,18 +230,10 @@ pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
         .collect()
 }
 
-/// The cache objects a node's result is made of: its merge result (unless kept in memory),
-/// or the images a generate or xy node outputs; none for a save.
+/// The cache objects a node's result is made of: its result (unless kept in memory), or the
+/// images it outputs; none for a save.
 pub fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
-    match node {
-        Node::Generate { .. } | Node::Xy { .. } => images::outputs(preimage)
-            .into_iter()
-            .map(|(_, k)| (k, Kind::Image))
-            .collect(),
-        Node::Save { .. } => Vec::new(),
-        node if node.in_memory() => Vec::new(),
-        _ => vec![(key.to_string(), Kind::Result)],
-    }
+    node.stored_objects(key, preimage)
 }
 
 /// `targets` and every node they read, directly or not (every node when `targets` is empty);
@@ -424,147 +289,18 @@ fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Valu
         model_keys.insert(name, h.blake3);
     }
     // Generate nodes' images depend on the tokenizer's vocabulary: key it by content.
-    let generates = recipe
-        .nodes
-        .values()
-        .any(|n| matches!(n, Node::Generate { .. }));
-    let tokenizer = match generates {
+    let tokenizer = match recipe.nodes.values().any(|n| n.uses_tokenizer()) {
         true => crate::gen::tokenizer::ClipTokenizer::find_key(recipe.tokenizer.as_deref())?,
         false => String::new(),
     };
     let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();
     for name in &recipe.order {
-        let input_key = |i: &Input| match i {
-            Input::Model(m) => json!({ "model": m, "content": model_keys[m.as_str()] }),
-            Input::Node(n) => json!({ "node": n, "key": out[n].0 }),
+        let cx = KeyCx {
+            models: &model_keys,
+            nodes: &out,
+            tokenizer: &tokenizer,
         };
-        let lora_keys = |loras: &[crate::recipe::LoraUse]| -> Vec<Value> {
-            loras
-                .iter()
-                .map(|l| {
-                    json!({
-                        "lora": input_key(&l.source),
-                        "strength": l.strength,
-                        "blocks": l.blocks,
-                    })
-                })
-                .collect()
-        };
-        // Where a result is kept (`cache: memory`) is not part of what it is.
-        let preimage = match &recipe.nodes[name] {
-            Node::Merge {
-                inputs, spec, vae, ..
-            } => json!({
-                "op": "merge",
-                "algorithm": ALGORITHM_VERSION,
-                "merge": spec,
-                "inputs": inputs.iter().map(input_key).collect::<Vec<_>>(),
-                "vae": vae.as_ref().map(|v| input_key(&Input::Model(v.clone()))),
-            }),
-            Node::Lora {
-                input,
-                loras,
-                fill,
-                allow_unmatched,
-                ..
-            } => json!({
-                "op": "lora",
-                "algorithm": ALGORITHM_VERSION,
-                "input": input_key(input),
-                "loras": lora_keys(loras),
-                "fill": fill,
-                "allow_unmatched": allow_unmatched,
-            }),
-            Node::ExtractLora { a, b, options, .. } => json!({
-                "op": "extract_lora",
-                "algorithm": ALGORITHM_VERSION,
-                "a": input_key(a),
-                "b": input_key(b),
-                "options": options,
-            }),
-            Node::MergeLoras {
-                loras,
-                options,
-                fill,
-                ..
-            } => json!({
-                "op": "merge_loras",
-                "algorithm": ALGORITHM_VERSION,
-                "loras": lora_keys(loras),
-                "options": options,
-                "fill": fill,
-            }),
-            Node::Generate { model, job, .. } => {
-                let content = match model {
-                    Input::Model(m) => model_keys[m.as_str()].clone(),
-                    Input::Node(n) => out[n].0.clone(),
-                };
-                let images: Vec<(u64, String)> = job
-                    .seeds()
-                    .map(|seed| (seed, job.image_key(&content, &tokenizer, seed)))
-                    .collect();
-                json!({
-                    "op": "generate",
-                    "version": crate::gen::job::VERSION,
-                    "model": input_key(model),
-                    "tokenizer": tokenizer,
-                    "job": job,
-                    "images": images.iter().map(|(seed, key)| json!({ "seed": seed, "key": key })).collect::<Vec<_>>(),
-                    "outputs": images.iter().map(|(seed, key)| json!({ "file": images::file_name(name, *seed), "key": key })).collect::<Vec<_>>(),
-                })
-            }
-            Node::Xy { grids, .. } => {
-                // One grid image per grid and batch index, keyed by its cells' images, its
-                // labels and the grid code's version.
-                let mut entries = Vec::new();
-                for g in grids {
-                    let cell_images: Vec<Vec<String>> = g
-                        .cells
-                        .iter()
-                        .map(|c| {
-                            images::image_keys(&out[c].1)
-                                .into_iter()
-                                .map(|(_, k)| k)
-                                .collect()
-                        })
-                        .collect();
-                    let batch = cell_images.iter().map(Vec::len).min().unwrap_or(0);
-                    for b in 0..batch {
-                        let cells: Vec<&String> = cell_images.iter().map(|c| &c[b]).collect();
-                        let mut entry = json!({
-                            "grid": g.name,
-                            "batch": b,
-                            "header": g.header,
-                            "x_labels": g.x_labels,
-                            "y_labels": g.y_labels,
-                            "z_label": g.z_label,
-                            "effective": g.effective,
-                            "cells": cells,
-                            "version": crate::gen::job::GRID_VERSION,
-                        });
-                        let key = blake3::hash(entry.to_string().as_bytes())
-                            .to_hex()
-                            .to_string();
-                        entry["key"] = json!(key);
-                        entry["file"] = json!(match batch {
-                            1 => format!("{}.png", g.name),
-                            _ => format!("{}-b{b}.png", g.name),
-                        });
-                        entries.push(entry);
-                    }
-                }
-                json!({
-                    "op": "xy",
-                    "outputs": entries.iter().map(|e| json!({ "file": e["file"], "key": e["key"] })).collect::<Vec<_>>(),
-                    "grids": entries,
-                })
-            }
-            Node::Save { from, link, .. } => json!({
-                "op": "save",
-                "from": { "node": from, "key": out[from].0 },
-                "link": link,
-            }),
-        };
+        let preimage = recipe.nodes[name].preimage(name, &cx);
         let text = serde_json::to_string(&preimage).map_err(|e| Error::Invalid(e.to_string()))?;
         out.insert(
             name.clone(),
@@ -690,14 +426,15 @@ fn build_once(
         .map(|p| (p.name.clone(), p.key.clone()))
         .collect();
     let store = Store::new(cache);
-    let state = Mutex::new(load_state(cache, &recipe.path));
-    let ctx = Ctx {
-        recipe,
+    let state = Mutex::new(cache.load_state(&recipe.path));
+    let cx = RunCx {
+        models: &recipe.models,
         keys: &keys,
         store: &store,
         state: &state,
         run: &opts.run,
-        generation: images::Generation::default(),
+        tokenizer: recipe.tokenizer.as_deref(),
+        generation: Default::default(),
     };
     let misses: Vec<&NodePlan> = plans
         .iter()
@@ -709,12 +446,13 @@ fn build_once(
         opts.jobs.max(1),
         failed_early,
         opts.keep_going,
-        |p| ctx.run_node(p),
+        |p| run_node(recipe, &cx, p),
     )?;
     let mut st = state.into_inner().expect("state lock");
     let mut reports = Vec::new();
     for p in &plans {
-        if p.status == Status::Hit && !matches!(recipe.nodes[&p.name], Node::Save { .. }) {
+        if p.status == Status::Hit {
+            // Orders `gc` (a node without a stored result has nothing to touch).
             cache.touch(&p.key);
         }
         let failed = built.get(&p.name).is_some_and(|r| r.error.is_some());
@@ -727,7 +465,7 @@ fn build_once(
                 .unwrap_or_else(|| NodeReport::nothing_done(p)),
         );
     }
-    save_state(cache, &recipe.path, &st)?;
+    cache.save_state(&recipe.path, &st)?;
     Ok(reports)
 }
 
@@ -771,7 +509,7 @@ fn schedule<'p>(
                     .node_inputs()
                     .into_iter()
                     .find(|i| done.get(*i).is_some_and(|r| r.error.is_some()));
-                if let (Some(input), false) = (broken, matches!(node, Node::Xy { .. })) {
+                if let (Some(input), false) = (broken, node.runs_with_failed_inputs()) {
                     let e = Error::Failed(format!("node `{}`: its input `{input}` failed", p.name));
                     done.insert(p.name.clone(), failed_report(p, &e));
                     continue;
@@ -810,427 +548,29 @@ fn schedule<'p>(
     }
 }
 
-/// What every node of one build shares.
-struct Ctx<'a> {
-    recipe: &'a Recipe,
-    keys: &'a BTreeMap<String, String>,
-    store: &'a Store<'a>,
-    state: &'a Mutex<State>,
-    run: &'a RunOptions,
-    generation: images::Generation,
-}
-
-impl Ctx<'_> {
-    /// Builds one node that is out of date and records it in the recipe's state.
-    fn run_node(&self, p: &NodePlan) -> Result<NodeReport> {
-        let started = std::time::Instant::now();
-        let cache = self.store.cache;
-        let mut report = NodeReport::nothing_done(p);
-        let failed = |e: Error| Error::Failed(format!("node `{}`: {e}", p.name));
-        match &self.recipe.nodes[&p.name] {
-            Node::Save {
-                from,
-                to,
-                overwrite,
-                link,
-            } => {
-                let _lock = cache.lock(&p.key)?;
-                self.save(&self.keys[from], to, *overwrite, *link == Link::Hardlink)
-                    .map_err(failed)?;
-                report.output = Some(to.clone());
-            }
-            Node::Generate { to, .. } | Node::Xy { to, .. } => {
-                let _lock = cache.lock(&p.key)?;
-                let done = match self.recipe.nodes[&p.name] {
-                    Node::Xy { .. } => self.grids(&p.name, &p.preimage),
-                    _ => self.generate(&p.name, &p.preimage),
-                };
-                let (made, found) = done.map_err(failed)?;
-                (report.stored, report.reused) = (Some(made), Some(found));
-                report.output = to.clone();
-            }
-            node => {
-                let place = if node.in_memory() {
-                    Place::Memory
-                } else {
-                    Place::Disk
-                };
-                // One build at a time per result: a concurrent build of the same node waits
-                // here, then finds the result the other one stored.
-                let _lock = match place {
-                    Place::Disk => Some(cache.lock(&p.key)?),
-                    Place::Memory => None,
-                };
-                // Sweep cells repeat nodes: one with the same key may have run already.
-                if !self.store.has_result(&p.key) {
-                    let built = match node {
-                        Node::Merge { .. } => self.merge(&p.name, &p.key, place),
-                        Node::Lora { .. } => self.lora(&p.name, &p.key, place),
-                        _ => self.make_lora(&p.name, &p.key, place),
-                    };
-                    let (c, r) = built.map_err(failed)?;
-                    (report.stored, report.reused) = (Some(c), Some(r));
-                }
-            }
-        }
-        cache.put_preimage(&p.key, &p.preimage)?;
-        let mut state = self.state.lock().expect("state lock");
-        state.nodes.insert(p.name.clone(), p.key.clone());
-        save_state(cache, &self.recipe.path, &state)?;
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
-    }
-
-    /// Opens an input: the file of a model, or the stored result of a node; with its tensor
-    /// keys and (when `hashed`, for merge metadata) its file hashes.
-    fn open(&self, input: &Input, hashed: bool) -> Result<Opened> {
-        match input {
-            Input::Model(m) => {
-                let path = &self.recipe.models[m].0;
-                let (hashes, _) = self.store.memo.hashes(path)?;
-                let ck = Checkpoint::open(path)?;
-                let keys = tensors::model_keys(&hashes.blake3, &ck);
-                Ok(Opened {
-                    ck,
-                    keys,
-                    hashes: Some(hashes),
-                    label: path.clone(),
-                })
-            }
-            Input::Node(n) => {
-                let key = &self.keys[n];
-                let label = PathBuf::from(format!("{n}.safetensors"));
-                let keys = self
-                    .store
-                    .manifest(key)
-                    .ok_or_else(|| Error::Invalid(format!("node `{n}` has no stored result")))?
-                    .keys();
-                Ok(Opened {
-                    ck: self.store.open_result(key, &label)?,
-                    keys,
-                    hashes: hashed.then(|| self.store.result_hashes(key)).transpose()?,
-                    label,
-                })
-            }
-        }
-    }
-
-    /// Runs one merge node: keys every output tensor, refers to those the store already
-    /// holds, computes and stores the rest. Returns (stored, reused) tensor counts.
-    fn merge(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
-        let Node::Merge {
-            inputs, spec, vae, ..
-        } = &self.recipe.nodes[name]
-        else {
-            unreachable!("merge nodes only");
-        };
-        let mut spec = (**spec).clone();
-        spec.bake_vae = vae.as_ref().map(|v| self.recipe.models[v].0.clone());
-        let mut opened = inputs
-            .iter()
-            .map(|i| self.open(i, true))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter();
-        let (a, b, c) = (
-            opened.next().expect("A"),
-            opened.next().expect("B"),
-            opened.next(),
-        );
-        let v = vae
-            .as_ref()
-            .map(|v| self.open(&Input::Model(v.clone()), true))
-            .transpose()?;
-        let record = |o: &Opened| -> Result<(PathBuf, FileHashes, tensors::KeyMap)> {
-            let hashes = o.hashes.clone().ok_or_else(|| {
-                Error::Invalid(format!("{}: hashes not computed", o.label.display()))
-            })?;
-            Ok((o.label.clone(), hashes, o.keys.clone()))
-        };
-        let (ra, rb, rc, rv) = (
-            record(&a)?,
-            record(&b)?,
-            c.as_ref().map(record).transpose()?,
-            v.as_ref().map(record).transpose()?,
-        );
-        let prepared =
-            Prepared::from_checkpoints(a.ck, b.ck, c.map(|o| o.ck), v.map(|o| o.ck), &spec)?;
-        let in_keys = tensors::InputKeys {
-            a: &ra.2,
-            b: &rb.2,
-            c: rc.as_ref().map(|r| &r.2),
-            vae: rv.as_ref().map(|r| &r.2),
-        };
-        let out_keys = tensors::output_keys(&prepared.plan, &spec, &in_keys, key);
-        fn rec(r: &(PathBuf, FileHashes, tensors::KeyMap)) -> InputRecord<'_> {
-            InputRecord {
-                path: &r.0,
-                hashes: &r.1,
-            }
-        }
-        let md = metadata::build(
-            &spec,
-            &prepared.plan,
-            rec(&ra),
-            rec(&rb),
-            rc.as_ref().map(rec),
-            rv.as_ref().map(rec),
-        );
-        let tensors = prepared
-            .plan
-            .keys
-            .iter()
-            .zip(out_keys)
-            .map(|(k, tk)| (k.name.clone(), k.dtype, k.shape.clone(), tk))
-            .collect();
-        self.put(key, place, tensors, md, |w| {
-            engine::write(&prepared.plan, &prepared.inputs(), &spec, w, self.run)
-        })
-    }
-
-    /// Stores a result whose tensors are (name, dtype, shape, tensor key): those the store
-    /// holds are referred to, `write` computes the rest into a new pack. Returns (stored,
-    /// reused) tensor counts.
-    fn put(
-        &self,
-        key: &str,
-        place: Place,
-        tensors: Vec<(String, crate::dtype::DType, Vec<usize>, String)>,
-        metadata: BTreeMap<String, String>,
-        write: impl FnOnce(&crate::checkpoint::writer::SafetensorsWriter) -> Result<()>,
-    ) -> Result<(usize, usize)> {
-        let packs = self.store.packs_of(tensors.iter().map(|t| t.3.as_str()));
-        let tensors: Vec<Entry> = tensors
-            .into_iter()
-            .zip(packs)
-            .map(|((name, dtype, shape, tk), pack)| Entry {
-                name,
-                dtype,
-                shape,
-                pack: pack.unwrap_or_default(),
-                key: tk,
-            })
-            .collect();
-        let stored = tensors.iter().filter(|e| e.pack.is_empty()).count();
-        let reused = tensors.len() - stored;
-        let manifest = Manifest {
-            metadata,
-            tensors,
-            file: None,
-            hashes: None,
-        };
-        self.store.put(key, manifest, place, write)?;
-        Ok((stored, reused))
-    }
-
-    /// Runs one LoRA node: bakes its LoRAs into its input. Tensors no module touches keep
-    /// their input's tensor key (so a stored input is referred to, not copied); changed ones
-    /// are keyed by their input key and every contribution (LoRA content, module, factor).
-    fn lora(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
-        let Node::Lora {
-            input,
-            loras,
-            fill,
-            allow_unmatched,
-            ..
-        } = &self.recipe.nodes[name]
-        else {
-            unreachable!("lora nodes only");
-        };
-        let base = self.open(input, false)?;
-        let family = crate::arch::detect(base.ck.tensors()).family;
-        let apps = lora_applications(loras, Some(family), *fill, &|i| self.open_lora(i))?;
-        let (record, contents) = self.lora_record(loras, &apps)?;
-        let plan = crate::lora::bake::plan(&base.ck, &apps, *allow_unmatched)?;
-        let mut md = base.ck.metadata().clone();
-        md.insert("mergesmith_loras".into(), record.to_string());
-        let tensors = base
-            .ck
-            .tensors()
-            .iter()
-            .map(|t| {
-                let input_key = base.keys.get(&t.name).cloned().unwrap_or_default();
-                let tk = match plan.changes.get(&t.name) {
-                    None => input_key,
-                    Some(cs) => {
-                        let changes: Vec<Value> = cs
-                            .iter()
-                            .map(|c| {
-                                json!({
-                                    "lora": contents[c.lora],
-                                    "module": apps[c.lora].file.modules[c.module].name,
-                                    "rows": c.rows,
-                                    "strength": c.strength,
-                                    "block": c.block,
-                                    "bias": c.bias,
-                                })
-                            })
-                            .collect();
-                        let pre = json!({
-                            "algorithm": ALGORITHM_VERSION,
-                            "op": "lora",
-                            "name": t.name,
-                            "input": input_key,
-                            "changes": changes,
-                        });
-                        blake3::hash(pre.to_string().as_bytes())
-                            .to_hex()
-                            .to_string()
-                    }
-                };
-                (t.name.clone(), t.dtype, t.shape.clone(), tk)
-            })
-            .collect();
-        self.put(key, place, tensors, md, |w| {
-            crate::lora::bake::write(&base.ck, &apps, &plan, w, self.run.progress)
-        })
-    }
-
-    /// The metadata record of a node's LoRA files and each file's content key.
-    fn lora_record(
-        &self,
-        loras: &[crate::recipe::LoraUse],
-        apps: &[crate::lora::bake::Application],
-    ) -> Result<(Value, Vec<String>)> {
-        let mut record = Vec::new();
-        let mut contents = Vec::new();
-        for (u, app) in loras.iter().zip(apps) {
-            let (sha256, content) = match &u.source {
-                Input::Model(m) => {
-                    let (h, _) = self.store.memo.hashes(&self.recipe.models[m].0)?;
-                    (h.sha256, h.blake3)
-                }
-                Input::Node(n) => {
-                    let key = &self.keys[n];
-                    (self.store.result_hashes(key)?.sha256, key.clone())
-                }
-            };
-            record.push(json!({
-                "file": u.source.name(),
-                "sha256": sha256,
-                "strength": u.strength,
-                "blocks": app.blocks,
-            }));
-            contents.push(content);
-        }
-        Ok((Value::Array(record), contents))
-    }
-
-    /// Opens a LoRA: a model file, or the stored result of a LoRA node.
-    fn open_lora(&self, source: &Input) -> Result<crate::lora::LoraFile> {
-        match source {
-            Input::Model(m) => crate::lora::LoraFile::open(&self.recipe.models[m].0),
-            Input::Node(_) => crate::lora::LoraFile::from_checkpoint(self.open(source, false)?.ck),
-        }
-    }
-
-    /// Runs an `extract_lora` or `merge_loras` node: makes the LoRA in memory (a few hundred
-    /// MB at most), then stores it as one new pack.
-    fn make_lora(&self, name: &str, key: &str, place: Place) -> Result<(usize, usize)> {
-        let (lora, dtype) = match &self.recipe.nodes[name] {
-            Node::ExtractLora { a, b, options, .. } => {
-                let (a, b) = (self.open(a, false)?.ck, self.open(b, false)?.ck);
-                let plan = crate::lora::extract::plan(&a, &b, options)?;
-                let progress = self.run.progress;
-                let (lora, _) = crate::lora::extract::run(&a, &b, plan, options, name, progress)?;
-                (lora, options.dtype.dtype())
-            }
-            Node::MergeLoras {
-                loras,
-                options,
-                fill,
-                ..
-            } => {
-                let sources = lora_applications(loras, None, *fill, &|i| self.open_lora(i))?;
-                let plan = crate::lora::merge::plan(&sources, options)?;
-                let (lora, _) = crate::lora::merge::run(&sources, &plan, options)?;
-                (lora, options.dtype.dtype())
-            }
-            _ => unreachable!("LoRA-making nodes only"),
-        };
-        let tensors = lora
-            .specs(dtype)
-            .into_iter()
-            .map(|t| {
-                let tk = blake3::hash(
-                    json!({ "result": key, "tensor": t.name })
-                        .to_string()
-                        .as_bytes(),
-                );
-                (t.name, t.dtype, t.shape, tk.to_hex().to_string())
-            })
-            .collect();
-        self.put(key, place, tensors, lora.metadata.clone(), |w| {
-            lora.write_into(w, dtype)
-        })
-    }
-
-    /// Writes a stored result to `to`, refusing to replace a file mergesmith did not write
-    /// unless `overwrite`.
-    fn save(&self, key: &str, to: &Path, overwrite: bool, hardlink: bool) -> Result<()> {
-        let record = || -> Result<()> {
-            let written = Written {
-                object: key.to_string(),
-                stamp: Stamp::of(to)?,
-            };
-            let mut state = self.state.lock().expect("state lock");
-            state.outputs.insert(to.to_path_buf(), written);
-            Ok(())
-        };
-        if to.exists() {
-            let recorded = self
-                .state
-                .lock()
-                .expect("state lock")
-                .outputs
-                .get(to)
-                .is_some_and(|w| Stamp::of(to).is_ok_and(|s| s == w.stamp));
-            if !recorded {
-                let there = self.store.memo.hashes(to)?.0.blake3;
-                if there == self.store.result_hashes(key)?.blake3 {
-                    // Already these very bytes (say, written by a concurrent build).
-                    return record();
-                }
-                if !overwrite {
-                    return Err(Error::Invalid(format!(
-                        "{} exists and was not written by this recipe; add `overwrite: true` to replace it",
-                        to.display()
-                    )));
-                }
-            }
-        }
-        self.store
-            .materialize(key, to, hardlink, self.run.progress)?;
-        record()
-    }
-}
-
-/// Opens the LoRAs of a `lora` or `merge_loras` node (through `open`), with block weights
-/// read for `family` (the checkpoint's, when baking), else for the family each file was made
-/// for.
-fn lora_applications(
-    loras: &[crate::recipe::LoraUse],
-    family: Option<crate::arch::Family>,
-    fill: f64,
-    open: &dyn Fn(&Input) -> Result<crate::lora::LoraFile>,
-) -> Result<Vec<crate::lora::bake::Application>> {
-    loras
-        .iter()
-        .map(|u| {
-            crate::lora::bake::Application::new(
-                open(&u.source)?,
-                u.strength,
-                u.blocks.as_deref(),
-                family,
-                fill,
-            )
-        })
-        .collect()
-}
-
-/// An opened merge input.
-struct Opened {
-    ck: Checkpoint,
-    keys: tensors::KeyMap,
-    hashes: Option<FileHashes>,
-    label: PathBuf,
+/// Builds one node that is out of date and records it in the recipe's state.
+fn run_node(recipe: &Recipe, cx: &RunCx, p: &NodePlan) -> Result<NodeReport> {
+    let started = std::time::Instant::now();
+    let cache = cx.store.cache;
+    let node = &recipe.nodes[&p.name];
+    // One build at a time per result: a concurrent build of the same node waits here, then
+    // finds the result the other one stored.
+    let _lock = match node.in_memory() {
+        true => None,
+        false => Some(cache.lock(&p.key)?),
+    };
+    let outcome = node
+        .run(&p.name, &p.key, &p.preimage, cx)
+        .map_err(|e| Error::Failed(format!("node `{}`: {e}", p.name)))?;
+    cache.put_preimage(&p.key, &p.preimage)?;
+    let mut state = cx.state.lock().expect("state lock");
+    state.nodes.insert(p.name.clone(), p.key.clone());
+    cache.save_state(&recipe.path, &state)?;
+    Ok(NodeReport {
+        seconds: started.elapsed().as_secs_f64(),
+        output: outcome.output,
+        stored: outcome.stored,
+        reused: outcome.reused,
+        ..NodeReport::nothing_done(p)
+    })
 }

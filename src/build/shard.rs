@@ -5,7 +5,8 @@
 //! The work is cut into *units*: every demanded target, except that a sweep (`xy`) is
 //! replaced by its cells (the grid needs all of them, so it is composed by the final build)
 //! and a save by the node it saves (the file belongs on the machine that asks for it).
-//! Each unit gets an estimated cost: the costs of the nodes it needs, a node needed by k
+//! Each unit gets an estimated cost (`NodeKind::cost`, in units of one SD1 merge; one
+//! 512x512 sampling step is about 0.05): the costs of the nodes it needs, a node needed by k
 //! units counting 1/k for each. Units go, most expensive first, to the least loaded shard
 //! (ties to the lower index): the same recipe gives every machine the same slices, whatever
 //! its local cache holds. Nodes that several units need are built by every shard that needs
@@ -15,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Result;
-use crate::recipe::{Node, Recipe};
+use crate::recipe::Recipe;
 
 /// One slice of N: `index` in `0..count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,27 +47,6 @@ impl std::str::FromStr for Shard {
     }
 }
 
-/// Estimated cost of building one node (in rough "merge" units: a merge of two SD1 models
-/// is 1, one 512x512 sampling step about 0.05).
-fn node_cost(node: &Node) -> f64 {
-    match node {
-        Node::Merge { .. } | Node::Lora { .. } | Node::MergeLoras { .. } => 1.0,
-        Node::ExtractLora { .. } => 10.0,
-        Node::Generate { job, .. } => {
-            let w = job.width.unwrap_or(512) as f64;
-            let h = job.height.or(job.width).unwrap_or(512) as f64;
-            // Hires steps 0 means as many as the first pass.
-            let hires = job.hires.as_ref().map_or(0, |h| match h.steps {
-                0 => job.steps,
-                n => n as usize,
-            });
-            let steps = job.steps + hires;
-            job.batch as f64 * steps as f64 * w * h / (512.0 * 512.0) * 0.05
-        }
-        Node::Save { .. } | Node::Xy { .. } => 0.0,
-    }
-}
-
 /// The targets of shard `shard` among `targets` (every node nothing else reads when empty):
 /// the units assigned to it, in recipe order.
 pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<String>> {
@@ -77,11 +57,7 @@ pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<
     };
     let mut units: Vec<&str> = Vec::new();
     for t in demanded {
-        match &recipe.nodes[t] {
-            Node::Xy { .. } => units.extend(recipe.nodes[t].node_inputs()),
-            Node::Save { from, .. } => units.push(from),
-            _ => units.push(t),
-        }
+        units.extend(recipe.nodes[t].shard_units(t));
     }
     let mut seen = BTreeSet::new();
     units.retain(|u| seen.insert(*u));
@@ -100,7 +76,7 @@ pub fn targets(recipe: &Recipe, targets: &[String], shard: Shard) -> Result<Vec<
         .map(|(i, need)| {
             let cost = need
                 .iter()
-                .map(|n| node_cost(&recipe.nodes[n]) / sharing[n.as_str()] as f64)
+                .map(|n| recipe.nodes[n].cost() / sharing[n.as_str()] as f64)
                 .sum();
             (cost, i)
         })

@@ -199,15 +199,9 @@ fn build_with(
                 r.plan.name,
                 r.seconds,
                 match (r.stored, r.reused) {
-                    (Some(c), Some(u)) => match recipe.nodes[&r.plan.name] {
-                        mergesmith::recipe::Node::Generate { .. } => {
-                            format!("  ({c} images made, {u} found in the cache)")
-                        }
-                        mergesmith::recipe::Node::Xy { .. } => {
-                            format!("  ({c} grids made, {u} found in the cache)")
-                        }
-                        _ => format!("  ({c} tensors stored, {u} reused)"),
-                    },
+                    (Some(c), Some(u)) => {
+                        format!("  ({})", recipe.nodes[&r.plan.name].describe(c, u))
+                    }
                     _ => String::new(),
                 },
                 r.output

@@ -17,11 +17,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::dtype::FloatType;
-use crate::lora::extract::ExtractOptions;
-use crate::lora::merge::{MergeMode, MergeOptions};
-use crate::merge::select::FilterMode;
-use crate::merge::{CalcMode, FilterSpec, MergeSpec, Mode, Presets, Ratio};
+use crate::merge::{Presets, Ratio};
+use crate::nodes::decl::{set_fields, NodeDecl, RatioDecl};
+use crate::nodes::{Input, Makes, Node, ParseCx, Want, KINDS};
 pub use diagnostics::{RecipeError, RecipeErrors};
 
 /// The newest recipe format version.
@@ -77,492 +75,6 @@ pub struct ModelDecl {
     /// Expected AUTOMATIC1111 short hash (first 10 hex digits of the SHA-256; checked).
     #[serde(default)]
     pub autov2: Option<String>,
-}
-
-/// A ratio: a number, a preset name, a comma-separated string or a list of per-block values.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum RatioDecl {
-    /// One value for every block.
-    Number(f64),
-    /// Per-block values (26 for SD1/SD2, 20 or 110 for SDXL).
-    List(Vec<f64>),
-    /// A preset name (`GRAD_V`) or comma-separated values.
-    Text(String),
-}
-
-/// Include / Exclude of blocks and key substrings.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FilterDecl {
-    /// Block names and ranges (`IN00-IN05`), `VAE`, `Adjust`.
-    #[serde(default)]
-    pub blocks: String,
-    /// Key substrings, comma or space separated.
-    #[serde(default)]
-    pub elements: String,
-}
-
-/// A build step: a merge (`merge: MODE`) or a save (`save: NODE`).
-#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NodeDecl {
-    /// Merge mode: weight_sum, add_difference, triple_sum or sum_twice.
-    #[serde(default)]
-    #[schemars(with = "Option<Mode>")]
-    pub merge: Option<Spanned<Mode>>,
-    /// Model A: a model or node name.
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub a: Option<Spanned<String>>,
-    /// Model B.
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub b: Option<Spanned<String>>,
-    /// Model C (add_difference, triple_sum, sum_twice).
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub c: Option<Spanned<String>>,
-    /// Weight of B.
-    #[serde(default)]
-    #[schemars(with = "Option<RatioDecl>")]
-    pub alpha: Option<Spanned<RatioDecl>>,
-    /// Weight of C (triple_sum, sum_twice; tensor, tensor2, extract).
-    #[serde(default)]
-    #[schemars(with = "Option<RatioDecl>")]
-    pub beta: Option<Spanned<RatioDecl>>,
-    /// SuperMerger calcmode (normal, cosineA, ..., plus random).
-    #[serde(default)]
-    #[schemars(with = "Option<CalcMode>")]
-    pub calcmode: Option<Spanned<CalcMode>>,
-    /// extract's gamma (default 0.3).
-    #[serde(default)]
-    pub gamma: Option<f64>,
-    /// Seed of random calcmodes.
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Elemental merge entries `blocks:elements:ratio`.
-    #[serde(default)]
-    pub elemental: Option<String>,
-    /// Read SDXL elemental block names as SuperMerger's old shifted names.
-    #[serde(default)]
-    pub xl_elemental_shift: bool,
-    /// Merge only these blocks / keys.
-    #[serde(default)]
-    pub include: Option<FilterDecl>,
-    /// Never merge these blocks / keys.
-    #[serde(default)]
-    pub exclude: Option<FilterDecl>,
-    /// Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3.
-    #[serde(default)]
-    #[schemars(with = "Option<Vec<f64>>")]
-    pub adjust: Option<Spanned<Vec<f64>>>,
-    /// Output type of float tensors.
-    #[serde(default)]
-    pub dtype: Option<FloatType>,
-    /// Keep only UNet, VAE and text-encoder tensors.
-    #[serde(default)]
-    pub prune: bool,
-    /// Rewrite CLIP position_ids as 0..76.
-    #[serde(default)]
-    pub reset_position_ids: bool,
-    /// Replace the VAE with this model's tensors (a model name).
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub bake_vae: Option<Spanned<String>>,
-    /// Save: the node whose result is written.
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub save: Option<Spanned<String>>,
-    /// Save: destination file, relative to the recipe.
-    #[serde(default)]
-    pub to: Option<String>,
-    /// Save: replace a file that mergesmith did not write itself.
-    #[serde(default)]
-    pub overwrite: bool,
-    /// Save: how the file is made from the cached result: `copy` (default; a reflink where
-    /// the filesystem supports it) or `hardlink` (shares the cache's read-only file).
-    #[serde(default)]
-    pub link: Option<Link>,
-    /// Merge or LoRA: where the result is kept: `disk` (default, in the cache) or `memory`
-    /// (only for this build, when something that needs it is out of date; never on disk).
-    #[serde(default)]
-    pub cache: Option<Keep>,
-    /// LoRA: the checkpoint (a model or node) the LoRAs of `apply` are baked into.
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub lora: Option<Spanned<String>>,
-    /// LoRA: the LoRA files (declared under `models`) with strength and block weights.
-    #[serde(default)]
-    pub apply: Vec<LoraUseDecl>,
-    /// LoRA: weight of blocks a short block-weight vector leaves out (default 0).
-    #[serde(default)]
-    pub fill: Option<f64>,
-    /// LoRA: skip modules that match no weight of the checkpoint instead of failing.
-    #[serde(default)]
-    pub allow_unmatched: bool,
-    /// Extract a LoRA from the difference `alpha·A − beta·B` of two checkpoints.
-    #[serde(default)]
-    #[schemars(with = "Option<ExtractDecl>")]
-    pub extract_lora: Option<Spanned<ExtractDecl>>,
-    /// Merge LoRAs into one.
-    #[serde(default)]
-    #[schemars(with = "Option<MergeLorasDecl>")]
-    pub merge_loras: Option<Spanned<MergeLorasDecl>>,
-    /// Generate images from a checkpoint (a model or node); `to: DIR` also writes them there.
-    #[serde(default)]
-    #[schemars(with = "Option<GenerateDecl>")]
-    pub generate: Option<Spanned<GenerateDecl>>,
-    /// An XY(Z) sweep of a generate node: comparison grids; `to: DIR` also writes them there.
-    #[serde(default)]
-    #[schemars(with = "Option<sweep::XyDecl>")]
-    pub xy: Option<Spanned<sweep::XyDecl>>,
-}
-
-/// A `generate` node's parameters (the web UI's txt2img settings).
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateDecl {
-    /// The checkpoint: a model or node.
-    #[schemars(with = "String")]
-    pub model: Spanned<String>,
-    /// Prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    #[serde(default)]
-    pub negative: String,
-    /// Sampling steps (default 20).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub steps: Option<Spanned<usize>>,
-    /// Guidance scale (default 7).
-    #[serde(default)]
-    pub cfg: Option<f64>,
-    /// Sampler: euler_a (default), euler, ddim, dpmpp_2m.
-    #[serde(default)]
-    pub sampler: Option<crate::gen::sampler::Sampler>,
-    /// Seed of the first image (default 0).
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Images, of seeds seed, seed + 1, ... (default 1).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub batch: Option<Spanned<usize>>,
-    /// Width in pixels, a multiple of 8 (default: the model's native size).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub width: Option<Spanned<usize>>,
-    /// Height in pixels, a multiple of 8 (default: the width).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub height: Option<Spanned<usize>>,
-    /// CLIP skip (SD1; default 1).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub clip_skip: Option<Spanned<usize>>,
-    /// Hires fix: `{scale, steps, strength}`.
-    #[serde(default)]
-    #[schemars(with = "Option<crate::gen::png::Hires>")]
-    pub hires: Option<Spanned<crate::gen::png::Hires>>,
-    /// What the model predicts: epsilon or v (default: guessed from the file).
-    #[serde(default)]
-    pub prediction: Option<crate::gen::pipeline::Prediction>,
-}
-
-/// An `extract_lora` node's options.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExtractDecl {
-    /// The tuned checkpoint: a model or node.
-    #[schemars(with = "String")]
-    pub a: Spanned<String>,
-    /// The base checkpoint: a model or node.
-    #[schemars(with = "String")]
-    pub b: Spanned<String>,
-    /// Weight of A in the difference (default 1).
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// Weight of B in the difference (default 1).
-    #[serde(default)]
-    pub beta: Option<f64>,
-    /// Rank of linear and 1x1 modules (default 128).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub rank: Option<Spanned<usize>>,
-    /// Rank of 3x3 convolutions (LoCon); without it convolutions are left out.
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub conv_rank: Option<Spanned<usize>>,
-    /// Text encoders whose largest change is at most this are left out (default 0.01).
-    #[serde(default)]
-    pub min_diff: Option<f64>,
-    /// Quantile at which the factors are clamped (default 0.99; 1: no clamp).
-    #[serde(default)]
-    #[schemars(with = "Option<f64>")]
-    pub clamp_quantile: Option<Spanned<f64>>,
-    /// Float type of the LoRA's tensors (default fp32).
-    #[serde(default)]
-    pub dtype: Option<FloatType>,
-}
-
-/// A `merge_loras` node's options.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MergeLorasDecl {
-    /// The LoRAs (files under `models`, or LoRA nodes) with ratio (`strength`) and block
-    /// weights.
-    pub loras: Vec<LoraUseDecl>,
-    /// `concat` (default: exact, LoRA / LoCon only) or `svd` (any type, re-factored at `rank`).
-    #[serde(default)]
-    pub mode: Option<MergeMode>,
-    /// svd: rank of linear and 1x1 modules (default 64).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub rank: Option<Spanned<usize>>,
-    /// svd: rank of 3x3 convolutions (default: `rank`).
-    #[serde(default)]
-    #[schemars(with = "Option<usize>")]
-    pub conv_rank: Option<Spanned<usize>>,
-    /// svd: quantile at which the factors are clamped (default 0.99; 1: no clamp).
-    #[serde(default)]
-    #[schemars(with = "Option<f64>")]
-    pub clamp_quantile: Option<Spanned<f64>>,
-    /// Weight of blocks a short block-weight vector leaves out (default 0).
-    #[serde(default)]
-    pub fill: Option<f64>,
-    /// Float type of the LoRA's tensors (default fp32).
-    #[serde(default)]
-    pub dtype: Option<FloatType>,
-}
-
-/// One LoRA of a `lora` or `merge_loras` node.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoraUseDecl {
-    /// The LoRA: a file under `models`, or an `extract_lora` / `merge_loras` node.
-    #[schemars(with = "String")]
-    pub file: Spanned<String>,
-    /// Strength (default 1): a number or a `$var`.
-    #[serde(default)]
-    #[schemars(with = "Option<RatioDecl>")]
-    pub strength: Option<Spanned<RatioDecl>>,
-    /// Block weights: 17/26 values (SD1/SD2), 12/20 (SDXL), or a preset (OUTD, ...).
-    #[serde(default)]
-    pub blocks: Option<String>,
-}
-
-/// One LoRA baked by a `lora` node or merged by a `merge_loras` node.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct LoraUse {
-    /// The LoRA: a model (file) or a LoRA node.
-    pub source: Input,
-    /// Strength (merge_loras: ratio).
-    pub strength: f64,
-    /// Block weights as written (parsed against the checkpoint's family when built).
-    pub blocks: Option<String>,
-}
-
-/// How a save node makes its file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Link {
-    /// A copy of the cached result (a reflink where the filesystem supports it).
-    #[default]
-    Copy,
-    /// A hard link to the cache's file, made read-only.
-    Hardlink,
-}
-
-/// Where a merge node's result is kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Keep {
-    /// In the cache, across builds.
-    #[default]
-    Disk,
-    /// In memory, for one build only.
-    Memory,
-}
-
-/// What a node reads: a model file or another node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Input {
-    /// A declared model.
-    Model(String),
-    /// Another node.
-    Node(String),
-}
-
-/// A validated node.
-#[derive(Debug, Clone)]
-pub enum Node {
-    /// A merge.
-    Merge {
-        /// Inputs A, B and optionally C.
-        inputs: Vec<Input>,
-        /// The merge, ready for the engine (`bake_vae` unset: see `vae`).
-        spec: Box<MergeSpec>,
-        /// VAE model to bake in.
-        vae: Option<String>,
-        /// Keep the result in memory only (`cache: memory`).
-        memory: bool,
-    },
-    /// LoRAs baked into a checkpoint.
-    Lora {
-        /// The checkpoint.
-        input: Input,
-        /// The LoRAs, in order.
-        loras: Vec<LoraUse>,
-        /// Weight of blocks a short vector leaves out.
-        fill: f64,
-        /// Skip modules that match nothing.
-        allow_unmatched: bool,
-        /// Keep the result in memory only (`cache: memory`).
-        memory: bool,
-    },
-    /// A LoRA extracted from two checkpoints.
-    ExtractLora {
-        /// The tuned checkpoint (A).
-        a: Input,
-        /// The base checkpoint (B).
-        b: Input,
-        /// How it is extracted.
-        options: ExtractOptions,
-        /// Keep the result in memory only (`cache: memory`).
-        memory: bool,
-    },
-    /// LoRAs merged into one.
-    MergeLoras {
-        /// The LoRAs, in order.
-        loras: Vec<LoraUse>,
-        /// How they are merged.
-        options: MergeOptions,
-        /// Weight of blocks a short vector leaves out.
-        fill: f64,
-        /// Keep the result in memory only (`cache: memory`).
-        memory: bool,
-    },
-    /// Images generated from a checkpoint.
-    Generate {
-        /// The checkpoint.
-        model: Input,
-        /// What to generate.
-        job: crate::gen::job::Job,
-        /// A directory the images are also written to (absolute), as `NODE-SEED.png`.
-        to: Option<PathBuf>,
-        /// Replace files there that mergesmith did not write.
-        overwrite: bool,
-    },
-    /// An XY(Z) sweep: comparison grids over its cells' generate nodes.
-    Xy {
-        /// Its grids (one per part and Z value), cells row-major.
-        grids: Vec<sweep::Grid>,
-        /// A directory the grids are also written to (absolute), as `GRID-bN.png`.
-        to: Option<PathBuf>,
-        /// Replace files there that mergesmith did not write.
-        overwrite: bool,
-    },
-    /// Writing a node's result to a file.
-    Save {
-        /// The node saved.
-        from: String,
-        /// Destination (absolute, resolved against the recipe directory).
-        to: PathBuf,
-        /// Replace a file mergesmith did not write.
-        overwrite: bool,
-        /// How the file is made.
-        link: Link,
-    },
-}
-
-impl Node {
-    /// The nodes this node reads.
-    pub fn node_inputs(&self) -> Vec<&str> {
-        match self {
-            Node::Merge { inputs, .. } => inputs
-                .iter()
-                .filter_map(|i| match i {
-                    Input::Node(n) => Some(n.as_str()),
-                    Input::Model(_) => None,
-                })
-                .collect(),
-            Node::Lora { input, loras, .. } => std::iter::once(input)
-                .chain(loras.iter().map(|l| &l.source))
-                .filter_map(Input::node)
-                .collect(),
-            Node::ExtractLora { a, b, .. } => [a, b].into_iter().filter_map(Input::node).collect(),
-            Node::MergeLoras { loras, .. } => {
-                loras.iter().filter_map(|l| l.source.node()).collect()
-            }
-            Node::Save { from, .. } => vec![from.as_str()],
-            Node::Generate { model, .. } => model.node().into_iter().collect(),
-            Node::Xy { grids, .. } => grids
-                .iter()
-                .flat_map(|g| g.cells.iter().map(String::as_str))
-                .collect(),
-        }
-    }
-
-    /// Renames the nodes it reads (for sweep cells, which copy nodes under a prefix).
-    pub fn rename_inputs(&mut self, f: &dyn Fn(&str) -> String) {
-        let input = |i: &mut Input| {
-            if let Input::Node(n) = i {
-                *n = f(n);
-            }
-        };
-        match self {
-            Node::Merge { inputs, .. } => inputs.iter_mut().for_each(input),
-            Node::Lora {
-                input: i, loras, ..
-            } => {
-                input(i);
-                loras.iter_mut().for_each(|l| input(&mut l.source));
-            }
-            Node::ExtractLora { a, b, .. } => {
-                input(a);
-                input(b);
-            }
-            Node::MergeLoras { loras, .. } => loras.iter_mut().for_each(|l| input(&mut l.source)),
-            Node::Generate { model, .. } => input(model),
-            Node::Xy { grids, .. } => grids
-                .iter_mut()
-                .for_each(|g| g.cells.iter_mut().for_each(|c| *c = f(c))),
-            Node::Save { from, .. } => *from = f(from),
-        }
-    }
-
-    /// Whether the node keeps its result in memory only.
-    pub fn in_memory(&self) -> bool {
-        matches!(
-            self,
-            Node::Merge { memory: true, .. }
-                | Node::Lora { memory: true, .. }
-                | Node::ExtractLora { memory: true, .. }
-                | Node::MergeLoras { memory: true, .. }
-        )
-    }
-
-    /// Whether the node's result is a LoRA (not a checkpoint).
-    pub fn makes_lora(&self) -> bool {
-        matches!(self, Node::ExtractLora { .. } | Node::MergeLoras { .. })
-    }
-}
-
-impl Input {
-    /// The node name, when this is a node.
-    pub fn node(&self) -> Option<&str> {
-        match self {
-            Input::Node(n) => Some(n),
-            Input::Model(_) => None,
-        }
-    }
-
-    /// The model or node name.
-    pub fn name(&self) -> &str {
-        let (Input::Model(n) | Input::Node(n)) = self;
-        n
-    }
 }
 
 /// A validated recipe.
@@ -804,16 +316,18 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         .chain(nodes_decl.keys())
         .map(|s| s.as_str())
         .collect();
-    let lora_nodes: BTreeSet<&str> = nodes_decl
-        .iter()
-        .filter(|(_, n)| n.decl.value.extract_lora.is_some() || n.decl.value.merge_loras.is_some())
-        .map(|(name, _)| name.as_str())
-        .collect();
-    let image_nodes: BTreeSet<&str> = nodes_decl
-        .iter()
-        .filter(|(_, n)| n.decl.value.generate.is_some() || n.decl.value.xy.is_some())
-        .map(|(name, _)| name.as_str())
-        .collect();
+    let making = |what: Makes| -> BTreeSet<&str> {
+        nodes_decl
+            .iter()
+            .filter(|(_, n)| {
+                crate::nodes::kind_of(&n.decl.value)
+                    .first()
+                    .is_some_and(|k| k.makes == what)
+            })
+            .map(|(name, _)| name.as_str())
+            .collect()
+    };
+    let (lora_nodes, image_nodes) = (making(Makes::Lora), making(Makes::Images));
     let resolve = |r: &Spanned<String>, want: Want, errs: &mut RecipeErrors| -> Option<Input> {
         let found = if models_decl.contains_key(&r.value) {
             Input::Model(r.value.clone())
@@ -859,7 +373,13 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
     for (name, declared) in &nodes_decl {
         let (decl, dir) = (declared.decl, dir_of(declared.part));
         errs.at(declared.part);
-        let node = node(name, decl, dir, &scope, &resolve, &mut errs);
+        let mut cx = Cx {
+            errs: &mut errs,
+            resolve: &resolve,
+            scope: &scope,
+            dir,
+        };
+        let node = node(name, decl, &mut cx);
         if let Some(n) = node {
             nodes.insert(name.clone(), n);
         } else if let Some(xy) = &decl.value.xy {
@@ -896,399 +416,77 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
 
 /// Validates one node declaration: exactly one kind key, only the fields that kind takes,
 /// then the kind's own checks.
-fn node(
-    name: &str,
-    decl: &Spanned<NodeDecl>,
-    dir: &Path,
-    scope: &RatioScope,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
+fn node(name: &str, decl: &Spanned<NodeDecl>, cx: &mut Cx) -> Option<Node> {
     let d = &decl.value;
-    let kinds: Vec<&str> = [
-        ("merge", d.merge.is_some()),
-        ("save", d.save.is_some()),
-        ("lora", d.lora.is_some()),
-        ("extract_lora", d.extract_lora.is_some()),
-        ("merge_loras", d.merge_loras.is_some()),
-        ("generate", d.generate.is_some()),
-        ("xy", d.xy.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(k, set)| set.then_some(k))
-    .collect();
+    let kinds = crate::nodes::kind_of(d);
     let Some(&kind) = kinds.first() else {
-        errs.push(
+        let usages: Vec<&str> = KINDS.iter().map(|k| k.usage).collect();
+        let (last, rest) = usages.split_last().expect("kinds are registered");
+        cx.error(
             &decl.referenced,
-            format!(
-                "node `{name}` needs one of `merge: MODE`, `lora: MODEL`, `save: NODE`, \
-                 `extract_lora: {{a, b}}`, `merge_loras: {{loras}}`, \
-                 `generate: {{model, prompt}}` or `xy: {{generate, x}}`"
-            ),
+            format!("node `{name}` needs one of {} or {last}", rest.join(", ")),
             None,
         );
         return None;
     };
     if kinds.len() > 1 {
-        errs.push(
+        let names: Vec<&str> = kinds.iter().map(|k| k.name).collect();
+        cx.error(
             &decl.referenced,
             format!(
                 "node `{name}` is more than one of {}; split it",
-                kinds.join(", ")
+                names.join(", ")
             ),
             None,
         );
         return None;
     }
-    let allowed: &[&str] = match kind {
-        "merge" => &[
-            "a",
-            "b",
-            "c",
-            "alpha",
-            "beta",
-            "calcmode",
-            "gamma",
-            "seed",
-            "elemental",
-            "xl_elemental_shift",
-            "include",
-            "exclude",
-            "adjust",
-            "dtype",
-            "prune",
-            "reset_position_ids",
-            "bake_vae",
-            "cache",
-        ],
-        "save" => &["to", "overwrite", "link"],
-        "lora" => &["apply", "fill", "allow_unmatched", "cache"],
-        "generate" | "xy" => &["to", "overwrite"],
-        _ => &["cache"],
-    };
     let stray: Vec<&str> = set_fields(d)
         .into_iter()
-        .filter(|f| !allowed.contains(f))
+        .filter(|f| !kind.fields.contains(f))
         .collect();
     if !stray.is_empty() {
-        let hint = match kind {
-            "merge" => Some("saving takes its own node: `save: NODE`, `to: PATH`".to_string()),
-            "extract_lora" | "merge_loras" | "generate" | "xy" => {
-                Some(format!("options go under `{kind}:`"))
-            }
-            _ => None,
-        };
-        errs.push(
+        cx.error(
             &decl.referenced,
-            format!("{kind} node `{name}` takes no `{}`", stray.join("`, `")),
-            hint,
+            format!(
+                "{} node `{name}` takes no `{}`",
+                kind.name,
+                stray.join("`, `")
+            ),
+            kind.hint.map(String::from),
         );
     }
-    let memory = d.cache == Some(Keep::Memory);
-    if let Some(mode) = &d.merge {
-        merge_node(name, d, mode, scope, resolve, errs)
-    } else if let Some(x) = &d.extract_lora {
-        extract_node(x, memory, resolve, errs)
-    } else if let Some(m) = &d.merge_loras {
-        merge_loras_node(m, memory, scope, resolve, errs)
-    } else if let Some(g) = &d.generate {
-        generate_node(g, d, dir, resolve, errs)
-    } else if d.xy.is_some() {
-        None // expanded once every other node is validated
-    } else if d.lora.is_some() {
-        lora_node(name, d, scope, resolve, errs)
-    } else {
-        save_node(name, decl, dir, resolve, errs)
-    }
+    (kind.parse)(name, decl, cx)
 }
 
-/// What a reference must name.
-#[derive(Debug, Clone, Copy)]
-enum Want {
-    /// A checkpoint: a model file or a checkpoint-making node.
-    Checkpoint,
-    /// A LoRA: a model file or a LoRA-making node.
-    Lora,
-    /// Any node or model.
-    Any,
-}
-
+/// What a reference resolves against (with the errors it reports).
 type Resolver<'a> = dyn Fn(&Spanned<String>, Want, &mut RecipeErrors) -> Option<Input> + 'a;
 
-/// The flat node fields a declaration sets (the kind keys aside).
-fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
-    [
-        ("a", d.a.is_some()),
-        ("b", d.b.is_some()),
-        ("c", d.c.is_some()),
-        ("alpha", d.alpha.is_some()),
-        ("beta", d.beta.is_some()),
-        ("calcmode", d.calcmode.is_some()),
-        ("gamma", d.gamma.is_some()),
-        ("seed", d.seed.is_some()),
-        ("elemental", d.elemental.is_some()),
-        ("xl_elemental_shift", d.xl_elemental_shift),
-        ("include", d.include.is_some()),
-        ("exclude", d.exclude.is_some()),
-        ("adjust", d.adjust.is_some()),
-        ("dtype", d.dtype.is_some()),
-        ("prune", d.prune),
-        ("reset_position_ids", d.reset_position_ids),
-        ("bake_vae", d.bake_vae.is_some()),
-        ("to", d.to.is_some()),
-        ("overwrite", d.overwrite),
-        ("link", d.link.is_some()),
-        ("cache", d.cache.is_some()),
-        ("apply", !d.apply.is_empty()),
-        ("fill", d.fill.is_some()),
-        ("allow_unmatched", d.allow_unmatched),
-    ]
-    .into_iter()
-    .filter_map(|(f, set)| set.then_some(f))
-    .collect()
+/// What node kinds validate through while the recipe is read: its references, ratios (vars,
+/// presets) and paths, and its errors.
+struct Cx<'a, 'e> {
+    errs: &'e mut RecipeErrors,
+    resolve: &'a Resolver<'a>,
+    scope: &'a RatioScope<'a>,
+    dir: &'a Path,
 }
 
-/// A `save` node.
-fn save_node(
-    name: &str,
-    decl: &Spanned<NodeDecl>,
-    dir: &Path,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let d = &decl.value;
-    let from = resolve(d.save.as_ref()?, Want::Any, errs);
-    let from = match from? {
-        Input::Node(n) => n,
-        Input::Model(m) => {
-            errs.push(
-                &d.save.as_ref()?.referenced,
-                format!("`{m}` is a model: `save` takes a node"),
-                None,
-            );
-            return None;
-        }
-    };
-    let Some(to) = &d.to else {
-        errs.push(
-            &decl.referenced,
-            format!("save node `{name}` needs `to: PATH`"),
-            None,
-        );
-        return None;
-    };
-    Some(Node::Save {
-        from,
-        to: dir.join(to),
-        overwrite: d.overwrite,
-        link: d.link.unwrap_or_default(),
-    })
-}
+impl ParseCx for Cx<'_, '_> {
+    fn error(&mut self, at: &serde_saphyr::Location, message: String, help: Option<String>) {
+        self.errs.push(at, message, help);
+    }
 
-/// A `generate` node.
-fn generate_node(
-    g: &Spanned<GenerateDecl>,
-    d: &NodeDecl,
-    dir: &Path,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let v = &g.value;
-    let model = resolve(&v.model, Want::Checkpoint, errs);
-    let mut ok = true;
-    let mut check = |field: &Option<Spanned<usize>>, good: fn(usize) -> bool, what: &str| {
-        if let Some(f) = field.as_ref().filter(|f| !good(f.value)) {
-            errs.push(&f.referenced, format!("{} is not {what}", f.value), None);
-            ok = false;
-        }
-    };
-    let positive = |n: usize| n >= 1;
-    check(&v.steps, positive, "a number of steps (at least 1)");
-    check(&v.batch, positive, "a batch size (at least 1)");
-    check(&v.clip_skip, positive, "a clip skip (at least 1)");
-    for size in [&v.width, &v.height] {
-        check(
-            size,
-            |n| n > 0 && n % 8 == 0,
-            "an image size (a multiple of 8)",
-        );
+    fn resolve(&mut self, r: &Spanned<String>, want: Want) -> Option<Input> {
+        (self.resolve)(r, want, self.errs)
     }
-    if let Some(h) = &v.hires {
-        let (scale, strength) = (h.value.scale, h.value.strength);
-        if !(1.0..=8.0).contains(&scale) {
-            errs.push(
-                &h.referenced,
-                format!("hires scale {scale} is outside 1..=8"),
-                None,
-            );
-            ok = false;
-        }
-        if !(strength > 0.0 && strength <= 1.0) {
-            errs.push(
-                &h.referenced,
-                format!("hires strength {strength} is outside (0, 1]"),
-                None,
-            );
-            ok = false;
-        }
-    }
-    if v.cfg.is_some_and(|c| !c.is_finite()) {
-        errs.push(&g.referenced, "cfg must be a finite number".into(), None);
-        ok = false;
-    }
-    let defaults = crate::gen::job::Job::default();
-    let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
-    let job = crate::gen::job::Job {
-        prompt: v.prompt.clone(),
-        negative: v.negative.clone(),
-        steps: value(&v.steps).unwrap_or(defaults.steps),
-        cfg: v.cfg.unwrap_or(defaults.cfg),
-        sampler: v.sampler.unwrap_or(defaults.sampler),
-        seed: v.seed.unwrap_or(defaults.seed),
-        batch: value(&v.batch).unwrap_or(defaults.batch),
-        width: value(&v.width),
-        height: value(&v.height),
-        clip_skip: value(&v.clip_skip).unwrap_or(defaults.clip_skip),
-        hires: v.hires.as_ref().map(|h| h.value.clone()),
-        prediction: v.prediction,
-    };
-    let model = model?;
-    ok.then_some(Node::Generate {
-        model,
-        job,
-        to: d.to.as_ref().map(|t| dir.join(t)),
-        overwrite: d.overwrite,
-    })
-}
 
-/// A rank option: at least 1.
-fn rank(r: &Option<Spanned<usize>>, errs: &mut RecipeErrors) -> Option<Option<usize>> {
-    match r {
-        Some(r) if r.value == 0 => {
-            errs.push(&r.referenced, "a rank is at least 1".into(), None);
-            None
-        }
-        r => Some(r.as_ref().map(|r| r.value)),
+    fn ratio(&mut self, r: &Spanned<RatioDecl>) -> Option<Ratio> {
+        ratio(r, self.scope, self.errs)
     }
-}
 
-/// A clamp quantile: above 0, at most 1.
-fn quantile(q: &Option<Spanned<f64>>, errs: &mut RecipeErrors) -> Option<f64> {
-    match q {
-        None => Some(0.99),
-        Some(q) if q.value > 0.0 && q.value <= 1.0 => Some(q.value),
-        Some(q) => {
-            errs.push(
-                &q.referenced,
-                format!("clamp_quantile {} is not in (0, 1]", q.value),
-                Some("1 turns the clamp off".into()),
-            );
-            None
-        }
+    fn path(&self, written: &str) -> PathBuf {
+        self.dir.join(written)
     }
-}
-
-/// An `extract_lora` node.
-fn extract_node(
-    x: &Spanned<ExtractDecl>,
-    memory: bool,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let v = &x.value;
-    let a = resolve(&v.a, Want::Checkpoint, errs);
-    let b = resolve(&v.b, Want::Checkpoint, errs);
-    let defaults = ExtractOptions::default();
-    let (rank, conv_rank) = (rank(&v.rank, errs), rank(&v.conv_rank, errs));
-    let clamp_quantile = quantile(&v.clamp_quantile, errs);
-    if v.min_diff.is_some_and(|m| m < 0.0) {
-        errs.push(&x.referenced, "min_diff must be 0 or more".into(), None);
-        return None;
-    }
-    Some(Node::ExtractLora {
-        a: a?,
-        b: b?,
-        options: ExtractOptions {
-            rank: rank?.unwrap_or(defaults.rank),
-            conv_rank: conv_rank?,
-            alpha: v.alpha.unwrap_or(defaults.alpha),
-            beta: v.beta.unwrap_or(defaults.beta),
-            min_diff: v.min_diff.unwrap_or(defaults.min_diff),
-            clamp_quantile: clamp_quantile?,
-            dtype: v.dtype.unwrap_or(defaults.dtype),
-        },
-        memory,
-    })
-}
-
-/// A `merge_loras` node.
-fn merge_loras_node(
-    m: &Spanned<MergeLorasDecl>,
-    memory: bool,
-    scope: &RatioScope,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let v = &m.value;
-    if v.loras.is_empty() {
-        errs.push(
-            &m.referenced,
-            "merge_loras needs `loras: [{ file: LORA, strength: 1 }, ...]`".into(),
-            None,
-        );
-        return None;
-    }
-    let loras = lora_uses(&v.loras, scope, resolve, errs);
-    let (rank, conv_rank) = (rank(&v.rank, errs), rank(&v.conv_rank, errs));
-    let clamp_quantile = quantile(&v.clamp_quantile, errs);
-    Some(Node::MergeLoras {
-        loras: loras?,
-        options: MergeOptions {
-            mode: v.mode.unwrap_or(MergeMode::Concat),
-            rank: rank?.unwrap_or(64),
-            conv_rank: conv_rank?,
-            clamp_quantile: clamp_quantile?,
-            dtype: v.dtype.unwrap_or(FloatType::Fp32),
-        },
-        fill: v.fill.unwrap_or(0.0),
-        memory,
-    })
-}
-
-/// The LoRAs of a `lora` or `merge_loras` node, with strengths resolved (all of them, or
-/// `None` after reporting what is wrong).
-fn lora_uses(
-    uses: &[LoraUseDecl],
-    scope: &RatioScope,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Vec<LoraUse>> {
-    let mut out = Vec::new();
-    for u in uses {
-        let strength = match &u.strength {
-            None => Some(1.0),
-            Some(s) => match ratio(s, scope, errs) {
-                Some(Ratio::Scalar(v)) => Some(v),
-                Some(_) => {
-                    errs.push(
-                        &s.referenced,
-                        "a LoRA strength is one number; per-block values go in `blocks`".into(),
-                        None,
-                    );
-                    None
-                }
-                None => None,
-            },
-        };
-        if let (Some(source), Some(strength)) = (resolve(&u.file, Want::Lora, errs), strength) {
-            out.push(LoraUse {
-                source,
-                strength,
-                blocks: u.blocks.clone(),
-            });
-        }
-    }
-    (out.len() == uses.len()).then_some(out)
 }
 
 /// Resolves a ratio field: a value, or `$name` for a var (declared, or set on the command
@@ -1348,173 +546,6 @@ fn ratio(r: &Spanned<RatioDecl>, scope: &RatioScope, errs: &mut RecipeErrors) ->
             None
         }
     }
-}
-
-/// A `lora` node: the checkpoint, then each LoRA with its strength and block weights.
-fn lora_node(
-    name: &str,
-    d: &NodeDecl,
-    scope: &RatioScope,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let base = d.lora.as_ref()?;
-    let input = resolve(base, Want::Checkpoint, errs);
-    if d.apply.is_empty() {
-        errs.push(
-            &base.referenced,
-            format!("lora node `{name}` needs `apply: [{{ file: LORA, strength: 1 }}]`"),
-            None,
-        );
-        return None;
-    }
-    let loras = lora_uses(&d.apply, scope, resolve, errs);
-    Some(Node::Lora {
-        input: input?,
-        loras: loras?,
-        fill: d.fill.unwrap_or(0.0),
-        allow_unmatched: d.allow_unmatched,
-        memory: d.cache == Some(Keep::Memory),
-    })
-}
-
-fn merge_node(
-    name: &str,
-    d: &NodeDecl,
-    mode: &Spanned<Mode>,
-    scope: &RatioScope,
-    resolve: &Resolver,
-    errs: &mut RecipeErrors,
-) -> Option<Node> {
-    let mode_v = mode.value;
-    let mut inputs = Vec::new();
-    for (field, r) in [("a", &d.a), ("b", &d.b), ("c", &d.c)] {
-        match r {
-            Some(r) => inputs.extend(resolve(r, Want::Checkpoint, errs)),
-            None if field == "c" && !mode_v.uses_c() => {}
-            None => {
-                errs.push(
-                    &mode.referenced,
-                    format!("{} node `{name}` needs `{field}`", mode_v.label()),
-                    None,
-                );
-            }
-        }
-    }
-    if let (Some(c), false) = (&d.c, mode_v.uses_c()) {
-        errs.push(
-            &c.referenced,
-            format!("{} does not use model C", mode_v.label()),
-            None,
-        );
-    }
-    let alpha = match &d.alpha {
-        Some(a) => ratio(a, scope, errs),
-        None => {
-            errs.push(
-                &mode.referenced,
-                format!("merge node `{name}` needs `alpha`"),
-                None,
-            );
-            None
-        }
-    };
-    let beta = d.beta.as_ref().map(|b| ratio(b, scope, errs));
-    let adjust = match &d.adjust {
-        Some(v) => match <[f64; 8]>::try_from(v.value.as_slice()) {
-            Ok(a) => Some(a),
-            Err(_) => {
-                errs.push(&v.referenced, format!("adjust takes 8 values (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3), got {}", v.value.len()), None);
-                None
-            }
-        },
-        None => None,
-    };
-    let filter = match (&d.include, &d.exclude) {
-        (Some(_), Some(_)) => {
-            errs.push(
-                &mode.referenced,
-                format!("node `{name}` has both include and exclude"),
-                None,
-            );
-            None
-        }
-        (Some(f), None) => Some(FilterSpec {
-            mode: FilterMode::Include,
-            blocks: f.blocks.clone(),
-            elements: f.elements.clone(),
-        }),
-        (None, Some(f)) => Some(FilterSpec {
-            mode: FilterMode::Exclude,
-            blocks: f.blocks.clone(),
-            elements: f.elements.clone(),
-        }),
-        (None, None) => None,
-    };
-    let vae = d
-        .bake_vae
-        .as_ref()
-        .and_then(|v| match resolve(v, Want::Checkpoint, errs) {
-            Some(Input::Model(m)) => Some(m),
-            Some(Input::Node(_)) => {
-                errs.push(
-                    &v.referenced,
-                    "bake_vae takes a model (a VAE file)".to_string(),
-                    None,
-                );
-                None
-            }
-            None => None,
-        });
-    let calcmode = d.calcmode.as_ref().map(|c| c.value).unwrap_or_default();
-    if !calcmode.modes().contains(&mode_v) {
-        let at = d
-            .calcmode
-            .as_ref()
-            .map(|c| &c.referenced)
-            .unwrap_or(&mode.referenced);
-        errs.push(
-            at,
-            format!(
-                "calcmode {} applies to {} only",
-                calcmode.label(),
-                calcmode
-                    .modes()
-                    .iter()
-                    .map(|m| m.label())
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            ),
-            None,
-        );
-    }
-    let beta = match beta {
-        Some(Some(b)) => Some(b),
-        Some(None) => return None,
-        None => None,
-    };
-    let spec = MergeSpec {
-        mode: mode_v,
-        alpha: alpha?,
-        beta,
-        calcmode,
-        gamma: d.gamma.unwrap_or(0.3),
-        seed: d.seed.unwrap_or(0),
-        dtype: d.dtype,
-        prune: d.prune,
-        reset_position_ids: d.reset_position_ids,
-        elemental: d.elemental.clone(),
-        xl_elemental_shift: d.xl_elemental_shift,
-        filter,
-        adjust,
-        bake_vae: None,
-    };
-    (inputs.len() == if mode_v.uses_c() { 3 } else { 2 }).then_some(Node::Merge {
-        inputs,
-        spec: Box::new(spec),
-        vae,
-        memory: d.cache == Some(Keep::Memory),
-    })
 }
 
 /// Dependency order, or the nodes of a cycle.
@@ -1586,38 +617,8 @@ impl Recipe {
     pub fn edges(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for name in &self.order {
-            match &self.nodes[name] {
-                Node::Merge { inputs, vae, .. } => {
-                    for i in inputs {
-                        let (Input::Model(f) | Input::Node(f)) = i;
-                        out.push((f.clone(), name.clone()));
-                    }
-                    if let Some(v) = vae {
-                        out.push((v.clone(), name.clone()));
-                    }
-                }
-                Node::Lora { input, loras, .. } => {
-                    for i in std::iter::once(input).chain(loras.iter().map(|l| &l.source)) {
-                        out.push((i.name().to_string(), name.clone()));
-                    }
-                }
-                Node::MergeLoras { loras, .. } => {
-                    for l in loras {
-                        out.push((l.source.name().to_string(), name.clone()));
-                    }
-                }
-                Node::ExtractLora { a, b, .. } => {
-                    for i in [a, b] {
-                        out.push((i.name().to_string(), name.clone()));
-                    }
-                }
-                Node::Save { from, .. } => out.push((from.clone(), name.clone())),
-                Node::Generate { model, .. } => out.push((model.name().to_string(), name.clone())),
-                Node::Xy { .. } => {
-                    for cell in self.nodes[name].node_inputs() {
-                        out.push((cell.to_string(), name.clone()));
-                    }
-                }
+            for from in self.nodes[name].reads() {
+                out.push((from.to_string(), name.clone()));
             }
         }
         out
@@ -1635,45 +636,18 @@ impl Recipe {
                     out.push_str(&format!("  {}[(\"{m}\")]\n", id(m)));
                 }
                 for name in &self.order {
-                    match &self.nodes[name] {
-                        Node::Merge { spec, .. } => out.push_str(&format!(
-                            "  {}[\"{name}<br/>{}\"]\n",
-                            id(name),
-                            spec.mode.label()
-                        )),
-                        Node::Lora { loras, .. } => out.push_str(&format!(
-                            "  {}[\"{name}<br/>LoRA x{}\"]\n",
-                            id(name),
-                            loras.len()
-                        )),
-                        Node::ExtractLora { options, .. } => out.push_str(&format!(
-                            "  {}{{{{\"{name}<br/>extract LoRA r{}\"}}}}\n",
-                            id(name),
-                            options.rank
-                        )),
-                        Node::MergeLoras { loras, .. } => out.push_str(&format!(
-                            "  {}{{{{\"{name}<br/>merge {} LoRAs\"}}}}\n",
-                            id(name),
-                            loras.len()
-                        )),
-                        Node::Generate { job, .. } => out.push_str(&format!(
-                            "  {}[[\"{name}<br/>{} image(s)\"]]\n",
-                            id(name),
-                            job.batch
-                        )),
-                        Node::Xy { grids, .. } => out.push_str(&format!(
-                            "  {}[[\"{name}<br/>{} grid(s)\"]]\n",
-                            id(name),
-                            grids.len()
-                        )),
-                        Node::Save { to, .. } => out.push_str(&format!(
-                            "  {}[/\"{name}<br/>{}\"/]\n",
-                            id(name),
-                            to.file_name()
-                                .map(|f| f.to_string_lossy())
-                                .unwrap_or_default()
-                        )),
-                    }
+                    let node = &self.nodes[name];
+                    let (open, close) = match node.kind().makes {
+                        Makes::Checkpoint => ("[", "]"),
+                        Makes::Lora => ("{{", "}}"),
+                        Makes::Images => ("[[", "]]"),
+                        Makes::File => ("[/", "/]"),
+                    };
+                    out.push_str(&format!(
+                        "  {}{open}\"{name}<br/>{}\"{close}\n",
+                        id(name),
+                        node.summary()
+                    ));
                 }
                 for (a, b) in self.edges() {
                     out.push_str(&format!("  {} --> {}\n", id(&a), id(&b)));
@@ -1685,11 +659,11 @@ impl Recipe {
                     out.push_str(&format!("  \"{m}\" [shape=cylinder];\n"));
                 }
                 for name in &self.order {
-                    let shape = match self.nodes[name] {
-                        Node::Merge { .. } | Node::Lora { .. } => "box",
-                        Node::ExtractLora { .. } | Node::MergeLoras { .. } => "hexagon",
-                        Node::Save { .. } => "note",
-                        Node::Generate { .. } | Node::Xy { .. } => "box3d",
+                    let shape = match self.nodes[name].kind().makes {
+                        Makes::Checkpoint => "box",
+                        Makes::Lora => "hexagon",
+                        Makes::File => "note",
+                        Makes::Images => "box3d",
                     };
                     out.push_str(&format!("  \"{name}\" [shape={shape}];\n"));
                 }

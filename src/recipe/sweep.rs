@@ -11,136 +11,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use schemars::JsonSchema;
-use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::{Input, Node, RatioScope, RecipeErrors, Resolver, Want};
+use super::{RatioScope, RecipeErrors, Resolver};
 use crate::arch::blocks::{SDXL_BLOCKS, SD_BLOCKS};
 use crate::merge::{FilterSpec, Ratio};
-
-/// An `xy` node's declaration.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct XyDecl {
-    /// The generate node every cell runs again with its axis values.
-    #[schemars(with = "String")]
-    pub generate: Spanned<String>,
-    /// The merge node that merge axes change (default: the generate node's model).
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub merge: Option<Spanned<String>>,
-    /// Columns.
-    #[schemars(with = "AxisDecl")]
-    pub x: Spanned<AxisDecl>,
-    /// Rows.
-    #[serde(default)]
-    #[schemars(with = "Option<AxisDecl>")]
-    pub y: Option<Spanned<AxisDecl>>,
-    /// One grid per value.
-    #[serde(default)]
-    #[schemars(with = "Option<AxisDecl>")]
-    pub z: Option<Spanned<AxisDecl>>,
-}
-
-/// One axis.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AxisDecl {
-    /// What it sweeps.
-    #[serde(default, rename = "type")]
-    pub kind: Option<AxisKind>,
-    /// Instead of `type`: a node's parameter as `NODE.FIELD` (`blend.beta`, `look.cfg`,
-    /// `second_merge.alpha`, `styled.strength`), sweeping that node.
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub path: Option<Spanned<String>>,
-    /// The node it changes (default: the merge node / `lora` node the sweep changes, or the
-    /// swept generate node for generation parameters).
-    #[serde(default)]
-    #[schemars(with = "Option<String>")]
-    pub node: Option<Spanned<String>>,
-    /// Its values: a list, or SuperMerger's text (`|` splits it into parts).
-    pub values: AxisValues,
-    /// `random`: the seed of the random weights (default 0).
-    #[serde(default)]
-    pub seed: Option<u64>,
-}
-
-/// What an axis sweeps (SuperMerger's axis types, plus generation parameters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AxisKind {
-    /// The merge's alpha (a number, vector or preset per value).
-    Alpha,
-    /// The merge's beta.
-    Beta,
-    /// Alpha and beta: `a b` pairs (one number sets both).
-    AlphaAndBeta,
-    /// Per-block alpha vectors or preset names (one per line in text).
-    MbwAlpha,
-    /// Per-block beta vectors or preset names.
-    MbwBeta,
-    /// Alpha and beta vectors (or presets): lines taken in pairs, alpha first.
-    MbwAlphaAndBeta,
-    /// Model A of the merge.
-    ModelA,
-    /// Model B.
-    ModelB,
-    /// Model C.
-    ModelC,
-    /// Blocks that get the alpha axis' value (`IN00 IN03-IN05`, `NOT M00`, `ALL`); the merge's
-    /// own alpha stays elsewhere.
-    PinpointBlocks,
-    /// Merge only these blocks.
-    IncludeBlocks,
-    /// Never merge these blocks.
-    ExcludeBlocks,
-    /// Elemental text (replaces the merge's).
-    Elemental,
-    /// `blocks:elements` items (no ratio) added to the merge's elemental text with the alpha
-    /// axis' value as their ratio; the merge's alpha stays.
-    PinpointElement,
-    /// SuperMerger's "effective elemental checker": as `pinpoint_element`, after a baseline
-    /// without any, and the grid adds a row showing what changed against the baseline.
-    Effective,
-    /// Adjust slots (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3, or ALL) set to the alpha
-    /// axis' value.
-    PinpointAdjust,
-    /// SuperMerger's random merge ("R"): `values` is a count N; cell i gets per-block alpha
-    /// weights drawn uniformly from [0, 1) (3 decimals) from the axis' `seed`.
-    Random,
-    /// Strength of the LoRAs of the `lora` node the generate node reads.
-    LoraStrength,
-    /// Block weights of those LoRAs.
-    LoraBlocks,
-    /// Elemental text added to the merge's.
-    AddElemental,
-    /// Adjust vectors (8 values).
-    Adjust,
-    /// Calculation mode.
-    Calcmode,
-    /// Generation seed.
-    Seed,
-    /// Prompt (one per line in text).
-    Prompt,
-    /// Prompts of several lines (separated by blank lines in text).
-    Prompt2,
-    /// Negative prompt.
-    Negative,
-    /// Sampling steps.
-    Steps,
-    /// Guidance scale.
-    Cfg,
-    /// Sampler.
-    Sampler,
-    /// CLIP skip.
-    ClipSkip,
-    /// Width.
-    Width,
-    /// Height.
-    Height,
-}
+use crate::nodes::generate::GenerateNode;
+use crate::nodes::lora::LoraNode;
+use crate::nodes::merge::MergeNode;
+use crate::nodes::xy::{AxisDecl, AxisKind, AxisValue, AxisValues, Grid, XyDecl, XyNode};
+use crate::nodes::{Input, Node, Want};
 
 impl AxisKind {
     /// Its name, as written.
@@ -208,30 +88,6 @@ enum Sep {
     BlankLine,
 }
 
-/// An axis' values as written.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum AxisValues {
-    /// One value per item.
-    List(Vec<AxisValue>),
-    /// One number (`random`'s count).
-    Number(f64),
-    /// SuperMerger's text.
-    Text(String),
-}
-
-/// One value of a list.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum AxisValue {
-    /// A number.
-    Number(f64),
-    /// A vector.
-    List(Vec<f64>),
-    /// Text.
-    Text(String),
-}
-
 /// A parsed axis value.
 #[derive(Debug, Clone, PartialEq)]
 enum Setting {
@@ -272,25 +128,6 @@ struct Axis {
     parts: Vec<Vec<(String, Setting)>>,
 }
 
-/// One grid of a sweep.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Grid {
-    /// File stem of its images (`SWEEP`, `SWEEP-z1`, `SWEEP-part2-z0`, ...).
-    pub name: String,
-    /// The header: the merge formula with swept parameters named X / Y.
-    pub header: String,
-    /// Column labels.
-    pub x_labels: Vec<String>,
-    /// Row labels (one empty label without a Y axis).
-    pub y_labels: Vec<String>,
-    /// The Z value of this grid, if any.
-    pub z_label: Option<String>,
-    /// The cells' generate nodes, row-major.
-    pub cells: Vec<String>,
-    /// An effective-elemental-checker grid: a row of differences against the first cell.
-    pub effective: bool,
-}
-
 /// Reads the `xy` nodes (after every other node is validated) and adds their cells and the
 /// sweep nodes to `nodes`.
 /// Sweeps by name: (source part, declaration, `to`, `overwrite`).
@@ -309,11 +146,11 @@ pub(super) fn expand_all(
         if let Some(grids) = expand(name, decl, nodes, scope, resolve, errs) {
             nodes.insert(
                 name.clone(),
-                Node::Xy {
+                Node::Xy(XyNode {
                     grids,
                     to: to.clone(),
                     overwrite: *overwrite,
-                },
+                }),
             );
         }
     }
@@ -329,7 +166,7 @@ fn expand(
 ) -> Option<Vec<Grid>> {
     let d = &decl.value;
     let gen_name = &d.generate.value;
-    if !matches!(nodes.get(gen_name), Some(Node::Generate { .. })) {
+    if !matches!(nodes.get(gen_name), Some(Node::Generate(_))) {
         errs.push(
             &d.generate.referenced,
             format!("`{gen_name}` is not a generate node of this recipe"),
@@ -419,15 +256,15 @@ fn expand(
     // reads for LoRA axes, the generate node itself for generation parameters.
     let read_by_gen = |want: fn(&Node) -> bool| -> Option<String> {
         match nodes.get(gen_name) {
-            Some(Node::Generate { model, .. }) => model
+            Some(Node::Generate(GenerateNode { model, .. })) => model
                 .node()
                 .filter(|m| nodes.get(*m).is_some_and(want))
                 .map(String::from),
             _ => None,
         }
     };
-    let is_merge = |n: &Node| matches!(n, Node::Merge { .. });
-    let is_lora = |n: &Node| matches!(n, Node::Lora { .. });
+    let is_merge = |n: &Node| matches!(n, Node::Merge(_));
+    let is_lora = |n: &Node| matches!(n, Node::Lora(_));
     let mut targets = Vec::new();
     for (ax, (_, at)) in axes.iter().zip(&declared) {
         let (what, want, default): (&str, fn(&Node) -> bool, Option<String>) =
@@ -440,7 +277,7 @@ fn expand(
                 };
                 ("a merge node", is_merge, default)
             } else {
-                let gen = |n: &Node| matches!(n, Node::Generate { .. });
+                let gen = |n: &Node| matches!(n, Node::Generate(_));
                 ("the swept generate node", gen, Some(gen_name.clone()))
             };
         let (target, place) = match &ax.node {
@@ -669,8 +506,8 @@ fn make_cell(
             .map(|(_, s)| *s)
             .collect();
         match &mut node {
-            Node::Merge { inputs, spec, .. } => apply_merge(inputs, spec, &mine)?,
-            Node::Lora { loras, .. } => {
+            Node::Merge(MergeNode { inputs, spec, .. }) => apply_merge(inputs, spec, &mine)?,
+            Node::Lora(LoraNode { loras, .. }) => {
                 for s in &mine {
                     for l in loras.iter_mut() {
                         match s {
@@ -681,7 +518,7 @@ fn make_cell(
                     }
                 }
             }
-            Node::Generate { job, to, .. } => {
+            Node::Generate(GenerateNode { job, to, .. }) => {
                 apply_job(job, &mine);
                 *to = None;
                 gen_name = renamed(n);
@@ -861,7 +698,7 @@ fn header(
     };
     let sweeps = |ks: &[AxisKind]| ks.iter().find_map(|k| swept(*k));
     let mut parts = Vec::new();
-    if let Some(Node::Merge { inputs, spec, .. }) = merge.and_then(|m| nodes.get(m)) {
+    if let Some(Node::Merge(MergeNode { inputs, spec, .. })) = merge.and_then(|m| nodes.get(m)) {
         let names = ["A", "B", "C"];
         let models: Vec<String> = inputs
             .iter()
@@ -920,7 +757,7 @@ fn header(
             parts.push(format!("calcmode={:?}", spec.calcmode));
         }
     }
-    if let Some(Node::Generate { job, .. }) = nodes.get(gen) {
+    if let Some(Node::Generate(GenerateNode { job, .. })) = nodes.get(gen) {
         let seed = swept(AxisKind::Seed)
             .map(String::from)
             .unwrap_or_else(|| job.seed.to_string());

@@ -15,10 +15,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::build::{images, NodeReport, Status};
+use crate::build::{NodeReport, Status};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
-use crate::recipe::{Input, Node, Recipe};
+use crate::nodes::images;
+use crate::nodes::Input;
+use crate::recipe::Recipe;
 use crate::store::Cache;
 
 /// Thumbnails fit in a square of this many pixels.
@@ -127,19 +129,7 @@ impl Images<'_> {
 /// their sweep rather than one by one.
 fn is_cell(recipe: &Recipe, name: &str) -> bool {
     name.split_once('.')
-        .is_some_and(|(sweep, _)| matches!(recipe.nodes.get(sweep), Some(Node::Xy { .. })))
-}
-
-fn kind(node: &Node) -> &'static str {
-    match node {
-        Node::Merge { .. } => "merge",
-        Node::Lora { .. } => "lora",
-        Node::ExtractLora { .. } => "extract_lora",
-        Node::MergeLoras { .. } => "merge_loras",
-        Node::Generate { .. } => "generate",
-        Node::Xy { .. } => "xy",
-        Node::Save { .. } => "save",
-    }
+        .is_some_and(|(sweep, _)| recipe.nodes.get(sweep).is_some_and(|n| n.grids().is_some()))
 }
 
 /// Writes the site of `recipe` into `out` from a build's `reports` (every image they name
@@ -173,7 +163,7 @@ pub fn write(recipe: &Recipe, cache: &Cache, reports: &[NodeReport], out: &Path)
         };
         nodes.push(NodeRow {
             name: r.plan.name.clone(),
-            kind: kind(&recipe.nodes[&r.plan.name]),
+            kind: recipe.nodes[&r.plan.name].kind().name,
             key: r.plan.key[..16].to_string(),
             status,
             class,
@@ -187,21 +177,18 @@ pub fn write(recipe: &Recipe, cache: &Cache, reports: &[NodeReport], out: &Path)
         let Some(report) = plans.get(name.as_str()) else {
             continue;
         };
-        match node {
-            Node::Generate { model, job, .. } if !is_cell(recipe, name) => {
-                let mut images = Vec::new();
-                for (seed, key) in images::image_keys(&report.plan.preimage) {
-                    let (src, thumb) = imgs.add(&key)?;
-                    images.push(ImageRef { seed, src, thumb });
-                }
-                generates.push(serde_json::json!({
-                    "name": name, "model": model.name(), "job": job, "images": images,
-                }));
+        if let Some((model, job)) = node.generation().filter(|_| !is_cell(recipe, name)) {
+            let mut images = Vec::new();
+            for (seed, key) in images::image_keys(&report.plan.preimage) {
+                let (src, thumb) = imgs.add(&key)?;
+                images.push(ImageRef { seed, src, thumb });
             }
-            Node::Xy { grids, .. } => {
-                sweeps.push(sweep_page(recipe, name, grids, report, &plans, &mut imgs)?);
-            }
-            _ => {}
+            generates.push(serde_json::json!({
+                "name": name, "model": model.name(), "job": job, "images": images,
+            }));
+        }
+        if let Some(grids) = node.grids() {
+            sweeps.push(sweep_page(recipe, name, grids, report, &plans, &mut imgs)?);
         }
     }
     let memo = cache.memo();
@@ -278,7 +265,7 @@ pub fn write(recipe: &Recipe, cache: &Cache, reports: &[NodeReport], out: &Path)
 fn sweep_page(
     recipe: &Recipe,
     name: &str,
-    grids: &[crate::recipe::sweep::Grid],
+    grids: &[crate::nodes::xy::Grid],
     report: &NodeReport,
     plans: &BTreeMap<&str, &NodeReport>,
     imgs: &mut Images,
@@ -348,10 +335,11 @@ fn sweep_page(
         .and_then(|c| c.rsplit('.').next())
         .unwrap_or_default()
         .to_string();
-    let job = match recipe.nodes.get(&generate) {
-        Some(Node::Generate { job, .. }) => Some(job.clone()),
-        _ => None,
-    };
+    let job = recipe
+        .nodes
+        .get(&generate)
+        .and_then(|n| n.generation())
+        .map(|(_, job)| job.clone());
     Ok(SweepPage {
         name: name.to_string(),
         page: format!("sweep-{name}.html"),
@@ -380,8 +368,8 @@ pub fn dag_svg(recipe: &Recipe) -> String {
     let mut edges = Vec::new();
     for name in recipe.order.iter().filter(|n| shown(n)) {
         let node = &recipe.nodes[name];
-        let mut inputs: Vec<String> = match node {
-            Node::Xy { grids, .. } => {
+        let mut inputs: Vec<String> = match node.grids() {
+            Some(grids) => {
                 // A sweep reads what its swept generate node reads.
                 let generate = grids
                     .first()
@@ -390,7 +378,7 @@ pub fn dag_svg(recipe: &Recipe) -> String {
                     .map(String::from);
                 generate.into_iter().collect()
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         inputs.extend(
             recipe
@@ -443,7 +431,7 @@ pub fn dag_svg(recipe: &Recipe) -> String {
     for (n, (x, y)) in &pos {
         let (fill, label) = match recipe.nodes.get(n) {
             None => ("#e8f0ff", format!("{n} (model)")),
-            Some(node) => ("#fff4e0", format!("{n} ({})", kind(node))),
+            Some(node) => ("#fff4e0", format!("{n} ({})", node.kind().name)),
         };
         svg.push_str(&format!(
             "<g><rect x=\"{x}\" y=\"{y}\" width=\"{bw}\" height=\"{bh}\" rx=\"6\" fill=\"{fill}\" stroke=\"#666\"/><text x=\"{}\" y=\"{}\">{}</text></g>\n",

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::arch::{Component, Family};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::recipe::{Node, Recipe};
+use crate::recipe::Recipe;
 
 /// One block's comparison.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -128,7 +128,7 @@ pub fn tables(
     let store = crate::store::Store::new(cache);
     let mut out = Vec::new();
     for (name, node) in &recipe.nodes {
-        let Node::Merge { inputs, .. } = node else {
+        let Some(inputs) = node.blends() else {
             continue;
         };
         if super::is_cell(recipe, name) {

@@ -24,12 +24,13 @@ pub mod maintenance;
 pub mod packs;
 pub mod remote;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
-use crate::hashing::HashMemo;
+use crate::hashing::{HashMemo, Stamp};
 use remote::{Kind, LocalFile, Remote};
 
 pub use packs::{Entry, Manifest, Place, Store};
@@ -341,6 +342,50 @@ impl Cache {
         write_file_atomic(&self.image_path(key), png, true)?;
         self.publish(key, Kind::Image);
         Ok(())
+    }
+}
+
+/// What the last build of a recipe produced: each node's key and the files it wrote.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct State {
+    /// Node name -> key.
+    pub nodes: BTreeMap<String, String>,
+    /// Output file -> what mergesmith wrote there.
+    pub outputs: BTreeMap<PathBuf, Written>,
+}
+
+/// A file a build wrote: from which stored object, and the file's stamp right after writing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Written {
+    /// The result or image key it was written from.
+    pub object: String,
+    /// Its stamp right after writing.
+    pub stamp: Stamp,
+}
+
+impl State {
+    /// Whether the file at `to` is still exactly what a build wrote there from `key` (checked
+    /// by stamp, without reading it).
+    pub fn wrote(&self, to: &Path, key: &str) -> bool {
+        self.outputs
+            .get(to)
+            .is_some_and(|w| w.object == key && Stamp::of(to).is_ok_and(|s| s == w.stamp))
+    }
+}
+
+impl Cache {
+    /// What the last build of `recipe` produced (nothing when it was never built here).
+    pub fn load_state(&self, recipe: &Path) -> State {
+        std::fs::read_to_string(self.state_path(recipe))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records what this build of `recipe` produced.
+    pub fn save_state(&self, recipe: &Path, state: &State) -> Result<()> {
+        let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file_atomic(&self.state_path(recipe), &text, true)
     }
 }
 

@@ -1623,7 +1623,7 @@ fn generate_nodes_cache_images_and_skip_the_merge_when_they_exist() {
     );
     // The hires fix makes 1.5 × the size; the image lives in the cache only.
     let big = &first.iter().find(|r| r.plan.name == "big").unwrap().plan;
-    let key = &build::images::image_keys(&big.preimage)[0].1;
+    let key = &mergesmith::nodes::images::image_keys(&big.preimage)[0].1;
     assert_eq!(
         png_size(&Cache::new(&d.join("cache")).image_path(key)),
         (48, 48)

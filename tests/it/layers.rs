@@ -16,8 +16,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("arch", &["arch"]),
     ("engines", &["merge", "lora", "gen", "synth", "inspect"]),
-    ("recipe", &["recipe"]),
     ("store", &["store"]),
+    ("node kinds", &["nodes"]),
+    ("recipe", &["recipe"]),
     ("build", &["build"]),
     ("report", &["report"]),
 ];

@@ -6,6 +6,8 @@ use crate::common::*;
 use mergesmith::arch::Family;
 use mergesmith::build::BuildOptions;
 use mergesmith::build::{self, Status};
+use mergesmith::nodes::merge::MergeNode;
+use mergesmith::nodes::Node;
 use mergesmith::recipe;
 use mergesmith::store::Cache;
 
@@ -804,7 +806,7 @@ fn supermerger_metadata_imports() {
             && yaml.contains("path: \"model_c.safetensors\""),
         "{yaml}"
     );
-    let recipe::Node::Merge { spec, inputs, .. } = &r.nodes["merged"] else {
+    let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes["merged"] else {
         panic!()
     };
     assert_eq!(spec.mode, mergesmith::merge::Mode::AddDifference);
@@ -835,11 +837,11 @@ fn supermerger_history_imports() {
         ),
         "{yaml}"
     );
-    let recipe::Node::Merge { spec, .. } = &r.nodes["merge_1"] else {
+    let Node::Merge(MergeNode { spec, .. }) = &r.nodes["merge_1"] else {
         panic!()
     };
     assert_eq!(spec.alpha, mergesmith::merge::Ratio::Blocks(vec![0.5; 26]));
-    let recipe::Node::Merge { spec, inputs, .. } = &r.nodes["merge_2"] else {
+    let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes["merge_2"] else {
         panic!()
     };
     assert_eq!(

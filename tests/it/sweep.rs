@@ -6,7 +6,12 @@ use std::path::Path;
 use mergesmith::arch::Family;
 use mergesmith::build::{self, BuildOptions, Status};
 use mergesmith::merge::{CalcMode, Ratio};
-use mergesmith::recipe::{self, Input, Node};
+use mergesmith::nodes::generate::GenerateNode;
+use mergesmith::nodes::lora::LoraNode;
+use mergesmith::nodes::merge::MergeNode;
+use mergesmith::nodes::xy::XyNode;
+use mergesmith::nodes::{Input, Node};
+use mergesmith::recipe;
 use mergesmith::store::Cache;
 
 const BASE: &str = "version: 1
@@ -36,9 +41,9 @@ fn parse(axes: &str) -> Result<recipe::Recipe, String> {
     recipe::parse(Path::new("r.yaml"), &format!("{BASE}{axes}")).map_err(|e| e.to_string())
 }
 
-fn grids(r: &recipe::Recipe) -> Vec<mergesmith::recipe::sweep::Grid> {
+fn grids(r: &recipe::Recipe) -> Vec<mergesmith::nodes::xy::Grid> {
     match &r.nodes["sweep"] {
-        Node::Xy { grids, .. } => grids.clone(),
+        Node::Xy(XyNode { grids, .. }) => grids.clone(),
         _ => panic!("not a sweep"),
     }
 }
@@ -52,11 +57,12 @@ fn cell(
     &[Input],
     &mergesmith::gen::job::Job,
 ) {
-    let Node::Generate { job, model, .. } = &r.nodes[&format!("sweep.{i}.look")] else {
+    let Node::Generate(GenerateNode { job, model, .. }) = &r.nodes[&format!("sweep.{i}.look")]
+    else {
         panic!("no cell {i}");
     };
     let merge = model.node().unwrap();
-    let Node::Merge { spec, inputs, .. } = &r.nodes[merge] else {
+    let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes[merge] else {
         panic!("no merge for cell {i}");
     };
     (spec, inputs, job)
@@ -90,7 +96,7 @@ fn axes_expand_into_cells_with_their_values() {
     let (_, _, job) = cell(&r, 7);
     assert_eq!(job.prompt, "a dog");
     // The swept node itself is untouched.
-    let Node::Merge { spec, .. } = &r.nodes["blend"] else {
+    let Node::Merge(MergeNode { spec, .. }) = &r.nodes["blend"] else {
         panic!()
     };
     assert_eq!(spec.alpha, Ratio::Scalar(0.5));
@@ -231,7 +237,7 @@ fn pinpointed_elements_adjust_slots_and_lora_axes() {
         &format!("{text}      x: {{ type: lora_strength, values: \"0.5, 1.5\" }}\n      y: {{ type: lora_blocks, values: \"OUTD\\nINALL\" }}\n"),
     )
     .unwrap();
-    let Node::Lora { loras, input, .. } = &r.nodes["sweep.3.styled"] else {
+    let Node::Lora(LoraNode { loras, input, .. }) = &r.nodes["sweep.3.styled"] else {
         panic!()
     };
     assert_eq!(
@@ -254,7 +260,7 @@ fn path_axes_and_paired_vectors() {
     assert_eq!(cell(&r, 2).2.prompt, "a dog");
     assert_eq!(cell(&r, 0).2.prompt, "a cat\nwith a hat");
     // Only the generate node is copied: the cells read the original merge.
-    let Node::Generate { model, .. } = &r.nodes["sweep.0.look"] else {
+    let Node::Generate(GenerateNode { model, .. }) = &r.nodes["sweep.0.look"] else {
         panic!()
     };
     assert_eq!(model, &Input::Node("blend".into()));
@@ -267,7 +273,7 @@ fn path_axes_and_paired_vectors() {
         );
     let parse2 = |axes: &str| recipe::parse(Path::new("r.yaml"), &format!("{two}{axes}"));
     let r = parse2("      x: { path: blend.alpha, values: [0.1, 0.9] }\n      y: { type: beta, node: second, values: [0.2] }\n").unwrap();
-    let Node::Merge { spec, inputs, .. } = &r.nodes["sweep.1.second"] else {
+    let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes["sweep.1.second"] else {
         panic!()
     };
     assert_eq!(inputs[0], Input::Node("sweep.1.blend".into()));
@@ -275,14 +281,14 @@ fn path_axes_and_paired_vectors() {
         (spec.alpha.clone(), spec.beta.clone()),
         (Ratio::Scalar(0.3), Some(Ratio::Scalar(0.2)))
     );
-    let Node::Merge { spec, .. } = &r.nodes["sweep.1.blend"] else {
+    let Node::Merge(MergeNode { spec, .. }) = &r.nodes["sweep.1.blend"] else {
         panic!()
     };
     assert_eq!(spec.alpha, Ratio::Scalar(0.9));
     // Without `node:`, merge axes change the merge the generate node reads.
     let r = parse2("      x: { type: alpha, values: [0.6] }\n").unwrap();
     assert!(!r.nodes.contains_key("sweep.0.blend"));
-    let Node::Merge { spec, .. } = &r.nodes["sweep.0.second"] else {
+    let Node::Merge(MergeNode { spec, .. }) = &r.nodes["sweep.0.second"] else {
         panic!()
     };
     assert_eq!(spec.alpha, Ratio::Scalar(0.6));
@@ -465,7 +471,7 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
     let grid = image::open(d.join("grids/sweep.png")).unwrap().to_rgb8();
     let cell_image = |node: &str| {
         let plan = &first.iter().find(|r| r.plan.name == node).unwrap().plan;
-        let key = &build::images::image_keys(&plan.preimage)[0].1;
+        let key = &mergesmith::nodes::images::image_keys(&plan.preimage)[0].1;
         image::open(cache.image_path(key)).unwrap().to_rgb8()
     };
     let cell = cell_image("sweep.0.look");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::build::ALGORITHM_VERSION;
+use super::ALGORITHM_VERSION;
 use crate::checkpoint::Checkpoint;
 use crate::merge::calc::CalcMode;
 use crate::merge::{MergeSpec, Op, Plan, Source};

@@ -1,0 +1,277 @@
+//! `generate: {model, prompt, ...}`: images generated from a checkpoint (the web UI's
+//! txt2img settings), cached by image key; `to: DIR` also writes them there.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use serde_saphyr::Spanned;
+
+use super::decl::NodeDecl;
+use super::images;
+use super::{
+    CheckCx, Header, HitCx, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx,
+    Want,
+};
+use crate::error::{Error, Result};
+use crate::gen::job::Job;
+use crate::store::remote::Kind as Stored;
+use crate::store::Cache;
+
+/// The `generate` kind.
+pub static KIND: Kind = Kind {
+    name: "generate",
+    usage: "`generate: {model, prompt}`",
+    fields: &["to", "overwrite"],
+    hint: Some("options go under `generate:`"),
+    makes: Makes::Images,
+    declared: |d| d.generate.is_some(),
+    parse,
+};
+
+/// A `generate` node's parameters (the web UI's txt2img settings).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateDecl {
+    /// The checkpoint: a model or node.
+    #[schemars(with = "String")]
+    pub model: Spanned<String>,
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    #[serde(default)]
+    pub negative: String,
+    /// Sampling steps (default 20).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub steps: Option<Spanned<usize>>,
+    /// Guidance scale (default 7).
+    #[serde(default)]
+    pub cfg: Option<f64>,
+    /// Sampler: euler_a (default), euler, ddim, dpmpp_2m.
+    #[serde(default)]
+    pub sampler: Option<crate::gen::sampler::Sampler>,
+    /// Seed of the first image (default 0).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Images, of seeds seed, seed + 1, ... (default 1).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub batch: Option<Spanned<usize>>,
+    /// Width in pixels, a multiple of 8 (default: the model's native size).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub width: Option<Spanned<usize>>,
+    /// Height in pixels, a multiple of 8 (default: the width).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub height: Option<Spanned<usize>>,
+    /// CLIP skip (SD1; default 1).
+    #[serde(default)]
+    #[schemars(with = "Option<usize>")]
+    pub clip_skip: Option<Spanned<usize>>,
+    /// Hires fix: `{scale, steps, strength}`.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::gen::png::Hires>")]
+    pub hires: Option<Spanned<crate::gen::png::Hires>>,
+    /// What the model predicts: epsilon or v (default: guessed from the file).
+    #[serde(default)]
+    pub prediction: Option<crate::gen::pipeline::Prediction>,
+}
+
+/// Images generated from a checkpoint.
+#[derive(Debug, Clone)]
+pub struct GenerateNode {
+    /// The checkpoint.
+    pub model: Input,
+    /// What to generate.
+    pub job: Job,
+    /// A directory the images are also written to (absolute), as `NODE-SEED.png`.
+    pub to: Option<PathBuf>,
+    /// Replace files there that mergesmith did not write.
+    pub overwrite: bool,
+}
+
+fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<Node> {
+    let d = &decl.value;
+    let g = d.generate.as_ref()?;
+    let v = &g.value;
+    let model = cx.resolve(&v.model, Want::Checkpoint);
+    let mut ok = true;
+    let mut check = |field: &Option<Spanned<usize>>, good: fn(usize) -> bool, what: &str| {
+        if let Some(f) = field.as_ref().filter(|f| !good(f.value)) {
+            cx.error(&f.referenced, format!("{} is not {what}", f.value), None);
+            ok = false;
+        }
+    };
+    let positive = |n: usize| n >= 1;
+    check(&v.steps, positive, "a number of steps (at least 1)");
+    check(&v.batch, positive, "a batch size (at least 1)");
+    check(&v.clip_skip, positive, "a clip skip (at least 1)");
+    for size in [&v.width, &v.height] {
+        check(
+            size,
+            |n| n > 0 && n % 8 == 0,
+            "an image size (a multiple of 8)",
+        );
+    }
+    if let Some(h) = &v.hires {
+        let (scale, strength) = (h.value.scale, h.value.strength);
+        if !(1.0..=8.0).contains(&scale) {
+            cx.error(
+                &h.referenced,
+                format!("hires scale {scale} is outside 1..=8"),
+                None,
+            );
+            ok = false;
+        }
+        if !(strength > 0.0 && strength <= 1.0) {
+            cx.error(
+                &h.referenced,
+                format!("hires strength {strength} is outside (0, 1]"),
+                None,
+            );
+            ok = false;
+        }
+    }
+    if v.cfg.is_some_and(|c| !c.is_finite()) {
+        cx.error(&g.referenced, "cfg must be a finite number".into(), None);
+        ok = false;
+    }
+    let defaults = Job::default();
+    let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
+    let job = Job {
+        prompt: v.prompt.clone(),
+        negative: v.negative.clone(),
+        steps: value(&v.steps).unwrap_or(defaults.steps),
+        cfg: v.cfg.unwrap_or(defaults.cfg),
+        sampler: v.sampler.unwrap_or(defaults.sampler),
+        seed: v.seed.unwrap_or(defaults.seed),
+        batch: value(&v.batch).unwrap_or(defaults.batch),
+        width: value(&v.width),
+        height: value(&v.height),
+        clip_skip: value(&v.clip_skip).unwrap_or(defaults.clip_skip),
+        hires: v.hires.as_ref().map(|h| h.value.clone()),
+        prediction: v.prediction,
+    };
+    let model = model?;
+    ok.then_some(Node::Generate(GenerateNode {
+        model,
+        job,
+        to: d.to.as_ref().map(|t| cx.path(t)),
+        overwrite: d.overwrite,
+    }))
+}
+
+impl NodeKind for GenerateNode {
+    fn kind(&self) -> &'static Kind {
+        &KIND
+    }
+
+    fn node_inputs(&self) -> Vec<&str> {
+        self.model.node().into_iter().collect()
+    }
+
+    fn reads(&self) -> Vec<&str> {
+        vec![self.model.name()]
+    }
+
+    fn rename_inputs(&mut self, f: &dyn Fn(&str) -> String) {
+        self.model.rename(f);
+    }
+
+    fn uses_tokenizer(&self) -> bool {
+        true
+    }
+
+    fn preimage(&self, name: &str, cx: &KeyCx) -> Value {
+        let content = cx.content(&self.model);
+        let images: Vec<(u64, String)> = self
+            .job
+            .seeds()
+            .map(|seed| (seed, self.job.image_key(&content, cx.tokenizer, seed)))
+            .collect();
+        json!({
+            "op": "generate",
+            "version": crate::gen::job::VERSION,
+            "model": cx.input(&self.model),
+            "tokenizer": cx.tokenizer,
+            "job": self.job,
+            "images": images.iter().map(|(seed, key)| json!({ "seed": seed, "key": key })).collect::<Vec<_>>(),
+            "outputs": images.iter().map(|(seed, key)| json!({ "file": images::file_name(name, *seed), "key": key })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn check(&self, cx: &CheckCx) -> Result<Option<Header>> {
+        let ck = (cx.open)(&self.model)?;
+        crate::gen::pipeline::check_arch(&crate::arch::detect(ck.tensors()))
+            .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+        Ok(Some(Vec::new()))
+    }
+
+    fn stored_objects(&self, _key: &str, preimage: &Value) -> Vec<(String, Stored)> {
+        images::stored_objects(preimage)
+    }
+
+    fn images_stored(&self, preimage: &Value, cache: &Cache) -> bool {
+        images::all_stored(cache, preimage)
+    }
+
+    fn is_current(&self, _key: &str, preimage: &Value, cx: &HitCx) -> bool {
+        images::all_stored(cx.cache, preimage)
+            && images::copies_current(cx.state, self.to.as_deref(), preimage)
+    }
+
+    /// Makes the images the cache lacks, copies them to `to`.
+    fn run(&self, _name: &str, _key: &str, preimage: &Value, cx: &RunCx) -> Result<Outcome> {
+        let cache = cx.store.cache;
+        let images = images::image_keys(preimage);
+        let missing: Vec<&(u64, String)> = images
+            .iter()
+            .filter(|(_, key)| !cache.has_image(key))
+            .collect();
+        if !missing.is_empty() {
+            let (models, label, autov2) = cx.models_for(&self.model)?;
+            let tok = cx.tokenizer()?;
+            for (seed, key) in &missing {
+                let path = cache.image_path(key);
+                self.job
+                    .write_image(&models, &tok, *seed, key, (&label, &autov2), &path, true)?;
+                cache.publish(key, Stored::Image);
+            }
+        }
+        cx.copy_outputs(self.to.as_deref(), self.overwrite, preimage)?;
+        Ok(Outcome {
+            stored: Some(missing.len()),
+            reused: Some(images.len() - missing.len()),
+            output: self.to.clone(),
+        })
+    }
+
+    /// One 512x512 sampling step is about 0.05 of a merge.
+    fn summary(&self) -> String {
+        format!("{} image(s)", self.job.batch)
+    }
+
+    fn cost(&self) -> f64 {
+        let job = &self.job;
+        let w = job.width.unwrap_or(512) as f64;
+        let h = job.height.or(job.width).unwrap_or(512) as f64;
+        // Hires steps 0 means as many as the first pass.
+        let hires = job.hires.as_ref().map_or(0, |h| match h.steps {
+            0 => job.steps,
+            n => n as usize,
+        });
+        let steps = job.steps + hires;
+        job.batch as f64 * steps as f64 * w * h / (512.0 * 512.0) * 0.05
+    }
+
+    fn describe(&self, made: usize, found: usize) -> String {
+        format!("{made} images made, {found} found in the cache")
+    }
+
+    fn generation(&self) -> Option<(&Input, &Job)> {
+        Some((&self.model, &self.job))
+    }
+}
