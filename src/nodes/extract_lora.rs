@@ -3,7 +3,7 @@
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::{Keep, NodeDecl};
@@ -11,6 +11,7 @@ use super::{
     lora_header, quantile, rank, CheckCx, Header, Input, KeyCx, Kind, Makes, Node, NodeKind,
     Outcome, ParseCx, RunCx, Want, ALGORITHM_VERSION,
 };
+use super::{preimage_value, InputKey};
 use crate::dtype::FloatType;
 use crate::error::Result;
 use crate::lora::extract::ExtractOptions;
@@ -103,6 +104,16 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     }))
 }
 
+/// What an extraction's key is computed from.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    algorithm: u32,
+    a: InputKey<'a>,
+    b: InputKey<'a>,
+    options: &'a ExtractOptions,
+}
+
 impl NodeKind for ExtractNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -129,12 +140,12 @@ impl NodeKind for ExtractNode {
     }
 
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        json!({
-            "op": "extract_lora",
-            "algorithm": ALGORITHM_VERSION,
-            "a": cx.input(&self.a),
-            "b": cx.input(&self.b),
-            "options": self.options,
+        preimage_value(Preimage {
+            op: "extract_lora",
+            algorithm: ALGORITHM_VERSION,
+            a: cx.input(&self.a),
+            b: cx.input(&self.b),
+            options: &self.options,
         })
     }
 

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::NodeDecl;
 use super::images;
+use super::{preimage_value, InputKey};
 use super::{
     CheckCx, Header, HitCx, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx,
     Want,
@@ -164,6 +165,25 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     }))
 }
 
+/// What a generate node's key is computed from: every image's key, and the files it writes.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    version: u32,
+    model: InputKey<'a>,
+    tokenizer: &'a str,
+    job: &'a Job,
+    images: Vec<Image<'a>>,
+    outputs: Vec<images::Output<'a>>,
+}
+
+/// One image of a generate node: its seed and key.
+#[derive(serde::Serialize)]
+struct Image<'a> {
+    seed: u64,
+    key: &'a str,
+}
+
 impl NodeKind for GenerateNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -192,14 +212,23 @@ impl NodeKind for GenerateNode {
             .seeds()
             .map(|seed| (seed, self.job.image_key(&content, cx.tokenizer, seed)))
             .collect();
-        json!({
-            "op": "generate",
-            "version": crate::gen::job::VERSION,
-            "model": cx.input(&self.model),
-            "tokenizer": cx.tokenizer,
-            "job": self.job,
-            "images": images.iter().map(|(seed, key)| json!({ "seed": seed, "key": key })).collect::<Vec<_>>(),
-            "outputs": images.iter().map(|(seed, key)| json!({ "file": images::file_name(name, *seed), "key": key })).collect::<Vec<_>>(),
+        preimage_value(Preimage {
+            op: "generate",
+            version: crate::gen::job::VERSION,
+            model: cx.input(&self.model),
+            tokenizer: cx.tokenizer,
+            job: &self.job,
+            images: images
+                .iter()
+                .map(|(seed, key)| Image { seed: *seed, key })
+                .collect(),
+            outputs: images
+                .iter()
+                .map(|(seed, key)| images::Output {
+                    file: images::file_name(name, *seed),
+                    key,
+                })
+                .collect(),
         })
     }
 

@@ -37,6 +37,16 @@ pub fn outputs(preimage: &Value) -> Vec<(String, String)> {
     })
 }
 
+/// One output of a generate or xy node as its preimage lists it: the file name it gets in
+/// `to: DIR` and its image key.
+#[derive(Debug, serde::Serialize)]
+pub struct Output<'a> {
+    /// The file name.
+    pub file: String,
+    /// The image key.
+    pub key: &'a str,
+}
+
 /// The cache objects of a generate or xy node: its output images.
 pub(crate) fn stored_objects(preimage: &Value) -> Vec<(String, Stored)> {
     outputs(preimage)

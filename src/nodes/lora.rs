@@ -5,6 +5,7 @@ use serde_saphyr::Spanned;
 
 use super::decl::{Keep, NodeDecl};
 use super::run::lora_applications;
+use super::{preimage_value, InputKey, LoraKey};
 use super::{
     CheckCx, Header, Input, KeyCx, Kind, LoraUse, Makes, Node, NodeKind, Outcome, ParseCx, RunCx,
     Want, ALGORITHM_VERSION,
@@ -60,6 +61,17 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
     }))
 }
 
+/// What a LoRA bake's key is computed from.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    algorithm: u32,
+    input: InputKey<'a>,
+    loras: Vec<LoraKey<'a>>,
+    fill: f64,
+    allow_unmatched: bool,
+}
+
 impl NodeKind for LoraNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -89,13 +101,13 @@ impl NodeKind for LoraNode {
     }
 
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        json!({
-            "op": "lora",
-            "algorithm": ALGORITHM_VERSION,
-            "input": cx.input(&self.input),
-            "loras": cx.loras(&self.loras),
-            "fill": self.fill,
-            "allow_unmatched": self.allow_unmatched,
+        preimage_value(Preimage {
+            op: "lora",
+            algorithm: ALGORITHM_VERSION,
+            input: cx.input(&self.input),
+            loras: cx.loras(&self.loras),
+            fill: self.fill,
+            allow_unmatched: self.allow_unmatched,
         })
     }
 

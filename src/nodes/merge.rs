@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::{Keep, NodeDecl};
 use super::run::Opened;
-use super::{tensors, ALGORITHM_VERSION};
+use super::{preimage_value, tensors, InputKey, ALGORITHM_VERSION};
 use super::{
     CheckCx, Header, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx, Want,
 };
@@ -195,6 +195,16 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
     }))
 }
 
+/// What a merge's key is computed from (where its result is kept is not part of it).
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    algorithm: u32,
+    merge: &'a MergeSpec,
+    inputs: Vec<InputKey<'a>>,
+    vae: Option<InputKey<'a>>,
+}
+
 impl NodeKind for MergeNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -221,12 +231,13 @@ impl NodeKind for MergeNode {
     }
 
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        json!({
-            "op": "merge",
-            "algorithm": ALGORITHM_VERSION,
-            "merge": self.spec,
-            "inputs": self.inputs.iter().map(|i| cx.input(i)).collect::<Vec<_>>(),
-            "vae": self.vae.as_ref().map(|v| cx.input(&Input::Model(v.clone()))),
+        let vae = self.vae.clone().map(Input::Model);
+        preimage_value(Preimage {
+            op: "merge",
+            algorithm: ALGORITHM_VERSION,
+            merge: &self.spec,
+            inputs: self.inputs.iter().map(|i| cx.input(i)).collect(),
+            vae: vae.as_ref().map(|v| cx.input(v)),
         })
     }
 

@@ -3,7 +3,7 @@
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::{Keep, LoraUseDecl, NodeDecl};
@@ -12,6 +12,7 @@ use super::{
     lora_header, quantile, rank, CheckCx, Header, KeyCx, Kind, LoraUse, Makes, Node, NodeKind,
     Outcome, ParseCx, RunCx, ALGORITHM_VERSION,
 };
+use super::{preimage_value, LoraKey};
 use crate::dtype::FloatType;
 use crate::error::Result;
 use crate::lora::merge::{MergeMode, MergeOptions};
@@ -98,6 +99,16 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     }))
 }
 
+/// What a LoRA merge's key is computed from.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    algorithm: u32,
+    loras: Vec<LoraKey<'a>>,
+    options: &'a MergeOptions,
+    fill: f64,
+}
+
 impl NodeKind for MergeLorasNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -120,12 +131,12 @@ impl NodeKind for MergeLorasNode {
     }
 
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        json!({
-            "op": "merge_loras",
-            "algorithm": ALGORITHM_VERSION,
-            "loras": cx.loras(&self.loras),
-            "options": self.options,
-            "fill": self.fill,
+        preimage_value(Preimage {
+            op: "merge_loras",
+            algorithm: ALGORITHM_VERSION,
+            loras: cx.loras(&self.loras),
+            options: &self.options,
+            fill: self.fill,
         })
     }
 

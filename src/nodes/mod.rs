@@ -20,7 +20,7 @@ pub mod xy;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::{Location, Spanned};
 
 use crate::checkpoint::Checkpoint;
@@ -155,12 +155,54 @@ pub struct KeyCx<'a> {
     pub tokenizer: &'a str,
 }
 
-impl KeyCx<'_> {
+/// An input as it enters a preimage: a model by name and content, a node by name and key.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum InputKey<'a> {
+    /// A model file.
+    Model {
+        /// Its name in the recipe.
+        model: &'a str,
+        /// The blake3 of its content.
+        content: &'a str,
+    },
+    /// A node's result.
+    Node {
+        /// Its name.
+        node: &'a str,
+        /// Its key.
+        key: &'a str,
+    },
+}
+
+/// A LoRA use as it enters a preimage.
+#[derive(Debug, serde::Serialize)]
+pub struct LoraKey<'a> {
+    /// The LoRA file or node.
+    pub lora: InputKey<'a>,
+    /// Its strength.
+    pub strength: f64,
+    /// Its block weights as written.
+    pub blocks: &'a Option<String>,
+}
+
+/// A typed preimage as the JSON value keys are computed from (and diffs shown of).
+pub(crate) fn preimage_value(p: impl serde::Serialize) -> Value {
+    serde_json::to_value(p).expect("preimages serialize")
+}
+
+impl<'c> KeyCx<'c> {
     /// An input as it enters a preimage.
-    pub fn input(&self, i: &Input) -> Value {
+    pub fn input<'a>(&'a self, i: &'a Input) -> InputKey<'a> {
         match i {
-            Input::Model(m) => json!({ "model": m, "content": self.models[m.as_str()] }),
-            Input::Node(n) => json!({ "node": n, "key": self.nodes[n].0 }),
+            Input::Model(m) => InputKey::Model {
+                model: m,
+                content: &self.models[m.as_str()],
+            },
+            Input::Node(n) => InputKey::Node {
+                node: n,
+                key: &self.nodes[n].0,
+            },
         }
     }
 
@@ -183,15 +225,13 @@ impl KeyCx<'_> {
     }
 
     /// LoRA uses as they enter a preimage.
-    pub fn loras(&self, loras: &[LoraUse]) -> Vec<Value> {
+    pub fn loras<'a>(&'a self, loras: &'a [LoraUse]) -> Vec<LoraKey<'a>> {
         loras
             .iter()
-            .map(|l| {
-                json!({
-                    "lora": self.input(&l.source),
-                    "strength": l.strength,
-                    "blocks": l.blocks,
-                })
+            .map(|l| LoraKey {
+                lora: self.input(&l.source),
+                strength: l.strength,
+                blocks: &l.blocks,
             })
             .collect()
     }
@@ -451,4 +491,90 @@ pub(crate) fn lora_header(
         .into_iter()
         .map(|(n, s)| (n, dtype.dtype(), s))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::{CalcMode, MergeSpec, Mode};
+
+    /// Users' caches stay valid only while preimages keep their exact JSON: the typed
+    /// preimages must serialize to the format the keys have always been computed from
+    /// (written out here independently, as `json!` literals).
+    #[test]
+    fn preimages_keep_their_format() {
+        let models: BTreeMap<&str, String> =
+            [("a", "ka".to_string()), ("b", "kb".to_string())].into();
+        let mut nodes = BTreeMap::new();
+        nodes.insert("m".to_string(), ("km".to_string(), Value::Null));
+        let cx = KeyCx {
+            models: &models,
+            nodes: &nodes,
+            tokenizer: "",
+        };
+        let spec = MergeSpec {
+            mode: Mode::WeightSum,
+            alpha: Ratio::Scalar(0.25),
+            beta: None,
+            calcmode: CalcMode::Normal,
+            gamma: 0.3,
+            seed: 0,
+            dtype: None,
+            prune: false,
+            reset_position_ids: false,
+            elemental: None,
+            xl_elemental_shift: false,
+            filter: None,
+            adjust: None,
+            bake_vae: None,
+        };
+        let merge = merge::MergeNode {
+            inputs: vec![Input::Model("a".into()), Input::Node("m".into())],
+            spec: Box::new(spec.clone()),
+            vae: Some("b".into()),
+            memory: true,
+        };
+        assert_eq!(
+            merge.preimage("x", &cx),
+            serde_json::json!({
+                "op": "merge",
+                "algorithm": ALGORITHM_VERSION,
+                "merge": spec,
+                "inputs": [{ "model": "a", "content": "ka" }, { "node": "m", "key": "km" }],
+                "vae": { "model": "b", "content": "kb" },
+            })
+        );
+        let lora = lora::LoraNode {
+            input: Input::Node("m".into()),
+            loras: vec![LoraUse {
+                source: Input::Model("b".into()),
+                strength: 0.5,
+                blocks: Some("OUTD".into()),
+            }],
+            fill: 0.0,
+            allow_unmatched: false,
+            memory: false,
+        };
+        assert_eq!(
+            lora.preimage("x", &cx),
+            serde_json::json!({
+                "op": "lora",
+                "algorithm": ALGORITHM_VERSION,
+                "input": { "node": "m", "key": "km" },
+                "loras": [{ "lora": { "model": "b", "content": "kb" }, "strength": 0.5, "blocks": "OUTD" }],
+                "fill": 0.0,
+                "allow_unmatched": false,
+            })
+        );
+        let save = save::SaveNode {
+            from: "m".into(),
+            to: PathBuf::from("/out/m.safetensors"),
+            overwrite: false,
+            link: decl::Link::Hardlink,
+        };
+        assert_eq!(
+            save.preimage("s", &cx),
+            serde_json::json!({ "op": "save", "from": { "node": "m", "key": "km" }, "link": "hardlink" })
+        );
+    }
 }

@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::{Link, NodeDecl};
+use super::{preimage_value, InputKey};
 use super::{
     CheckCx, Header, HitCx, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx,
     Want,
@@ -68,6 +69,14 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
     }))
 }
 
+/// What a save's key is computed from: the result it writes and how.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    from: InputKey<'a>,
+    link: Link,
+}
+
 impl NodeKind for SaveNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -86,10 +95,13 @@ impl NodeKind for SaveNode {
     }
 
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        json!({
-            "op": "save",
-            "from": { "node": self.from, "key": cx.key(&self.from) },
-            "link": self.link,
+        preimage_value(Preimage {
+            op: "save",
+            from: InputKey::Node {
+                node: &self.from,
+                key: cx.key(&self.from),
+            },
+            link: self.link,
         })
     }
 

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::decl::NodeDecl;
-use super::images;
+use super::{images, preimage_value};
 use super::{CheckCx, Header, HitCx, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
@@ -211,6 +211,39 @@ pub struct XyNode {
     pub overwrite: bool,
 }
 
+/// What a sweep's key is computed from: its grid images and the files they become.
+#[derive(serde::Serialize)]
+struct Preimage<'a> {
+    op: &'static str,
+    outputs: Vec<images::Output<'a>>,
+    grids: &'a [StoredGrid<'a>],
+}
+
+/// One grid image: what its key is computed from (its cells' images, its labels and layout,
+/// the grid code's version).
+#[derive(serde::Serialize)]
+struct GridImage<'a> {
+    grid: &'a str,
+    batch: usize,
+    header: &'a str,
+    x_labels: &'a [String],
+    y_labels: &'a [String],
+    z_label: &'a Option<String>,
+    effective: bool,
+    cells: Vec<String>,
+    version: u32,
+}
+
+/// A grid image with its key and file name, as a sweep's preimage lists it (and `run`
+/// reads it back).
+#[derive(serde::Serialize)]
+struct StoredGrid<'a> {
+    #[serde(flatten)]
+    image: GridImage<'a>,
+    key: String,
+    file: String,
+}
+
 impl NodeKind for XyNode {
     fn kind(&self) -> &'static Kind {
         &KIND
@@ -236,7 +269,7 @@ impl NodeKind for XyNode {
     /// One grid image per grid and batch index, keyed by its cells' images, its labels and
     /// the grid code's version.
     fn preimage(&self, _name: &str, cx: &KeyCx) -> Value {
-        let mut entries = Vec::new();
+        let mut grids = Vec::new();
         for g in &self.grids {
             let cell_images: Vec<Vec<String>> = g
                 .cells
@@ -250,33 +283,37 @@ impl NodeKind for XyNode {
                 .collect();
             let batch = cell_images.iter().map(Vec::len).min().unwrap_or(0);
             for b in 0..batch {
-                let cells: Vec<&String> = cell_images.iter().map(|c| &c[b]).collect();
-                let mut entry = json!({
-                    "grid": g.name,
-                    "batch": b,
-                    "header": g.header,
-                    "x_labels": g.x_labels,
-                    "y_labels": g.y_labels,
-                    "z_label": g.z_label,
-                    "effective": g.effective,
-                    "cells": cells,
-                    "version": crate::gen::job::GRID_VERSION,
-                });
-                let key = blake3::hash(entry.to_string().as_bytes())
+                let image = GridImage {
+                    grid: &g.name,
+                    batch: b,
+                    header: &g.header,
+                    x_labels: &g.x_labels,
+                    y_labels: &g.y_labels,
+                    z_label: &g.z_label,
+                    effective: g.effective,
+                    cells: cell_images.iter().map(|c| c[b].clone()).collect(),
+                    version: crate::gen::job::GRID_VERSION,
+                };
+                let key = blake3::hash(preimage_value(&image).to_string().as_bytes())
                     .to_hex()
                     .to_string();
-                entry["key"] = json!(key);
-                entry["file"] = json!(match batch {
+                let file = match batch {
                     1 => format!("{}.png", g.name),
                     _ => format!("{}-b{b}.png", g.name),
-                });
-                entries.push(entry);
+                };
+                grids.push(StoredGrid { image, key, file });
             }
         }
-        json!({
-            "op": "xy",
-            "outputs": entries.iter().map(|e| json!({ "file": e["file"], "key": e["key"] })).collect::<Vec<_>>(),
-            "grids": entries,
+        preimage_value(Preimage {
+            op: "xy",
+            outputs: grids
+                .iter()
+                .map(|g| images::Output {
+                    file: g.file.clone(),
+                    key: &g.key,
+                })
+                .collect(),
+            grids: &grids,
         })
     }
 
