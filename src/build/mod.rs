@@ -15,23 +15,26 @@
 //! Where the cache is and how it is laid out: [`crate::store`].
 
 pub mod diff;
+mod keys;
 pub mod lock;
 pub mod log;
+mod plan;
+mod schedule;
 pub mod shard;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use serde_json::Value;
 
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::merge::RunOptions;
-use crate::nodes::{CheckCx, Header, HitCx, Input, KeyCx, Node, RunCx};
+use crate::nodes::RunCx;
 use crate::recipe::Recipe;
-use crate::store::remote::Kind;
 use crate::store::{Cache, Store};
+pub(crate) use plan::{default_targets, needed};
+pub use plan::{plan, plan_checked, stored_objects};
 
 /// Whether a node must run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -58,256 +61,6 @@ pub struct NodePlan {
     /// What the key was computed from.
     #[serde(skip)]
     pub preimage: Value,
-}
-
-/// Keys and statuses of the nodes needed for `targets` (every node when empty). A node runs
-/// when it is out of date and demanded: named as a target (with no targets, every node that
-/// no other node reads is, save `cache: memory` merges), or an input of a node that runs.
-pub fn plan(recipe: &Recipe, cache: &Cache, targets: &[String]) -> Result<Vec<NodePlan>> {
-    let (plans, errors) = plan_checked(recipe, cache, targets)?;
-    match errors.is_empty() {
-        true => Ok(plans),
-        false => Err(Error::Invalid(
-            errors.into_values().collect::<Vec<_>>().join("\n"),
-        )),
-    }
-}
-
-/// [`plan`], with the nodes whose checks on headers failed (by name, with the error) apart
-/// instead of failing the plan.
-pub fn plan_checked(
-    recipe: &Recipe,
-    cache: &Cache,
-    targets: &[String],
-) -> Result<(Vec<NodePlan>, BTreeMap<String, String>)> {
-    let keys = keys(recipe, cache)?;
-    let state = cache.load_state(&recipe.path);
-    let needed = needed(recipe, targets)?;
-    let order: Vec<&str> = recipe
-        .order
-        .iter()
-        .map(String::as_str)
-        .filter(|n| needed.contains(*n))
-        .collect();
-    let memory = |n: &str| recipe.nodes[n].in_memory();
-    cache.look_up_remote(
-        order
-            .iter()
-            .flat_map(|n| stored_objects(&recipe.nodes[*n], &keys[*n].0, &keys[*n].1)),
-    );
-    // Generate and xy nodes whose images are all stored: they at most copy them out, and
-    // need none of their inputs.
-    let images_stored: BTreeSet<&str> = order
-        .iter()
-        .copied()
-        .filter(|n| recipe.nodes[*n].images_stored(&keys[*n].1, cache))
-        .collect();
-    let hit_cx = HitCx {
-        cache,
-        state: &state,
-        keys: &keys,
-    };
-    let hit = |n: &str| recipe.nodes[n].is_current(&keys[n].0, &keys[n].1, &hit_cx);
-    let hits: BTreeSet<&str> = order.iter().copied().filter(|n| hit(n)).collect();
-    let mut demanded: BTreeSet<&str> = if targets.is_empty() {
-        default_targets(recipe).into_iter().collect()
-    } else {
-        targets.iter().map(String::as_str).collect()
-    };
-    let mut runs = BTreeSet::new();
-    for n in order.iter().rev() {
-        if demanded.contains(n) && !hits.contains(n) {
-            runs.insert(*n);
-            if !images_stored.contains(n) {
-                demanded.extend(recipe.nodes[*n].node_inputs());
-            }
-        }
-    }
-    let errors = check_runs(recipe, cache, &keys, &order, &runs, &images_stored);
-    let mut out = Vec::new();
-    for name in order {
-        let (key, preimage) = &keys[name];
-        let status = if hits.contains(name) {
-            Status::Hit
-        } else if !runs.contains(name) {
-            Status::Skip(if memory(name) {
-                "kept in memory: nothing that uses it is out of date".to_string()
-            } else {
-                "not needed: what uses it is up to date".to_string()
-            })
-        } else {
-            let reasons = match state.nodes.get(name) {
-                _ if memory(name) => vec!["kept in memory: built when needed".to_string()],
-                None => vec!["never built".to_string()],
-                Some(old) if old == key => vec!["its result is no longer in the cache".to_string()],
-                Some(old) => match cache.preimage(old) {
-                    Some(before) => diff::reasons(&before, preimage),
-                    None => vec!["its inputs or parameters changed".to_string()],
-                },
-            };
-            Status::Miss(reasons)
-        };
-        out.push(NodePlan {
-            name: name.to_string(),
-            key: key.clone(),
-            status,
-            preimage: preimage.clone(),
-        });
-    }
-    Ok((out, errors))
-}
-
-/// Plans every merge that will run against the headers of its inputs (model files, stored
-/// results, or the planned output of a node that runs before it), so that architecture,
-/// shape and parameter errors surface before anything is built or any tensor is read.
-/// Returns every failing node's error at once (the nodes that read a failing one are not
-/// checked, and not listed).
-fn check_runs(
-    recipe: &Recipe,
-    cache: &Cache,
-    keys: &BTreeMap<String, (String, Value)>,
-    order: &[&str],
-    runs: &BTreeSet<&str>,
-    images_stored: &BTreeSet<&str>,
-) -> BTreeMap<String, String> {
-    let store = Store::new(cache);
-    let mut planned: BTreeMap<&str, Header> = BTreeMap::new();
-    let mut failed: BTreeSet<&str> = BTreeSet::new();
-    let mut errors = BTreeMap::new();
-    for &name in order.iter().filter(|n| runs.contains(*n)) {
-        let node = &recipe.nodes[name];
-        // Generate and xy nodes that only copy stored images read no checkpoint.
-        if images_stored.contains(name) {
-            continue;
-        }
-        if node.node_inputs().iter().any(|n| failed.contains(n)) {
-            failed.insert(name);
-            continue; // its input's error is reported already
-        }
-        let open = |i: &Input| -> Result<Checkpoint> {
-            match i {
-                Input::Model(m) => Checkpoint::open(&recipe.models[m].0),
-                Input::Node(n) => {
-                    let label = PathBuf::from(format!("{n}.safetensors"));
-                    match planned.get(n.as_str()) {
-                        Some(h) => Ok(Checkpoint::header_only(&label, h.iter().cloned())),
-                        None => store.open_result(&keys[n].0, &label),
-                    }
-                }
-            }
-        };
-        let checked = node.check(&CheckCx {
-            open: &open,
-            models: &recipe.models,
-        });
-        match checked {
-            Ok(Some(h)) => {
-                planned.insert(name, h);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                failed.insert(name);
-                errors.insert(name.to_string(), format!("node `{name}`: {e}"));
-            }
-        }
-    }
-    errors
-}
-
-/// The nodes a build without targets builds: every node no other node reads, save
-/// `cache: memory` merges (in recipe order).
-pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
-    let used: BTreeSet<&str> = recipe
-        .nodes
-        .values()
-        .flat_map(|n| n.node_inputs())
-        .collect();
-    recipe
-        .order
-        .iter()
-        .map(String::as_str)
-        .filter(|n| !recipe.nodes[*n].in_memory() && !used.contains(n))
-        .collect()
-}
-
-/// The cache objects a node's result is made of: its result (unless kept in memory), or the
-/// images it outputs; none for a save.
-pub fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
-    node.stored_objects(key, preimage)
-}
-
-/// `targets` and every node they read, directly or not (every node when `targets` is empty);
-/// an unknown target is an error (with the nearest name).
-pub(crate) fn needed(recipe: &Recipe, targets: &[String]) -> Result<BTreeSet<String>> {
-    if targets.is_empty() {
-        return Ok(recipe.nodes.keys().cloned().collect());
-    }
-    let mut set = BTreeSet::new();
-    let mut stack: Vec<String> = Vec::new();
-    for t in targets {
-        if !recipe.nodes.contains_key(t) {
-            let near = crate::text::nearest(t, recipe.nodes.keys().map(|s| s.as_str()));
-            return Err(Error::Invalid(format!(
-                "no node `{t}` in {}{}",
-                recipe.path.display(),
-                near.map(|n| format!(" (did you mean `{n}`?)"))
-                    .unwrap_or_default()
-            )));
-        }
-        stack.push(t.clone());
-    }
-    while let Some(n) = stack.pop() {
-        if set.insert(n.clone()) {
-            stack.extend(recipe.nodes[&n].node_inputs().into_iter().map(String::from));
-        }
-    }
-    Ok(set)
-}
-
-/// Every node's key and preimage, in dependency order.
-fn keys(recipe: &Recipe, cache: &Cache) -> Result<BTreeMap<String, (String, Value)>> {
-    let memo = cache.memo();
-    let mut model_keys: BTreeMap<&str, String> = BTreeMap::new();
-    for (name, (path, sha)) in &recipe.models {
-        let (h, _) = memo
-            .hashes(path)
-            .map_err(|e| Error::Invalid(format!("model `{name}`: {e}")))?;
-        if let Some(expected) = sha {
-            // A full SHA-256, or a prefix such as the 10-digit AUTOMATIC1111 short hash.
-            let matches = expected.len() >= 8
-                && h.sha256
-                    .get(..expected.len())
-                    .is_some_and(|p| p.eq_ignore_ascii_case(expected));
-            if !matches {
-                return Err(Error::Invalid(format!(
-                    "model `{name}` ({}): SHA-256 is {}, the recipe expects {expected}",
-                    path.display(),
-                    h.sha256
-                )));
-            }
-        }
-        model_keys.insert(name, h.blake3);
-    }
-    // Generate nodes' images depend on the tokenizer's vocabulary: key it by content.
-    let tokenizer = match recipe.nodes.values().any(|n| n.uses_tokenizer()) {
-        true => crate::gen::tokenizer::ClipTokenizer::find_key(recipe.tokenizer.as_deref())?,
-        false => String::new(),
-    };
-    let mut out: BTreeMap<String, (String, Value)> = BTreeMap::new();
-    for name in &recipe.order {
-        let cx = KeyCx {
-            models: &model_keys,
-            nodes: &out,
-            tokenizer: &tokenizer,
-        };
-        let preimage = recipe.nodes[name].preimage(name, &cx);
-        let text = serde_json::to_string(&preimage).map_err(|e| Error::Invalid(e.to_string()))?;
-        out.insert(
-            name.clone(),
-            (blake3::hash(text.as_bytes()).to_hex().to_string(), preimage),
-        );
-    }
-    Ok(out)
 }
 
 /// What a build did for one node.
@@ -440,7 +193,7 @@ fn build_once(
         .iter()
         .filter(|p| matches!(p.status, Status::Miss(_)) && !failed_early.contains_key(&p.name))
         .collect();
-    let mut built = schedule(
+    let mut built = schedule::schedule(
         &misses,
         recipe,
         opts.jobs.max(1),
@@ -467,85 +220,6 @@ fn build_once(
     }
     cache.save_state(&recipe.path, &st)?;
     Ok(reports)
-}
-
-/// Runs `work` on every node of `nodes` (in dependency order), up to `jobs` at a time, each
-/// after the nodes among `nodes` it reads. Without `keep_going`, stops starting nodes after the
-/// first failure and returns it once the running ones finish. With it, a failed node's
-/// dependents fail without running (sweeps aside: they draw the cells that exist), every
-/// other node still runs, and the failures come back in their reports' `error`
-/// (`failed_early`: the reports of nodes that failed their checks at plan time).
-fn schedule<'p>(
-    nodes: &[&'p NodePlan],
-    recipe: &Recipe,
-    jobs: usize,
-    failed_early: BTreeMap<String, NodeReport>,
-    keep_going: bool,
-    work: impl Fn(&'p NodePlan) -> Result<NodeReport> + Sync,
-) -> Result<BTreeMap<String, NodeReport>> {
-    let names: BTreeSet<&str> = nodes.iter().map(|p| p.name.as_str()).collect();
-    let mut pending: Vec<&NodePlan> = nodes.to_vec();
-    let mut done: BTreeMap<String, NodeReport> = failed_early;
-    let failed_report = |p: &NodePlan, e: &Error| NodeReport {
-        error: Some(e.to_string()),
-        ..NodeReport::nothing_done(p)
-    };
-    let failure = std::thread::scope(|s| {
-        let mut failure = None;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut running = 0usize;
-        loop {
-            while failure.is_none() && running < jobs {
-                let ready = pending.iter().position(|p| {
-                    recipe.nodes[&p.name]
-                        .node_inputs()
-                        .iter()
-                        .all(|i| !names.contains(i) || done.contains_key(*i))
-                });
-                let Some(i) = ready else { break };
-                let p = pending.remove(i);
-                let node = &recipe.nodes[&p.name];
-                let broken = node
-                    .node_inputs()
-                    .into_iter()
-                    .find(|i| done.get(*i).is_some_and(|r| r.error.is_some()));
-                if let (Some(input), false) = (broken, node.runs_with_failed_inputs()) {
-                    let e = Error::Failed(format!("node `{}`: its input `{input}` failed", p.name));
-                    done.insert(p.name.clone(), failed_report(p, &e));
-                    continue;
-                }
-                let (tx, work) = (tx.clone(), &work);
-                running += 1;
-                s.spawn(move || {
-                    // A panic in one node must not leave the scheduler waiting for its report.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(p)))
-                        .unwrap_or_else(|_| {
-                            Err(Error::Failed(format!("node `{}`: internal error", p.name)))
-                        });
-                    let _ = tx.send((p, result));
-                });
-            }
-            if running == 0 {
-                break;
-            }
-            let (p, result) = rx.recv().expect("a running node reports");
-            running -= 1;
-            match result {
-                Ok(r) => {
-                    done.insert(p.name.clone(), r);
-                }
-                Err(e) if keep_going => {
-                    done.insert(p.name.clone(), failed_report(p, &e));
-                }
-                Err(e) => failure = failure.or(Some(e)),
-            }
-        }
-        failure
-    });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(done),
-    }
 }
 
 /// Builds one node that is out of date and records it in the recipe's state.
