@@ -150,10 +150,7 @@ fn check_runs(
                 }
             }
         };
-        let checked = node.check(&CheckCx {
-            open: &open,
-            models: &recipe.models,
-        });
+        let checked = node.check(&CheckCx { open: &open });
         match checked {
             Ok(Some(h)) => {
                 planned.insert(name, h);

@@ -1,7 +1,7 @@
 //! `generate: {model, prompt, ...}`: images generated from a checkpoint (the web UI's
 //! txt2img settings), cached by image key; `to: DIR` also writes them there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -12,13 +12,11 @@ use super::decl::NodeDecl;
 use super::images;
 use super::{preimage_value, InputKey};
 use super::{
-    CheckCx, Header, HitCx, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx,
-    Want,
+    CheckCx, Header, Input, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx, Want,
 };
 use crate::error::{Error, Result};
 use crate::gen::job::Job;
 use crate::store::remote::Kind as Stored;
-use crate::store::Cache;
 
 /// The `generate` kind.
 pub static KIND: Kind = Kind {
@@ -239,17 +237,8 @@ impl NodeKind for GenerateNode {
         Ok(Some(Vec::new()))
     }
 
-    fn stored_objects(&self, _key: &str, preimage: &Value) -> Vec<(String, Stored)> {
-        images::stored_objects(preimage)
-    }
-
-    fn images_stored(&self, preimage: &Value, cache: &Cache) -> bool {
-        images::all_stored(cache, preimage)
-    }
-
-    fn is_current(&self, _key: &str, preimage: &Value, cx: &HitCx) -> bool {
-        images::all_stored(cx.cache, preimage)
-            && images::copies_current(cx.state, self.to.as_deref(), preimage)
+    fn copies_to(&self) -> Option<&Path> {
+        self.to.as_deref()
     }
 
     /// Makes the images the cache lacks, copies them to `to`.

@@ -242,8 +242,6 @@ impl<'c> KeyCx<'c> {
 pub struct CheckCx<'a> {
     /// Opens an input's header.
     pub open: &'a dyn Fn(&Input) -> Result<Checkpoint>,
-    /// Model name -> file.
-    pub models: &'a BTreeMap<String, (PathBuf, Option<String>)>,
 }
 
 impl CheckCx<'_> {
@@ -306,22 +304,37 @@ pub trait NodeKind: std::fmt::Debug + Send + Sync {
     /// or `None` when it reads no checkpoint.
     fn check(&self, cx: &CheckCx) -> Result<Option<Header>>;
 
-    /// The cache objects its result is made of.
-    fn stored_objects(&self, key: &str, _preimage: &Value) -> Vec<(String, Stored)> {
-        match self.in_memory() {
-            true => Vec::new(),
-            false => vec![(key.to_string(), Stored::Result)],
+    /// The directory a kind that makes images also copies them to (`to: DIR`).
+    fn copies_to(&self) -> Option<&Path> {
+        None
+    }
+
+    /// The cache objects its result is made of: the images it lists (a kind that makes
+    /// images), nothing (a file, or a result kept in memory), else its stored result.
+    fn stored_objects(&self, key: &str, preimage: &Value) -> Vec<(String, Stored)> {
+        match self.kind().makes {
+            Makes::Images => images::stored_objects(preimage),
+            Makes::File => Vec::new(),
+            _ if self.in_memory() => Vec::new(),
+            _ => vec![(key.to_string(), Stored::Result)],
         }
     }
 
     /// Whether the images it makes are all stored (then it reads none of its inputs).
-    fn images_stored(&self, _preimage: &Value, _cache: &Cache) -> bool {
-        false
+    fn images_stored(&self, preimage: &Value, cache: &Cache) -> bool {
+        self.kind().makes == Makes::Images && images::all_stored(cache, preimage)
     }
 
-    /// Whether it is up to date.
-    fn is_current(&self, key: &str, _preimage: &Value, cx: &HitCx) -> bool {
-        !self.in_memory() && cx.cache.has_result(key)
+    /// Whether it is up to date: its images stored and their copies the files the last build
+    /// wrote, or its result stored (never for a result kept in memory).
+    fn is_current(&self, key: &str, preimage: &Value, cx: &HitCx) -> bool {
+        match self.kind().makes {
+            Makes::Images => {
+                images::all_stored(cx.cache, preimage)
+                    && images::copies_current(cx.state, self.copies_to(), preimage)
+            }
+            _ => !self.in_memory() && cx.cache.has_result(key),
+        }
     }
 
     /// Runs it (it is out of date and its inputs are done).

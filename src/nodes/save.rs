@@ -13,7 +13,6 @@ use super::{
     Want,
 };
 use crate::error::Result;
-use crate::store::remote::Kind as Stored;
 
 /// The `save` kind.
 pub static KIND: Kind = Kind {
@@ -108,10 +107,6 @@ impl NodeKind for SaveNode {
     /// A save reads a stored result, no checkpoint header.
     fn check(&self, _cx: &CheckCx) -> Result<Option<Header>> {
         Ok(None)
-    }
-
-    fn stored_objects(&self, _key: &str, _preimage: &Value) -> Vec<(String, Stored)> {
-        Vec::new()
     }
 
     /// Up to date when the file is still exactly what the last build wrote from the saved

@@ -3,7 +3,7 @@
 //! node itself depends on every cell and composes the comparison grids from their images;
 //! `to: DIR` also writes them there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -12,11 +12,9 @@ use serde_saphyr::Spanned;
 
 use super::decl::NodeDecl;
 use super::{images, preimage_value};
-use super::{CheckCx, Header, HitCx, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx};
+use super::{CheckCx, Header, KeyCx, Kind, Makes, Node, NodeKind, Outcome, ParseCx, RunCx};
 use crate::checkpoint::writer::write_file_atomic;
 use crate::error::{Error, Result};
-use crate::store::remote::Kind as Stored;
-use crate::store::Cache;
 
 /// The `xy` kind (its declarations are expanded into cells after every other node is read).
 pub static KIND: Kind = Kind {
@@ -322,17 +320,8 @@ impl NodeKind for XyNode {
         Ok(None)
     }
 
-    fn stored_objects(&self, _key: &str, preimage: &Value) -> Vec<(String, Stored)> {
-        images::stored_objects(preimage)
-    }
-
-    fn images_stored(&self, preimage: &Value, cache: &Cache) -> bool {
-        images::all_stored(cache, preimage)
-    }
-
-    fn is_current(&self, _key: &str, preimage: &Value, cx: &HitCx) -> bool {
-        images::all_stored(cx.cache, preimage)
-            && images::copies_current(cx.state, self.to.as_deref(), preimage)
+    fn copies_to(&self) -> Option<&Path> {
+        self.to.as_deref()
     }
 
     /// Composes the grids the cache lacks from its cells' images, copies them to `to`.
