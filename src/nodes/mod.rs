@@ -3,7 +3,8 @@
 //! validation, its inputs, its key preimage, its check against its inputs' headers, its
 //! execution, its cost and its labels. Planning, keys, scheduling, sharding, the graph and
 //! the report go through [`NodeKind`] and the registry ([`Node`] and [`KINDS`], made by the
-//! `kinds!` list at the bottom of this file): a new kind is a file and a line there.
+//! `kinds!` list in this file): a new kind is a file and a line there (plus its YAML field in
+//! [`decl::NodeDecl`]).
 
 pub mod decl;
 pub mod extract_lora;

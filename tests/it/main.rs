@@ -1,6 +1,7 @@
 //! mergesmith's integration tests: one test binary (linking the library once), a module per
 //! area, helpers and recipe fixtures in `common`.
 
+#[macro_use]
 mod common;
 
 mod arch_blocks;

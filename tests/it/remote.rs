@@ -15,24 +15,15 @@ use serde_json::Value;
 const ACCESS_KEY: &str = "MSTESTAKIDQ7W3ZV";
 const SECRET: &str = "mstest/Secret+9f8e7d6c5b4a";
 
-const RECIPE: &str = "version: 1
+const RECIPE: &str = concat!(
+    "version: 1
 models:
   a: { path: a.safetensors }
   b: { path: b.safetensors }
 nodes:
-  blend:
-    merge: weight_sum
-    a: a
-    b: b
-    alpha: 0.5
-  look:
-    generate:
-      model: blend
-      prompt: a cat
-      steps: 2
-      width: 64
-      height: 48
-  sweep:
+",
+    preview_nodes!(),
+    "  sweep:
     xy:
       generate: look
       x: { type: alpha, values: [0.25, 0.75] }
@@ -41,7 +32,8 @@ nodes:
   release:
     save: blend
     to: out/release.safetensors
-";
+"
+);
 
 /// A folder with the two small models and the recipe.
 fn project() -> (tempfile::TempDir, PathBuf) {

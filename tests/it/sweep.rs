@@ -14,28 +14,20 @@ use mergesmith::nodes::{Input, Node};
 use mergesmith::recipe;
 use mergesmith::store::Cache;
 
-const BASE: &str = "version: 1
+const BASE: &str = concat!(
+    "version: 1
 models:
   a: { path: a.safetensors }
   b: { path: b.safetensors }
   c: { path: c.safetensors }
 nodes:
-  blend:
-    merge: weight_sum
-    a: a
-    b: b
-    alpha: 0.5
-  look:
-    generate:
-      model: blend
-      prompt: a cat
-      steps: 2
-      width: 64
-      height: 48
-  sweep:
+",
+    preview_nodes!(),
+    "  sweep:
     xy:
       generate: look
-";
+"
+);
 
 fn parse(axes: &str) -> Result<recipe::Recipe, String> {
     recipe::parse(Path::new("r.yaml"), &format!("{BASE}{axes}")).map_err(|e| e.to_string())

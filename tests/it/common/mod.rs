@@ -4,6 +4,26 @@
 
 pub mod s3;
 
+/// Recipe nodes most generation tests start from (YAML text, indented as under `nodes:`):
+/// `blend`, a 0.5 weight sum of models `a` and `b`, and `look`, a 2-step 64x48 preview of it.
+macro_rules! preview_nodes {
+    () => {
+        "  blend:
+    merge: weight_sum
+    a: a
+    b: b
+    alpha: 0.5
+  look:
+    generate:
+      model: blend
+      prompt: a cat
+      steps: 2
+      width: 64
+      height: 48
+"
+    };
+}
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
