@@ -34,7 +34,7 @@ use crate::nodes::RunCx;
 use crate::recipe::Recipe;
 use crate::store::{Cache, Store};
 pub(crate) use plan::{default_targets, needed};
-pub use plan::{plan, plan_checked, stored_objects};
+pub use plan::{plan, plan_checked};
 
 /// Whether a node must run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

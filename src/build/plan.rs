@@ -9,9 +9,8 @@ use serde_json::Value;
 use super::{diff, keys::keys, NodePlan, Status};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::nodes::{CheckCx, Header, HitCx, Input, Node};
+use crate::nodes::{CheckCx, Header, HitCx, Input};
 use crate::recipe::Recipe;
-use crate::store::remote::Kind;
 use crate::store::{Cache, Store};
 
 /// Keys and statuses of the nodes needed for `targets` (every node when empty). A node runs
@@ -47,7 +46,7 @@ pub fn plan_checked(
     cache.look_up_remote(
         order
             .iter()
-            .flat_map(|n| stored_objects(&recipe.nodes[*n], &keys[*n].0, &keys[*n].1)),
+            .flat_map(|n| recipe.nodes[*n].stored_objects(&keys[*n].0, &keys[*n].1)),
     );
     // Generate and xy nodes whose images are all stored: they at most copy them out, and
     // need none of their inputs.
@@ -179,12 +178,6 @@ pub(crate) fn default_targets(recipe: &Recipe) -> Vec<&str> {
         .map(String::as_str)
         .filter(|n| !recipe.nodes[*n].in_memory() && !used.contains(n))
         .collect()
-}
-
-/// The cache objects a node's result is made of: its result (unless kept in memory), or the
-/// images it outputs; none for a save.
-pub fn stored_objects(node: &Node, key: &str, preimage: &Value) -> Vec<(String, Kind)> {
-    node.stored_objects(key, preimage)
 }
 
 /// `targets` and every node they read, directly or not (every node when `targets` is empty);

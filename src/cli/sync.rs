@@ -40,9 +40,7 @@ pub fn run(a: SyncArgs, push: bool) -> Result<()> {
     let plan = mergesmith::build::plan(&recipe, &cache, &a.targets)?;
     let items: Vec<(String, Kind)> = plan
         .iter()
-        .flat_map(|p| {
-            mergesmith::build::stored_objects(&recipe.nodes[&p.name], &p.key, &p.preimage)
-        })
+        .flat_map(|p| recipe.nodes[&p.name].stored_objects(&p.key, &p.preimage))
         .collect();
     let verb = if push { "push" } else { "pull" };
     let bar = mergesmith::progress::count(items.len() as u64, verb, !a.json);

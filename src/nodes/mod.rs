@@ -510,7 +510,7 @@ pub(crate) fn lora_header(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::{CalcMode, MergeSpec, Mode};
+    use crate::merge::{MergeSpec, Mode};
 
     /// Users' caches stay valid only while preimages keep their exact JSON: the typed
     /// preimages must serialize to the format the keys have always been computed from
@@ -526,22 +526,7 @@ mod tests {
             nodes: &nodes,
             tokenizer: "",
         };
-        let spec = MergeSpec {
-            mode: Mode::WeightSum,
-            alpha: Ratio::Scalar(0.25),
-            beta: None,
-            calcmode: CalcMode::Normal,
-            gamma: 0.3,
-            seed: 0,
-            dtype: None,
-            prune: false,
-            reset_position_ids: false,
-            elemental: None,
-            xl_elemental_shift: false,
-            filter: None,
-            adjust: None,
-            bake_vae: None,
-        };
+        let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.25), None);
         let merge = merge::MergeNode {
             inputs: vec![Input::Model("a".into()), Input::Node("m".into())],
             spec: Box::new(spec.clone()),
