@@ -153,7 +153,9 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
     };
     let (format, file_bytes) = (ckpt.format(), ckpt.file_len());
     // A file of no known architecture may be a LoRA: read it as one, without reopening it.
-    let lora = (arch.family == arch::Family::Unknown)
+    let lora = arch
+        .family
+        .is_generic()
         .then(|| {
             crate::lora::LoraFile::from_checkpoint(ckpt)
                 .ok()

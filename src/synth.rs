@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::arch::{layout, Component, Family, Variant, UNET_CONV_IN};
+use crate::arch::{layout, Component, Family, UNET_CONV_IN};
 use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::Checkpoint;
 use crate::convert;
@@ -43,6 +43,32 @@ impl crate::text::Named for Size {
         ("tiny", Size::Tiny),
         ("small", Size::Small),
         ("full", Size::Full),
+    ];
+}
+
+/// The variant of a fresh model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SynthVariant {
+    /// The reference layout as it is.
+    Standard,
+    /// SD: 9 UNet input channels.
+    Inpainting,
+    /// SD: 8 UNet input channels.
+    InstructPix2Pix,
+    /// Flux.1 schnell: no guidance embedder.
+    Schnell,
+    /// Flux.1 Fill: 384 input features (latent, mask and masked image).
+    Fill,
+}
+
+impl crate::text::Named for SynthVariant {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("standard", SynthVariant::Standard),
+        ("inpainting", SynthVariant::Inpainting),
+        ("pix2pix", SynthVariant::InstructPix2Pix),
+        ("schnell", SynthVariant::Schnell),
+        ("fill", SynthVariant::Fill),
     ];
 }
 
@@ -88,8 +114,11 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Storage type of float tensors.
     pub dtype: FloatType,
-    /// Inpainting / instruct-pix2pix input channels.
-    pub variant: Variant,
+    /// Variant (input channels of SD inpainting / instruct-pix2pix; Flux schnell / Fill).
+    pub variant: SynthVariant,
+    /// Layout of a fresh model (a layout id of the family; none: the reference table's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
     /// Include EMA copies (SD1 only has them in the reference table).
     pub ema: bool,
     /// Start from an existing file and perturb it.
@@ -165,9 +194,10 @@ pub fn synthesize(
             .collect(),
     };
     if let (Some(c), Some(d)) = (&opts.copy, &donor) {
+        let family = crate::arch::detect(d.tensors()).family;
         for p in plans
             .iter_mut()
-            .filter(|p| c.components.contains(&Component::of(&p.spec.name)))
+            .filter(|p| c.components.contains(&family.component(&p.spec.name)))
         {
             let t = d.get(&p.spec.name).ok_or_else(|| Error::MissingTensor {
                 path: d.path().to_path_buf(),
@@ -232,17 +262,62 @@ pub fn synthesize(
 }
 
 fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
-    use crate::arch::Family;
-    if opts.size == Size::Small && !matches!(opts.family, Family::Sd1 | Family::Sd2 | Family::Sdxl)
-    {
-        return Err(crate::error::Error::Invalid(format!(
+    let family = opts.family;
+    let hook = family.code().synth.as_deref();
+    let sd = matches!(hook, Some("sd1" | "sd2" | "sdxl"));
+    if opts.size == Size::Small && !sd {
+        return Err(Error::Invalid(format!(
             "small (runnable) synthetic models exist for SD1, SD2 and SDXL, not {}",
-            opts.family.label()
+            family.label()
         )));
     }
-    let entries = layout::release_keys(opts.family, opts.ema)?;
+    let fits = match opts.variant {
+        SynthVariant::Standard => true,
+        SynthVariant::Inpainting | SynthVariant::InstructPix2Pix => sd,
+        SynthVariant::Schnell | SynthVariant::Fill => hook == Some("flux"),
+    };
+    if !fits {
+        return Err(Error::Invalid(format!(
+            "variant {:?} does not exist for {}",
+            opts.variant,
+            family.label()
+        )));
+    }
+    // The reference tables store the diffusion model under `model.diffusion_model.`.
+    const TABLE_PREFIX: &str = "model.diffusion_model.";
+    let target = match &opts.layout {
+        None => None,
+        Some(id) => {
+            let l = family.layout(id).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} has no layout `{id}`; layouts: {}",
+                    family.label(),
+                    family
+                        .data()
+                        .def
+                        .layouts
+                        .iter()
+                        .map(|l| l.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            Some(l.prefix.as_deref().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "synth cannot write the {} layout of {} (its keys are renamed)",
+                    l.label,
+                    family.label()
+                ))
+            })?)
+        }
+    };
+    let entries = layout::release_keys(family, opts.ema)?;
     Ok(entries
         .into_iter()
+        .filter(|e| {
+            !(opts.variant == SynthVariant::Schnell && e.key.contains(".guidance_in."))
+                && (target != Some("") || e.key.starts_with(TABLE_PREFIX))
+        })
         .map(|e| {
             let mut shape: Vec<usize> = match opts.size {
                 Size::Full => e.shape,
@@ -253,15 +328,27 @@ fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
                     .map(|d| layout::small_dim(&e.component, d))
                     .collect(),
             };
-            if e.key == UNET_CONV_IN {
-                shape[1] = match opts.variant {
-                    Variant::Standard => 4,
-                    Variant::Inpainting => 9,
-                    Variant::InstructPix2Pix => 8,
+            let channels = match opts.variant {
+                SynthVariant::Inpainting => Some(9),
+                SynthVariant::InstructPix2Pix => Some(8),
+                _ => None,
+            };
+            if let (true, Some(c)) = (e.key == UNET_CONV_IN, channels) {
+                shape[1] = c;
+            }
+            if opts.variant == SynthVariant::Fill && e.key == "model.diffusion_model.img_in.weight"
+            {
+                shape[1] = match opts.size {
+                    Size::Full => 384,
+                    _ => layout::tiny_dim(384),
                 };
             }
+            let name = match (target, e.key.strip_prefix(TABLE_PREFIX)) {
+                (Some(p), Some(rest)) => format!("{p}{rest}"),
+                _ => e.key,
+            };
             TensorSpec {
-                name: e.key,
+                name,
                 dtype: e.dtype,
                 shape,
             }

@@ -1,64 +1,5 @@
-//! MBW block lists and the key -> block rules of SuperMerger (supermerger.md §3).
-
-use std::sync::LazyLock;
-
-/// The 26 blocks of SD1.x / SD2.x (and the SDXL refiner): BASE, IN00-IN11, M00, OUT00-OUT11.
-pub static SD_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    let mut v = vec!["BASE".to_string()];
-    v.extend((0..12).map(|i| format!("IN{i:02}")));
-    v.push("M00".into());
-    v.extend((0..12).map(|i| format!("OUT{i:02}")));
-    v
-});
-
-/// The 20 blocks of SDXL: BASE, IN00-IN08, M00, OUT00-OUT08.
-pub static SDXL_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    let mut v = vec!["BASE".to_string()];
-    v.extend((0..9).map(|i| format!("IN{i:02}")));
-    v.push("M00".into());
-    v.extend((0..9).map(|i| format!("OUT{i:02}")));
-    v
-});
-
-/// The 110 fine-grained SDXL block names ("extended XL"), in vector order.
-pub static SDXL_EXTENDED_BLOCKS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    let mut v: Vec<String> = [
-        "CLIPL", "CLIPG", "IN0", "IN00", "IN10", "IN20", "IN30", "IN40", "IN41",
-    ]
-    .map(String::from)
-    .to_vec();
-    let tb = |v: &mut Vec<String>, prefix: &str, n: usize| {
-        v.extend((0..n).map(|i| format!("{prefix}{i}")))
-    };
-    tb(&mut v, "IN41", 2);
-    v.extend(["IN50", "IN51"].map(String::from));
-    tb(&mut v, "IN51", 2);
-    v.extend(["IN60", "IN70", "IN71"].map(String::from));
-    tb(&mut v, "IN71", 10);
-    v.extend(["IN80", "IN81"].map(String::from));
-    tb(&mut v, "IN81", 10);
-    v.extend(["MID00", "MID10"].map(String::from));
-    tb(&mut v, "MID10", 10);
-    v.extend(["MID20", "OUT00", "OUT01"].map(String::from));
-    tb(&mut v, "OUT01", 10);
-    v.extend(["OUT10", "OUT11"].map(String::from));
-    tb(&mut v, "OUT11", 10);
-    v.extend(["OUT20", "OUT21"].map(String::from));
-    tb(&mut v, "OUT21", 10);
-    v.extend(["OUT22", "OUT30", "OUT31"].map(String::from));
-    tb(&mut v, "OUT31", 2);
-    v.extend(["OUT40", "OUT41"].map(String::from));
-    tb(&mut v, "OUT41", 2);
-    v.extend(["OUT50", "OUT51"].map(String::from));
-    tb(&mut v, "OUT51", 2);
-    v.extend(
-        [
-            "OUT52", "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE",
-        ]
-        .map(String::from),
-    );
-    v
-});
+//! SDXL's key -> block rule (supermerger.md §3.3), the one block rule the family data
+//! (`data/families/sdxl.yaml`) cannot express: fine names built from every digit of the key.
 
 /// Number after `.{section}.` in a key, e.g. `input_blocks` in `...input_blocks.4.1...` -> 4.
 fn index_after(key: &str, section: &str) -> Option<usize> {
@@ -71,28 +12,6 @@ fn index_after(key: &str, section: &str) -> Option<usize> {
         return None;
     }
     digits.parse().ok()
-}
-
-/// SD1/SD2 rule (first match wins): `time_embed` -> IN00, `.out.` -> OUT11,
-/// `.input_blocks.N.` -> IN{N}, `.middle_block.N.` -> M00, `.output_blocks.N.` -> OUT{N},
-/// anything else -> BASE.
-pub fn sd_block(key: &str) -> String {
-    if key.contains("time_embed") {
-        return "IN00".into();
-    }
-    if key.contains(".out.") {
-        return "OUT11".into();
-    }
-    if let Some(n) = index_after(key, "input_blocks") {
-        return format!("IN{n:02}");
-    }
-    if index_after(key, "middle_block").is_some() {
-        return "M00".into();
-    }
-    if let Some(n) = index_after(key, "output_blocks") {
-        return format!("OUT{n:02}");
-    }
-    "BASE".into()
 }
 
 /// SDXL rule: `(fine name, 20-list block)`, or `None` for keys that are never merged
@@ -153,15 +72,32 @@ pub fn sdxl_block(key: &str) -> Option<(String, String)> {
 mod tests {
     use super::*;
 
+    use crate::arch::Family;
+
+    fn sd_block(key: &str) -> String {
+        Family::named("sd1").unwrap().block_in(0, key).unwrap()
+    }
+
     #[test]
     fn list_sizes() {
-        assert_eq!(SD_BLOCKS.len(), 26);
-        assert_eq!(SDXL_BLOCKS.len(), 20);
-        assert_eq!(SDXL_EXTENDED_BLOCKS.len(), 110);
-        let mut names = SDXL_EXTENDED_BLOCKS.clone();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), 110, "extended names are unique");
+        let n = |f: &str, i: usize| Family::named(f).unwrap().lists()[i].slots.len();
+        assert_eq!(
+            (n("sd1", 0), n("sd2", 0), n("sdxl_refiner", 0)),
+            (26, 26, 26)
+        );
+        assert_eq!((n("sdxl", 0), n("sdxl", 1)), (20, 110));
+        assert_eq!((n("flux", 0), n("flux", 1)), (61, 63));
+        assert_eq!((n("sd3", 0), n("sd3", 1)), (30, 44));
+        let sd = Family::named("sd1").unwrap().blocks();
+        assert_eq!(
+            (
+                sd[0].as_str(),
+                sd[12].as_str(),
+                sd[13].as_str(),
+                sd[25].as_str()
+            ),
+            ("BASE", "IN11", "M00", "OUT11")
+        );
     }
 
     #[test]
@@ -228,11 +164,12 @@ mod tests {
 
     #[test]
     fn every_sdxl_fine_name_is_in_the_extended_list() {
+        let ext = &Family::named("sdxl").unwrap().lists()[1].slots;
         let table = include_str!("../../data/layouts/sdxl-sgm.tsv");
         for line in table.lines().skip(1) {
             let key = line.split('\t').nth(1).unwrap();
             if let Some((fine, _)) = sdxl_block(key) {
-                assert!(SDXL_EXTENDED_BLOCKS.contains(&fine), "{key} -> {fine}");
+                assert!(ext.contains(&fine), "{key} -> {fine}");
             }
         }
     }

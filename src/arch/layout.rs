@@ -1,7 +1,7 @@
 //! Reference key layouts of real checkpoints (every key with its dtype and shape).
 //!
-//! SD1.x and SDXL come from the tables in `data/layouts/` (facts gathered from the public
-//! model configs). SD2.x is derived from SD1.x: OpenCLIP ViT-H text encoder (1024 wide,
+//! SD1.x, SDXL, Flux.1 (ComfyUI all-in-one) and SD3 Medium (ComfyUI single file) come from
+//! the tables in `data/layouts/` (facts gathered from the public model configs). SD2.x is derived from SD1.x: OpenCLIP ViT-H text encoder (1024 wide,
 //! 24 layers), 1024-dim cross-attention context and linear `proj_in`/`proj_out`.
 
 use crate::arch::Family;
@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 
 const SD1_TABLE: &str = include_str!("../../data/layouts/sd1-ldm.tsv");
 const SDXL_TABLE: &str = include_str!("../../data/layouts/sdxl-sgm.tsv");
+const FLUX_TABLE: &str = include_str!("../../data/layouts/flux-comfy.tsv");
+const SD3_TABLE: &str = include_str!("../../data/layouts/sd3-medium-comfy.tsv");
 
 /// One tensor of a reference layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,7 @@ fn parse_table(table: &str) -> Vec<LayoutEntry> {
             let dtype = match cols[2] {
                 "float32" => DType::F32,
                 "float16" => DType::F16,
+                "bfloat16" => DType::BF16,
                 "int64" => DType::I64,
                 "int32" => DType::I32,
                 other => panic!("layout table: unexpected dtype {other}"),
@@ -131,13 +134,15 @@ fn sd2_from_sd1(sd1: Vec<LayoutEntry>) -> Vec<LayoutEntry> {
 
 /// Every key of the reference layout of `family` (optional keys included).
 pub fn reference(family: Family) -> Result<Vec<LayoutEntry>> {
-    match family {
-        Family::Sd1 => Ok(parse_table(SD1_TABLE)),
-        Family::Sd2 => Ok(sd2_from_sd1(parse_table(SD1_TABLE))),
-        Family::Sdxl => Ok(parse_table(SDXL_TABLE)),
-        other => Err(Error::Invalid(format!(
+    match family.code().synth.as_deref() {
+        Some("sd1") => Ok(parse_table(SD1_TABLE)),
+        Some("sd2") => Ok(sd2_from_sd1(parse_table(SD1_TABLE))),
+        Some("sdxl") => Ok(parse_table(SDXL_TABLE)),
+        Some("flux") => Ok(parse_table(FLUX_TABLE)),
+        Some("sd3") => Ok(parse_table(SD3_TABLE)),
+        _ => Err(Error::Invalid(format!(
             "no reference layout for {}",
-            other.label()
+            family.label()
         ))),
     }
 }
@@ -208,15 +213,17 @@ mod tests {
 
     #[test]
     fn tables_parse() {
-        let sd1 = reference(Family::Sd1).unwrap();
+        let sd1 = reference(Family::builtin("sd1")).unwrap();
         assert_eq!(sd1.len(), 1831);
-        let sdxl = reference(Family::Sdxl).unwrap();
+        let sdxl = reference(Family::builtin("sdxl")).unwrap();
         assert_eq!(sdxl.len(), 2531);
+        assert_eq!(reference(Family::builtin("flux")).unwrap().len(), 1439);
+        assert_eq!(reference(Family::builtin("sd3")).unwrap().len(), 1672);
     }
 
     #[test]
     fn open_clip_generator_matches_sdxl_table() {
-        let table: BTreeSet<(String, Vec<usize>)> = reference(Family::Sdxl)
+        let table: BTreeSet<(String, Vec<usize>)> = reference(Family::builtin("sdxl"))
             .unwrap()
             .into_iter()
             .filter(|e| e.component == "clip_g")
@@ -232,7 +239,7 @@ mod tests {
 
     #[test]
     fn sd2_shapes() {
-        let sd2 = reference(Family::Sd2).unwrap();
+        let sd2 = reference(Family::builtin("sd2")).unwrap();
         let get = |k: &str| sd2.iter().find(|e| e.key == k).unwrap().shape.clone();
         assert_eq!(
             get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"),

@@ -2,8 +2,6 @@
 
 use serde_json::Value;
 
-use crate::arch::blocks::{SDXL_BLOCKS, SD_BLOCKS};
-
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.chars().count() > 60 {
@@ -66,11 +64,7 @@ fn walk(path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
             }
         }
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            let names: Option<&[String]> = match a.len() {
-                26 => Some(&SD_BLOCKS),
-                20 => Some(&SDXL_BLOCKS),
-                _ => None,
-            };
+            let names = crate::arch::family::list_of_len(a.len());
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
                 match (names, x.is_number() && y.is_number()) {
                     (Some(n), true) if x != y => out.push(format!("{path} {}: {x} -> {y}", n[i])),

@@ -174,20 +174,13 @@ pub fn run(a: MergeArgs) -> Result<()> {
             "missing_in_b": plan.missing_in_b,
             "missing_in_c": plan.missing_in_c,
             "added_from_b": plan.added_from_b,
+            "kept": plan.kept,
+            "markers": plan.markers,
+            "layouts": plan.layouts,
         }}));
     }
-    for (what, keys) in [
-        ("missing from B (kept from A)", &plan.missing_in_b),
-        ("missing from C (kept from A)", &plan.missing_in_c),
-        ("only in B (added)", &plan.added_from_b),
-    ] {
-        if !keys.is_empty() {
-            eprintln!(
-                "note: {} mergeable keys {what}, e.g. `{}`",
-                keys.len(),
-                keys[0]
-            );
-        }
+    for line in plan.notes() {
+        eprintln!("note: {line}");
     }
     println!(
         "wrote {} ({}: {} tensors, {} blended, {}) in {:.1} s",

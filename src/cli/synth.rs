@@ -1,35 +1,13 @@
 //! `mergesmith synth`: synthetic checkpoints with the real layouts.
 
 use clap::{Args, ValueEnum};
-use mergesmith::arch::{Component, Family, Variant};
+use mergesmith::arch::{Component, Family};
 use mergesmith::dtype::FloatType;
 use mergesmith::error::Result;
-use mergesmith::synth::{CopyComponents, Perturb, Size, SynthOptions};
+use mergesmith::synth::{CopyComponents, Perturb, Size, SynthOptions, SynthVariant};
 use std::path::PathBuf;
 
 use super::{choice, print_json, OutputArgs};
-
-/// Architectures `synth` can produce.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum SynthArch {
-    /// Stable Diffusion 1.x.
-    Sd1,
-    /// Stable Diffusion 2.x.
-    Sd2,
-    /// SDXL base.
-    Sdxl,
-}
-
-/// UNet input variants `synth` can produce.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum SynthVariant {
-    /// 4 input channels.
-    Standard,
-    /// 9 input channels.
-    Inpainting,
-    /// 8 input channels.
-    Pix2pix,
-}
 
 /// Components that `--copy` accepts.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -47,9 +25,13 @@ pub enum ComponentArg {
 /// Arguments of `synth`.
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// Architecture of a fresh model.
-    #[arg(long, value_enum, default_value = "sd1")]
-    pub arch: SynthArch,
+    /// Family of a fresh model: one with a reference layout (sd1, sd2, sdxl, flux, sd3).
+    #[arg(long, value_parser = family, default_value = "sd1")]
+    pub arch: Family,
+    /// Layout of a fresh model (e.g. `bfl` for a bare Flux transformer); default: the
+    /// reference table's (single file / ComfyUI all-in-one).
+    #[arg(long)]
+    pub layout: Option<String>,
     /// `tiny` keeps every key with dimensions / 32 (tests); `full` has the real shapes.
     #[arg(long, value_parser = choice::<Size>(), default_value = "tiny")]
     pub size: Size,
@@ -59,8 +41,8 @@ pub struct SynthArgs {
     /// Storage type of float tensors.
     #[arg(long, value_parser = choice::<FloatType>(), default_value = "fp16")]
     pub dtype: FloatType,
-    /// UNet input variant.
-    #[arg(long, value_enum, default_value = "standard")]
+    /// Variant: standard, inpainting or pix2pix (SD), schnell or fill (Flux).
+    #[arg(long, value_parser = choice::<SynthVariant>(), default_value = "standard")]
     pub variant: SynthVariant,
     /// Include EMA copies of the UNet (SD1).
     #[arg(long)]
@@ -85,24 +67,20 @@ pub struct SynthArgs {
     pub out: OutputArgs,
 }
 
+/// Parses a family name (`--arch`).
+fn family(text: &str) -> std::result::Result<Family, String> {
+    Family::parse(text)
+}
+
 /// Runs `synth`.
 pub fn run(a: SynthArgs) -> Result<()> {
-    let family = match a.arch {
-        SynthArch::Sd1 => Family::Sd1,
-        SynthArch::Sd2 => Family::Sd2,
-        SynthArch::Sdxl => Family::Sdxl,
-    };
-    let variant = match a.variant {
-        SynthVariant::Standard => Variant::Standard,
-        SynthVariant::Inpainting => Variant::Inpainting,
-        SynthVariant::Pix2pix => Variant::InstructPix2Pix,
-    };
     let opts = SynthOptions {
-        family,
+        family: a.arch,
         size: a.size,
         seed: a.seed,
         dtype: a.dtype,
-        variant,
+        variant: a.variant,
+        layout: a.layout.clone(),
         ema: a.ema,
         perturb: a.base.map(|base| Perturb {
             base,

@@ -94,8 +94,8 @@ fn shape(ck: &Checkpoint, map: &WeightMap, part: Part, name: &str) -> Result<Vec
 
 /// Whether text to image can run on a checkpoint of this architecture, or why not.
 pub fn check_arch(arch: &crate::arch::Arch) -> std::result::Result<(), String> {
-    let supported = matches!(arch.family, Family::Sd1 | Family::Sd2 | Family::Sdxl);
-    if !supported || arch.variant != crate::arch::Variant::Standard {
+    let supported = Pipeline::of(arch.family).is_some();
+    if !supported || arch.variant != crate::arch::Variant::STANDARD {
         return Err(format!(
             "generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL \
              checkpoints; this is {} ({})",
@@ -106,11 +106,30 @@ pub fn check_arch(arch: &crate::arch::Arch) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The VAE's latent scale: SD1 / SD2, SDXL.
+/// The VAE's latent scale (the family's `latent_scale` fact; SD's when it has none).
 fn latent_scale(family: Family) -> f64 {
-    match family {
-        Family::Sdxl => 0.13025,
-        _ => 0.18215,
+    family.facts().latent_scale.unwrap_or(0.18215)
+}
+
+/// The pipeline a family's `generation` code hook names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pipeline {
+    /// CLIP-L, 768-dim context.
+    Sd1,
+    /// OpenCLIP-H, 1024-dim context, v or eps.
+    Sd2,
+    /// CLIP-L + OpenCLIP-bigG with pooled size conditioning.
+    Sdxl,
+}
+
+impl Pipeline {
+    fn of(family: Family) -> Option<Pipeline> {
+        match family.code().generation.as_deref()? {
+            "sd1" => Some(Pipeline::Sd1),
+            "sd2" => Some(Pipeline::Sd2),
+            "sdxl" => Some(Pipeline::Sdxl),
+            _ => None,
+        }
     }
 }
 
@@ -138,12 +157,13 @@ impl Models {
             let config = clip_config(&ck, &map, part, quick_gelu)?;
             ClipTextModel::new(vb(part, dtype), &config, projection).map_err(cerr)
         };
-        let (text, pooled) = match family {
-            Family::Sd1 => (
+        let pipeline = Pipeline::of(family).unwrap_or(Pipeline::Sdxl);
+        let (text, pooled) = match pipeline {
+            Pipeline::Sd1 => (
                 TextEncoders::Sd1(clip(Part::TextEncoder, true, false)?),
                 None,
             ),
-            Family::Sd2 => (
+            Pipeline::Sd2 => (
                 TextEncoders::Sd2(clip(Part::TextEncoder, false, false)?),
                 None,
             ),
@@ -163,7 +183,7 @@ impl Models {
                 .and_then(|s| ck.get(&s.key))
                 .map(|t| t.shape.clone())
         };
-        let head_dim = (family != Family::Sd1).then_some(64);
+        let head_dim = (pipeline != Pipeline::Sd1).then_some(64);
         let unet_config = UnetConfig::read(unet_shape, head_dim, pooled)
             .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
         let unet = Unet::new(vb(Part::Unet, dtype), unet_config).map_err(cerr)?;
@@ -216,9 +236,9 @@ impl Models {
 
     /// The size the family was trained at: 512 (SD1, SD2-base), 768 (SD2 768-v), 1024 (SDXL).
     pub fn native_size(&self) -> usize {
-        match (self.family, self.prediction) {
-            (Family::Sdxl, _) => 1024,
-            (Family::Sd2, Prediction::V) => 768,
+        match (Pipeline::of(self.family), self.prediction) {
+            (Some(Pipeline::Sdxl), _) => 1024,
+            (Some(Pipeline::Sd2), Prediction::V) => 768,
             _ => 512,
         }
     }
@@ -510,7 +530,7 @@ fn guess_prediction(ck: &Checkpoint, family: Family) -> Result<Prediction> {
     if ck.get("v_pred").is_some() {
         return Ok(Prediction::V);
     }
-    if family == Family::Sd2 {
+    if Pipeline::of(family) == Some(Pipeline::Sd2) {
         if let Some(info) = ck.get(SD2_V_PROBE) {
             let values = crate::convert::to_f32(info.dtype, &ck.data(info))?;
             ck.release(info);

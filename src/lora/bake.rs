@@ -40,7 +40,9 @@ impl Application {
         family: Option<Family>,
         fill: f64,
     ) -> Result<Self> {
-        let family = family.or_else(|| file.family()).unwrap_or(Family::Sd1);
+        let family = family
+            .or_else(|| file.family())
+            .unwrap_or_else(|| Family::builtin("sd1"));
         let blocks = blocks
             .map(|b| BlockWeights::parse(b, family, fill))
             .transpose()?;
@@ -91,8 +93,15 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
     for (li, app) in loras.iter().enumerate() {
         let f = &app.file;
         let made_for = f.family();
-        let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
-        if made_for == Some(Family::Sdxl) && !xl || made_for == Some(Family::Sd1) && xl {
+        if family.code().lora.is_none() {
+            return Err(Error::Invalid(format!(
+                "baking LoRAs into {} checkpoints is not supported yet ({})",
+                family.label(),
+                f.path.display()
+            )));
+        }
+        let xl = family.xl_lora();
+        if made_for.is_some_and(|m| m.xl_lora() != xl) {
             return Err(Error::Invalid(format!(
                 "{} is a LoRA for {}, the checkpoint is {}",
                 f.path.display(),

@@ -25,7 +25,7 @@ fn names(list: &str) -> Vec<String> {
 
 /// The block names a vector of `len` values stands for, for a family.
 pub fn block_ids(family: Family, len: usize) -> Option<Vec<String>> {
-    let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
+    let xl = family.xl_lora();
     let list = match (xl, len) {
         (false, 17) => "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03-OUT11",
         (false, 26) | (true, 26) => "BASE IN00-IN11 M00 OUT00-OUT11",
@@ -93,7 +93,7 @@ impl BlockWeights {
                 "block weights `{t}`: {} values; {} takes {}",
                 parsed.len(),
                 family.label(),
-                if matches!(family, Family::Sdxl | Family::SdxlRefiner) {
+                if family.xl_lora() {
                     "12 or 20 (or 26)"
                 } else {
                     "17 or 26"

@@ -247,15 +247,18 @@ pub fn extract(
 
 /// kohya (`ss_*`) and modelspec metadata of an extracted LoRA.
 fn metadata(family: Family, opts: &ExtractOptions, title: &str) -> BTreeMap<String, String> {
-    let (base, arch, res) = match family {
-        Family::Sdxl | Family::SdxlRefiner => (
-            "sdxl_base_v1-0",
-            "stable-diffusion-xl-v1-base/lora",
-            "1024x1024",
-        ),
-        Family::Sd2 => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
-        _ => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+    let facts = family.facts();
+    let sd1 = Family::builtin("sd1").facts();
+    let fact = |f: &'static Option<String>, d: &'static Option<String>| {
+        f.as_deref().or(d.as_deref()).unwrap_or_default()
     };
+    let base = fact(&facts.ss_base_model_version, &sd1.ss_base_model_version);
+    let arch = format!(
+        "{}/lora",
+        fact(&facts.modelspec_architecture, &sd1.modelspec_architecture)
+    );
+    let res = facts.resolution.or(sd1.resolution).unwrap_or(512);
+    let res = format!("{res}x{res}");
     let args = match opts.conv_rank {
         Some(c) => format!(
             "{{\"conv_dim\": \"{c}\", \"conv_alpha\": \"{:.1}\"}}",
@@ -263,11 +266,10 @@ fn metadata(family: Family, opts: &ExtractOptions, title: &str) -> BTreeMap<Stri
         ),
         None => "{}".to_string(),
     };
-    let implementation = if matches!(family, Family::Sdxl | Family::SdxlRefiner) {
-        "https://github.com/Stability-AI/generative-models"
-    } else {
-        "diffusers"
-    };
+    let implementation = fact(
+        &facts.modelspec_implementation,
+        &sd1.modelspec_implementation,
+    );
     [
         ("ss_network_module", "networks.lora".to_string()),
         ("ss_network_dim", opts.rank.to_string()),
@@ -275,12 +277,7 @@ fn metadata(family: Family, opts: &ExtractOptions, title: &str) -> BTreeMap<Stri
         ("ss_network_args", args),
         (
             "ss_v2",
-            if family == Family::Sd2 {
-                "True"
-            } else {
-                "False"
-            }
-            .to_string(),
+            if facts.ss_v2 { "True" } else { "False" }.to_string(),
         ),
         ("ss_base_model_version", base.to_string()),
         ("modelspec.sai_model_spec", "1.0.1".to_string()),

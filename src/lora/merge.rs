@@ -154,10 +154,11 @@ fn family_of_all(sources: &[Application]) -> Result<Family> {
             .filter(|m| canon.targets.get(&m.name).is_some())
             .count())
     };
-    Ok(if resolved(Family::Sdxl)? > resolved(Family::Sd1)? {
-        Family::Sdxl
+    let (xl, sd) = (Family::builtin("sdxl"), Family::builtin("sd1"));
+    Ok(if resolved(xl)? > resolved(sd)? {
+        xl
     } else {
-        Family::Sd1
+        sd
     })
 }
 

@@ -256,9 +256,9 @@ impl LoraFile {
                 .any(|m| p.iter().any(|p| m.name.starts_with(p)))
         };
         if any(&["lora_te2_", "text_encoder_2."]) {
-            Some(Family::Sdxl)
+            Some(Family::builtin("sdxl"))
         } else if any(&["lora_te_"]) {
-            Some(Family::Sd1)
+            Some(Family::builtin("sd1"))
         } else {
             None
         }
@@ -268,7 +268,7 @@ impl LoraFile {
     pub fn summary(&self) -> Summary {
         let mut s = Summary {
             architecture: match self.family() {
-                Some(Family::Sdxl) => "SDXL".into(),
+                Some(f) if f.xl_lora() => "SDXL".into(),
                 Some(_) => "SD1.x / SD2.x".into(),
                 None => "not stated by the module names (U-Net only)".into(),
             },

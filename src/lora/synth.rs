@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::arch::{self, Family};
+use crate::arch;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -42,7 +42,7 @@ fn unet_target(p: &str, conv: bool) -> bool {
 /// (kohya module name, target shape) of every default target of `ck`.
 pub fn modules_of(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
     let family = arch::detect(ck.tensors()).family;
-    let xl = matches!(family, Family::Sdxl | Family::SdxlRefiner);
+    let xl = family.xl_lora();
     let mut out = Vec::new();
     for t in ck.tensors() {
         if let Some(p) = t

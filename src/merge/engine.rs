@@ -193,7 +193,7 @@ pub fn write(
         if abort_after.is_some_and(|limit| n >= limit) {
             std::process::abort();
         }
-        release(inputs, &k.name);
+        release(inputs, k);
         bar.inc(written as u64);
         Ok::<_, Error>(())
     })?;
@@ -202,12 +202,14 @@ pub fn write(
 }
 
 /// Drops a finished tensor's input pages from the resident set.
-fn release(inputs: &Inputs, name: &str) {
-    let fixed = [Some(inputs.a), Some(inputs.b), inputs.c]
-        .into_iter()
-        .flatten();
-    for ck in fixed {
-        if let Some(t) = ck.get(name) {
+fn release(inputs: &Inputs, k: &KeyPlan) {
+    let fixed = [
+        (Some(inputs.a), Source::A),
+        (Some(inputs.b), Source::B),
+        (inputs.c, Source::C),
+    ];
+    for (ck, s) in fixed {
+        if let Some((ck, t)) = ck.and_then(|ck| ck.get(k.name_in(s)).map(|t| (ck, t))) {
             ck.release(t);
         }
     }
@@ -221,7 +223,8 @@ fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<c
         .keys
         .par_iter()
         .map(|k| {
-            let (Some(ta), Some(tb)) = (inputs.a.get(&k.name), inputs.b.get(&k.name)) else {
+            let (Some(ta), Some(tb)) = (inputs.a.get(&k.name), inputs.b.get(k.name_in(Source::B)))
+            else {
                 return Ok(Vec::new());
             };
             let eligible = k.name.contains("model")
@@ -234,7 +237,7 @@ fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<c
             }
             let a = convert::to_f32(ta.dtype, &inputs.a.data(ta))?;
             let b = convert::to_f32(tb.dtype, &inputs.b.data(tb))?;
-            release(inputs, &k.name);
+            release(inputs, k);
             Ok(cosine::samples(cosine_a, &ta.shape, &a, &b))
         })
         .collect::<Result<_>>()?;
@@ -268,7 +271,7 @@ fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result
             w.write(&k.name, &bytes)?;
         }
         Op::Copy(s) => {
-            let (ck, t) = source(inputs, *s, &k.name)?;
+            let (ck, t) = source(inputs, *s, k.name_in(*s))?;
             let data = ck.data(t);
             if t.dtype == k.dtype {
                 w.write(&k.name, &data)?;
@@ -288,10 +291,10 @@ fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result
             adjust,
         } => {
             let a = operand(inputs, Source::A, &k.name)?;
-            let b = operand(inputs, Source::B, &k.name)?;
+            let b = operand(inputs, Source::B, k.name_in(Source::B))?;
             let c = inputs
                 .c
-                .map(|_| operand(inputs, Source::C, &k.name))
+                .map(|_| operand(inputs, Source::C, k.name_in(Source::C)))
                 .transpose()?;
             let (alpha32, beta32) = (*alpha as f32, *beta as f32);
             let chunk_ctx = |chunk: u64| ChunkCtx {

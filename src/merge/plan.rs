@@ -1,6 +1,8 @@
 //! Planning a merge: what every output tensor is, decided and validated before any math.
 
-use crate::arch::{self, Arch, Family, KeyClass, Variant};
+use std::collections::BTreeMap;
+
+use crate::arch::{self, Arch, Component, Family, KeyClass};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -9,7 +11,7 @@ use crate::merge::select::{self, AdjustOp, BlockNames, KeyFilter};
 use crate::merge::{BlockRatio, MergeSpec, Mode, Ratio};
 
 /// Where a copied tensor comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Model A.
@@ -58,6 +60,58 @@ pub struct KeyPlan {
     pub op: Op,
     /// MBW block (for reports).
     pub block: Option<String>,
+    /// The key's name in model B when B's layout names it differently (mixed layouts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_b: Option<String>,
+    /// The key's name in model C when C's layout names it differently.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_c: Option<String>,
+}
+
+impl KeyPlan {
+    /// The name of this key in a source model.
+    pub fn name_in(&self, source: Source) -> &str {
+        match source {
+            Source::B => self.name_b.as_deref().unwrap_or(&self.name),
+            Source::C => self.name_c.as_deref().unwrap_or(&self.name),
+            _ => &self.name,
+        }
+    }
+}
+
+/// Why a tensor of A that a merge could blend was kept from A instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kept {
+    /// The family's merge rule never blends it (buffers, the Flux VAE, ...).
+    FamilyRule,
+    /// Not a floating-point tensor in A, B or C (integers, or a storage type not read yet).
+    Dtype,
+    /// Include / Exclude left it out.
+    Filter,
+    /// The calcmode skips it (e.g. 1-D tensors for the SVD calcmodes).
+    Calcmode,
+    /// The block vector's list has no block for it.
+    OutsideBlocks,
+    /// Model B has no such key.
+    MissingInB,
+    /// Model C has no such key.
+    MissingInC,
+}
+
+impl Kept {
+    /// Description for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kept::FamilyRule => "never blended by the family's merge rule",
+            Kept::Dtype => "not a floating-point tensor in every input",
+            Kept::Filter => "left out by Include/Exclude",
+            Kept::Calcmode => "skipped by the calcmode",
+            Kept::OutsideBlocks => "outside the block vector's list",
+            Kept::MissingInB => "missing from B",
+            Kept::MissingInC => "missing from C",
+        }
+    }
 }
 
 /// The whole merge, tensor by tensor.
@@ -73,6 +127,12 @@ pub struct Plan {
     pub missing_in_c: Vec<String>,
     /// Keys only B has (added from B).
     pub added_from_b: Vec<String>,
+    /// Keys of A kept from A although the merge could have blended them, by reason.
+    pub kept: BTreeMap<Kept, Vec<String>>,
+    /// Marker tensors (v-prediction, zero-terminal-SNR) in the output, with their source.
+    pub markers: Vec<(String, Source)>,
+    /// Layout of each input (A, B, C), when they differ.
+    pub layouts: Option<Vec<&'static str>>,
     /// Alpha per key, resolved (for metadata).
     #[serde(skip)]
     pub alpha: BlockRatio,
@@ -82,6 +142,51 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What a user should hear about the plan besides the counts: keys kept from A and why,
+    /// keys added from B, markers carried through, mixed layouts, a generic family.
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.arch.family.is_generic() {
+            out.push(format!(
+                "architecture not recognized ({}): keys matching in name and shape were merged with scalar ratios",
+                self.arch.rule
+            ));
+        }
+        let eg = |keys: &[String]| {
+            let shown: Vec<String> = keys.iter().take(3).map(|k| format!("`{k}`")).collect();
+            let more = if keys.len() > 3 { ", ..." } else { "" };
+            format!("{}{more}", shown.join(", "))
+        };
+        for (what, keys) in [
+            ("missing from B (kept from A)", &self.missing_in_b),
+            ("missing from C (kept from A)", &self.missing_in_c),
+            ("only in B (added)", &self.added_from_b),
+        ] {
+            if !keys.is_empty() {
+                out.push(format!("{} keys {what}: {}", keys.len(), eg(keys)));
+            }
+        }
+        for (why, keys) in &self.kept {
+            out.push(format!(
+                "{} keys kept from A, {}: {}",
+                keys.len(),
+                why.describe(),
+                eg(keys)
+            ));
+        }
+        for (m, s) in &self.markers {
+            out.push(format!("marker `{m}` carried through from model {s:?}"));
+        }
+        if let Some(l) = &self.layouts {
+            out.push(format!(
+                "inputs have different layouts ({}): keys were mapped, the output keeps A's ({})",
+                l.join(", "),
+                self.arch.layout
+            ));
+        }
+        out
+    }
+
     /// Number of blended tensors.
     pub fn blended(&self) -> usize {
         self.keys
@@ -103,9 +208,9 @@ pub struct Inputs<'a> {
     pub vae: Option<&'a Checkpoint>,
 }
 
-fn check_family(a: &Arch, other: &Checkpoint, which: &str) -> Result<()> {
+fn check_family(a: &Arch, other: &Checkpoint, which: &str) -> Result<Arch> {
     let o = arch::detect(other.tensors());
-    if a.family != o.family && a.family != Family::Unknown && o.family != Family::Unknown {
+    if a.family != o.family && !a.family.is_generic() && !o.family.is_generic() {
         return Err(Error::Invalid(format!(
             "cannot merge {} (model A) with {} (model {which}: {})",
             a.family.label(),
@@ -113,13 +218,37 @@ fn check_family(a: &Arch, other: &Checkpoint, which: &str) -> Result<()> {
             other.path().display()
         )));
     }
-    if a.variant == Variant::Standard && o.variant != Variant::Standard {
+    if !a.variant.subset_channels && o.variant.subset_channels {
         return Err(Error::Invalid(format!(
             "model {which} ({}) is {o} but model A is not: A must be the inpainting / instruct-pix2pix model",
             other.path().display()
         )));
     }
-    Ok(())
+    if a.family == o.family && a.layout != o.layout {
+        let map = |l: &str| a.family.layout(l).and_then(|l| l.prefix.as_deref());
+        if map(a.layout).is_none() || map(o.layout).is_none() {
+            return Err(Error::Invalid(format!(
+                "model A ({} layout) and model {which} ({}: {} layout) name their keys differently and mergesmith cannot map them yet; convert one of them",
+                a.layout,
+                other.path().display(),
+                o.layout
+            )));
+        }
+    }
+    Ok(o)
+}
+
+/// A key of A under another model's layout (same key when the layouts agree).
+fn name_under(family: Family, from: &str, to: &str, key: &str) -> Option<String> {
+    if from == to {
+        return None;
+    }
+    let prefix = |l: &str| family.layout(l).and_then(|l| l.prefix.as_deref());
+    let (pa, po) = (prefix(from)?, prefix(to)?);
+    if family.component(key) != Component::Unet || !key.starts_with(pa) {
+        return None;
+    }
+    Some(format!("{po}{}", &key[pa.len()..]))
 }
 
 /// How a key of A combines with the same key of another model, by shape.
@@ -191,11 +320,15 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     }
     check_calc_params(spec)?;
     let arch = arch::detect(inputs.a.tensors());
-    check_family(&arch, inputs.b, "B")?;
-    if let Some(c) = inputs.c {
-        check_family(&arch, c, "C")?;
-    }
+    let arch_b = check_family(&arch, inputs.b, "B")?;
+    let arch_c = inputs.c.map(|c| check_family(&arch, c, "C")).transpose()?;
     let family = arch.family;
+    if spec.adjust.is_some() && family.code().adjust.is_none() {
+        return Err(Error::Invalid(format!(
+            "adjust acts on the SD UNet's first and last convolutions; {} has none",
+            family.label()
+        )));
+    }
     let alpha = BlockRatio::resolve(&spec.alpha, family, "alpha")?;
     let beta = spec
         .beta
@@ -204,7 +337,7 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         .transpose()?;
     let block_names = match alpha {
         BlockRatio::Extended(_) => BlockNames::Extended,
-        _ if spec.xl_elemental_shift && family == Family::Sdxl => BlockNames::ShiftedXl,
+        _ if spec.xl_elemental_shift && family.id() == "sdxl" => BlockNames::ShiftedXl,
         _ => BlockNames::Standard,
     };
     let elemental = spec
@@ -234,14 +367,31 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         filter: filter.as_ref(),
     };
     let mut keys = Vec::with_capacity(inputs.a.tensors().len());
-    let mut missing = Missing::default();
+    let mut kept: BTreeMap<Kept, Vec<String>> = BTreeMap::new();
     let mut errors = Vec::new();
+    let mut eligible = 0;
     for t in inputs.a.tensors() {
         let class = arch::classify(family, &t.name);
-        let mut op = key_op(&ctx, t, &class, &mut missing).unwrap_or_else(|e| {
-            errors.push(e);
-            Op::Copy(Source::A)
-        });
+        let names = Names {
+            b: name_under(family, arch.layout, arch_b.layout, &t.name),
+            c: arch_c
+                .as_ref()
+                .and_then(|c| name_under(family, arch.layout, c.layout, &t.name)),
+        };
+        let mut op = match key_op(&ctx, t, &class, &names) {
+            Ok(Ok(op)) => {
+                eligible += 1;
+                op
+            }
+            Ok(Err(why)) => {
+                kept.entry(why).or_default().push(t.name.clone());
+                Op::Copy(Source::A)
+            }
+            Err(e) => {
+                errors.push(e);
+                Op::Copy(Source::A)
+            }
+        };
         if spec.reset_position_ids && t.name.ends_with("text_model.embeddings.position_ids") {
             op = Op::PositionIds;
         }
@@ -256,6 +406,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
             dtype,
             op,
             block: class.block,
+            name_b: names.b,
+            name_c: names.c,
         });
     }
     if !errors.is_empty() {
@@ -266,54 +418,125 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         } else {
             String::new()
         };
+        let variants = if arch.variant != arch_b.variant {
+            format!("\n  (model A is {arch}, model B is {arch_b}: these variants differ in shape)")
+        } else {
+            String::new()
+        };
         return Err(Error::Invalid(format!(
-            "cannot merge:\n  {}{more}",
+            "cannot merge:\n  {}{more}{variants}",
             errors.join("\n  ")
         )));
     }
+    if eligible == 0 {
+        return Err(nothing_to_blend(&arch, inputs, &kept));
+    }
 
-    // Keys only B has are added (SuperMerger skips the SD1 CLIP position ids).
+    // Keys only B has are added (SuperMerger skips the SD1 CLIP position ids); under mixed
+    // layouts, B's diffusion-model keys are renamed to A's layout and its other parts are
+    // left out (the output keeps A's layout).
     let mut added_from_b = Vec::new();
+    let mut markers = Vec::new();
+    let has_a = |n: &str| inputs.a.contains(n);
     for t in inputs.b.tensors() {
-        if !inputs.a.contains(&t.name)
-            && t.name != "cond_stage_model.transformer.text_model.embeddings.position_ids"
+        let name = match name_under(family, arch_b.layout, arch.layout, &t.name) {
+            Some(n) => n,
+            None if arch_b.layout != arch.layout
+                && family.component(&t.name) != Component::Other =>
+            {
+                continue
+            }
+            None => t.name.clone(),
+        };
+        if !has_a(&name)
+            && name != "cond_stage_model.transformer.text_model.embeddings.position_ids"
         {
-            added_from_b.push(t.name.clone());
+            if family.markers().contains(&name) {
+                markers.push((name.clone(), Source::B));
+            } else {
+                added_from_b.push(name.clone());
+            }
             keys.push(KeyPlan {
-                name: t.name.clone(),
+                name: name.clone(),
                 shape: t.shape.clone(),
                 dtype: out_dtype(t.dtype),
                 op: Op::Copy(Source::B),
-                block: arch::classify(family, &t.name).block,
+                block: arch::classify(family, &name).block,
+                name_b: (name != t.name).then(|| t.name.clone()),
+                name_c: None,
             });
         }
     }
+    for m in family.markers() {
+        if has_a(m) {
+            markers.push((m.clone(), Source::A));
+        } else if let Some(t) = inputs
+            .c
+            .and_then(|c| c.get(m))
+            .filter(|_| !inputs.b.contains(m))
+        {
+            markers.push((m.clone(), Source::C));
+            keys.push(KeyPlan {
+                name: m.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                op: Op::Copy(Source::C),
+                block: None,
+                name_b: None,
+                name_c: None,
+            });
+        }
+    }
+    markers.sort();
 
     if let Some(vae) = inputs.vae {
         bake_vae(&mut keys, vae)?;
     }
     if spec.prune {
         keys.retain(|k| {
-            [
-                "diffusion_model.",
-                "first_stage_model.",
-                "cond_stage_model.",
-                "conditioner.",
-            ]
-            .iter()
-            .any(|p| k.name.contains(p))
+            !matches!(family.component(&k.name), Component::Ema | Component::Other)
+                || family.markers().contains(&k.name)
         });
     }
     keys.sort_by(|x, y| x.name.cmp(&y.name));
+    let layouts = [Some(&arch), Some(&arch_b), arch_c.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|a| a.layout)
+        .collect::<Vec<_>>();
+    let layouts = layouts.iter().any(|l| *l != arch.layout).then_some(layouts);
+    let missing_in_b = kept.remove(&Kept::MissingInB).unwrap_or_default();
+    let missing_in_c = kept.remove(&Kept::MissingInC).unwrap_or_default();
     Ok(Plan {
         arch,
         keys,
-        missing_in_b: missing.b,
-        missing_in_c: missing.c,
+        missing_in_b,
+        missing_in_c,
         added_from_b,
+        kept,
+        markers,
+        layouts,
         alpha,
         beta,
     })
+}
+
+/// The error of a merge in which no tensor can be blended, with the reasons.
+fn nothing_to_blend(arch: &Arch, inputs: &Inputs, kept: &BTreeMap<Kept, Vec<String>>) -> Error {
+    let mut why: Vec<String> = kept
+        .iter()
+        .map(|(k, names)| format!("{} {} (e.g. `{}`)", names.len(), k.describe(), names[0]))
+        .collect();
+    if why.is_empty() {
+        why.push("model A has no tensors".into());
+    }
+    Error::Invalid(format!(
+        "nothing to merge: no tensor of model A ({}, {}: {}) can be blended with model B; the output would be a copy of A.\n  {}",
+        inputs.a.path().display(),
+        arch,
+        arch.rule,
+        why.join("\n  ")
+    ))
 }
 
 /// What every key's planning shares.
@@ -328,43 +551,46 @@ struct KeyCtx<'a> {
     filter: Option<&'a KeyFilter>,
 }
 
-/// Mergeable keys of A that B or C lack.
-#[derive(Default)]
-struct Missing {
-    b: Vec<String>,
-    c: Vec<String>,
+/// A key's names in B and C under their layouts (`None`: the same name).
+struct Names {
+    b: Option<String>,
+    c: Option<String>,
 }
 
-/// What one key of A becomes. `Err` is a message for the combined planning error.
+/// What one key of A becomes: `Ok(Ok(op))` when it can be blended (`op` may still be a copy
+/// where the ratios make it one), `Ok(Err(why))` when it is kept from A, `Err` a message for
+/// the combined planning error.
 fn key_op(
     ctx: &KeyCtx,
     t: &TensorInfo,
     class: &KeyClass,
-    missing: &mut Missing,
-) -> std::result::Result<Op, String> {
-    let keep_a = Ok(Op::Copy(Source::A));
+    names: &Names,
+) -> std::result::Result<std::result::Result<Op, Kept>, String> {
     let (spec, calc) = (ctx.spec, ctx.spec.calcmode);
-    let allowed =
-        ctx.filter.is_none_or(|f| f.allows(class, &t.name)) && !calc.skips(&t.name, t.shape.len());
-    if !(class.mergeable && t.dtype.is_float() && allowed) {
-        return keep_a;
+    if !class.mergeable {
+        return Ok(Err(Kept::FamilyRule));
     }
-    let Some(b) = ctx.inputs.b.get(&t.name) else {
-        missing.b.push(t.name.clone());
-        return keep_a;
+    if !t.dtype.is_float() {
+        return Ok(Err(Kept::Dtype));
+    }
+    if !ctx.filter.is_none_or(|f| f.allows(class, &t.name)) {
+        return Ok(Err(Kept::Filter));
+    }
+    if calc.skips(&t.name, t.shape.len()) {
+        return Ok(Err(Kept::Calcmode));
+    }
+    let Some(b) = ctx.inputs.b.get(names.b.as_deref().unwrap_or(&t.name)) else {
+        return Ok(Err(Kept::MissingInB));
     };
     let c = match ctx.inputs.c {
-        Some(ck) => match ck.get(&t.name) {
+        Some(ck) => match ck.get(names.c.as_deref().unwrap_or(&t.name)) {
             Some(ct) => Some((ck, ct)),
-            None => {
-                missing.c.push(t.name.clone());
-                return keep_a;
-            }
+            None => return Ok(Err(Kept::MissingInC)),
         },
         None => None,
     };
     if !b.dtype.is_float() || c.is_some_and(|(_, ct)| !ct.dtype.is_float()) {
-        return keep_a;
+        return Ok(Err(Kept::Dtype));
     }
     let fit = |o: &TensorInfo, which, ck| {
         shape_fit(&t.name, &t.shape, &o.shape, which, ck).map_err(|e| e.to_string())
@@ -385,9 +611,16 @@ fn key_op(
             calc.label()
         ));
     }
-    let alpha = select::elemental_alpha(ctx.elemental, ctx.block_names, class, &t.name)
-        .unwrap_or_else(|| ctx.alpha.value(ctx.family, class));
-    let beta = ctx.beta.map(|r| r.value(ctx.family, class)).unwrap_or(0.0);
+    let elemental =
+        select::elemental_alpha(ctx.elemental, ctx.family, ctx.block_names, class, &t.name);
+    let Some(alpha) = elemental.or_else(|| ctx.alpha.value(ctx.family, class)) else {
+        return Ok(Err(Kept::OutsideBlocks));
+    };
+    let beta = match ctx.beta.map(|r| r.value(ctx.family, class)) {
+        None => 0.0,
+        Some(Some(b)) => b,
+        Some(None) => return Ok(Err(Kept::OutsideBlocks)),
+    };
     if calc == CalcMode::Extract && !(0.0..=1.0).contains(&alpha) {
         return Err(format!(
             "`{}`: extract needs 0 <= alpha <= 1, got {alpha}",
@@ -398,7 +631,7 @@ fn key_op(
         .adjust
         .as_ref()
         .and_then(|v| select::adjust_op(v, ctx.family, &t.name));
-    Ok(if calc == CalcMode::Normal {
+    Ok(Ok(if calc == CalcMode::Normal {
         blend_op(spec.mode, alpha, beta, channels, adjust)
     } else {
         Op::Blend {
@@ -407,7 +640,7 @@ fn key_op(
             channels,
             adjust,
         }
-    })
+    }))
 }
 
 /// The op for a blended key, with the exact shortcuts of SuperMerger's "normal" calcmode:

@@ -1,7 +1,6 @@
 //! Per-key overrides: elemental merge, Include/Exclude and Adjust (supermerger.md §3.5, §4, §7).
 
-use crate::arch::blocks::{SDXL_BLOCKS, SDXL_EXTENDED_BLOCKS, SD_BLOCKS};
-use crate::arch::{Family, KeyClass};
+use crate::arch::{Component, Family, KeyClass};
 use crate::error::{Error, Result};
 
 /// A set of block names, possibly inverted (`NOT ...`); empty = every block.
@@ -55,9 +54,9 @@ pub struct ElementalEntry {
 /// Which block names elemental entries use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockNames {
-    /// The family's list: 26 (SD) or 20 (SDXL, real names).
+    /// The family's default list: 26 (SD), 20 (SDXL, real names), 61 (Flux).
     Standard,
-    /// The 110 fine SDXL names.
+    /// The family's second list: the 110 fine SDXL names, Flux's ComfyUI prefixes.
     Extended,
     /// SuperMerger's SDXL quirk (issue #468): an SDXL key is addressed by the 26-list name at
     /// its 20-list index (M00 is "IN09", OUT00 "IN10", OUT02 "M00", OUT03 "OUT00"...).
@@ -65,17 +64,26 @@ pub enum BlockNames {
     ShiftedXl,
 }
 
-/// The merge blocks of a family, in order (26 for SD1 / SD2, 20 for SDXL).
+/// The merge blocks of a family's default list, in order (26 for SD1 / SD2, 20 for SDXL).
 pub fn block_list(family: Family) -> &'static [String] {
     names(family, BlockNames::Standard)
 }
 
+/// The SD 26-block list, which SuperMerger's SDXL quirk addresses SDXL keys with.
+fn sd_list() -> &'static [String] {
+    Family::named("sd1")
+        .expect("data/families/sd1.yaml")
+        .blocks()
+}
+
 fn names(family: Family, names: BlockNames) -> &'static [String] {
-    match (family, names) {
-        (Family::Sdxl, BlockNames::Extended) => &SDXL_EXTENDED_BLOCKS,
-        (Family::Sdxl, BlockNames::Standard) => &SDXL_BLOCKS,
-        (_, BlockNames::ShiftedXl) => &SD_BLOCKS,
-        _ => &SD_BLOCKS,
+    match names {
+        BlockNames::Extended => family
+            .lists()
+            .get(1)
+            .map_or(family.blocks(), |l| &l.slots[..]),
+        BlockNames::Standard => family.blocks(),
+        BlockNames::ShiftedXl => sd_list(),
     }
 }
 
@@ -160,6 +168,7 @@ pub fn parse_elemental(
 /// The alpha elemental entries give a key (the last applicable entry wins), if any.
 pub fn elemental_alpha(
     entries: &[ElementalEntry],
+    family: Family,
     block_names: BlockNames,
     class: &KeyClass,
     key: &str,
@@ -170,8 +179,8 @@ pub fn elemental_alpha(
         BlockNames::ShiftedXl => class
             .block
             .as_deref()
-            .and_then(|b| SDXL_BLOCKS.iter().position(|n| n == b))
-            .map(|i| SD_BLOCKS[i].as_str()),
+            .and_then(|b| family.blocks().iter().position(|n| n == b))
+            .map(|i| sd_list()[i].as_str()),
     };
     entries
         .iter()
@@ -232,7 +241,7 @@ impl KeyFilter {
             match w.to_ascii_uppercase().as_str() {
                 "VAE" => special.push("VAE".to_string()),
                 "ADJUST" => special.push("ADJUST".to_string()),
-                u if family == Family::Sdxl && SDXL_EXTENDED_BLOCKS.iter().any(|b| b == u) => {
+                u if names(family, BlockNames::Extended).iter().any(|b| b == u) => {
                     special.push(u.to_string())
                 }
                 _ => rest.push(w),
@@ -265,7 +274,7 @@ impl KeyFilter {
                 .is_some_and(|f| has(f) || self.elements.iter().any(|e| e == f))
             || (has("ADJUST") && ADJUST_KEYS.contains(&key))
             || self.elements.iter().any(|e| key.contains(e.as_str()))
-            || (has("VAE") && key.contains("first_stage_model"))
+            || (has("VAE") && class.component == Component::Vae)
     }
 
     /// Whether the key may be merged under this filter.
@@ -295,7 +304,7 @@ pub fn adjust_op(v: &[f64; 8], family: Family, key: &str) -> Option<AdjustOp> {
         3 => AdjustOp::Scale(f(1.0 + 0.02 * v[1])),
         4 => AdjustOp::Scale(f(1.0 - 0.01 * v[2])),
         _ => {
-            let (c1, c2, c3) = if family == Family::Sdxl {
+            let (c1, c2, c3) = if family.code().adjust.as_deref() == Some("sdxl") {
                 (v[5] - v[6] - v[7], -v[6] + v[7], v[4])
             } else {
                 (
@@ -349,9 +358,17 @@ mod tests {
     use super::*;
     use crate::arch::classify;
 
+    fn sd1() -> Family {
+        Family::named("sd1").unwrap()
+    }
+
+    fn xl() -> Family {
+        Family::named("sdxl").unwrap()
+    }
+
     fn alpha(text: &str, key: &str) -> Option<f64> {
-        let e = parse_elemental(text, Family::Sd1, BlockNames::Standard).unwrap();
-        elemental_alpha(&e, BlockNames::Standard, &classify(Family::Sd1, key), key)
+        let e = parse_elemental(text, sd1(), BlockNames::Standard).unwrap();
+        elemental_alpha(&e, sd1(), BlockNames::Standard, &classify(sd1(), key), key)
     }
 
     const OUT06_K: &str =
@@ -381,79 +398,73 @@ mod tests {
         assert_eq!(alpha("IN00-IN05::0", OUT05_FF), None);
         // Pieces without exactly two colons are ignored; bad names are errors.
         assert_eq!(alpha("OUT05:0.3", OUT05_FF), None);
-        let e = parse_elemental("OUT99::0.1", Family::Sd1, BlockNames::Standard)
+        let e = parse_elemental("OUT99::0.1", sd1(), BlockNames::Standard)
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown block `OUT99`"), "{e}");
-        assert!(parse_elemental("OUT05::R", Family::Sd1, BlockNames::Standard).is_err());
+        assert!(parse_elemental("OUT05::R", sd1(), BlockNames::Standard).is_err());
     }
 
     #[test]
     fn sdxl_real_and_extended_names() {
         let key = "model.diffusion_model.middle_block.1.transformer_blocks.3.attn1.to_q.weight";
-        let c = classify(Family::Sdxl, key);
-        let e = parse_elemental("M00:attn1:0.7", Family::Sdxl, BlockNames::Standard).unwrap();
+        let c = classify(xl(), key);
+        let e = parse_elemental("M00:attn1:0.7", xl(), BlockNames::Standard).unwrap();
         assert_eq!(
-            elemental_alpha(&e, BlockNames::Standard, &c, key),
+            elemental_alpha(&e, xl(), BlockNames::Standard, &c, key),
             Some(0.7)
         );
         // The compatibility quirk: XL M00 answers to "IN09".
-        let e = parse_elemental("IN09:attn1:0.6", Family::Sdxl, BlockNames::ShiftedXl).unwrap();
+        let e = parse_elemental("IN09:attn1:0.6", xl(), BlockNames::ShiftedXl).unwrap();
         assert_eq!(
-            elemental_alpha(&e, BlockNames::ShiftedXl, &c, key),
+            elemental_alpha(&e, xl(), BlockNames::ShiftedXl, &c, key),
             Some(0.6)
         );
         let out3 = "model.diffusion_model.output_blocks.3.0.in_layers.2.weight";
-        let e = parse_elemental("OUT00::0.2", Family::Sdxl, BlockNames::ShiftedXl).unwrap();
+        let e = parse_elemental("OUT00::0.2", xl(), BlockNames::ShiftedXl).unwrap();
         assert_eq!(
-            elemental_alpha(
-                &e,
-                BlockNames::ShiftedXl,
-                &classify(Family::Sdxl, out3),
-                out3
-            ),
+            elemental_alpha(&e, xl(), BlockNames::ShiftedXl, &classify(xl(), out3), out3),
             Some(0.2)
         );
-        let e = parse_elemental("MID103::0.4", Family::Sdxl, BlockNames::Extended).unwrap();
+        let e = parse_elemental("MID103::0.4", xl(), BlockNames::Extended).unwrap();
         assert_eq!(
-            elemental_alpha(&e, BlockNames::Extended, &c, key),
+            elemental_alpha(&e, xl(), BlockNames::Extended, &c, key),
             Some(0.4)
         );
     }
 
     #[test]
     fn include_exclude() {
-        let f =
-            KeyFilter::parse(FilterMode::Exclude, "IN01-IN02 VAE", "attn2", Family::Sd1).unwrap();
-        let allows = |k: &str| f.allows(&classify(Family::Sd1, k), k);
+        let f = KeyFilter::parse(FilterMode::Exclude, "IN01-IN02 VAE", "attn2", sd1()).unwrap();
+        let allows = |k: &str| f.allows(&classify(sd1(), k), k);
         assert!(!allows(
             "model.diffusion_model.input_blocks.2.0.in_layers.0.weight"
         ));
         assert!(!allows("first_stage_model.decoder.conv_in.weight"));
         assert!(!allows(OUT06_K));
         assert!(allows(OUT06_Q));
-        let f = KeyFilter::parse(FilterMode::Include, "Adjust", "", Family::Sd1).unwrap();
-        assert!(f.allows(&classify(Family::Sd1, ADJUST_KEYS[5]), ADJUST_KEYS[5]));
-        assert!(!f.allows(&classify(Family::Sd1, OUT06_Q), OUT06_Q));
+        let f = KeyFilter::parse(FilterMode::Include, "Adjust", "", sd1()).unwrap();
+        assert!(f.allows(&classify(sd1(), ADJUST_KEYS[5]), ADJUST_KEYS[5]));
+        assert!(!f.allows(&classify(sd1(), OUT06_Q), OUT06_Q));
     }
 
     #[test]
     fn adjust_known_answers() {
         let v = [1.0, 2.0, 3.0, 4.0, 3.0, 1.0, 2.0, 0.5];
         assert_eq!(
-            adjust_op(&v, Family::Sd1, ADJUST_KEYS[0]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[0]),
             Some(AdjustOp::Scale(0.99))
         );
         assert_eq!(
-            adjust_op(&v, Family::Sd1, ADJUST_KEYS[1]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[1]),
             Some(AdjustOp::Scale(1.02))
         );
         assert_eq!(
-            adjust_op(&v, Family::Sd1, ADJUST_KEYS[4]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[4]),
             Some(AdjustOp::Scale(0.97))
         );
         // SD: c1 = -3 + 1 + 0.5 = -1.5; c2 = 1 + 1 - 2 = 0; c3 = 2 - 2 + 0.5 = 0.5.
-        let Some(AdjustOp::Add(a)) = adjust_op(&v, Family::Sd1, ADJUST_KEYS[5]) else {
+        let Some(AdjustOp::Add(a)) = adjust_op(&v, sd1(), ADJUST_KEYS[5]) else {
             panic!()
         };
         let want = [0.08f32, -0.03, 0.0, 0.01];
@@ -462,7 +473,7 @@ mod tests {
             "{a:?}"
         );
         // SDXL: c1 = 1 - 2 - 0.5 = -1.5; c2 = -2 + 0.5 = -1.5; c3 = 3.
-        let Some(AdjustOp::Add(a)) = adjust_op(&v, Family::Sdxl, ADJUST_KEYS[5]) else {
+        let Some(AdjustOp::Add(a)) = adjust_op(&v, xl(), ADJUST_KEYS[5]) else {
             panic!()
         };
         let want = [0.08f32, -0.03, -0.03, 0.06];

@@ -1,15 +1,16 @@
 //! Merge ratios: scalars, per-block (MBW) vectors and named presets (supermerger.md §3.2-3.6).
 //!
 //! A ratio is written as a number (`0.3`), a comma-separated vector (`0,1,1,...`) or a
-//! preset name (`GRAD_V`). Vectors are resolved against the block list of the model family:
-//! 26 values (BASE, IN00-IN11, M00, OUT00-OUT11) for SD1/SD2, 20 for SDXL (BASE, IN00-IN08,
-//! M00, OUT00-OUT08). For SDXL a 26-value vector is converted by dropping IN09-IN11 and
-//! OUT09-OUT11, and a 110-value vector addresses the fine "extended XL" blocks.
+//! preset name (`GRAD_V`). Vectors are resolved against the block lists of the model family
+//! (`data/families/`): 26 values (BASE, IN00-IN11, M00, OUT00-OUT11) for SD1/SD2, 20 for SDXL
+//! (BASE, IN00-IN08, M00, OUT00-OUT08), 61 (SuperMerger) or 63 (ComfyUI) for Flux. For SDXL a
+//! 26-value vector is converted by dropping IN09-IN11 and OUT09-OUT11, and a 110-value vector
+//! addresses the fine "extended XL" blocks.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::arch::blocks::SDXL_EXTENDED_BLOCKS;
+use crate::arch::family::Unlisted;
 use crate::arch::{Family, KeyClass};
 use crate::error::{Error, Result};
 
@@ -151,65 +152,85 @@ impl Ratio {
 pub enum BlockRatio {
     /// Same value everywhere.
     Scalar(f64),
-    /// Indexed by the family's block list.
+    /// Indexed by the family's default block list.
     Blocks(Vec<f64>),
-    /// SDXL extended: indexed by the 110 fine block names.
+    /// Indexed by the family's second block list (SDXL's 110 fine names, Flux's ComfyUI list).
     Extended(Vec<f64>),
 }
 
 impl BlockRatio {
-    /// Resolves `ratio` for `family`, checking the vector length.
+    /// Resolves `ratio` for `family`, checking the vector length: the default block list's
+    /// length, a length the family converts (SDXL: 26), or the second list's length (SDXL's
+    /// 110 fine names, Flux's 63 ComfyUI prefixes).
     pub fn resolve(ratio: &Ratio, family: Family, what: &str) -> Result<BlockRatio> {
         let v = match ratio {
             Ratio::Scalar(s) => return Ok(BlockRatio::Scalar(*s)),
             Ratio::Blocks(v) => v,
         };
-        let n = family.blocks().len();
-        match (family, v.len()) {
-            (_, len) if len == n && n > 1 => Ok(BlockRatio::Blocks(v.clone())),
-            (Family::Sdxl, 26) => {
-                // BASE, IN00-IN08, M00, OUT00-OUT08 of the 26-list.
-                let mut out = vec![v[0]];
-                out.extend_from_slice(&v[1..10]);
-                out.push(v[13]);
-                out.extend_from_slice(&v[14..23]);
-                Ok(BlockRatio::Blocks(out))
-            }
-            (Family::Sdxl, 110) => Ok(BlockRatio::Extended(v.clone())),
-            (Family::Unknown, _) => Err(Error::Invalid(format!(
-                "{what}: per-block weights need a recognized architecture; use a single number"
-            ))),
-            (Family::Sdxl, len) => Err(Error::Invalid(format!(
-                "{what}: SDXL takes 20 block weights (BASE, IN00-IN08, M00, OUT00-OUT08), 26 (converted) or 110 (extended), got {len}"
-            ))),
-            (f, len) => Err(Error::Invalid(format!(
-                "{what}: {} takes 26 block weights (BASE, IN00-IN11, M00, OUT00-OUT11), got {len}",
-                f.label()
-            ))),
+        let lists = family.lists();
+        let first = &lists[0];
+        if v.len() == first.slots.len() && first.slots.len() > 1 {
+            return Ok(BlockRatio::Blocks(v.clone()));
         }
+        if let Some((from, take)) = &first.convert {
+            if v.len() == *from {
+                return Ok(BlockRatio::Blocks(take.iter().map(|&i| v[i]).collect()));
+            }
+        }
+        if lists.get(1).is_some_and(|l| l.slots.len() == v.len()) {
+            return Ok(BlockRatio::Extended(v.clone()));
+        }
+        if first.slots.len() == 1 {
+            return Err(Error::Invalid(format!(
+                "{what}: per-block weights need a recognized architecture ({} has no block list); use a single number",
+                family.label()
+            )));
+        }
+        let mut takes = vec![format!(
+            "{} block weights ({}, {}-{})",
+            first.slots.len(),
+            first.slots[0],
+            first.slots[1],
+            first.slots[first.slots.len() - 1]
+        )];
+        if let Some((from, _)) = &first.convert {
+            takes.push(format!("{from} (converted)"));
+        }
+        takes.extend(
+            lists[1..]
+                .iter()
+                .map(|l| format!("{} ({})", l.slots.len(), l.id())),
+        );
+        let last = takes.pop().unwrap_or_default();
+        let takes = match takes.is_empty() {
+            true => last,
+            false => format!("{} or {last}", takes.join(", ")),
+        };
+        Err(Error::Invalid(format!(
+            "{what}: {} takes {takes}, got {}",
+            family.label(),
+            v.len()
+        )))
     }
 
-    /// The value for a key of the given class (keys without a block get BASE).
-    pub fn value(&self, family: Family, class: &KeyClass) -> f64 {
-        match self {
-            BlockRatio::Scalar(s) => *s,
-            BlockRatio::Blocks(v) => {
-                let blocks = family.blocks();
-                let i = class
-                    .block
-                    .as_deref()
-                    .and_then(|b| blocks.iter().position(|n| n == b))
-                    .unwrap_or(0);
-                v[i]
-            }
-            BlockRatio::Extended(v) => match class.fine.as_deref() {
-                Some("VAE") | None => v[0],
-                Some(f) => SDXL_EXTENDED_BLOCKS
+    /// The value for a key of the given class; `None` when a vector's list has no block for
+    /// the key and the list says such keys keep model A.
+    pub fn value(&self, family: Family, class: &KeyClass) -> Option<f64> {
+        let (v, list, block) = match self {
+            BlockRatio::Scalar(s) => return Some(*s),
+            BlockRatio::Blocks(v) => (v, &family.lists()[0], class.block.as_deref()),
+            BlockRatio::Extended(v) => (v, &family.lists()[1], class.fine.as_deref()),
+        };
+        match block {
+            Some(b) if list.def.first_for.iter().any(|f| f == b) => Some(v[0]),
+            Some(b) => Some(
+                list.slots
                     .iter()
-                    .position(|n| n == f)
-                    .map(|i| v[i])
-                    .unwrap_or(v[0]),
-            },
+                    .position(|n| n == b)
+                    .map_or(v[0], |i| v[i]),
+            ),
+            None if list.def.unlisted == Unlisted::Keep => None,
+            None => Some(v[0]),
         }
     }
 
@@ -226,6 +247,14 @@ impl BlockRatio {
 mod tests {
     use super::*;
     use crate::arch::classify;
+
+    fn sd1() -> Family {
+        Family::named("sd1").unwrap()
+    }
+
+    fn xl() -> Family {
+        Family::named("sdxl").unwrap()
+    }
 
     #[test]
     fn parse_forms() {
@@ -312,7 +341,7 @@ mod tests {
     #[test]
     fn sdxl_conversion_of_26_vectors() {
         let v: Vec<f64> = (0..26).map(|i| i as f64).collect();
-        let r = BlockRatio::resolve(&Ratio::Blocks(v), Family::Sdxl, "alpha").unwrap();
+        let r = BlockRatio::resolve(&Ratio::Blocks(v), xl(), "alpha").unwrap();
         let expect: Vec<f64> = [
             0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
         ]
@@ -320,15 +349,15 @@ mod tests {
         .map(|&i| i as f64)
         .collect();
         assert_eq!(r, BlockRatio::Blocks(expect));
-        assert!(BlockRatio::resolve(&Ratio::Blocks(vec![0.0; 21]), Family::Sdxl, "alpha").is_err());
-        assert!(BlockRatio::resolve(&Ratio::Blocks(vec![0.0; 20]), Family::Sd1, "alpha").is_err());
+        assert!(BlockRatio::resolve(&Ratio::Blocks(vec![0.0; 21]), xl(), "alpha").is_err());
+        assert!(BlockRatio::resolve(&Ratio::Blocks(vec![0.0; 20]), sd1(), "alpha").is_err());
     }
 
     #[test]
     fn values_per_key() {
         let v: Vec<f64> = (0..26).map(|i| i as f64 / 100.0).collect();
-        let r = BlockRatio::resolve(&Ratio::Blocks(v), Family::Sd1, "alpha").unwrap();
-        let at = |k: &str| r.value(Family::Sd1, &classify(Family::Sd1, k));
+        let r = BlockRatio::resolve(&Ratio::Blocks(v), sd1(), "alpha").unwrap();
+        let at = |k: &str| r.value(sd1(), &classify(sd1(), k)).unwrap();
         assert_eq!(
             at("model.diffusion_model.input_blocks.4.1.proj_in.weight"),
             0.05
@@ -338,11 +367,12 @@ mod tests {
         assert_eq!(at("first_stage_model.encoder.conv_in.weight"), 0.0);
 
         let ext: Vec<f64> = (0..110).map(|i| i as f64).collect();
-        let r = BlockRatio::resolve(&Ratio::Blocks(ext), Family::Sdxl, "alpha").unwrap();
-        let at = |k: &str| r.value(Family::Sdxl, &classify(Family::Sdxl, k));
+        let r = BlockRatio::resolve(&Ratio::Blocks(ext), xl(), "alpha").unwrap();
+        let at = |k: &str| r.value(xl(), &classify(xl(), k)).unwrap();
         assert_eq!(at("conditioner.embedders.1.model.ln_final.weight"), 1.0); // CLIPG
         assert_eq!(at("first_stage_model.encoder.conv_in.weight"), 0.0); // VAE uses base
-        let in410 = SDXL_EXTENDED_BLOCKS
+        let in410 = xl().lists()[1]
+            .slots
             .iter()
             .position(|n| n == "IN410")
             .unwrap() as f64;

@@ -59,8 +59,8 @@ pub fn output_keys(
                 Op::Copy(s) => {
                     let src = match s {
                         Source::A => get(Some(inputs.a), &k.name),
-                        Source::B => get(Some(inputs.b), &k.name),
-                        Source::C => get(inputs.c, &k.name),
+                        Source::B => get(Some(inputs.b), k.name_in(Source::B)),
+                        Source::C => get(inputs.c, k.name_in(Source::C)),
                         Source::Vae => {
                             let short = k.name.strip_prefix("first_stage_model.").unwrap_or(&k.name);
                             inputs.vae.and_then(|m| m.get(short).or_else(|| m.get(&k.name))).cloned().unwrap_or_default()
@@ -80,7 +80,7 @@ pub fn output_keys(
                         "channels": channels,
                         "adjust": adjust,
                     },
-                    "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), &k.name), get(inputs.c, &k.name)],
+                    "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), k.name_in(Source::B)), get(inputs.c, k.name_in(Source::C))],
                     // cosine calcmodes depend on statistics of the whole model.
                     "global": matches!(spec.calcmode, CalcMode::CosineA | CalcMode::CosineB).then_some(node_key),
                 }),

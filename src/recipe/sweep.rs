@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_saphyr::Spanned;
 
 use super::{RatioScope, RecipeErrors, Resolver};
-use crate::arch::blocks::{SDXL_BLOCKS, SD_BLOCKS};
 use crate::merge::{FilterSpec, Ratio};
 use crate::nodes::generate::GenerateNode;
 use crate::nodes::lora::LoraNode;
@@ -631,6 +630,13 @@ fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
     }
 }
 
+/// SD1's 26 blocks: the list of scalar bases in sweeps (SuperMerger's default).
+fn sd_list() -> &'static [String] {
+    crate::arch::Family::named("sd1")
+        .expect("data/families/sd1.yaml")
+        .blocks()
+}
+
 /// Per-block alpha weights of random cell `i`: as many as the base alpha's vector (26 for a
 /// scalar base: SD1 / SD2), each uniform in [0, 1) rounded to 3 decimals, from a stream of
 /// `seed` (the same on every machine).
@@ -638,7 +644,7 @@ fn random_alpha(base: &Ratio, i: u64, seed: u64) -> Ratio {
     use rand::RngExt;
     let n = match base {
         Ratio::Blocks(b) => b.len(),
-        Ratio::Scalar(_) => SD_BLOCKS.len(),
+        Ratio::Scalar(_) => sd_list().len(),
     };
     let mut r = crate::noise::rng("mergesmith-random-merge", seed, "alpha", i);
     Ratio::Blocks(
@@ -656,18 +662,15 @@ fn pinpointed(base: &Ratio, which: &str, value: &Ratio) -> Result<Ratio, String>
         return Err("a pinpointed block takes one number, not a vector".into());
     };
     let list: &[String] = match base {
-        Ratio::Blocks(b) if b.len() == SDXL_BLOCKS.len() => &SDXL_BLOCKS,
-        Ratio::Blocks(b) if b.len() == SD_BLOCKS.len() => &SD_BLOCKS,
-        Ratio::Blocks(b) => {
-            return Err(format!(
-                "pinpointing needs a 26- or 20-value alpha, not {} values",
+        Ratio::Blocks(b) => crate::arch::family::list_of_len(b.len()).ok_or_else(|| {
+            format!(
+                "pinpointing needs an alpha vector of a family's block list (26 SD, 20 SDXL, 61 Flux), not {} values",
                 b.len()
-            ))
-        }
-        Ratio::Scalar(_) => match crate::merge::select::parse_blocks(which, &SD_BLOCKS) {
-            Ok(_) => &SD_BLOCKS,
-            Err(_) => &SDXL_BLOCKS,
-        },
+            )
+        })?,
+        Ratio::Scalar(_) => crate::arch::family::default_lists()
+            .find(|l| crate::merge::select::parse_blocks(which, l).is_ok())
+            .unwrap_or(sd_list()),
     };
     let set = crate::merge::select::parse_blocks(which, list).map_err(|e| e.to_string())?;
     let mut values = match base {
@@ -830,7 +833,7 @@ fn parse_axis(
         let values: Vec<AxisValue> = values
             .into_iter()
             .flat_map(|v| match (&v, kind) {
-                (AxisValue::Text(t), AxisKind::PinpointBlocks) if t.trim() == "ALL" => SD_BLOCKS
+                (AxisValue::Text(t), AxisKind::PinpointBlocks) if t.trim() == "ALL" => sd_list()
                     .iter()
                     .map(|b| AxisValue::Text(b.clone()))
                     .collect(),
@@ -1058,8 +1061,8 @@ fn setting(
         AxisKind::PinpointBlocks => {
             let t = text.trim().to_string();
             let known = |list: &[String]| crate::merge::select::parse_blocks(&t, list).is_ok();
-            if !known(&SD_BLOCKS) && !known(&SDXL_BLOCKS) {
-                return Err(crate::merge::select::parse_blocks(&t, &SD_BLOCKS)
+            if !crate::arch::family::default_lists().any(known) {
+                return Err(crate::merge::select::parse_blocks(&t, sd_list())
                     .err()
                     .map(|e| e.to_string())
                     .unwrap_or_default());

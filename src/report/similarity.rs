@@ -39,12 +39,13 @@ pub struct Table {
 
 /// The merge block of a key, if it takes part in the comparison.
 fn block_of(family: Family, key: &str) -> Option<String> {
-    match Component::of(key) {
-        Component::TextEncoder1 | Component::TextEncoder2 => Some("BASE".into()),
-        Component::Unet => match family {
-            Family::Sdxl => crate::arch::blocks::sdxl_block(key).map(|(_, b)| b),
-            _ => Some(crate::arch::blocks::sd_block(key)),
-        },
+    match family.component(key) {
+        Component::TextEncoder1 | Component::TextEncoder2 | Component::TextEncoder3 => Some(
+            family
+                .block_in(0, key)
+                .unwrap_or_else(|| family.blocks()[0].clone()),
+        ),
+        Component::Unet => family.block_in(0, key),
         _ => None,
     }
 }
@@ -164,7 +165,7 @@ mod tests {
     fn blocks_of_keys() {
         assert_eq!(
             block_of(
-                Family::Sd1,
+                Family::named("sd1").unwrap(),
                 "model.diffusion_model.input_blocks.4.1.proj_in.weight"
             )
             .as_deref(),
@@ -172,14 +173,17 @@ mod tests {
         );
         assert_eq!(
             block_of(
-                Family::Sd1,
+                Family::named("sd1").unwrap(),
                 "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
             )
             .as_deref(),
             Some("BASE")
         );
         assert_eq!(
-            block_of(Family::Sd1, "first_stage_model.decoder.conv_in.weight"),
+            block_of(
+                Family::named("sd1").unwrap(),
+                "first_stage_model.decoder.conv_in.weight"
+            ),
             None
         );
     }

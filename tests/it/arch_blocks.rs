@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use crate::common::*;
 use mergesmith::arch::{self, Component, Family, Variant};
 use mergesmith::checkpoint::Checkpoint;
+use mergesmith::synth::SynthVariant;
 
 /// Block of a diffusers-named SD1 key, from the diffusers UNet structure
 /// (4 levels, 2 resnets per down level, 3 per up level).
@@ -54,10 +55,17 @@ fn counts(ck: &Checkpoint, family: Family, keep: impl Fn(&str) -> bool) -> BTree
 #[test]
 fn sd1_blocks_match_diffusers_structure() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "sd1.safetensors", &tiny(Family::Sd1, 3));
+    let path = synth(
+        dir.path(),
+        "sd1.safetensors",
+        &tiny(Family::builtin("sd1"), 3),
+    );
     let ck = Checkpoint::open(&path).unwrap();
     let a = arch::detect(ck.tensors());
-    assert_eq!((a.family, a.variant), (Family::Sd1, Variant::Standard));
+    assert_eq!(
+        (a.family, a.variant),
+        (Family::builtin("sd1"), Variant::STANDARD)
+    );
     assert!(
         a.rule.contains("cond_stage_model.transformer"),
         "{}",
@@ -69,8 +77,9 @@ fn sd1_blocks_match_diffusers_structure() {
         *expected.entry(sd1_block_from_diffusers(key)).or_insert(0) += 1;
     }
     // The diffusers table has no position_ids and no schedule buffers.
-    let got = counts(&ck, Family::Sd1, |k| {
-        !k.ends_with("position_ids") && Component::of(k) != Component::Other
+    let fam = Family::builtin("sd1");
+    let got = counts(&ck, fam, |k| {
+        !k.ends_with("position_ids") && fam.component(k) != Component::Other
     });
     assert_eq!(got, expected);
     assert_eq!(got.len(), 26);
@@ -79,10 +88,14 @@ fn sd1_blocks_match_diffusers_structure() {
 #[test]
 fn sdxl_blocks_match_table_structure() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "xl.safetensors", &tiny(Family::Sdxl, 4));
+    let path = synth(
+        dir.path(),
+        "xl.safetensors",
+        &tiny(Family::builtin("sdxl"), 4),
+    );
     let ck = Checkpoint::open(&path).unwrap();
     let a = arch::detect(ck.tensors());
-    assert_eq!(a.family, Family::Sdxl);
+    assert_eq!(a.family, Family::builtin("sdxl"));
 
     let mut expected: BTreeMap<String, usize> = BTreeMap::new();
     for key in table_keys(include_str!("../../data/layouts/sdxl-diffusers-names.tsv")) {
@@ -107,8 +120,9 @@ fn sdxl_blocks_match_table_structure() {
     // OpenCLIP bigG in SGM form: 32 resblocks x 12 weight/bias tensors, plus
     // token_embedding.weight and ln_final.{weight,bias}; all in BASE.
     *expected.get_mut("BASE").unwrap() += 32 * 12 + 3;
-    let got = counts(&ck, Family::Sdxl, |k| {
-        !k.ends_with("position_ids") && Component::of(k) != Component::Other
+    let fam = Family::builtin("sdxl");
+    let got = counts(&ck, fam, |k| {
+        !k.ends_with("position_ids") && fam.component(k) != Component::Other
     });
     assert_eq!(got, expected);
     assert_eq!(got.len(), 20);
@@ -116,7 +130,11 @@ fn sdxl_blocks_match_table_structure() {
     let unblocked: Vec<&str> = ck
         .tensors()
         .iter()
-        .filter(|t| arch::classify(Family::Sdxl, &t.name).block.is_none())
+        .filter(|t| {
+            arch::classify(Family::builtin("sdxl"), &t.name)
+                .block
+                .is_none()
+        })
         .map(|t| t.name.as_str())
         .collect();
     assert!(unblocked.contains(&"conditioner.embedders.1.model.logit_scale"));
@@ -128,27 +146,37 @@ fn sdxl_blocks_match_table_structure() {
 #[test]
 fn sd2_and_variants_are_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let sd2 = synth(dir.path(), "sd2.safetensors", &tiny(Family::Sd2, 5));
+    let sd2 = synth(
+        dir.path(),
+        "sd2.safetensors",
+        &tiny(Family::builtin("sd2"), 5),
+    );
     let a = arch::detect(Checkpoint::open(&sd2).unwrap().tensors());
-    assert_eq!(a.family, Family::Sd2);
+    assert_eq!(a.family, Family::builtin("sd2"));
     assert!(a.rule.contains("OpenCLIP"), "{}", a.rule);
 
-    for (variant, channels) in [(Variant::Inpainting, 9), (Variant::InstructPix2Pix, 8)] {
-        let mut o = tiny(Family::Sd1, 6);
+    for (variant, channels, id) in [
+        (SynthVariant::Inpainting, 9, "inpainting"),
+        (SynthVariant::InstructPix2Pix, 8, "instruct_pix2pix"),
+    ] {
+        let mut o = tiny(Family::builtin("sd1"), 6);
         o.variant = variant;
         let p = synth(dir.path(), &format!("v{channels}.safetensors"), &o);
         let ck = Checkpoint::open(&p).unwrap();
         assert_eq!(ck.get(arch::UNET_CONV_IN).unwrap().shape[1], channels);
         let a = arch::detect(ck.tensors());
-        assert_eq!((a.family, a.variant), (Family::Sd1, variant));
+        assert_eq!((a.family, a.variant.id), (Family::builtin("sd1"), id));
         assert!(a.rule.contains(&format!("{channels} input channels")));
     }
 
-    let mut o = tiny(Family::Sdxl, 7);
-    o.variant = Variant::Inpainting;
+    let mut o = tiny(Family::builtin("sdxl"), 7);
+    o.variant = SynthVariant::Inpainting;
     let p = synth(dir.path(), "xl-inpaint.safetensors", &o);
     let a = arch::detect(Checkpoint::open(&p).unwrap().tensors());
-    assert_eq!((a.family, a.variant), (Family::Sdxl, Variant::Inpainting));
+    assert_eq!(
+        (a.family, a.variant.id),
+        (Family::builtin("sdxl"), "inpainting")
+    );
 }
 
 #[test]
@@ -161,14 +189,18 @@ fn unknown_and_unet_only_files() {
         &[0; 4],
     );
     let a = arch::detect(Checkpoint::open(&path).unwrap().tensors());
-    assert_eq!(a.family, Family::Unknown);
+    assert_eq!(a.family, Family::generic());
     assert_eq!(
         arch::classify(a.family, "foo.weight").block.as_deref(),
         Some("BASE")
     );
 
     // A UNet-only SD2 file: linear proj_in tells it apart from SD1.
-    let base = synth(dir.path(), "sd2.safetensors", &tiny(Family::Sd2, 8));
+    let base = synth(
+        dir.path(),
+        "sd2.safetensors",
+        &tiny(Family::builtin("sd2"), 8),
+    );
     let ck = Checkpoint::open(&base).unwrap();
     let unet: Vec<_> = ck
         .tensors()
@@ -177,7 +209,7 @@ fn unknown_and_unet_only_files() {
         .cloned()
         .collect();
     let a = arch::detect(&unet);
-    assert_eq!(a.family, Family::Sd2, "{}", a.rule);
+    assert_eq!(a.family, Family::builtin("sd2"), "{}", a.rule);
     assert!(a.rule.contains("linear proj_in"));
 }
 
@@ -190,7 +222,7 @@ fn sdxl_refiner_is_recognized_by_its_single_openclip_encoder() {
     let a = arch::detect(Checkpoint::open(&path).unwrap().tensors());
     assert_eq!(
         (a.family, a.variant),
-        (Family::SdxlRefiner, Variant::Standard)
+        (Family::builtin("sdxl_refiner"), Variant::STANDARD)
     );
     assert_eq!(a.family.blocks().len(), 26);
     assert_eq!(

@@ -9,7 +9,7 @@ use mergesmith::dtype::FloatType;
 use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
 
 fn models() -> Models {
-    related_models(Family::Sd1, FloatType::Fp32, 21, 0.4, 0)
+    related_models(Family::builtin("sd1"), FloatType::Fp32, 21, 0.4, 0)
 }
 
 fn spec(mode: Mode, calc: CalcMode, alpha: f64, beta: Option<f64>) -> MergeSpec {

@@ -374,7 +374,7 @@ fn every_command_finds_the_cache_build_filled_from_another_directory() {
         crate::common::synth(
             &proj.join("models"),
             &format!("{name}.safetensors"),
-            &crate::common::tiny(mergesmith::arch::Family::Sd1, seed),
+            &crate::common::tiny(mergesmith::arch::Family::builtin("sd1"), seed),
         );
     }
     let nodes = "  m:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.3\n";

@@ -10,7 +10,7 @@ use mergesmith::merge::{merge_files, CalcMode, MergeFiles, MergeSpec, Mode, Rati
 
 #[test]
 fn candle_path_matches_cpu_kernels() {
-    let m = related_models(Family::Sd1, FloatType::Fp16, 31, 0.5, 2);
+    let m = related_models(Family::builtin("sd1"), FloatType::Fp16, 31, 0.5, 2);
     let memo = mergesmith::store::memo(m.dir.path());
     let cases = [
         (Mode::WeightSum, CalcMode::Normal, 0.3, None),
@@ -67,7 +67,7 @@ fn cuda_request_is_clear_without_a_gpu_build() {
     if cfg!(feature = "cuda") {
         return; // a CUDA build may or may not have a GPU here: nothing to assert
     }
-    let m = related_models(Family::Sd1, FloatType::Fp16, 41, 0.5, 2);
+    let m = related_models(Family::builtin("sd1"), FloatType::Fp16, 41, 0.5, 2);
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
     let run = RunOptions {
         device: ComputeDevice::Cuda(0),

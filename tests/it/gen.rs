@@ -168,7 +168,7 @@ fn sdxl_text_encoders_map_onto_the_diffusers_table_and_the_unet_maps_completely(
 
 #[test]
 fn sd2_open_clip_splits_into_hf_layers() {
-    let keys: Vec<(String, Vec<usize>)> = layout::release_keys(Family::Sd2, false)
+    let keys: Vec<(String, Vec<usize>)> = layout::release_keys(Family::builtin("sd2"), false)
         .unwrap()
         .into_iter()
         .map(|e| (e.key, e.shape))
@@ -328,8 +328,8 @@ fn candle_unasked(family: Family) -> BTreeMap<Part, Vec<String>> {
         .map(|e| (e.key, e.shape))
         .collect();
     // The published diffusers configs of SD 1.5, SD 2.1 and SDXL base.
-    let unet = match family {
-        Family::Sd1 => unet_config(
+    let unet = match family.id() {
+        "sd1" => unet_config(
             [320, 640, 1280, 1280],
             4,
             [Some(1), Some(1), Some(1), None],
@@ -337,7 +337,7 @@ fn candle_unasked(family: Family) -> BTreeMap<Part, Vec<String>> {
             768,
             false,
         ),
-        Family::Sd2 => unet_config(
+        "sd2" => unet_config(
             [320, 640, 1280, 1280],
             4,
             [Some(1), Some(1), Some(1), None],
@@ -375,9 +375,9 @@ fn candle_unasked(family: Family) -> BTreeMap<Part, Vec<String>> {
             vae::AutoEncoderKL::new(vb, 3, 3, vae_config).map(|_| ())
         }),
     );
-    let encoders = match family {
-        Family::Sd1 => vec![(Part::TextEncoder, clip::Config::v1_5())],
-        Family::Sd2 => vec![(Part::TextEncoder, clip::Config::v2_1())],
+    let encoders = match family.id() {
+        "sd1" => vec![(Part::TextEncoder, clip::Config::v1_5())],
+        "sd2" => vec![(Part::TextEncoder, clip::Config::v2_1())],
         _ => vec![
             (Part::TextEncoder, clip::Config::sdxl()),
             (Part::TextEncoder2, clip::Config::sdxl2()),
@@ -398,11 +398,11 @@ fn candle_unasked(family: Family) -> BTreeMap<Part, Vec<String>> {
 fn candle_models_load_every_tensor_they_need_from_the_mapping() {
     let none: Vec<String> = vec![];
     // SD1: candle asks for exactly what the checkpoint has.
-    let sd1 = candle_unasked(Family::Sd1);
+    let sd1 = candle_unasked(Family::builtin("sd1"));
     assert!(sd1.values().all(|v| v.is_empty()), "{sd1:?}");
     // SD2: all but OpenCLIP's last layer and text projection (SD2 conditions on the
     // penultimate layer, and diffusers' SD2 text encoder has 23 layers).
-    let sd2 = candle_unasked(Family::Sd2);
+    let sd2 = candle_unasked(Family::builtin("sd2"));
     assert_eq!(sd2[&Part::Unet], none);
     assert_eq!(sd2[&Part::Vae], none);
     let te = &sd2[&Part::TextEncoder];
@@ -412,7 +412,7 @@ fn candle_models_load_every_tensor_they_need_from_the_mapping() {
         .all(|n| n.starts_with("text_model.encoder.layers.23.") || n == "text_projection.weight"));
     // SDXL: candle's U-Net has no size/pooled-text conditioning (`add_embedding`), and its
     // CLIP model no text projection: generation has to supply both itself.
-    let xl = candle_unasked(Family::Sdxl);
+    let xl = candle_unasked(Family::builtin("sdxl"));
     assert_eq!(
         xl[&Part::Unet],
         vec![
@@ -959,13 +959,18 @@ fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
     };
     let none: Vec<String> = vec![];
     assert_eq!(
-        load(Family::Sd1, Part::TextEncoder, ClipConfig::clip_l(), false),
+        load(
+            Family::builtin("sd1"),
+            Part::TextEncoder,
+            ClipConfig::clip_l(),
+            false
+        ),
         none
     );
     // SD2 never uses OpenCLIP's projection.
     assert_eq!(
         load(
-            Family::Sd2,
+            Family::builtin("sd2"),
             Part::TextEncoder,
             ClipConfig::open_clip_h(),
             false
@@ -973,12 +978,17 @@ fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
         vec!["text_projection.weight"]
     );
     assert_eq!(
-        load(Family::Sdxl, Part::TextEncoder, ClipConfig::clip_l(), false),
+        load(
+            Family::builtin("sdxl"),
+            Part::TextEncoder,
+            ClipConfig::clip_l(),
+            false
+        ),
         none
     );
     assert_eq!(
         load(
-            Family::Sdxl,
+            Family::builtin("sdxl"),
             Part::TextEncoder2,
             ClipConfig::open_clip_bigg(),
             true
@@ -989,7 +999,7 @@ fn our_clip_loads_every_text_encoder_tensor_of_each_family() {
 
 /// A runnable small SD1 model (`synth --size small`) and a stand-in tokenizer in `dir`.
 fn small_model(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
-    small_model_of(Family::Sd1, dir, seed)
+    small_model_of(Family::builtin("sd1"), dir, seed)
 }
 
 /// A runnable small model of `family` and a stand-in tokenizer in `dir`.
@@ -1178,8 +1188,8 @@ fn our_unet_config(
         .filter(|(p, _, _)| *p == Part::Unet)
         .map(|(_, n, s)| (n, s))
         .collect();
-    let pooled = (family == Family::Sdxl).then_some(1280);
-    let head_dim = (family != Family::Sd1).then_some(64);
+    let pooled = (family == Family::builtin("sdxl")).then_some(1280);
+    let head_dim = (family != Family::builtin("sd1")).then_some(64);
     mergesmith::gen::unet::UnetConfig::read(|n| shapes.get(n).cloned(), head_dim, pooled).unwrap()
 }
 
@@ -1191,7 +1201,11 @@ fn our_unet_reads_its_shape_and_loads_every_unet_tensor_of_each_family() {
         depth,
         heads,
     };
-    for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+    for family in [
+        Family::builtin("sd1"),
+        Family::builtin("sd2"),
+        Family::builtin("sdxl"),
+    ] {
         let keys: Vec<(String, Vec<usize>)> = layout::release_keys(family, false)
             .unwrap()
             .into_iter()
@@ -1199,8 +1213,8 @@ fn our_unet_reads_its_shape_and_loads_every_unet_tensor_of_each_family() {
             .collect();
         let config = our_unet_config(family, &keys);
         // The published diffusers configs of SD 1.5, SD 2.1 and SDXL base.
-        let (levels, context, linear, added, mid) = match family {
-            Family::Sd1 => (
+        let (levels, context, linear, added, mid) = match family.id() {
+            "sd1" => (
                 vec![
                     level(320, 1, 8),
                     level(640, 1, 8),
@@ -1212,7 +1226,7 @@ fn our_unet_reads_its_shape_and_loads_every_unet_tensor_of_each_family() {
                 None,
                 1,
             ),
-            Family::Sd2 => (
+            "sd2" => (
                 vec![
                     level(320, 1, 5),
                     level(640, 1, 10),
@@ -1293,10 +1307,14 @@ fn our_unet_matches_candles_and_adds_sdxl_conditioning_exactly() {
     use mergesmith::gen::unet::{Unet, UnetConfig};
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+    for family in [
+        Family::builtin("sd1"),
+        Family::builtin("sd2"),
+        Family::builtin("sdxl"),
+    ] {
         let (model, _) = small_model_of(family, dir.path(), 11);
         let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
-        let xl = family == Family::Sdxl;
+        let xl = family == Family::builtin("sdxl");
         // With SDXL's added MLP output zeroed, the U-Nets must agree; candle's has no added
         // conditioning at all.
         let zeroed = [
@@ -1308,7 +1326,7 @@ fn our_unet_matches_candles_and_adds_sdxl_conditioning_exactly() {
         let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
         let config = UnetConfig::read(
             shape,
-            (family != Family::Sd1).then_some(64),
+            (family != Family::builtin("sd1")).then_some(64),
             xl.then_some(32),
         )
         .unwrap();
@@ -1474,7 +1492,7 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
     use mergesmith::gen::sampler::Sampler;
     use mergesmith::gen::tokenizer::ClipTokenizer;
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Sd2, Family::Sdxl] {
+    for family in [Family::builtin("sd2"), Family::builtin("sdxl")] {
         let (model, tok_path) = small_model_of(family, dir.path(), 5);
         let tok = ClipTokenizer::open(&tok_path).unwrap();
         let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
@@ -1484,7 +1502,11 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
         assert_eq!(models.prediction(), Prediction::Epsilon);
         assert_eq!(
             models.native_size(),
-            if family == Family::Sdxl { 1024 } else { 512 }
+            if family == Family::builtin("sdxl") {
+                1024
+            } else {
+                512
+            }
         );
         let req = Job {
             prompt: "a cat".into(),
@@ -1585,7 +1607,7 @@ fn generate_nodes_cache_images_and_skip_the_merge_when_they_exist() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     small_model(d, 1);
-    let mut opts = crate::common::tiny(Family::Sd1, 2);
+    let mut opts = crate::common::tiny(Family::builtin("sd1"), 2);
     opts.size = mergesmith::synth::Size::Small;
     crate::common::synth(d, "b.safetensors", &opts);
     let recipe_path = d.join("recipe.yaml");
@@ -1692,7 +1714,7 @@ fn generate_node_errors_point_at_the_recipe() {
 #[test]
 fn images_are_the_same_bytes_whatever_the_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, tok) = small_model_of(Family::Sdxl, dir.path(), 4);
+    let (model, tok) = small_model_of(Family::builtin("sdxl"), dir.path(), 4);
     let run = |threads: &str| {
         let out = dir.path().join(format!("t{threads}.png"));
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))

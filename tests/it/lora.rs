@@ -336,7 +336,7 @@ fn sd1_module_names_resolve_like_sd_scripts_writes_them() {
         // The block read from the module name is the block of the weight it changes.
         assert_eq!(
             mergesmith::lora::names::module_block(&name),
-            mergesmith::arch::classify(Family::Sd1, &t.key).block,
+            mergesmith::arch::classify(Family::builtin("sd1"), &t.key).block,
             "{name}"
         );
         *count += 1;
@@ -447,7 +447,7 @@ fn sdxl_module_names_resolve_with_fused_qkv_slices() {
             );
             assert_eq!(
                 mergesmith::lora::names::module_block(&name),
-                mergesmith::arch::classify(Family::Sdxl, &key).block,
+                mergesmith::arch::classify(Family::builtin("sdxl"), &key).block,
                 "{name}"
             );
             unet += 1;
@@ -599,7 +599,7 @@ fn bake_with(model: &Path, lora: &Path, strength: f64, blocks: Option<&str>, out
     let app = Application {
         file: LoraFile::open(lora).unwrap(),
         strength,
-        blocks: blocks.map(|b| BlockWeights::parse(b, Family::Sd1, 0.0).unwrap()),
+        blocks: blocks.map(|b| BlockWeights::parse(b, Family::builtin("sd1"), 0.0).unwrap()),
     };
     bake::bake_file(model, &[app], out, &BTreeMap::new(), false, true, false).unwrap();
 }
@@ -622,7 +622,11 @@ fn f16s(bytes: &[u8]) -> Vec<half::f16> {
 #[test]
 fn baking_matches_an_f64_reference_and_spellings_agree() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let model = synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let ck = Checkpoint::open(&model).unwrap();
     let (kohya, peft) = lora_files(dir.path(), &ck);
     let strength = 0.7;
@@ -671,7 +675,11 @@ fn baking_matches_an_f64_reference_and_spellings_agree() {
 #[test]
 fn block_weights_zero_exactly_their_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let model = synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let ck = Checkpoint::open(&model).unwrap();
     let (kohya, _) = lora_files(dir.path(), &ck);
     let before = tensor_bytes(&model);
@@ -704,11 +712,11 @@ fn block_weights_zero_exactly_their_blocks() {
     bake_with(&model, &kohya, 1.0, Some("ALL"), &out);
     assert!(tensor_bytes(&out) == tensor_bytes(&plain));
     // Bad vectors say what is expected.
-    let e = BlockWeights::parse("1,0,1", Family::Sd1, 0.0)
+    let e = BlockWeights::parse("1,0,1", Family::builtin("sd1"), 0.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 values; SD1.x takes 17 or 26"), "{e}");
-    let e = BlockWeights::parse("OUTDD", Family::Sd1, 0.0)
+    let e = BlockWeights::parse("OUTDD", Family::builtin("sd1"), 0.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("did you mean `OUTD`?"), "{e}");
@@ -717,7 +725,11 @@ fn block_weights_zero_exactly_their_blocks() {
 #[test]
 fn unmatched_modules_and_wrong_architectures_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let model = synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let odd = write_f32(
         &dir.path().join("odd.safetensors"),
         &[
@@ -782,7 +794,11 @@ fn unmatched_modules_and_wrong_architectures_are_named() {
 #[test]
 fn cli_synthesizes_and_bakes_loras() {
     let dir = tempfile::tempdir().unwrap();
-    synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let bin = env!("CARGO_BIN_EXE_mergesmith");
     let run = |args: &[&str]| {
         std::process::Command::new(bin)
@@ -864,7 +880,11 @@ fn cli_synthesizes_and_bakes_loras() {
 #[test]
 fn dora_bakes_rows_to_their_magnitudes() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let model = synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let ck = Checkpoint::open(&model).unwrap();
     let c = &CASES[0];
     let shape = ck.get(c.key).unwrap().shape.clone();
@@ -1030,7 +1050,7 @@ fn quantile_and_svd_merge_known_answers() {
 fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
     use mergesmith::lora::extract::{extract, ExtractOptions};
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = tiny(Family::Sd1, 1);
+    let mut opts = tiny(Family::builtin("sd1"), 1);
     opts.dtype = mergesmith::dtype::FloatType::Fp32;
     let base = synth(dir.path(), "base.safetensors", &opts);
     let lora = dir.path().join("l.safetensors");
@@ -1096,7 +1116,11 @@ fn extraction_recovers_a_baked_lora_and_is_optimal_when_truncated() {
 fn lora_merge_matches_modules_across_spellings() {
     use mergesmith::lora::merge::{merge, MergeMode, MergeOptions};
     let dir = tempfile::tempdir().unwrap();
-    let model = synth(dir.path(), "model.safetensors", &tiny(Family::Sd1, 1));
+    let model = synth(
+        dir.path(),
+        "model.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
     let (kohya, peft) = lora_files(dir.path(), &Checkpoint::open(&model).unwrap());
     let mut names: Vec<&str> = CASES.iter().map(|c| c.kohya).collect();
     names.sort();

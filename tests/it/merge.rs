@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use mergesmith::arch::{self, Family, Variant};
+use mergesmith::arch::{self, Family};
 use mergesmith::checkpoint::Checkpoint;
 use mergesmith::dtype::{DType, FloatType};
 use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Presets, Ratio, RunOptions};
+use mergesmith::synth::SynthVariant;
 
 fn models(family: Family) -> Models {
     related_models(family, mergesmith::dtype::FloatType::Fp16, 1, 0.5, 2)
@@ -138,7 +139,7 @@ fn check_against_reference(
 
 #[test]
 fn every_mode_matches_the_f64_reference() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     let cases = [
         (Mode::WeightSum, 0.3, None),
         (Mode::AddDifference, 0.7, None),
@@ -157,7 +158,7 @@ fn every_mode_matches_the_f64_reference() {
 
 #[test]
 fn golden_exact_cases() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     let bytes = |p: &Path, k: &str| {
         Checkpoint::open(p)
             .unwrap()
@@ -222,7 +223,7 @@ fn golden_exact_cases() {
 
 #[test]
 fn changing_one_block_changes_exactly_that_block() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     let mut v = vec![0.5; 26];
     let first = run(
         &m,
@@ -251,7 +252,7 @@ fn changing_one_block_changes_exactly_that_block() {
         .tensors()
         .iter()
         .filter(|t| {
-            let c = arch::classify(Family::Sd1, &t.name);
+            let c = arch::classify(Family::builtin("sd1"), &t.name);
             c.mergeable && c.block.as_deref() == Some("IN04")
         })
         .map(|t| t.name.clone())
@@ -260,8 +261,9 @@ fn changing_one_block_changes_exactly_that_block() {
     assert_eq!(changed.len(), 38);
     // And each block's tensors follow that block's weight.
     let idx = |k: &str| {
-        let b = arch::classify(Family::Sd1, k).block.unwrap();
-        arch::blocks::SD_BLOCKS
+        let b = arch::classify(Family::builtin("sd1"), k).block.unwrap();
+        Family::builtin("sd1")
+            .blocks()
             .iter()
             .position(|n| *n == b)
             .unwrap()
@@ -271,7 +273,7 @@ fn changing_one_block_changes_exactly_that_block() {
 
 #[test]
 fn presets_and_sdxl_block_vectors() {
-    let m = models(Family::Sdxl);
+    let m = models(Family::builtin("sdxl"));
     let p = Presets::default();
     let grad = Ratio::parse("GRAD_V", &p).unwrap(); // 26 values, converted for SDXL
     let out = run(
@@ -284,8 +286,9 @@ fn presets_and_sdxl_block_vectors() {
         unreachable!()
     };
     let xl_index = |k: &str| {
-        let b = arch::classify(Family::Sdxl, k).block.unwrap();
-        let i = arch::blocks::SDXL_BLOCKS
+        let b = arch::classify(Family::builtin("sdxl"), k).block.unwrap();
+        let i = Family::builtin("sdxl")
+            .blocks()
             .iter()
             .position(|n| *n == b)
             .unwrap();
@@ -305,7 +308,7 @@ fn presets_and_sdxl_block_vectors() {
 
 #[test]
 fn same_bytes_whatever_the_thread_count() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     let spec = MergeSpec::new(Mode::SumTwice, Ratio::Scalar(0.3), Some(Ratio::Scalar(0.2)));
     let mut files = Vec::new();
     for threads in [1, 2, 3] {
@@ -323,7 +326,7 @@ fn same_bytes_whatever_the_thread_count() {
 
 #[test]
 fn metadata_and_options() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.25), None);
     spec.dtype = Some(FloatType::Bf16);
     spec.prune = true;
@@ -361,7 +364,7 @@ fn metadata_and_options() {
 
 #[test]
 fn bake_vae_from_a_vae_file() {
-    let m = models(Family::Sd1);
+    let m = models(Family::builtin("sd1"));
     // A VAE file with A1111-style keys (no first_stage_model. prefix), taken from C.
     let cc = Checkpoint::open(&m.c).unwrap();
     let vae_path = m.dir.path().join("vae.safetensors");
@@ -405,11 +408,11 @@ fn bake_vae_from_a_vae_file() {
 #[test]
 fn inpainting_a_merges_its_first_four_channels() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = tiny(Family::Sd1, 11);
-    o.variant = Variant::Inpainting;
+    let mut o = tiny(Family::builtin("sd1"), 11);
+    o.variant = SynthVariant::Inpainting;
     o.dtype = FloatType::Fp32;
     let a = synth(dir.path(), "inpaint.safetensors", &o);
-    let mut ob = tiny(Family::Sd1, 12);
+    let mut ob = tiny(Family::builtin("sd1"), 12);
     ob.dtype = FloatType::Fp32;
     let b = synth(dir.path(), "b.safetensors", &ob);
     let out = dir.path().join("out.safetensors");
@@ -462,8 +465,16 @@ fn inpainting_a_merges_its_first_four_channels() {
 #[test]
 fn mismatches_are_refused_before_any_output() {
     let dir = tempfile::tempdir().unwrap();
-    let sd1 = synth(dir.path(), "sd1.safetensors", &tiny(Family::Sd1, 1));
-    let xl = synth(dir.path(), "xl.safetensors", &tiny(Family::Sdxl, 1));
+    let sd1 = synth(
+        dir.path(),
+        "sd1.safetensors",
+        &tiny(Family::builtin("sd1"), 1),
+    );
+    let xl = synth(
+        dir.path(),
+        "xl.safetensors",
+        &tiny(Family::builtin("sdxl"), 1),
+    );
     let memo = mergesmith::store::memo(dir.path());
     let out = dir.path().join("out.safetensors");
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
@@ -557,8 +568,12 @@ fn missing_and_extra_keys_and_non_finite_values() {
 #[test]
 fn elemental_include_exclude_and_adjust() {
     use mergesmith::merge::{FilterMode, FilterSpec};
-    let m = models(Family::Sd1);
-    let block = |k: &str| arch::classify(Family::Sd1, k).block.unwrap_or_default();
+    let m = models(Family::builtin("sd1"));
+    let block = |k: &str| {
+        arch::classify(Family::builtin("sd1"), k)
+            .block
+            .unwrap_or_default()
+    };
 
     // Elemental: OUT06 attention keys get 0.9, the rest the scalar 0.3; later entries win.
     let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);

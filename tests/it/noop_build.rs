@@ -25,7 +25,11 @@ fn ten_node_rebuild_alone() {
     let m = dir.path().join("models");
     std::fs::create_dir_all(&m).unwrap();
     for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
-        synth(&m, &format!("{name}.safetensors"), &tiny(Family::Sd1, seed));
+        synth(
+            &m,
+            &format!("{name}.safetensors"),
+            &tiny(Family::builtin("sd1"), seed),
+        );
     }
     // Nine merges in a chain that keeps mixing the models back in, and one save.
     let mut text = recipe_yaml("models/", &["a", "b", "c"], "");

@@ -190,11 +190,20 @@ fn to_ckpt(src: &std::path::Path, dst: &std::path::Path) {
 fn a_ckpt_merges_like_its_safetensors_twin() {
     use mergesmith::arch::Family;
     use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Ratio, RunOptions};
-    let m = related_models(Family::Sd1, mergesmith::dtype::FloatType::Fp16, 51, 0.3, 2);
+    let m = related_models(
+        Family::builtin("sd1"),
+        mergesmith::dtype::FloatType::Fp16,
+        51,
+        0.3,
+        2,
+    );
     let ckpt = m.dir.path().join("a.ckpt");
     to_ckpt(&m.a, &ckpt);
     let a = Checkpoint::open(&ckpt).unwrap();
-    assert_eq!(mergesmith::arch::detect(a.tensors()).family, Family::Sd1);
+    assert_eq!(
+        mergesmith::arch::detect(a.tensors()).family,
+        Family::builtin("sd1")
+    );
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.4), None);
     let memo = mergesmith::store::memo(m.dir.path());
     let outs: Vec<_> = [&ckpt, &m.a]

@@ -43,9 +43,9 @@ impl Project {
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path().join("models");
         std::fs::create_dir_all(&m).unwrap();
-        let base = synth(&m, "base.safetensors", &tiny(Family::Sd1, 1));
+        let base = synth(&m, "base.safetensors", &tiny(Family::builtin("sd1"), 1));
         for (name, seed) in [("tuned.safetensors", 2), ("other.safetensors", 3)] {
-            let mut o = tiny(Family::Sd1, seed);
+            let mut o = tiny(Family::builtin("sd1"), seed);
             o.perturb = Some(mergesmith::synth::Perturb {
                 base: base.clone(),
                 strength: 0.3,
@@ -207,7 +207,7 @@ fn inputs_are_keyed_by_content() {
     );
     assert!(p.plan(&r).iter().all(|n| n.status == Status::Hit));
     // New bytes in `other`: exactly its dependents rebuild.
-    let mut o = tiny(Family::Sd1, 9);
+    let mut o = tiny(Family::builtin("sd1"), 9);
     o.perturb = Some(mergesmith::synth::Perturb {
         base: m.join("base.safetensors"),
         strength: 0.3,
@@ -871,7 +871,7 @@ fn plan_checks_merges_whose_inputs_are_not_built_yet() {
     synth(
         &p.dir.path().join("models"),
         "xl.safetensors",
-        &tiny(Family::Sdxl, 4),
+        &tiny(Family::builtin("sdxl"), 4),
     );
     let r = p.write(
         &RECIPE
@@ -1110,7 +1110,8 @@ nodes:
         file: mergesmith::lora::LoraFile::open(&d.join("models/style.safetensors")).unwrap(),
         strength: 0.8,
         blocks: Some(
-            mergesmith::lora::blocks::BlockWeights::parse("OUTD", Family::Sd1, 0.0).unwrap(),
+            mergesmith::lora::blocks::BlockWeights::parse("OUTD", Family::builtin("sd1"), 0.0)
+                .unwrap(),
         ),
     };
     let cli = d.join("cli.safetensors");
@@ -1240,8 +1241,9 @@ fn extract_and_merge_lora_nodes_build_what_the_cli_makes() {
     let source = |path: &Path, ratio: f64, blocks: Option<&str>| Application {
         file: mergesmith::lora::LoraFile::open(path).unwrap(),
         strength: ratio,
-        blocks: blocks
-            .map(|b| mergesmith::lora::blocks::BlockWeights::parse(b, Family::Sd1, 0.0).unwrap()),
+        blocks: blocks.map(|b| {
+            mergesmith::lora::blocks::BlockWeights::parse(b, Family::builtin("sd1"), 0.0).unwrap()
+        }),
     };
     let both = cli.join("both.safetensors");
     let merge_opts = MergeOptions {
@@ -1348,7 +1350,7 @@ fn plan_checks_extractions_before_building() {
     synth(
         &p.dir.path().join("models"),
         "xl.safetensors",
-        &tiny(Family::Sdxl, 4),
+        &tiny(Family::builtin("sdxl"), 4),
     );
     let r = p.write(
         "version: 1

@@ -103,8 +103,16 @@ fn the_site_escapes_user_text_and_every_link_resolves() {
 fn per_block_comparison_matches_an_f64_reference() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let a = crate::common::synth(d, "a.safetensors", &crate::common::tiny(Family::Sd1, 1));
-    let b = crate::common::synth(d, "b.safetensors", &crate::common::tiny(Family::Sd1, 2));
+    let a = crate::common::synth(
+        d,
+        "a.safetensors",
+        &crate::common::tiny(Family::builtin("sd1"), 1),
+    );
+    let b = crate::common::synth(
+        d,
+        "b.safetensors",
+        &crate::common::tiny(Family::builtin("sd1"), 2),
+    );
     let open = |p: &Path| mergesmith::checkpoint::Checkpoint::open(p).unwrap();
     let rows = mergesmith::report::similarity::compare(&open(&a), &open(&b)).unwrap();
     assert_eq!(
@@ -132,7 +140,9 @@ fn per_block_comparison_matches_an_f64_reference() {
             continue;
         }
         let block = match unet {
-            true => mergesmith::arch::blocks::sd_block(&name),
+            true => mergesmith::arch::Family::builtin("sd1")
+                .block_in(0, &name)
+                .unwrap(),
             false => "BASE".to_string(),
         };
         let (x, y) = (f32s(va), f32s(tb.tensor(&name).unwrap()));
@@ -210,8 +220,16 @@ fn chromium_renders_the_grid_images_when_installed() {
 fn a_stored_merge_is_compared_with_its_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    crate::common::synth(d, "a.safetensors", &crate::common::tiny(Family::Sd1, 1));
-    crate::common::synth(d, "b.safetensors", &crate::common::tiny(Family::Sd1, 2));
+    crate::common::synth(
+        d,
+        "a.safetensors",
+        &crate::common::tiny(Family::builtin("sd1"), 1),
+    );
+    crate::common::synth(
+        d,
+        "b.safetensors",
+        &crate::common::tiny(Family::builtin("sd1"), 2),
+    );
     let path = d.join("r.yaml");
     std::fs::write(
         &path,

@@ -196,7 +196,7 @@ fn truncated_real_file() {
     let path = synth(
         dir.path(),
         "m.safetensors",
-        &tiny(mergesmith::arch::Family::Sd1, 1),
+        &tiny(mergesmith::arch::Family::builtin("sd1"), 1),
     );
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.path().join("cut.safetensors");

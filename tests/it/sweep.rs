@@ -391,7 +391,7 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
         crate::common::synth(
             d,
             &format!("{name}.safetensors"),
-            &crate::common::tiny(Family::Sd1, seed),
+            &crate::common::tiny(Family::builtin("sd1"), seed),
         );
     }
     let path = d.join("r.yaml");
@@ -411,7 +411,12 @@ fn a_pinpoint_sweep_recomputes_only_the_pinpointed_blocks() {
     let in_block = |b: &str| {
         ck.tensors()
             .iter()
-            .filter(|t| mergesmith::arch::blocks::sd_block(&t.name) == b)
+            .filter(|t| {
+                mergesmith::arch::Family::builtin("sd1")
+                    .block_in(0, &t.name)
+                    .unwrap()
+                    == b
+            })
             .count()
     };
     for (i, block) in ["IN01", "IN02", "M00", "OUT03", "OUT11"].iter().enumerate() {
@@ -531,7 +536,11 @@ fn keep_going_builds_the_other_cells_and_greys_the_failed_one() {
     let d = dir.path();
     crate::common::small_models(d, &["a", "b"]);
     // Model C is an SDXL file: merging it with SD1 models fails.
-    crate::common::synth(d, "c.safetensors", &crate::common::tiny(Family::Sdxl, 3));
+    crate::common::synth(
+        d,
+        "c.safetensors",
+        &crate::common::tiny(Family::builtin("sdxl"), 3),
+    );
     let path = d.join("r.yaml");
     let text = BASE.replace("    alpha: 0.5\n", "    alpha: 0.5\n    cache: memory\n");
     std::fs::write(

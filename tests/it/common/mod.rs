@@ -27,9 +27,9 @@ macro_rules! preview_nodes {
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use mergesmith::arch::{Family, Variant};
+use mergesmith::arch::Family;
 use mergesmith::dtype::FloatType;
-use mergesmith::synth::{Perturb, Size, SynthOptions};
+use mergesmith::synth::{Perturb, Size, SynthOptions, SynthVariant};
 
 /// Writes `len(header) | header | data` with no validation at all.
 pub fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
@@ -46,7 +46,8 @@ pub fn tiny(family: Family, seed: u64) -> SynthOptions {
         size: Size::Tiny,
         seed,
         dtype: FloatType::Fp16,
-        variant: Variant::Standard,
+        variant: SynthVariant::Standard,
+        layout: None,
         ema: false,
         perturb: None,
         copy: None,
@@ -63,7 +64,7 @@ pub fn synth(dir: &Path, name: &str, opts: &SynthOptions) -> PathBuf {
 /// Runnable small SD1 models (`synth --size small`) `NAME.safetensors` in `dir`, seeds 1, 2, ...
 pub fn small_models(dir: &Path, names: &[&str]) {
     for (i, name) in names.iter().enumerate() {
-        let mut o = tiny(Family::Sd1, i as u64 + 1);
+        let mut o = tiny(Family::builtin("sd1"), i as u64 + 1);
         o.size = Size::Small;
         synth(dir, &format!("{name}.safetensors"), &o);
     }
