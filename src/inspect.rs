@@ -212,6 +212,17 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(s, "architecture:  {}", r.arch);
     let _ = writeln!(s, "  because:     {}", r.arch.rule);
+    if let Some(l) = r.arch.family.layout(r.arch.layout) {
+        let lists: Vec<String> = r
+            .arch
+            .family
+            .lists()
+            .iter()
+            .map(|l| format!("{} ({})", l.id(), l.slots.len()))
+            .collect();
+        let _ = writeln!(s, "  layout:      {} ({})", l.id, l.label);
+        let _ = writeln!(s, "  blocks:      {}", lists.join(", "));
+    }
     let _ = writeln!(
         s,
         "tensors:       {} ({})",

@@ -99,9 +99,14 @@ pub struct VariantRule {
     /// The dimension of `key` tested.
     #[serde(default)]
     pub dim: Option<usize>,
-    /// Its required size.
+    /// Its required size (with `per`: the ratio of the size to `per`'s).
     #[serde(default)]
     pub equals: Option<usize>,
+    /// `equals` counts multiples of this key's dimension (`[key, dim]`, relative to the layout
+    /// prefix), so the rule holds at any width: Flux Fill's `img_in` takes 6 latents' worth of
+    /// features (384 = 6 x 64) whatever the model's size.
+    #[serde(default)]
+    pub per: Option<(String, usize)>,
     /// A key that must be absent.
     #[serde(default)]
     pub absent: Option<String>,
@@ -787,7 +792,16 @@ pub fn detect(tensors: &[TensorInfo]) -> super::Arch {
                 continue;
             };
             if let (Some(d), Some(n)) = (v.dim, v.equals) {
-                if t.shape.get(d) != Some(&n) {
+                let unit = match &v.per {
+                    None => Some(1),
+                    Some((k, pd)) => by_name
+                        .get(full(k).as_str())
+                        .and_then(|t| t.shape.get(*pd).copied()),
+                };
+                let Some(unit) = unit.filter(|u| *u > 0) else {
+                    continue;
+                };
+                if t.shape.get(d) != Some(&(n * unit)) {
                     continue;
                 }
                 let what = v

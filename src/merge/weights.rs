@@ -187,10 +187,9 @@ impl BlockRatio {
             )));
         }
         let mut takes = vec![format!(
-            "{} block weights ({}, {}-{})",
+            "{} block weights ({} ... {})",
             first.slots.len(),
             first.slots[0],
-            first.slots[1],
             first.slots[first.slots.len() - 1]
         )];
         if let Some((from, _)) = &first.convert {

@@ -8,6 +8,7 @@ mod arch_blocks;
 mod calcmodes;
 mod cli;
 mod device;
+mod families;
 mod gen;
 mod header_props;
 mod layers;
