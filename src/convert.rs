@@ -1,9 +1,13 @@
-//! Conversions between the floating-point storage types (f16, bf16, f32, f64).
+//! Conversions between the floating-point storage types (f16, bf16, f32, f64 and the 8-bit
+//! floats F8_E4M3 / F8_E5M2).
 //!
 //! Narrowing rounds to nearest, ties to even (the `half` crate, hardware F16C where the CPU
 //! has it), like torch's `.half()` / `.bfloat16()`. f64 sources are rounded once, directly
-//! to the target type. Integer tensors are never converted. Data is little-endian, as in
-//! safetensors and torch files; byte slices need not be aligned.
+//! to the target type. The 8-bit floats are torch's `float8_e4m3fn` (no infinities, NaN
+//! 0x7F, largest 448) and `float8_e5m2` (IEEE-like, largest finite 57344); values beyond
+//! the largest finite one saturate to it (as ComfyUI clamps before its fp8 casts) instead
+//! of becoming NaN / infinity. Integer tensors are never converted. Data is little-endian,
+//! as in safetensors and torch files; byte slices need not be aligned.
 
 use std::borrow::Cow;
 
@@ -54,10 +58,123 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
                 *o = *v as f32;
             }
         }
+        DType::F8E4M3 => {
+            let lut = &*E4M3_VALUES;
+            for (o, b) in out.iter_mut().zip(bytes) {
+                *o = lut[*b as usize];
+            }
+        }
+        DType::F8E5M2 => {
+            let lut = &*E5M2_VALUES;
+            for (o, b) in out.iter_mut().zip(bytes) {
+                *o = lut[*b as usize];
+            }
+        }
         other => return Err(not_float(other)),
     }
     Ok(())
 }
+
+/// An 8-bit float format: exponent and mantissa widths, and whether the all-ones exponent
+/// holds infinities and NaNs (E5M2) or ordinary values with only all-ones-mantissa NaN
+/// (E4M3 "fn").
+#[derive(Debug, Clone, Copy)]
+struct F8 {
+    exp: u32,
+    man: u32,
+    ieee: bool,
+}
+
+const E4M3: F8 = F8 {
+    exp: 4,
+    man: 3,
+    ieee: false,
+};
+const E5M2: F8 = F8 {
+    exp: 5,
+    man: 2,
+    ieee: true,
+};
+
+impl F8 {
+    fn bias(self) -> i32 {
+        (1 << (self.exp - 1)) - 1
+    }
+
+    /// The value of a byte.
+    fn decode(self, b: u8) -> f32 {
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((b >> self.man) as u32) & ((1 << self.exp) - 1);
+        let m = (b as u32) & ((1 << self.man) - 1);
+        let top = (1 << self.exp) - 1;
+        if self.ieee && e == top {
+            return if m == 0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            };
+        }
+        if !self.ieee && e == top && m == (1 << self.man) - 1 {
+            return f32::NAN;
+        }
+        let frac = m as f32 / (1 << self.man) as f32;
+        if e == 0 {
+            sign * frac * 2f32.powi(1 - self.bias())
+        } else {
+            sign * (1.0 + frac) * 2f32.powi(e as i32 - self.bias())
+        }
+    }
+
+    /// The largest finite value's byte (positive).
+    fn max_byte(self) -> u8 {
+        if self.ieee {
+            (((1u32 << self.exp) - 2) << self.man | ((1 << self.man) - 1)) as u8
+        } else {
+            0x7E
+        }
+    }
+
+    /// Rounds to nearest, ties to even; saturates beyond the largest finite value.
+    fn encode(self, v: f32) -> u8 {
+        if v.is_nan() {
+            return 0x7F;
+        }
+        let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+        let a = v.abs();
+        let max = self.decode(self.max_byte());
+        if a >= max {
+            return sign | self.max_byte();
+        }
+        // The spacing of representable values around `a`: 2^(e - man) for normal `a`
+        // (exponent e), the subnormal spacing below the smallest normal.
+        let min_normal_exp = 1 - self.bias();
+        let e = if a == 0.0 {
+            min_normal_exp
+        } else {
+            (a.to_bits() >> 23) as i32 - 127
+        }
+        .max(min_normal_exp);
+        let step = 2f32.powi(e - self.man as i32);
+        // a / step is exact (a power-of-two division of a normal f32 in range).
+        let q = (a / step).round_ties_even() as u32;
+        // q * step, as (exponent, mantissa) fields; q may have carried into the next binade.
+        let (field_e, field_m) = if e == min_normal_exp && q < (1 << self.man) {
+            (0, q)
+        } else if q >= (2 << self.man) {
+            ((e + 1 + self.bias()) as u32, 0)
+        } else {
+            ((e + self.bias()) as u32, q - (1 << self.man))
+        };
+        let b = (field_e << self.man | field_m) as u8;
+        // Rounding up to max + 1 step cannot happen: `a < max` rounds to at most max.
+        sign | b
+    }
+}
+
+static E4M3_VALUES: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|b| E4M3.decode(b as u8)));
+static E5M2_VALUES: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|b| E5M2.decode(b as u8)));
 
 /// Encodes f32 values as `dtype` (rounding to nearest even when narrowing).
 pub fn from_f32(values: &[f32], dtype: DType) -> Result<Vec<u8>> {
@@ -82,9 +199,28 @@ pub fn encode_into(values: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
                 c.copy_from_slice(&(*v as f64).to_le_bytes());
             }
         }
+        DType::F8E4M3 => {
+            for (o, v) in out.iter_mut().zip(values) {
+                *o = E4M3.encode(*v);
+            }
+        }
+        DType::F8E5M2 => {
+            for (o, v) in out.iter_mut().zip(values) {
+                *o = E5M2.encode(*v);
+            }
+        }
         other => return Err(not_float(other)),
     }
     Ok(())
+}
+
+/// The largest finite value of an 8-bit float type (448 for F8_E4M3, 57344 for F8_E5M2).
+pub fn f8_max(dtype: DType) -> Option<f32> {
+    match dtype {
+        DType::F8E4M3 => Some(E4M3.decode(E4M3.max_byte())),
+        DType::F8E5M2 => Some(E5M2.decode(E5M2.max_byte())),
+        _ => None,
+    }
 }
 
 fn encode_half<T: bytemuck::Pod + Default>(
@@ -264,6 +400,131 @@ mod tests {
                 got == want || (got & 0x7FFF == 0 && want & 0x7FFF == 0),
                 "{v}: got {got:#x}, want {want:#x}"
             );
+        }
+    }
+
+    /// Every finite value of an 8-bit type with its byte, from the bit layout written out
+    /// independently of the codec (sign, exponent, mantissa; E4M3: bias 7, only S.1111.111
+    /// is NaN; E5M2: bias 15, exponent 31 is inf/NaN).
+    fn f8_table(dtype: DType) -> Vec<(u8, f64)> {
+        let (man, bias, ieee) = match dtype {
+            DType::F8E4M3 => (3, 7, false),
+            _ => (2, 15, true),
+        };
+        (0u16..256)
+            .filter_map(|b| {
+                let b = b as u8;
+                let e = ((b & 0x7F) >> man) as i32;
+                let m = (b & ((1 << man) - 1)) as f64;
+                let top: i32 = 0x7F >> man;
+                if (ieee && e == top) || (!ieee && b & 0x7F == 0x7F) {
+                    return None;
+                }
+                let mag = if e == 0 {
+                    m / (1 << man) as f64 * 2f64.powi(1 - bias)
+                } else {
+                    (1.0 + m / (1 << man) as f64) * 2f64.powi(e - bias)
+                };
+                Some((b, if b & 0x80 != 0 { -mag } else { mag }))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn f8_known_values() {
+        let enc = |d: DType, v: f32| from_f32(&[v], d).unwrap()[0];
+        let dec = |d: DType, b: u8| to_f32(d, &[b]).unwrap()[0];
+        let e4 = DType::F8E4M3;
+        assert_eq!((dec(e4, 0x7E), dec(e4, 0xFE)), (448.0, -448.0));
+        assert!(dec(e4, 0x7F).is_nan() && dec(e4, 0xFF).is_nan());
+        assert_eq!(dec(e4, 0x01), 2f32.powi(-9), "smallest subnormal");
+        assert_eq!(dec(e4, 0x08), 2f32.powi(-6), "smallest normal");
+        assert_eq!(dec(e4, 0x38), 1.0);
+        assert_eq!(enc(e4, 1.0), 0x38);
+        assert_eq!(
+            enc(e4, 1.0625),
+            0x38,
+            "halfway 1 .. 1.125: ties to even (1.0)"
+        );
+        assert_eq!(
+            enc(e4, 1.1875),
+            0x3A,
+            "halfway 1.125 .. 1.25: ties to even (1.25)"
+        );
+        assert_eq!(
+            enc(e4, 2f32.powi(-10)),
+            0x00,
+            "half the smallest subnormal: to even (0)"
+        );
+        assert_eq!(
+            enc(e4, 3.0 * 2f32.powi(-10)),
+            0x02,
+            "1.5 subnormal steps: to even (2)"
+        );
+        assert_eq!((enc(e4, 500.0), enc(e4, -1e9)), (0x7E, 0xFE), "saturates");
+        assert_eq!(enc(e4, f32::INFINITY), 0x7E);
+        assert_eq!(enc(e4, f32::NAN) & 0x7F, 0x7F);
+        assert_eq!(enc(e4, -0.0), 0x80);
+        let e5 = DType::F8E5M2;
+        assert_eq!(dec(e5, 0x7B), 57344.0);
+        assert_eq!(dec(e5, 0x7C), f32::INFINITY);
+        assert!(dec(e5, 0x7D).is_nan());
+        assert_eq!(dec(e5, 0x01), 2f32.powi(-16));
+        assert_eq!(enc(e5, 60000.0), 0x7B);
+        assert_eq!(
+            enc(e5, 1.125),
+            0x3C,
+            "halfway 1 .. 1.25: ties to even (1.0)"
+        );
+        assert_eq!(f8_max(e4), Some(448.0));
+        assert_eq!(f8_max(e5), Some(57344.0));
+    }
+
+    #[test]
+    fn f8_decoding_matches_the_bit_layout_and_round_trips() {
+        for d in [DType::F8E4M3, DType::F8E5M2] {
+            for (b, v) in f8_table(d) {
+                assert_eq!(to_f32(d, &[b]).unwrap()[0] as f64, v, "{d} {b:#x}");
+                let back = from_f32(&[v as f32], d).unwrap()[0];
+                assert!(
+                    back == b || (v == 0.0 && back & 0x7F == 0),
+                    "{d} {b:#x} -> {back:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f8_encoding_is_nearest_even_against_brute_force() {
+        for d in [DType::F8E4M3, DType::F8E5M2] {
+            let table = f8_table(d);
+            let max = table.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+            let nearest = |v: f64| -> f64 {
+                let v = v.clamp(-max, max);
+                let mut best = table[0];
+                for &(b, x) in &table {
+                    let (dx, db) = ((x - v).abs(), (best.1 - v).abs());
+                    if dx < db || (dx == db && b & 1 == 0 && best.0 & 1 == 1) {
+                        best = (b, x);
+                    }
+                }
+                best.1
+            };
+            let mut x: u64 = 0x2545F4914F6CDD1D;
+            for i in 0..4000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // log-uniform magnitudes over the whole range and a bit beyond
+                let mag = 2f64.powf((x >> 11) as f64 / (1u64 << 53) as f64 * 40.0 - 22.0);
+                let v = if i % 2 == 0 { mag } else { -mag } as f32;
+                let got = to_f32(d, &from_f32(&[v], d).unwrap()).unwrap()[0] as f64;
+                let want = nearest(v as f64);
+                assert!(
+                    got == want || (got == 0.0 && want == 0.0),
+                    "{d} {v}: got {got}, want {want}"
+                );
+            }
         }
     }
 

@@ -135,9 +135,12 @@ impl DType {
         (bits % 8 == 0).then_some(bits / 8)
     }
 
-    /// True for the floating-point types mergesmith computes with (f16, bf16, f32, f64).
+    /// True for the floating-point types mergesmith computes with (f16, bf16, f32, f64, fp8).
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+        matches!(
+            self,
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::F8E4M3 | DType::F8E5M2
+        )
     }
 }
 
@@ -185,6 +188,12 @@ pub enum FloatType {
     Bf16,
     /// IEEE single precision.
     Fp32,
+    /// 8-bit float, 4 exponent and 3 mantissa bits (torch `float8_e4m3fn`, Flux fp8 files).
+    #[serde(rename = "fp8_e4m3")]
+    Fp8E4m3,
+    /// 8-bit float, 5 exponent and 2 mantissa bits.
+    #[serde(rename = "fp8_e5m2")]
+    Fp8E5m2,
 }
 
 impl crate::text::Named for FloatType {
@@ -192,6 +201,8 @@ impl crate::text::Named for FloatType {
         ("fp16", FloatType::Fp16),
         ("bf16", FloatType::Bf16),
         ("fp32", FloatType::Fp32),
+        ("fp8_e4m3", FloatType::Fp8E4m3),
+        ("fp8_e5m2", FloatType::Fp8E5m2),
     ];
 }
 
@@ -202,6 +213,8 @@ impl FloatType {
             FloatType::Fp16 => DType::F16,
             FloatType::Bf16 => DType::BF16,
             FloatType::Fp32 => DType::F32,
+            FloatType::Fp8E4m3 => DType::F8E4M3,
+            FloatType::Fp8E5m2 => DType::F8E5M2,
         }
     }
 }

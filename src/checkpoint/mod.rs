@@ -6,6 +6,7 @@
 
 pub mod header;
 pub mod pickle;
+pub mod quant;
 pub mod writer;
 
 use std::borrow::Cow;

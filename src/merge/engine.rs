@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::checkpoint::quant;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::convert;
@@ -21,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::merge::calc::{self, cosine, CalcMode, ChunkCtx, Kind, WholeParams};
 use crate::merge::candle_ops;
 use crate::merge::plan::Inputs;
+use crate::merge::plan::Stored;
 use crate::merge::select::{apply_adjust, AdjustOp};
 use crate::merge::{KeyPlan, MergeSpec, Mode, Op, Plan, RunOptions, Source};
 
@@ -53,14 +55,42 @@ struct Operand<'a> {
     data: Cow<'a, [u8]>,
     dtype: DType,
     shape: &'a [usize],
+    /// Scaled fp8: the value is the stored one times this.
+    scale: Option<f32>,
 }
 
-fn operand<'a>(inputs: &Inputs<'a>, s: Source, name: &str) -> Result<Operand<'a>> {
+impl Operand<'_> {
+    /// Decodes elements `lo..hi` into `out` (dequantized).
+    fn decode(&self, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
+        decode(self.dtype, &self.data, lo, hi, out)?;
+        if let Some(s) = self.scale {
+            out.iter_mut().for_each(|v| *v *= s);
+        }
+        Ok(())
+    }
+
+    /// Every element (dequantized).
+    fn to_f32(&self) -> Result<Vec<f32>> {
+        let mut v = convert::to_f32(self.dtype, &self.data)?;
+        if let Some(s) = self.scale {
+            v.iter_mut().for_each(|x| *x *= s);
+        }
+        Ok(v)
+    }
+
+    /// Whether candle can take it as is.
+    fn plain_device_type(&self) -> bool {
+        self.scale.is_none() && !matches!(self.dtype, DType::F8E4M3 | DType::F8E5M2)
+    }
+}
+
+fn operand<'a>(plan: &Plan, inputs: &Inputs<'a>, s: Source, name: &str) -> Result<Operand<'a>> {
     let (ck, t) = source(inputs, s, name)?;
     Ok(Operand {
         data: ck.data(t),
         dtype: t.dtype,
         shape: &t.shape,
+        scale: plan.scale(s, name),
     })
 }
 
@@ -168,7 +198,11 @@ pub fn write(
     let mut order: Vec<&KeyPlan> = plan
         .keys
         .iter()
-        .filter(|k| writer.expects(&k.name))
+        .filter(|k| match &k.stored {
+            // A recomputed scale is written by its weight's job.
+            Stored::Scaled(scale) => writer.expects(&k.name) || writer.expects(scale),
+            _ => writer.expects(&k.name) && !matches!(k.op, Op::ScaleOf(_)),
+        })
         .collect();
     let total: u64 = order
         .iter()
@@ -188,7 +222,7 @@ pub fn write(
         .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
     order.par_iter().try_for_each(|k| {
-        let written = key(k, inputs, &ctx, writer)?;
+        let written = key(k, plan, inputs, &ctx, writer)?;
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if abort_after.is_some_and(|limit| n >= limit) {
             std::process::abort();
@@ -259,10 +293,40 @@ fn adjust_part(adjust: &Option<AdjustOp>, lo: usize, values: &mut [f32]) {
 }
 
 /// Produces one output tensor; returns the bytes written.
-fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result<usize> {
+fn key(
+    k: &KeyPlan,
+    plan: &Plan,
+    inputs: &Inputs,
+    ctx: &Ctx,
+    w: &SafetensorsWriter,
+) -> Result<usize> {
     let n = numel(k);
     let out_len = k.dtype.byte_len(n).unwrap_or(0);
+    if let Stored::Scaled(scale_key) = &k.stored {
+        // Scaled fp8: the whole tensor in f32, then a fresh per-tensor scale.
+        let values = values_of(k, plan, inputs, ctx)?;
+        let scale = quant::scale_for(&values, k.dtype);
+        let stored: Vec<f32> = values.iter().map(|v| v / scale).collect();
+        if w.expects(&k.name) {
+            w.write(&k.name, &convert::from_f32(&stored, k.dtype)?)?;
+        }
+        if w.expects(scale_key) {
+            let spec = plan.keys.iter().find(|s| s.name == *scale_key);
+            let count: usize = spec.map_or(1, |s| s.shape.iter().product());
+            let bytes: Vec<u8> = (0..count.max(1))
+                .flat_map(|_| scale.to_le_bytes())
+                .collect();
+            w.write(scale_key, &bytes)?;
+        }
+        return Ok(out_len);
+    }
     match &k.op {
+        Op::ScaleOf(_) => {
+            return Err(Error::Invalid(format!(
+                "`{}` is written with its weight",
+                k.name
+            )))
+        }
         Op::PositionIds => {
             let last = (*k.shape.last().unwrap_or(&1)).max(1);
             let bytes: Vec<u8> = (0..n)
@@ -271,124 +335,195 @@ fn key(k: &KeyPlan, inputs: &Inputs, ctx: &Ctx, w: &SafetensorsWriter) -> Result
             w.write(&k.name, &bytes)?;
         }
         Op::Copy(s) => {
-            let (ck, t) = source(inputs, *s, k.name_in(*s))?;
-            let data = ck.data(t);
-            if t.dtype == k.dtype {
-                w.write(&k.name, &data)?;
+            let o = operand(plan, inputs, *s, k.name_in(*s))?;
+            if o.dtype == k.dtype && (o.scale.is_none() || k.stored == Stored::AsSource) {
+                w.write(&k.name, &o.data)?;
             } else {
                 chunks(n)
                     .into_par_iter()
                     .try_for_each_init(Scratch::default, |s, (lo, hi)| {
-                        decode(t.dtype, &data, lo, hi, &mut s.a)?;
+                        o.decode(lo, hi, &mut s.a)?;
                         encode_part(w, k, lo, &s.a, &mut s.out)
                     })?;
             }
         }
         Op::Blend {
-            alpha,
-            beta,
-            channels,
-            adjust,
+            channels, adjust, ..
         } => {
-            let a = operand(inputs, Source::A, &k.name)?;
-            let b = operand(inputs, Source::B, k.name_in(Source::B))?;
-            let c = inputs
-                .c
-                .map(|_| operand(inputs, Source::C, k.name_in(Source::C)))
-                .transpose()?;
-            let (alpha32, beta32) = (*alpha as f32, *beta as f32);
-            let chunk_ctx = |chunk: u64| ChunkCtx {
-                key: &k.name,
-                chunk,
-                seed: ctx.seed,
-            };
+            let ops = Operands::of(k, plan, inputs)?;
             let on_device = ctx.device.as_ref().filter(|_| {
                 channels.is_none()
                     && adjust.is_none()
+                    && ops.all().all(Operand::plain_device_type)
+                    && !matches!(k.dtype, DType::F8E4M3 | DType::F8E5M2)
                     && ctx.calc.kind() == Kind::Elementwise
                     && ctx.calc != CalcMode::PlusRandom
             });
             if let Some(dev) = on_device {
+                let (alpha, beta) = k.op.ratios();
                 let up = |o: &Operand| device::upload_f32(&o.data, o.dtype, dev);
-                let (ta, tb) = (up(&a)?, up(&b)?);
-                let tc = c.as_ref().map(up).transpose()?;
-                let r =
-                    candle_ops::blend(ctx.calc, ctx.mode, alpha32, beta32, &ta, &tb, tc.as_ref())
-                        .map_err(device::candle_err)?;
+                let (ta, tb) = (up(&ops.a)?, up(&ops.b)?);
+                let tc = ops.c.as_ref().map(up).transpose()?;
+                let r = candle_ops::blend(
+                    ctx.calc,
+                    ctx.mode,
+                    alpha as f32,
+                    beta as f32,
+                    &ta,
+                    &tb,
+                    tc.as_ref(),
+                )
+                .map_err(device::candle_err)?;
                 w.write(&k.name, &device::download(&r, k.dtype)?)?;
                 return Ok(out_len);
             }
-            match (channels, ctx.calc.kind()) {
-                (None, Kind::Elementwise) => chunks(n).into_par_iter().try_for_each_init(
-                    Scratch::default,
-                    |s, (lo, hi)| {
-                        decode(a.dtype, &a.data, lo, hi, &mut s.a)?;
-                        decode(b.dtype, &b.data, lo, hi, &mut s.b)?;
-                        if let Some(c) = &c {
-                            decode(c.dtype, &c.data, lo, hi, &mut s.c)?;
-                        }
-                        let cc = chunk_ctx((lo / CHUNK) as u64);
-                        calc::elementwise(
-                            ctx.calc, ctx.mode, alpha32, beta32, &mut s.a, &s.b, &s.c, &cc,
-                        );
-                        adjust_part(adjust, lo, &mut s.a);
-                        encode_part(w, k, lo, &s.a, &mut s.out)
-                    },
-                )?,
-                (channels, kind) => {
-                    // Whole-tensor calcmodes, and keys where A has more input channels than B
-                    // (and C): decode each input once.
-                    let mut va = convert::to_f32(a.dtype, &a.data)?;
-                    let vb = convert::to_f32(b.dtype, &b.data)?;
-                    let vc = c
-                        .as_ref()
-                        .map(|c| convert::to_f32(c.dtype, &c.data))
-                        .transpose()?;
-                    let mut out = match channels {
-                        None => {
-                            debug_assert_eq!(kind, Kind::Whole);
-                            let params = WholeParams {
-                                alpha: *alpha,
-                                beta: *beta,
-                                gamma: ctx.gamma,
-                                cosine: ctx.cosine,
-                            };
-                            let vc = vc.as_deref().unwrap_or(&[]);
-                            calc::whole(ctx.calc, &params, a.shape, va, &vb, vc)
-                        }
-                        Some(ch) => {
-                            // Merge the first `ch` channels of dim 1 (element-wise calcmodes
-                            // only; the plan refuses the others).
-                            let inner: usize = a.shape[2..].iter().product();
-                            let seg = ch * inner;
-                            for i in 0..a.shape[0] {
-                                let at = |shape: &[usize]| i * shape[1] * inner;
-                                let (a_at, b_at) = (at(a.shape), at(b.shape));
-                                let c_seg = match (&vc, &c) {
-                                    (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
-                                    _ => &[][..],
-                                };
-                                calc::elementwise(
-                                    ctx.calc,
-                                    ctx.mode,
-                                    alpha32,
-                                    beta32,
-                                    &mut va[a_at..a_at + seg],
-                                    &vb[b_at..b_at + seg],
-                                    c_seg,
-                                    &chunk_ctx(i as u64),
-                                );
-                            }
-                            va
-                        }
-                    };
-                    adjust_part(adjust, 0, &mut out);
-                    w.write(&k.name, &convert::from_f32(&out, k.dtype)?)?;
-                }
-            }
+            blend(k, &ops, ctx, &|lo, vals, out| {
+                encode_part(w, k, lo, vals, out)
+            })?;
         }
     }
     Ok(out_len)
+}
+
+/// The inputs of a blended key.
+struct Operands<'a> {
+    a: Operand<'a>,
+    b: Operand<'a>,
+    c: Option<Operand<'a>>,
+}
+
+impl<'a> Operands<'a> {
+    fn of(k: &KeyPlan, plan: &Plan, inputs: &Inputs<'a>) -> Result<Operands<'a>> {
+        Ok(Operands {
+            a: operand(plan, inputs, Source::A, &k.name)?,
+            b: operand(plan, inputs, Source::B, k.name_in(Source::B))?,
+            c: inputs
+                .c
+                .map(|_| operand(plan, inputs, Source::C, k.name_in(Source::C)))
+                .transpose()?,
+        })
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Operand<'a>> {
+        [Some(&self.a), Some(&self.b), self.c.as_ref()]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// Where a blend's f32 results go: `(first element, values, scratch bytes)`.
+type Emit<'e> = dyn Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync + 'e;
+
+/// Blends one key on the CPU, handing the results to `emit` piece by piece (element-wise
+/// calcmodes, in chunks) or whole (whole-tensor calcmodes, channel subsets).
+fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
+    let Op::Blend {
+        alpha,
+        beta,
+        channels,
+        adjust,
+    } = &k.op
+    else {
+        return Err(Error::Invalid(format!("`{}` is not blended", k.name)));
+    };
+    let (a, b, c) = (&ops.a, &ops.b, &ops.c);
+    let n = numel(k);
+    let (alpha32, beta32) = (*alpha as f32, *beta as f32);
+    let chunk_ctx = |chunk: u64| ChunkCtx {
+        key: &k.name,
+        chunk,
+        seed: ctx.seed,
+    };
+    match (channels, ctx.calc.kind()) {
+        (None, Kind::Elementwise) => {
+            chunks(n)
+                .into_par_iter()
+                .try_for_each_init(Scratch::default, |s, (lo, hi)| {
+                    a.decode(lo, hi, &mut s.a)?;
+                    b.decode(lo, hi, &mut s.b)?;
+                    if let Some(c) = c {
+                        c.decode(lo, hi, &mut s.c)?;
+                    }
+                    let cc = chunk_ctx((lo / CHUNK) as u64);
+                    calc::elementwise(
+                        ctx.calc, ctx.mode, alpha32, beta32, &mut s.a, &s.b, &s.c, &cc,
+                    );
+                    adjust_part(adjust, lo, &mut s.a);
+                    emit(lo, &s.a, &mut s.out)
+                })
+        }
+        (channels, kind) => {
+            // Whole-tensor calcmodes, and keys where A has more input channels than B
+            // (and C): decode each input once.
+            let mut va = a.to_f32()?;
+            let vb = b.to_f32()?;
+            let vc = c.as_ref().map(Operand::to_f32).transpose()?;
+            let mut out = match channels {
+                None => {
+                    debug_assert_eq!(kind, Kind::Whole);
+                    let params = WholeParams {
+                        alpha: *alpha,
+                        beta: *beta,
+                        gamma: ctx.gamma,
+                        cosine: ctx.cosine,
+                    };
+                    let vc = vc.as_deref().unwrap_or(&[]);
+                    calc::whole(ctx.calc, &params, a.shape, va, &vb, vc)
+                }
+                Some(ch) => {
+                    // Merge the first `ch` channels of dim 1 (element-wise calcmodes only;
+                    // the plan refuses the others).
+                    let inner: usize = a.shape[2..].iter().product();
+                    let seg = ch * inner;
+                    for i in 0..a.shape[0] {
+                        let at = |shape: &[usize]| i * shape[1] * inner;
+                        let (a_at, b_at) = (at(a.shape), at(b.shape));
+                        let c_seg = match (&vc, c) {
+                            (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
+                            _ => &[][..],
+                        };
+                        calc::elementwise(
+                            ctx.calc,
+                            ctx.mode,
+                            alpha32,
+                            beta32,
+                            &mut va[a_at..a_at + seg],
+                            &vb[b_at..b_at + seg],
+                            c_seg,
+                            &chunk_ctx(i as u64),
+                        );
+                    }
+                    va
+                }
+            };
+            adjust_part(adjust, 0, &mut out);
+            emit(0, &out, &mut Vec::new())
+        }
+    }
+}
+
+/// The f32 values of an output tensor (copied or blended), dequantized.
+fn values_of(k: &KeyPlan, plan: &Plan, inputs: &Inputs, ctx: &Ctx) -> Result<Vec<f32>> {
+    match &k.op {
+        Op::Copy(s) => operand(plan, inputs, *s, k.name_in(*s))?.to_f32(),
+        Op::Blend { .. } => {
+            let ops = Operands::of(k, plan, inputs)?;
+            let out = std::sync::Mutex::new(vec![0f32; numel(k)]);
+            blend(k, &ops, ctx, &|lo, vals, _| {
+                let mut o = out
+                    .lock()
+                    .map_err(|_| Error::Invalid("merge worker panicked".into()))?;
+                o[lo..lo + vals.len()].copy_from_slice(vals);
+                Ok(())
+            })?;
+            out.into_inner()
+                .map_err(|_| Error::Invalid("merge worker panicked".into()))
+        }
+        _ => Err(Error::Invalid(format!(
+            "`{}` cannot be stored as scaled fp8",
+            k.name
+        ))),
+    }
 }
 
 fn chunks(n: usize) -> Vec<(usize, usize)> {
@@ -404,6 +539,10 @@ fn encode_part(
     vals: &[f32],
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    if vals.len() == numel(k) && lo == 0 {
+        // Whole tensors (whole-tensor calcmodes) go in one write.
+        return w.write(&k.name, &convert::from_f32(vals, k.dtype)?);
+    }
     let es = k.dtype.bits() / 8;
     out.resize(vals.len() * es, 0);
     convert::encode_into(vals, k.dtype, out)?;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::arch::{self, Arch, Component, Family, KeyClass};
+use crate::checkpoint::quant::Quant;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -45,6 +46,38 @@ pub enum Op {
     },
     /// int64 `0..n` along the last axis (reset CLIP position ids).
     PositionIds,
+    /// The per-tensor scale of the scaled-fp8 weight named here, recomputed when that
+    /// weight is written (an f32 scalar).
+    ScaleOf(String),
+}
+
+impl Op {
+    /// `(alpha, beta)` of a blend (zeros otherwise).
+    pub fn ratios(&self) -> (f64, f64) {
+        match self {
+            Op::Blend { alpha, beta, .. } => (*alpha, *beta),
+            _ => (0.0, 0.0),
+        }
+    }
+}
+
+/// How an output tensor is stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stored {
+    /// As its dtype says (a scaled-fp8 source is dequantized first).
+    #[default]
+    Plain,
+    /// Scaled fp8 with a scale recomputed from the tensor's values, written to this key.
+    Scaled(String),
+    /// The source's scaled-fp8 bytes unchanged (its scale key is copied beside it).
+    AsSource,
+}
+
+impl Stored {
+    fn is_plain(&self) -> bool {
+        *self == Stored::Plain
+    }
 }
 
 /// One output tensor.
@@ -66,6 +99,9 @@ pub struct KeyPlan {
     /// The key's name in model C when C's layout names it differently.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name_c: Option<String>,
+    /// Scaled-fp8 storage of the output tensor.
+    #[serde(skip_serializing_if = "Stored::is_plain")]
+    pub stored: Stored,
 }
 
 impl KeyPlan {
@@ -133,6 +169,11 @@ pub struct Plan {
     pub markers: Vec<(String, Source)>,
     /// Layout of each input (A, B, C), when they differ.
     pub layouts: Option<Vec<&'static str>>,
+    /// Scaled-fp8 weights of the inputs that were dequantized (output not scaled), counted.
+    pub dequantized: usize,
+    /// The scaled-fp8 facts of A, B and C (weights are their stored values times these).
+    #[serde(skip)]
+    pub quant: [Quant; 3],
     /// Alpha per key, resolved (for metadata).
     #[serde(skip)]
     pub alpha: BlockRatio,
@@ -142,6 +183,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The scale of a source's tensor (none: stored as is).
+    pub fn scale(&self, source: Source, name: &str) -> Option<f32> {
+        let i = match source {
+            Source::A => 0,
+            Source::B => 1,
+            Source::C => 2,
+            Source::Vae => return None,
+        };
+        self.quant[i].scale(name)
+    }
+
     /// What a user should hear about the plan besides the counts: keys kept from A and why,
     /// keys added from B, markers carried through, mixed layouts, a generic family.
     pub fn notes(&self) -> Vec<String> {
@@ -176,6 +228,12 @@ impl Plan {
         }
         for (m, s) in &self.markers {
             out.push(format!("marker `{m}` carried through from model {s:?}"));
+        }
+        if self.dequantized > 0 {
+            out.push(format!(
+                "{} scaled-fp8 weights were dequantized (the output is not scaled fp8)",
+                self.dequantized
+            ));
         }
         if let Some(l) = &self.layouts {
             out.push(format!(
@@ -322,6 +380,13 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     let arch = arch::detect(inputs.a.tensors());
     let arch_b = check_family(&arch, inputs.b, "B")?;
     let arch_c = inputs.c.map(|c| check_family(&arch, c, "C")).transpose()?;
+    let quant = [
+        Quant::of(inputs.a)?,
+        Quant::of(inputs.b)?,
+        inputs.c.map(Quant::of).transpose()?.unwrap_or_default(),
+    ];
+    // Output keeps A's scaled-fp8 storage unless a dtype is asked for.
+    let scaled_out = quant[0].is_scaled() && spec.dtype.is_none();
     let family = arch.family;
     if spec.adjust.is_some() && family.code().adjust.is_none() {
         return Err(Error::Invalid(format!(
@@ -371,6 +436,23 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     let mut errors = Vec::new();
     let mut eligible = 0;
     for t in inputs.a.tensors() {
+        if Quant::is_bookkeeping(&t.name) {
+            // Markers and scales: kept with scaled output (scales fixed below), dropped with
+            // a plain one.
+            if scaled_out {
+                keys.push(KeyPlan {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: t.dtype,
+                    op: Op::Copy(Source::A),
+                    block: None,
+                    name_b: None,
+                    name_c: None,
+                    stored: Stored::Plain,
+                });
+            }
+            continue;
+        }
         let class = arch::classify(family, &t.name);
         let names = Names {
             b: name_under(family, arch.layout, arch_b.layout, &t.name),
@@ -400,6 +482,11 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         } else {
             out_dtype(t.dtype)
         };
+        let stored = match (scaled_out, quant[0].scale(&t.name), &op) {
+            (true, Some(_), Op::Copy(Source::A)) => Stored::AsSource,
+            (true, Some(_), _) => Stored::Scaled(Quant::scale_key(&t.name).unwrap_or_default()),
+            _ => Stored::Plain,
+        };
         keys.push(KeyPlan {
             name: t.name.clone(),
             shape: t.shape.clone(),
@@ -408,8 +495,33 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
             block: class.block,
             name_b: names.b,
             name_c: names.c,
+            stored,
         });
     }
+    // Scales of re-quantized weights are written with them.
+    let recomputed: BTreeMap<String, String> = keys
+        .iter()
+        .filter_map(|k| match &k.stored {
+            Stored::Scaled(s) => Some((s.clone(), k.name.clone())),
+            _ => None,
+        })
+        .collect();
+    for k in keys.iter_mut() {
+        if let Some(w) = recomputed.get(&k.name) {
+            k.op = Op::ScaleOf(w.clone());
+            k.dtype = DType::F32;
+        }
+    }
+    let dequantized = [Source::A, Source::B, Source::C]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            keys.iter()
+                .filter(|k| k.stored.is_plain() && quant[i].scale(k.name_in(*s)).is_some())
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
     if !errors.is_empty() {
         let n = errors.len();
         errors.truncate(5);
@@ -439,6 +551,9 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
     let mut markers = Vec::new();
     let has_a = |n: &str| inputs.a.contains(n);
     for t in inputs.b.tensors() {
+        if Quant::is_bookkeeping(&t.name) {
+            continue;
+        }
         let name = match name_under(family, arch_b.layout, arch.layout, &t.name) {
             Some(n) => n,
             None if arch_b.layout != arch.layout
@@ -464,6 +579,7 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
                 block: arch::classify(family, &name).block,
                 name_b: (name != t.name).then(|| t.name.clone()),
                 name_c: None,
+                stored: Stored::Plain,
             });
         }
     }
@@ -484,6 +600,7 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
                 block: None,
                 name_b: None,
                 name_c: None,
+                stored: Stored::Plain,
             });
         }
     }
@@ -516,6 +633,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         kept,
         markers,
         layouts,
+        dequantized,
+        quant,
         alpha,
         beta,
     })

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::ALGORITHM_VERSION;
+use crate::checkpoint::quant::Quant;
 use crate::checkpoint::Checkpoint;
 use crate::merge::calc::CalcMode;
-use crate::merge::{MergeSpec, Op, Plan, Source};
+use crate::merge::plan::Stored;
+use crate::merge::{KeyPlan, MergeSpec, Op, Plan, Source};
 
 /// Tensor name -> tensor key.
 pub type KeyMap = BTreeMap<String, String>;
@@ -52,38 +54,84 @@ pub fn output_keys(
     node_key: &str,
 ) -> Vec<String> {
     let get = |m: Option<&KeyMap>, n: &str| m.and_then(|m| m.get(n)).cloned().unwrap_or_default();
+    // Scaled-fp8 inputs: the keys of the scales that reach a weight (none for plain inputs,
+    // so plain merges keep their keys).
+    let scales = |k: &KeyPlan| -> Option<Value> {
+        let sources = [
+            (Source::A, Some(inputs.a)),
+            (Source::B, Some(inputs.b)),
+            (Source::C, inputs.c),
+        ];
+        let any = sources
+            .iter()
+            .any(|(s, _)| plan.scale(*s, k.name_in(*s)).is_some());
+        any.then(|| {
+            json!(sources
+                .iter()
+                .map(|(s, m)| Quant::scale_key(k.name_in(*s))
+                    .map(|sk| get(*m, &sk))
+                    .unwrap_or_default())
+                .collect::<Vec<_>>())
+        })
+    };
+    let op_of = |k: &KeyPlan| -> Value {
+        let mut op = match &k.op {
+            Op::Copy(s) => {
+                let src = match s {
+                    Source::A => get(Some(inputs.a), &k.name),
+                    Source::B => get(Some(inputs.b), k.name_in(Source::B)),
+                    Source::C => get(inputs.c, k.name_in(Source::C)),
+                    Source::Vae => {
+                        let short = k.name.strip_prefix("first_stage_model.").unwrap_or(&k.name);
+                        inputs
+                            .vae
+                            .and_then(|m| m.get(short).or_else(|| m.get(&k.name)))
+                            .cloned()
+                            .unwrap_or_default()
+                    }
+                };
+                json!({ "copy": src })
+            }
+            Op::PositionIds => json!({ "position_ids": true }),
+            Op::ScaleOf(_) => Value::Null,
+            Op::Blend {
+                alpha,
+                beta,
+                channels,
+                adjust,
+            } => json!({
+                "blend": {
+                    "mode": spec.mode,
+                    "calcmode": spec.calcmode,
+                    "gamma": spec.gamma,
+                    "seed": spec.seed,
+                    "alpha": alpha,
+                    "beta": beta,
+                    "channels": channels,
+                    "adjust": adjust,
+                },
+                "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), k.name_in(Source::B)), get(inputs.c, k.name_in(Source::C))],
+                // cosine calcmodes depend on statistics of the whole model.
+                "global": matches!(spec.calcmode, CalcMode::CosineA | CalcMode::CosineB).then_some(node_key),
+            }),
+        };
+        if let (Some(s), Value::Object(m)) = (scales(k), &mut op) {
+            m.insert("scales".into(), s);
+        }
+        if let (false, Value::Object(m)) = (k.stored == Stored::Plain, &mut op) {
+            m.insert("stored".into(), json!(k.stored));
+        }
+        op
+    };
+    let by_name: BTreeMap<&str, &KeyPlan> =
+        plan.keys.iter().map(|k| (k.name.as_str(), k)).collect();
     plan.keys
         .iter()
         .map(|k| {
             let op = match &k.op {
-                Op::Copy(s) => {
-                    let src = match s {
-                        Source::A => get(Some(inputs.a), &k.name),
-                        Source::B => get(Some(inputs.b), k.name_in(Source::B)),
-                        Source::C => get(inputs.c, k.name_in(Source::C)),
-                        Source::Vae => {
-                            let short = k.name.strip_prefix("first_stage_model.").unwrap_or(&k.name);
-                            inputs.vae.and_then(|m| m.get(short).or_else(|| m.get(&k.name))).cloned().unwrap_or_default()
-                        }
-                    };
-                    json!({ "copy": src })
-                }
-                Op::PositionIds => json!({ "position_ids": true }),
-                Op::Blend { alpha, beta, channels, adjust } => json!({
-                    "blend": {
-                        "mode": spec.mode,
-                        "calcmode": spec.calcmode,
-                        "gamma": spec.gamma,
-                        "seed": spec.seed,
-                        "alpha": alpha,
-                        "beta": beta,
-                        "channels": channels,
-                        "adjust": adjust,
-                    },
-                    "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), k.name_in(Source::B)), get(inputs.c, k.name_in(Source::C))],
-                    // cosine calcmodes depend on statistics of the whole model.
-                    "global": matches!(spec.calcmode, CalcMode::CosineA | CalcMode::CosineB).then_some(node_key),
-                }),
+                // A recomputed scale depends on exactly what its weight does.
+                Op::ScaleOf(w) => json!({ "scale_of": by_name.get(w.as_str()).map(|w| op_of(w)) }),
+                _ => op_of(k),
             };
             hash(&json!({
                 "algorithm": ALGORITHM_VERSION,

@@ -9,6 +9,7 @@ mod calcmodes;
 mod cli;
 mod device;
 mod families;
+mod fp8;
 mod gen;
 mod header_props;
 mod layers;

@@ -1,0 +1,380 @@
+//! fp8 checkpoints: plain F8_E4M3 / F8_E5M2 in and out, ComfyUI's scaled fp8 (dequantized
+//! before any arithmetic, re-quantized with a fresh per-tensor scale), refusals of the
+//! quantized layouts not read yet. References: an f64 blend and a brute-force nearest-even
+//! fp8 rounding written here from the bit layout.
+
+use std::path::Path;
+
+use crate::common::*;
+use mergesmith::checkpoint::Checkpoint;
+use mergesmith::dtype::{DType, FloatType};
+use mergesmith::merge::{merge_files, MergeFiles, MergeSpec, Mode, Plan, Ratio, RunOptions};
+
+/// Every finite E4M3 (torch `float8_e4m3fn`) value with its byte: bias 7, 3 mantissa bits,
+/// subnormals at exponent 0, only S.1111.111 is NaN.
+fn e4m3_table() -> Vec<(u8, f64)> {
+    (0u16..256)
+        .map(|b| b as u8)
+        .filter(|b| b & 0x7F != 0x7F)
+        .map(|b| {
+            let e = ((b & 0x7F) >> 3) as i32;
+            let m = (b & 7) as f64;
+            let mag = if e == 0 {
+                m / 8.0 * 2f64.powi(-6)
+            } else {
+                (1.0 + m / 8.0) * 2f64.powi(e - 7)
+            };
+            (b, if b & 0x80 != 0 { -mag } else { mag })
+        })
+        .collect()
+}
+
+fn e4m3_value(b: u8) -> f64 {
+    e4m3_table().into_iter().find(|(x, _)| *x == b).unwrap().1
+}
+
+/// Nearest E4M3 byte, ties to the even mantissa, saturating at +-448.
+fn e4m3_nearest(table: &[(u8, f64)], v: f64) -> u8 {
+    let v = v.clamp(-448.0, 448.0);
+    let mut best = table[0];
+    for &(b, x) in table {
+        let (d, db) = ((x - v).abs(), (best.1 - v).abs());
+        if d < db
+            || (d == db && b & 1 == 0 && best.0 & 1 == 1)
+            || (d == db && x == 0.0 && v.is_sign_negative() == (b & 0x80 != 0))
+        {
+            best = (b, x);
+        }
+    }
+    best.0
+}
+
+struct T<'a> {
+    name: &'a str,
+    dtype: &'a str,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn write(path: &Path, tensors: &[T]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for t in tensors {
+        header.insert(
+            t.name.to_string(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [data.len(), data.len() + t.bytes.len()]}),
+        );
+        data.extend(&t.bytes);
+    }
+    raw_safetensors(path, &serde_json::Value::Object(header).to_string(), &data);
+}
+
+/// Deterministic fp8 bytes (finite values only).
+fn fp8_bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            let b = (i as u8)
+                .wrapping_mul(37)
+                .wrapping_add(seed.wrapping_mul(11));
+            if b & 0x7F == 0x7F {
+                b ^ 1
+            } else {
+                b
+            }
+        })
+        .map(|b| b & 0xBF) // keep magnitudes below 2 (exponent field < 8)
+        .collect()
+}
+
+/// A Flux-shaped (BFL keys) file: two fp8 weights, a bf16 norm scale.
+fn flux_fp8(path: &Path, seed: u8, scaled: Option<[f32; 2]>) {
+    let mut t = vec![
+        T {
+            name: "double_blocks.0.img_attn.qkv.weight",
+            dtype: "F8_E4M3",
+            shape: vec![6, 4],
+            bytes: fp8_bytes(24, seed),
+        },
+        T {
+            name: "single_blocks.0.linear1.weight",
+            dtype: "F8_E4M3",
+            shape: vec![8, 4],
+            bytes: fp8_bytes(32, seed + 1),
+        },
+        T {
+            name: "double_blocks.0.img_attn.norm.key_norm.scale",
+            dtype: "BF16",
+            shape: vec![2],
+            bytes: [1.0f32, 0.5]
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v + seed as f32 / 8.0).to_le_bytes())
+                .collect(),
+        },
+    ];
+    if let Some([s0, s1]) = scaled {
+        t.push(T {
+            name: "scaled_fp8",
+            dtype: "F8_E4M3",
+            shape: vec![0],
+            bytes: vec![],
+        });
+        t.push(T {
+            name: "double_blocks.0.img_attn.qkv.scale_weight",
+            dtype: "F32",
+            shape: vec![],
+            bytes: s0.to_le_bytes().to_vec(),
+        });
+        t.push(T {
+            name: "single_blocks.0.linear1.scale_weight",
+            dtype: "F32",
+            shape: vec![],
+            bytes: s1.to_le_bytes().to_vec(),
+        });
+        t.push(T {
+            name: "single_blocks.0.linear1.scale_input",
+            dtype: "F32",
+            shape: vec![],
+            bytes: 1.0f32.to_le_bytes().to_vec(),
+        });
+    }
+    write(path, &t);
+}
+
+fn merge(a: &Path, b: &Path, spec: &MergeSpec, out: &Path) -> mergesmith::error::Result<Plan> {
+    merge_files(
+        &MergeFiles { a, b, c: None },
+        spec,
+        out,
+        &mergesmith::store::memo(&out.parent().unwrap().join("memo")),
+        &RunOptions::default(),
+    )
+    .map(|(p, _)| p)
+}
+
+fn raw(ck: &Checkpoint, name: &str) -> Vec<u8> {
+    ck.data(ck.get(name).unwrap_or_else(|| panic!("{name}")))
+        .to_vec()
+}
+
+fn f32_at(ck: &Checkpoint, name: &str) -> f32 {
+    f32::from_le_bytes(raw(ck, name)[..4].try_into().unwrap())
+}
+
+const W: [&str; 2] = [
+    "double_blocks.0.img_attn.qkv.weight",
+    "single_blocks.0.linear1.weight",
+];
+
+#[test]
+fn plain_fp8_flux_files_merge_and_stay_fp8() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("m.safetensors"),
+    );
+    flux_fp8(&a, 1, None);
+    flux_fp8(&b, 2, None);
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);
+    let plan = merge(&a, &b, &spec, &out).unwrap();
+    assert_eq!(plan.blended(), 3, "every tensor, none silently copied");
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    let table = e4m3_table();
+    for w in W {
+        assert_eq!(
+            cm.get(w).unwrap().dtype,
+            DType::F8E4M3,
+            "keeps the input's storage"
+        );
+        let (x, y, m) = (raw(&ca, w), raw(&cb, w), raw(&cm, w));
+        for i in 0..x.len() {
+            // f32 arithmetic (as the merge does), rounded once to the nearest E4M3.
+            let v = (0.7f32 * e4m3_value(x[i]) as f32 + 0.3f32 * e4m3_value(y[i]) as f32) as f64;
+            assert_eq!(m[i], e4m3_nearest(&table, v), "{w}[{i}]: {v}");
+        }
+    }
+    // An explicit output type: E5M2.
+    let mut spec = spec;
+    spec.dtype = Some(FloatType::Fp8E5m2);
+    let out2 = d.join("m2.safetensors");
+    merge(&a, &b, &spec, &out2).unwrap();
+    assert_eq!(
+        Checkpoint::open(&out2).unwrap().get(W[0]).unwrap().dtype,
+        DType::F8E5M2
+    );
+}
+
+#[test]
+fn scaled_fp8_is_dequantized_then_requantized_with_a_fresh_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("m.safetensors"),
+    );
+    let (sa, sb) = ([0.01f32, 0.002], [0.03f32, 0.0005]);
+    flux_fp8(&a, 1, Some(sa));
+    flux_fp8(&b, 2, Some(sb));
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
+    let plan = merge(&a, &b, &spec, &out).unwrap();
+    assert_eq!(plan.blended(), 3);
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    assert!(cm.get("scaled_fp8").is_some(), "marker kept");
+    assert_eq!(
+        f32_at(&cm, "single_blocks.0.linear1.scale_input"),
+        1.0,
+        "input scale carried"
+    );
+    let table = e4m3_table();
+    for (j, w) in W.iter().enumerate() {
+        let (x, y, m) = (raw(&ca, w), raw(&cb, w), raw(&cm, w));
+        let merged: Vec<f32> = (0..x.len())
+            .map(|i| {
+                0.5f32 * (e4m3_value(x[i]) as f32 * sa[j])
+                    + 0.5f32 * (e4m3_value(y[i]) as f32 * sb[j])
+            })
+            .collect();
+        let amax = merged.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 448.0;
+        let sk = w.replace(".weight", ".scale_weight");
+        assert_eq!(f32_at(&cm, &sk), scale, "{sk}");
+        for i in 0..x.len() {
+            assert_eq!(
+                m[i],
+                e4m3_nearest(&table, (merged[i] / scale) as f64),
+                "{w}[{i}]"
+            );
+        }
+        // The largest magnitude lands on 448 exactly.
+        assert!(m.iter().any(|b| b & 0x7F == 0x7E));
+    }
+    // Dequantized output when a plain dtype is asked for: no scales, no marker.
+    let mut plain = spec.clone();
+    plain.dtype = Some(FloatType::Fp32);
+    let out2 = d.join("plain.safetensors");
+    let plan = merge(&a, &b, &plain, &out2).unwrap();
+    assert_eq!(plan.dequantized, 2);
+    let cp = Checkpoint::open(&out2).unwrap();
+    assert!(cp.tensors().iter().all(|t| !t.name.contains("scale_weight")
+        && t.name != "scaled_fp8"
+        && !t.name.ends_with("scale_input")));
+    let got = f32::from_le_bytes(raw(&cp, W[1])[..4].try_into().unwrap());
+    let want = 0.5f32 * (e4m3_value(raw(&ca, W[1])[0]) as f32 * sa[1])
+        + 0.5f32 * (e4m3_value(raw(&cb, W[1])[0]) as f32 * sb[1]);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn kept_scaled_weights_keep_their_bytes_and_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("m.safetensors"),
+    );
+    flux_fp8(&a, 1, Some([0.01, 0.002]));
+    flux_fp8(&b, 2, Some([0.03, 0.0005]));
+    // D00 at 0 (kept from A), S00 at 0.5; 61 SuperMerger slots.
+    let mut v = vec![0.5; 61];
+    v[3] = 0.0;
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Blocks(v), None);
+    merge(&a, &b, &spec, &out).unwrap();
+    let (ca, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    assert_eq!(raw(&cm, W[0]), raw(&ca, W[0]));
+    assert_eq!(
+        f32_at(&cm, "double_blocks.0.img_attn.qkv.scale_weight"),
+        0.01
+    );
+    assert_ne!(f32_at(&cm, "single_blocks.0.linear1.scale_weight"), 0.002);
+}
+
+#[test]
+fn fp8_results_do_not_depend_on_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
+    flux_fp8(&a, 3, Some([0.02, 0.004]));
+    flux_fp8(&b, 4, Some([0.01, 0.001]));
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.37), None);
+    let run = |threads: usize, name: &str| {
+        let out = d.join(name);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| merge(&a, &b, &spec, &out).unwrap());
+        std::fs::read(out).unwrap()
+    };
+    assert_eq!(run(1, "t1.safetensors"), run(2, "t2.safetensors"));
+}
+
+#[test]
+fn quantized_layouts_not_read_yet_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = d.join("a.safetensors");
+    flux_fp8(&a, 1, None);
+    let nf4 = d.join("nf4.safetensors");
+    write(
+        &nf4,
+        &[
+            T {
+                name: "double_blocks.0.img_attn.qkv.weight",
+                dtype: "U8",
+                shape: vec![12],
+                bytes: vec![0; 12],
+            },
+            T {
+                name: "double_blocks.0.img_attn.qkv.weight.absmax",
+                dtype: "F32",
+                shape: vec![1],
+                bytes: vec![0; 4],
+            },
+        ],
+    );
+    let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
+    let err = merge(&a, &nf4, &spec, &d.join("x.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bitsandbytes") && err.contains(".absmax"),
+        "{err}"
+    );
+    // A weight scale without the scaled_fp8 marker is a layout mergesmith does not know.
+    let odd = d.join("odd.safetensors");
+    write(
+        &odd,
+        &[
+            T {
+                name: "double_blocks.0.img_attn.qkv.weight",
+                dtype: "F8_E4M3",
+                shape: vec![6, 4],
+                bytes: fp8_bytes(24, 1),
+            },
+            T {
+                name: "double_blocks.0.img_attn.qkv.scale_weight",
+                dtype: "F32",
+                shape: vec![],
+                bytes: 0.5f32.to_le_bytes().to_vec(),
+            },
+        ],
+    );
+    let err = merge(&a, &odd, &spec, &d.join("y.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no `scaled_fp8` marker"), "{err}");
+}
