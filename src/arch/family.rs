@@ -668,6 +668,118 @@ impl Family {
     }
 }
 
+/// One family as `mergesmith families --json` and the docs table show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Id.
+    pub id: &'static str,
+    /// Name.
+    pub label: &'static str,
+    /// Layouts: `(id, label)`.
+    pub layouts: Vec<(&'static str, &'static str)>,
+    /// Named variants (besides the unnamed standard one).
+    pub variants: Vec<&'static str>,
+    /// Block lists: `(id, slots)`.
+    pub blocks: Vec<(&'static str, usize)>,
+    /// Which keys merge.
+    pub merges: String,
+    /// LoRA baking / extraction.
+    pub lora: bool,
+    /// Text to image.
+    pub generation: bool,
+    /// `synth` can write it.
+    pub synth: bool,
+}
+
+impl Family {
+    /// What the family supports, from its declaration.
+    pub fn summary(self) -> Summary {
+        let d = &self.0.def;
+        let mut variants: Vec<&str> = d.default_variant.iter().map(|v| v.label.as_str()).collect();
+        for v in &d.variants {
+            if !variants.contains(&v.label.as_str()) {
+                variants.push(&v.label);
+            }
+        }
+        Summary {
+            id: self.id(),
+            label: self.label(),
+            layouts: d
+                .layouts
+                .iter()
+                .map(|l| (l.id.as_str(), l.label.as_str()))
+                .collect(),
+            variants,
+            blocks: self
+                .lists()
+                .iter()
+                .map(|l| (l.id(), l.slots.len()))
+                .collect(),
+            merges: {
+                let rule = match d.mergeable {
+                    Mergeable::Supermerger => "SuperMerger's keys (`model` + weight/bias)",
+                    Mergeable::All => "every float tensor",
+                };
+                match d.never.is_empty() {
+                    true => rule.to_string(),
+                    false => format!(
+                        "{rule}, never {}",
+                        d.never
+                            .iter()
+                            .map(|n| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            },
+            lora: d.code.lora.is_some(),
+            generation: d.code.generation.is_some(),
+            synth: d.code.synth.as_deref().is_some_and(|s| s != "none"),
+        }
+    }
+}
+
+/// The families table in Markdown (README / docs), generated from the declarations.
+pub fn markdown_table() -> String {
+    let yes = |b: bool| if b { "yes" } else { "not yet" };
+    let mut s = String::from(
+        "| family | layouts | variants | block lists (slots) | merges | LoRA | generation | synth |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for f in Family::all() {
+        let m = f.summary();
+        let join = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        s.push_str(&format!(
+            "| `{}` {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            m.id,
+            m.label,
+            join(
+                m.layouts
+                    .iter()
+                    .map(|(i, l)| format!("`{i}` {l}"))
+                    .collect()
+            ),
+            join(m.variants.iter().map(|v| v.to_string()).collect()),
+            join(
+                m.blocks
+                    .iter()
+                    .map(|(i, n)| format!("`{i}` ({n})"))
+                    .collect()
+            ),
+            m.merges,
+            yes(m.lora),
+            yes(m.generation),
+            yes(m.synth),
+        ));
+    }
+    s
+}
+
 /// The default block lists of every family that has more than one block, in file order
 /// (for vectors written before the family is known: sweeps, recipe diffs).
 pub fn default_lists() -> impl Iterator<Item = &'static [String]> {

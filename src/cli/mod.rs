@@ -5,6 +5,7 @@ mod build;
 mod cache;
 mod dag;
 mod explain;
+mod families;
 mod gen;
 mod inspect;
 mod log;
@@ -76,6 +77,8 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Print the JSON Schema of recipe files.
     Schema,
+    /// List the model families (layouts, variants, block lists, what each supports).
+    Families(families::FamiliesArgs),
     /// LoRA tools.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
@@ -135,6 +138,7 @@ fn run(command: Command) -> Result<()> {
             print!("{}", mergesmith::recipe::schema_json());
             Ok(())
         }
+        Command::Families(a) => families::run(a),
         Command::Lora(c) => lora::run(c),
         Command::Gen(a) => gen::run(a),
     }

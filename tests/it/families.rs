@@ -649,3 +649,15 @@ fn v_prediction_markers_are_carried_through_from_either_input() {
     assert_eq!(plan.markers.len(), 2);
     assert!(Checkpoint::open(&out2).unwrap().get("ztsnr").is_some());
 }
+
+#[test]
+fn families_table_in_docs_is_current() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/families.md")).unwrap();
+    let start = doc.find("<!-- families:begin -->\n").unwrap() + "<!-- families:begin -->\n".len();
+    let end = doc.find("<!-- families:end -->").unwrap();
+    assert!(
+        doc[start..end] == mergesmith::arch::family::markdown_table(),
+        "docs/families.md is stale: paste `mergesmith families` between the markers"
+    );
+}
