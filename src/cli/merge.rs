@@ -54,6 +54,11 @@ pub struct MergeArgs {
     /// fix (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
     #[arg(long)]
     pub xl_elemental_shift: bool,
+    /// The block list that --alpha/--beta vectors and --elemental name: supermerger, comfyui
+    /// (Flux, ...), extended (SDXL); default: the list whose length the vector has
+    /// (`mergesmith families` lists them).
+    #[arg(long, value_name = "LIST")]
+    pub block_list: Option<String>,
     /// Merge only the matched keys (blocks/elements given by --blocks/--elements).
     #[arg(long, conflicts_with = "exclude")]
     pub include: bool,
@@ -126,6 +131,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         reset_position_ids: a.reset_position_ids,
         elemental: a.elemental.clone(),
         xl_elemental_shift: a.xl_elemental_shift,
+        block_list: a.block_list.clone(),
         filter: match (a.include, a.exclude) {
             (true, _) => Some(mergesmith::merge::FilterMode::Include),
             (_, true) => Some(mergesmith::merge::FilterMode::Exclude),

@@ -131,6 +131,10 @@ pub struct MergeSpec {
     /// Compatibility: address SDXL blocks in elemental entries with SuperMerger's shifted
     /// names (XL M00 as "IN09", OUT03 as "OUT00", ...).
     pub xl_elemental_shift: bool,
+    /// The block list per-block vectors, elemental entries and Include/Exclude use
+    /// (`supermerger`, `comfyui`, `extended`...; none: told by the vector's length).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_list: Option<String>,
     /// Include / Exclude filter.
     pub filter: Option<FilterSpec>,
     /// Adjust vector (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3).
@@ -155,6 +159,7 @@ impl MergeSpec {
             reset_position_ids: false,
             elemental: None,
             xl_elemental_shift: false,
+            block_list: None,
             filter: None,
             adjust: None,
             bake_vae: None,

@@ -394,14 +394,17 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
             family.label()
         )));
     }
-    let alpha = BlockRatio::resolve(&spec.alpha, family, "alpha")?;
+    let list = spec.block_list.as_deref();
+    let alpha = BlockRatio::resolve_in(&spec.alpha, family, "alpha", list)?;
     let beta = spec
         .beta
         .as_ref()
-        .map(|b| BlockRatio::resolve(b, family, "beta"))
+        .map(|b| BlockRatio::resolve_in(b, family, "beta", list))
         .transpose()?;
+    let second = family.lists().get(1).map(|l| l.id());
     let block_names = match alpha {
         BlockRatio::Extended(_) => BlockNames::Extended,
+        _ if list.is_some() && list == second => BlockNames::Extended,
         _ if spec.xl_elemental_shift && family.id() == "sdxl" => BlockNames::ShiftedXl,
         _ => BlockNames::Standard,
     };

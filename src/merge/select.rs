@@ -96,16 +96,18 @@ pub fn parse_blocks(text: &str, list: &[String]) -> Result<BlockSet> {
         words.remove(0);
     }
     let find = |w: &str| {
-        list.iter().position(|b| b == w).ok_or_else(|| {
-            let near = crate::text::nearest(w, list.iter().map(|s| s.as_str()));
-            Error::Invalid(format!(
-                "unknown block `{w}`{}; blocks are {} ... {}",
-                near.map(|n| format!(" (did you mean `{n}`?)"))
-                    .unwrap_or_default(),
-                list[0],
-                list[list.len() - 1]
-            ))
-        })
+        list.iter()
+            .position(|b| b.eq_ignore_ascii_case(w))
+            .ok_or_else(|| {
+                let near = crate::text::nearest(w, list.iter().map(|s| s.as_str()));
+                Error::Invalid(format!(
+                    "unknown block `{w}`{}; blocks are {} ... {}",
+                    near.map(|n| format!(" (did you mean `{n}`?)"))
+                        .unwrap_or_default(),
+                    list[0],
+                    list[list.len() - 1]
+                ))
+            })
     };
     let mut blocks = Vec::new();
     for w in words {
@@ -241,8 +243,12 @@ impl KeyFilter {
             match w.to_ascii_uppercase().as_str() {
                 "VAE" => special.push("VAE".to_string()),
                 "ADJUST" => special.push("ADJUST".to_string()),
-                u if names(family, BlockNames::Extended).iter().any(|b| b == u) => {
-                    special.push(u.to_string())
+                u if names(family, BlockNames::Extended)
+                    .iter()
+                    .any(|b| b.eq_ignore_ascii_case(u)) =>
+                {
+                    let list = names(family, BlockNames::Extended);
+                    special.extend(list.iter().find(|b| b.eq_ignore_ascii_case(u)).cloned())
                 }
                 _ => rest.push(w),
             }

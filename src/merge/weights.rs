@@ -163,13 +163,57 @@ impl BlockRatio {
     /// length, a length the family converts (SDXL: 26), or the second list's length (SDXL's
     /// 110 fine names, Flux's 63 ComfyUI prefixes).
     pub fn resolve(ratio: &Ratio, family: Family, what: &str) -> Result<BlockRatio> {
+        Self::resolve_in(ratio, family, what, None)
+    }
+
+    /// Like [`BlockRatio::resolve`], with the block list named (`supermerger`, `comfyui`,
+    /// ...): the vector must have that list's length (or, for the first list, a length it
+    /// converts).
+    pub fn resolve_in(
+        ratio: &Ratio,
+        family: Family,
+        what: &str,
+        list: Option<&str>,
+    ) -> Result<BlockRatio> {
+        let lists = family.lists();
+        if let Some(name) = list {
+            let ids: Vec<&str> = lists.iter().take(2).map(|l| l.id()).collect();
+            let i = ids.iter().position(|id| *id == name).ok_or_else(|| {
+                let near = crate::text::nearest(name, ids.iter().copied());
+                Error::Invalid(format!(
+                    "{what}: {} has no block list `{name}`{}; its lists are {}",
+                    family.label(),
+                    near.map(|n| format!(" (did you mean `{n}`?)"))
+                        .unwrap_or_default(),
+                    ids.join(", ")
+                ))
+            })?;
+            let Ratio::Blocks(v) = ratio else {
+                return Ok(BlockRatio::Scalar(ratio.base()));
+            };
+            let l = &lists[i];
+            let converts = i == 0 && l.convert.as_ref().is_some_and(|(from, _)| *from == v.len());
+            if v.len() != l.slots.len() && !converts {
+                return Err(Error::Invalid(format!(
+                    "{what}: block list `{name}` of {} has {} slots ({} ... {}), got {} values",
+                    family.label(),
+                    l.slots.len(),
+                    l.slots[0],
+                    l.slots[l.slots.len() - 1],
+                    v.len()
+                )));
+            }
+        }
         let v = match ratio {
             Ratio::Scalar(s) => return Ok(BlockRatio::Scalar(*s)),
             Ratio::Blocks(v) => v,
         };
-        let lists = family.lists();
         let first = &lists[0];
-        if v.len() == first.slots.len() && first.slots.len() > 1 {
+        let second = lists.get(1).map(|l| l.id());
+        if v.len() == first.slots.len()
+            && first.slots.len() > 1
+            && (list.is_none() || list != second)
+        {
             return Ok(BlockRatio::Blocks(v.clone()));
         }
         if let Some((from, take)) = &first.convert {
@@ -177,7 +221,7 @@ impl BlockRatio {
                 return Ok(BlockRatio::Blocks(take.iter().map(|&i| v[i]).collect()));
             }
         }
-        if lists.get(1).is_some_and(|l| l.slots.len() == v.len()) {
+        if lists.get(1).is_some_and(|l| l.slots.len() == v.len()) && list != Some(first.id()) {
             return Ok(BlockRatio::Extended(v.clone()));
         }
         if first.slots.len() == 1 {

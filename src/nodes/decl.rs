@@ -83,6 +83,10 @@ pub struct NodeDecl {
     /// Read SDXL elemental block names as SuperMerger's old shifted names.
     #[serde(default)]
     pub xl_elemental_shift: bool,
+    /// The block list that per-block weights name (`supermerger`, `comfyui`, `extended`...);
+    /// default: the one whose length the vector has.
+    #[serde(default)]
+    pub block_list: Option<String>,
     /// Merge only these blocks / keys.
     #[serde(default)]
     pub include: Option<FilterDecl>,
@@ -206,6 +210,7 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("seed", d.seed.is_some()),
         ("elemental", d.elemental.is_some()),
         ("xl_elemental_shift", d.xl_elemental_shift),
+        ("block_list", d.block_list.is_some()),
         ("include", d.include.is_some()),
         ("exclude", d.exclude.is_some()),
         ("adjust", d.adjust.is_some()),

@@ -661,3 +661,71 @@ fn families_table_in_docs_is_current() {
         "docs/families.md is stale: paste `mergesmith families` between the markers"
     );
 }
+
+#[test]
+fn a_block_list_can_be_named_and_elemental_uses_its_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = tiny(Family::builtin("flux"), 21);
+    o.dtype = FloatType::Fp32;
+    o.layout = Some("bfl".into());
+    let a = synth(d, "a.safetensors", &o);
+    o.seed = 22;
+    let b = synth(d, "b.safetensors", &o);
+    let run = |s: &MergeSpec, name: &str| {
+        merge_files(
+            &MergeFiles {
+                a: &a,
+                b: &b,
+                c: None,
+            },
+            s,
+            &d.join(name),
+            &mergesmith::store::memo(&d.join("memo")),
+            &RunOptions::default(),
+        )
+    };
+    let mut s = spec(Ratio::Blocks(vec![0.5; 61]));
+    s.block_list = Some("comfyui".into());
+    let err = run(&s, "x.safetensors").err().unwrap().to_string();
+    assert!(
+        err.contains("block list `comfyui` of Flux.1 has 63 slots"),
+        "{err}"
+    );
+    s.block_list = Some("comfy".into());
+    let err = run(&s, "x.safetensors").err().unwrap().to_string();
+    assert!(err.contains("did you mean `comfyui`"), "{err}");
+    // ComfyUI's prefixes in elemental entries (the last matching entry wins).
+    let mut s = spec(Ratio::Scalar(0.3));
+    s.block_list = Some("comfyui".into());
+    s.elemental = Some("double_blocks.3.:img_attn:0.9".into());
+    run(&s, "m.safetensors").unwrap();
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(d.join("m.safetensors")).unwrap(),
+    );
+    for (key, al) in [
+        ("double_blocks.3.img_attn.qkv.weight", 0.9),
+        ("double_blocks.3.img_mlp.0.weight", 0.3),
+        ("double_blocks.13.img_attn.qkv.weight", 0.3),
+    ] {
+        let (x, y, m) = (values(&ca, key), values(&cb, key), values(&cm, key));
+        let want = (1.0 - al) * x[0] + al * y[0];
+        assert!((m[0] - want).abs() < 1e-6, "{key}: {} vs {want}", m[0]);
+    }
+    // SuperMerger's names with the default list.
+    let mut s = spec(Ratio::Scalar(0.3));
+    s.elemental = Some("D13 S00-S02::0.8".into());
+    run(&s, "n.safetensors").unwrap();
+    let cn = Checkpoint::open(d.join("n.safetensors")).unwrap();
+    for (key, al) in [
+        ("double_blocks.13.img_attn.qkv.weight", 0.8),
+        ("single_blocks.2.linear1.weight", 0.8),
+        ("single_blocks.3.linear1.weight", 0.3),
+    ] {
+        let (x, y, m) = (values(&ca, key), values(&cb, key), values(&cn, key));
+        let want = (1.0 - al) * x[0] + al * y[0];
+        assert!((m[0] - want).abs() < 1e-6, "{key}: {} vs {want}", m[0]);
+    }
+}
