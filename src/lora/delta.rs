@@ -268,7 +268,9 @@ pub fn delta(
                     "oft_blocks {b_s:?} do not split the weight's {out} output rows"
                 )));
             }
-            let rotations = oft_rotations(&blocks, nb, bs, alpha.map(|a| a as f64 * out as f64))?;
+            // alpha 0 (LyCORIS' default) means no norm constraint, as in every reference.
+            let constraint = alpha.filter(|a| *a != 0.0).map(|a| a as f64 * out as f64);
+            let rotations = oft_rotations(&blocks, nb, bs, constraint)?;
             let rescale = f.part(m, "rescale")?.map(|(v, _)| v);
             // W'[p] = rescale[p] · Σ_o R[o, p] · W[o] within each block; ΔW = W' − W.
             let mut v = vec![0f32; out * cols];

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// The adapter family of a module.
@@ -222,7 +223,21 @@ impl LoraFile {
             path: self.path.clone(),
             name: name.clone(),
         })?;
-        let values = crate::convert::to_f32(t.dtype, &self.ck.data(t))?;
+        let data = self.ck.data(t);
+        let values = match t.dtype {
+            // Flags and counts some trainers store as integers (IA3's `on_input`).
+            DType::Bool | DType::U8 => data.iter().map(|b| *b as f32).collect(),
+            DType::I8 => data.iter().map(|b| *b as i8 as f32).collect(),
+            DType::I32 => data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect(),
+            DType::I64 => data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+                .collect(),
+            _ => crate::convert::to_f32(t.dtype, &data)?,
+        };
         Ok(Some((values, t.shape.clone())))
     }
 }

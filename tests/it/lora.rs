@@ -247,6 +247,44 @@ fn known_answers_of_lora_md() {
         "{clamped:?}"
     );
     close(&oft(1.0, true), &[-3., 0.]);
+    // alpha 0 (LyCORIS' default for diag-OFT) is "no constraint": the full rotation, as
+    // without alpha, not a no-op.
+    close(&oft(0.0, false), &[-2., 0.]);
+}
+
+#[test]
+fn ia3_flag_stored_as_an_integer_tensor_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ia3.safetensors");
+    let m = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let specs = vec![
+        TensorSpec {
+            name: format!("{m}.weight"),
+            dtype: DType::F32,
+            shape: vec![2],
+        },
+        TensorSpec {
+            name: format!("{m}.on_input"),
+            dtype: DType::I64,
+            shape: vec![],
+        },
+    ];
+    let w = SafetensorsWriter::create(&path, specs, &BTreeMap::new(), true).unwrap();
+    w.write(
+        &format!("{m}.weight"),
+        &[0.5f32, -1.]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    w.write(&format!("{m}.on_input"), &1i64.to_le_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    let f = LoraFile::open(&path).unwrap();
+    let d = delta(&f, &f.modules[0], 4, Some(&[1., 2., 3., 4.]), &[2, 2]).unwrap();
+    // The same answer as the float flag: scales per input column.
+    close(&d, &[0.5, -2., 1.5, -4.]);
 }
 
 #[test]
