@@ -1,18 +1,7 @@
 //! SDXL's key -> block rule (supermerger.md §3.3), the one block rule the family data
 //! (`data/families/sdxl.yaml`) cannot express: fine names built from every digit of the key.
 
-/// Number after `.{section}.` in a key, e.g. `input_blocks` in `...input_blocks.4.1...` -> 4.
-fn index_after(key: &str, section: &str) -> Option<usize> {
-    let pat = format!(".{section}.");
-    let rest = &key[key.find(&pat)? + pat.len()..];
-    let digits: &str = &rest[..rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len())];
-    if digits.is_empty() || !rest[digits.len()..].starts_with('.') {
-        return None;
-    }
-    digits.parse().ok()
-}
+use super::family::index_after;
 
 /// SDXL rule: `(fine name, 20-list block)`, or `None` for keys that are never merged
 /// (no `weight`/`bias` in the name).

@@ -372,8 +372,9 @@ impl BlockList {
     }
 }
 
-/// Number N after `SECTION.` at the key's start or after a dot, when followed by a dot.
-fn index_after(key: &str, section: &str) -> Option<usize> {
+/// Number N after `SECTION.` at the key's start or after a dot, when followed by a dot
+/// (`input_blocks` in `...input_blocks.4.1...` -> 4).
+pub(super) fn index_after(key: &str, section: &str) -> Option<usize> {
     let dotted = format!(".{key}");
     let pat = format!(".{section}.");
     let rest = &dotted[dotted.find(&pat)? + pat.len()..];
