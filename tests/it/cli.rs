@@ -416,3 +416,133 @@ fn every_command_finds_the_cache_build_filled_from_another_directory() {
     assert_eq!(stats(&proj, &[]), (layout, 0));
     assert!(!elsewhere.join("cache").exists());
 }
+
+#[test]
+fn flux_fp8_files_merge_as_a_new_user_would_merge_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cache = d.join("cache");
+    let m = d.join("models");
+    std::fs::create_dir_all(&m).unwrap();
+    let p = |n: &str| m.join(n).to_string_lossy().into_owned();
+    // Two BFL transformers stored in fp8, one ComfyUI all-in-one in bf16.
+    for (name, seed, extra) in [
+        (
+            "a.safetensors",
+            "1",
+            ["--layout", "bfl", "--dtype", "fp8_e4m3"],
+        ),
+        (
+            "b.safetensors",
+            "2",
+            ["--layout", "bfl", "--dtype", "fp8_e4m3"],
+        ),
+        (
+            "c.safetensors",
+            "3",
+            ["--layout", "comfyui", "--dtype", "bf16"],
+        ),
+    ] {
+        ok(ms(
+            &[
+                &["synth", "--arch", "flux", "--seed", seed, "-o", &p(name)][..],
+                &extra[..],
+            ]
+            .concat(),
+            &cache,
+        ));
+    }
+    let out = p("m.safetensors");
+    let r = json(ms(
+        &[
+            "merge",
+            "-a",
+            &p("a.safetensors"),
+            "-b",
+            &p("b.safetensors"),
+            "--alpha",
+            "0.5",
+            "-o",
+            &out,
+            "--json",
+        ],
+        &cache,
+    ));
+    assert_eq!(r["plan"]["architecture"]["family"], "flux");
+    assert_eq!(r["plan"]["architecture"]["layout"], "bfl");
+    assert_eq!(
+        r["plan"]["blended"], r["report"]["tensors"],
+        "every tensor blended"
+    );
+    let info = json(ms(&["inspect", &out, "--json", "--no-hash"], &cache));
+    assert_eq!(
+        info["dtypes"]["F8_E4M3"]["tensors"], r["report"]["tensors"],
+        "{info}"
+    );
+
+    // A recipe over mixed layouts with a named block list; the second build is all hits.
+    let nodes = "  m:\n    merge: weight_sum\n    a: a\n    b: c\n    alpha: 0.25\n    block_list: supermerger\n  out:\n    save: m\n    to: out/flux.safetensors\n";
+    std::fs::write(
+        d.join("mergesmith.yaml"),
+        crate::common::recipe_yaml("models/", &["a", "c"], nodes),
+    )
+    .unwrap();
+    let first = ok(ms_in(d, &["build", "mergesmith.yaml"]));
+    assert!(d.join("out/flux.safetensors").exists(), "{first}");
+    let again = ok(ms_in(d, &["build", "mergesmith.yaml"]));
+    assert!(
+        again.lines().filter(|l| l.starts_with("cached")).count() == 2,
+        "{again}"
+    );
+    assert!(again.contains("0 built"), "{again}");
+
+    // Two files with nothing to blend: exit code 2 and the reason, no output.
+    let err = ms(
+        &[
+            "merge",
+            "-a",
+            &p("a.safetensors"),
+            "-b",
+            &p("nothing.safetensors"),
+            "--alpha",
+            "0.5",
+            "-o",
+            &p("x.safetensors"),
+        ],
+        &cache,
+    );
+    assert!(!err.status.success());
+    crate::common::raw_safetensors(
+        &m.join("nothing.safetensors"),
+        r#"{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
+    let err = ms(
+        &[
+            "merge",
+            "-a",
+            &p("a.safetensors"),
+            "-b",
+            &p("nothing.safetensors"),
+            "--alpha",
+            "0.5",
+            "-o",
+            &p("x.safetensors"),
+        ],
+        &cache,
+    );
+    assert_eq!(err.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        text.contains("nothing to merge") && text.contains("missing from B"),
+        "{text}"
+    );
+    assert!(!m.join("x.safetensors").exists());
+
+    let families = json(ms(&["families", "--json"], &cache));
+    assert!(families
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == "flux"));
+}
