@@ -29,4 +29,11 @@ $bin build recipes/preview.yaml
 $bin build recipes/preview.yaml
 # XY sweeps (alpha x seed, pinpointed blocks) as grids, and the static report of them.
 $bin report recipes/sweep.yaml -o recipes/out/site
+# Flux.1: two tiny BFL transformers stored in fp8 (real key layout), merged with SuperMerger's
+# 61 Flux blocks (double blocks 0-18 from B at 0.5, the rest at 0.2); the output stays fp8.
+$bin synth --arch flux --layout bfl --dtype fp8_e4m3 --seed 1 -o "$m/flux-a.safetensors" --overwrite
+$bin synth --arch flux --layout bfl --dtype fp8_e4m3 --seed 2 -o "$m/flux-b.safetensors" --overwrite
+flux_alpha="0.2,0.2,0.2$(printf ',0.5%.0s' $(seq 19))$(printf ',0.2%.0s' $(seq 39))"
+$bin merge -a "$m/flux-a.safetensors" -b "$m/flux-b.safetensors" --alpha "$flux_alpha" \
+    -o recipes/out/flux.safetensors --overwrite
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'
