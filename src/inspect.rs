@@ -48,6 +48,10 @@ pub struct Report {
     pub file_bytes: u64,
     /// Detected architecture and why.
     pub arch: Arch,
+    /// Quantized storage: ComfyUI scaled fp8 with its scaled weights, or the layout mergesmith
+    /// does not read (none: plain storage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
     /// Totals.
     pub total: Tally,
     /// Per dtype.
@@ -151,6 +155,15 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         }
         None => (None, None),
     };
+    let quantization = match crate::checkpoint::quant::Quant::of(&ckpt) {
+        Ok(q) if q.is_scaled() => Some(format!(
+            "scaled fp8: {} weights with per-tensor scales (`{}`)",
+            q.scales.len(),
+            q.markers.join("`, `")
+        )),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
     let (format, file_bytes) = (ckpt.format(), ckpt.file_len());
     // A file of no known architecture may be a LoRA: read it as one, without reopening it.
     let lora = arch
@@ -167,6 +180,7 @@ pub fn inspect(path: &Path, memo: Option<&HashMemo>, with_keys: bool) -> Result<
         format,
         file_bytes,
         arch,
+        quantization,
         total,
         dtypes,
         components: components
@@ -212,6 +226,9 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(s, "architecture:  {}", r.arch);
     let _ = writeln!(s, "  because:     {}", r.arch.rule);
+    if let Some(q) = &r.quantization {
+        let _ = writeln!(s, "  storage:     {q}");
+    }
     if let Some(l) = r.arch.family.layout(r.arch.layout) {
         let lists: Vec<String> = r
             .arch
