@@ -221,6 +221,11 @@ fn scaled_fp8_is_dequantized_then_requantized_with_a_fresh_scale() {
     let (sa, sb) = ([0.01f32, 0.002], [0.03f32, 0.0005]);
     flux_fp8(&a, 1, Some(sa));
     flux_fp8(&b, 2, Some(sb));
+    let report = mergesmith::inspect::inspect(&a, None, false).unwrap();
+    assert_eq!(
+        report.quantization.as_deref(),
+        Some("scaled fp8: 2 weights with per-tensor scales (`scaled_fp8`)")
+    );
     let spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None);
     let plan = merge(&a, &b, &spec, &out).unwrap();
     assert_eq!(plan.blended(), 3);
