@@ -383,3 +383,46 @@ fn quantized_layouts_not_read_yet_are_refused() {
         .to_string();
     assert!(err.contains("no `scaled_fp8` marker"), "{err}");
 }
+
+#[test]
+fn a_recipe_chains_scaled_fp8_merges() {
+    use mergesmith::build::{self, BuildOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("models")).unwrap();
+    for (name, seed, scales) in [
+        ("a", 1, [0.01f32, 0.002]),
+        ("b", 2, [0.03, 0.0005]),
+        ("c", 3, [0.02, 0.001]),
+    ] {
+        flux_fp8(
+            &d.join(format!("models/{name}.safetensors")),
+            seed,
+            Some(scales),
+        );
+    }
+    let nodes = "  ab:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.5\n    cache: memory\n  abc:\n    merge: weight_sum\n    a: ab\n    b: c\n    alpha: 0.25\n  out:\n    save: abc\n    to: out/abc.safetensors\n";
+    let path = d.join("recipe.yaml");
+    std::fs::write(&path, recipe_yaml("models/", &["a", "b", "c"], nodes)).unwrap();
+    let cache = mergesmith::store::Cache::new(&d.join("cache"));
+    let recipe = mergesmith::recipe::load(&path).unwrap();
+    build::build(&recipe, &cache, &[], &BuildOptions::default()).unwrap();
+    let out = Checkpoint::open(d.join("out/abc.safetensors")).unwrap();
+    assert!(out.get("scaled_fp8").is_some());
+    assert_eq!(out.get(W[0]).unwrap().dtype, DType::F8E4M3);
+    // The same result as the two merges one after the other from the CLI API.
+    let (ab, abc) = (d.join("ab.safetensors"), d.join("abc.safetensors"));
+    let spec = |al| MergeSpec::new(Mode::WeightSum, Ratio::Scalar(al), None);
+    merge(
+        &d.join("models/a.safetensors"),
+        &d.join("models/b.safetensors"),
+        &spec(0.5),
+        &ab,
+    )
+    .unwrap();
+    merge(&ab, &d.join("models/c.safetensors"), &spec(0.25), &abc).unwrap();
+    let direct = Checkpoint::open(&abc).unwrap();
+    for t in direct.tensors() {
+        assert_eq!(raw(&out, &t.name), raw(&direct, &t.name), "{}", t.name);
+    }
+}
