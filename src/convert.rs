@@ -134,14 +134,15 @@ impl F8 {
         }
     }
 
-    /// Rounds to nearest, ties to even; saturates beyond the largest finite value.
-    fn encode(self, v: f32) -> u8 {
+    /// Rounds to nearest, ties to even; saturates beyond the largest finite value (`max`,
+    /// passed in so that the hot loop does not recompute it).
+    #[inline]
+    fn encode(self, v: f32, max: f32) -> u8 {
         if v.is_nan() {
             return 0x7F;
         }
         let sign = if v.is_sign_negative() { 0x80 } else { 0 };
         let a = v.abs();
-        let max = self.decode(self.max_byte());
         if a >= max {
             return sign | self.max_byte();
         }
@@ -154,9 +155,12 @@ impl F8 {
             (a.to_bits() >> 23) as i32 - 127
         }
         .max(min_normal_exp);
-        let step = 2f32.powi(e - self.man as i32);
-        // a / step is exact (a power-of-two division of a normal f32 in range).
-        let q = (a / step).round_ties_even() as u32;
+        // a / 2^(e - man) is exact (a power-of-two scaling of a normal f32 in range), and
+        // below 2^(man + 1); adding and taking away 2^23 rounds it to an integer, ties to
+        // even, in the default rounding mode.
+        let inv_step = f32::from_bits(((127 - (e - self.man as i32)) as u32) << 23);
+        const ROUND: f32 = 8_388_608.0;
+        let q = ((a * inv_step + ROUND) - ROUND) as u32;
         // q * step, as (exponent, mantissa) fields; q may have carried into the next binade.
         let (field_e, field_m) = if e == min_normal_exp && q < (1 << self.man) {
             (0, q)
@@ -199,14 +203,11 @@ pub fn encode_into(values: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
                 c.copy_from_slice(&(*v as f64).to_le_bytes());
             }
         }
-        DType::F8E4M3 => {
+        DType::F8E4M3 | DType::F8E5M2 => {
+            let f8 = if dtype == DType::F8E4M3 { E4M3 } else { E5M2 };
+            let max = f8.decode(f8.max_byte());
             for (o, v) in out.iter_mut().zip(values) {
-                *o = E4M3.encode(*v);
-            }
-        }
-        DType::F8E5M2 => {
-            for (o, v) in out.iter_mut().zip(values) {
-                *o = E5M2.encode(*v);
+                *o = f8.encode(*v, max);
             }
         }
         other => return Err(not_float(other)),
