@@ -94,6 +94,18 @@ impl Quant {
         Ok(Quant { scales, markers })
     }
 
+    /// Refuses a quantized (or scaled-fp8) checkpoint for a job that reads weights as stored:
+    /// `what` says which (LoRA baking, extraction, generation).
+    pub fn require_plain(ck: &Checkpoint, what: &str) -> Result<()> {
+        if Quant::of(ck)?.is_scaled() {
+            return Err(Error::Invalid(format!(
+                "{}: {what} does not read scaled fp8 yet; merge it with `--dtype bf16` (or fp16) first",
+                ck.path().display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the file is scaled fp8.
     pub fn is_scaled(&self) -> bool {
         !self.markers.is_empty()

@@ -148,6 +148,7 @@ impl Models {
     pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
         let arch = crate::arch::detect(ck.tensors());
         check_arch(&arch).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+        crate::checkpoint::quant::Quant::require_plain(&ck, "generation")?;
         let family = arch.family;
         let map = Arc::new(WeightMap::of(&ck));
         let vb = |part, dtype| {

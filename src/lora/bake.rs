@@ -87,6 +87,7 @@ pub struct BakePlan {
 /// Resolves every module of every LoRA against the checkpoint. Modules that match nothing are
 /// an error naming them, unless `allow_unmatched` (then they are listed in the plan).
 pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Result<BakePlan> {
+    crate::checkpoint::quant::Quant::require_plain(ck, "LoRA baking")?;
     let family = arch::detect(ck.tensors()).family;
     let targets = Targets::of(ck);
     let mut out = BakePlan::default();

@@ -102,6 +102,9 @@ pub struct ExtractPlan {
 /// Plans the extraction of a LoRA of `a` (tuned) relative to `b` (base) on their headers:
 /// same family, every module resolves, the same shapes in both.
 pub fn plan(a: &Checkpoint, b: &Checkpoint, opts: &ExtractOptions) -> Result<ExtractPlan> {
+    for ck in [a, b] {
+        crate::checkpoint::quant::Quant::require_plain(ck, "LoRA extraction")?;
+    }
     let family = arch::detect(a.tensors()).family;
     let other = arch::detect(b.tensors()).family;
     if family != other {

@@ -426,3 +426,30 @@ fn a_recipe_chains_scaled_fp8_merges() {
         assert_eq!(raw(&out, &t.name), raw(&direct, &t.name), "{}", t.name);
     }
 }
+
+#[test]
+fn jobs_that_read_stored_weights_refuse_scaled_fp8() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
+    flux_fp8(&a, 1, Some([0.01, 0.002]));
+    flux_fp8(&b, 2, None);
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let opts = mergesmith::lora::extract::ExtractOptions::default();
+    let err = mergesmith::lora::extract::plan(&cb, &ca, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LoRA extraction does not read scaled fp8"),
+        "{err}"
+    );
+    let err = mergesmith::lora::bake::plan(&ca, &[], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LoRA baking does not read scaled fp8"),
+        "{err}"
+    );
+    // A plain fp8 file passes this check (and meets the family's own limits later).
+    assert!(mergesmith::checkpoint::quant::Quant::require_plain(&cb, "x").is_ok());
+}
