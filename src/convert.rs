@@ -376,16 +376,7 @@ mod tests {
             .filter(|b| b & 0x7C00 != 0x7C00)
             .map(|b| (b, f16::from_bits(b).to_f64()))
             .collect();
-        let nearest = |v: f64| -> u16 {
-            let mut best = finite[0];
-            for &(b, x) in &finite {
-                let (d, db) = ((x - v).abs(), (best.1 - v).abs());
-                if d < db || (d == db && b & 1 == 0 && best.0 & 1 == 1) {
-                    best = (b, x);
-                }
-            }
-            best.0
-        };
+        let nearest = |v: f64| nearest_even(&finite, v).0;
         let mut x: u64 = 0x9E3779B97F4A7C15;
         for _ in 0..200 {
             x ^= x << 13;
@@ -402,6 +393,18 @@ mod tests {
                 "{v}: got {got:#x}, want {want:#x}"
             );
         }
+    }
+
+    /// The code nearest to `v` by brute force over `(code, value)` pairs, ties to the even code.
+    fn nearest_even<C: Copy + Into<u32>>(table: &[(C, f64)], v: f64) -> (C, f64) {
+        let mut best = table[0];
+        for &(b, x) in table {
+            let (d, db) = ((x - v).abs(), (best.1 - v).abs());
+            if d < db || (d == db && b.into() & 1 == 0 && best.0.into() & 1 == 1) {
+                best = (b, x);
+            }
+        }
+        best
     }
 
     /// Every finite value of an 8-bit type with its byte, from the bit layout written out
@@ -500,17 +503,7 @@ mod tests {
         for d in [DType::F8E4M3, DType::F8E5M2] {
             let table = f8_table(d);
             let max = table.iter().map(|(_, v)| *v).fold(0.0, f64::max);
-            let nearest = |v: f64| -> f64 {
-                let v = v.clamp(-max, max);
-                let mut best = table[0];
-                for &(b, x) in &table {
-                    let (dx, db) = ((x - v).abs(), (best.1 - v).abs());
-                    if dx < db || (dx == db && b & 1 == 0 && best.0 & 1 == 1) {
-                        best = (b, x);
-                    }
-                }
-                best.1
-            };
+            let nearest = |v: f64| nearest_even(&table, v.clamp(-max, max)).1;
             let mut x: u64 = 0x2545F4914F6CDD1D;
             for i in 0..4000 {
                 x ^= x << 13;

@@ -496,41 +496,31 @@ fn flux_fp8_files_merge_as_a_new_user_would_merge_them() {
     );
     assert!(again.contains("0 built"), "{again}");
 
-    // Two files with nothing to blend: exit code 2 and the reason, no output.
-    let err = ms(
-        &[
-            "merge",
-            "-a",
-            &p("a.safetensors"),
-            "-b",
-            &p("nothing.safetensors"),
-            "--alpha",
-            "0.5",
-            "-o",
-            &p("x.safetensors"),
-        ],
-        &cache,
-    );
-    assert!(!err.status.success());
+    // Two files with nothing to blend: exit code 2 and the reason, no output (a missing B
+    // fails first).
+    let merge_nothing = || {
+        ms(
+            &[
+                "merge",
+                "-a",
+                &p("a.safetensors"),
+                "-b",
+                &p("nothing.safetensors"),
+                "--alpha",
+                "0.5",
+                "-o",
+                &p("x.safetensors"),
+            ],
+            &cache,
+        )
+    };
+    assert!(!merge_nothing().status.success());
     crate::common::raw_safetensors(
         &m.join("nothing.safetensors"),
         r#"{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
         &[0; 8],
     );
-    let err = ms(
-        &[
-            "merge",
-            "-a",
-            &p("a.safetensors"),
-            "-b",
-            &p("nothing.safetensors"),
-            "--alpha",
-            "0.5",
-            "-o",
-            &p("x.safetensors"),
-        ],
-        &cache,
-    );
+    let err = merge_nothing();
     assert_eq!(err.status.code(), Some(2));
     let text = String::from_utf8_lossy(&err.stderr);
     assert!(
