@@ -219,6 +219,65 @@ pub struct BlockListDef {
     pub unlisted: Unlisted,
 }
 
+/// How LoRA files name a family's weights. Templates: `{p}` is a weight's module path (its
+/// key after the layout or text-encoder prefix, without `.weight`), `{p_}` the same with `_`
+/// for `.`; `{d}` / `{d_}` a diffusers module path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraDef {
+    /// Module-name prefixes that show a LoRA file was made for this family.
+    pub made_for: Vec<String>,
+    /// Spellings of a diffusion-model weight's module (`{p}`, `{p_}`); the first is the one
+    /// mergesmith writes (extraction, merged LoRAs).
+    pub names: Vec<String>,
+    /// Spellings of a diffusers module path (`{d}`, `{d_}`).
+    #[serde(default)]
+    pub diffusers_names: Vec<String>,
+    /// The layout whose keys are already diffusers paths (registered with `diffusers_names`).
+    #[serde(default)]
+    pub diffusers_layout: Option<String>,
+    /// Diffusers module paths of native weights, or of row slices of them.
+    #[serde(default)]
+    pub diffusers: Vec<LoraAlias>,
+    /// Text encoders: key prefix and module spellings.
+    #[serde(default)]
+    pub text_encoders: Vec<LoraTextEncoder>,
+    /// Path prefixes of the diffusion-model weights trainers target by default (extraction).
+    pub targets: Vec<String>,
+    /// The same for the diffusers layout.
+    #[serde(default)]
+    pub diffusers_targets: Vec<String>,
+}
+
+/// One diffusers module path and the native module it is (part of); `{N}` is a block number.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraAlias {
+    /// Diffusers module path.
+    pub d: String,
+    /// Native module path.
+    pub p: String,
+    /// Rows `[a, b)` of the native weight, in units of its input width (fused q/k/v/mlp).
+    #[serde(default)]
+    pub rows: Option<[usize; 2]>,
+    /// The diffusers weight stores the two halves of its rows swapped (scale/shift).
+    #[serde(default)]
+    pub swap_halves: bool,
+}
+
+/// A text encoder's LoRA names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTextEncoder {
+    /// Key prefix of its weights in the checkpoint.
+    pub prefix: String,
+    /// Spellings of a module (`{p}`, `{p_}`); the first is the one mergesmith writes.
+    pub names: Vec<String>,
+    /// Path prefixes of the modules trainers target by default (none: not trained).
+    #[serde(default)]
+    pub targets: Vec<String>,
+}
+
 /// The code a family uses where data cannot say it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,6 +303,9 @@ pub struct Facts {
     /// kohya `ss_base_model_version` of LoRAs made for the family.
     #[serde(default)]
     pub ss_base_model_version: Option<String>,
+    /// kohya `ss_network_module` of LoRAs made for the family.
+    #[serde(default)]
+    pub ss_network_module: Option<String>,
     /// modelspec architecture (without `/lora`).
     #[serde(default)]
     pub modelspec_architecture: Option<String>,
@@ -298,6 +360,10 @@ pub struct FamilyDef {
     pub markers: Vec<String>,
     /// Block lists; the first is the default (moved into [`FamilyData::lists`] on loading).
     pub blocks: Vec<BlockListDef>,
+    /// LoRA module names, for families whose LoRAs are declared as data (the SD families'
+    /// kohya tables are code: `code.lora`).
+    #[serde(default)]
+    pub lora: Option<LoraDef>,
     /// Code hooks.
     #[serde(default)]
     pub code: CodeHooks,
@@ -652,6 +718,25 @@ impl Family {
         &self.0.def.facts
     }
 
+    /// The family's LoRA names, when declared as data.
+    pub fn lora(self) -> Option<&'static LoraDef> {
+        self.0.def.lora.as_ref()
+    }
+
+    /// Whether mergesmith can bake, extract and merge LoRAs for this family.
+    pub fn has_lora(self) -> bool {
+        self.0.def.lora.is_some() || self.0.def.code.lora.is_some()
+    }
+
+    /// Which LoRA files fit the family: families of one group read the same module names
+    /// (SD1 and SD2 share kohya's tables).
+    pub fn lora_group(self) -> &'static str {
+        match (&self.0.def.lora, &self.0.def.code.lora) {
+            (None, Some(code)) => code,
+            _ => self.id(),
+        }
+    }
+
     /// Whether LoRAs for this family use SDXL's kohya names (`lora_te1_`/`lora_te2_`, SGM
     /// UNet names) rather than SD1/SD2's.
     pub fn xl_lora(self) -> bool {
@@ -733,7 +818,7 @@ impl Family {
                     ),
                 }
             },
-            lora: d.code.lora.is_some(),
+            lora: self.has_lora(),
             generation: d.code.generation.is_some(),
             synth: d.code.synth.as_deref().is_some_and(|s| s != "none"),
         }

@@ -1,7 +1,9 @@
 //! Baking LoRAs into a checkpoint: `W' = W + Σ strength · block weight · ΔW` for every weight
 //! a module resolves to, in f32, rounded once to W's stored dtype (lora.md §2.2). Every delta
 //! is computed from the original W (IA3 reads it), so the order of the LoRAs does not matter.
-//! Untouched tensors are copied byte for byte; a zero factor leaves W bit-identical.
+//! Untouched tensors are copied byte for byte; a zero factor leaves W bit-identical. fp8
+//! weights are changed in f32 and rounded back to nearest even; scaled-fp8 weights are
+//! dequantized with their scale first and stored with a fresh scale (`X.scale_weight`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +11,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::arch::{self, Family};
+use crate::checkpoint::quant::{self, Quant};
 use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::Checkpoint;
 use crate::convert;
@@ -54,6 +57,16 @@ impl Application {
     }
 }
 
+/// The part holding a module's bias change: a full difference's `diff_b`, a norm module's
+/// `b_norm`.
+fn bias_part(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Full => Some("diff_b"),
+        Kind::Norm => Some("b_norm"),
+        _ => None,
+    }
+}
+
 /// One module's share of one checkpoint tensor.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Contribution {
@@ -69,8 +82,11 @@ pub struct Contribution {
     pub strength: f64,
     /// The block weight (DoRA applies it to ΔW before normalising).
     pub block: f64,
-    /// The bias of a full-difference module (`diff_b`), not its weight.
+    /// The bias of a full-difference or norm module (`diff_b`, `b_norm`), not its weight.
     pub bias: bool,
+    /// The module's rows are the tensor's with the two halves swapped.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub swap_halves: bool,
 }
 
 /// What baking will do.
@@ -82,31 +98,43 @@ pub struct BakePlan {
     pub unmatched: Vec<(usize, String)>,
     /// Modules applied (matched, all factors counted).
     pub applied: usize,
+    /// Scaled fp8: changed weight key -> its scale key (rewritten with a fresh scale).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rescaled: BTreeMap<String, String>,
+    /// Scaled fp8: weight key -> the scale it is stored with.
+    #[serde(skip)]
+    pub scales: BTreeMap<String, f32>,
 }
 
 /// Resolves every module of every LoRA against the checkpoint. Modules that match nothing are
 /// an error naming them, unless `allow_unmatched` (then they are listed in the plan).
 pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Result<BakePlan> {
-    crate::checkpoint::quant::Quant::require_plain(ck, "LoRA baking")?;
+    let quant = Quant::of(ck)?;
     let family = arch::detect(ck.tensors()).family;
     let targets = Targets::of(ck);
-    let mut out = BakePlan::default();
+    let mut out = BakePlan {
+        scales: quant.scales.clone(),
+        ..BakePlan::default()
+    };
     for (li, app) in loras.iter().enumerate() {
         let f = &app.file;
         let made_for = f.family();
-        if family.code().lora.is_none() {
+        if !family.has_lora() {
             return Err(Error::Invalid(format!(
                 "baking LoRAs into {} checkpoints is not supported yet ({})",
                 family.label(),
                 f.path.display()
             )));
         }
-        let xl = family.xl_lora();
-        if made_for.is_some_and(|m| m.xl_lora() != xl) {
+        if let Some(m) = made_for.filter(|m| m.lora_group() != family.lora_group()) {
             return Err(Error::Invalid(format!(
                 "{} is a LoRA for {}, the checkpoint is {}",
                 f.path.display(),
-                if xl { "SD1.x/SD2.x" } else { "SDXL" },
+                match m.lora() {
+                    Some(_) => m.label(),
+                    None if m.xl_lora() => "SDXL",
+                    None => "SD1.x/SD2.x",
+                },
                 family.label()
             )));
         }
@@ -116,11 +144,10 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
                 continue;
             };
             out.applied += 1;
-            let block = arch::classify(family, &t.key).block;
             let block_weight = app
                 .blocks
                 .as_ref()
-                .map_or(1.0, |b| b.weight(block.as_deref()));
+                .map_or(1.0, |b| b.weight_of_key(family, &t.key));
             let factor = app.strength * block_weight;
             if factor == 0.0 {
                 continue;
@@ -134,15 +161,28 @@ pub fn plan(ck: &Checkpoint, loras: &[Application], allow_unmatched: bool) -> Re
                     strength: app.strength,
                     block: block_weight,
                     bias,
+                    swap_halves: t.swap_halves && !bias,
                 })
             };
             if m.kind != Kind::Full || m.parts.contains_key("diff") {
                 add(t.key.clone(), t.rows, false);
             }
-            if m.kind == Kind::Full && m.parts.contains_key("diff_b") {
+            if bias_part(m.kind).is_some_and(|p| m.parts.contains_key(p)) {
                 let bias = t.key.strip_suffix(".weight").unwrap_or(&t.key).to_string() + ".bias";
+                if ck.get(&bias).is_none() {
+                    return Err(Error::Invalid(format!(
+                        "{}: module `{}` changes a bias, but the checkpoint has no `{bias}`",
+                        f.path.display(),
+                        m.name
+                    )));
+                }
                 add(bias, None, true);
             }
+        }
+    }
+    for key in out.changes.keys() {
+        if let (Some(_), Some(scale)) = (quant.scale(key), Quant::scale_key(key)) {
+            out.rescaled.insert(key.clone(), scale);
         }
     }
     if !out.unmatched.is_empty() && !allow_unmatched {
@@ -176,18 +216,25 @@ pub fn specs(ck: &Checkpoint) -> Vec<TensorSpec> {
         .collect()
 }
 
-/// The new values of one changed tensor.
+/// One changed tensor: its bytes, and for a scaled-fp8 weight the fresh scale it is stored
+/// with (the weight is dequantized with its old scale, changed in f32, and requantized with a
+/// scale that fits the new values).
 pub fn changed_tensor(
     ck: &Checkpoint,
     loras: &[Application],
+    plan: &BakePlan,
     key: &str,
     contributions: &[Contribution],
-) -> Result<Vec<u8>> {
+) -> Result<(Vec<u8>, Option<f32>)> {
     let t = ck.get(key).ok_or_else(|| Error::MissingTensor {
         path: ck.path().to_path_buf(),
         name: key.to_string(),
     })?;
-    let original = convert::to_f32(t.dtype, &ck.data(t))?;
+    let mut original = convert::to_f32(t.dtype, &ck.data(t))?;
+    let stored_scale = plan.scales.get(key).copied();
+    if let Some(scale) = stored_scale {
+        original.iter_mut().for_each(|v| *v *= scale);
+    }
     let mut w = original.clone();
     let cols = t.numel() / t.shape.first().copied().unwrap_or(1).max(1);
     for c in contributions {
@@ -195,13 +242,26 @@ pub fn changed_tensor(
         let m = &f.modules[c.module];
         let (lo, hi) = c.rows.map_or((0, w.len()), |(a, b)| (a * cols, b * cols));
         let d = if c.bias {
-            f.part(m, "diff_b")?.map(|(v, _)| v).unwrap_or_default()
+            let part = bias_part(m.kind).unwrap_or("diff_b");
+            f.part(m, part)?.map(|(v, _)| v).unwrap_or_default()
         } else {
             let mut shape = t.shape.clone();
             if let (Some((a, b)), Some(first)) = (c.rows, shape.first_mut()) {
                 *first = b - a;
             }
-            delta(f, m, hi - lo, Some(&original[lo..hi]), &shape)?
+            let region = &original[lo..hi];
+            let mut d = if c.swap_halves {
+                let mut swapped = region.to_vec();
+                swapped.rotate_left(region.len() / 2);
+                delta(f, m, hi - lo, Some(&swapped), &shape)?
+            } else {
+                delta(f, m, hi - lo, Some(region), &shape)?
+            };
+            if c.swap_halves && d.len() == hi - lo {
+                let half = (hi - lo) / 2;
+                d.rotate_left(half);
+            }
+            d
         };
         if d.len() != hi - lo {
             return Err(Error::Invalid(format!(
@@ -213,9 +273,9 @@ pub fn changed_tensor(
             )));
         }
         if let (false, Some((scale, scale_shape))) = (c.bias, f.part(m, "dora_scale")?) {
-            if c.rows.is_some() {
+            if c.rows.is_some() || c.swap_halves {
                 return Err(Error::Invalid(format!(
-                    "{}: module `{}`: DoRA on a fused q/k/v projection is not supported",
+                    "{}: module `{}`: DoRA on a slice of a fused projection is not supported",
                     f.path.display(),
                     m.name
                 )));
@@ -239,7 +299,12 @@ pub fn changed_tensor(
             *x += k * dv;
         }
     }
-    convert::from_f32(&w, t.dtype)
+    if stored_scale.is_none() {
+        return Ok((convert::from_f32(&w, t.dtype)?, None));
+    }
+    let scale = quant::scale_for(&w, t.dtype);
+    w.iter_mut().for_each(|v| *v /= scale);
+    Ok((convert::from_f32(&w, t.dtype)?, Some(scale)))
 }
 
 /// Writes every tensor of `ck` to `writer`: changed ones recomputed, the rest copied.
@@ -252,12 +317,19 @@ pub fn write(
 ) -> Result<()> {
     let total: u64 = ck.tensors().iter().map(|t| t.byte_len() as u64).sum();
     let bar = crate::progress::bytes(total, "bake", progress);
+    let rewritten: std::collections::BTreeSet<&String> = plan.rescaled.values().collect();
     ck.tensors()
         .par_iter()
-        .filter(|t| writer.expects(&t.name))
+        .filter(|t| writer.expects(&t.name) && !rewritten.contains(&t.name))
         .try_for_each(|t| {
             match plan.changes.get(&t.name) {
-                Some(c) => writer.write(&t.name, &changed_tensor(ck, loras, &t.name, c)?)?,
+                Some(c) => {
+                    let (bytes, scale) = changed_tensor(ck, loras, plan, &t.name, c)?;
+                    writer.write(&t.name, &bytes)?;
+                    if let (Some(scale), Some(key)) = (scale, plan.rescaled.get(&t.name)) {
+                        write_scale(ck, writer, key, scale)?;
+                    }
+                }
                 None => writer.write(&t.name, &ck.data(t))?,
             }
             ck.release(t);
@@ -265,6 +337,18 @@ pub fn write(
             Ok::<_, Error>(())
         })?;
     bar.finish_and_clear();
+    Ok(())
+}
+
+/// Writes a recomputed scale into scale tensor `key`, in the tensor's own dtype and shape.
+fn write_scale(ck: &Checkpoint, writer: &SafetensorsWriter, key: &str, scale: f32) -> Result<()> {
+    let t = ck.get(key).ok_or_else(|| Error::MissingTensor {
+        path: ck.path().to_path_buf(),
+        name: key.to_string(),
+    })?;
+    let values = vec![scale; t.numel().max(1)];
+    writer.write(key, &convert::from_f32(&values, t.dtype)?)?;
+    ck.release(t);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! LoRA Block Weight (LBW, lora.md §6): one weight per block, given as 17 or 26 values for
-//! SD1/SD2, 12 or 20 for SDXL, or as a preset name; blocks a short vector leaves out get an
+//! SD1/SD2, 12 or 20 for SDXL, one of the family's block lists for the others (Flux: 61,
+//! as LBW and SuperMerger name them, or ComfyUI's 63), or as a preset name; blocks a short vector leaves out get an
 //! explicit fill value (0 by default, as the LBW extension and SuperMerger do).
 
 use std::collections::BTreeMap;
@@ -60,10 +61,17 @@ pub struct BlockWeights {
     pub weights: BTreeMap<String, f64>,
     /// Weight of blocks the vector does not list.
     pub fill: f64,
+    /// The family the blocks are named for.
+    pub family: Family,
+    /// Which of the family's block lists names them (0 for the SD families' LBW names).
+    pub list: usize,
 }
 
 impl BlockWeights {
-    /// Parses a preset name or comma-separated values for `family`.
+    /// Parses a preset name or comma-separated values for `family`: the SD families take
+    /// LBW's 17/26 (SD1, SD2) or 12/20/26 (SDXL) values; families whose LoRA names are data
+    /// take a vector as long as one of their block lists (Flux: SuperMerger's / LBW's 61,
+    /// ComfyUI's 63).
     pub fn parse(text: &str, family: Family, fill: f64) -> Result<BlockWeights> {
         let t = text.trim();
         let values = PRESETS
@@ -88,21 +96,44 @@ impl BlockWeights {
                         .unwrap_or_default()
                 ))
             })?;
-        let ids = block_ids(family, parsed.len()).ok_or_else(|| {
-            Error::Invalid(format!(
-                "block weights `{t}`: {} values; {} takes {}",
-                parsed.len(),
-                family.label(),
-                if family.xl_lora() {
-                    "12 or 20 (or 26)"
-                } else {
-                    "17 or 26"
-                }
-            ))
-        })?;
+        let (list, ids) = if family.lora().is_some() {
+            let lists = family.lists();
+            let found = lists
+                .iter()
+                .position(|l| l.slots.len() == parsed.len())
+                .ok_or_else(|| {
+                    let lens: Vec<String> = lists
+                        .iter()
+                        .map(|l| format!("{} ({})", l.slots.len(), l.id()))
+                        .collect();
+                    Error::Invalid(format!(
+                        "block weights `{t}`: {} values; {} takes {}",
+                        parsed.len(),
+                        family.label(),
+                        lens.join(" or ")
+                    ))
+                })?;
+            (found, lists[found].slots.clone())
+        } else {
+            let ids = block_ids(family, parsed.len()).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "block weights `{t}`: {} values; {} takes {}",
+                    parsed.len(),
+                    family.label(),
+                    if family.xl_lora() {
+                        "12 or 20 (or 26)"
+                    } else {
+                        "17 or 26"
+                    }
+                ))
+            })?;
+            (0, ids)
+        };
         Ok(BlockWeights {
             weights: ids.into_iter().zip(parsed).collect(),
             fill,
+            family,
+            list,
         })
     }
 
@@ -112,5 +143,15 @@ impl BlockWeights {
             None => 1.0,
             Some(b) => self.weights.get(b).copied().unwrap_or(self.fill),
         }
+    }
+
+    /// The weight of a checkpoint key of `family` (the checkpoint's).
+    pub fn weight_of_key(&self, family: Family, key: &str) -> f64 {
+        self.weight(family.block_in(self.list, key).as_deref())
+    }
+
+    /// The weight of a LoRA module, by its name.
+    pub fn weight_of_module(&self, module: &str) -> f64 {
+        self.weight(crate::lora::names::module_block_in(self.family, self.list, module).as_deref())
     }
 }

@@ -236,10 +236,18 @@ pub fn delta(
                 false => (b2, b1, a2, a1),
             };
             let (r, ra) = (as_matrix(&bu_s).1, as_matrix(&au_s).1);
+            // A convolution's a1 / a2 mix input channels only (`[in, r, 1, 1]`,
+            // `[r, in, 1, 1]`): `einsum(o i ..., i j -> o j ...)` at every kernel position.
+            let inp = target_shape.get(1).copied().unwrap_or(cols);
+            let a_rows = match as_matrix(&au_s).0 {
+                n if n == cols => cols,
+                n if n == inp && target_shape.len() > 2 => inp,
+                _ => 0,
+            };
             if as_matrix(&bu_s).0 != out
                 || as_matrix(&bd_s) != (r, cols)
-                || as_matrix(&au_s).0 != cols
-                || as_matrix(&ad_s) != (ra, cols)
+                || a_rows == 0
+                || as_matrix(&ad_s) != (ra, a_rows)
             {
                 return Err(err(format!(
                     "GLoRA parts a1 {:?}, a2 {:?}, b1 {:?}, b2 {:?} do not fit a weight of {target_shape:?}",
@@ -251,7 +259,36 @@ pub fn delta(
             }
             let b = matmul(&bu, out, r, &bd, cols);
             // (W·a_up)·a_down: never the [in, in] product.
-            let wa = matmul(&matmul(w, out, cols, &au, ra), out, ra, &ad, cols);
+            let wa = if a_rows == cols {
+                matmul(&matmul(w, out, cols, &au, ra), out, ra, &ad, cols)
+            } else {
+                // Rows (o, kernel position) by input channel, then back.
+                let ksz = cols / inp;
+                let mut wt = vec![0f32; out * cols];
+                for o in 0..out {
+                    for i in 0..inp {
+                        for p in 0..ksz {
+                            wt[(o * ksz + p) * inp + i] = w[o * cols + i * ksz + p];
+                        }
+                    }
+                }
+                let t = matmul(
+                    &matmul(&wt, out * ksz, inp, &au, ra),
+                    out * ksz,
+                    ra,
+                    &ad,
+                    inp,
+                );
+                let mut back = vec![0f32; out * cols];
+                for o in 0..out {
+                    for i in 0..inp {
+                        for p in 0..ksz {
+                            back[o * cols + i * ksz + p] = t[(o * ksz + p) * inp + i];
+                        }
+                    }
+                }
+                back
+            };
             (
                 b.iter().zip(&wa).map(|(x, y)| x + y).collect(),
                 scale_for(Some(r)),
@@ -296,6 +333,49 @@ pub fn delta(
             }
             (v, 1.0)
         }
+        Kind::Boft => {
+            let w = weight.ok_or_else(|| err("BOFT needs the target weight".into()))?;
+            let (blocks, b_s) = need("oft_blocks")?;
+            let out = target_shape.first().copied().unwrap_or(1);
+            let cols = target_numel / out.max(1);
+            let [levels, nb, bs, bs2] = b_s[..] else {
+                return Err(err(format!("BOFT oft_blocks {b_s:?} are not 4-D")));
+            };
+            if bs2 != bs || bs % 2 != 0 || nb * bs != out {
+                return Err(err(format!(
+                    "BOFT oft_blocks {b_s:?} do not split the weight's {out} output rows"
+                )));
+            }
+            // The constraint (LyCORIS' `alpha` times the output size) clamps ‖Q‖ over every
+            // level; alpha 0 means none.
+            let constraint = alpha.filter(|a| *a > 0.0).map(|a| a as f64 * out as f64);
+            let rotations = boft_rotations(&blocks, levels * nb, bs, constraint)?;
+            let mut acc: Vec<f64> = w.iter().map(|x| *x as f64).collect();
+            for level in 0..levels {
+                let r = &rotations[level * nb * bs * bs..(level + 1) * nb * bs * bs];
+                acc = butterfly_level(&acc, out, cols, bs, level, r)?;
+            }
+            let rescale = f.part(m, "rescale")?.map(|(v, _)| v);
+            let v = acc
+                .chunks(cols.max(1))
+                .zip(w.chunks(cols.max(1)))
+                .enumerate()
+                .flat_map(|(p, (row, orig))| {
+                    let s = rescale
+                        .as_ref()
+                        .and_then(|r| r.get(p))
+                        .map_or(1.0, |s| *s as f64);
+                    row.iter()
+                        .zip(orig)
+                        .map(move |(a, x)| (s * a - *x as f64) as f32)
+                })
+                .collect();
+            (v, 1.0)
+        }
+        Kind::Norm => {
+            let (d, _) = need("w_norm")?;
+            (d, 1.0)
+        }
         Kind::Full => match f.part(m, "diff")? {
             Some((d, _)) => (d, 1.0),
             None => (vec![0.0; target_numel], 1.0),
@@ -314,18 +394,68 @@ pub fn delta(
     })
 }
 
-/// The rotations of OFT blocks `B` (`[nb, bs, bs]`, row-major), as sd-scripts computes them:
-/// `Q = B − Bᵀ`, scaled down so that ‖Q‖_F over all blocks is at most `constraint` (when
-/// given), then the Cayley transform `R = (I + Q)(I − Q)⁻¹` per block (in f64).
-fn oft_rotations(
+/// The Cayley rotations of BOFT blocks (`n` blocks of `bs` x `bs`, every level together), as
+/// LyCORIS computes them: `Q = B − Bᵀ`, scaled to norm `c` when ‖Q‖ + 1e-8 exceeds the
+/// constraint `c`, then `R = (I + Q)(I − Q)⁻¹`.
+fn boft_rotations(
     blocks: &[f32],
-    nb: usize,
+    n: usize,
     bs: usize,
     constraint: Option<f64>,
 ) -> Result<Vec<f64>> {
-    use faer::prelude::Solve;
-    let mut q: Vec<f64> = Vec::with_capacity(nb * bs * bs);
-    for k in 0..nb {
+    let mut q = skew(blocks, n, bs);
+    let norm = q.iter().map(|x| x * x).sum::<f64>().sqrt() + 1e-8;
+    if let Some(c) = constraint.filter(|c| norm > *c) {
+        q.iter_mut().for_each(|x| *x *= c / norm);
+    }
+    cayley(&q, n, bs)
+}
+
+/// One level of a butterfly: rows are permuted (within groups of `2k` rows, `k = 2^level ·
+/// bs / 2`, row `g·k + j` moves to `j·2 + g`), each run of `bs` permuted rows is rotated by
+/// its block (`row_i ← Σ_j R[i, j] · row_j`), and the permutation is undone.
+fn butterfly_level(
+    w: &[f64],
+    out: usize,
+    cols: usize,
+    bs: usize,
+    level: usize,
+    rotations: &[f64],
+) -> Result<Vec<f64>> {
+    let k = (1usize << level) * (bs / 2);
+    if k == 0 || !out.is_multiple_of(2 * k) {
+        return Err(Error::Invalid(format!(
+            "BOFT level {level}: {out} output rows do not split into groups of {}",
+            2 * k
+        )));
+    }
+    // perm[new] = old.
+    let perm: Vec<usize> = (0..out)
+        .map(|new| {
+            let (a, rest) = (new / (2 * k), new % (2 * k));
+            let (j, g) = (rest / 2, rest % 2);
+            a * 2 * k + g * k + j
+        })
+        .collect();
+    let mut result = vec![0f64; out * cols];
+    for (new, &old) in perm.iter().enumerate() {
+        let (blk, i) = (new / bs, new % bs);
+        let r = &rotations[blk * bs * bs..(blk + 1) * bs * bs];
+        let dst = &mut result[old * cols..(old + 1) * cols];
+        for j in 0..bs {
+            let c = r[i * bs + j];
+            let src_row = perm[blk * bs + j];
+            let src = &w[src_row * cols..(src_row + 1) * cols];
+            dst.iter_mut().zip(src).for_each(|(d, x)| *d += c * x);
+        }
+    }
+    Ok(result)
+}
+
+/// `B − Bᵀ` of each of `n` square blocks of size `bs`, in f64.
+fn skew(blocks: &[f32], n: usize, bs: usize) -> Vec<f64> {
+    let mut q: Vec<f64> = Vec::with_capacity(n * bs * bs);
+    for k in 0..n {
         let b = &blocks[k * bs * bs..(k + 1) * bs * bs];
         for i in 0..bs {
             for j in 0..bs {
@@ -333,13 +463,14 @@ fn oft_rotations(
             }
         }
     }
-    let norm = q.iter().map(|x| x * x).sum::<f64>().sqrt();
-    if let Some(c) = constraint {
-        let factor = (norm.min(c) + 1e-8) / (norm + 1e-8);
-        q.iter_mut().for_each(|x| *x *= factor);
-    }
+    q
+}
+
+/// The Cayley transform `R = (I + Q)(I − Q)⁻¹` of each of `n` skew blocks.
+fn cayley(q: &[f64], n: usize, bs: usize) -> Result<Vec<f64>> {
+    use faer::prelude::Solve;
     let mut out = Vec::with_capacity(q.len());
-    for k in 0..nb {
+    for k in 0..n {
         let qk = &q[k * bs * bs..(k + 1) * bs * bs];
         let eye = |i: usize, j: usize| if i == j { 1.0 } else { 0.0 };
         let minus = faer::Mat::<f64>::from_fn(bs, bs, |i, j| eye(i, j) - qk[i * bs + j]);
@@ -356,6 +487,24 @@ fn oft_rotations(
         }
     }
     Ok(out)
+}
+
+/// The rotations of OFT blocks `B` (`[nb, bs, bs]`, row-major), as sd-scripts computes them:
+/// `Q = B − Bᵀ`, scaled down so that ‖Q‖_F over all blocks is at most `constraint` (when
+/// given), then the Cayley transform `R = (I + Q)(I − Q)⁻¹` per block (in f64).
+fn oft_rotations(
+    blocks: &[f32],
+    nb: usize,
+    bs: usize,
+    constraint: Option<f64>,
+) -> Result<Vec<f64>> {
+    let mut q = skew(blocks, nb, bs);
+    let norm = q.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if let Some(c) = constraint {
+        let factor = (norm.min(c) + 1e-8) / (norm + 1e-8);
+        q.iter_mut().for_each(|x| *x *= factor);
+    }
+    cayley(&q, nb, bs)
 }
 
 /// DoRA (lora.md §5): with `V = W + block · ΔW` (ΔW already scaled by alpha / dim), the
@@ -460,7 +609,14 @@ pub fn natural_shape(f: &LoraFile, m: &Module) -> Result<Vec<usize>> {
             }
         }
         Kind::Full => shape("diff")?,
-        Kind::Ia3 | Kind::Glora | Kind::Oft => {
+        Kind::Norm => {
+            return Err(Error::Invalid(format!(
+                "{}: module `{}` changes a norm layer, which a LoRA cannot hold: bake it instead",
+                f.path.display(),
+                m.name
+            )))
+        }
+        Kind::Ia3 | Kind::Glora | Kind::Oft | Kind::Boft => {
             return Err(Error::Invalid(format!(
                 "{}: module `{}` is {}, whose change depends on the weight: bake it instead",
                 f.path.display(),

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::{self, Family};
+use crate::checkpoint::quant::Quant;
 use crate::checkpoint::Checkpoint;
 use crate::convert;
 use crate::dtype::FloatType;
@@ -76,12 +77,22 @@ struct Job {
     shape: Vec<usize>,
 }
 
-fn weight_rows(ck: &Checkpoint, key: &str, rows: Option<(usize, usize)>) -> Result<Vec<f32>> {
+/// The f32 values of `key` (dequantized with `scale`, the scaled-fp8 scale it is stored
+/// with), or rows of it.
+fn weight_rows(
+    ck: &Checkpoint,
+    key: &str,
+    rows: Option<(usize, usize)>,
+    scale: Option<f32>,
+) -> Result<Vec<f32>> {
     let t = ck.get(key).ok_or_else(|| Error::MissingTensor {
         path: ck.path().to_path_buf(),
         name: key.to_string(),
     })?;
-    let v = convert::to_f32(t.dtype, &ck.data(t))?;
+    let mut v = convert::to_f32(t.dtype, &ck.data(t))?;
+    if let Some(s) = scale {
+        v.iter_mut().for_each(|x| *x *= s);
+    }
     ck.release(t);
     Ok(match rows {
         None => v,
@@ -97,14 +108,14 @@ fn weight_rows(ck: &Checkpoint, key: &str, rows: Option<(usize, usize)>) -> Resu
 pub struct ExtractPlan {
     family: Family,
     jobs: Vec<Job>,
+    /// Scaled-fp8 scales of A's and B's weights.
+    scales: [Quant; 2],
 }
 
 /// Plans the extraction of a LoRA of `a` (tuned) relative to `b` (base) on their headers:
 /// same family, every module resolves, the same shapes in both.
 pub fn plan(a: &Checkpoint, b: &Checkpoint, opts: &ExtractOptions) -> Result<ExtractPlan> {
-    for ck in [a, b] {
-        crate::checkpoint::quant::Quant::require_plain(ck, "LoRA extraction")?;
-    }
+    let scales = [Quant::of(a)?, Quant::of(b)?];
     let family = arch::detect(a.tensors()).family;
     let other = arch::detect(b.tensors()).family;
     if family != other {
@@ -138,7 +149,18 @@ pub fn plan(a: &Checkpoint, b: &Checkpoint, opts: &ExtractOptions) -> Result<Ext
             shape,
         });
     }
-    Ok(ExtractPlan { family, jobs })
+    if jobs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no weight a LoRA for {} targets",
+            a.path().display(),
+            family.label()
+        )));
+    }
+    Ok(ExtractPlan {
+        family,
+        jobs,
+        scales,
+    })
 }
 
 impl ExtractPlan {
@@ -165,8 +187,8 @@ pub fn run(
     progress: bool,
 ) -> Result<(KohyaLora, ExtractReport)> {
     let delta = |j: &Job| -> Result<Vec<f32>> {
-        let wa = weight_rows(a, &j.key, j.rows)?;
-        let wb = weight_rows(b, &j.key, j.rows)?;
+        let wa = weight_rows(a, &j.key, j.rows, plan.scales[0].scale(&j.key))?;
+        let wb = weight_rows(b, &j.key, j.rows, plan.scales[1].scale(&j.key))?;
         let (ka, kb) = (opts.alpha as f32, opts.beta as f32);
         Ok(wa.iter().zip(&wb).map(|(x, y)| ka * x - kb * y).collect())
     };
@@ -177,15 +199,15 @@ pub fn run(
         te_max = d.iter().fold(te_max, |m, x| m.max(x.abs() as f64));
     }
     let with_te = te_max > opts.min_diff;
-    let jobs: Vec<Job> = plan
+    let jobs: Vec<&Job> = plan
         .jobs
-        .into_iter()
+        .iter()
         .filter(|j| with_te || !is_text_encoder(&j.name))
         .collect();
     let bar = crate::progress::bytes(jobs.len() as u64, "extract", progress);
     let (mut err2, mut opt2, mut norm2) = (0f64, 0f64, 0f64);
     let mut modules = Vec::new();
-    for j in &jobs {
+    for j in jobs.iter().copied() {
         let m = svd::factor_module(
             &delta(j)?,
             &j.shape,
@@ -274,7 +296,10 @@ fn metadata(family: Family, opts: &ExtractOptions, title: &str) -> BTreeMap<Stri
         &sd1.modelspec_implementation,
     );
     [
-        ("ss_network_module", "networks.lora".to_string()),
+        (
+            "ss_network_module",
+            fact(&facts.ss_network_module, &sd1.ss_network_module).to_string(),
+        ),
         ("ss_network_dim", opts.rank.to_string()),
         ("ss_network_alpha", format!("{:.1}", opts.rank as f64)),
         ("ss_network_args", args),

@@ -24,7 +24,7 @@ use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::lora::bake::Application;
 use crate::lora::delta::{delta, natural_shape};
-use crate::lora::names::{module_block, Targets};
+use crate::lora::names::Targets;
 use crate::lora::{svd, Factored, Kind, KohyaLora};
 
 /// How LoRAs are combined.
@@ -49,7 +49,7 @@ fn factor(source: &Application, module: &str) -> f64 {
     let b = source
         .blocks
         .as_ref()
-        .map_or(1.0, |b| b.weight(module_block(module).as_deref()));
+        .map_or(1.0, |b| b.weight_of_module(module));
     source.strength * b
 }
 

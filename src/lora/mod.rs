@@ -6,8 +6,9 @@
 //! `X.alpha`, also without `.weight`), PEFT (`X.lora_B.weight` / `X.lora_A.weight`, optionally
 //! under `base_model.model.`), diffusers LoRACompatible layers (`X.lora.up.weight`), patched text
 //! encoders (`X.lora_linear_layer.up.weight`) and old attention processors
-//! (`X_lora.up.weight`); LyCORIS LoHa (`hada_*`), LoKr (`lokr_*`), IA3 (`weight` + `on_input`)
-//! and full differences (`diff`, `diff_b`).
+//! (`X_lora.up.weight`); LyCORIS LoHa (`hada_*`), LoKr (`lokr_*`), IA3 (`weight` + `on_input`),
+//! GLoRA (`a1`/`a2`/`b1`/`b2`), OFT and BOFT (`oft_blocks`, 3-D / 4-D), full differences
+//! (`diff`, `diff_b`) and norm modules (`w_norm`, `b_norm`).
 
 pub mod bake;
 pub mod blocks;
@@ -42,6 +43,10 @@ pub enum Kind {
     Glora,
     /// OFT: block-diagonal orthogonal rotations of the weight's output rows.
     Oft,
+    /// LyCORIS BOFT: butterfly products of block-diagonal rotations (4-D `oft_blocks`).
+    Boft,
+    /// LyCORIS norm module (`train_norm`): a difference of a norm layer's weight and bias.
+    Norm,
     /// A full weight (and bias) difference.
     Full,
 }
@@ -56,6 +61,8 @@ impl Kind {
             Kind::Ia3 => "IA3",
             Kind::Glora => "GLoRA",
             Kind::Oft => "OFT",
+            Kind::Boft => "BOFT",
+            Kind::Norm => "Norm",
             Kind::Full => "Full",
         }
     }
@@ -102,6 +109,8 @@ const PARTS: &[(&str, &str)] = &[
     (".b1.weight", "b1"),
     (".b2.weight", "b2"),
     (".diff_b", "diff_b"),
+    (".w_norm", "w_norm"),
+    (".b_norm", "b_norm"),
     (".diff", "diff"),
     (".weight", "weight"),
 ];
@@ -163,11 +172,13 @@ fn kind_of(module: &str, parts: &BTreeMap<&'static str, String>) -> Result<Kind>
         Kind::Oft
     } else if has("diff") || has("diff_b") {
         Kind::Full
+    } else if has("w_norm") {
+        Kind::Norm
     } else {
         let found: Vec<&str> = parts.keys().copied().collect();
         return Err(Error::Invalid(format!(
             "module `{module}` has parts {found:?}, which make no known adapter \
-             (LoRA up/down, LoHa hada_*, LoKr lokr_*, IA3 weight+on_input, GLoRA a1/a2/b1/b2, OFT oft_blocks, full diff)"
+             (LoRA up/down, LoHa hada_*, LoKr lokr_*, IA3 weight+on_input, GLoRA a1/a2/b1/b2, OFT / BOFT oft_blocks, full diff, norm w_norm)"
         )));
     };
     Ok(kind)
@@ -200,8 +211,15 @@ impl LoraFile {
         let modules = grouped
             .into_iter()
             .map(|(name, parts)| {
-                let kind = kind_of(&name, &parts)
+                let mut kind = kind_of(&name, &parts)
                     .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+                let blocks_dims = parts
+                    .get("oft_blocks")
+                    .and_then(|n| ck.get(n))
+                    .map(|t| t.shape.len());
+                if kind == Kind::Oft && blocks_dims == Some(4) {
+                    kind = Kind::Boft;
+                }
                 Ok(Module { name, kind, parts })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -262,15 +280,25 @@ pub struct Summary {
 }
 
 impl LoraFile {
-    /// The family the LoRA was made for, when its text-encoder module names say so: SDXL's
-    /// second encoder (`lora_te2_`), or SD1/SD2's single one (`lora_te_`).
+    /// The family the LoRA was made for, when its module names say so: a family whose LoRA
+    /// names are data (`made_for`, e.g. Flux's `lora_unet_double_blocks_`), SDXL's second
+    /// encoder (`lora_te2_`), or SD1/SD2's single one (`lora_te_`).
     pub fn family(&self) -> Option<Family> {
         let any = |p: &[&str]| {
             self.modules
                 .iter()
                 .any(|m| p.iter().any(|p| m.name.starts_with(p)))
         };
-        if any(&["lora_te2_", "text_encoder_2."]) {
+        let declared = Family::all().find(|f| {
+            f.lora().is_some_and(|d| {
+                self.modules
+                    .iter()
+                    .any(|m| d.made_for.iter().any(|p| m.name.starts_with(p.as_str())))
+            })
+        });
+        if declared.is_some() {
+            declared
+        } else if any(&["lora_te2_", "text_encoder_2."]) {
             Some(Family::builtin("sdxl"))
         } else if any(&["lora_te_"]) {
             Some(Family::builtin("sd1"))
@@ -281,8 +309,10 @@ impl LoraFile {
 
     /// Counts types, ranks, alphas and modules per block.
     pub fn summary(&self) -> Summary {
+        let family = self.family();
         let mut s = Summary {
-            architecture: match self.family() {
+            architecture: match family {
+                Some(f) if f.lora().is_some() => f.label().into(),
                 Some(f) if f.xl_lora() => "SDXL".into(),
                 Some(_) => "SD1.x / SD2.x".into(),
                 None => "not stated by the module names (U-Net only)".into(),
@@ -304,7 +334,7 @@ impl LoraFile {
                     .or_else(|| shape(m, "lokr_w1_b"))
                     .map(|s| s[0]),
                 Kind::Glora => shape(m, "b1").map(|s| s[0].min(s[1])),
-                Kind::Ia3 | Kind::Oft | Kind::Full => None,
+                Kind::Ia3 | Kind::Oft | Kind::Boft | Kind::Full | Kind::Norm => None,
             };
             if let Some(r) = rank {
                 *s.ranks.entry(r).or_default() += 1;
@@ -319,7 +349,11 @@ impl LoraFile {
                 .or_else(|| shape(m, "hada_w1_b"))
                 .is_some_and(|s| s.len() == 4 && s[2] * s[3] > 1);
             s.conv_modules += usize::from(conv);
-            let block = names::module_block(&m.name).unwrap_or_else(|| "-".into());
+            let block = match family {
+                Some(f) => names::module_block_in(f, 0, &m.name),
+                None => names::module_block(&m.name),
+            }
+            .unwrap_or_else(|| "-".into());
             *s.blocks.entry(block).or_default() += 1;
         }
         s

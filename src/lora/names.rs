@@ -8,9 +8,12 @@
 //! row slices (q, k, v) of OpenCLIP's fused `in_proj_weight` (SD2, SDXL's second encoder).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
+use crate::arch::family::LoraDef;
 pub use crate::arch::names::ldm_to_diffusers;
 use crate::arch::names::{map_key, Part};
+use crate::arch::{Component, Family};
 use crate::checkpoint::Checkpoint;
 
 /// A checkpoint weight a LoRA module changes, or a row slice of it.
@@ -20,6 +23,9 @@ pub struct Target {
     pub key: String,
     /// Rows `start..end` of the key (q / k / v of a fused projection); `None` for all of it.
     pub rows: Option<(usize, usize)>,
+    /// The module's rows are the key's with the two halves swapped (diffusers' scale/shift
+    /// order of Flux's final modulation).
+    pub swap_halves: bool,
 }
 
 /// Module name -> target, for one checkpoint.
@@ -46,18 +52,60 @@ pub fn te_module<'a>(
     if !module.starts_with("text_model.encoder.layers.") || !projection {
         return None;
     }
-    let (kohya, dotted): (&'static [&'static str], &'static str) =
-        match (part, key.starts_with("conditioner.")) {
-            (Part::TextEncoder, false) => (&["lora_te_", "lora_te1_"], "text_encoder."),
-            (Part::TextEncoder, true) => (&["lora_te1_"], "text_encoder."),
-            (Part::TextEncoder2, _) => (&["lora_te2_"], "text_encoder_2."),
-            _ => return None,
-        };
+    let (kohya, dotted) = te_prefixes(key, part)?;
+    Some((module, kohya, dotted))
+}
+
+/// The kohya prefixes and the diffusers / PEFT prefix of a text encoder's modules.
+fn te_prefixes(key: &str, part: Part) -> Option<(&'static [&'static str], &'static str)> {
+    Some(match (part, key.starts_with("conditioner.")) {
+        (Part::TextEncoder, false) => (&["lora_te_", "lora_te1_"], "text_encoder."),
+        (Part::TextEncoder, true) => (&["lora_te1_"], "text_encoder."),
+        (Part::TextEncoder2, _) => (&["lora_te2_"], "text_encoder_2."),
+        _ => return None,
+    })
+}
+
+/// A text encoder's layer norm as a module (LyCORIS norm modules: `w_norm`, `b_norm`), with
+/// its prefixes as in [`te_module`].
+fn te_norm_module<'a>(
+    key: &str,
+    part: Part,
+    name: &'a str,
+) -> Option<(&'a str, &'static [&'static str], &'static str)> {
+    let module = name.strip_suffix(".weight")?;
+    let norm = module.starts_with("text_model.encoder.layers.")
+        && (module.ends_with(".layer_norm1") || module.ends_with(".layer_norm2"))
+        || module == "text_model.final_layer_norm";
+    if !norm {
+        return None;
+    }
+    let (kohya, dotted) = te_prefixes(key, part)?;
     Some((module, kohya, dotted))
 }
 
 fn underscored(s: &str) -> String {
     s.replace('.', "_")
+}
+
+/// A name template (`{p}`/`{p_}` or `{d}`/`{d_}`, by `var`) filled with a module path.
+pub fn fill(template: &str, path: &str, var: char) -> String {
+    template
+        .replace(&format!("{{{var}_}}"), &underscored(path))
+        .replace(&format!("{{{var}}}"), path)
+}
+
+/// The diffusers path of native module path `p` by one alias (`native` -> `diffusers`, both
+/// with an optional `{N}` block number).
+fn alias_of(native: &str, diffusers: &str, p: &str) -> Option<String> {
+    match native.split_once("{N}") {
+        None => (native == p).then(|| diffusers.to_string()),
+        Some((head, tail)) => {
+            let n = p.strip_prefix(head)?.strip_suffix(tail)?;
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| diffusers.replace("{N}", n))
+        }
+    }
 }
 
 /// The processor spelling of old diffusers attention LoRAs: `attn1.processor.to_q`,
@@ -73,13 +121,18 @@ fn processor_variant(d: &str) -> Option<String> {
 impl Targets {
     /// The forward table of a checkpoint's LoRA-targetable weights.
     pub fn of(ck: &Checkpoint) -> Targets {
+        let arch = crate::arch::detect(ck.tensors());
+        if let Some(def) = arch.family.lora() {
+            return Targets::declared(ck, arch.family, arch.layout, def);
+        }
         let mut t = Targets::default();
         for info in ck.tensors() {
             let unet = info
                 .name
                 .strip_prefix(UNET)
                 .and_then(|p| p.strip_suffix(".weight"));
-            if let Some(p) = unet.filter(|_| matches!(info.shape.len(), 2 | 4)) {
+            // 2-D / 4-D: linear and convolution weights; 1-D: norms (LyCORIS norm modules).
+            if let Some(p) = unet.filter(|_| matches!(info.shape.len(), 1 | 2 | 4)) {
                 t.unet(&info.name, p);
                 continue;
             }
@@ -94,7 +147,67 @@ impl Targets {
         self.map.entry(name).or_insert_with(|| Target {
             key: key.to_string(),
             rows,
+            swap_halves: false,
         });
+    }
+
+    /// The forward table of a family whose LoRA names are declared as data: every 2-D weight
+    /// of the diffusion model under each spelling of its path (and of its diffusers path, row
+    /// slices of fused projections included), and every text-encoder weight under its
+    /// encoder's spellings.
+    fn declared(ck: &Checkpoint, family: Family, layout: &str, def: &LoraDef) -> Targets {
+        let mut t = Targets::default();
+        let diffusers_layout = def.diffusers_layout.as_deref() == Some(layout);
+        for info in ck.tensors() {
+            let Some(path) = info.name.strip_suffix(".weight") else {
+                continue;
+            };
+            if !matches!(info.shape.len(), 2 | 4) {
+                continue;
+            }
+            if let Some(te) = def
+                .text_encoders
+                .iter()
+                .find(|e| path.starts_with(&e.prefix))
+            {
+                let p = &path[te.prefix.len()..];
+                for n in &te.names {
+                    t.add(fill(n, p, 'p'), &info.name, None);
+                }
+                continue;
+            }
+            if family.component(&info.name) != Component::Unet {
+                continue;
+            }
+            let p = family.data().strip_layout(path);
+            if diffusers_layout {
+                for n in &def.diffusers_names {
+                    t.add(fill(n, p, 'd'), &info.name, None);
+                }
+                continue;
+            }
+            for n in &def.names {
+                t.add(fill(n, p, 'p'), &info.name, None);
+            }
+            let width = info.shape[1..].iter().product::<usize>();
+            for a in &def.diffusers {
+                let Some(d) = alias_of(&a.p, &a.d, p) else {
+                    continue;
+                };
+                let rows = a.rows.map(|[lo, hi]| (lo * width, hi * width));
+                if rows.is_some_and(|(_, hi)| hi > info.shape[0]) {
+                    continue;
+                }
+                for n in &def.diffusers_names {
+                    t.map.entry(fill(n, &d, 'd')).or_insert_with(|| Target {
+                        key: info.name.clone(),
+                        rows,
+                        swap_halves: a.swap_halves,
+                    });
+                }
+            }
+        }
+        t
     }
 
     fn unet(&mut self, key: &str, p: &str) {
@@ -115,7 +228,9 @@ impl Targets {
     /// Registers a text-encoder weight under every spelling of its module (see
     /// [`te_module`]).
     fn text_encoder(&mut self, key: &str, part: Part, name: &str, rows: Option<(usize, usize)>) {
-        let Some((module, kohya, dotted)) = te_module(key, part, name) else {
+        let Some((module, kohya, dotted)) =
+            te_module(key, part, name).or_else(|| te_norm_module(key, part, name))
+        else {
             return;
         };
         for p in kohya {
@@ -138,6 +253,33 @@ impl Targets {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// The targets of a family's reference layout (families whose LoRA names are data), built
+/// once: what a module name means without a checkpoint at hand.
+static REFERENCE: LazyLock<Vec<(Family, Targets)>> = LazyLock::new(|| {
+    Family::all()
+        .filter(|f| f.lora().is_some())
+        .filter_map(|f| {
+            let entries = crate::arch::layout::release_keys(f, false).ok()?;
+            let ck = Checkpoint::header_only(
+                std::path::Path::new("reference layout"),
+                entries.into_iter().map(|e| (e.key, e.dtype, e.shape)),
+            );
+            Some((f, Targets::of(&ck)))
+        })
+        .collect()
+});
+
+/// The block of a LoRA module for `family` in its block list `list`: the module resolved
+/// through the family's reference layout for families whose names are data, else the LBW
+/// block [`module_block`] reads from the name.
+pub fn module_block_in(family: Family, list: usize, module: &str) -> Option<String> {
+    if family.lora().is_none() {
+        return module_block(module);
+    }
+    let (_, targets) = REFERENCE.iter().find(|(f, _)| *f == family)?;
+    family.block_in(list, &targets.get(module)?.key)
 }
 
 /// The LBW block of a LoRA module from its name alone (kohya, diffusers or LDM spelling):

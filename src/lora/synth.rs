@@ -1,16 +1,19 @@
 //! Synthetic kohya-format LoRAs for a checkpoint: every module sd-scripts targets by default
 //! (transformer linears, `proj_in`/`proj_out`, text-encoder attention and MLP; LoCon convs
 //! with `conv_rank`), named as sd-scripts names them (SD1/SD2: diffusers paths, SDXL: LDM
-//! paths), filled with seeded normal values. For tests and benchmarks.
+//! paths; families whose LoRA names are data: their declared targets under their first
+//! spelling, e.g. Flux's `lora_unet_double_blocks_0_img_attn_qkv`), filled with seeded
+//! normal values. For tests and benchmarks.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch;
+use crate::arch::family::LoraDef;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::lora::names::ldm_to_diffusers;
+use crate::lora::names::{fill, ldm_to_diffusers};
 use crate::lora::{Factored, KohyaLora};
 
 const DOMAIN: &str = "mergesmith synth-lora v1";
@@ -39,9 +42,61 @@ fn unet_target(p: &str, conv: bool) -> bool {
     linear || conv && locon
 }
 
+/// (module name, target shape) of every default target of a family whose LoRA names are
+/// data: the declared `targets` of the diffusion model and of each text encoder, named with
+/// the first spelling (kohya's).
+fn declared_modules(
+    ck: &Checkpoint,
+    arch: &arch::Arch,
+    def: &LoraDef,
+) -> Vec<(String, Vec<usize>)> {
+    let diffusers = def.diffusers_layout.as_deref() == Some(arch.layout);
+    let mut out = Vec::new();
+    for t in ck.tensors() {
+        let Some(path) = t.name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !matches!(t.shape.len(), 2 | 4) {
+            continue;
+        }
+        let hit = |targets: &[String], p: &str| targets.iter().any(|x| p.starts_with(x.as_str()));
+        let name = if let Some(te) = def
+            .text_encoders
+            .iter()
+            .find(|e| path.starts_with(&e.prefix))
+        {
+            let p = &path[te.prefix.len()..];
+            match (hit(&te.targets, p), te.names.first()) {
+                (true, Some(n)) => Some(fill(n, p, 'p')),
+                _ => None,
+            }
+        } else if arch.family.component(&t.name) != arch::Component::Unet {
+            None
+        } else {
+            let p = arch.family.data().strip_layout(path);
+            let (targets, names, var) = match diffusers {
+                true => (&def.diffusers_targets, &def.diffusers_names, 'd'),
+                false => (&def.targets, &def.names, 'p'),
+            };
+            match (hit(targets, p), names.first()) {
+                (true, Some(n)) => Some(fill(n, p, var)),
+                _ => None,
+            }
+        };
+        if let Some(name) = name {
+            out.push((name, t.shape.clone()));
+        }
+    }
+    out
+}
+
 /// (kohya module name, target shape) of every default target of `ck`.
 pub fn modules_of(ck: &Checkpoint, conv: bool) -> Vec<(String, Vec<usize>)> {
-    let family = arch::detect(ck.tensors()).family;
+    let arch = arch::detect(ck.tensors());
+    if let Some(def) = arch.family.lora() {
+        return declared_modules(ck, &arch, def);
+    }
+    let family = arch.family;
     let xl = family.xl_lora();
     let mut out = Vec::new();
     for t in ck.tensors() {

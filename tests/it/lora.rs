@@ -1322,3 +1322,218 @@ fn glora_matches_an_f64_reference() {
         );
     }
 }
+
+#[test]
+fn convolutional_glora_mixes_input_channels_at_every_kernel_position() {
+    // LyCORIS / ComfyUI: a1 [in, r, 1, 1] and a2 [r, in, 1, 1] act on the input channels of
+    // W [out, in, kh, kw] at each kernel position (einsum `o i ..., i j -> o j ...` twice);
+    // b1 [out, r, 1, 1] · b2 [r, in, kh, kw] is a LoCon-style product. Scale alpha / rank.
+    let (out, inp, kh, kw, r) = (2usize, 3usize, 2usize, 2usize, 2usize);
+    let ksz = kh * kw;
+    let (w, a1, a2, b1, b2) = (
+        values(out * inp * ksz, 21),
+        values(inp * r, 22),
+        values(r * inp, 23),
+        values(out * r, 24),
+        values(r * inp * ksz, 25),
+    );
+    let alpha = 3.0f64;
+    let mut want = vec![0f64; out * inp * ksz];
+    for o in 0..out {
+        for i2 in 0..inp {
+            for p in 0..ksz {
+                let mut a = 0f64;
+                for j in 0..r {
+                    let wa1: f64 = (0..inp)
+                        .map(|i| w[(o * inp + i) * ksz + p] as f64 * a1[i * r + j] as f64)
+                        .sum();
+                    a += wa1 * a2[j * inp + i2] as f64;
+                }
+                let b: f64 = (0..r)
+                    .map(|j| b1[o * r + j] as f64 * b2[(j * inp + i2) * ksz + p] as f64)
+                    .sum();
+                want[(o * inp + i2) * ksz + p] = (a + b) * alpha / r as f64;
+            }
+        }
+    }
+    let m = "lora_unet_down_blocks_0_resnets_0_conv1";
+    let t = |p: &str, s: Vec<usize>, v: Vec<f32>| {
+        (Box::leak(format!("{m}.{p}").into_boxed_str()) as &str, s, v)
+    };
+    let got = delta_of(
+        &[
+            t("a1.weight", vec![inp, r, 1, 1], a1),
+            t("a2.weight", vec![r, inp, 1, 1], a2),
+            t("b1.weight", vec![out, r, 1, 1], b1),
+            t("b2.weight", vec![r, inp, kh, kw], b2),
+            t("alpha", vec![], vec![alpha as f32]),
+        ],
+        &[out, inp, kh, kw],
+        Some(&w),
+    );
+    for (g, e) in got.iter().zip(&want) {
+        assert!(
+            (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
+            "{got:?} vs {want:?}"
+        );
+    }
+}
+
+/// The Cayley rotation of one 2x2 block `[[a, b], [c, d]]` in closed form: with
+/// `q = b − c`, `R = [[1 − q², 2q], [−2q, 1 − q²]] / (1 + q²)`.
+fn cayley2(b: &[f32], scale: f64) -> [f64; 4] {
+    let q = (b[1] as f64 - b[2] as f64) * scale;
+    let n = 1.0 + q * q;
+    [
+        (1.0 - q * q) / n,
+        2.0 * q / n,
+        -2.0 * q / n,
+        (1.0 - q * q) / n,
+    ]
+}
+
+#[test]
+fn boft_rotates_rows_in_butterfly_pairs() {
+    // LyCORIS BOFT with 2 levels of 2 blocks of 2x2 on a [4, 3] weight: level 0 rotates row
+    // pairs (0, 1) and (2, 3); level 1 (k = 2) pairs (0, 2) and (1, 3); W' = rescale · R₁R₀W
+    // (rows: x' = R[0][0]·x + R[0][1]·y, y' = R[1][0]·x + R[1][1]·y).
+    let (out, cols) = (4usize, 3usize);
+    let w = values(out * cols, 31);
+    let blocks = values(2 * 2 * 2 * 2, 32);
+    let rescale = [1.5f32, 1.0, 0.5, 2.0];
+    let reference = |scale: f64, rescaled: bool| -> Vec<f64> {
+        let mut x: Vec<f64> = w.iter().map(|v| *v as f64).collect();
+        let pairs = [[(0, 1), (2, 3)], [(0, 2), (1, 3)]];
+        for (level, level_pairs) in pairs.iter().enumerate() {
+            for (blk, &(a, b)) in level_pairs.iter().enumerate() {
+                let o = (level * 2 + blk) * 4;
+                let r = cayley2(&blocks[o..o + 4], scale);
+                for c in 0..cols {
+                    let (xa, xb) = (x[a * cols + c], x[b * cols + c]);
+                    x[a * cols + c] = r[0] * xa + r[1] * xb;
+                    x[b * cols + c] = r[2] * xa + r[3] * xb;
+                }
+            }
+        }
+        x.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let s = if rescaled {
+                    rescale[i / cols] as f64
+                } else {
+                    1.0
+                };
+                s * v - w[i] as f64
+            })
+            .collect()
+    };
+    let m = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let t = |p: &str, s: Vec<usize>, v: Vec<f32>| {
+        (Box::leak(format!("{m}.{p}").into_boxed_str()) as &str, s, v)
+    };
+    let got = |alpha: f32, rescaled: bool| {
+        let mut parts = vec![
+            t("oft_blocks", vec![2, 2, 2, 2], blocks.clone()),
+            t("alpha", vec![], vec![alpha]),
+        ];
+        if rescaled {
+            parts.push(t("rescale", vec![4, 1], rescale.to_vec()));
+        }
+        delta_of(&parts, &[out, cols], Some(&w))
+    };
+    let check = |got: Vec<f32>, want: Vec<f64>| {
+        for (g, e) in got.iter().zip(&want) {
+            assert!((*g as f64 - e).abs() <= 1e-5, "{got:?} vs {want:?}");
+        }
+    };
+    check(got(0.0, false), reference(1.0, false));
+    check(got(0.0, true), reference(1.0, true));
+    // A constraint below ‖Q‖ (alpha · 4 rows) scales every Q by c / (‖Q‖ + 1e-8).
+    let norm: f64 = (0..4)
+        .map(|k| {
+            let q = blocks[k * 4 + 1] as f64 - blocks[k * 4 + 2] as f64;
+            2.0 * q * q
+        })
+        .sum::<f64>()
+        .sqrt()
+        + 1e-8;
+    let c = 0.05 * 4.0;
+    assert!(norm > c);
+    check(got(0.05, false), reference(c / norm, false));
+    // Kind and label.
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_f32(
+        &dir.path().join("boft.safetensors"),
+        &[t("oft_blocks", vec![2, 2, 2, 2], blocks.clone())],
+    );
+    let file = LoraFile::open(&f).unwrap();
+    assert_eq!(file.modules[0].kind, mergesmith::lora::Kind::Boft);
+    assert_eq!(file.summary().types["BOFT"], 1);
+}
+
+#[test]
+fn lycoris_norm_modules_change_norm_weights_and_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = synth(d, "sd1.safetensors", &tiny(Family::builtin("sd1"), 1));
+    let ck = Checkpoint::open(&model).unwrap();
+    let keys = [
+        (
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm1",
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1",
+        ),
+        (
+            "lora_unet_down_blocks_0_resnets_0_norm1",
+            "model.diffusion_model.input_blocks.1.0.in_layers.0",
+        ),
+        (
+            "lora_te_text_model_encoder_layers_0_layer_norm1",
+            "cond_stage_model.transformer.text_model.encoder.layers.0.layer_norm1",
+        ),
+    ];
+    let mut tensors = Vec::new();
+    let mut want = BTreeMap::new();
+    for (i, (module, layer)) in keys.iter().enumerate() {
+        for (part, suffix, seed) in [("w_norm", "weight", 40), ("b_norm", "bias", 50)] {
+            let key = format!("{layer}.{suffix}");
+            let t = ck.get(&key).unwrap_or_else(|| panic!("{key}"));
+            let base = mergesmith::convert::to_f32(t.dtype, &ck.data(t)).unwrap();
+            let diff = values(t.numel(), seed + i as u32);
+            let expected: Vec<f64> = base
+                .iter()
+                .zip(&diff)
+                .map(|(b, x)| *b as f64 + 0.5 * *x as f64)
+                .collect();
+            want.insert(key, expected);
+            let name: &str = Box::leak(format!("{module}.{part}").into_boxed_str());
+            tensors.push((name, t.shape.clone(), diff));
+        }
+    }
+    let lora = write_f32(&d.join("norm.safetensors"), &tensors);
+    let file = LoraFile::open(&lora).unwrap();
+    assert!(file
+        .modules
+        .iter()
+        .all(|m| m.kind == mergesmith::lora::Kind::Norm));
+    let app = Application {
+        file,
+        strength: 0.5,
+        blocks: None,
+    };
+    let out = d.join("out.safetensors");
+    let plan =
+        bake::bake_file(&model, &[app], &out, &BTreeMap::new(), false, false, false).unwrap();
+    assert_eq!(plan.changes.len(), 6);
+    let baked = Checkpoint::open(&out).unwrap();
+    for (key, w) in &want {
+        let t = baked.get(key).unwrap();
+        let got = mergesmith::convert::to_f32(t.dtype, &baked.data(t)).unwrap();
+        for (g, e) in got.iter().zip(w) {
+            // fp16 storage: within half an fp16 ulp (2^-11 relative) of the f64 sum.
+            assert!(
+                (*g as f64 - e).abs() <= e.abs() * 2f64.powi(-11) + 1e-7,
+                "{key}"
+            );
+        }
+    }
+}

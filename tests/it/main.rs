@@ -9,6 +9,7 @@ mod calcmodes;
 mod cli;
 mod device;
 mod families;
+mod flux_lora;
 mod fp8;
 mod gen;
 mod header_props;
