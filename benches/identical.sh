@@ -36,4 +36,8 @@ $bin merge -a $x/inp.safetensors -b $m/tuned.safetensors --alpha 0.3 -o $x/inp-m
 $bin merge -a $m/base.safetensors -b $m/tuned.safetensors -c $m/other.safetensors --mode triple_sum --alpha GRAD_V --beta 0.2 -o $x/ts.safetensors
 $bin lora extract -a $x/b.safetensors -b $x/a.safetensors --rank 4 -o $x/xl-lora.safetensors
 $bin lora apply -m $x/a.safetensors --lora $x/xl-lora.safetensors:0.8 -o $x/baked.safetensors 2>&1 | tail -1 || true
+$bin lora apply -m $x/a.safetensors --lora "$x/xl-lora.safetensors:0.8:0,1,1,1,1,0.5,0.5,0.5,0.5,1,0,0,0.3,0.3,0.3,1,1,1,1,1" -o $x/baked-lbw.safetensors 2>&1 | tail -1 || true
+$bin lora synth -m $x/a.safetensors --rank 2 --seed 3 -o $x/xl-lora2.safetensors >/dev/null
+$bin lora merge -l $x/xl-lora.safetensors:0.5 -l "$x/xl-lora2.safetensors:0.7:0,1,1,1,1,0.5,0.5,0.5,0.5,1,0,0,0.3,0.3,0.3,1,1,1,1,1" -o $x/merged-lora.safetensors 2>&1 | tail -1 || true
+$bin lora merge -l $x/xl-lora.safetensors:0.5 -l $x/xl-lora2.safetensors:0.7 --mode svd --rank 3 -o $x/merged-lora-svd.safetensors 2>&1 | tail -1 || true
 find recipes/out xl -name "*.safetensors" | sort | xargs sha256sum > sums.txt

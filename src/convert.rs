@@ -138,6 +138,26 @@ impl F8 {
     /// passed in so that the hot loop does not recompute it).
     #[inline]
     fn encode(self, v: f32, max: f32) -> u8 {
+        // Adding and taking away 2^23 rounds to an integer, ties to even, in the default
+        // rounding mode.
+        const ROUND: f32 = 8_388_608.0;
+        self.encode_with(v, max, |t| ((t + ROUND) - ROUND) as u32)
+    }
+
+    /// Stochastic rounding: down or up to the two neighbouring values with probabilities
+    /// proportional to the distance to the other (`u` uniform in [0, 1): up when `u` is below
+    /// the fraction), so the expected stored value is `v`; saturates like [`F8::encode`].
+    #[inline]
+    fn encode_stochastic(self, v: f32, max: f32, u: f32) -> u8 {
+        self.encode_with(v, max, |t| {
+            let low = t.floor();
+            low as u32 + u32::from(u < t - low)
+        })
+    }
+
+    /// Encodes with `round` mapping `|v| / spacing` (exact, below 2^(man + 2)) to an integer.
+    #[inline]
+    fn encode_with(self, v: f32, max: f32, round: impl Fn(f32) -> u32) -> u8 {
         if v.is_nan() {
             return 0x7F;
         }
@@ -156,11 +176,9 @@ impl F8 {
         }
         .max(min_normal_exp);
         // a / 2^(e - man) is exact (a power-of-two scaling of a normal f32 in range), and
-        // below 2^(man + 1); adding and taking away 2^23 rounds it to an integer, ties to
-        // even, in the default rounding mode.
+        // below 2^(man + 1).
         let inv_step = f32::from_bits(((127 - (e - self.man as i32)) as u32) << 23);
-        const ROUND: f32 = 8_388_608.0;
-        let q = ((a * inv_step + ROUND) - ROUND) as u32;
+        let q = round(a * inv_step);
         // q * step, as (exponent, mantissa) fields; q may have carried into the next binade.
         let (field_e, field_m) = if e == min_normal_exp && q < (1 << self.man) {
             (0, q)
@@ -213,6 +231,47 @@ pub fn encode_into(values: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
         other => return Err(not_float(other)),
     }
     Ok(())
+}
+
+/// Encodes f32 values as fp8 `dtype` with seeded stochastic rounding: value `i` of the slice
+/// is element `first + i` of the tensor whose name hashes to `stream`, and its uniform draw
+/// depends on (`seed`, `stream`, index) only, so the bytes do not depend on how the tensor is
+/// split among threads. Other dtypes round to nearest even.
+pub fn encode_stochastic_into(
+    values: &[f32],
+    dtype: DType,
+    out: &mut [u8],
+    seed: u64,
+    stream: u64,
+    first: u64,
+) -> Result<()> {
+    let f8 = match dtype {
+        DType::F8E4M3 => E4M3,
+        DType::F8E5M2 => E5M2,
+        _ => return encode_into(values, dtype, out),
+    };
+    let max = f8.decode(f8.max_byte());
+    let key = splitmix64(seed ^ splitmix64(stream));
+    for (i, (o, v)) in out.iter_mut().zip(values).enumerate() {
+        let r = splitmix64(key ^ (first + i as u64));
+        let u = (r >> 40) as f32 * (1.0 / 16_777_216.0);
+        *o = f8.encode_stochastic(*v, max, u);
+    }
+    Ok(())
+}
+
+/// The stream of a tensor for [`encode_stochastic_into`]: a hash of its name.
+pub fn stream_of(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// SplitMix64's output function of `x + golden` (a counter-based generator).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The largest finite value of an 8-bit float type (448 for F8_E4M3, 57344 for F8_E5M2).

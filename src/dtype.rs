@@ -196,6 +196,44 @@ pub enum FloatType {
     Fp8E5m2,
 }
 
+/// How values are rounded to a narrower float type.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Round to nearest, ties to even (deterministic; the default).
+    #[default]
+    Nearest,
+    /// fp8 outputs: round up or down at random with the probabilities that keep the expected
+    /// value, drawn from the merge's `seed` per (tensor, element): the same bytes whatever the
+    /// thread count. Wider types still round to nearest.
+    Stochastic,
+}
+
+impl Rounding {
+    /// Whether this is the default, round to nearest even.
+    pub fn is_nearest(&self) -> bool {
+        *self == Rounding::Nearest
+    }
+}
+
+impl crate::text::Named for Rounding {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("nearest", Rounding::Nearest),
+        ("stochastic", Rounding::Stochastic),
+    ];
+}
+
 impl crate::text::Named for FloatType {
     const NAMES: &'static [(&'static str, Self)] = &[
         ("fp16", FloatType::Fp16),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mergesmith::dtype::FloatType;
+use mergesmith::dtype::{FloatType, Rounding};
 use mergesmith::error::{Error, Result};
 use mergesmith::merge::{CalcMode, Mode};
 
@@ -40,12 +40,16 @@ pub struct MergeArgs {
     /// extract's gamma: how sharply similarity selects features.
     #[arg(long, default_value_t = 0.3)]
     pub gamma: f64,
-    /// Seed of random calcmodes (plusRandom).
+    /// Seed of random calcmodes (plusRandom) and of --rounding stochastic.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output type of float tensors [default: keep model A's].
     #[arg(long, value_parser = choice::<FloatType>())]
     pub dtype: Option<FloatType>,
+    /// How fp8 outputs round: nearest (even) or stochastic (seeded by --seed; the same bytes
+    /// whatever the thread count).
+    #[arg(long, value_parser = choice::<Rounding>(), default_value = "nearest")]
+    pub rounding: Rounding,
     /// Elemental merge: `blocks:elements:ratio` entries (comma or newline separated) that
     /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
     #[arg(long, value_name = "TEXT")]
@@ -127,6 +131,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         gamma: a.gamma,
         seed: a.seed,
         dtype: a.dtype,
+        rounding: a.rounding,
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,
         elemental: a.elemental.clone(),

@@ -54,6 +54,10 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
 ];
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// Per-block weights of one LoRA.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BlockWeights {
@@ -62,8 +66,11 @@ pub struct BlockWeights {
     /// Weight of blocks the vector does not list.
     pub fill: f64,
     /// The family the blocks are named for.
+    #[serde(skip)]
     pub family: Family,
-    /// Which of the family's block lists names them (0 for the SD families' LBW names).
+    /// Which of the family's block lists names them (0 for the SD families' LBW names;
+    /// recorded only when not 0, so records made before it existed stay the same).
+    #[serde(skip_serializing_if = "is_zero")]
     pub list: usize,
 }
 

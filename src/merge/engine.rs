@@ -17,7 +17,7 @@ use crate::checkpoint::writer::{SafetensorsWriter, TensorSpec};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::convert;
 use crate::device;
-use crate::dtype::DType;
+use crate::dtype::{DType, Rounding};
 use crate::error::{Error, Result};
 use crate::merge::calc::{self, cosine, CalcMode, ChunkCtx, Kind, WholeParams};
 use crate::merge::candle_ops;
@@ -136,6 +136,7 @@ struct Ctx {
     calc: CalcMode,
     gamma: f64,
     seed: u64,
+    rounding: Rounding,
     cosine: Option<cosine::Range>,
     /// A candle device for element-wise formulas (`None`: mergesmith's CPU kernels).
     device: Option<candle_core::Device>,
@@ -192,6 +193,7 @@ pub fn write(
         calc: spec.calcmode,
         gamma: spec.gamma,
         seed: spec.seed,
+        rounding: spec.rounding,
         cosine,
         device: run.device.candle()?,
     };
@@ -308,7 +310,9 @@ fn key(
         let scale = quant::scale_for(&values, k.dtype);
         let stored: Vec<f32> = values.iter().map(|v| v / scale).collect();
         if w.expects(&k.name) {
-            w.write(&k.name, &convert::from_f32(&stored, k.dtype)?)?;
+            let mut bytes = vec![0u8; out_len];
+            encode(ctx, k, 0, &stored, &mut bytes)?;
+            w.write(&k.name, &bytes)?;
         }
         if w.expects(scale_key) {
             let spec = plan.keys.iter().find(|s| s.name == *scale_key);
@@ -343,7 +347,7 @@ fn key(
                     .into_par_iter()
                     .try_for_each_init(Scratch::default, |s, (lo, hi)| {
                         o.decode(lo, hi, &mut s.a)?;
-                        encode_part(w, k, lo, &s.a, &mut s.out)
+                        encode_part(w, ctx, k, lo, &s.a, &mut s.out)
                     })?;
             }
         }
@@ -378,7 +382,7 @@ fn key(
                 return Ok(out_len);
             }
             blend(k, &ops, ctx, &|lo, vals, out| {
-                encode_part(w, k, lo, vals, out)
+                encode_part(w, ctx, k, lo, vals, out)
             })?;
         }
     }
@@ -534,17 +538,33 @@ fn chunks(n: usize) -> Vec<(usize, usize)> {
 
 fn encode_part(
     w: &SafetensorsWriter,
+    ctx: &Ctx,
     k: &KeyPlan,
     lo: usize,
     vals: &[f32],
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    if vals.len() == numel(k) && lo == 0 {
-        // Whole tensors (whole-tensor calcmodes) go in one write.
-        return w.write(&k.name, &convert::from_f32(vals, k.dtype)?);
-    }
     let es = k.dtype.bits() / 8;
     out.resize(vals.len() * es, 0);
-    convert::encode_into(vals, k.dtype, out)?;
+    encode(ctx, k, lo, vals, out)?;
+    if vals.len() == numel(k) && lo == 0 {
+        // Whole tensors (whole-tensor calcmodes) go in one write.
+        return w.write(&k.name, out);
+    }
     w.write_part(&k.name, lo * es, out)
+}
+
+/// Encodes elements `first..` of key `k` in its output dtype, rounded as the merge asks.
+fn encode(ctx: &Ctx, k: &KeyPlan, first: usize, vals: &[f32], out: &mut [u8]) -> Result<()> {
+    match ctx.rounding {
+        Rounding::Nearest => convert::encode_into(vals, k.dtype, out),
+        Rounding::Stochastic => convert::encode_stochastic_into(
+            vals,
+            k.dtype,
+            out,
+            ctx.seed,
+            convert::stream_of(&k.name),
+            first as u64,
+        ),
+    }
 }

@@ -18,7 +18,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::Checkpoint;
-use crate::dtype::FloatType;
+use crate::dtype::{FloatType, Rounding};
 use crate::error::Result;
 use crate::hashing::HashMemo;
 use crate::merge::metadata::InputRecord;
@@ -118,10 +118,14 @@ pub struct MergeSpec {
     pub calcmode: CalcMode,
     /// extract's gamma (sharpness of the similarity weighting; SuperMerger's default 0.3).
     pub gamma: f64,
-    /// Seed of random calcmodes (`plus random`).
+    /// Seed of random calcmodes (`plus random`) and of stochastic rounding.
     pub seed: u64,
     /// Output type of float tensors (default: each tensor keeps model A's type).
     pub dtype: Option<FloatType>,
+    /// How fp8 outputs are rounded (nearest even, or stochastic from `seed`); written into
+    /// keys and metadata only when not the default, so older keys stay valid.
+    #[serde(skip_serializing_if = "Rounding::is_nearest")]
+    pub rounding: Rounding,
     /// Keep only UNet, VAE and text-encoder keys (drops EMA and schedule buffers).
     pub prune: bool,
     /// Rewrite CLIP `position_ids` as int64 `0..n` (fixes files with broken ids).
@@ -155,6 +159,7 @@ impl MergeSpec {
             gamma: 0.3,
             seed: 0,
             dtype: None,
+            rounding: Rounding::Nearest,
             prune: false,
             reset_position_ids: false,
             elemental: None,

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::dtype::FloatType;
+use crate::dtype::{FloatType, Rounding};
 use crate::merge::{CalcMode, Mode};
 
 use super::extract_lora::ExtractDecl;
@@ -100,6 +100,9 @@ pub struct NodeDecl {
     /// Output type of float tensors.
     #[serde(default)]
     pub dtype: Option<FloatType>,
+    /// How fp8 outputs round: `nearest` (even; default) or `stochastic` (seeded by `seed`).
+    #[serde(default)]
+    pub rounding: Option<Rounding>,
     /// Keep only UNet, VAE and text-encoder tensors.
     #[serde(default)]
     pub prune: bool,
@@ -215,6 +218,7 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("exclude", d.exclude.is_some()),
         ("adjust", d.adjust.is_some()),
         ("dtype", d.dtype.is_some()),
+        ("rounding", d.rounding.is_some()),
         ("prune", d.prune),
         ("reset_position_ids", d.reset_position_ids),
         ("bake_vae", d.bake_vae.is_some()),

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::ALGORITHM_VERSION;
 use crate::checkpoint::quant::Quant;
 use crate::checkpoint::Checkpoint;
+use crate::dtype::{DType, Rounding};
 use crate::merge::calc::CalcMode;
 use crate::merge::plan::Stored;
 use crate::merge::{KeyPlan, MergeSpec, Op, Plan, Source};
@@ -120,6 +121,10 @@ pub fn output_keys(
         }
         if let (false, Value::Object(m)) = (k.stored == Stored::Plain, &mut op) {
             m.insert("stored".into(), json!(k.stored));
+        }
+        let fp8 = matches!(k.dtype, DType::F8E4M3 | DType::F8E5M2);
+        if let (Rounding::Stochastic, true, Value::Object(m)) = (spec.rounding, fp8, &mut op) {
+            m.insert("rounding".into(), json!({ "stochastic": spec.seed }));
         }
         op
     };

@@ -449,3 +449,171 @@ fn generation_refuses_scaled_fp8_which_lora_jobs_read() {
     assert!(mergesmith::lora::extract::plan(&cb, &ca, &opts).is_ok());
     assert!(mergesmith::lora::bake::plan(&ca, &[], false).is_ok());
 }
+
+/// The two E4M3 values around `v` (equal when `v` is one), by brute force over the table.
+fn e4m3_neighbours(table: &[(u8, f64)], v: f64) -> (f64, f64) {
+    let below = table
+        .iter()
+        .map(|x| x.1)
+        .filter(|x| *x <= v)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let above = table
+        .iter()
+        .map(|x| x.1)
+        .filter(|x| *x >= v)
+        .fold(f64::INFINITY, f64::min);
+    (below, above)
+}
+
+#[test]
+fn stochastic_rounding_picks_a_neighbour_with_the_right_odds_whatever_the_split() {
+    use mergesmith::convert::{encode_stochastic_into, stream_of};
+    let table = e4m3_table();
+    // 20 000 copies of 0.3 (between 0.28125 and 0.3125: up with probability 0.6).
+    let n = 20_000;
+    let x = 0.3f32;
+    let encode = |values: &[f32], seed: u64, first: u64| {
+        let mut out = vec![0u8; values.len()];
+        encode_stochastic_into(values, DType::F8E4M3, &mut out, seed, stream_of("w"), first)
+            .unwrap();
+        out
+    };
+    let whole = encode(&vec![x; n], 7, 0);
+    let (lo, hi) = e4m3_neighbours(&table, x as f64);
+    assert_eq!((lo, hi), (0.28125, 0.3125));
+    let ups = whole.iter().filter(|b| e4m3_value(**b) == hi).count();
+    assert!(whole.iter().all(|b| [lo, hi].contains(&e4m3_value(*b))));
+    let p = (x as f64 - lo) / (hi - lo);
+    let sd = (p * (1.0 - p) / n as f64).sqrt();
+    let freq = ups as f64 / n as f64;
+    assert!((freq - p).abs() < 5.0 * sd, "{freq} vs {p}");
+    // The same bytes when the tensor is encoded in two parts (as threads split it).
+    let mut parts = encode(&vec![x; 12_345], 7, 0);
+    parts.extend(encode(&vec![x; n - 12_345], 7, 12_345));
+    assert_eq!(parts, whole);
+    // Another seed or another tensor draws differently; representable values and values
+    // beyond the range are not randomised (saturation at 448, like nearest).
+    assert_ne!(encode(&vec![x; n], 8, 0), whole);
+    let mut other = vec![0u8; n];
+    encode_stochastic_into(&vec![x; n], DType::F8E4M3, &mut other, 7, stream_of("v"), 0).unwrap();
+    assert_ne!(other, whole);
+    let fixed = [0.3125f32, -2.0, 0.0, 1000.0, -1000.0, 448.0];
+    let bytes = encode(&fixed, 7, 0);
+    let back: Vec<f64> = bytes.iter().map(|b| e4m3_value(*b)).collect();
+    assert_eq!(back, vec![0.3125, -2.0, 0.0, 448.0, -448.0, 448.0]);
+    // Every value of a spread lands on one of its two neighbours (subnormals included).
+    let spread: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0371).collect();
+    for (v, b) in spread.iter().zip(encode(&spread, 3, 0)) {
+        let (lo, hi) = e4m3_neighbours(&table, *v as f64);
+        let got = e4m3_value(b);
+        assert!(got == lo || got == hi, "{v} -> {got}");
+    }
+    let tiny: Vec<f32> = (1..500).map(|i| i as f32 * 1.3e-5).collect();
+    for (v, b) in tiny.iter().zip(encode(&tiny, 3, 0)) {
+        let (lo, hi) = e4m3_neighbours(&table, *v as f64);
+        assert!([lo, hi].contains(&e4m3_value(b)), "{v}");
+    }
+}
+
+#[test]
+fn stochastic_rounding_in_a_merge_is_seeded_and_thread_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
+    flux_fp8(&a, 1, None);
+    flux_fp8(&b, 2, None);
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);
+    spec.rounding = mergesmith::dtype::Rounding::Stochastic;
+    spec.seed = 11;
+    let run = |spec: &MergeSpec, threads: usize, name: &str| {
+        let out = d.join(name);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| merge(&a, &b, spec, &out).unwrap());
+        out
+    };
+    let (one, two) = (
+        run(&spec, 1, "s1.safetensors"),
+        run(&spec, 2, "s2.safetensors"),
+    );
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap());
+    let nearest = run(
+        &MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None),
+        2,
+        "n.safetensors",
+    );
+    let (ca, cb, cs, cn) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&one).unwrap(),
+        Checkpoint::open(&nearest).unwrap(),
+    );
+    let table = e4m3_table();
+    let mut differ = 0;
+    for w in W {
+        let (x, y, s, n) = (raw(&ca, w), raw(&cb, w), raw(&cs, w), raw(&cn, w));
+        for i in 0..x.len() {
+            let v = (0.7f32 * e4m3_value(x[i]) as f32 + 0.3f32 * e4m3_value(y[i]) as f32) as f64;
+            let (lo, hi) = e4m3_neighbours(&table, v);
+            assert!([lo, hi].contains(&e4m3_value(s[i])), "{w}[{i}]: {v}");
+            differ += usize::from(s[i] != n[i]);
+        }
+    }
+    assert!(differ > 0, "some values round the other way than nearest");
+    // Another seed, other bytes.
+    spec.seed = 12;
+    let other = run(&spec, 1, "s3.safetensors");
+    assert_ne!(std::fs::read(&one).unwrap(), std::fs::read(&other).unwrap());
+}
+
+#[test]
+fn a_recipe_asks_for_stochastic_rounding() {
+    use mergesmith::build::{self, BuildOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("models")).unwrap();
+    flux_fp8(&d.join("models/a.safetensors"), 1, None);
+    flux_fp8(&d.join("models/b.safetensors"), 2, None);
+    let nodes = "  ab:\n    merge: weight_sum\n    a: a\n    b: b\n    alpha: 0.3\n    rounding: stochastic\n    seed: 11\n  out:\n    save: ab\n    to: out/ab.safetensors\n";
+    let path = d.join("recipe.yaml");
+    std::fs::write(&path, recipe_yaml("models/", &["a", "b"], nodes)).unwrap();
+    let cache = mergesmith::store::Cache::new(&d.join("cache"));
+    let recipe = mergesmith::recipe::load(&path).unwrap();
+    build::build(&recipe, &cache, &[], &BuildOptions::default()).unwrap();
+    // The same bytes as the merge API with the same rounding and seed.
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);
+    spec.rounding = mergesmith::dtype::Rounding::Stochastic;
+    spec.seed = 11;
+    let direct = d.join("direct.safetensors");
+    merge(
+        &d.join("models/a.safetensors"),
+        &d.join("models/b.safetensors"),
+        &spec,
+        &direct,
+    )
+    .unwrap();
+    let (out, direct) = (
+        Checkpoint::open(d.join("out/ab.safetensors")).unwrap(),
+        Checkpoint::open(&direct).unwrap(),
+    );
+    for w in W {
+        assert_eq!(raw(&out, w), raw(&direct, w), "{w}");
+    }
+    // A misspelt value is an error naming the choices.
+    std::fs::write(
+        &path,
+        recipe_yaml(
+            "models/",
+            &["a", "b"],
+            &nodes.replace("stochastic", "stochastc"),
+        ),
+    )
+    .unwrap();
+    let err = format!("{:#}", mergesmith::recipe::load(&path).unwrap_err());
+    assert!(
+        err.contains("stochastc") && err.contains("stochastic"),
+        "{err}"
+    );
+}
