@@ -50,6 +50,11 @@ pub struct MergeArgs {
     /// whatever the thread count).
     #[arg(long, value_parser = choice::<Rounding>(), default_value = "nearest")]
     pub rounding: Rounding,
+    /// Write scaled fp8 (ComfyUI's `scaled_fp8` marker + per-layer `scale_weight`), also from
+    /// a plain input: the diffusion model's linear weights in the fp8 type (--dtype, or A's),
+    /// every other tensor as A stores it.
+    #[arg(long)]
+    pub scaled: bool,
     /// Elemental merge: `blocks:elements:ratio` entries (comma or newline separated) that
     /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
     #[arg(long, value_name = "TEXT")]
@@ -132,6 +137,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         seed: a.seed,
         dtype: a.dtype,
         rounding: a.rounding,
+        scaled: a.scaled,
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,
         elemental: a.elemental.clone(),

@@ -331,6 +331,7 @@ fn key(
                 k.name
             )))
         }
+        Op::Marker => w.write(&k.name, &[])?,
         Op::PositionIds => {
             let last = (*k.shape.last().unwrap_or(&1)).max(1);
             let bytes: Vec<u8> = (0..n)

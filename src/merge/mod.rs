@@ -126,6 +126,10 @@ pub struct MergeSpec {
     /// keys and metadata only when not the default, so older keys stay valid.
     #[serde(skip_serializing_if = "Rounding::is_nearest")]
     pub rounding: Rounding,
+    /// Write scaled fp8 (ComfyUI's `scaled_fp8` + per-layer `scale_weight`) even from a plain
+    /// input: the diffusion model's linear weights in the fp8 type, the rest as A stores it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub scaled: bool,
     /// Keep only UNet, VAE and text-encoder keys (drops EMA and schedule buffers).
     pub prune: bool,
     /// Rewrite CLIP `position_ids` as int64 `0..n` (fixes files with broken ids).
@@ -160,6 +164,7 @@ impl MergeSpec {
             seed: 0,
             dtype: None,
             rounding: Rounding::Nearest,
+            scaled: false,
             prune: false,
             reset_position_ids: false,
             elemental: None,

@@ -49,6 +49,9 @@ pub enum Op {
     /// The per-tensor scale of the scaled-fp8 weight named here, recomputed when that
     /// weight is written (an f32 scalar).
     ScaleOf(String),
+    /// An empty tensor of the key's dtype (ComfyUI's `scaled_fp8` marker: only its dtype
+    /// is read).
+    Marker,
 }
 
 impl Op {
@@ -385,8 +388,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         Quant::of(inputs.b)?,
         inputs.c.map(Quant::of).transpose()?.unwrap_or_default(),
     ];
-    // Output keeps A's scaled-fp8 storage unless a dtype is asked for.
-    let scaled_out = quant[0].is_scaled() && spec.dtype.is_none();
+    // Output keeps A's scaled-fp8 storage unless a dtype is asked for; `scaled` asks for it.
+    let scaled_out = spec.scaled || quant[0].is_scaled() && spec.dtype.is_none();
     let family = arch.family;
     if spec.adjust.is_some() && family.code().adjust.is_none() {
         return Err(Error::Invalid(format!(
@@ -500,6 +503,9 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
             name_c: names.c,
             stored,
         });
+    }
+    if spec.scaled {
+        scale_plain_weights(&mut keys, inputs.a, spec, family, arch.layout)?;
     }
     // Scales of re-quantized weights are written with them.
     let recomputed: BTreeMap<String, String> = keys
@@ -864,5 +870,88 @@ fn bake_vae(keys: &mut [KeyPlan], vae: &Checkpoint) -> Result<()> {
             vae.tensors().len()
         )));
     }
+    Ok(())
+}
+
+/// Makes a scaled-fp8 output from weights A stores plainly (`scaled: true`): every 2-D
+/// diffusion-model `.weight` (the linear layers ComfyUI's scaled-fp8 ops read with a scale)
+/// is stored in the fp8 type with a fresh per-tensor scale `X.scale_weight`; every other
+/// tensor keeps A's dtype, as in the scaled files ComfyUI users have; the family's marker
+/// (`scaled_fp8` under the layout's prefix) is added when A has none.
+fn scale_plain_weights(
+    keys: &mut Vec<KeyPlan>,
+    a: &Checkpoint,
+    spec: &MergeSpec,
+    family: Family,
+    layout: &str,
+) -> Result<()> {
+    let is_f8 = |d: DType| matches!(d, DType::F8E4M3 | DType::F8E5M2);
+    let f8 = spec
+        .dtype
+        .map(|d| d.dtype())
+        .or_else(|| a.tensors().iter().map(|t| t.dtype).find(|d| is_f8(*d)))
+        .filter(|d| is_f8(*d))
+        .ok_or_else(|| {
+            Error::Invalid(
+                "`scaled` writes scaled fp8: give an fp8 output type (`--dtype fp8_e4m3` or \
+                 `fp8_e5m2`); model A stores no fp8"
+                    .into(),
+            )
+        })?;
+    let existing: std::collections::BTreeSet<String> =
+        keys.iter().map(|k| k.name.clone()).collect();
+    let mut out = Vec::with_capacity(keys.len() * 2);
+    for mut k in std::mem::take(keys) {
+        let a_dtype = a.get(&k.name).map_or(k.dtype, |t| t.dtype);
+        let weight = k.shape.len() == 2
+            && k.name.ends_with(".weight")
+            && a_dtype.is_float()
+            && family.component(&k.name) == Component::Unet
+            && !Quant::is_bookkeeping(&k.name);
+        if !weight || !k.stored.is_plain() {
+            if k.stored.is_plain() && !matches!(k.op, Op::ScaleOf(_)) && a_dtype.is_float() {
+                k.dtype = a_dtype;
+            }
+            out.push(k);
+            continue;
+        }
+        let scale = Quant::scale_key(&k.name).unwrap_or_default();
+        k.dtype = f8;
+        k.stored = Stored::Scaled(scale.clone());
+        let name = k.name.clone();
+        out.push(k);
+        if !existing.contains(&scale) {
+            out.push(KeyPlan {
+                name: scale,
+                shape: vec![],
+                dtype: DType::F32,
+                op: Op::ScaleOf(name),
+                block: None,
+                name_b: None,
+                name_c: None,
+                stored: Stored::Plain,
+            });
+        }
+    }
+    let prefix = family
+        .layout(layout)
+        .and_then(|l| l.prefix.as_deref())
+        .unwrap_or("");
+    let marker = format!("{prefix}{}", crate::checkpoint::quant::MARKER);
+    if !out.iter().any(|k| {
+        Quant::is_bookkeeping(&k.name) && k.name.ends_with(crate::checkpoint::quant::MARKER)
+    }) {
+        out.push(KeyPlan {
+            name: marker,
+            shape: vec![0],
+            dtype: f8,
+            op: Op::Marker,
+            block: None,
+            name_b: None,
+            name_c: None,
+            stored: Stored::Plain,
+        });
+    }
+    *keys = out;
     Ok(())
 }

@@ -103,6 +103,10 @@ pub struct NodeDecl {
     /// How fp8 outputs round: `nearest` (even; default) or `stochastic` (seeded by `seed`).
     #[serde(default)]
     pub rounding: Option<Rounding>,
+    /// Write scaled fp8 (ComfyUI's `scaled_fp8` + per-layer `scale_weight`), also from a
+    /// plain input: the diffusion model's linear weights in the fp8 type, the rest as A.
+    #[serde(default)]
+    pub scaled: bool,
     /// Keep only UNet, VAE and text-encoder tensors.
     #[serde(default)]
     pub prune: bool,
@@ -219,6 +223,7 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("adjust", d.adjust.is_some()),
         ("dtype", d.dtype.is_some()),
         ("rounding", d.rounding.is_some()),
+        ("scaled", d.scaled),
         ("prune", d.prune),
         ("reset_position_ids", d.reset_position_ids),
         ("bake_vae", d.bake_vae.is_some()),

@@ -94,6 +94,7 @@ pub fn output_keys(
                 json!({ "copy": src })
             }
             Op::PositionIds => json!({ "position_ids": true }),
+            Op::Marker => json!({ "marker": k.dtype.name() }),
             Op::ScaleOf(_) => Value::Null,
             Op::Blend {
                 alpha,

@@ -617,3 +617,98 @@ fn a_recipe_asks_for_stochastic_rounding() {
         "{err}"
     );
 }
+
+#[test]
+fn plain_inputs_make_a_scaled_fp8_output_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("m.safetensors"),
+    );
+    flux_fp8(&a, 1, None);
+    flux_fp8(&b, 2, None);
+    let mut spec = MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.3), None);
+    spec.scaled = true;
+    merge(&a, &b, &spec, &out).unwrap();
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    // The marker ComfyUI reads (its dtype names the fp8 type), a scale per linear weight.
+    let marker = cm.get("scaled_fp8").expect("marker added");
+    assert_eq!(
+        (marker.dtype, marker.shape.clone()),
+        (DType::F8E4M3, vec![0])
+    );
+    let table = e4m3_table();
+    for w in W {
+        let (x, y, m) = (raw(&ca, w), raw(&cb, w), raw(&cm, w));
+        let merged: Vec<f32> = (0..x.len())
+            .map(|i| {
+                // The kernel's f32 form of A·(1 − α) + B·α: A + α·(B − A).
+                let (p, q) = (e4m3_value(x[i]) as f32, e4m3_value(y[i]) as f32);
+                p + 0.3f32 * (q - p)
+            })
+            .collect();
+        let scale = merged.iter().fold(0f32, |a, v| a.max(v.abs())) / 448.0;
+        let sk = w.replace(".weight", ".scale_weight");
+        let st = cm.get(&sk).unwrap();
+        assert_eq!((st.dtype, st.shape.clone()), (DType::F32, vec![]));
+        assert_eq!(f32_at(&cm, &sk), scale, "{sk}");
+        for i in 0..x.len() {
+            assert_eq!(
+                m[i],
+                e4m3_nearest(&table, (merged[i] / scale) as f64),
+                "{w}[{i}]"
+            );
+        }
+    }
+    // The 1-D norm scale is not a linear weight: it keeps A's bf16.
+    let norm = "double_blocks.0.img_attn.norm.key_norm.scale";
+    assert_eq!(cm.get(norm).unwrap().dtype, DType::BF16);
+    // The output reads back as scaled fp8 and merges again.
+    let q = mergesmith::checkpoint::quant::Quant::of(&cm).unwrap();
+    assert_eq!(q.scales.len(), 2);
+    merge(
+        &out,
+        &a,
+        &MergeSpec::new(Mode::WeightSum, Ratio::Scalar(0.5), None),
+        &d.join("again.safetensors"),
+    )
+    .unwrap();
+    // From a file with no fp8 at all, `scaled` needs an fp8 type.
+    let sd = synth(
+        d,
+        "sd.safetensors",
+        &tiny(mergesmith::arch::Family::builtin("sd1"), 1),
+    );
+    let sd2 = synth(
+        d,
+        "sd2.safetensors",
+        &tiny(mergesmith::arch::Family::builtin("sd1"), 2),
+    );
+    let err = merge(&sd, &sd2, &spec, &d.join("x.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("give an fp8 output type"), "{err}");
+    let mut with_type = spec.clone();
+    with_type.dtype = Some(FloatType::Fp8E5m2);
+    merge(&sd, &sd2, &with_type, &d.join("sd-scaled.safetensors")).unwrap();
+    let s = Checkpoint::open(d.join("sd-scaled.safetensors")).unwrap();
+    assert_eq!(
+        s.get("model.diffusion_model.scaled_fp8").map(|t| t.dtype),
+        Some(DType::F8E5M2)
+    );
+    let q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight";
+    let conv = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight";
+    assert_eq!(s.get(q).unwrap().dtype, DType::F8E5M2);
+    assert!(s.get(&q.replace(".weight", ".scale_weight")).is_some());
+    assert_eq!(
+        s.get(conv).unwrap().dtype,
+        DType::F16,
+        "convolutions keep A's type"
+    );
+}
