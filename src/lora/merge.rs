@@ -128,7 +128,7 @@ impl Canon {
 }
 
 /// The family the files were made for: what their names say (they must agree), else the
-/// family whose reference layout resolves more of their modules.
+/// family whose reference layout resolves the most of their modules.
 fn family_of_all(sources: &[Application]) -> Result<Family> {
     let stated: Vec<Family> = sources.iter().filter_map(|s| s.file.family()).collect();
     if let Some(&first) = stated.first() {
@@ -154,12 +154,18 @@ fn family_of_all(sources: &[Application]) -> Result<Family> {
             .filter(|m| canon.targets.get(&m.name).is_some())
             .count())
     };
-    let (xl, sd) = (Family::builtin("sdxl"), Family::builtin("sd1"));
-    Ok(if resolved(xl)? > resolved(sd)? {
-        xl
-    } else {
-        sd
-    })
+    // SD1 unless another family resolves strictly more modules: SDXL, then the families
+    // whose LoRA names are data (Flux).
+    let mut best = (Family::builtin("sd1"), resolved(Family::builtin("sd1"))?);
+    let others = std::iter::once(Family::builtin("sdxl"))
+        .chain(Family::all().filter(|f| f.lora().is_some()));
+    for f in others {
+        let n = resolved(f)?;
+        if n > best.1 {
+            best = (f, n);
+        }
+    }
+    Ok(best.0)
 }
 
 /// Plans a merge on the files' headers: groups modules by the weight they change (so

@@ -768,3 +768,79 @@ fn the_cli_bakes_a_flux_lora_with_a_block_vector() {
         assert!((g - e).abs() < 1e-5);
     }
 }
+
+#[test]
+fn loras_whose_names_do_not_state_flux_merge_by_what_they_resolve_to() {
+    // SimpleTuner's `lycoris_transformer_blocks_0_attn_to_k` and a bare diffusers
+    // `transformer_blocks.0.attn.to_k` name no family by their prefixes; the Flux reference
+    // layout resolves both to rows h..2h of `img_attn.qkv`, so concat merges them into one
+    // module, exactly: the merged LoRA bakes like the two together.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("flux.safetensors");
+    flux_model(&model, Storage::F32);
+    let m = |seed, name| Lr {
+        name,
+        out: H,
+        inp: H,
+        alpha: Some(1.0),
+        peft: false,
+        seed,
+    };
+    let (l1, l2) = (
+        lora_file(
+            &d.join("1.safetensors"),
+            &[(
+                m(41, "lycoris_transformer_blocks_0_attn_to_k"),
+                "",
+                (0, 0),
+                false,
+            )],
+        ),
+        lora_file(
+            &d.join("2.safetensors"),
+            &[(m(42, "transformer_blocks.0.attn.to_k"), "", (0, 0), false)],
+        ),
+    );
+    assert_eq!(LoraFile::open(&l1).unwrap().family(), None);
+    assert_eq!(LoraFile::open(&l2).unwrap().family(), None);
+    let app =
+        |p: &Path, s| Application::new(LoraFile::open(p).unwrap(), s, None, None, 0.0).unwrap();
+    let merged = d.join("merged.safetensors");
+    let mo = mergesmith::lora::merge::MergeOptions {
+        mode: mergesmith::lora::merge::MergeMode::Concat,
+        rank: 4,
+        conv_rank: None,
+        clamp_quantile: 1.0,
+        dtype: mergesmith::dtype::FloatType::Fp32,
+    };
+    mergesmith::lora::merge::merge(&[app(&l1, 0.5), app(&l2, -1.0)], &mo, &merged, false).unwrap();
+    let mf = LoraFile::open(&merged).unwrap();
+    assert_eq!(mf.modules.len(), 1, "one module: both change the same rows");
+    let (x, y) = (d.join("x.safetensors"), d.join("y.safetensors"));
+    bake::bake_file(
+        &model,
+        &[app(&l1, 0.5), app(&l2, -1.0)],
+        &x,
+        &BTreeMap::new(),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    bake::bake_file(
+        &model,
+        &[app(&merged, 1.0)],
+        &y,
+        &BTreeMap::new(),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    let (cx, cy) = (Checkpoint::open(&x).unwrap(), Checkpoint::open(&y).unwrap());
+    let key = "double_blocks.0.img_attn.qkv.weight";
+    for (p, q) in read(&cx, key).iter().zip(read(&cy, key)) {
+        assert!((p - q).abs() < 1e-5);
+    }
+}
