@@ -36,4 +36,10 @@ $bin synth --arch flux --layout bfl --dtype fp8_e4m3 --seed 2 -o "$m/flux-b.safe
 flux_alpha="0.2,0.2,0.2$(printf ',0.5%.0s' $(seq 19))$(printf ',0.2%.0s' $(seq 39))"
 $bin merge -a "$m/flux-a.safetensors" -b "$m/flux-b.safetensors" --alpha "$flux_alpha" \
     -o recipes/out/flux.safetensors --overwrite
+# A kohya-style Flux LoRA baked into the fp8 merge (changed weights are rounded back to fp8),
+# with LBW's 61 Flux blocks: single blocks only.
+$bin lora synth -m recipes/out/flux.safetensors --rank 4 -o "$m/flux-lora.safetensors" --overwrite
+flux_lbw="0,0,0$(printf ',0%.0s' $(seq 19))$(printf ',1%.0s' $(seq 38)),0"
+$bin lora apply -m recipes/out/flux.safetensors -l "$m/flux-lora.safetensors:0.8:$flux_lbw" \
+    -o recipes/out/flux-lora.safetensors --overwrite
 $bin inspect recipes/out/example.safetensors --no-hash | sed -n '1,8p'

@@ -168,7 +168,15 @@ pub fn synthesize(
         });
     }
     let mut md = BTreeMap::new();
-    md.insert("ss_network_module".to_string(), "networks.lora".to_string());
+    let family = arch::detect(ck.tensors()).family;
+    md.insert(
+        "ss_network_module".to_string(),
+        family
+            .facts()
+            .ss_network_module
+            .clone()
+            .unwrap_or_else(|| "networks.lora".to_string()),
+    );
     md.insert("ss_network_dim".to_string(), rank.to_string());
     md.insert(
         "ss_network_alpha".to_string(),
