@@ -260,7 +260,8 @@ pub struct LoraAlias {
     /// Rows `[a, b)` of the native weight, in units of its input width (fused q/k/v/mlp).
     #[serde(default)]
     pub rows: Option<[usize; 2]>,
-    /// The diffusers weight stores the two halves of its rows swapped (scale/shift).
+    /// The diffusers weight stores the two halves of its rows swapped ((scale, shift) for a
+    /// native (shift, scale)): applies where the native weight has 2 x its input width rows.
     #[serde(default)]
     pub swap_halves: bool,
 }

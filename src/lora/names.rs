@@ -198,11 +198,13 @@ impl Targets {
                 if rows.is_some_and(|(_, hi)| hi > info.shape[0]) {
                     continue;
                 }
+                // Swapped halves concern 2-chunk (shift, scale) modulations only.
+                let swap_halves = a.swap_halves && info.shape[0] == 2 * width;
                 for n in &def.diffusers_names {
                     t.map.entry(fill(n, &d, 'd')).or_insert_with(|| Target {
                         key: info.name.clone(),
                         rows,
-                        swap_halves: a.swap_halves,
+                        swap_halves,
                     });
                 }
             }

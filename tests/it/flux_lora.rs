@@ -1,4 +1,4 @@
-//! LoRAs on Flux: kohya (`lora_unet_double_blocks_0_img_attn_qkv`), diffusers / PEFT /
+//! LoRAs on the transformer families (Flux; SD3 at the end): kohya (`lora_unet_double_blocks_0_img_attn_qkv`), diffusers / PEFT /
 //! AI-Toolkit (`transformer.transformer_blocks.0.attn.to_q`, a row slice of the fused `qkv`),
 //! SimpleTuner LyCORIS and OneTrainer spellings baked into bf16/f32, plain fp8 and scaled fp8
 //! checkpoints with Flux block weights, checked against an f64 reference written here;
@@ -842,5 +842,87 @@ fn loras_whose_names_do_not_state_flux_merge_by_what_they_resolve_to() {
     let key = "double_blocks.0.img_attn.qkv.weight";
     for (p, q) in read(&cx, key).iter().zip(read(&cy, key)) {
         assert!((p - q).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn sd3_loras_resolve_and_bake_through_the_same_declarations() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sd3 = Family::builtin("sd3");
+    let mut o = tiny(sd3, 1);
+    o.dtype = mergesmith::dtype::FloatType::Fp32;
+    let model = synth(d, "sd3.safetensors", &o);
+    let ck = Checkpoint::open(&model).unwrap();
+    let t = Targets::of(&ck);
+    let p = "model.diffusion_model.joint_blocks.";
+    let w = ck
+        .get(&format!("{p}0.x_block.attn.qkv.weight"))
+        .unwrap()
+        .shape[1];
+    for (module, key, rows, swap) in [
+        (
+            "lora_unet_joint_blocks_0_x_block_attn_qkv",
+            "0.x_block.attn.qkv",
+            None,
+            false,
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.add_k_proj",
+            "0.context_block.attn.qkv",
+            Some((w, 2 * w)),
+            false,
+        ),
+        (
+            "transformer.transformer_blocks.5.norm1_context.linear",
+            "5.context_block.adaLN_modulation.1",
+            None,
+            false,
+        ),
+        // The last block's context modulation has 2 chunks: diffusers stores them swapped.
+        (
+            "transformer.transformer_blocks.23.norm1_context.linear",
+            "23.context_block.adaLN_modulation.1",
+            None,
+            true,
+        ),
+    ] {
+        let got = t.get(module).unwrap_or_else(|| panic!("{module}"));
+        assert_eq!(
+            (got.key.as_str(), got.rows, got.swap_halves),
+            (format!("{p}{key}.weight").as_str(), rows, swap),
+            "{module}"
+        );
+    }
+    assert_eq!(
+        t.get("lora_te2_text_model_encoder_layers_0_self_attn_q_proj")
+            .unwrap()
+            .key,
+        "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    );
+    // Baking the swapped module: W + ΔW with ΔW's halves exchanged, against f64.
+    let key = format!("{p}23.context_block.adaLN_modulation.1.weight");
+    let shape = ck.get(&key).unwrap().shape.clone();
+    assert_eq!(shape, vec![2 * w, w]);
+    let m = Lr {
+        name: "transformer.transformer_blocks.23.norm1_context.linear",
+        out: 2 * w,
+        inp: w,
+        alpha: None,
+        peft: true,
+        seed: 61,
+    };
+    let mut want = read(&ck, &key);
+    let mut dlt = m.delta();
+    let half = dlt.len() / 2;
+    dlt.rotate_left(half);
+    want.iter_mut().zip(&dlt).for_each(|(x, dv)| *x += 0.5 * dv);
+    let lora = lora_file(&d.join("l.safetensors"), &[(m, "", (0, 0), true)]);
+    let out = d.join("out.safetensors");
+    let app = Application::new(LoraFile::open(&lora).unwrap(), 0.5, None, None, 0.0).unwrap();
+    bake::bake_file(&model, &[app], &out, &BTreeMap::new(), false, false, false).unwrap();
+    let got = read(&Checkpoint::open(&out).unwrap(), &key);
+    for (g, e) in got.iter().zip(&want) {
+        assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0));
     }
 }
