@@ -44,7 +44,7 @@ impl Application {
         fill: f64,
     ) -> Result<Self> {
         let family = family
-            .or_else(|| file.family())
+            .or_else(|| file.family_or_resolved())
             .unwrap_or_else(|| Family::builtin("sd1"));
         let blocks = blocks
             .map(|b| BlockWeights::parse(b, family, fill))

@@ -307,9 +307,16 @@ impl LoraFile {
         }
     }
 
+    /// The family the module names state ([`LoraFile::family`]), else the family with LoRA
+    /// names as data whose reference layout resolves most of them.
+    pub fn family_or_resolved(&self) -> Option<Family> {
+        self.family()
+            .or_else(|| names::resolving_family(self.modules.iter().map(|m| m.name.as_str())))
+    }
+
     /// Counts types, ranks, alphas and modules per block.
     pub fn summary(&self) -> Summary {
-        let family = self.family();
+        let family = self.family_or_resolved();
         let mut s = Summary {
             architecture: match family {
                 Some(f) if f.lora().is_some() => f.label().into(),

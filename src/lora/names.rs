@@ -273,6 +273,19 @@ static REFERENCE: LazyLock<Vec<(Family, Targets)>> = LazyLock::new(|| {
         .collect()
 });
 
+/// The family with LoRA names as data whose reference layout resolves the most of `modules`
+/// (at least half of them), for files whose prefixes state no family (diffusers names are
+/// shared by Flux and SD3).
+pub fn resolving_family<'a>(modules: impl Iterator<Item = &'a str> + Clone) -> Option<Family> {
+    let total = modules.clone().count();
+    REFERENCE
+        .iter()
+        .map(|(f, t)| (*f, modules.clone().filter(|m| t.get(m).is_some()).count()))
+        .filter(|(_, n)| *n > 0 && 2 * n >= total)
+        .max_by_key(|(_, n)| *n)
+        .map(|(f, _)| f)
+}
+
 /// The block of a LoRA module for `family` in its block list `list`: the module resolved
 /// through the family's reference layout for families whose names are data, else the LBW
 /// block [`module_block`] reads from the name.

@@ -918,6 +918,12 @@ fn sd3_loras_resolve_and_bake_through_the_same_declarations() {
     dlt.rotate_left(half);
     want.iter_mut().zip(&dlt).for_each(|(x, dv)| *x += 0.5 * dv);
     let lora = lora_file(&d.join("l.safetensors"), &[(m, "", (0, 0), true)]);
+    // Diffusers names are Flux's and SD3's alike: the family is the one whose layout has
+    // the weight (Flux has 19 double blocks, no block 23).
+    let lf = LoraFile::open(&lora).unwrap();
+    assert_eq!((lf.family(), lf.family_or_resolved()), (None, Some(sd3)));
+    assert_eq!(lf.summary().architecture, "SD3");
+    assert_eq!(lf.summary().blocks["joint_blocks.23."], 1);
     let out = d.join("out.safetensors");
     let app = Application::new(LoraFile::open(&lora).unwrap(), 0.5, None, None, 0.0).unwrap();
     bake::bake_file(&model, &[app], &out, &BTreeMap::new(), false, false, false).unwrap();
