@@ -317,17 +317,25 @@ pub fn write(
 ) -> Result<()> {
     let total: u64 = ck.tensors().iter().map(|t| t.byte_len() as u64).sum();
     let bar = crate::progress::bytes(total, "bake", progress);
+    // A rescaled weight's scale is written by the weight's job.
     let rewritten: std::collections::BTreeSet<&String> = plan.rescaled.values().collect();
+    let scale_expected = |w: &str| plan.rescaled.get(w).is_some_and(|s| writer.expects(s));
     ck.tensors()
         .par_iter()
-        .filter(|t| writer.expects(&t.name) && !rewritten.contains(&t.name))
+        .filter(|t| {
+            (writer.expects(&t.name) || scale_expected(&t.name)) && !rewritten.contains(&t.name)
+        })
         .try_for_each(|t| {
             match plan.changes.get(&t.name) {
                 Some(c) => {
                     let (bytes, scale) = changed_tensor(ck, loras, plan, &t.name, c)?;
-                    writer.write(&t.name, &bytes)?;
+                    if writer.expects(&t.name) {
+                        writer.write(&t.name, &bytes)?;
+                    }
                     if let (Some(scale), Some(key)) = (scale, plan.rescaled.get(&t.name)) {
-                        write_scale(ck, writer, key, scale)?;
+                        if writer.expects(key) {
+                            write_scale(ck, writer, key, scale)?;
+                        }
                     }
                 }
                 None => writer.write(&t.name, &ck.data(t))?,

@@ -137,40 +137,53 @@ impl NodeKind for LoraNode {
             let plan = crate::lora::bake::plan(&base.ck, &apps, self.allow_unmatched)?;
             let mut md = base.ck.metadata().clone();
             md.insert("mergesmith_loras".into(), record.to_string());
+            let mut keys: std::collections::BTreeMap<&str, String> = Default::default();
+            for t in base.ck.tensors() {
+                let input_key = base.keys.get(&t.name).cloned().unwrap_or_default();
+                let tk = match plan.changes.get(&t.name) {
+                    None => input_key,
+                    Some(cs) => {
+                        let changes: Vec<Value> = cs
+                            .iter()
+                            .map(|c| {
+                                json!({
+                                    "lora": contents[c.lora],
+                                    "module": apps[c.lora].file.modules[c.module].name,
+                                    "rows": c.rows,
+                                    "strength": c.strength,
+                                    "block": c.block,
+                                    "bias": c.bias,
+                                })
+                            })
+                            .collect();
+                        let pre = json!({
+                            "algorithm": ALGORITHM_VERSION,
+                            "op": "lora",
+                            "name": t.name,
+                            "input": input_key,
+                            "changes": changes,
+                        });
+                        blake3::hash(pre.to_string().as_bytes())
+                            .to_hex()
+                            .to_string()
+                    }
+                };
+                keys.insert(&t.name, tk);
+            }
+            // A rescaled weight's scale (scaled fp8) is recomputed with it.
+            for (weight, scale) in &plan.rescaled {
+                let pre = json!({ "op": "lora_scale", "of": keys.get(weight.as_str()) });
+                let tk = blake3::hash(pre.to_string().as_bytes())
+                    .to_hex()
+                    .to_string();
+                keys.insert(scale, tk);
+            }
             let tensors = base
                 .ck
                 .tensors()
                 .iter()
                 .map(|t| {
-                    let input_key = base.keys.get(&t.name).cloned().unwrap_or_default();
-                    let tk = match plan.changes.get(&t.name) {
-                        None => input_key,
-                        Some(cs) => {
-                            let changes: Vec<Value> = cs
-                                .iter()
-                                .map(|c| {
-                                    json!({
-                                        "lora": contents[c.lora],
-                                        "module": apps[c.lora].file.modules[c.module].name,
-                                        "rows": c.rows,
-                                        "strength": c.strength,
-                                        "block": c.block,
-                                        "bias": c.bias,
-                                    })
-                                })
-                                .collect();
-                            let pre = json!({
-                                "algorithm": ALGORITHM_VERSION,
-                                "op": "lora",
-                                "name": t.name,
-                                "input": input_key,
-                                "changes": changes,
-                            });
-                            blake3::hash(pre.to_string().as_bytes())
-                                .to_hex()
-                                .to_string()
-                        }
-                    };
+                    let tk = keys.get(t.name.as_str()).cloned().unwrap_or_default();
                     (t.name.clone(), t.dtype, t.shape.clone(), tk)
                 })
                 .collect();

@@ -932,3 +932,64 @@ fn sd3_loras_resolve_and_bake_through_the_same_declarations() {
         assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0));
     }
 }
+
+#[test]
+fn a_recipe_lora_node_on_scaled_fp8_rewrites_each_changed_weight_with_its_scale() {
+    use mergesmith::build::{self, BuildOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("models")).unwrap();
+    let model = d.join("models/flux.safetensors");
+    flux_model(&model, Storage::ScaledFp8);
+    let lora = lora_file(&d.join("models/style.safetensors"), &kohya_modules());
+    // The LoRA goes onto a stored merge result, whose untouched tensors the node refers to.
+    let nodes = "  merged:\n    merge: weight_sum\n    a: flux\n    b: flux\n    alpha: 0.5\n  styled:\n    lora: merged\n    apply:\n      - { file: style, strength: -1.5 }\n  out:\n    save: styled\n    to: out/styled.safetensors\n";
+    let path = d.join("recipe.yaml");
+    std::fs::write(&path, recipe_yaml("models/", &["flux", "style"], nodes)).unwrap();
+    let cache = mergesmith::store::Cache::new(&d.join("cache"));
+    let recipe = mergesmith::recipe::load(&path).unwrap();
+    build::build(&recipe, &cache, &[], &BuildOptions::default()).unwrap();
+    // The same bytes as the CLI's merge then bake, scales included (not the input's old ones).
+    let merged = d.join("merged.safetensors");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+        .args(["merge", "--alpha", "0.5", "-a"])
+        .arg(&model)
+        .arg("-b")
+        .arg(&model)
+        .arg("-o")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let direct = d.join("direct.safetensors");
+    let app = Application::new(LoraFile::open(&lora).unwrap(), -1.5, None, None, 0.0).unwrap();
+    bake::bake_file(
+        &merged,
+        &[app],
+        &direct,
+        &BTreeMap::new(),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    let (a, b, base) = (
+        Checkpoint::open(d.join("out/styled.safetensors")).unwrap(),
+        Checkpoint::open(&direct).unwrap(),
+        Checkpoint::open(&merged).unwrap(),
+    );
+    let bytes = |ck: &Checkpoint, n: &str| ck.data(ck.get(n).unwrap()).to_vec();
+    for t in b.tensors() {
+        assert_eq!(bytes(&a, &t.name), bytes(&b, &t.name), "{}", t.name);
+    }
+    let scale = "double_blocks.1.img_attn.proj.scale_weight";
+    assert_ne!(
+        bytes(&a, scale),
+        bytes(&base, scale),
+        "a changed weight gets a fresh scale"
+    );
+}
