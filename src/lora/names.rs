@@ -23,8 +23,8 @@ pub struct Target {
     pub key: String,
     /// Rows `start..end` of the key (q / k / v of a fused projection); `None` for all of it.
     pub rows: Option<(usize, usize)>,
-    /// The module's rows are the key's with the two halves swapped (diffusers' scale/shift
-    /// order of Flux's final modulation).
+    /// The module's rows are the key's with the two halves swapped (diffusers' (scale, shift)
+    /// order of a 2-chunk modulation: Flux's and SD3's final layer, SD3's last context block).
     pub swap_halves: bool,
 }
 
@@ -151,8 +151,8 @@ impl Targets {
         });
     }
 
-    /// The forward table of a family whose LoRA names are declared as data: every 2-D weight
-    /// of the diffusion model under each spelling of its path (and of its diffusers path, row
+    /// The forward table of a family whose LoRA names are declared as data: every 2-D / 4-D
+    /// weight of the diffusion model under each spelling of its path (and of its diffusers path, row
     /// slices of fused projections included), and every text-encoder weight under its
     /// encoder's spellings.
     fn declared(ck: &Checkpoint, family: Family, layout: &str, def: &LoraDef) -> Targets {
