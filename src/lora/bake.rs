@@ -17,7 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::lora::blocks::BlockWeights;
-use crate::lora::delta::{delta, dora_change};
+use crate::lora::delta::{delta, dora_change, Factors};
 use crate::lora::names::Targets;
 use crate::lora::{Kind, LoraFile};
 
@@ -327,6 +327,8 @@ pub fn write(
         })
         .try_for_each(|t| {
             match plan.changes.get(&t.name) {
+                Some(c)
+                    if writer.expects(&t.name) && write_banded(ck, loras, plan, t, c, writer)? => {}
                 Some(c) => {
                     let (bytes, scale) = changed_tensor(ck, loras, plan, &t.name, c)?;
                     if writer.expects(&t.name) {
@@ -346,6 +348,70 @@ pub fn write(
         })?;
     bar.finish_and_clear();
     Ok(())
+}
+
+/// Changes a weight a band of rows at a time, when every contribution is a plain LoRA /
+/// LoCon product (the common case) and the weight is stored without a scale: the same f32
+/// arithmetic in the same order as [`changed_tensor`] (so the same bytes), without holding
+/// full-size f32 copies of a large weight. Returns false (nothing written) otherwise.
+fn write_banded(
+    ck: &Checkpoint,
+    loras: &[Application],
+    plan: &BakePlan,
+    t: &crate::checkpoint::TensorInfo,
+    contributions: &[Contribution],
+    writer: &SafetensorsWriter,
+) -> Result<bool> {
+    if plan.scales.contains_key(&t.name) || !t.dtype.is_float() {
+        return Ok(false);
+    }
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if rows == 0 {
+        return Ok(false);
+    }
+    let cols = t.numel() / rows;
+    // (factors, first row, factor) per contribution, in order.
+    let mut parts = Vec::with_capacity(contributions.len());
+    for c in contributions {
+        let f = &loras[c.lora].file;
+        let m = &f.modules[c.module];
+        if c.bias || c.swap_halves {
+            return Ok(false);
+        }
+        let (lo, hi) = c.rows.unwrap_or((0, rows));
+        match Factors::of(f, m)? {
+            Some(fa) if fa.out == hi - lo && fa.cols == cols && hi <= rows => {
+                parts.push((fa, lo, c.factor as f32))
+            }
+            _ => return Ok(false),
+        }
+    }
+    let data = ck.data(t);
+    let es = t.dtype.bits() / 8;
+    let band = (crate::merge::engine::CHUNK / cols.max(1)).max(1);
+    let starts: Vec<usize> = (0..rows).step_by(band).collect();
+    starts.into_par_iter().try_for_each_init(
+        || (Vec::<f32>::new(), Vec::<u8>::new()),
+        |(w, bytes), r0| {
+            let r1 = (r0 + band).min(rows);
+            w.resize((r1 - r0) * cols, 0.0);
+            convert::decode_into(t.dtype, &data[r0 * cols * es..r1 * cols * es], w)?;
+            for (fa, lo, k) in &parts {
+                let (a, b) = (r0.max(*lo), r1.min(lo + fa.out));
+                if a >= b {
+                    continue;
+                }
+                let d = fa.rows(a - lo, b - lo);
+                for (x, dv) in w[(a - r0) * cols..(b - r0) * cols].iter_mut().zip(&d) {
+                    *x += k * dv;
+                }
+            }
+            bytes.resize(w.len() * es, 0);
+            convert::encode_into(w, t.dtype, bytes)?;
+            writer.write_part(&t.name, r0 * cols * es, bytes)
+        },
+    )?;
+    Ok(true)
 }
 
 /// Writes a recomputed scale into scale tensor `key`, in the tensor's own dtype and shape.

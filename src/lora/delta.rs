@@ -70,6 +70,79 @@ fn as_matrix(shape: &[usize]) -> (usize, usize) {
     (rows, numel(shape) / rows.max(1))
 }
 
+/// The scale of a module's product: its explicit `scale`, else `alpha / dim`, else 1.
+fn scale_rule(explicit: Option<f32>, alpha: Option<f32>, dim: Option<usize>) -> f32 {
+    match (explicit, alpha, dim) {
+        (Some(s), _, _) => s,
+        (None, Some(a), Some(d)) if d > 0 => a / d as f32,
+        _ => 1.0,
+    }
+}
+
+/// A plain LoRA module's factors (`up [out, rank]`, `down [rank, cols]`) and the scale
+/// [`delta`] applies: rows `a..b` of its ΔW are `up[a..b] · down × scale`, computed in the
+/// same order as [`delta`], so a weight can be changed a band of rows at a time.
+#[derive(Debug)]
+pub struct Factors {
+    /// `[out, rank]`.
+    pub up: Vec<f32>,
+    /// `[rank, cols]`.
+    pub down: Vec<f32>,
+    /// The rank.
+    pub rank: usize,
+    /// Output rows.
+    pub out: usize,
+    /// Columns (everything after the first dimension).
+    pub cols: usize,
+    /// alpha / rank (or the explicit scale).
+    pub scale: f32,
+}
+
+impl Factors {
+    /// The factors of `m` when it is a plain LoRA / LoCon module (no Tucker `mid`, no DoRA).
+    pub fn of(f: &LoraFile, m: &Module) -> Result<Option<Factors>> {
+        if m.kind != Kind::Lora || m.parts.contains_key("mid") || m.parts.contains_key("dora_scale")
+        {
+            return Ok(None);
+        }
+        let (Some((up, up_s)), Some((down, down_s))) = (f.part(m, "up")?, f.part(m, "down")?)
+        else {
+            return Ok(None);
+        };
+        let (rank, cols) = as_matrix(&down_s);
+        let out = up_s.first().copied().unwrap_or(0);
+        if numel(&up_s) != out * rank {
+            return Ok(None);
+        }
+        let alpha = f.part(m, "alpha")?.and_then(|(v, _)| v.first().copied());
+        let explicit = f.part(m, "scale")?.and_then(|(v, _)| v.first().copied());
+        Ok(Some(Factors {
+            up,
+            down,
+            rank,
+            out,
+            cols,
+            scale: scale_rule(explicit, alpha, Some(rank)),
+        }))
+    }
+
+    /// Rows `a..b` of ΔW, row-major.
+    pub fn rows(&self, a: usize, b: usize) -> Vec<f32> {
+        let v = matmul(
+            &self.up[a * self.rank..b * self.rank],
+            b - a,
+            self.rank,
+            &self.down,
+            self.cols,
+        );
+        if self.scale == 1.0 {
+            v
+        } else {
+            v.into_iter().map(|x| x * self.scale).collect()
+        }
+    }
+}
+
 /// A module's weight change for a target region of `target_numel` elements (`weight`: the
 /// target's current values, needed by IA3). The result has the target's element order.
 pub fn delta(
@@ -87,13 +160,7 @@ pub fn delta(
     };
     let alpha = f.part(m, "alpha")?.and_then(|(v, _)| v.first().copied());
     let explicit_scale = f.part(m, "scale")?.and_then(|(v, _)| v.first().copied());
-    let scale_for = |dim: Option<usize>| -> f32 {
-        match (explicit_scale, alpha, dim) {
-            (Some(s), _, _) => s,
-            (None, Some(a), Some(d)) if d > 0 => a / d as f32,
-            _ => 1.0,
-        }
-    };
+    let scale_for = |dim: Option<usize>| scale_rule(explicit_scale, alpha, dim);
     let (values, scale) = match m.kind {
         Kind::Lora => {
             let (up, up_s) = need("up")?;
