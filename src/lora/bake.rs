@@ -1,7 +1,9 @@
 //! Baking LoRAs into a checkpoint: `W' = W + Σ strength · block weight · ΔW` for every weight
 //! a module resolves to, in f32, rounded once to W's stored dtype (lora.md §2.2). Every delta
 //! is computed from the original W (IA3 reads it), so the order of the LoRAs does not matter.
-//! Untouched tensors are copied byte for byte; a zero factor leaves W bit-identical. fp8
+//! Untouched tensors are copied byte for byte; a zero factor leaves W bit-identical. Plain
+//! LoRA / LoCon contributions are applied a band of rows at a time (large transformer weights
+//! are never held whole in f32); the other types need the whole weight. fp8
 //! weights are changed in f32 and rounded back to nearest even; scaled-fp8 weights are
 //! dequantized with their scale first and stored with a fresh scale (`X.scale_weight`).
 
