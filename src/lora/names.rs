@@ -88,6 +88,70 @@ fn underscored(s: &str) -> String {
     s.replace('.', "_")
 }
 
+/// A weight of a family whose LoRA names are data, as a LoRA module: its path, the
+/// spellings that name it (templates over `var`, the first is kohya's) and the path prefixes
+/// trainers target by default.
+pub struct DeclaredModule<'a> {
+    /// The module path (after the text encoder's or the layout's prefix, without `.weight`).
+    pub path: &'a str,
+    /// Name templates.
+    pub names: &'a [String],
+    /// The template variable: `p` (native path) or `d` (diffusers path).
+    pub var: char,
+    /// Default training targets (path prefixes).
+    pub targets: &'a [String],
+    /// A native diffusion-model path, which the diffusers alias table also names.
+    pub native: bool,
+}
+
+/// The LoRA module a 2-D / 4-D `.weight` of a declared family is: in a text encoder (by key
+/// prefix) or in the diffusion model (native or diffusers-layout path); `None` for any other
+/// key (VAE, 1-D tensors, ...).
+pub fn declared_module<'a>(
+    info: &'a crate::checkpoint::TensorInfo,
+    family: Family,
+    layout: &str,
+    def: &'a LoraDef,
+) -> Option<DeclaredModule<'a>> {
+    let path = info.name.strip_suffix(".weight")?;
+    if !matches!(info.shape.len(), 2 | 4) {
+        return None;
+    }
+    if let Some(te) = def
+        .text_encoders
+        .iter()
+        .find(|e| path.starts_with(&e.prefix))
+    {
+        return Some(DeclaredModule {
+            path: &path[te.prefix.len()..],
+            names: &te.names,
+            var: 'p',
+            targets: &te.targets,
+            native: false,
+        });
+    }
+    if family.component(&info.name) != Component::Unet {
+        return None;
+    }
+    let path = family.data().strip_layout(path);
+    Some(match def.diffusers_layout.as_deref() == Some(layout) {
+        true => DeclaredModule {
+            path,
+            names: &def.diffusers_names,
+            var: 'd',
+            targets: &def.diffusers_targets,
+            native: false,
+        },
+        false => DeclaredModule {
+            path,
+            names: &def.names,
+            var: 'p',
+            targets: &def.targets,
+            native: true,
+        },
+    })
+}
+
 /// A name template (`{p}`/`{p_}` or `{d}`/`{d_}`, by `var`) filled with a module path.
 pub fn fill(template: &str, path: &str, var: char) -> String {
     template
@@ -144,11 +208,19 @@ impl Targets {
     }
 
     fn add(&mut self, name: String, key: &str, rows: Option<(usize, usize)>) {
-        self.map.entry(name).or_insert_with(|| Target {
-            key: key.to_string(),
-            rows,
-            swap_halves: false,
-        });
+        self.insert(
+            name,
+            Target {
+                key: key.to_string(),
+                rows,
+                swap_halves: false,
+            },
+        );
+    }
+
+    /// Registers a spelling; the first registration of a name wins.
+    fn insert(&mut self, name: String, target: Target) {
+        self.map.entry(name).or_insert(target);
     }
 
     /// The forward table of a family whose LoRA names are declared as data: every 2-D / 4-D
@@ -157,41 +229,19 @@ impl Targets {
     /// encoder's spellings.
     fn declared(ck: &Checkpoint, family: Family, layout: &str, def: &LoraDef) -> Targets {
         let mut t = Targets::default();
-        let diffusers_layout = def.diffusers_layout.as_deref() == Some(layout);
         for info in ck.tensors() {
-            let Some(path) = info.name.strip_suffix(".weight") else {
+            let Some(m) = declared_module(info, family, layout, def) else {
                 continue;
             };
-            if !matches!(info.shape.len(), 2 | 4) {
-                continue;
+            for n in m.names {
+                t.add(fill(n, m.path, m.var), &info.name, None);
             }
-            if let Some(te) = def
-                .text_encoders
-                .iter()
-                .find(|e| path.starts_with(&e.prefix))
-            {
-                let p = &path[te.prefix.len()..];
-                for n in &te.names {
-                    t.add(fill(n, p, 'p'), &info.name, None);
-                }
+            if !m.native {
                 continue;
-            }
-            if family.component(&info.name) != Component::Unet {
-                continue;
-            }
-            let p = family.data().strip_layout(path);
-            if diffusers_layout {
-                for n in &def.diffusers_names {
-                    t.add(fill(n, p, 'd'), &info.name, None);
-                }
-                continue;
-            }
-            for n in &def.names {
-                t.add(fill(n, p, 'p'), &info.name, None);
             }
             let width = info.shape[1..].iter().product::<usize>();
             for a in &def.diffusers {
-                let Some(d) = alias_of(&a.p, &a.d, p) else {
+                let Some(d) = alias_of(&a.p, &a.d, m.path) else {
                     continue;
                 };
                 let rows = a.rows.map(|[lo, hi]| (lo * width, hi * width));
@@ -201,11 +251,12 @@ impl Targets {
                 // Swapped halves concern 2-chunk (shift, scale) modulations only.
                 let swap_halves = a.swap_halves && info.shape[0] == 2 * width;
                 for n in &def.diffusers_names {
-                    t.map.entry(fill(n, &d, 'd')).or_insert_with(|| Target {
+                    let target = Target {
                         key: info.name.clone(),
                         rows,
                         swap_halves,
-                    });
+                    };
+                    t.insert(fill(n, &d, 'd'), target);
                 }
             }
         }

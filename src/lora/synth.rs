@@ -13,7 +13,7 @@ use crate::arch::family::LoraDef;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::lora::names::{fill, ldm_to_diffusers};
+use crate::lora::names::{declared_module, fill, ldm_to_diffusers};
 use crate::lora::{Factored, KohyaLora};
 
 const DOMAIN: &str = "mergesmith synth-lora v1";
@@ -50,44 +50,15 @@ fn declared_modules(
     arch: &arch::Arch,
     def: &LoraDef,
 ) -> Vec<(String, Vec<usize>)> {
-    let diffusers = def.diffusers_layout.as_deref() == Some(arch.layout);
-    let mut out = Vec::new();
-    for t in ck.tensors() {
-        let Some(path) = t.name.strip_suffix(".weight") else {
-            continue;
-        };
-        if !matches!(t.shape.len(), 2 | 4) {
-            continue;
-        }
-        let hit = |targets: &[String], p: &str| targets.iter().any(|x| p.starts_with(x.as_str()));
-        let name = if let Some(te) = def
-            .text_encoders
-            .iter()
-            .find(|e| path.starts_with(&e.prefix))
-        {
-            let p = &path[te.prefix.len()..];
-            match (hit(&te.targets, p), te.names.first()) {
-                (true, Some(n)) => Some(fill(n, p, 'p')),
-                _ => None,
-            }
-        } else if arch.family.component(&t.name) != arch::Component::Unet {
-            None
-        } else {
-            let p = arch.family.data().strip_layout(path);
-            let (targets, names, var) = match diffusers {
-                true => (&def.diffusers_targets, &def.diffusers_names, 'd'),
-                false => (&def.targets, &def.names, 'p'),
-            };
-            match (hit(targets, p), names.first()) {
-                (true, Some(n)) => Some(fill(n, p, var)),
-                _ => None,
-            }
-        };
-        if let Some(name) = name {
-            out.push((name, t.shape.clone()));
-        }
-    }
-    out
+    ck.tensors()
+        .iter()
+        .filter_map(|t| {
+            let m = declared_module(t, arch.family, arch.layout, def)?;
+            let targeted = m.targets.iter().any(|x| m.path.starts_with(x.as_str()));
+            let name = m.names.first().filter(|_| targeted)?;
+            Some((fill(name, m.path, m.var), t.shape.clone()))
+        })
+        .collect()
 }
 
 /// (kohya module name, target shape) of every default target of `ck`.
