@@ -1,10 +1,12 @@
-//! `mergesmith merge`: a one-shot merge of two or three files.
+//! `mergesmith merge`: a one-shot merge: SuperMerger's modes on two or three files, or a
+//! list method of the registry on N files (`--model` / `--delta`, `--param NAME=VALUE`).
 
 use std::path::PathBuf;
 
 use clap::Args;
 use mergesmith::dtype::{FloatType, Rounding};
 use mergesmith::error::{Error, Result};
+use mergesmith::merge::method::Method;
 use mergesmith::merge::{CalcMode, Mode};
 
 use super::{choice, print_json, OutputArgs};
@@ -12,15 +14,34 @@ use super::{choice, print_json, OutputArgs};
 /// Arguments of `merge`.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// Merge mode.
-    #[arg(long, value_parser = choice::<Mode>(), default_value = "weight_sum")]
-    pub mode: Mode,
+    /// Merge method: weight_sum, add_difference, triple_sum, sum_twice (with -a/-b/-c), or a
+    /// list method (linear, slerp, task_arithmetic, ties, dare, dare_ties, della,
+    /// della_linear, model_stock, geometric_median) with --model/--delta; `mergesmith
+    /// methods` lists them.
+    #[arg(long, default_value = "weight_sum", value_name = "METHOD")]
+    pub mode: String,
     /// Model A (the base).
     #[arg(short = 'a', long = "model-a", value_name = "FILE")]
-    pub a: PathBuf,
+    pub a: Option<PathBuf>,
     /// Model B.
     #[arg(short = 'b', long = "model-b", value_name = "FILE")]
-    pub b: PathBuf,
+    pub b: Option<PathBuf>,
+    /// List methods: the base model (task arithmetic, TIES, DARE, DELLA, model stock).
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
+    /// List methods: a full model input (repeat for each).
+    #[arg(long = "model", value_name = "FILE")]
+    pub models: Vec<PathBuf>,
+    /// List methods: a delta input, FILE minus the base (repeat for each).
+    #[arg(long = "delta", value_name = "FILE")]
+    pub deltas: Vec<PathBuf>,
+    /// List methods: each input's weight, in input order (a number, preset or block vector;
+    /// default 1).
+    #[arg(long = "weight", allow_hyphen_values = true, value_name = "W")]
+    pub weights: Vec<String>,
+    /// List methods: a parameter, NAME=VALUE (e.g. density=0.3, rescale=l1, t=0.5).
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
     /// Model C (add_difference, triple_sum, sum_twice).
     #[arg(short = 'c', long = "model-c", value_name = "FILE")]
     pub c: Option<PathBuf>,
@@ -38,7 +59,7 @@ pub struct MergeArgs {
     #[arg(long, value_parser = choice::<CalcMode>(), default_value = "normal")]
     pub calcmode: CalcMode,
     /// extract's gamma: how sharply similarity selects features.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = mergesmith::merge::method::supermerger::GAMMA_DEFAULT)]
     pub gamma: f64,
     /// Seed of random calcmodes (plusRandom) and of --rounding stochastic.
     #[arg(long, default_value_t = 0)]
@@ -109,11 +130,31 @@ pub struct MergeArgs {
 
 /// Runs `merge`.
 pub fn run(a: MergeArgs) -> Result<()> {
+    use mergesmith::merge::method::{self, Engine};
     use mergesmith::merge::{MergeFiles, MergeSpec, Presets, Ratio};
     let mut presets = Presets::default();
     for p in &a.presets {
         presets.add_file(p)?;
     }
+    let m = method::find(&a.mode).ok_or_else(|| Error::Invalid(method::unknown(&a.mode)))?;
+    let mode: Mode = match m.engine {
+        Engine::SuperMerger(mode) => mode,
+        Engine::Streamed(_) => return run_list(&a, m, &presets),
+    };
+    let list_flags = a.base.is_some()
+        || !a.models.is_empty()
+        || !a.deltas.is_empty()
+        || !a.weights.is_empty()
+        || !a.params.is_empty();
+    if list_flags {
+        return Err(Error::Invalid(format!(
+            "--base/--model/--delta/--weight/--param go with list methods; {} takes -a, -b (and -c)",
+            m.name
+        )));
+    }
+    let (Some(model_a), Some(model_b)) = (&a.a, &a.b) else {
+        return Err(Error::Invalid(format!("{} needs -a and -b", m.name)));
+    };
     let alpha_text = match &a.mbw {
         Some(m) if a.alpha != "0.5" => {
             return Err(Error::Invalid(format!(
@@ -125,7 +166,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         None => a.alpha.as_str(),
     };
     let spec = MergeSpec {
-        mode: a.mode,
+        mode,
         alpha: Ratio::parse(alpha_text, &presets)?,
         beta: a
             .beta
@@ -167,8 +208,8 @@ pub fn run(a: MergeArgs) -> Result<()> {
         ));
     }
     let files = MergeFiles {
-        a: &a.a,
-        b: &a.b,
+        a: model_a,
+        b: model_b,
         c: a.c.as_deref(),
     };
     let memo = super::memo(a.cache.as_deref());
@@ -205,6 +246,116 @@ pub fn run(a: MergeArgs) -> Result<()> {
         plan.arch,
         report.tensors,
         report.blended,
+        mergesmith::inspect::human_bytes(report.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs a list method.
+fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Presets) -> Result<()> {
+    use mergesmith::merge::method::parse_cli_param;
+    use mergesmith::merge::multi::{self, ListFiles, ListSpec};
+    use mergesmith::merge::Ratio;
+    if a.a.is_some() || a.b.is_some() || a.c.is_some() {
+        return Err(Error::Invalid(format!(
+            "{} is a list method: give --model/--delta (and --base), not -a/-b/-c",
+            m.name
+        )));
+    }
+    if !a.models.is_empty() && !a.deltas.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} takes either full models (--model) or deltas (--delta), not both",
+            m.name
+        )));
+    }
+    let terms: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)> = if a.deltas.is_empty() {
+        a.models.iter().map(|p| (p.clone(), None)).collect()
+    } else {
+        let base = a.base.clone().ok_or_else(|| {
+            Error::Invalid("--delta inputs are taken from --base; give --base".into())
+        })?;
+        a.deltas
+            .iter()
+            .map(|p| (p.clone(), Some(base.clone())))
+            .collect()
+    };
+    let weights = match a.weights.len() {
+        0 => vec![Ratio::Scalar(1.0); terms.len()],
+        n if n == terms.len() => a
+            .weights
+            .iter()
+            .map(|w| Ratio::parse(w, presets))
+            .collect::<Result<Vec<_>>>()?,
+        n => {
+            return Err(Error::Invalid(format!(
+                "{n} --weight values for {} inputs (give one per input, or none)",
+                terms.len()
+            )))
+        }
+    };
+    if !a.weights.is_empty()
+        && !matches!(
+            m.takes,
+            mergesmith::merge::method::Takes::List { weighted: true, .. }
+        )
+    {
+        return Err(Error::Invalid(format!(
+            "{} takes no per-input weight",
+            m.name
+        )));
+    }
+    let mut written = std::collections::BTreeMap::new();
+    for p in &a.params {
+        let (k, v) = parse_cli_param(p).map_err(Error::Invalid)?;
+        written.insert(k, v);
+    }
+    let params = m
+        .params_of(&written, presets)
+        .map_err(|(_, e)| Error::Invalid(e))?;
+    let spec = ListSpec {
+        method: m,
+        params,
+        weights,
+        dtype: a.dtype,
+        block_list: a.block_list.clone(),
+    };
+    let files = ListFiles {
+        base: a.base.clone(),
+        terms,
+    };
+    let memo = super::memo(a.cache.as_deref());
+    let started = std::time::Instant::now();
+    let (plan, report) = multi::merge_files(
+        &files,
+        &spec,
+        &a.out.output,
+        &memo,
+        &mergesmith::merge::RunOptions {
+            overwrite: a.out.overwrite,
+            progress: !a.out.json,
+            device: a.device,
+        },
+    )?;
+    if a.out.json {
+        return print_json(&serde_json::json!({ "report": report, "plan": {
+            "architecture": plan.arch,
+            "method": m.name,
+            "merged": plan.merged(),
+            "kept": plan.kept,
+        }}));
+    }
+    for line in plan.notes() {
+        eprintln!("note: {line}");
+    }
+    println!(
+        "wrote {} ({} of {} inputs, {}: {} tensors, {} merged, {}) in {:.1} s",
+        report.path.display(),
+        m.name,
+        files.terms.len(),
+        plan.arch,
+        report.tensors,
+        report.merged,
         mergesmith::inspect::human_bytes(report.bytes),
         started.elapsed().as_secs_f64()
     );

@@ -11,6 +11,7 @@ mod inspect;
 mod log;
 mod lora;
 mod merge;
+mod methods;
 mod recipe;
 mod sync;
 mod synth;
@@ -44,8 +45,11 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Show a checkpoint's architecture, contents per block, metadata and hashes.
     Inspect(inspect::InspectArgs),
-    /// Merge two or three checkpoints (one-shot, without a recipe).
+    /// Merge checkpoints (one-shot, without a recipe): SuperMerger's modes on two or three
+    /// files, or a list method (ties, dare, slerp, ...) on N files.
     Merge(Box<merge::MergeArgs>),
+    /// List the merge methods, what they take and their parameters.
+    Methods(methods::MethodsArgs),
     /// Build a recipe's nodes (only what changed since the last build).
     Build(build::BuildArgs),
     /// Show what `build` would do for each node, and why.
@@ -139,6 +143,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Families(a) => families::run(a),
+        Command::Methods(a) => methods::run(a),
         Command::Lora(c) => lora::run(c),
         Command::Gen(a) => gen::run(a),
     }

@@ -26,7 +26,8 @@ use crate::merge::plan::Stored;
 use crate::merge::select::{apply_adjust, AdjustOp};
 use crate::merge::{KeyPlan, MergeSpec, Mode, Op, Plan, RunOptions, Source};
 
-/// Elements per work unit.
+/// Elements per work unit (also the unit of seeded random streams: fixed, so results do
+/// not depend on threads).
 pub const CHUNK: usize = 1 << 18;
 
 /// What a finished merge wrote.
@@ -51,17 +52,20 @@ struct Scratch {
 }
 
 /// One input tensor of a blend.
-struct Operand<'a> {
-    data: Cow<'a, [u8]>,
-    dtype: DType,
-    shape: &'a [usize],
+pub struct Operand<'a> {
+    /// Its stored bytes.
+    pub data: Cow<'a, [u8]>,
+    /// Its stored type.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: &'a [usize],
     /// Scaled fp8: the value is the stored one times this.
-    scale: Option<f32>,
+    pub scale: Option<f32>,
 }
 
 impl Operand<'_> {
     /// Decodes elements `lo..hi` into `out` (dequantized).
-    fn decode(&self, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
+    pub fn decode(&self, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
         decode(self.dtype, &self.data, lo, hi, out)?;
         if let Some(s) = self.scale {
             out.iter_mut().for_each(|v| *v *= s);

@@ -11,6 +11,8 @@ pub mod candle_ops;
 pub mod engine;
 pub mod kernels;
 pub mod metadata;
+pub mod method;
+pub mod multi;
 pub mod plan;
 pub mod select;
 pub mod weights;
@@ -160,7 +162,7 @@ impl MergeSpec {
             alpha,
             beta,
             calcmode: CalcMode::Normal,
-            gamma: 0.3,
+            gamma: method::supermerger::GAMMA_DEFAULT,
             seed: 0,
             dtype: None,
             rounding: Rounding::Nearest,

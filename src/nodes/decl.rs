@@ -3,12 +3,14 @@
 //! [`NodeDecl`]; the nested ones (`extract_lora:`, `merge_loras:`, `generate:`, `xy:`)
 //! declare theirs in their kind's file.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::dtype::{FloatType, Rounding};
-use crate::merge::{CalcMode, Mode};
+use crate::merge::CalcMode;
 
 use super::extract_lora::ExtractDecl;
 use super::generate::GenerateDecl;
@@ -43,10 +45,25 @@ pub struct FilterDecl {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeDecl {
-    /// Merge mode: weight_sum, add_difference, triple_sum or sum_twice.
+    /// Merge method: SuperMerger's weight_sum, add_difference, triple_sum, sum_twice (with
+    /// `a`, `b`, `c`), or a list method (linear, slerp, task_arithmetic, ties, dare, ...,
+    /// with `inputs`); `mergesmith methods` lists them.
     #[serde(default)]
-    #[schemars(with = "Option<Mode>")]
-    pub merge: Option<Spanned<Mode>>,
+    #[schemars(with = "Option<crate::merge::method::MethodNames>")]
+    pub merge: Option<Spanned<String>>,
+    /// List methods: the base model the deltas are taken from (a model or node name).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub base: Option<Spanned<String>>,
+    /// List methods: the inputs, each `model: NAME` (a full model) or `delta: NAME`
+    /// (NAME - base, or NAME - `minus`), with a `weight` where the method takes one.
+    #[serde(default)]
+    #[schemars(with = "Vec<InputDecl>")]
+    pub inputs: Vec<Spanned<InputDecl>>,
+    /// List methods: the method's parameters (`mergesmith methods` lists them).
+    #[serde(default)]
+    #[schemars(with = "Option<crate::merge::method::ParameterMap>")]
+    pub parameters: BTreeMap<String, Spanned<crate::merge::method::Written>>,
     /// Model A: a model or node name.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
@@ -166,6 +183,28 @@ pub struct NodeDecl {
     pub xy: Option<Spanned<XyDecl>>,
 }
 
+/// One input of a list merge.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputDecl {
+    /// A full model (a model or node name).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub model: Option<Spanned<String>>,
+    /// A delta: this model minus the base (or minus `minus`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub delta: Option<Spanned<String>>,
+    /// What a delta subtracts (default: the base).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub minus: Option<Spanned<String>>,
+    /// Its weight: a number, a preset or one value per block (methods that weight inputs).
+    #[serde(default)]
+    #[schemars(with = "Option<RatioDecl>")]
+    pub weight: Option<Spanned<RatioDecl>>,
+}
+
 /// One LoRA of a `lora` or `merge_loras` node.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +249,9 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("a", d.a.is_some()),
         ("b", d.b.is_some()),
         ("c", d.c.is_some()),
+        ("base", d.base.is_some()),
+        ("inputs", !d.inputs.is_empty()),
+        ("parameters", !d.parameters.is_empty()),
         ("alpha", d.alpha.is_some()),
         ("beta", d.beta.is_some()),
         ("calcmode", d.calcmode.is_some()),

@@ -15,13 +15,15 @@ use super::{
 use crate::error::{Error, Result};
 use crate::hashing::FileHashes;
 use crate::merge::metadata::{self, InputRecord};
+use crate::merge::method::supermerger::GAMMA_DEFAULT;
+use crate::merge::method::Engine;
 use crate::merge::select::FilterMode;
 use crate::merge::{engine, FilterSpec, MergeSpec, Prepared};
 
 /// The `merge` kind.
 pub static KIND: Kind = Kind {
     name: "merge",
-    usage: "`merge: MODE`",
+    usage: "`merge: METHOD`",
     fields: &[
         "a",
         "b",
@@ -47,7 +49,12 @@ pub static KIND: Kind = Kind {
     ],
     hint: Some("saving takes its own node: `save: NODE`, `to: PATH`"),
     makes: Makes::Checkpoint,
-    declared: |d| d.merge.is_some(),
+    // Every `merge:` that is not a list method (unknown names are reported here).
+    declared: |d| {
+        d.merge
+            .as_ref()
+            .is_some_and(|m| !crate::merge::method::find(&m.value).is_some_and(|m| m.is_list()))
+    },
     parse,
 };
 
@@ -67,7 +74,17 @@ pub struct MergeNode {
 fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<Node> {
     let d = &decl.value;
     let mode = d.merge.as_ref()?;
-    let mode_v = mode.value;
+    let mode_v = match crate::merge::method::find(&mode.value).map(|m| &m.engine) {
+        Some(Engine::SuperMerger(m)) => *m,
+        _ => {
+            cx.error(
+                &mode.referenced,
+                crate::merge::method::unknown(&mode.value),
+                None,
+            );
+            return None;
+        }
+    };
     let mut inputs = Vec::new();
     for (field, r) in [("a", &d.a), ("b", &d.b), ("c", &d.c)] {
         match r {
@@ -179,7 +196,7 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
         alpha: alpha?,
         beta,
         calcmode,
-        gamma: d.gamma.unwrap_or(0.3),
+        gamma: d.gamma.unwrap_or(GAMMA_DEFAULT),
         seed: d.seed.unwrap_or(0),
         dtype: d.dtype,
         rounding: d.rounding.unwrap_or_default(),

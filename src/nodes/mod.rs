@@ -12,6 +12,7 @@ pub mod generate;
 pub mod images;
 pub mod lora;
 pub mod merge;
+pub mod merge_list;
 pub mod merge_loras;
 mod run;
 pub mod save;
@@ -424,6 +425,8 @@ macro_rules! kinds {
 kinds! {
     /// A merge of checkpoints.
     Merge(merge::MergeNode),
+    /// A list merge (N models or deltas).
+    MergeList(merge_list::ListNode),
     /// A save of a node's result to a file.
     Save(save::SaveNode),
     /// LoRAs baked into a checkpoint.

@@ -12,6 +12,8 @@ use crate::checkpoint::quant::Quant;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{DType, Rounding};
 use crate::merge::calc::CalcMode;
+use crate::merge::method::supermerger::reaches;
+use crate::merge::multi::{ListOp, ListPlan, ListSpec};
 use crate::merge::plan::Stored;
 use crate::merge::{KeyPlan, MergeSpec, Op, Plan, Source};
 
@@ -101,21 +103,32 @@ pub fn output_keys(
                 beta,
                 channels,
                 adjust,
-            } => json!({
-                "blend": {
+            } => {
+                let mut blend = json!({
                     "mode": spec.mode,
                     "calcmode": spec.calcmode,
-                    "gamma": spec.gamma,
-                    "seed": spec.seed,
                     "alpha": alpha,
                     "beta": beta,
                     "channels": channels,
                     "adjust": adjust,
-                },
-                "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), k.name_in(Source::B)), get(inputs.c, k.name_in(Source::C))],
-                // cosine calcmodes depend on statistics of the whole model.
-                "global": matches!(spec.calcmode, CalcMode::CosineA | CalcMode::CosineB).then_some(node_key),
-            }),
+                });
+                // Only the parameters the calcmode reads reach the tensor.
+                let (gamma, seed) = reaches(spec.calcmode);
+                if let Value::Object(b) = &mut blend {
+                    if gamma {
+                        b.insert("gamma".into(), json!(spec.gamma));
+                    }
+                    if seed {
+                        b.insert("seed".into(), json!(spec.seed));
+                    }
+                }
+                json!({
+                    "blend": blend,
+                    "inputs": [get(Some(inputs.a), &k.name), get(Some(inputs.b), k.name_in(Source::B)), get(inputs.c, k.name_in(Source::C))],
+                    // cosine calcmodes depend on statistics of the whole model.
+                    "global": matches!(spec.calcmode, CalcMode::CosineA | CalcMode::CosineB).then_some(node_key),
+                })
+            }
         };
         if let (Some(s), Value::Object(m)) = (scales(k), &mut op) {
             m.insert("scales".into(), s);
@@ -138,6 +151,36 @@ pub fn output_keys(
                 // A recomputed scale depends on exactly what its weight does.
                 Op::ScaleOf(w) => json!({ "scale_of": by_name.get(w.as_str()).map(|w| op_of(w)) }),
                 _ => op_of(k),
+            };
+            hash(&json!({
+                "algorithm": ALGORITHM_VERSION,
+                "name": k.name,
+                "dtype": k.dtype,
+                "shape": k.shape,
+                "op": op,
+            }))
+        })
+        .collect()
+}
+
+/// The key of every output tensor of a list merge, in plan order. `inputs` are the tensor
+/// key maps of the models in [`crate::merge::multi::ListInputs::all`] order (the base first
+/// when there is one, then each input and its minus). A merged tensor's key holds only what
+/// reaches it: the method, the parameters it declares (resolved for the tensor's block), the
+/// weights, and the keys of the input tensors.
+pub fn list_keys(plan: &ListPlan, spec: &ListSpec, inputs: &[&KeyMap]) -> Vec<String> {
+    let get = |m: &KeyMap, n: &str| m.get(n).cloned().unwrap_or_default();
+    plan.keys
+        .iter()
+        .map(|k| {
+            let op = match &k.op {
+                ListOp::Copy => json!({ "copy": get(inputs[0], &k.name) }),
+                ListOp::Merge { weights, params } => json!({
+                    "method": spec.method.name,
+                    "parameters": params,
+                    "weights": weights,
+                    "inputs": inputs.iter().map(|m| get(m, &k.name)).collect::<Vec<_>>(),
+                }),
             };
             hash(&json!({
                 "algorithm": ALGORITHM_VERSION,

@@ -153,6 +153,9 @@ pub enum AxisKind {
     Width,
     /// Height.
     Height,
+    /// A parameter of a list method (`path: NODE.PARAM` or `NODE.parameters.PARAM`: density,
+    /// lambda, t, seed...), checked against the method's declaration.
+    Parameter,
 }
 
 /// An axis' values as written.

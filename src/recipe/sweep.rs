@@ -18,6 +18,7 @@ use crate::merge::{FilterSpec, Ratio};
 use crate::nodes::generate::GenerateNode;
 use crate::nodes::lora::LoraNode;
 use crate::nodes::merge::MergeNode;
+use crate::nodes::merge_list::ListNode;
 use crate::nodes::xy::{AxisDecl, AxisKind, AxisValue, AxisValues, Grid, XyDecl, XyNode};
 use crate::nodes::{Input, Node, Want};
 
@@ -117,6 +118,8 @@ enum Setting {
     ClipSkip(usize),
     Width(usize),
     Height(usize),
+    /// A list method's parameter.
+    Param(String, crate::merge::method::Written),
 }
 
 /// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
@@ -262,7 +265,7 @@ fn expand(
             _ => None,
         }
     };
-    let is_merge = |n: &Node| matches!(n, Node::Merge(_));
+    let is_merge = |n: &Node| matches!(n, Node::Merge(_) | Node::MergeList(_));
     let is_lora = |n: &Node| matches!(n, Node::Lora(_));
     let mut targets = Vec::new();
     for (ax, (_, at)) in axes.iter().zip(&declared) {
@@ -505,7 +508,32 @@ fn make_cell(
             .map(|(_, s)| *s)
             .collect();
         match &mut node {
-            Node::Merge(MergeNode { inputs, spec, .. }) => apply_merge(inputs, spec, &mine)?,
+            Node::Merge(MergeNode { inputs, spec, .. }) => {
+                if let Some(Setting::Param(p, _)) =
+                    mine.iter().find(|s| matches!(s, Setting::Param(..)))
+                {
+                    return Err(format!(
+                        "`{n}` is a SuperMerger merge; `{p}` is swept with its own axis type (alpha, beta, calcmode...)"
+                    ));
+                }
+                apply_merge(inputs, spec, &mine)?
+            }
+            Node::MergeList(ListNode { spec, .. }) => {
+                for s in &mine {
+                    match s {
+                        Setting::Param(p, w) => spec
+                            .method
+                            .set_param(&mut spec.params, p, w, &crate::merge::Presets::default())
+                            .map_err(|e| format!("`{n}`: {e}"))?,
+                        _ => {
+                            return Err(format!(
+                                "`{n}` is a {} merge: sweep its parameters with `path: {n}.PARAM`",
+                                spec.method.name
+                            ))
+                        }
+                    }
+                }
+            }
             Node::Lora(LoraNode { loras, .. }) => {
                 for s in &mine {
                     for l in loras.iter_mut() {
@@ -790,11 +818,16 @@ fn parse_axis(
                 );
                 return None;
             };
-            let Some(kind) = field_kind(field) else {
+            let Some(kind) = field_kind(field).or_else(|| {
+                // Anything else names a list method's parameter (checked per cell against
+                // the method's declaration).
+                let p = field.strip_prefix("parameters.").unwrap_or(field);
+                (!p.is_empty() && !p.contains('.')).then_some(AxisKind::Parameter)
+            }) else {
                 errs.push(
                     &p.referenced,
                     format!("`{field}` is not a parameter a sweep can change"),
-                    Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".into()),
+                    Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".into()),
                 );
                 return None;
             };
@@ -1125,5 +1158,23 @@ fn setting(
         AxisKind::ClipSkip => Setting::ClipSkip(at_least_one(int("a clip skip")?, "clip skip")?),
         AxisKind::Width => Setting::Width(size(int("a width")?)?),
         AxisKind::Height => Setting::Height(size(int("a height")?)?),
+        AxisKind::Parameter => {
+            let field = a
+                .value
+                .path
+                .as_ref()
+                .and_then(|p| p.value.split_once('.'))
+                .map(|(_, f)| f.strip_prefix("parameters.").unwrap_or(f).to_string())
+                .ok_or("a parameter axis is written `path: NODE.PARAM`")?;
+            let w = match v {
+                AxisValue::Number(n) => crate::merge::method::Written::Number(*n),
+                AxisValue::List(l) => crate::merge::method::Written::List(l.clone()),
+                AxisValue::Text(t) => {
+                    crate::merge::method::parse_cli_param(&format!("x={}", t.trim()))
+                        .map(|(_, w)| w)?
+                }
+            };
+            Setting::Param(field, w)
+        }
     })
 }
