@@ -263,6 +263,48 @@ fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Pres
             m.name
         )));
     }
+    let supermerger_only = [
+        ("--alpha", a.alpha != "0.5"),
+        ("--mbw", a.mbw.is_some()),
+        ("--beta", a.beta.is_some()),
+        ("--calcmode", a.calcmode != CalcMode::Normal),
+        (
+            "--gamma",
+            a.gamma != mergesmith::merge::method::supermerger::GAMMA_DEFAULT,
+        ),
+        ("--seed (list methods: -p seed=N)", a.seed != 0),
+        ("--rounding", a.rounding != Rounding::Nearest),
+        ("--scaled", a.scaled),
+        ("--elemental", a.elemental.is_some()),
+        ("--xl-elemental-shift", a.xl_elemental_shift),
+        ("--include/--exclude", a.include || a.exclude),
+        ("--adjust", a.adjust.is_some()),
+        ("--prune", a.prune),
+        ("--reset-position-ids", a.reset_position_ids),
+        ("--bake-vae", a.bake_vae.is_some()),
+    ];
+    let set: Vec<&str> = supermerger_only
+        .iter()
+        .filter_map(|(f, on)| on.then_some(*f))
+        .collect();
+    if !set.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} is a list method; {} go with SuperMerger's modes (its parameters: {})",
+            m.name,
+            set.join(", "),
+            m.params
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if a.device != mergesmith::device::ComputeDevice::Cpu {
+        return Err(Error::Invalid(format!(
+            "{} runs on the CPU only (its kernels are mergesmith's streamed CPU kernels); drop --device {}",
+            m.name, a.device
+        )));
+    }
     if !a.models.is_empty() && !a.deltas.is_empty() {
         return Err(Error::Invalid(format!(
             "{} takes either full models (--model) or deltas (--delta), not both",

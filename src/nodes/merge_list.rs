@@ -270,10 +270,7 @@ struct TermKey<'a> {
 
 impl ListNode {
     /// Opens every model in [`ListInputs::all`] order: base, then each input and its minus.
-    fn open_all<T>(
-        &self,
-        open: &mut dyn FnMut(&Input) -> Result<T>,
-    ) -> Result<Opened3<T>> {
+    fn open_all<T>(&self, open: &mut dyn FnMut(&Input) -> Result<T>) -> Result<Opened3<T>> {
         let base = self.base.as_ref().map(&mut *open).transpose()?;
         let terms = self
             .terms

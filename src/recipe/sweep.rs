@@ -189,7 +189,20 @@ fn expand(
     // alpha (or beta) axis for the value.
     for i in 0..axes.len() {
         for j in i + 1..axes.len() {
-            if axes[i].kind == axes[j].kind && axes[i].kind != AxisKind::AddElemental {
+            // Parameter axes are the same only when they name the same node and parameter.
+            let param = |a: &Axis| {
+                let name = a.parts.iter().flatten().find_map(|(_, s)| match s {
+                    Setting::Param(p, _) => Some(p.clone()),
+                    _ => None,
+                });
+                (a.node.as_ref().map(|n| n.value.clone()), name)
+            };
+            let same_param =
+                |a: &Axis, b: &Axis| a.kind != AxisKind::Parameter || param(a) == param(b);
+            if axes[i].kind == axes[j].kind
+                && axes[i].kind != AxisKind::AddElemental
+                && same_param(&axes[i], &axes[j])
+            {
                 errs.push(
                     &declared[j].1.referenced,
                     format!(
@@ -297,6 +310,38 @@ fn expand(
             errs.push(place, hint, None);
             return None;
         };
+        // List merges take `path: NODE.PARAM` axes of their method's parameters; SuperMerger
+        // merges take the other merge axes.
+        let param = ax.parts.iter().flatten().find_map(|(_, s)| match s {
+            Setting::Param(p, _) => Some(p.clone()),
+            _ => None,
+        });
+        let mismatch = match (&nodes[&target], &param) {
+            (Node::Merge(_), Some(p)) => Some((
+                format!("`{p}` is not a parameter a sweep can change"),
+                Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".to_string()),
+            )),
+            (Node::MergeList(l), Some(p)) if l.spec.method.param(p).is_none() => Some((
+                format!(
+                    "`{p}` is not a parameter of {} (it takes {})",
+                    l.spec.method.name,
+                    l.spec.method.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+                ),
+                None,
+            )),
+            (Node::MergeList(l), None) if ax.kind.changes_merge() => Some((
+                format!(
+                    "`{target}` is a {} merge: sweep its parameters with `path: {target}.PARAM`",
+                    l.spec.method.name
+                ),
+                None,
+            )),
+            _ => None,
+        };
+        if let Some((message, help)) = mismatch {
+            errs.push(place, message, help);
+            return None;
+        }
         if !ax.kind.changes_merge() && !ax.kind.changes_lora() && target != *gen_name {
             errs.push(
                 place,

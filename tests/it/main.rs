@@ -16,6 +16,7 @@ mod header_props;
 mod layers;
 mod lora;
 mod merge;
+mod methods;
 mod noop_build;
 mod pickle_io;
 mod recipe;

@@ -232,6 +232,8 @@ fn fmt_num(v: f64) -> String {
         "inf".into()
     } else if v == f64::NEG_INFINITY {
         "-inf".into()
+    } else if v != 0.0 && v.abs() < 1e-3 {
+        format!("{v:e}")
     } else {
         format!("{v}")
     }
