@@ -111,6 +111,9 @@ fn merge(
     (tensors(&path), merged)
 }
 
+/// An f64 reference: (tensor name, base values, input values) -> expected values.
+type Reference = dyn Fn(&str, &[f32], &[&Vec<f32>]) -> Vec<f64>;
+
 /// Compares every merged tensor with `reference(name, base, inputs)` (f64), within `tol`
 /// relative to max(1, |want|).
 fn check(
@@ -119,7 +122,7 @@ fn check(
     merged: &[String],
     n: usize,
     tol: f64,
-    reference: &dyn Fn(&str, &[f32], &[&Vec<f32>]) -> Vec<f64>,
+    reference: &Reference,
 ) {
     let base = tensors(&f.base);
     let ins: Vec<Tensors> = f.ft[..n].iter().map(|p| tensors(p)).collect();
