@@ -112,7 +112,7 @@ fn merge(
 }
 
 /// An f64 reference: (tensor name, base values, input values) -> expected values.
-type Reference = dyn Fn(&str, &[f32], &[&Vec<f32>]) -> Vec<f64>;
+type Reference<'a> = dyn Fn(&str, &[f32], &[&Vec<f32>]) -> Vec<f64> + 'a;
 
 /// Compares every merged tensor with `reference(name, base, inputs)` (f64), within `tol`
 /// relative to max(1, |want|).
@@ -122,7 +122,7 @@ fn check(
     merged: &[String],
     n: usize,
     tol: f64,
-    reference: &Reference,
+    reference: &Reference<'_>,
 ) {
     let base = tensors(&f.base);
     let ins: Vec<Tensors> = f.ft[..n].iter().map(|p| tensors(p)).collect();
