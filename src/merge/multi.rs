@@ -18,7 +18,7 @@ use crate::convert;
 use crate::dtype::{DType, FloatType};
 use crate::error::{Error, Result};
 use crate::merge::engine::{Operand, CHUNK};
-use crate::merge::method::job::TermOps;
+use crate::merge::method::job::{Minus, TermOps};
 use crate::merge::method::{Engine, Job, KeyParams, Method, Params, Takes, Term};
 use crate::merge::{BlockRatio, Ratio, RunOptions};
 
@@ -441,9 +441,12 @@ pub fn write(
                     let x = operand(plan, &all, at, &k.name)?;
                     at += 1;
                     let minus = match t.minus {
-                        Some(_) => {
+                        Some(m) => {
                             at += 1;
-                            Some(operand(plan, &all, at - 1, &k.name)?)
+                            Some(match inputs.base {
+                                Some(b) if std::ptr::eq(m, b) => Minus::Base,
+                                _ => Minus::Other(operand(plan, &all, at - 1, &k.name)?),
+                            })
                         }
                         None => None,
                     };
@@ -532,13 +535,18 @@ pub fn merge_files(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    // A delta taken from the base reads the base's tensors (decoded once per chunk).
     let inputs = ListInputs {
         base: base.as_ref(),
         terms: opened
             .iter()
-            .map(|(x, m)| TermCk {
+            .zip(&files.terms)
+            .map(|((x, m), (_, mp))| TermCk {
                 x,
-                minus: m.as_ref(),
+                minus: match (&base, mp) {
+                    (Some(b), Some(mp)) if Some(mp) == files.base.as_ref() => Some(b),
+                    _ => m.as_ref(),
+                },
             })
             .collect(),
     };

@@ -348,13 +348,18 @@ impl NodeKind for ListNode {
     fn run(&self, _name: &str, key: &str, _preimage: &Value, cx: &RunCx) -> Result<Outcome> {
         cx.result(key, self.memory, |place| {
             let (base, terms) = self.open_all(&mut |i| cx.open(i, true))?;
+            // A delta taken from the base reads the base's tensors (decoded once per chunk).
             let inputs = ListInputs {
                 base: base.as_ref().map(|o| &o.ck),
                 terms: terms
                     .iter()
-                    .map(|(x, m)| TermCk {
+                    .zip(&self.terms)
+                    .map(|((x, m), t)| TermCk {
                         x: &x.ck,
-                        minus: m.as_ref().map(|o| &o.ck),
+                        minus: match (&base, &t.minus) {
+                            (Some(b), Some(mi)) if Some(mi) == self.base.as_ref() => Some(&b.ck),
+                            _ => m.as_ref().map(|o| &o.ck),
+                        },
                     })
                     .collect(),
             };

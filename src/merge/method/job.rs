@@ -20,7 +20,15 @@ pub struct TermOps<'a> {
     /// The model.
     pub x: Operand<'a>,
     /// What is subtracted from it (a delta).
-    pub minus: Option<Operand<'a>>,
+    pub minus: Option<Minus<'a>>,
+}
+
+/// What a delta subtracts.
+pub enum Minus<'a> {
+    /// The job's base (decoded once per chunk for every input).
+    Base,
+    /// Another model.
+    Other(Operand<'a>),
 }
 
 /// One tensor's inputs and parameters.
@@ -90,9 +98,16 @@ impl Job<'_> {
         for t in &self.terms {
             let mut v = Vec::new();
             t.x.decode(lo, hi, &mut v)?;
-            if let Some(m) = &t.minus {
-                m.decode(lo, hi, &mut minus)?;
-                v.iter_mut().zip(&minus).for_each(|(a, b)| *a -= b);
+            let m: Option<&[f32]> = match &t.minus {
+                Some(Minus::Base) => Some(&base),
+                Some(Minus::Other(m)) => {
+                    m.decode(lo, hi, &mut minus)?;
+                    Some(&minus)
+                }
+                None => None,
+            };
+            if let Some(m) = m {
+                v.iter_mut().zip(m).for_each(|(a, b)| *a -= b);
             }
             x.push(v);
         }

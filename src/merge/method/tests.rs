@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::job::TermOps;
+use super::job::{Minus, TermOps};
 use super::{find, Engine, Job, Written};
 use crate::dtype::DType;
 use crate::merge::engine::Operand;
@@ -62,7 +62,7 @@ fn run(
             .iter()
             .map(|x| TermOps {
                 x: op(x, shape),
-                minus: (deltas).then(|| op(base_b.as_deref().unwrap(), shape)),
+                minus: deltas.then_some(Minus::Base),
             })
             .collect(),
         weights: weights.to_vec(),
