@@ -18,6 +18,8 @@ $bin build recipes/example.yaml
 $bin build recipes/trials.yaml --jobs 2
 $bin plan recipes/trials.yaml
 $bin build recipes/detail-transfer.yaml
+# List merge methods: TIES, DARE-TIES and Model Stock over the fine-tunes, a per-block slerp.
+$bin build recipes/methods.yaml
 # LoRAs: one extracted from tuned - base, merged with a synthetic style LoRA, baked into a merge.
 $bin lora synth -m "$m/base.safetensors" --rank 4 --conv-rank 2 -o "$m/style.safetensors" --overwrite
 $bin build recipes/styled.yaml
