@@ -137,13 +137,8 @@ impl ListPlan {
             .iter()
             .map(|(why, keys)| {
                 format!(
-                    "{} tensor(s) copied from the {} unmerged: {why} (e.g. `{}`)",
+                    "{} tensor(s) copied unmerged from the reference model (the base, else the first input): {why} (e.g. `{}`)",
                     keys.len(),
-                    if self.keys.is_empty() {
-                        "reference"
-                    } else {
-                        "reference model"
-                    },
                     keys[0]
                 )
             })

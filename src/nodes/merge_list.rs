@@ -66,7 +66,7 @@ pub struct ListNode {
     pub memory: bool,
 }
 
-fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<Node> {
+fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<Node> {
     let d = &decl.value;
     let at = d.merge.as_ref()?;
     let m = method::find(&at.value)?;
@@ -222,7 +222,6 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
     if !ok {
         return None;
     }
-    let _ = name;
     let mut read: Vec<Input> = base.iter().cloned().collect();
     for t in &terms {
         read.push(t.x.clone());
