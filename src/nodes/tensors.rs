@@ -152,15 +152,20 @@ pub fn output_keys(
                 Op::ScaleOf(w) => json!({ "scale_of": by_name.get(w.as_str()).map(|w| op_of(w)) }),
                 _ => op_of(k),
             };
-            hash(&json!({
-                "algorithm": ALGORITHM_VERSION,
-                "name": k.name,
-                "dtype": k.dtype,
-                "shape": k.shape,
-                "op": op,
-            }))
+            envelope(&k.name, k.dtype, &k.shape, op)
         })
         .collect()
+}
+
+/// A tensor's key: what makes it (`op`) and its name, type and shape.
+fn envelope(name: &str, dtype: DType, shape: &[usize], op: Value) -> String {
+    hash(&json!({
+        "algorithm": ALGORITHM_VERSION,
+        "name": name,
+        "dtype": dtype,
+        "shape": shape,
+        "op": op,
+    }))
 }
 
 /// The key of every output tensor of a list merge, in plan order. `inputs` are the tensor
@@ -173,7 +178,7 @@ pub fn list_keys(plan: &ListPlan, spec: &ListSpec, inputs: &[&KeyMap]) -> Vec<St
     plan.keys
         .iter()
         .map(|k| {
-            let op = match &k.op {
+            let mut op = match &k.op {
                 ListOp::Copy => json!({ "copy": get(inputs[0], &k.name) }),
                 ListOp::Merge { weights, params } => json!({
                     "method": spec.method.name,
@@ -182,13 +187,15 @@ pub fn list_keys(plan: &ListPlan, spec: &ListSpec, inputs: &[&KeyMap]) -> Vec<St
                     "inputs": inputs.iter().map(|m| get(m, &k.name)).collect::<Vec<_>>(),
                 }),
             };
-            hash(&json!({
-                "algorithm": ALGORITHM_VERSION,
-                "name": k.name,
-                "dtype": k.dtype,
-                "shape": k.shape,
-                "op": op,
-            }))
+            // Scaled-fp8 inputs: the keys of the scales that dequantize them.
+            if plan.quant.iter().any(|q| q.scale(&k.name).is_some()) {
+                let sk = Quant::scale_key(&k.name).unwrap_or_default();
+                if let Value::Object(m) = &mut op {
+                    let scales: Vec<String> = inputs.iter().map(|m| get(m, &sk)).collect();
+                    m.insert("scales".into(), json!(scales));
+                }
+            }
+            envelope(&k.name, k.dtype, &k.shape, op)
         })
         .collect()
 }

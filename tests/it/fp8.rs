@@ -712,3 +712,72 @@ fn plain_inputs_make_a_scaled_fp8_output_on_request() {
         "convolutions keep A's type"
     );
 }
+
+#[test]
+fn list_methods_dequantize_scaled_fp8_and_need_a_dtype() {
+    use mergesmith::merge::method::find;
+    use mergesmith::merge::multi::{merge_files as list_merge, ListFiles, ListSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b, out) = (
+        d.join("a.safetensors"),
+        d.join("b.safetensors"),
+        d.join("m.safetensors"),
+    );
+    let (sa, sb) = ([0.01f32, 0.002], [0.03f32, 0.0005]);
+    flux_fp8(&a, 1, Some(sa));
+    flux_fp8(&b, 2, Some(sb));
+    let m = find("linear").unwrap();
+    let mut spec = ListSpec {
+        method: m,
+        params: m
+            .params_of(&Default::default(), &Default::default())
+            .unwrap(),
+        weights: vec![Ratio::Scalar(1.0), Ratio::Scalar(3.0)],
+        dtype: None,
+        block_list: None,
+    };
+    let files = ListFiles {
+        base: None,
+        terms: vec![(a.clone(), None), (b.clone(), None)],
+    };
+    let run = |spec: &ListSpec| {
+        list_merge(
+            &files,
+            spec,
+            &out,
+            &mergesmith::store::memo(d),
+            &RunOptions {
+                overwrite: true,
+                ..Default::default()
+            },
+        )
+    };
+    let e = run(&spec).unwrap_err().to_string();
+    assert!(e.contains("scaled-fp8 inputs: set `dtype`"), "{e}");
+    spec.dtype = Some(FloatType::Fp32);
+    run(&spec).unwrap();
+    let (ca, cb, cm) = (
+        Checkpoint::open(&a).unwrap(),
+        Checkpoint::open(&b).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    assert!(
+        cm.get("scaled_fp8").is_none(),
+        "the marker goes with plain output"
+    );
+    for (j, w) in W.iter().enumerate() {
+        let (x, y) = (raw(&ca, w), raw(&cb, w));
+        assert!(cm.get(&w.replace(".weight", ".scale_weight")).is_none());
+        let got = mergesmith::convert::to_f32(DType::F32, &cm.view(w).unwrap().data).unwrap();
+        for i in 0..x.len() {
+            let want =
+                (e4m3_value(x[i]) * sa[j] as f64 + 3.0 * e4m3_value(y[i]) * sb[j] as f64) / 4.0;
+            assert!(
+                (got[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{w}[{i}]: {} vs {want}",
+                got[i]
+            );
+        }
+    }
+}
