@@ -347,3 +347,51 @@ fn della_probabilities_rank_along_dimension_one() {
         assert!((g - w).abs() < 1e-12, "{p:?}");
     }
 }
+
+#[test]
+fn dare_masks_are_the_documented_streams() {
+    use crate::merge::engine::CHUNK;
+    use rand::RngExt;
+    // Two chunks and a bit: one stream per (seed, tensor, input, chunk), each element's draw
+    // in order; kept where the draw is below density, then the L1 rescale.
+    let n = 2 * CHUNK + 1000;
+    let base: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.25).collect();
+    let d: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+    let density = 0.35;
+    let got = run(
+        "dare",
+        &[n],
+        Some(&base),
+        &[&d],
+        true,
+        &[1.0],
+        &[
+            ("density", Written::Number(density)),
+            ("seed", Written::Number(99.0)),
+        ],
+    );
+    let mut keep = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(CHUNK) {
+        let len = CHUNK.min(n - chunk * CHUNK);
+        let mut r = crate::noise::rng("mergesmith dare v1", 99, "t", chunk as u64);
+        for _ in 0..len {
+            let u = (r.random::<u64>() >> 11) as f64 / (1u64 << 53) as f64;
+            keep.push(u < density);
+        }
+    }
+    // δ as the kernel sees it: (base + δ) − base in f32.
+    let delta: Vec<f64> = d
+        .iter()
+        .zip(&base)
+        .map(|(x, b)| ((x + b) - b) as f64)
+        .collect();
+    let all: f64 = delta.iter().map(|x| x.abs()).sum();
+    let kept: f64 = delta.iter().zip(&keep).filter(|(_, k)| **k).map(|(x, _)| x.abs()).sum();
+    let r = all / kept;
+    let want: Vec<f64> = (0..n)
+        .map(|e| base[e] as f64 + if keep[e] { delta[e] * r } else { 0.0 })
+        .collect();
+    close(&got, &want, 1e-6);
+    let frac = keep.iter().filter(|k| **k).count() as f64 / n as f64;
+    assert!((frac - density).abs() < 0.01, "{frac}");
+}
