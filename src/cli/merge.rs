@@ -289,7 +289,7 @@ fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Pres
         .collect();
     if !set.is_empty() {
         return Err(Error::Invalid(format!(
-            "{} is a list method; {} go with SuperMerger's modes (its parameters: {})",
+            "{} is a list method: SuperMerger's {} does not apply (its parameters, given with -p NAME=VALUE: {})",
             m.name,
             set.join(", "),
             m.params
