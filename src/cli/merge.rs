@@ -385,6 +385,7 @@ fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Pres
             "method": m.name,
             "merged": plan.merged(),
             "kept": plan.kept,
+            "left_out": plan.left_out,
         }}));
     }
     for line in plan.notes() {

@@ -120,6 +120,8 @@ pub struct ListPlan {
     pub keys: Vec<ListKey>,
     /// Tensors copied from the reference model instead of merged, by reason.
     pub kept: BTreeMap<String, Vec<String>>,
+    /// Tensors of other inputs that the reference model lacks (not in the output), by input.
+    pub left_out: BTreeMap<String, Vec<String>>,
     /// Scaled-fp8 facts of each model of [`ListInputs::all`].
     #[serde(skip)]
     pub quant: Vec<Quant>,
@@ -133,16 +135,21 @@ impl ListPlan {
 
     /// What a user should hear: tensors copied instead of merged, by reason.
     pub fn notes(&self) -> Vec<String> {
-        self.kept
-            .iter()
-            .map(|(why, keys)| {
-                format!(
-                    "{} tensor(s) copied unmerged from the reference model (the base, else the first input): {why} (e.g. `{}`)",
-                    keys.len(),
-                    keys[0]
-                )
-            })
-            .collect()
+        let kept = self.kept.iter().map(|(why, keys)| {
+            format!(
+                "{} tensor(s) copied unmerged from the reference model (the base, else the first input): {why} (e.g. `{}`)",
+                keys.len(),
+                keys[0]
+            )
+        });
+        let left = self.left_out.iter().map(|(input, keys)| {
+            format!(
+                "{} tensor(s) only {input} has are not in the output: the reference model lacks them (e.g. `{}`)",
+                keys.len(),
+                keys[0]
+            )
+        });
+        kept.chain(left).collect()
     }
 }
 
@@ -336,10 +343,23 @@ pub fn plan(inputs: &ListInputs, spec: &ListSpec) -> Result<ListPlan> {
             op,
         });
     }
+    // Tensors the reference model lacks are not in the output: said, not dropped silently.
+    let mut left_out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (label, ck) in all.iter().skip(1) {
+        for t in ck.tensors() {
+            if reference.get(&t.name).is_none() && !Quant::is_bookkeeping(&t.name) {
+                left_out
+                    .entry(label.clone())
+                    .or_default()
+                    .push(t.name.clone());
+            }
+        }
+    }
     Ok(ListPlan {
         arch,
         keys,
         kept,
+        left_out,
         quant,
     })
 }

@@ -356,7 +356,9 @@ fn dare_masks_are_the_documented_streams() {
     // in order; kept where the draw is below density, then the L1 rescale.
     let n = 2 * CHUNK + 1000;
     let base: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.25).collect();
-    let d: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+    let d: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     let density = 0.35;
     let got = run(
         "dare",
@@ -386,7 +388,12 @@ fn dare_masks_are_the_documented_streams() {
         .map(|(x, b)| ((x + b) - b) as f64)
         .collect();
     let all: f64 = delta.iter().map(|x| x.abs()).sum();
-    let kept: f64 = delta.iter().zip(&keep).filter(|(_, k)| **k).map(|(x, _)| x.abs()).sum();
+    let kept: f64 = delta
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|(x, _)| x.abs())
+        .sum();
     let r = all / kept;
     let want: Vec<f64> = (0..n)
         .map(|e| base[e] as f64 + if keep[e] { delta[e] * r } else { 0.0 })
