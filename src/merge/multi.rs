@@ -153,6 +153,23 @@ impl ListPlan {
     }
 }
 
+/// Why input `i` of a list method is the wrong kind (a model where a delta is expected, or the
+/// reverse).
+pub fn term_error(method: &Method, i: usize) -> String {
+    match method.takes {
+        Takes::List {
+            term: Term::Delta, ..
+        } => format!(
+            "{} takes deltas: input {i} is a full model; write `delta: NAME` (NAME - base, or NAME - `minus: OTHER`)",
+            method.name
+        ),
+        _ => format!(
+            "{} takes full models: input {i} is a delta; write `model: NAME`",
+            method.name
+        ),
+    }
+}
+
 /// Checks the inputs against the method's declaration (counts, base, terms).
 pub fn check_inputs(
     method: &Method,
@@ -179,16 +196,7 @@ pub fn check_inputs(
         return Err(format!("{} takes no `base`", method.name));
     }
     if let Some(i) = terms.iter().position(|t| *t != term) {
-        return Err(match term {
-            Term::Delta => format!(
-                "{} takes deltas: input {} is a full model; write `delta: NAME` (NAME - base) or `delta: NAME` with `minus: OTHER`",
-                method.name, i
-            ),
-            Term::Weight => format!(
-                "{} takes full models: input {} is a delta; write `model: NAME` (or `node:`)",
-                method.name, i
-            ),
-        });
+        return Err(term_error(method, i));
     }
     if terms.len() < min || max.is_some_and(|m| terms.len() > m) {
         return Err(format!(

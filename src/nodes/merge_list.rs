@@ -90,7 +90,7 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     let mut terms = Vec::new();
     let mut kinds = Vec::new();
     let mut weights = Vec::new();
-    for i in &d.inputs {
+    for (index, i) in d.inputs.iter().enumerate() {
         let v = &i.value;
         let (x, term) = match (&v.model, &v.delta) {
             (Some(x), None) => (x, Term::Weight),
@@ -107,10 +107,7 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
             }
         };
         if term != want_term {
-            let msg = multi::check_inputs(m, base.is_some() || d.base.is_some(), &[term])
-                .err()
-                .unwrap_or_default();
-            cx.error(&x.referenced, msg, None);
+            cx.error(&x.referenced, multi::term_error(m, index), None);
             ok = false;
             continue;
         }
@@ -139,11 +136,7 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
             (None, Term::Weight) => None,
         };
         let weight = match (&v.weight, weighted) {
-            (Some(w), true) => cx.ratio(&Spanned {
-                value: w.value.clone(),
-                referenced: w.referenced,
-                defined: w.defined,
-            }),
+            (Some(w), true) => cx.ratio(w),
             (Some(w), false) => {
                 cx.error(
                     &w.referenced,

@@ -569,7 +569,7 @@ fn errors(nodes: &str) -> String {
 fn list_nodes_report_bad_input_at_its_line() {
     let e = errors("  m:\n    merge: ties\n    base: base\n    inputs:\n      - { delta: ft1 }\n      - { model: ft2 }\n");
     assert!(
-        e.contains("ties takes deltas: input 0 is a full model"),
+        e.contains("ties takes deltas: input 1 is a full model"),
         "{e}"
     );
     assert!(e.contains("recipe.yaml:12:"), "{e}");
