@@ -122,12 +122,25 @@ enum Setting {
     Param(String, crate::merge::method::Written),
 }
 
+/// What `path: NODE.FIELD` axes can change, for errors.
+const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height";
+
 /// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
 /// values.
 struct Axis {
     kind: AxisKind,
     node: Option<Spanned<String>>,
     parts: Vec<Vec<(String, Setting)>>,
+}
+
+impl Axis {
+    /// The list-method parameter a `parameter` axis sets.
+    fn param(&self) -> Option<&str> {
+        self.parts.iter().flatten().find_map(|(_, s)| match s {
+            Setting::Param(p, _) => Some(p.as_str()),
+            _ => None,
+        })
+    }
 }
 
 /// Reads the `xy` nodes (after every other node is validated) and adds their cells and the
@@ -190,15 +203,10 @@ fn expand(
     for i in 0..axes.len() {
         for j in i + 1..axes.len() {
             // Parameter axes are the same only when they name the same node and parameter.
-            let param = |a: &Axis| {
-                let name = a.parts.iter().flatten().find_map(|(_, s)| match s {
-                    Setting::Param(p, _) => Some(p.clone()),
-                    _ => None,
-                });
-                (a.node.as_ref().map(|n| n.value.clone()), name)
+            let node = |a: &Axis| a.node.as_ref().map(|n| n.value.clone());
+            let same_param = |a: &Axis, b: &Axis| {
+                a.kind != AxisKind::Parameter || (node(a), a.param()) == (node(b), b.param())
             };
-            let same_param =
-                |a: &Axis, b: &Axis| a.kind != AxisKind::Parameter || param(a) == param(b);
             if axes[i].kind == axes[j].kind
                 && axes[i].kind != AxisKind::AddElemental
                 && same_param(&axes[i], &axes[j])
@@ -312,20 +320,22 @@ fn expand(
         };
         // List merges take `path: NODE.PARAM` axes of their method's parameters; SuperMerger
         // merges take the other merge axes.
-        let param = ax.parts.iter().flatten().find_map(|(_, s)| match s {
-            Setting::Param(p, _) => Some(p.clone()),
-            _ => None,
-        });
-        let mismatch = match (&nodes[&target], &param) {
+        let mismatch = match (&nodes[&target], ax.param()) {
             (Node::Merge(_), Some(p)) => Some((
                 format!("`{p}` is not a parameter a sweep can change"),
-                Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".to_string()),
+                Some(PATH_FIELDS.to_string()),
             )),
             (Node::MergeList(l), Some(p)) if l.spec.method.param(p).is_none() => Some((
                 format!(
                     "`{p}` is not a parameter of {} (it takes {})",
                     l.spec.method.name,
-                    l.spec.method.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+                    l.spec
+                        .method
+                        .params
+                        .iter()
+                        .map(|p| p.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 None,
             )),
@@ -872,7 +882,7 @@ fn parse_axis(
                 errs.push(
                     &p.referenced,
                     format!("`{field}` is not a parameter a sweep can change"),
-                    Some("merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height".into()),
+                    Some(PATH_FIELDS.into()),
                 );
                 return None;
             };
