@@ -247,7 +247,7 @@ pub enum Value {
     Number(Ratio),
     /// A flag.
     Flag(bool),
-    /// An option name, or a count / seed.
+    /// An option name.
     Text(String),
     /// A count or a seed.
     Count(u64),
