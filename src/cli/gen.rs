@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use mergesmith::error::{Error, Result};
+use mergesmith::gen::noise::NoiseSource;
 use mergesmith::gen::pipeline::Prediction;
-use mergesmith::gen::sampler::Sampler;
+use mergesmith::gen::prompt::Emphasis;
+use mergesmith::gen::sampler::{Sampler, ScheduleKind};
 
 use super::{choice, print_json, OutputArgs};
 
@@ -28,11 +30,24 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 7.0)]
     pub cfg: f64,
     /// Sampler.
-    #[arg(long, value_parser = choice::<Sampler>(), default_value = "euler-a")]
+    #[arg(long, value_parser = choice::<Sampler>(), default_value = "euler_a")]
     pub sampler: Sampler,
-    /// Seed (image i of a batch uses seed + i, as the web UI does).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Schedule: normal, karras, exponential, sgm_uniform, simple, beta, ddim_uniform
+    /// [default: the sampler's, as A1111's "Automatic"].
+    #[arg(long, value_parser = choice::<ScheduleKind>())]
+    pub schedule: Option<ScheduleKind>,
+    /// Seed; -1 picks one (written in the PNG info). Image i of a batch uses seed + i, as
+    /// A1111 does (see --noise).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub seed: i64,
+    /// Noise source: cpu (torch's CPU generator, A1111's "CPU"), nv (A1111's "NV"), comfyui
+    /// (torch's CPU generator the way ComfyUI draws batches and step noise).
+    #[arg(long, value_parser = choice::<NoiseSource>(), default_value = "cpu")]
+    pub noise: NoiseSource,
+    /// Prompt syntax: a1111 (`(a:1.2)`, `[a]`, BREAK; weights with the mean restored),
+    /// no_norm, none (syntax read, nothing weighted), comfyui (ComfyUI's reading and weighting).
+    #[arg(long, value_parser = choice::<Emphasis>(), default_value = "a1111")]
+    pub emphasis: Emphasis,
     /// Width in pixels, a multiple of 8 [default: the model's native size: 512 for SD1 and
     /// SD2-base, 768 for SD2 768-v, 1024 for SDXL].
     #[arg(long)]
@@ -86,7 +101,10 @@ pub fn run(a: GenArgs) -> Result<()> {
         steps: a.steps,
         cfg: a.cfg,
         sampler: a.sampler,
-        seed: a.seed,
+        schedule: a.schedule,
+        noise: a.noise,
+        emphasis: a.emphasis,
+        seed: mergesmith::gen::noise::resolve_seed(a.seed).map_err(Error::Invalid)?,
         batch: a.batch.max(1),
         width: a.width,
         height: a.height,

@@ -2,20 +2,26 @@
 //!
 //! Each image is keyed on its own: blake3 over the model's content key, the tokenizer file's
 //! key, the job's parameters with that image's seed (a batch is `batch` images of seeds
-//! `seed, seed + 1, ...`, as the web UI makes them) and [`VERSION`]. So an image is shared by
-//! every node, sweep cell or batch that asks for the same picture, and is never made twice.
-//! The device is not part of the key: an image made on a GPU is reused on the CPU.
+//! `seed, seed + 1, ...`, as A1111 makes them: image `i` is seed `seed + i` alone; under
+//! ComfyUI's noise convention an image also depends on its batch, so its key holds the batch
+//! and its place in it) and [`VERSION`]. So an image is shared by every node, sweep cell or
+//! batch that asks for the same picture, and is never made twice. The device is not part of
+//! the key: an image made on a GPU is reused on the CPU.
 
 use std::path::Path;
 
 use crate::error::Result;
+use crate::gen::noise::NoiseSource;
 use crate::gen::pipeline::{Models, Prediction};
 use crate::gen::png::Hires;
-use crate::gen::sampler::Sampler;
+use crate::gen::prompt::Emphasis;
+use crate::gen::sampler::{Sampler, ScheduleKind};
 use crate::gen::tokenizer::ClipTokenizer;
 
 /// Bumped whenever a change to the generation code changes images for the same parameters.
-pub const VERSION: u32 = 1;
+/// 2: the UIs' noise sources, k-diffusion's schedules and samplers, A1111's DDIM, A1111's
+/// prompt syntax and chunking, separate U-Net calls for prompts of different lengths.
+pub const VERSION: u32 = 2;
 
 /// Bumped whenever a change to [`crate::gen::grid`] changes grid images.
 pub const GRID_VERSION: u32 = 1;
@@ -33,6 +39,12 @@ pub struct Job {
     pub cfg: f64,
     /// Sampler.
     pub sampler: Sampler,
+    /// Schedule; `None`: the sampler's default (A1111's "Automatic").
+    pub schedule: Option<ScheduleKind>,
+    /// Where the noise comes from.
+    pub noise: NoiseSource,
+    /// How prompt weights are read and applied.
+    pub emphasis: Emphasis,
     /// Seed of the first image.
     pub seed: u64,
     /// Images (seeds `seed .. seed + batch`).
@@ -57,6 +69,9 @@ impl Default for Job {
             steps: 20,
             cfg: 7.0,
             sampler: Sampler::EulerA,
+            schedule: None,
+            noise: NoiseSource::Cpu,
+            emphasis: Emphasis::A1111,
             seed: 0,
             batch: 1,
             width: None,
@@ -74,20 +89,35 @@ impl Job {
         (0..self.batch as u64).map(|i| self.seed.wrapping_add(i))
     }
 
+    /// Where its image of `seed` sits in its batch.
+    pub fn index_of(&self, seed: u64) -> usize {
+        seed.wrapping_sub(self.seed) as usize
+    }
+
+    /// The job of its image of `seed` alone: batch 1 at that seed, except under ComfyUI's
+    /// convention, where an image depends on its batch (one noise tensor for all).
+    pub fn one(&self, seed: u64) -> Job {
+        match self.noise {
+            NoiseSource::Comfyui => self.clone(),
+            NoiseSource::Cpu | NoiseSource::Nv => Job {
+                seed,
+                batch: 1,
+                ..self.clone()
+            },
+        }
+    }
+
     /// The key of its image of `seed`, made from the model of content key `model` with the
     /// tokenizer of content key `tokenizer`.
     pub fn image_key(&self, model: &str, tokenizer: &str, seed: u64) -> String {
-        let one = Job {
-            seed,
-            batch: 1,
-            ..self.clone()
-        };
+        let one = self.one(seed);
         let preimage = serde_json::json!({
             "op": "image",
             "version": VERSION,
             "model": model,
             "tokenizer": tokenizer,
             "job": one,
+            "index": one.index_of(seed),
         });
         blake3::hash(preimage.to_string().as_bytes())
             .to_hex()
@@ -124,14 +154,10 @@ impl Job {
         path: &Path,
         overwrite: bool,
     ) -> Result<()> {
-        let one = Job {
-            seed,
-            batch: 1,
-            ..self.clone()
-        };
-        let rgb = models.generate(tok, &one)?.remove(0);
+        let one = self.one(seed);
+        let rgb = models.generate_image(tok, &one, one.index_of(seed))?;
         let native = models.native_size();
-        let params = crate::gen::png::Parameters::of(&one, native, model, autov2);
+        let params = crate::gen::png::Parameters::of(&one, seed, native, model, autov2);
         let (w, h) = one.output_size(native);
         crate::gen::png::write(path, &rgb, w as u32, h as u32, &params, key, overwrite)
     }

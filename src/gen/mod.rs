@@ -8,8 +8,10 @@
 pub mod clip;
 pub mod grid;
 pub mod job;
+pub mod noise;
 pub mod pipeline;
 pub mod png;
+pub mod prompt;
 pub mod sampler;
 pub mod tokenizer;
 pub mod unet;

@@ -25,7 +25,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
 use crate::gen::job::Job;
-use crate::gen::sampler::{sample, Sampler, Schedule};
+use crate::gen::noise::ImageNoise;
+use crate::gen::prompt::{self, Emphasis};
+use crate::gen::sampler::{sample, Schedule};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::unet::{Unet, UnetConfig, TIME_IDS};
 use crate::gen::weights::CheckpointWeights;
@@ -244,17 +246,41 @@ impl Models {
         }
     }
 
-    /// Encodes a prompt chunk by chunk (75 tokens each), joining the chunks along the tokens.
-    fn encode(&self, tok: &ClipTokenizer, text: &str, clip_skip: usize) -> Result<Cond> {
+    /// Encodes a prompt chunk by chunk (A1111's 75-token chunks, weights applied per
+    /// `emphasis`), joining the chunks along the tokens.
+    fn encode(
+        &self,
+        tok: &ClipTokenizer,
+        text: &str,
+        clip_skip: usize,
+        emphasis: Emphasis,
+    ) -> Result<Cond> {
+        let pieces = prompt::parse(text, emphasis)?;
         let run = |model: &ClipTextModel, pad: Pad, skip: usize, norm: bool| {
+            let ids = |chunk: &[u32]| {
+                Tensor::new(chunk, &self.device)
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(cerr)
+            };
+            let chunks = tok.encode_weighted(&pieces, pad)?;
+            // ComfyUI weighs against the empty prompt's encoding.
+            let empty = match emphasis {
+                Emphasis::Comfyui => {
+                    let e = tok.encode_weighted(&[prompt::Piece::Text(String::new(), 1.0)], pad)?;
+                    Some(
+                        model
+                            .forward(&ids(&e[0].ids)?, skip, norm)
+                            .map_err(cerr)?
+                            .hidden,
+                    )
+                }
+                _ => None,
+            };
             let mut hidden = Vec::new();
             let mut pooled = None;
-            for chunk in tok.encode(text, pad)? {
-                let ids = Tensor::new(chunk.as_slice(), &self.device)
-                    .and_then(|t| t.unsqueeze(0))
-                    .map_err(cerr)?;
-                let out = model.forward(&ids, skip, norm).map_err(cerr)?;
-                hidden.push(out.hidden);
+            for chunk in chunks {
+                let out = model.forward(&ids(&chunk.ids)?, skip, norm).map_err(cerr)?;
+                hidden.push(weigh(out.hidden, &chunk.weights, emphasis, empty.as_ref())?);
                 // The web UI takes the pooled embedding of the first chunk.
                 pooled = pooled.or(out.pooled);
             }
@@ -286,61 +312,79 @@ impl Models {
     /// `height × width × 3` each, at [`Job::output_size`] (sizes left open are the model's
     /// native size).
     pub fn generate(&self, tok: &ClipTokenizer, job: &Job) -> Result<Vec<Vec<u8>>> {
+        let conds = self.conditioning(tok, job)?;
+        (0..job.batch)
+            .map(|i| self.render(job, &conds, i))
+            .collect()
+    }
+
+    /// Generates image `index` of `job`'s batch alone.
+    pub fn generate_image(&self, tok: &ClipTokenizer, job: &Job, index: usize) -> Result<Vec<u8>> {
+        let conds = self.conditioning(tok, job)?;
+        self.render(job, &conds, index)
+    }
+
+    /// The prompt's and the negative prompt's conditioning, in the model's dtype.
+    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<[Cond; 2]> {
         let (width, height) = job.size(self.native_size());
         check(job, width, height)?;
-        let prediction = job.prediction.unwrap_or(self.prediction);
-        let cond = self.encode(tok, &job.prompt, job.clip_skip)?;
-        let uncond = self.encode(tok, &job.negative, job.clip_skip)?;
-        // Prompt and negative prompt may have different numbers of chunks: repeat the
-        // shorter one's last chunk, as the web UI pads with empty chunks.
-        let (c, u) = match_chunks(cond.context, uncond.context)?;
-        let context = Tensor::cat(&[u, c], 0)
-            .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(cerr)?;
-        let pooled = match (uncond.pooled, cond.pooled) {
-            (Some(u), Some(c)) => Some(
-                Tensor::cat(&[u, c], 0)
-                    .and_then(|t| t.to_dtype(self.dtype))
-                    .map_err(cerr)?,
-            ),
-            _ => None,
+        let cast = |c: Cond| -> Result<Cond> {
+            Ok(Cond {
+                context: c.context.to_dtype(self.dtype).map_err(cerr)?,
+                pooled: match c.pooled {
+                    Some(p) => Some(p.to_dtype(self.dtype).map_err(cerr)?),
+                    None => None,
+                },
+            })
         };
+        Ok([
+            cast(self.encode(tok, &job.negative, job.clip_skip, job.emphasis)?)?,
+            cast(self.encode(tok, &job.prompt, job.clip_skip, job.emphasis)?)?,
+        ])
+    }
+
+    /// Image `index` of `job`'s batch from its conditioning `[negative, positive]`.
+    fn render(&self, job: &Job, conds: &[Cond; 2], index: usize) -> Result<Vec<u8>> {
+        let (width, height) = job.size(self.native_size());
         let pass = Pass {
             models: self,
             job,
-            prediction,
-            context: &context,
-            pooled: pooled.as_ref(),
+            prediction: job.prediction.unwrap_or(self.prediction),
+            conds,
         };
-        let mut images = Vec::new();
-        // Image b of a batch uses seed + b, as the web UI does, so it can be made alone.
-        for seed in job.seeds() {
-            let (lw, lh) = (width / 8, height / 8);
-            let sigmas = job.sampler.sigmas(&self.schedule, job.steps);
-            let x = (self.noise("latent", seed, lw, lh)? * sigmas[0]).map_err(cerr)?;
-            let mut latent = pass.run(x, &sigmas, seed, "step")?;
-            if let Some(h) = &job.hires {
-                let (w, h2) = job.output_size(self.native_size());
-                let up = upscale_latent(&latent, w / 8, h2 / 8)?;
-                let steps = match h.steps {
-                    0 => job.steps,
-                    n => n as usize,
-                };
-                let sigmas = hires_sigmas(job.sampler, &self.schedule, steps, h.strength);
-                let noise =
-                    (self.noise("hires", seed, w / 8, h2 / 8)? * sigmas[0]).map_err(cerr)?;
-                latent = pass.run((up + noise).map_err(cerr)?, &sigmas, seed, "hires-step")?;
-            }
-            images.push(self.decode(&latent)?);
+        let (lw, lh) = (width / 8, height / 8);
+        let sigmas = job
+            .sampler
+            .sigmas(&self.schedule, job.schedule, job.steps)?;
+        let mut noise = job.noise.image(job.seed, index, job.batch, 4 * lw * lh);
+        let scale = job.noise.start_scale(
+            job.sampler.starts_from_unit_noise(),
+            sigmas[0],
+            self.schedule.sigma_max(),
+        );
+        let x = (self.latent(noise.initial(), lw, lh)? * scale).map_err(cerr)?;
+        let mut latent = pass.run(x, &sigmas, &mut noise)?;
+        if let Some(h) = &job.hires {
+            let (w, h2) = job.output_size(self.native_size());
+            let up = upscale_latent(&latent, w / 8, h2 / 8)?;
+            let steps = match h.steps {
+                0 => job.steps,
+                n => n as usize,
+            };
+            let sigmas = hires_sigmas(job, &self.schedule, steps, h.strength)?;
+            // A1111 makes a new generator for the second pass, of the same seed.
+            let mut noise = job
+                .noise
+                .image(job.seed, index, job.batch, 4 * (w / 8) * (h2 / 8));
+            let fresh = (self.latent(noise.initial(), w / 8, h2 / 8)? * sigmas[0]).map_err(cerr)?;
+            latent = pass.run((up + fresh).map_err(cerr)?, &sigmas, &mut noise)?;
         }
-        Ok(images)
+        self.decode(&latent)
     }
 
-    /// Standard normal latent noise `[1, 4, lh, lw]` from the seeded stream `key`.
-    fn noise(&self, key: &str, seed: u64, lw: usize, lh: usize) -> Result<Tensor> {
-        let mut v = vec![0f32; 4 * lh * lw];
-        crate::noise::fill_normal("mergesmith-gen-v1", seed, key, 0, &mut v);
-        Tensor::from_vec(v, (1, 4, lh, lw), &self.device).map_err(cerr)
+    /// A `[1, 4, lh, lw]` latent of `values`.
+    fn latent(&self, values: Vec<f32>, lw: usize, lh: usize) -> Result<Tensor> {
+        Tensor::from_vec(values, (1, 4, lh, lw), &self.device).map_err(cerr)
     }
 
     /// Decodes one latent to 8-bit RGB, row-major `height × width × 3`.
@@ -366,48 +410,115 @@ struct Pass<'a> {
     models: &'a Models,
     job: &'a Job,
     prediction: Prediction,
-    /// `[2, tokens, width]`: negative, then positive.
-    context: &'a Tensor,
-    /// SDXL: `[2, pooled]`.
-    pooled: Option<&'a Tensor>,
+    /// The negative and the positive prompt's conditioning.
+    conds: &'a [Cond; 2],
 }
 
 impl Pass<'_> {
-    /// Samples from `x` (noise at `sigmas[0]`) down `sigmas`; ancestral noise from the
-    /// stream `key{i}` of `seed`.
-    fn run(&self, x: Tensor, sigmas: &[f64], seed: u64, key: &str) -> Result<Tensor> {
+    /// Samples from `x` (noise at `sigmas[0]`) down `sigmas`, drawing step noise from
+    /// `noise`. A walk that ends above σ = 0 (A1111's DDIM) returns the latent in the
+    /// model's own units (`x / √(1 + σ²)`), as the UI decodes it.
+    fn run(&self, x: Tensor, sigmas: &[f64], noise: &mut ImageNoise) -> Result<Tensor> {
         let m = self.models;
         let (lh, lw) = (x.dim(2).map_err(cerr)?, x.dim(3).map_err(cerr)?);
         // SDXL's time ids: original size, crop (0, 0), target size, as (height, width).
-        let ids = match self.pooled {
-            None => None,
-            Some(_) => {
-                let (h, w) = ((lh * 8) as f32, (lw * 8) as f32);
-                let one = [h, w, 0.0, 0.0, h, w];
-                let both: Vec<f32> = one.iter().chain(&one).copied().collect();
-                Some(Tensor::from_vec(both, (2, TIME_IDS), &m.device).map_err(cerr)?)
-            }
+        let (h, w) = ((lh * 8) as f32, (lw * 8) as f32);
+        let ids =
+            Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, TIME_IDS), &m.device).map_err(cerr)?;
+        let [uncond, cond] = self.conds;
+        // Both prompts in one batch of two when their token counts agree; otherwise one
+        // U-Net call each, as A1111 does (no padding with repeated chunks).
+        let same = uncond.context.dims() == cond.context.dims();
+        let both = match same {
+            true => Some(Cond {
+                context: Tensor::cat(&[&uncond.context, &cond.context], 0).map_err(cerr)?,
+                pooled: match (&uncond.pooled, &cond.pooled) {
+                    (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0).map_err(cerr)?),
+                    _ => None,
+                },
+            }),
+            false => None,
+        };
+        let ids2 = Tensor::cat(&[&ids, &ids], 0).map_err(cerr)?;
+        let unet = |input: &Tensor, t: f64, c: &Cond, ids: &Tensor| -> Result<Tensor> {
+            let added = c.pooled.as_ref().map(|p| (p, ids));
+            m.unet
+                .forward(input, t, &c.context, added)
+                .and_then(|e| e.to_dtype(DType::F32))
+                .map_err(cerr)
         };
         let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
             let scale = (sigma * sigma + 1.0).sqrt();
-            let input = (Tensor::cat(&[x, x], 0).map_err(cerr)? / scale)
+            let input = (x / scale)
                 .and_then(|t| t.to_dtype(m.dtype))
                 .map_err(cerr)?;
             let t = m.schedule.timestep(sigma);
-            let added = self.pooled.zip(ids.as_ref());
-            let out = m
-                .unet
-                .forward(&input, t, self.context, added)
-                .and_then(|e| e.to_dtype(DType::F32))
-                .map_err(cerr)?;
-            let (u, c) = (out.get(0).map_err(cerr)?, out.get(1).map_err(cerr)?);
-            let guided = (&u + ((c - &u).map_err(cerr)? * self.job.cfg).map_err(cerr)?)
-                .and_then(|g| g.unsqueeze(0))
-                .map_err(cerr)?;
+            let (u, c) = match &both {
+                Some(b) => {
+                    let two = Tensor::cat(&[&input, &input], 0).map_err(cerr)?;
+                    let out = unet(&two, t, b, &ids2)?;
+                    (
+                        out.narrow(0, 0, 1).map_err(cerr)?,
+                        out.narrow(0, 1, 1).map_err(cerr)?,
+                    )
+                }
+                None => (unet(&input, t, uncond, &ids)?, unet(&input, t, cond, &ids)?),
+            };
+            let guided =
+                (&u + ((c - &u).map_err(cerr)? * self.job.cfg).map_err(cerr)?).map_err(cerr)?;
             denoised(self.prediction, x, &guided, sigma)
         };
-        let noise = |i: usize| m.noise(&format!("{key}{i}"), seed, lw, lh);
-        sample(self.job.sampler, x, sigmas, denoise, noise)
+        let shape = (1, 4, lh, lw);
+        let draw = || Tensor::from_vec(noise.step(), shape, &m.device).map_err(cerr);
+        let out = sample(self.job.sampler, x, sigmas, denoise, draw)?;
+        match sigmas.last() {
+            Some(&end) if end > 0.0 => (out / (1.0 + end * end).sqrt()).map_err(cerr),
+            _ => Ok(out),
+        }
+    }
+}
+
+/// Applies a chunk's token `weights` to its hidden states `z` (`[1, 77, width]`) per
+/// `emphasis`: A1111 multiplies and restores the chunk's mean (or not, for `no_norm`);
+/// ComfyUI moves each weighted token away from the empty prompt's encoding `empty`.
+pub fn weigh(
+    z: Tensor,
+    weights: &[f32],
+    emphasis: Emphasis,
+    empty: Option<&Tensor>,
+) -> Result<Tensor> {
+    if emphasis == Emphasis::None || weights.iter().all(|&w| w == 1.0) {
+        return Ok(z);
+    }
+    let dev = z.device().clone();
+    let n = weights.len();
+    let w = Tensor::from_slice(weights, (1, n, 1), &dev)
+        .and_then(|w| w.to_dtype(z.dtype()))
+        .map_err(cerr)?;
+    let scaled = z.broadcast_mul(&w).map_err(cerr)?;
+    match (emphasis, empty) {
+        (Emphasis::A1111, _) => {
+            let mean = |t: &Tensor| {
+                t.mean_all()
+                    .and_then(|m| m.to_dtype(DType::F32))
+                    .and_then(|m| m.to_scalar::<f32>())
+                    .map_err(cerr)
+            };
+            let (before, after) = (mean(&z)?, mean(&scaled)?);
+            (scaled * (before / after) as f64).map_err(cerr)
+        }
+        (Emphasis::Comfyui, Some(e)) => {
+            // empty + (z − empty)·w where w ≠ 1; z itself elsewhere.
+            let moved = (z.broadcast_sub(e).and_then(|d| d.broadcast_mul(&w)))
+                .and_then(|d| d.broadcast_add(e))
+                .map_err(cerr)?;
+            let mask: Vec<u8> = weights.iter().map(|&w| u8::from(w != 1.0)).collect();
+            Tensor::from_vec(mask, (1, n, 1), &dev)
+                .and_then(|m| m.broadcast_as(z.shape()))
+                .and_then(|m| m.where_cond(&moved, &z))
+                .map_err(cerr)
+        }
+        _ => Ok(scaled),
     }
 }
 
@@ -453,16 +564,17 @@ fn check(job: &Job, width: usize, height: usize) -> Result<()> {
 }
 
 /// The sigmas of a hires (img2img) pass of `steps` steps at denoising `strength`, as A1111
-/// runs them: the schedule for `steps / strength` steps, of which the last `steps` are walked.
+/// runs them: the job's schedule for `steps / strength` steps, of which the last `steps` are
+/// walked.
 pub fn hires_sigmas(
-    sampler: Sampler,
+    job: &Job,
     schedule: &Schedule,
     steps: usize,
     strength: f64,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
     let total = ((steps as f64 / strength.min(0.999)) as usize).max(steps);
-    let all = sampler.sigmas(schedule, total);
-    all[total - steps..].to_vec()
+    let all = job.sampler.sigmas(schedule, job.schedule, total)?;
+    Ok(all[all.len().saturating_sub(steps + 1)..].to_vec())
 }
 
 /// Bilinear resize of a `[1, c, h, w]` latent to `[1, c, to_h, to_w]`, with half-pixel centres
@@ -548,22 +660,4 @@ fn guess_prediction(ck: &Checkpoint, family: Family) -> Result<Prediction> {
         }
     }
     Ok(Prediction::Epsilon)
-}
-
-/// Pads the embeddings with fewer 77-token chunks by repeating its last chunk.
-fn match_chunks(a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
-    let pad = |t: Tensor, to: usize| -> candle_core::Result<Tensor> {
-        let n = t.dim(1)?;
-        if n >= to {
-            return Ok(t);
-        }
-        let last = t.narrow(1, n - 77, 77)?;
-        let mut parts = vec![t];
-        for _ in 0..(to - n) / 77 {
-            parts.push(last.clone());
-        }
-        Tensor::cat(&parts, 1)
-    };
-    let to = a.dim(1).map_err(cerr)?.max(b.dim(1).map_err(cerr)?);
-    Ok((pad(a, to).map_err(cerr)?, pad(b, to).map_err(cerr)?))
 }

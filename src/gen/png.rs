@@ -49,26 +49,45 @@ pub struct Parameters {
     pub clip_skip: u32,
     /// Hires fix, if any.
     pub hires: Option<Hires>,
+    /// A1111's "Schedule type" label, when the job names a schedule.
+    pub schedule: Option<String>,
+    /// A1111's "RNG" (the noise source), when not its default.
+    pub rng: Option<String>,
+    /// A1111's "Emphasis", when not its default.
+    pub emphasis: Option<String>,
+    /// ComfyUI-convention batches: (batch size, position); the seed is then the batch's.
+    pub batch: Option<(usize, usize)>,
 }
 
 impl Parameters {
-    /// The parameters of the first image of `job` (its seed), made with the model named
-    /// `model` (A1111's short hash `model_hash`) whose native size is `native`.
-    pub fn of(job: &crate::gen::job::Job, native: usize, model: &str, model_hash: &str) -> Self {
+    /// The parameters of `job`'s image of `seed`, made with the model named `model`
+    /// (A1111's short hash `model_hash`) whose native size is `native`.
+    pub fn of(
+        job: &crate::gen::job::Job,
+        seed: u64,
+        native: usize,
+        model: &str,
+        model_hash: &str,
+    ) -> Self {
         let (width, height) = job.output_size(native);
+        let comfy = job.noise == crate::gen::noise::NoiseSource::Comfyui;
         Parameters {
             prompt: job.prompt.clone(),
             negative: job.negative.clone(),
             steps: job.steps as u32,
             sampler: job.sampler.label().to_string(),
             cfg: job.cfg,
-            seed: job.seed,
+            seed: if comfy { job.seed } else { seed },
             width: width as u32,
             height: height as u32,
             model_hash: model_hash.to_string(),
             model: model.to_string(),
             clip_skip: job.clip_skip as u32,
             hires: job.hires.clone(),
+            schedule: job.schedule.map(|s| s.label().to_string()),
+            rng: job.noise.a1111_label().map(str::to_string),
+            emphasis: job.emphasis.a1111_label().map(str::to_string),
+            batch: (comfy && job.batch > 1).then(|| (job.batch, job.index_of(seed))),
         }
     }
 }
@@ -95,17 +114,32 @@ impl Parameters {
         let mut pairs: Vec<(&str, String)> = vec![
             ("Steps", self.steps.to_string()),
             ("Sampler", self.sampler.clone()),
+        ];
+        if let Some(s) = &self.schedule {
+            pairs.push(("Schedule type", s.clone()));
+        }
+        pairs.extend([
             ("CFG scale", num(self.cfg)),
             ("Seed", self.seed.to_string()),
             ("Size", format!("{}x{}", self.width, self.height)),
             ("Model hash", self.model_hash.clone()),
             ("Model", self.model.clone()),
-        ];
+        ]);
+        if let Some((size, pos)) = self.batch {
+            pairs.push(("Batch size", size.to_string()));
+            pairs.push(("Batch pos", pos.to_string()));
+        }
         if let Some(h) = &self.hires {
             pairs.push(("Denoising strength", num(h.strength)));
         }
         if self.clip_skip > 1 {
             pairs.push(("Clip skip", self.clip_skip.to_string()));
+        }
+        if let Some(rng) = &self.rng {
+            pairs.push(("RNG", rng.clone()));
+        }
+        if let Some(e) = &self.emphasis {
+            pairs.push(("Emphasis", e.clone()));
         }
         if let Some(h) = &self.hires {
             pairs.push(("Hires upscale", num(h.scale)));

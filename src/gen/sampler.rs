@@ -1,18 +1,24 @@
-//! Samplers over the Stable Diffusion noise schedule, in k-diffusion's form (as the web UI
-//! runs them): a denoiser maps a noisy latent `x` at noise level `σ` to its estimate of the
-//! clean latent, and a sampler walks a decreasing list of sigmas down to 0.
+//! Samplers over the Stable Diffusion noise schedule, in k-diffusion's form (as A1111 and
+//! ComfyUI run them): a denoiser maps a noisy latent `x` at noise level `σ` to its estimate of
+//! the clean latent, and a sampler walks a decreasing list of sigmas down to 0.
 //!
 //! - The schedule is SD's training schedule: 1000 "scaled linear" betas from 0.00085 to 0.012,
 //!   `σ_t = √((1 − ᾱ_t) / ᾱ_t)`.
-//! - Sigma lists: `normal` (k-diffusion's discrete schedule: timesteps evenly spaced from 999
-//!   to 0, σ interpolated in log space), `karras` (ρ = 7 between the model's σ_min and σ_max),
-//!   `ddim` (the timesteps of CompVis' DDIM, `0, c, 2c, ... + 1` with `c = 1000 / steps`,
-//!   ending at ᾱ_0 instead of 0, as DDIM does).
-//! - Steps: Euler, Euler ancestral (η = 1), DPM++ 2M (multistep, second order), and DDIM
-//!   (η = 0, which in this form is an Euler step on the DDIM sigmas).
+//! - Sigma lists ([`ScheduleKind`]), as k-diffusion / ComfyUI define them: `normal` (A1111's
+//!   "Uniform" and "Normal": timesteps evenly spaced from 999 to 0, σ interpolated in log
+//!   space), `karras` (ρ = 7 between the model's σ_min and σ_max), `exponential` (evenly in
+//!   log σ), `sgm_uniform` (`normal` over `steps + 1` points without the last), `simple`
+//!   (every `1000 / steps`-th training sigma from the top), `beta` (timesteps at the quantiles
+//!   of a Beta(0.6, 0.6) distribution, repeats dropped), `ddim_uniform` (timesteps
+//!   `1, 1 + c, ...` with `c = 1000 / steps`). Each sampler has A1111's "Automatic" default.
+//! - Steps: k-diffusion's Euler, Euler ancestral, Heun, DPM2, LMS (order 4), DPM++ 2S
+//!   ancestral, DPM++ 2M, DPM++ SDE and DPM++ 2M SDE (η = 1, s_noise = 1, no churn), and
+//!   A1111's DDIM (η = 0: timesteps `1, 1 + c, ...` for `c = 1000 / steps`, one model call
+//!   fewer than timesteps, starting from unit noise in the model's own units and ending at
+//!   timestep 1, not 0).
 //!
 //! Everything runs on candle tensors, so the same code serves the CPU and the GPU; noise comes
-//! from the caller (seeded streams, so a seed gives the same image on the same device).
+//! from the caller ([`crate::gen::noise`]: the UIs' generators).
 
 use candle_core::Tensor;
 
@@ -25,42 +31,214 @@ use crate::error::{Error, Result};
 #[serde(rename_all = "snake_case")]
 pub enum Sampler {
     /// Euler ancestral ("Euler a").
+    #[serde(alias = "euler_ancestral")]
     EulerA,
     /// Euler.
     Euler,
-    /// DDIM (η = 0).
-    Ddim,
-    /// DPM++ 2M (with Karras sigmas, as the web UI's default for it).
+    /// Heun (second order, two model calls a step).
+    Heun,
+    /// DPM2 (second order, A1111's default drops the next-to-last sigma).
+    #[serde(rename = "dpm_2", alias = "dpm2")]
+    Dpm2,
+    /// Linear multistep (order 4).
+    Lms,
+    /// DPM++ 2S ancestral.
+    #[serde(rename = "dpmpp_2s_a", alias = "dpmpp_2s_ancestral")]
+    DpmPp2sA,
+    /// DPM++ 2M (multistep, second order).
     #[serde(rename = "dpmpp_2m")]
     DpmPp2m,
+    /// DPM++ SDE (stochastic, two model calls a step).
+    #[serde(rename = "dpmpp_sde")]
+    DpmPpSde,
+    /// DPM++ 2M SDE (stochastic multistep, midpoint).
+    #[serde(rename = "dpmpp_2m_sde")]
+    DpmPp2mSde,
+    /// A1111's DDIM (η = 0).
+    Ddim,
 }
 
 impl crate::text::Named for Sampler {
     const NAMES: &'static [(&'static str, Self)] = &[
-        ("euler-a", Sampler::EulerA),
+        ("euler_a", Sampler::EulerA),
         ("euler", Sampler::Euler),
+        ("heun", Sampler::Heun),
+        ("dpm_2", Sampler::Dpm2),
+        ("lms", Sampler::Lms),
+        ("dpmpp_2s_a", Sampler::DpmPp2sA),
+        ("dpmpp_2m", Sampler::DpmPp2m),
+        ("dpmpp_sde", Sampler::DpmPpSde),
+        ("dpmpp_2m_sde", Sampler::DpmPp2mSde),
         ("ddim", Sampler::Ddim),
+        // Earlier command-line spellings, ComfyUI's names and A1111's labels.
+        ("euler-a", Sampler::EulerA),
+        ("dpm-2", Sampler::Dpm2),
+        ("dpmpp-2s-a", Sampler::DpmPp2sA),
         ("dpmpp-2m", Sampler::DpmPp2m),
+        ("dpmpp-sde", Sampler::DpmPpSde),
+        ("dpmpp-2m-sde", Sampler::DpmPp2mSde),
+        ("euler_ancestral", Sampler::EulerA),
+        ("dpmpp_2s_ancestral", Sampler::DpmPp2sA),
+        ("Euler a", Sampler::EulerA),
+        ("Euler", Sampler::Euler),
+        ("Heun", Sampler::Heun),
+        ("DPM2", Sampler::Dpm2),
+        ("LMS", Sampler::Lms),
+        ("DPM++ 2S a", Sampler::DpmPp2sA),
+        ("DPM++ 2M", Sampler::DpmPp2m),
+        ("DPM++ SDE", Sampler::DpmPpSde),
+        ("DPM++ 2M SDE", Sampler::DpmPp2mSde),
+        ("DDIM", Sampler::Ddim),
     ];
 }
 
 impl Sampler {
+    /// Every sampler.
+    pub const ALL: [Sampler; 10] = [
+        Sampler::EulerA,
+        Sampler::Euler,
+        Sampler::Heun,
+        Sampler::Dpm2,
+        Sampler::Lms,
+        Sampler::DpmPp2sA,
+        Sampler::DpmPp2m,
+        Sampler::DpmPpSde,
+        Sampler::DpmPp2mSde,
+        Sampler::Ddim,
+    ];
+
     /// The name the web UI writes in `parameters`.
     pub fn label(self) -> &'static str {
         match self {
             Sampler::EulerA => "Euler a",
             Sampler::Euler => "Euler",
-            Sampler::Ddim => "DDIM",
+            Sampler::Heun => "Heun",
+            Sampler::Dpm2 => "DPM2",
+            Sampler::Lms => "LMS",
+            Sampler::DpmPp2sA => "DPM++ 2S a",
             Sampler::DpmPp2m => "DPM++ 2M",
+            Sampler::DpmPpSde => "DPM++ SDE",
+            Sampler::DpmPp2mSde => "DPM++ 2M SDE",
+            Sampler::Ddim => "DDIM",
         }
     }
 
-    /// The sigmas it walks for `steps` steps (ending at 0, or at ᾱ_0's σ for DDIM).
-    pub fn sigmas(self, schedule: &Schedule, steps: usize) -> Vec<f64> {
+    /// A1111's "Automatic" schedule for it; `None` for DDIM, which walks its own timesteps.
+    pub fn default_schedule(self) -> Option<ScheduleKind> {
         match self {
-            Sampler::EulerA | Sampler::Euler => schedule.normal(steps),
-            Sampler::Ddim => schedule.ddim(steps),
-            Sampler::DpmPp2m => schedule.karras(steps),
+            Sampler::EulerA | Sampler::Euler | Sampler::Heun | Sampler::Lms => {
+                Some(ScheduleKind::Normal)
+            }
+            Sampler::Dpm2 | Sampler::DpmPp2sA | Sampler::DpmPp2m | Sampler::DpmPpSde => {
+                Some(ScheduleKind::Karras)
+            }
+            Sampler::DpmPp2mSde => Some(ScheduleKind::Exponential),
+            Sampler::Ddim => None,
+        }
+    }
+
+    /// Whether it draws noise during sampling.
+    pub fn is_stochastic(self) -> bool {
+        matches!(
+            self,
+            Sampler::EulerA | Sampler::DpmPp2sA | Sampler::DpmPpSde | Sampler::DpmPp2mSde
+        )
+    }
+
+    /// Whether it starts from unit noise in the model's units (`noise · √(1 + σ₀²)` in
+    /// sigma units) rather than from `noise · σ₀`: A1111's DDIM.
+    pub fn starts_from_unit_noise(self) -> bool {
+        self == Sampler::Ddim
+    }
+
+    /// The sigmas it walks for `steps` steps on schedule `kind` (`None`: its default). DPM2
+    /// drops the next-to-last sigma of a `steps + 1` schedule, as A1111 does. DDIM's end at
+    /// timestep 1's σ, the others at 0.
+    pub fn sigmas(
+        self,
+        schedule: &Schedule,
+        kind: Option<ScheduleKind>,
+        steps: usize,
+    ) -> Result<Vec<f64>> {
+        let Some(kind) = kind.or(self.default_schedule()) else {
+            return Ok(schedule.ddim(steps));
+        };
+        if self == Sampler::Ddim {
+            return Err(Error::Invalid(format!(
+                "A1111's DDIM walks its own timesteps and takes no schedule (asked for `{}`); \
+                 ComfyUI's ddim is Euler: write `sampler: euler, schedule: {}`",
+                crate::text::Named::name(kind),
+                crate::text::Named::name(kind),
+            )));
+        }
+        if self == Sampler::Dpm2 {
+            let mut s = schedule.of(kind, steps + 1);
+            let n = s.len();
+            if n >= 3 {
+                s.remove(n - 2);
+            }
+            return Ok(s);
+        }
+        Ok(schedule.of(kind, steps))
+    }
+}
+
+/// A list of sigmas over the training schedule, by its ComfyUI name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Timesteps evenly spaced from 999 to 0 (A1111's "Uniform" and "Normal").
+    #[serde(alias = "uniform")]
+    Normal,
+    /// Karras et al., ρ = 7.
+    Karras,
+    /// Evenly spaced in log σ.
+    Exponential,
+    /// SGM's: `normal` over `steps + 1` timesteps without the last.
+    SgmUniform,
+    /// Every `1000 / steps`-th training sigma from the top.
+    Simple,
+    /// Timesteps at Beta(0.6, 0.6) quantiles.
+    Beta,
+    /// Timesteps `1, 1 + c, ...`, `c = 1000 / steps` (ComfyUI's ddim_uniform).
+    DdimUniform,
+}
+
+impl crate::text::Named for ScheduleKind {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("normal", ScheduleKind::Normal),
+        ("karras", ScheduleKind::Karras),
+        ("exponential", ScheduleKind::Exponential),
+        ("sgm_uniform", ScheduleKind::SgmUniform),
+        ("simple", ScheduleKind::Simple),
+        ("beta", ScheduleKind::Beta),
+        ("ddim_uniform", ScheduleKind::DdimUniform),
+        ("uniform", ScheduleKind::Normal),
+        ("Uniform", ScheduleKind::Normal),
+        ("Normal", ScheduleKind::Normal),
+        ("Karras", ScheduleKind::Karras),
+        ("Exponential", ScheduleKind::Exponential),
+        ("SGM Uniform", ScheduleKind::SgmUniform),
+        ("Simple", ScheduleKind::Simple),
+        ("Beta", ScheduleKind::Beta),
+        ("sgm-uniform", ScheduleKind::SgmUniform),
+        ("ddim-uniform", ScheduleKind::DdimUniform),
+    ];
+}
+
+impl ScheduleKind {
+    /// The label A1111 writes as "Schedule type" (ComfyUI's name where A1111 has none).
+    pub fn label(self) -> &'static str {
+        match self {
+            ScheduleKind::Normal => "Normal",
+            ScheduleKind::Karras => "Karras",
+            ScheduleKind::Exponential => "Exponential",
+            ScheduleKind::SgmUniform => "SGM Uniform",
+            ScheduleKind::Simple => "Simple",
+            ScheduleKind::Beta => "Beta",
+            ScheduleKind::DdimUniform => "ddim_uniform",
         }
     }
 }
@@ -97,6 +275,11 @@ impl Schedule {
         self.sigmas[999]
     }
 
+    /// σ at integer timestep `t` (clamped to 0..=999).
+    pub fn sigma(&self, t: usize) -> f64 {
+        self.sigmas[t.min(999)]
+    }
+
     /// σ at a fractional timestep, interpolated linearly in log σ.
     fn sigma_at(&self, t: f64) -> f64 {
         let t = t.clamp(0.0, 999.0);
@@ -124,16 +307,51 @@ impl Schedule {
         999.0
     }
 
+    /// The sigmas of `kind` for `steps` steps, ending at 0.
+    pub fn of(&self, kind: ScheduleKind, steps: usize) -> Vec<f64> {
+        let steps = steps.max(1);
+        let mut out: Vec<f64> = match kind {
+            ScheduleKind::Normal => return self.normal(steps),
+            ScheduleKind::Karras => return self.karras(steps),
+            ScheduleKind::Exponential => {
+                let (hi, lo) = (self.sigma_max().ln(), self.sigma_min().ln());
+                linspace(hi, lo, steps).map(f64::exp).collect()
+            }
+            ScheduleKind::SgmUniform => linspace(999.0, 0.0, steps + 1)
+                .take(steps)
+                .map(|t| self.sigma_at(t))
+                .collect(),
+            ScheduleKind::Simple => {
+                let stride = 1000.0 / steps as f64;
+                (0..steps)
+                    .map(|i| self.sigmas[999 - (i as f64 * stride) as usize])
+                    .collect()
+            }
+            ScheduleKind::Beta => {
+                let mut ts: Vec<usize> = (0..steps)
+                    .map(|i| {
+                        let q = 1.0 - i as f64 / steps as f64;
+                        (beta_quantile(q, 0.6, 0.6) * 999.0).round_ties_even() as usize
+                    })
+                    .collect();
+                ts.dedup();
+                ts.into_iter().map(|t| self.sigma(t)).collect()
+            }
+            ScheduleKind::DdimUniform => {
+                let stride = (1000 / steps).max(1);
+                let mut v: Vec<f64> = (1..1000).step_by(stride).map(|t| self.sigmas[t]).collect();
+                v.reverse();
+                v
+            }
+        };
+        out.push(0.0);
+        out
+    }
+
     /// k-diffusion's discrete schedule: `steps` timesteps evenly spaced from 999 to 0, then 0.
     pub fn normal(&self, steps: usize) -> Vec<f64> {
-        let mut out: Vec<f64> = (0..steps)
-            .map(|i| {
-                let t = match steps {
-                    1 => 999.0,
-                    _ => 999.0 * (1.0 - i as f64 / (steps - 1) as f64),
-                };
-                self.sigma_at(t)
-            })
+        let mut out: Vec<f64> = linspace(999.0, 0.0, steps)
+            .map(|t| self.sigma_at(t))
             .collect();
         out.push(0.0);
         out
@@ -146,98 +364,306 @@ impl Schedule {
             self.sigma_min().powf(1.0 / rho),
             self.sigma_max().powf(1.0 / rho),
         );
-        let mut out: Vec<f64> = (0..steps)
-            .map(|i| {
-                let r = if steps == 1 {
-                    0.0
-                } else {
-                    i as f64 / (steps - 1) as f64
-                };
-                (hi + r * (lo - hi)).powf(rho)
-            })
+        let mut out: Vec<f64> = linspace(0.0, 1.0, steps)
+            .map(|r| (hi + r * (lo - hi)).powf(rho))
             .collect();
         out.push(0.0);
         out
     }
 
-    /// CompVis DDIM's timesteps (`c = 1000 / steps`; `0, c, 2c, ...` plus 1), from the
-    /// largest down, ending at timestep 0's σ (DDIM's final ᾱ_prev is ᾱ_0).
+    /// A1111's DDIM timesteps (`1, 1 + c, 1 + 2c, ...` below 1000, `c = 1000 / steps`) as
+    /// sigmas from the largest down; the walk ends at timestep 1's σ.
     pub fn ddim(&self, steps: usize) -> Vec<f64> {
         let c = (1000 / steps.max(1)).max(1);
-        let mut ts: Vec<usize> = (0..1000).step_by(c).map(|t| (t + 1).min(999)).collect();
-        ts.reverse();
-        let mut out: Vec<f64> = ts.into_iter().map(|t| self.sigmas[t]).collect();
-        out.push(self.sigma_min());
+        let mut out: Vec<f64> = (0..1000).step_by(c).map(|t| self.sigma(t + 1)).collect();
+        out.reverse();
         out
     }
+}
+
+/// `n` evenly spaced values from `a` to `b` inclusive (torch's `linspace`; `a` alone for 1).
+fn linspace(a: f64, b: f64, n: usize) -> impl Iterator<Item = f64> {
+    (0..n).map(move |i| match n {
+        1 => a,
+        _ => a + (b - a) * i as f64 / (n - 1) as f64,
+    })
+}
+
+/// The `q` quantile of the Beta(a, b) distribution (scipy's `beta.ppf`), by bisection on the
+/// regularized incomplete beta function to double precision.
+pub fn beta_quantile(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if incomplete_beta(mid, a, b) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// The regularized incomplete beta function I_x(a, b) (continued fraction, modified Lentz).
+pub fn incomplete_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    // The fraction converges fast for x < (a + 1) / (a + b + 2); use the symmetry otherwise.
+    if x > (a + 1.0) / (a + b + 2.0) {
+        return 1.0 - incomplete_beta(1.0 - x, b, a);
+    }
+    let tiny = 1e-300;
+    let mut c = 1.0;
+    let mut d = 1.0 - (a + b) * x / (a + 1.0);
+    d = 1.0 / if d.abs() < tiny { tiny } else { d };
+    let mut f = d;
+    for m in 1..500 {
+        let m = m as f64;
+        for num in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 + num * d;
+            d = 1.0 / if d.abs() < tiny { tiny } else { d };
+            c = 1.0 + num / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            f *= c * d;
+        }
+        if (c * d - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    ln_front.exp() * f / a
+}
+
+/// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9: about 15 significant digits).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut sum = G[0];
+    for (i, g) in G.iter().enumerate().skip(1) {
+        sum += g / (x + i as f64);
+    }
+    let t = x + 7.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
 }
 
 fn err(e: candle_core::Error) -> Error {
     Error::Invalid(format!("sampling: {e}"))
 }
 
-/// Runs `sampler` from `x` (already scaled to the first sigma) down `sigmas`. `denoise(x, σ)`
-/// returns the clean estimate; `noise(i)` a standard normal tensor shaped like `x` for
-/// ancestral step `i`.
+/// `a·x + b·y`.
+fn lin(a: f64, x: &Tensor, b: f64, y: &Tensor) -> Result<Tensor> {
+    ((x * a).map_err(err)? + (y * b).map_err(err)?).map_err(err)
+}
+
+/// k-diffusion's `to_d`: the ODE's derivative `(x − denoised) / σ`.
+fn to_d(x: &Tensor, sigma: f64, denoised: &Tensor) -> Result<Tensor> {
+    ((x - denoised).map_err(err)? / sigma).map_err(err)
+}
+
+/// `x + d·dt`.
+fn step(x: &Tensor, d: &Tensor, dt: f64) -> Result<Tensor> {
+    (x + (d * dt).map_err(err)?).map_err(err)
+}
+
+/// `x + noise·scale`.
+fn add_noise(x: Tensor, noise: Tensor, scale: f64) -> Result<Tensor> {
+    (x + (noise * scale).map_err(err)?).map_err(err)
+}
+
+/// k-diffusion's `get_ancestral_step` (η = 1): the σ to step down to deterministically and
+/// the noise to add, so that the marginal at `to` is right.
+pub fn ancestral_step(from: f64, to: f64) -> (f64, f64) {
+    let up = (to * to * (from * from - to * to) / (from * from))
+        .max(0.0)
+        .sqrt()
+        .min(to);
+    ((to * to - up * up).max(0.0).sqrt(), up)
+}
+
+/// The Lagrange integration coefficient `j` of a linear multistep step of `order` from
+/// `t[i]` to `t[i + 1]` (k-diffusion integrates it numerically; the integrand is a
+/// polynomial of degree `order − 1`, which 8-point Gauss-Legendre integrates exactly).
+pub fn lms_coefficient(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
+    const NODES: [(f64, f64); 4] = [
+        (0.183_434_642_495_649_8, 0.362_683_783_378_362),
+        (0.525_532_409_916_329, 0.313_706_645_877_887_3),
+        (0.796_666_477_413_626_7, 0.222_381_034_453_374_5),
+        (0.960_289_856_497_536_3, 0.101_228_536_290_376_3),
+    ];
+    let f = |tau: f64| {
+        (0..order)
+            .filter(|&k| k != j)
+            .map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k]))
+            .product::<f64>()
+    };
+    let (a, b) = (t[i], t[i + 1]);
+    let (mid, half) = (0.5 * (a + b), 0.5 * (b - a));
+    NODES
+        .iter()
+        .map(|&(x, w)| w * (f(mid - half * x) + f(mid + half * x)))
+        .sum::<f64>()
+        * half
+}
+
+/// Runs `sampler` from `x` (already scaled for the first sigma) down `sigmas`.
+/// `denoise(x, σ)` returns the clean estimate; `noise()` the next standard normal tensor
+/// shaped like `x` (drawn only by the stochastic samplers, when they add noise, in the order
+/// k-diffusion draws it).
 pub fn sample(
     sampler: Sampler,
     x: Tensor,
     sigmas: &[f64],
     mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
-    mut noise: impl FnMut(usize) -> Result<Tensor>,
+    mut noise: impl FnMut() -> Result<Tensor>,
 ) -> Result<Tensor> {
     let mut x = x;
     let mut old: Option<Tensor> = None;
+    let mut h_last: Option<f64> = None;
+    let mut ds: Vec<Tensor> = Vec::new();
+    let t_of = |sigma: f64| -sigma.ln();
+    let sigma_of = |t: f64| (-t).exp();
     for i in 0..sigmas.len().saturating_sub(1) {
         let (s, next) = (sigmas[i], sigmas[i + 1]);
         let denoised = denoise(&x, s)?;
         x = match sampler {
-            Sampler::Euler | Sampler::Ddim => euler(&x, &denoised, s, next)?,
+            Sampler::Euler | Sampler::Ddim => step(&x, &to_d(&x, s, &denoised)?, next - s)?,
             Sampler::EulerA => {
-                let up = if next > 0.0 {
-                    (next * next * (s * s - next * next) / (s * s))
-                        .sqrt()
-                        .min(next)
+                let (down, up) = ancestral_step(s, next);
+                let x2 = step(&x, &to_d(&x, s, &denoised)?, down - s)?;
+                match next > 0.0 {
+                    true => add_noise(x2, noise()?, up)?,
+                    false => x2,
+                }
+            }
+            Sampler::Heun | Sampler::Dpm2 if next == 0.0 => {
+                step(&x, &to_d(&x, s, &denoised)?, next - s)?
+            }
+            Sampler::Heun => {
+                let d = to_d(&x, s, &denoised)?;
+                let x2 = step(&x, &d, next - s)?;
+                let d2 = to_d(&x2, next, &denoise(&x2, next)?)?;
+                let mean = ((d + d2).map_err(err)? / 2.0).map_err(err)?;
+                step(&x, &mean, next - s)?
+            }
+            Sampler::Dpm2 => {
+                let mid = (0.5 * (s.ln() + next.ln())).exp();
+                let d = to_d(&x, s, &denoised)?;
+                let x2 = step(&x, &d, mid - s)?;
+                let d2 = to_d(&x2, mid, &denoise(&x2, mid)?)?;
+                step(&x, &d2, next - s)?
+            }
+            Sampler::Lms => {
+                ds.push(to_d(&x, s, &denoised)?);
+                if ds.len() > 4 {
+                    ds.remove(0);
+                }
+                let order = (i + 1).min(4);
+                let mut acc = x.clone();
+                for (j, d) in ds.iter().rev().enumerate() {
+                    acc = step(&acc, d, lms_coefficient(order, sigmas, i, j))?;
+                }
+                acc
+            }
+            Sampler::DpmPp2sA => {
+                let (down, up) = ancestral_step(s, next);
+                let x2 = if down == 0.0 {
+                    step(&x, &to_d(&x, s, &denoised)?, down - s)?
                 } else {
-                    0.0
+                    let (t, t_next) = (t_of(s), t_of(down));
+                    let h = t_next - t;
+                    let s_mid = t + 0.5 * h;
+                    let xm = lin(sigma_of(s_mid) / s, &x, -(-0.5 * h).exp_m1(), &denoised)?;
+                    let d2 = denoise(&xm, sigma_of(s_mid))?;
+                    lin(sigma_of(t_next) / s, &x, -(-h).exp_m1(), &d2)?
                 };
-                let down = (next * next - up * up).max(0.0).sqrt();
-                let stepped = euler(&x, &denoised, s, down)?;
-                match up > 0.0 {
-                    true => (stepped + (noise(i)? * up).map_err(err)?).map_err(err)?,
-                    false => stepped,
+                match next > 0.0 {
+                    true => add_noise(x2, noise()?, up)?,
+                    false => x2,
                 }
             }
             Sampler::DpmPp2m => {
-                let t = |sigma: f64| -sigma.ln();
-                // The first and the last step are first order.
-                let d = match (&old, next > 0.0, i) {
-                    (Some(prev), true, i) if i > 0 => {
-                        let h = t(next) - t(s);
-                        let h_last = t(s) - t(sigmas[i - 1]);
-                        let r = h_last / h;
-                        let a = 1.0 + 1.0 / (2.0 * r);
-                        let b = 1.0 / (2.0 * r);
-                        ((&denoised * a).map_err(err)? - (prev * b).map_err(err)?).map_err(err)?
+                let (t, t_next) = (t_of(s), t_of(next));
+                let h = t_next - t;
+                let d = match (&old, next > 0.0) {
+                    (Some(prev), true) => {
+                        let r = (t - t_of(sigmas[i - 1])) / h;
+                        lin(1.0 + 1.0 / (2.0 * r), &denoised, -1.0 / (2.0 * r), prev)?
                     }
                     _ => denoised.clone(),
                 };
-                if next > 0.0 {
-                    let h = t(next) - t(s);
-                    let kept = (&x * (next / s)).map_err(err)?;
-                    (kept - (d * ((-h).exp() - 1.0)).map_err(err)?).map_err(err)?
+                match next > 0.0 {
+                    true => lin(next / s, &x, -(-h).exp_m1(), &d)?,
+                    false => d,
+                }
+            }
+            Sampler::DpmPpSde if next == 0.0 => step(&x, &to_d(&x, s, &denoised)?, next - s)?,
+            Sampler::DpmPpSde => {
+                let (t, t_next) = (t_of(s), t_of(next));
+                let h = t_next - t;
+                let s_mid = t + 0.5 * h;
+                // Step 1: to the midpoint, ancestrally.
+                let (down, up) = ancestral_step(s, sigma_of(s_mid));
+                let s_down = t_of(down);
+                let x2 = lin(down / s, &x, -(t - s_down).exp_m1(), &denoised)?;
+                let x2 = add_noise(x2, noise()?, up)?;
+                let d2 = denoise(&x2, sigma_of(s_mid))?;
+                // Step 2: the whole step with the averaged estimate, ancestrally.
+                let (down, up) = ancestral_step(s, next);
+                let t_down = t_of(down);
+                // k-diffusion's `(1 − 1/2r)·denoised + (1/2r)·denoised₂` is denoised₂ at r = ½.
+                let x3 = lin(down / s, &x, -(t - t_down).exp_m1(), &d2)?;
+                add_noise(x3, noise()?, up)?
+            }
+            Sampler::DpmPp2mSde => {
+                if next == 0.0 {
+                    denoised.clone()
                 } else {
-                    d
+                    let h = t_of(next) - t_of(s);
+                    let mut x2 = lin(next / s * (-h).exp(), &x, -(-2.0 * h).exp_m1(), &denoised)?;
+                    if let (Some(prev), Some(hl)) = (&old, h_last) {
+                        let r = hl / h;
+                        let diff = (&denoised - prev).map_err(err)?;
+                        x2 = step(&x2, &diff, 0.5 * -(-2.0 * h).exp_m1() / r)?;
+                    }
+                    let scale = next * (-(-2.0 * h).exp_m1()).sqrt();
+                    h_last = Some(h);
+                    add_noise(x2, noise()?, scale)?
                 }
             }
         };
         old = Some(denoised);
     }
     Ok(x)
-}
-
-/// One Euler step of the probability-flow ODE from σ `s` to `next`.
-fn euler(x: &Tensor, denoised: &Tensor, s: f64, next: f64) -> Result<Tensor> {
-    let d = ((x - denoised).map_err(err)? / s).map_err(err)?;
-    (x + (d * (next - s)).map_err(err)?).map_err(err)
 }

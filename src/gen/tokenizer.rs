@@ -222,32 +222,57 @@ impl ClipTokenizer {
     }
 
     /// The prompt's tokens in chunks of 75, each framed and padded to [`CONTEXT`] (an empty
-    /// prompt is one chunk).
+    /// prompt is one chunk), the text read literally (no weights; A1111's chunking).
     pub fn encode(&self, text: &str, pad: Pad) -> Result<Vec<Vec<u32>>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Invalid(format!("tokenizing the prompt failed: {e}")))?;
-        let ids = enc.get_ids();
+        let piece = [crate::gen::prompt::Piece::Text(text.to_string(), 1.0)];
+        Ok(self
+            .encode_weighted(&piece, pad)?
+            .into_iter()
+            .map(|c| c.ids)
+            .collect())
+    }
+
+    /// A parsed prompt's tokens with their weights, in A1111's chunks (each piece tokenized on
+    /// its own; `BREAK` starts a chunk; a full chunk moves the tokens after a comma at most 20
+    /// tokens back to the next), each framed and padded to [`CONTEXT`].
+    pub fn encode_weighted(
+        &self,
+        pieces: &[crate::gen::prompt::Piece],
+        pad: Pad,
+    ) -> Result<Vec<crate::gen::prompt::Chunk>> {
+        use crate::gen::prompt::Piece;
+        let mut tokens = Vec::with_capacity(pieces.len());
+        let mut breaks = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match p {
+                Piece::Break => {
+                    tokens.push((Vec::new(), 1.0));
+                    breaks.push(true);
+                }
+                Piece::Text(text, weight) => {
+                    let enc = self.inner.encode(text.as_str(), false).map_err(|e| {
+                        Error::Invalid(format!("tokenizing the prompt failed: {e}"))
+                    })?;
+                    tokens.push((enc.get_ids().to_vec(), *weight));
+                    breaks.push(false);
+                }
+            }
+        }
         let pad_id = match pad {
             Pad::EndOfText => self.eos,
             Pad::Zero => 0,
         };
-        let body = CONTEXT - 2;
-        let chunks: Vec<&[u32]> = match ids.is_empty() {
-            true => vec![&[]],
-            false => ids.chunks(body).collect(),
-        };
-        Ok(chunks
-            .into_iter()
-            .map(|c| {
-                let mut v = Vec::with_capacity(CONTEXT);
-                v.push(self.bos);
-                v.extend_from_slice(c);
-                v.push(self.eos);
-                v.resize(CONTEXT, pad_id);
-                v
-            })
-            .collect())
+        let comma = self.inner.token_to_id(",</w>");
+        Ok(crate::gen::prompt::chunks(
+            &tokens,
+            &breaks,
+            comma,
+            COMMA_BACKTRACK,
+            (self.bos, self.eos, pad_id),
+        ))
     }
 }
+
+/// How far back (in tokens) a comma may be for A1111 to move a full chunk's tail after it to
+/// the next chunk (its "comma padding backtrack" default).
+pub const COMMA_BACKTRACK: usize = 20;

@@ -48,12 +48,26 @@ pub struct GenerateDecl {
     /// Guidance scale (default 7).
     #[serde(default)]
     pub cfg: Option<f64>,
-    /// Sampler: euler_a (default), euler, ddim, dpmpp_2m.
+    /// Sampler (default euler_a): A1111's and ComfyUI's names (euler, euler_a, heun, dpm_2,
+    /// lms, dpmpp_2s_a, dpmpp_2m, dpmpp_sde, dpmpp_2m_sde, ddim).
     #[serde(default)]
     pub sampler: Option<crate::gen::sampler::Sampler>,
-    /// Seed of the first image (default 0).
+    /// Schedule (default: the sampler's, as A1111's "Automatic"): normal, karras,
+    /// exponential, sgm_uniform, simple, beta, ddim_uniform.
     #[serde(default)]
-    pub seed: Option<u64>,
+    pub schedule: Option<crate::gen::sampler::ScheduleKind>,
+    /// Noise source (default cpu): cpu (torch's CPU generator, A1111's "CPU"), nv (A1111's
+    /// "NV"), comfyui (torch's CPU generator the way ComfyUI draws batches and step noise).
+    #[serde(default)]
+    pub noise: Option<crate::gen::noise::NoiseSource>,
+    /// Prompt syntax (default a1111): a1111 (weights, mean restored), no_norm, none (syntax
+    /// read, nothing weighted), comfyui (ComfyUI's reading and weighting).
+    #[serde(default)]
+    pub emphasis: Option<crate::gen::prompt::Emphasis>,
+    /// Seed of the first image (default 0; -1: a random one, written in the PNG info).
+    #[serde(default)]
+    #[schemars(with = "Option<i64>")]
+    pub seed: Option<Spanned<i64>>,
     /// Images, of seeds seed, seed + 1, ... (default 1).
     #[serde(default)]
     #[schemars(with = "Option<usize>")]
@@ -138,6 +152,29 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         cx.error(&g.referenced, "cfg must be a finite number".into(), None);
         ok = false;
     }
+    let seed = match v
+        .seed
+        .as_ref()
+        .map(|s| (s, crate::gen::noise::resolve_seed(s.value)))
+    {
+        None => None,
+        Some((_, Ok(seed))) => Some(seed),
+        Some((s, Err(e))) => {
+            cx.error(&s.referenced, e, None);
+            ok = false;
+            None
+        }
+    };
+    let sampler = v.sampler.unwrap_or(Job::default().sampler);
+    if let (crate::gen::sampler::Sampler::Ddim, Some(kind)) = (sampler, v.schedule) {
+        let msg = crate::gen::sampler::Sampler::Ddim
+            .sigmas(&Default::default(), Some(kind), 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        cx.error(&g.referenced, msg, None);
+        ok = false;
+    }
     let defaults = Job::default();
     let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
     let job = Job {
@@ -145,8 +182,11 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         negative: v.negative.clone(),
         steps: value(&v.steps).unwrap_or(defaults.steps),
         cfg: v.cfg.unwrap_or(defaults.cfg),
-        sampler: v.sampler.unwrap_or(defaults.sampler),
-        seed: v.seed.unwrap_or(defaults.seed),
+        sampler,
+        schedule: v.schedule,
+        noise: v.noise.unwrap_or(defaults.noise),
+        emphasis: v.emphasis.unwrap_or(defaults.emphasis),
+        seed: seed.unwrap_or(defaults.seed),
         batch: value(&v.batch).unwrap_or(defaults.batch),
         width: value(&v.width),
         height: value(&v.height),

@@ -147,6 +147,12 @@ pub enum AxisKind {
     Cfg,
     /// Sampler.
     Sampler,
+    /// Schedule.
+    Schedule,
+    /// Noise source.
+    Noise,
+    /// Prompt syntax.
+    Emphasis,
     /// CLIP skip.
     ClipSkip,
     /// Width.

@@ -58,6 +58,9 @@ impl AxisKind {
                     | AxisKind::Steps
                     | AxisKind::Cfg
                     | AxisKind::Sampler
+                    | AxisKind::Schedule
+                    | AxisKind::Noise
+                    | AxisKind::Emphasis
                     | AxisKind::ClipSkip
                     | AxisKind::Width
                     | AxisKind::Height
@@ -115,6 +118,9 @@ enum Setting {
     Steps(usize),
     Cfg(f64),
     Sampler(crate::gen::sampler::Sampler),
+    Schedule(crate::gen::sampler::ScheduleKind),
+    Noise(crate::gen::noise::NoiseSource),
+    Emphasis(crate::gen::prompt::Emphasis),
     ClipSkip(usize),
     Width(usize),
     Height(usize),
@@ -123,7 +129,7 @@ enum Setting {
 }
 
 /// What `path: NODE.FIELD` axes can change, for errors.
-const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, clip_skip, width, height";
+const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, schedule, noise, emphasis, clip_skip, width, height";
 
 /// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
 /// values.
@@ -705,6 +711,9 @@ fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
             Setting::Steps(v) => job.steps = *v,
             Setting::Cfg(v) => job.cfg = *v,
             Setting::Sampler(v) => job.sampler = *v,
+            Setting::Schedule(v) => job.schedule = Some(*v),
+            Setting::Noise(v) => job.noise = *v,
+            Setting::Emphasis(v) => job.emphasis = *v,
             Setting::ClipSkip(v) => job.clip_skip = *v,
             Setting::Width(v) => job.width = Some(*v),
             Setting::Height(v) => job.height = Some(*v),
@@ -1020,10 +1029,26 @@ fn field_kind(field: &str) -> Option<AxisKind> {
         "strength" => AxisKind::LoraStrength,
         "blocks" => AxisKind::LoraBlocks,
         "alpha" | "beta" | "calcmode" | "elemental" | "adjust" | "seed" | "prompt" | "negative"
-        | "steps" | "cfg" | "sampler" | "clip_skip" | "width" | "height" => {
+        | "steps" | "cfg" | "sampler" | "schedule" | "noise" | "emphasis" | "clip_skip"
+        | "width" | "height" => {
             serde_json::from_value(serde_json::Value::String(field.into())).ok()?
         }
         _ => return None,
+    })
+}
+
+/// The value of a [`Named`](crate::text::Named) enum called `value` (a JSON string), any of
+/// its names or aliases (so A1111's labels such as `DPM++ 2M` work), or an error listing the
+/// names.
+fn by_name<T: crate::text::Named>(value: &serde_json::Value, what: &str) -> Result<T, String> {
+    let text = value.as_str().unwrap_or_default();
+    T::from_name(text).ok_or_else(|| {
+        let names: Vec<&str> = T::NAMES
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| T::is_primary(n))
+            .collect();
+        format!("`{text}` is not a {what} ({})", names.join(", "))
     })
 }
 
@@ -1205,11 +1230,10 @@ fn setting(
         AxisKind::Negative => Setting::Negative(text),
         AxisKind::Steps => Setting::Steps(at_least_one(int("a number of steps")?, "steps")?),
         AxisKind::Cfg => Setting::Cfg(float()?),
-        AxisKind::Sampler => {
-            Setting::Sampler(serde_json::from_value(named("a sampler")?).map_err(|_| {
-                format!("`{text}` is not a sampler (euler_a, euler, ddim, dpmpp_2m)")
-            })?)
-        }
+        AxisKind::Sampler => Setting::Sampler(by_name(&named("a sampler")?, "sampler")?),
+        AxisKind::Schedule => Setting::Schedule(by_name(&named("a schedule")?, "schedule")?),
+        AxisKind::Noise => Setting::Noise(by_name(&named("a noise source")?, "noise source")?),
+        AxisKind::Emphasis => Setting::Emphasis(by_name(&named("an emphasis")?, "emphasis")?),
         AxisKind::ClipSkip => Setting::ClipSkip(at_least_one(int("a clip skip")?, "clip skip")?),
         AxisKind::Width => Setting::Width(size(int("a width")?)?),
         AxisKind::Height => Setting::Height(size(int("a height")?)?),

@@ -531,14 +531,18 @@ fn png_carries_a1111_parameters_and_the_node_key() {
             steps: 10,
             strength: 0.55,
         }),
+        schedule: Some("Karras".into()),
+        rng: Some("NV".into()),
+        emphasis: None,
+        batch: None,
     };
     // A1111's layout; a value with a colon is JSON-quoted.
     assert_eq!(
         p.text(),
-        "a cat, masterpiece\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, \
-         Seed: 1234, Size: 4x2, Model hash: 0123456789, Model: \"blend: v2\", \
-         Denoising strength: 0.55, Clip skip: 2, Hires upscale: 2, Hires steps: 10, \
-         Hires upscaler: Latent"
+        "a cat, masterpiece\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, \
+         Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 4x2, Model hash: 0123456789, \
+         Model: \"blend: v2\", Denoising strength: 0.55, Clip skip: 2, RNG: NV, \
+         Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent"
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.png");
@@ -561,7 +565,12 @@ fn png_carries_a1111_parameters_and_the_node_key() {
     p.negative.clear();
     p.clip_skip = 1;
     p.hires = None;
+    p.schedule = None;
+    p.rng = None;
+    p.batch = Some((4, 1));
+    assert!(p.text().contains("Batch size: 4, Batch pos: 1"));
     assert!(!p.text().contains("Negative prompt") && !p.text().contains("Clip skip"));
+    assert!(!p.text().contains("Schedule type") && !p.text().contains("RNG"));
     assert!(!p.text().contains("Hires"));
     // An existing file is not replaced unless asked.
     assert!(write(&path, &rgb, 4, 2, &p, "x", false).is_err());
@@ -571,7 +580,7 @@ fn png_carries_a1111_parameters_and_the_node_key() {
 #[test]
 fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
     use candle_core::{Device, Tensor};
-    use mergesmith::gen::sampler::{sample, Sampler, Schedule};
+    use mergesmith::gen::sampler::{sample, Sampler, Schedule, ScheduleKind};
     let sch = Schedule::default();
     // SD's well-known extremes (k-diffusion / the web UI print the same).
     assert!(
@@ -588,103 +597,222 @@ fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
     let k = sch.karras(10);
     assert_eq!(k.len(), 11);
     assert!((k[0] - sch.sigma_max()).abs() < 1e-9 && (k[9] - sch.sigma_min()).abs() < 1e-9);
+    // A1111's DDIM: timesteps 1, 51, ..., 951 for 20 steps (19 model calls), ending at t = 1;
+    // 1000 % 3 != 0 gives 4 timesteps (0, 333, 666, 999 plus one, clipped).
     let d = sch.ddim(20);
-    assert_eq!(d.len(), 21);
-    assert!(d.windows(2).all(|w| w[0] > w[1]));
-    assert_eq!(*d.last().unwrap(), sch.sigma_min());
-    for s in [sch.normal(25), sch.karras(25)] {
-        assert!(s.windows(2).all(|w| w[0] > w[1]) && s[25] == 0.0);
-    }
-
-    let dev = Device::Cpu;
-    let start = Tensor::new(&[1.5f32, -0.5, 2.0], &dev).unwrap();
-    let vals = |t: &Tensor| t.to_vec1::<f32>().unwrap();
-    let noise = |_: usize| Ok(Tensor::new(&[0.3f32, -1.0, 0.7], &dev).unwrap());
-    // A denoiser that always answers μ: every sampler lands on μ at σ = 0 (the steps
-    // telescope), DDIM stops at σ_min, σ_min / σ_0 of the way from μ to the start.
-    let mu = Tensor::new(&[0.25f32, 0.5, -1.0], &dev).unwrap();
-    for sampler in [
-        Sampler::Euler,
-        Sampler::EulerA,
-        Sampler::DpmPp2m,
-        Sampler::Ddim,
+    assert_eq!(d.len(), 20);
+    assert_eq!(d[0], sch.sigma(951));
+    assert_eq!(*d.last().unwrap(), sch.sigma(1));
+    assert_eq!(
+        sch.ddim(3),
+        vec![sch.sigma(999), sch.sigma(667), sch.sigma(334), sch.sigma(1)]
+    );
+    // Every schedule decreases to 0; lengths as ComfyUI makes them.
+    for kind in [
+        ScheduleKind::Normal,
+        ScheduleKind::Karras,
+        ScheduleKind::Exponential,
+        ScheduleKind::SgmUniform,
+        ScheduleKind::Simple,
+        ScheduleKind::Beta,
+        ScheduleKind::DdimUniform,
     ] {
-        let sigmas = sampler.sigmas(&sch, 12);
-        let x = (&start * sigmas[0]).unwrap();
-        let out = sample(sampler, x.clone(), &sigmas, |_, _| Ok(mu.clone()), noise).unwrap();
-        let want: Vec<f32> = match sampler {
-            Sampler::Ddim => vals(&x)
-                .iter()
-                .zip(vals(&mu))
-                .map(|(x, m)| m + (sch.sigma_min() / sigmas[0]) as f32 * (x - m))
-                .collect(),
-            _ => vals(&mu),
-        };
-        for (a, b) in vals(&out).iter().zip(&want) {
-            assert!(
-                (a - b).abs() < 1e-4,
-                "{sampler:?}: {:?} vs {want:?}",
-                vals(&out)
-            );
-        }
+        let s = sch.of(kind, 10);
+        assert_eq!(s.len(), 11, "{kind:?}");
+        assert!(s.windows(2).all(|w| w[0] > w[1]), "{kind:?}: {s:?}");
+        assert_eq!(*s.last().unwrap(), 0.0);
     }
-    // Gaussian data N(0, s²): the ideal denoiser is x·s²/(s² + σ²) and the probability-flow
-    // ODE keeps x / √(s² + σ²) constant, so x_0 = x_T · s / √(s² + σ_T²). Euler is first
-    // order, DPM++ 2M second order: at 20 steps its error is far smaller.
+    // Exponential: evenly spaced in log σ between the extremes.
+    let e = sch.of(ScheduleKind::Exponential, 5);
+    let ratio = e[1] / e[0];
+    assert!(e[..4]
+        .windows(2)
+        .all(|w| (w[1] / w[0] - ratio).abs() < 1e-12));
+    assert!((e[4] - sch.sigma_min()).abs() < 1e-12);
+    // Simple: training sigmas 999, 899, ..., 99 (1000 / 10 apart); sgm_uniform: normal's
+    // timesteps over 11 points without the last; ddim_uniform: timesteps 1, 101, ..., 901.
+    let simple = sch.of(ScheduleKind::Simple, 10);
+    assert_eq!(simple[0], sch.sigma(999));
+    assert_eq!(simple[9], sch.sigma(99));
+    let sgm = sch.of(ScheduleKind::SgmUniform, 10);
+    assert_eq!(sgm[0], sch.sigma(999));
+    assert!((sgm[9] - sch.normal(11)[9]).abs() < 1e-12);
+    let du = sch.of(ScheduleKind::DdimUniform, 10);
+    assert_eq!(du[0], sch.sigma(901));
+    assert_eq!(du[9], sch.sigma(1));
+    // Beta: timesteps round(999 · ppf(1 − i/n; 0.6, 0.6)), from scipy.stats.beta, pasted.
+    for (steps, ts) in [
+        (10, vec![999, 959, 876, 765, 637, 500, 362, 234, 123, 40]),
+        (7, vec![999, 928, 782, 598, 401, 217, 71]),
+    ] {
+        let want: Vec<f64> = ts.iter().map(|&t| sch.sigma(t)).chain([0.0]).collect();
+        assert_eq!(sch.of(ScheduleKind::Beta, steps), want, "beta {steps}");
+    }
+    for (q, want) in [
+        (0.1, 0.039_584_405_588_780_85),
+        (0.3, 0.234_017_003_875_235_72),
+        (0.55, 0.569_184_498_023_267),
+        (0.9, 0.960_415_594_411_219_2),
+    ] {
+        let got = mergesmith::gen::sampler::beta_quantile(q, 0.6, 0.6);
+        assert!((got - want).abs() < 1e-12, "ppf({q}) = {got}, scipy {want}");
+    }
+    // Defaults as A1111's "Automatic"; DPM2 drops the next-to-last sigma of steps + 1.
+    assert_eq!(
+        Sampler::DpmPp2m.sigmas(&sch, None, 10).unwrap(),
+        sch.karras(10)
+    );
+    assert_eq!(
+        Sampler::DpmPp2mSde.sigmas(&sch, None, 10).unwrap(),
+        sch.of(ScheduleKind::Exponential, 10)
+    );
+    let dpm2 = Sampler::Dpm2.sigmas(&sch, None, 10).unwrap();
+    let k11 = sch.karras(11);
+    assert_eq!(dpm2.len(), 11);
+    assert_eq!(dpm2[..10], k11[..10]);
+    assert!(Sampler::Ddim
+        .sigmas(&sch, Some(ScheduleKind::Karras), 10)
+        .is_err());
+
+    // Every step against k-diffusion itself (sampling.py of k-diffusion 0.1.1, f64 torch),
+    // on Gaussian data N(0, ¼), whose ideal denoiser is x·s²/(s² + σ²), from a fixed start
+    // down fixed sigmas, with noise draw k (1-based) = sin(1.3k + 0.7j): the outputs and the
+    // number of noise draws, pasted. Tolerance 1e-12 (f64 on both sides).
+    let dev = Device::Cpu;
+    let sigmas = [14.6, 7.0, 3.0, 1.2, 0.5, 0.1, 0.03, 0.0];
+    let start = Tensor::new(&[1.5f64, -0.5, 2.0, 0.25], &dev).unwrap();
     let s2 = 0.25f64;
-    let error = |sampler: Sampler, steps: usize| {
-        let sigmas = match sampler {
-            Sampler::DpmPp2m | Sampler::Euler => sch.karras(steps),
-            _ => sampler.sigmas(&sch, steps),
-        };
-        let x = (&start * sigmas[0]).unwrap();
-        let out = sample(
-            sampler,
-            x.clone(),
-            &sigmas,
-            |x, sigma| Ok((x * (s2 / (s2 + sigma * sigma))).unwrap()),
-            noise,
-        )
-        .unwrap();
-        let scale = (s2.sqrt() / (s2 + sigmas[0] * sigmas[0]).sqrt()) as f32;
-        vals(&out)
-            .iter()
-            .zip(vals(&x))
-            .map(|(o, x)| ((o - x * scale) / (x * scale)).abs())
-            .fold(0f32, f32::max)
-    };
-    // Measured here: Euler 0.171, 0.086, 0.044 at 10, 20, 40 steps (halving: first order);
-    // DPM++ 2M 0.052, 0.0128, 0.0016 (a quarter or less: second order), until f32 and the
-    // first-order last step (0.17 % on its own) set a floor near 0.001.
-    let e = |s, n| error(s, n) as f64;
-    let euler = [
-        e(Sampler::Euler, 10),
-        e(Sampler::Euler, 20),
-        e(Sampler::Euler, 40),
+    let cases: [(Sampler, usize, [f64; 4]); 9] = [
+        (
+            Sampler::Euler,
+            0,
+            [
+                0.552_437_307_792_252_9,
+                -0.184_145_769_264_084_24,
+                0.736_583_077_056_337,
+                0.092_072_884_632_042_12,
+            ],
+        ),
+        (
+            Sampler::EulerA,
+            6,
+            [
+                -0.170_468_203_659_355_53,
+                -0.140_849_314_396_944_2,
+                0.027_955_778_819_371_495,
+                0.127_011_942_438_403_94,
+            ],
+        ),
+        (
+            Sampler::Heun,
+            0,
+            [
+                0.861_584_836_038_024_2,
+                -0.287_194_945_346_008,
+                1.148_779_781_384_032,
+                0.143_597_472_673_004,
+            ],
+        ),
+        (
+            Sampler::Dpm2,
+            0,
+            [
+                0.838_480_042_387_590_6,
+                -0.279_493_347_462_530_24,
+                1.117_973_389_850_121,
+                0.139_746_673_731_265_12,
+            ],
+        ),
+        (
+            Sampler::Lms,
+            0,
+            [
+                0.638_768_785_603_446,
+                -0.212_922_928_534_482_05,
+                0.851_691_714_137_928_2,
+                0.106_461_464_267_241_03,
+            ],
+        ),
+        (
+            Sampler::DpmPp2sA,
+            6,
+            [
+                -0.184_525_297_623_339_44,
+                -0.224_410_409_630_710_68,
+                -0.029_222_261_844_612_74,
+                0.079_199_170_009_444_11,
+            ],
+        ),
+        (
+            Sampler::DpmPp2m,
+            0,
+            [
+                0.804_315_502_778_812_5,
+                -0.268_105_167_592_937_45,
+                1.072_420_670_371_749_8,
+                0.134_052_583_796_468_73,
+            ],
+        ),
+        (
+            Sampler::DpmPpSde,
+            12,
+            [
+                -0.057_781_226_547_956_144,
+                -0.084_083_151_612_588_97,
+                0.002_103_113_923_439_352,
+                0.030_699_362_121_773_38,
+            ],
+        ),
+        (
+            Sampler::DpmPp2mSde,
+            6,
+            [
+                -0.434_885_894_535_314_4,
+                -0.280_916_794_604_107_8,
+                0.078_114_433_837_182_68,
+                0.343_806_333_475_709_1,
+            ],
+        ),
     ];
-    let dpm = [e(Sampler::DpmPp2m, 10), e(Sampler::DpmPp2m, 20)];
-    for w in euler.windows(2) {
-        assert!(
-            (1.7..2.3).contains(&(w[0] / w[1])),
-            "Euler is first order: {euler:?}"
-        );
-    }
-    assert!(dpm[0] / dpm[1] > 3.5, "DPM++ 2M is second order: {dpm:?}");
-    assert!(dpm[1] * 5.0 < euler[1], "{dpm:?} vs {euler:?}");
-    // Only the ancestral sampler draws noise, and its result depends on it.
-    let with_noise = |sampler: Sampler, n: f32| {
-        let sigmas = sampler.sigmas(&sch, 8);
+    for (sampler, draws, want) in cases {
+        let mut drawn = 0usize;
+        let noise = || {
+            drawn += 1;
+            let v: Vec<f64> = (0..4)
+                .map(|j| (1.3 * drawn as f64 + 0.7 * j as f64).sin())
+                .collect();
+            Ok(Tensor::new(v.as_slice(), &dev).unwrap())
+        };
         let x = (&start * sigmas[0]).unwrap();
         let denoise = |x: &Tensor, sigma: f64| Ok((x * (s2 / (s2 + sigma * sigma))).unwrap());
-        let noise = |_: usize| Ok(Tensor::new(&[n, n, n], &dev).unwrap());
-        vals(&sample(sampler, x, &sigmas, denoise, noise).unwrap())
-    };
-    assert_ne!(
-        with_noise(Sampler::EulerA, 0.5),
-        with_noise(Sampler::EulerA, -0.5)
-    );
-    for sampler in [Sampler::Euler, Sampler::DpmPp2m, Sampler::Ddim] {
-        assert_eq!(with_noise(sampler, 0.5), with_noise(sampler, -0.5));
+        let out = sample(sampler, x, &sigmas, denoise, noise)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (g, w) in out.iter().zip(want) {
+            assert!(
+                (g - w).abs() < 1e-12,
+                "{sampler:?}: {out:?} vs k-diffusion {want:?}"
+            );
+        }
+        assert_eq!(drawn, draws, "{sampler:?} noise draws");
+        assert_eq!(sampler.is_stochastic(), draws > 0);
+    }
+    // A denoiser that always answers μ: every sampler lands on μ at σ = 0 whatever the noise
+    // (the steps telescope).
+    let mu = Tensor::new(&[0.25f64, 0.5, -1.0, 2.0], &dev).unwrap();
+    for sampler in Sampler::ALL {
+        let sigmas = sampler.sigmas(&sch, None, 12).unwrap();
+        if sampler == Sampler::Ddim {
+            continue;
+        }
+        let x = (&start * sigmas[0]).unwrap();
+        let noise = || Ok(Tensor::new(&[0.3f64, -1.0, 0.7, 0.1], &dev).unwrap());
+        let out = sample(sampler, x, &sigmas, |_, _| Ok(mu.clone()), noise).unwrap();
+        let (o, m) = (out.to_vec1::<f64>().unwrap(), mu.to_vec1::<f64>().unwrap());
+        for (a, b) in o.iter().zip(&m) {
+            assert!((a - b).abs() < 1e-9, "{sampler:?}: {o:?}");
+        }
     }
 }
 
@@ -1037,6 +1165,7 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
         clip_skip: 1,
         hires: None,
         prediction: None,
+        ..Default::default()
     };
     let images = models.generate(&tok, &req).unwrap();
     eprintln!("load + 2 images: {:.2} s", started.elapsed().as_secs_f64());
@@ -1069,18 +1198,19 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
         .unwrap();
     assert_ne!(other[0], images[0]);
     // Every sampler runs; sizes must be multiples of 8.
-    for sampler in [Sampler::Euler, Sampler::Ddim, Sampler::DpmPp2m] {
+    for sampler in Sampler::ALL {
         let one = models
             .generate(
                 &tok,
                 &Job {
                     sampler,
+                    steps: 2,
                     batch: 1,
                     ..req.clone()
                 },
             )
             .unwrap();
-        assert_eq!(one[0].len(), 64 * 48 * 3);
+        assert_eq!(one[0].len(), 64 * 48 * 3, "{sampler:?}");
     }
     assert!(models
         .generate(
@@ -1091,6 +1221,168 @@ fn sd1_generates_reproducible_images_of_the_requested_size() {
             }
         )
         .is_err());
+}
+
+#[test]
+fn noise_sources_and_prompt_syntax_change_images_as_the_uis_do() {
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::noise::NoiseSource;
+    use mergesmith::gen::pipeline::Models;
+    use mergesmith::gen::prompt::Emphasis;
+    use mergesmith::gen::sampler::{Sampler, ScheduleKind};
+    use mergesmith::gen::tokenizer::ClipTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tok_path) = small_model(dir.path(), 2);
+    let tok = ClipTokenizer::open(&tok_path).unwrap();
+    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+    let models = Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let req = Job {
+        prompt: "a cat".into(),
+        steps: 2,
+        sampler: Sampler::Euler,
+        seed: 3,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let gen = |job: &Job| models.generate(&tok, job).unwrap();
+    // Images differ (without printing their bytes).
+    macro_rules! differ {
+        ($a:expr, $b:expr $(,)?) => {
+            assert!($a != $b, "{} == {}", stringify!($a), stringify!($b))
+        };
+    }
+    let base = gen(&req);
+    // Each source gives its own image; ComfyUI's batch is one draw, so its image 1 is not
+    // seed + 1 alone, and one image of a ComfyUI batch is made alone the same.
+    let nv = gen(&Job {
+        noise: NoiseSource::Nv,
+        ..req.clone()
+    });
+    differ!(nv, base);
+    let comfy = Job {
+        noise: NoiseSource::Comfyui,
+        batch: 2,
+        ..req.clone()
+    };
+    let both = gen(&comfy);
+    let a1111 = gen(&Job {
+        batch: 2,
+        ..req.clone()
+    });
+    differ!(both[1], a1111[1]);
+    assert_eq!(models.generate_image(&tok, &comfy, 1).unwrap(), both[1]);
+    let k3 = comfy.image_key("m", "t", 3);
+    let k4 = comfy.image_key("m", "t", 4);
+    differ!(k3, k4);
+    differ!(
+        k3,
+        Job {
+            batch: 3,
+            ..comfy.clone()
+        }
+        .image_key("m", "t", 3)
+    );
+    // A schedule other than the sampler's default changes the image.
+    differ!(
+        gen(&Job {
+            schedule: Some(ScheduleKind::Simple),
+            ..req.clone()
+        }),
+        base
+    );
+    // Weights change the conditioning; `none` reads the syntax and weighs nothing, so
+    // `(cat:1.5)` is then the same as `cat`; a BREAK makes a second chunk.
+    let weighted = Job {
+        prompt: "a (cat:1.5)".into(),
+        ..req.clone()
+    };
+    differ!(gen(&weighted), base);
+    assert_eq!(
+        gen(&Job {
+            emphasis: Emphasis::None,
+            ..weighted.clone()
+        }),
+        base
+    );
+    differ!(
+        gen(&Job {
+            emphasis: Emphasis::NoNorm,
+            ..weighted.clone()
+        }),
+        gen(&weighted)
+    );
+    differ!(
+        gen(&Job {
+            emphasis: Emphasis::Comfyui,
+            ..weighted.clone()
+        }),
+        gen(&weighted)
+    );
+    differ!(
+        gen(&Job {
+            prompt: "a BREAK cat".into(),
+            ..req.clone()
+        }),
+        base
+    );
+    // A prompt of two chunks against a one-chunk negative: each runs through the U-Net on its
+    // own (as A1111), no padding.
+    let long = "a cat ".repeat(50);
+    assert_eq!(
+        gen(&Job {
+            prompt: long,
+            ..req.clone()
+        })[0]
+            .len(),
+        32 * 32 * 3
+    );
+    // Unsupported syntax is an error, not text.
+    let e = models
+        .generate(
+            &tok,
+            &Job {
+                prompt: "a [cat:dog:5]".into(),
+                ..req.clone()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prompt editing"), "{e}");
+}
+
+#[test]
+fn emphasis_weighs_hidden_states_as_a1111_and_comfyui_do() {
+    use candle_core::{Device, Tensor};
+    use mergesmith::gen::pipeline::weigh;
+    use mergesmith::gen::prompt::Emphasis;
+    let dev = Device::Cpu;
+    let z = Tensor::new(&[[[1f32, 2.], [3., 4.]]], &dev).unwrap();
+    let empty = Tensor::new(&[[[0.5f32, 0.5], [1., -1.]]], &dev).unwrap();
+    let w = [1.0f32, 2.0];
+    let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // A1111: [1, 2, 6, 8] (mean 4.25) rescaled to the original mean 2.5.
+    let k = 2.5 / 4.25;
+    let want = [1.0 * k, 2.0 * k, 6.0 * k, 8.0 * k];
+    for (g, w) in v(weigh(z.clone(), &w, Emphasis::A1111, None).unwrap())
+        .iter()
+        .zip(want)
+    {
+        assert!((g - w as f32).abs() < 1e-6);
+    }
+    assert_eq!(
+        v(weigh(z.clone(), &w, Emphasis::NoNorm, None).unwrap()),
+        [1., 2., 6., 8.]
+    );
+    assert_eq!(
+        v(weigh(z.clone(), &w, Emphasis::None, None).unwrap()),
+        [1., 2., 3., 4.]
+    );
+    // ComfyUI: empty + (z − empty)·w on weighted tokens: [1, 2, 1 + 2·2, −1 + 5·2].
+    assert_eq!(
+        v(weigh(z, &w, Emphasis::Comfyui, Some(&empty)).unwrap()),
+        [1., 2., 5., 9.]
+    );
 }
 
 #[test]
@@ -1474,14 +1766,18 @@ fn v_prediction_and_hires_helpers_solve_known_cases() {
     );
     // A hires pass of 10 steps at strength 0.5 walks the last 10 steps of a 20-step schedule.
     let schedule = Schedule::default();
-    let full = Sampler::Euler.sigmas(&schedule, 20);
-    let part = hires_sigmas(Sampler::Euler, &schedule, 10, 0.5);
+    let job = mergesmith::gen::job::Job {
+        sampler: Sampler::Euler,
+        ..Default::default()
+    };
+    let full = Sampler::Euler.sigmas(&schedule, None, 20).unwrap();
+    let part = hires_sigmas(&job, &schedule, 10, 0.5).unwrap();
     assert_eq!(part.len(), 11);
     assert_eq!(part, full[10..]);
     // Strength 1 starts from (almost) pure noise: A1111 caps it at 0.999.
-    let all = hires_sigmas(Sampler::Euler, &schedule, 10, 1.0);
+    let all = hires_sigmas(&job, &schedule, 10, 1.0).unwrap();
     assert_eq!(all.len(), 11);
-    assert!(all[0] <= Sampler::Euler.sigmas(&schedule, 10)[0]);
+    assert!(all[0] <= Sampler::Euler.sigmas(&schedule, None, 10).unwrap()[0]);
 }
 
 #[test]
@@ -1521,6 +1817,7 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
             clip_skip: 1,
             hires: None,
             prediction: None,
+            ..Default::default()
         };
         let images = models.generate(&tok, &req).unwrap();
         assert_eq!(images.len(), 2);
