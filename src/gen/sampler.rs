@@ -123,6 +123,31 @@ impl Sampler {
         }
     }
 
+    /// Its name in ComfyUI (and k-diffusion's `sample_*`).
+    pub fn comfyui_name(self) -> &'static str {
+        match self {
+            Sampler::EulerA => "euler_ancestral",
+            Sampler::Euler => "euler",
+            Sampler::Heun => "heun",
+            Sampler::Dpm2 => "dpm_2",
+            Sampler::Lms => "lms",
+            Sampler::DpmPp2sA => "dpmpp_2s_ancestral",
+            Sampler::DpmPp2m => "dpmpp_2m",
+            Sampler::DpmPpSde => "dpmpp_sde",
+            Sampler::DpmPp2mSde => "dpmpp_2m_sde",
+            Sampler::Ddim => "ddim",
+        }
+    }
+
+    /// U-Net evaluations per step (each a pair with guidance); the last step of the
+    /// two-call samplers makes one.
+    pub fn calls_per_step(self) -> usize {
+        match self {
+            Sampler::Heun | Sampler::Dpm2 | Sampler::DpmPp2sA | Sampler::DpmPpSde => 2,
+            _ => 1,
+        }
+    }
+
     /// A1111's "Automatic" schedule for it; `None` for DDIM, which walks its own timesteps.
     pub fn default_schedule(self) -> Option<ScheduleKind> {
         match self {
@@ -229,6 +254,30 @@ impl crate::text::Named for ScheduleKind {
 }
 
 impl ScheduleKind {
+    /// Every schedule.
+    pub const ALL: [ScheduleKind; 7] = [
+        ScheduleKind::Normal,
+        ScheduleKind::Karras,
+        ScheduleKind::Exponential,
+        ScheduleKind::SgmUniform,
+        ScheduleKind::Simple,
+        ScheduleKind::Beta,
+        ScheduleKind::DdimUniform,
+    ];
+
+    /// What it is, in a line.
+    pub fn summary(self) -> &'static str {
+        match self {
+            ScheduleKind::Normal => "timesteps evenly spaced from 999 to 0, σ interpolated in log σ (A1111's Uniform and Normal, ComfyUI's normal)",
+            ScheduleKind::Karras => "Karras et al., ρ = 7, from σ_max to σ_min",
+            ScheduleKind::Exponential => "evenly spaced in log σ from σ_max to σ_min",
+            ScheduleKind::SgmUniform => "`normal` over steps + 1 timesteps, the last dropped",
+            ScheduleKind::Simple => "every (1000 / steps)-th training σ from the top",
+            ScheduleKind::Beta => "timesteps at the quantiles 1 − i/steps of Beta(0.6, 0.6), rounded, repeats dropped",
+            ScheduleKind::DdimUniform => "timesteps 1, 1 + c, 1 + 2c, … (c = 1000 / steps), from the top",
+        }
+    }
+
     /// The label A1111 writes as "Schedule type" (ComfyUI's name where A1111 has none).
     pub fn label(self) -> &'static str {
         match self {
@@ -241,6 +290,38 @@ impl ScheduleKind {
             ScheduleKind::DdimUniform => "ddim_uniform",
         }
     }
+}
+
+/// The samplers and schedules as Markdown tables (the docs' tables; a test keeps them current).
+pub fn markdown() -> String {
+    use crate::text::Named;
+    let mut s = String::from(
+        "| sampler | A1111 | ComfyUI | schedule by default | U-Net calls a step | draws noise |\n|---|---|---|---|---|---|\n",
+    );
+    for x in Sampler::ALL {
+        s.push_str(&format!(
+            "| `{}` | {} | `{}` | {} | {} | {} |\n",
+            x.name(),
+            x.label(),
+            x.comfyui_name(),
+            match x.default_schedule() {
+                Some(k) => format!("`{}`", k.name()),
+                None => "its own timesteps".into(),
+            },
+            x.calls_per_step(),
+            if x.is_stochastic() { "yes" } else { "no" },
+        ));
+    }
+    s.push_str("\n| schedule | A1111 label | sigmas |\n|---|---|---|\n");
+    for k in ScheduleKind::ALL {
+        s.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            k.name(),
+            k.label(),
+            k.summary()
+        ));
+    }
+    s
 }
 
 /// SD's noise schedule: σ for each of the 1000 training timesteps.

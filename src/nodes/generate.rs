@@ -175,6 +175,13 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         cx.error(&g.referenced, msg, None);
         ok = false;
     }
+    let emphasis = v.emphasis.unwrap_or_default();
+    for (what, text) in [("prompt", &v.prompt), ("negative", &v.negative)] {
+        if let Err(e) = crate::gen::prompt::parse(text, emphasis) {
+            cx.error(&g.referenced, format!("{what}: {e}"), None);
+            ok = false;
+        }
+    }
     let defaults = Job::default();
     let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
     let job = Job {

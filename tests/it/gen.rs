@@ -2006,6 +2006,31 @@ fn generate_node_errors_point_at_the_recipe() {
     assert!(e.contains("options go under `generate:`"), "{e}");
     let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      seeds: 3\n");
     assert!(e.contains("unknown field `seeds`"), "{e}");
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      seed: -2\n");
+    assert!(
+        e.contains("r.yaml:9:13: seed -2 is not a seed (0 or more, or -1 for a random one)"),
+        "{e}"
+    );
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      sampler: ddim\n      schedule: karras\n");
+    assert!(e.contains("A1111's DDIM walks its own timesteps"), "{e}");
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: \"a [cat:dog:4]\"\n");
+    assert!(
+        e.contains("prompt: prompt `a [cat:dog:4]`: A1111's prompt editing"),
+        "{e}"
+    );
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      noise: gpu\n");
+    assert!(e.contains("unknown variant `gpu`"), "{e}");
+    // seed: -1 picks one: two parses pick (almost surely) different seeds.
+    let seed = || {
+        let text = "version: 1\nmodels:\n  a: { path: a.safetensors }\nnodes:\n  g:\n    generate:\n      model: a\n      prompt: x\n      seed: -1\n    to: out\n";
+        let r = mergesmith::recipe::parse(Path::new("r.yaml"), text).unwrap();
+        match &r.nodes["g"] {
+            mergesmith::nodes::Node::Generate(g) => g.job.seed,
+            _ => panic!("not a generate node"),
+        }
+    };
+    let seeds: std::collections::BTreeSet<u64> = (0..4).map(|_| seed()).collect();
+    assert!(seeds.len() > 1 && seeds.iter().all(|&s| s <= u32::MAX as u64));
 }
 
 #[test]
@@ -2031,4 +2056,21 @@ fn images_are_the_same_bytes_whatever_the_thread_count() {
         std::fs::read(out).unwrap()
     };
     assert_eq!(run("1"), run("4"));
+}
+
+#[test]
+fn samplers_table_in_the_docs_is_current() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/generation.md"
+    ))
+    .unwrap();
+    let begin = "<!-- samplers:begin -->\n";
+    let start = doc.find(begin).unwrap() + begin.len();
+    let end = doc.find("<!-- samplers:end -->").unwrap();
+    assert!(
+        doc[start..end] == mergesmith::gen::sampler::markdown(),
+        "docs/generation.md's sampler tables are stale; paste:\n{}",
+        mergesmith::gen::sampler::markdown()
+    );
 }

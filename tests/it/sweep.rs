@@ -155,6 +155,33 @@ fn every_axis_type_sets_what_it_names() {
         cell(&r, 1).2.sampler,
         mergesmith::gen::sampler::Sampler::DpmPp2m
     );
+    // A1111's labels work as values (its XY grid writes them).
+    let r = one("{ type: sampler, values: \"DPM++ 2M SDE, heun\" }");
+    assert_eq!(
+        cell(&r, 0).2.sampler,
+        mergesmith::gen::sampler::Sampler::DpmPp2mSde
+    );
+    assert_eq!(
+        cell(&r, 1).2.sampler,
+        mergesmith::gen::sampler::Sampler::Heun
+    );
+    let r = one("{ type: schedule, values: \"karras, beta\" }");
+    assert_eq!(
+        cell(&r, 1).2.schedule,
+        Some(mergesmith::gen::sampler::ScheduleKind::Beta)
+    );
+    let r = one("{ type: noise, values: [nv, comfyui] }");
+    assert_eq!(cell(&r, 0).2.noise, mergesmith::gen::noise::NoiseSource::Nv);
+    let r = one("{ type: emphasis, values: [no_norm] }");
+    assert_eq!(
+        cell(&r, 0).2.emphasis,
+        mergesmith::gen::prompt::Emphasis::NoNorm
+    );
+    let e = parse("      x: { type: schedule, values: [karas] }\n").unwrap_err();
+    assert!(
+        e.contains("`karas` is not a schedule (normal, karras"),
+        "{e}"
+    );
     let r = one("{ type: clip_skip, values: [2] }");
     assert_eq!(cell(&r, 0).2.clip_skip, 2);
     let r = one("{ type: width, values: [96] }");
