@@ -2060,11 +2060,8 @@ fn images_are_the_same_bytes_whatever_the_thread_count() {
 
 #[test]
 fn samplers_table_in_the_docs_is_current() {
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/docs/generation.md"
-    ))
-    .unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/generation.md"))
+        .unwrap();
     let begin = "<!-- samplers:begin -->\n";
     let start = doc.find(begin).unwrap() + begin.len();
     let end = doc.find("<!-- samplers:end -->").unwrap();
