@@ -48,6 +48,10 @@ pub struct GenArgs {
     /// no_norm, none (syntax read, nothing weighted), comfyui (ComfyUI's reading and weighting).
     #[arg(long, value_parser = choice::<Emphasis>(), default_value = "a1111")]
     pub emphasis: Emphasis,
+    /// A textual-inversion embedding (.safetensors, .pt) the prompts name by its file stem,
+    /// as in A1111's embeddings folder; repeat for several.
+    #[arg(long = "embedding", value_name = "FILE")]
+    pub embeddings: Vec<PathBuf>,
     /// Width in pixels, a multiple of 8 [default: the model's native size: 512 for SD1 and
     /// SD2-base, 768 for SD2 768-v, 1024 for SDXL].
     #[arg(long)]
@@ -104,6 +108,11 @@ pub fn run(a: GenArgs) -> Result<()> {
         schedule: a.schedule,
         noise: a.noise,
         emphasis: a.emphasis,
+        embeddings: a
+            .embeddings
+            .iter()
+            .map(|p| mergesmith::gen::embedding::EmbeddingFile::open(p))
+            .collect::<Result<_>>()?,
         seed: mergesmith::gen::noise::resolve_seed(a.seed).map_err(Error::Invalid)?,
         batch: a.batch.max(1),
         width: a.width,

@@ -147,6 +147,11 @@ impl ClipTextModel {
         })
     }
 
+    /// Its hidden width.
+    pub fn width(&self) -> usize {
+        self.config.dim
+    }
+
     /// Its transformer layers.
     pub fn layers(&self) -> usize {
         self.layers.len()
@@ -162,12 +167,29 @@ impl ClipTextModel {
         skip: usize,
         final_norm: bool,
     ) -> candle_core::Result<TextOutput> {
+        self.forward_with(ids, skip, final_norm, &[])
+    }
+
+    /// [`Self::forward`] with textual-inversion vectors in place of the token embeddings at
+    /// `fixes` (position, `[n, dim]` vectors; cut at the end of the sequence, as A1111 does).
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        skip: usize,
+        final_norm: bool,
+        fixes: &[(usize, Tensor)],
+    ) -> candle_core::Result<TextOutput> {
         let (batch, tokens) = ids.dims2()?;
         let positions = self.position_embedding.narrow(0, 0, tokens)?;
-        let mut x = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&positions)?;
+        let mut x = self.token_embedding.forward(ids)?;
+        for (at, rows) in fixes {
+            let n = rows.dim(0)?.min(tokens.saturating_sub(*at));
+            let rows = rows.narrow(0, 0, n)?.to_dtype(x.dtype())?.unsqueeze(0)?;
+            let rows = rows.broadcast_as((batch, n, x.dim(2)?))?;
+            let tail = x.narrow(1, at + n, tokens - at - n)?;
+            x = Tensor::cat(&[&x.narrow(1, 0, *at)?, &rows, &tail], 1)?;
+        }
+        let mut x = x.broadcast_add(&positions)?;
         let mask = causal_mask(tokens, x.device())?;
         let keep = self.layers.len() + 1 - skip.clamp(1, self.layers.len());
         let mut hidden = None;

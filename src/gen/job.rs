@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use crate::error::Result;
+use crate::gen::embedding::EmbeddingFile;
 use crate::gen::noise::NoiseSource;
 use crate::gen::pipeline::{Models, Prediction};
 use crate::gen::png::Hires;
@@ -45,6 +46,9 @@ pub struct Job {
     pub noise: NoiseSource,
     /// How prompt weights are read and applied.
     pub emphasis: Emphasis,
+    /// Textual-inversion embeddings the prompts may name (by file stem).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<EmbeddingFile>,
     /// Seed of the first image.
     pub seed: u64,
     /// Images (seeds `seed .. seed + batch`).
@@ -72,6 +76,7 @@ impl Default for Job {
             schedule: None,
             noise: NoiseSource::Cpu,
             emphasis: Emphasis::A1111,
+            embeddings: Vec::new(),
             seed: 0,
             batch: 1,
             width: None,

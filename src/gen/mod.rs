@@ -6,6 +6,7 @@
 //! files with AUTOMATIC1111's generation parameters ([`png`]).
 
 pub mod clip;
+pub mod embedding;
 pub mod grid;
 pub mod job;
 pub mod noise;

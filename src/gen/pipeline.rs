@@ -24,6 +24,7 @@ use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
+use crate::gen::embedding::{Embedding, Slot};
 use crate::gen::job::Job;
 use crate::gen::noise::ImageNoise;
 use crate::gen::prompt::{self, Emphasis};
@@ -252,21 +253,30 @@ impl Models {
         &self,
         tok: &ClipTokenizer,
         text: &str,
-        clip_skip: usize,
-        emphasis: Emphasis,
+        job: &Job,
+        embeddings: &[Embedding],
     ) -> Result<Cond> {
+        let (clip_skip, emphasis) = (job.clip_skip, job.emphasis);
         let pieces = prompt::parse(text, emphasis)?;
-        let run = |model: &ClipTextModel, pad: Pad, skip: usize, norm: bool| {
+        let names = embeddings
+            .iter()
+            .map(|e| {
+                let rows = e.parts.first().map_or(0, |p| p.1);
+                Ok((tok.ids(&e.name)?, rows))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let run = |model: &ClipTextModel, pad: Pad, skip: usize, norm: bool, slot: Slot| {
             let ids = |chunk: &[u32]| {
                 Tensor::new(chunk, &self.device)
                     .and_then(|t| t.unsqueeze(0))
                     .map_err(cerr)
             };
-            let chunks = tok.encode_weighted(&pieces, pad)?;
+            let chunks = tok.encode_weighted(&pieces, pad, &names)?;
             // ComfyUI weighs against the empty prompt's encoding.
             let empty = match emphasis {
                 Emphasis::Comfyui => {
-                    let e = tok.encode_weighted(&[prompt::Piece::Text(String::new(), 1.0)], pad)?;
+                    let empty = [prompt::Piece::Text(String::new(), 1.0)];
+                    let e = tok.encode_weighted(&empty, pad, &[])?;
                     Some(
                         model
                             .forward(&ids(&e[0].ids)?, skip, norm)
@@ -279,7 +289,26 @@ impl Models {
             let mut hidden = Vec::new();
             let mut pooled = None;
             for chunk in chunks {
-                let out = model.forward(&ids(&chunk.ids)?, skip, norm).map_err(cerr)?;
+                let fixes = chunk
+                    .fixes
+                    .iter()
+                    .map(|&(at, e)| {
+                        let emb = &embeddings[e];
+                        let width = model.width();
+                        let (rows, values) = emb.for_encoder(slot, width).ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "embedding `{}` has no vectors for this model's {width}-wide text encoder",
+                                emb.name
+                            ))
+                        })?;
+                        let t = Tensor::from_slice(values, (rows, width), &self.device)
+                            .map_err(cerr)?;
+                        Ok((at, t))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let out = model
+                    .forward_with(&ids(&chunk.ids)?, skip, norm, &fixes)
+                    .map_err(cerr)?;
                 hidden.push(weigh(out.hidden, &chunk.weights, emphasis, empty.as_ref())?);
                 // The web UI takes the pooled embedding of the first chunk.
                 pooled = pooled.or(out.pooled);
@@ -289,17 +318,17 @@ impl Models {
         };
         Ok(match &self.text {
             TextEncoders::Sd1(m) => Cond {
-                context: run(m, Pad::EndOfText, clip_skip.max(1), true)?.0,
+                context: run(m, Pad::EndOfText, clip_skip.max(1), true, Slot::Any)?.0,
                 pooled: None,
             },
             TextEncoders::Sd2(m) => Cond {
-                context: run(m, Pad::Zero, 2, true)?.0,
+                context: run(m, Pad::Zero, 2, true, Slot::Any)?.0,
                 pooled: None,
             },
             TextEncoders::Sdxl(l, g) => {
                 let skip_l = (l.layers() + 1).saturating_sub(SDXL_CLIP_L_LAYER).max(1);
-                let (hl, _) = run(l, Pad::EndOfText, skip_l, false)?;
-                let (hg, pooled) = run(g, Pad::Zero, 2, false)?;
+                let (hl, _) = run(l, Pad::EndOfText, skip_l, false, Slot::ClipL)?;
+                let (hg, pooled) = run(g, Pad::Zero, 2, false, Slot::ClipG)?;
                 Cond {
                     context: Tensor::cat(&[hl, hg], 2).map_err(cerr)?,
                     pooled,
@@ -337,9 +366,14 @@ impl Models {
                 },
             })
         };
+        let embeddings = job
+            .embeddings
+            .iter()
+            .map(Embedding::load)
+            .collect::<Result<Vec<_>>>()?;
         Ok([
-            cast(self.encode(tok, &job.negative, job.clip_skip, job.emphasis)?)?,
-            cast(self.encode(tok, &job.prompt, job.clip_skip, job.emphasis)?)?,
+            cast(self.encode(tok, &job.negative, job, &embeddings)?)?,
+            cast(self.encode(tok, &job.prompt, job, &embeddings)?)?,
         ])
     }
 

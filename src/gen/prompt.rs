@@ -317,64 +317,118 @@ pub struct Chunk {
     pub ids: Vec<u32>,
     /// The weight of each position (1 for the frame and the padding).
     pub weights: Vec<f32>,
+    /// Embeddings placed in the chunk: (position in `ids` of its first vector, its index in
+    /// the embeddings given to [`chunks`]).
+    pub fixes: Vec<(usize, usize)>,
+}
+
+/// The chunk being filled.
+#[derive(Default)]
+struct Open {
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+    /// (position in `tokens`, embedding).
+    fixes: Vec<(usize, usize)>,
 }
 
 /// The tokens of each piece, split into chunks as A1111 does (`comma` is the id of `,`;
 /// `backtrack` how far back a comma may be to move the chunk's tail, A1111's default 20).
+/// `embeddings` are (the token ids of an embedding's name, its vector count): where a name's
+/// tokens appear, that many placeholder positions take them (a new chunk first when they do
+/// not fit), longest name first, as A1111 does.
 pub fn chunks(
     pieces: &[(Vec<u32>, f64)],
     breaks: &[bool],
     comma: Option<u32>,
     backtrack: usize,
     frame: (u32, u32, u32),
+    embeddings: &[(Vec<u32>, usize)],
 ) -> Vec<Chunk> {
     const LEN: usize = 75;
     let (bos, eos, pad) = frame;
     let mut done: Vec<Chunk> = Vec::new();
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut weights: Vec<f32> = Vec::new();
+    let mut open = Open::default();
     let mut last_comma: Option<usize> = None;
-    let finish = |tokens: &mut Vec<u32>, weights: &mut Vec<f32>, done: &mut Vec<Chunk>| {
+    let finish = |open: &mut Open, done: &mut Vec<Chunk>| {
+        let o = std::mem::take(open);
         let mut ids = Vec::with_capacity(LEN + 2);
         ids.push(bos);
-        ids.append(tokens);
+        ids.extend(o.tokens);
         ids.push(eos);
         ids.resize(LEN + 2, pad);
         let mut w = Vec::with_capacity(LEN + 2);
         w.push(1.0);
-        w.append(weights);
+        w.extend(o.weights);
         w.resize(LEN + 2, 1.0);
-        done.push(Chunk { ids, weights: w });
+        let fixes = o.fixes.into_iter().map(|(at, e)| (at + 1, e)).collect();
+        done.push(Chunk {
+            ids,
+            weights: w,
+            fixes,
+        });
     };
+    let mut by_length: Vec<usize> = (0..embeddings.len()).collect();
+    by_length.sort_by_key(|&i| std::cmp::Reverse(embeddings[i].0.len()));
     for ((ids, weight), &is_break) in pieces.iter().zip(breaks) {
         if is_break {
-            finish(&mut tokens, &mut weights, &mut done);
+            finish(&mut open, &mut done);
             last_comma = None;
             continue;
         }
-        for &t in ids {
+        let mut position = 0;
+        while position < ids.len() {
+            let t = ids[position];
             if Some(t) == comma {
-                last_comma = Some(tokens.len());
+                last_comma = Some(open.tokens.len());
             } else if let Some(at) = last_comma.filter(|&at| {
-                backtrack > 0 && tokens.len() == LEN && tokens.len() - at <= backtrack
+                backtrack > 0 && open.tokens.len() == LEN && open.tokens.len() - at <= backtrack
             }) {
-                let tail_t = tokens.split_off(at + 1);
-                let tail_w = weights.split_off(at + 1);
-                finish(&mut tokens, &mut weights, &mut done);
-                tokens = tail_t;
-                weights = tail_w;
+                let tail_t = open.tokens.split_off(at + 1);
+                let tail_w = open.weights.split_off(at + 1);
+                let tail_f: Vec<(usize, usize)> = open
+                    .fixes
+                    .iter()
+                    .filter(|(p, _)| *p > at)
+                    .map(|(p, e)| (p - at - 1, *e))
+                    .collect();
+                open.fixes.retain(|(p, _)| *p <= at);
+                finish(&mut open, &mut done);
+                open.tokens = tail_t;
+                open.weights = tail_w;
+                open.fixes = tail_f;
                 last_comma = None;
             }
-            if tokens.len() == LEN {
-                finish(&mut tokens, &mut weights, &mut done);
+            if open.tokens.len() == LEN {
+                finish(&mut open, &mut done);
                 last_comma = None;
             }
-            tokens.push(t);
-            weights.push(*weight as f32);
+            let found = by_length.iter().copied().find(|&e| {
+                let name = &embeddings[e].0;
+                !name.is_empty() && ids[position..].starts_with(name)
+            });
+            match found {
+                None => {
+                    open.tokens.push(t);
+                    open.weights.push(*weight as f32);
+                    position += 1;
+                }
+                Some(e) => {
+                    let (name, rows) = (&embeddings[e].0, embeddings[e].1.min(LEN));
+                    if open.tokens.len() + rows > LEN {
+                        finish(&mut open, &mut done);
+                        last_comma = None;
+                    }
+                    open.fixes.push((open.tokens.len(), e));
+                    open.tokens.extend(std::iter::repeat_n(0, rows));
+                    open.weights
+                        .extend(std::iter::repeat_n(*weight as f32, rows));
+                    position += name.len();
+                }
+            }
         }
     }
-    if !tokens.is_empty() || done.is_empty() {
-        finish(&mut tokens, &mut weights, &mut done);
+    if !open.tokens.is_empty() || done.is_empty() {
+        finish(&mut open, &mut done);
     }
     done
 }
@@ -474,7 +528,14 @@ mod tests {
         let comma = Some(267);
         let one = |ids: Vec<u32>, w: f64| vec![(ids, w)];
         // 80 plain tokens: 75 + 5.
-        let c = chunks(&one((1..=80).collect(), 1.0), &[false], comma, 20, frame);
+        let c = chunks(
+            &one((1..=80).collect(), 1.0),
+            &[false],
+            comma,
+            20,
+            frame,
+            &[],
+        );
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].ids[1], 1);
         assert_eq!(c[0].ids[75], 75);
@@ -484,7 +545,7 @@ mod tests {
         // A comma at position 60 (0-based) of the chunk: tokens after it move on.
         let mut ids: Vec<u32> = (1..=80).collect();
         ids[60] = 267;
-        let c = chunks(&one(ids.clone(), 1.2), &[false], comma, 20, frame);
+        let c = chunks(&one(ids.clone(), 1.2), &[false], comma, 20, frame, &[]);
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].ids[61], 267);
         assert_eq!(c[0].ids[62], 49407);
@@ -495,21 +556,51 @@ mod tests {
         // A comma further back than 20 tokens does not move anything.
         ids[60] = 61;
         ids[40] = 267;
-        let c = chunks(&one(ids, 1.0), &[false], comma, 20, frame);
+        let c = chunks(&one(ids, 1.0), &[false], comma, 20, frame, &[]);
         assert_eq!(c[1].ids[1], 76);
         // Exactly 75 tokens: one chunk; nothing: one empty chunk; BREAK: a new chunk.
         assert_eq!(
-            chunks(&one((1..=75).collect(), 1.0), &[false], comma, 20, frame).len(),
+            chunks(
+                &one((1..=75).collect(), 1.0),
+                &[false],
+                comma,
+                20,
+                frame,
+                &[]
+            )
+            .len(),
             1
         );
-        let empty = chunks(&one(vec![], 1.0), &[false], comma, 20, frame);
+        let empty = chunks(&one(vec![], 1.0), &[false], comma, 20, frame, &[]);
         assert_eq!(empty.len(), 1);
         assert_eq!(empty[0].ids[..3], [49406, 49407, 49407]);
         let pieces = vec![(vec![5, 6], 1.0), (vec![], 1.0), (vec![7], 1.1)];
-        let c = chunks(&pieces, &[false, true, false], comma, 20, frame);
+        let c = chunks(&pieces, &[false, true, false], comma, 20, frame, &[]);
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].ids[..4], [49406, 5, 6, 49407]);
         assert_eq!(c[1].ids[..3], [49406, 7, 49407]);
         assert_eq!(c[1].weights[1], 1.1f64 as f32);
+        // An embedding whose name is tokens [8, 9], 3 vectors: three placeholders take the
+        // name's place, with the piece's weight; a longer name wins; one that does not fit
+        // starts a new chunk.
+        let embs = vec![(vec![8], 1), (vec![8, 9], 3)];
+        let c = chunks(
+            &[(vec![5, 8, 9, 6], 1.2)],
+            &[false],
+            comma,
+            20,
+            frame,
+            &embs,
+        );
+        assert_eq!(c[0].ids[..7], [49406, 5, 0, 0, 0, 6, 49407]);
+        assert_eq!(c[0].fixes, vec![(2, 1)]);
+        assert_eq!(c[0].weights[2..5], [1.2f64 as f32; 3]);
+        let mut long: Vec<u32> = (100..173).collect();
+        long.extend([8, 9]);
+        let c = chunks(&[(long, 1.0)], &[false], None, 20, frame, &embs);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].ids[73..75], [172, 49407]);
+        assert_eq!(c[1].fixes, vec![(1, 1)]);
+        assert_eq!(c[1].ids[1..5], [0, 0, 0, 49407]);
     }
 }

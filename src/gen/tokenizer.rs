@@ -226,19 +226,30 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str, pad: Pad) -> Result<Vec<Vec<u32>>> {
         let piece = [crate::gen::prompt::Piece::Text(text.to_string(), 1.0)];
         Ok(self
-            .encode_weighted(&piece, pad)?
+            .encode_weighted(&piece, pad, &[])?
             .into_iter()
             .map(|c| c.ids)
             .collect())
     }
 
+    /// The token ids of `text` (no framing).
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Invalid(format!("tokenizing the prompt failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// A parsed prompt's tokens with their weights, in A1111's chunks (each piece tokenized on
     /// its own; `BREAK` starts a chunk; a full chunk moves the tokens after a comma at most 20
-    /// tokens back to the next), each framed and padded to [`CONTEXT`].
+    /// tokens back to the next), each framed and padded to [`CONTEXT`]; `embeddings` as
+    /// [`crate::gen::prompt::chunks`] takes them (their names' ids and vector counts).
     pub fn encode_weighted(
         &self,
         pieces: &[crate::gen::prompt::Piece],
         pad: Pad,
+        embeddings: &[(Vec<u32>, usize)],
     ) -> Result<Vec<crate::gen::prompt::Chunk>> {
         use crate::gen::prompt::Piece;
         let mut tokens = Vec::with_capacity(pieces.len());
@@ -250,10 +261,7 @@ impl ClipTokenizer {
                     breaks.push(true);
                 }
                 Piece::Text(text, weight) => {
-                    let enc = self.inner.encode(text.as_str(), false).map_err(|e| {
-                        Error::Invalid(format!("tokenizing the prompt failed: {e}"))
-                    })?;
-                    tokens.push((enc.get_ids().to_vec(), *weight));
+                    tokens.push((self.ids(text)?, *weight));
                     breaks.push(false);
                 }
             }
@@ -269,6 +277,7 @@ impl ClipTokenizer {
             comma,
             COMMA_BACKTRACK,
             (self.bos, self.eos, pad_id),
+            embeddings,
         ))
     }
 }

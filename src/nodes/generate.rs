@@ -64,6 +64,11 @@ pub struct GenerateDecl {
     /// read, nothing weighted), comfyui (ComfyUI's reading and weighting).
     #[serde(default)]
     pub emphasis: Option<crate::gen::prompt::Emphasis>,
+    /// Textual-inversion embeddings (.safetensors, .pt): prompts name each by its file stem,
+    /// as in A1111's embeddings folder.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub embeddings: Vec<Spanned<String>>,
     /// Seed of the first image (default 0; -1: a random one, written in the PNG info).
     #[serde(default)]
     #[schemars(with = "Option<i64>")]
@@ -182,6 +187,16 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
             ok = false;
         }
     }
+    let mut embeddings = Vec::new();
+    for e in &v.embeddings {
+        match crate::gen::embedding::EmbeddingFile::open(&cx.path(&e.value)) {
+            Ok(f) => embeddings.push(f),
+            Err(err) => {
+                cx.error(&e.referenced, err.to_string(), None);
+                ok = false;
+            }
+        }
+    }
     let defaults = Job::default();
     let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
     let job = Job {
@@ -193,6 +208,7 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         schedule: v.schedule,
         noise: v.noise.unwrap_or(defaults.noise),
         emphasis: v.emphasis.unwrap_or(defaults.emphasis),
+        embeddings,
         seed: seed.unwrap_or(defaults.seed),
         batch: value(&v.batch).unwrap_or(defaults.batch),
         width: value(&v.width),

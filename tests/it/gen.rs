@@ -2018,6 +2018,8 @@ fn generate_node_errors_point_at_the_recipe() {
         e.contains("prompt: prompt `a [cat:dog:4]`: A1111's prompt editing"),
         "{e}"
     );
+    let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      embeddings: [nowhere/easy.pt]\n");
+    assert!(e.contains("r.yaml:9:20:") && e.contains("nowhere/easy.pt"), "{e}");
     let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      noise: gpu\n");
     assert!(e.contains("unknown variant `gpu`"), "{e}");
     // seed: -1 picks one: two parses pick (almost surely) different seeds.
@@ -2069,5 +2071,118 @@ fn samplers_table_in_the_docs_is_current() {
         doc[start..end] == mergesmith::gen::sampler::markdown(),
         "docs/generation.md's sampler tables are stale; paste:\n{}",
         mergesmith::gen::sampler::markdown()
+    );
+}
+
+#[test]
+fn embeddings_stand_in_for_their_names_tokens() {
+    use candle_core::Tensor;
+    use mergesmith::gen::embedding::EmbeddingFile;
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::pipeline::Models;
+    use mergesmith::gen::tokenizer::ClipTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tok_path) = small_model(dir.path(), 6);
+    let tok = ClipTokenizer::open(&tok_path).unwrap();
+    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+    // The model's own token vectors of `a` (320) and `cat` (2368).
+    let table = ck
+        .get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+        .unwrap()
+        .clone();
+    let values = mergesmith::convert::to_f32(table.dtype, &ck.data(&table)).unwrap();
+    let width = table.shape[1];
+    let row = |id: usize| values[id * width..(id + 1) * width].to_vec();
+    let models = Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let save = |name: &str, key: &str, rows: Vec<Vec<f32>>| {
+        let n = rows.len();
+        let flat: Vec<f32> = rows.concat();
+        let w = flat.len() / n;
+        let t = Tensor::from_vec(flat, (n, w), &candle_core::Device::Cpu).unwrap();
+        let path = dir.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(&[(key, t)].into_iter().collect(), &path).unwrap();
+        EmbeddingFile::open(&path).unwrap()
+    };
+    let req = Job {
+        prompt: "a cat".into(),
+        steps: 2,
+        sampler: mergesmith::gen::sampler::Sampler::Euler,
+        seed: 5,
+        width: Some(32),
+        height: Some(32),
+        ..Default::default()
+    };
+    let gen = |job: &Job| models.generate(&tok, job).unwrap();
+    let plain = gen(&req);
+    // An embedding named `cat` whose vectors are the tokens `a cat`: the prompt `cat` with it
+    // is the prompt `a cat` without it, to the byte.
+    let cat = save("cat", "emb_params", vec![row(320), row(2368)]);
+    let with = Job {
+        prompt: "cat".into(),
+        embeddings: vec![cat.clone()],
+        ..req.clone()
+    };
+    assert!(
+        gen(&with) == plain,
+        "embedding vectors in place of the name"
+    );
+    // Other vectors: another image; the key holds the file's content.
+    let other = save("cat", "emb_params", vec![row(320), row(320)]);
+    assert_ne!(other.key, cat.key);
+    let changed = Job {
+        embeddings: vec![other],
+        ..with.clone()
+    };
+    assert!(gen(&changed) != plain);
+    assert_ne!(changed.image_key("m", "t", 5), with.image_key("m", "t", 5));
+    // A1111's .pt layout (`string_to_param: {'*': tensor}`) reads the same.
+    let pt = dir.path().join("pt/cat.pt");
+    std::fs::create_dir_all(pt.parent().unwrap()).unwrap();
+    let storage = crate::common::f32_bytes(&[row(320), row(2368)].concat());
+    crate::common::torch_zip_under(
+        &pt,
+        &[crate::common::TorchTensor {
+            name: "*".into(),
+            storage_class: "FloatStorage",
+            storage,
+            elem_size: 4,
+            offset: 0,
+            size: vec![2, width],
+            stride: vec![width, 1],
+            parameter: true,
+        }],
+        Some("string_to_param"),
+        None,
+    );
+    let from_pt = Job {
+        embeddings: vec![EmbeddingFile::open(&pt).unwrap()],
+        ..with.clone()
+    };
+    assert!(gen(&from_pt) == plain, ".pt embedding");
+    // Vectors of the wrong width are an error naming the embedding.
+    let narrow = save("cat", "emb_params", vec![vec![0.5; width / 2]]);
+    let e = models
+        .generate(
+            &tok,
+            &Job {
+                embeddings: vec![narrow],
+                ..with.clone()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("embedding `cat` has no vectors for this model's"),
+        "{e}"
+    );
+    // Not an embedding file.
+    let junk = dir.path().join("junk.txt");
+    std::fs::write(&junk, "x").unwrap();
+    let e = mergesmith::gen::embedding::Embedding::load(&EmbeddingFile::open(&junk).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("an embedding is a .safetensors, .pt or .bin file"),
+        "{e}"
     );
 }

@@ -155,13 +155,25 @@ impl Pickle {
 /// when `nested`, else the OrderedDict itself. `extra` adds raw pickle bytes for one more
 /// state-dict value under the key `extra` (to test refusals).
 pub fn torch_zip(path: &Path, tensors: &[TorchTensor], nested: bool, extra: Option<&[u8]>) {
+    torch_zip_under(path, tensors, nested.then_some("state_dict"), extra)
+}
+
+/// A torch zip file whose tensors are a dict under `key` of the top-level dict (with an
+/// `epoch` entry beside it), or the top-level dict itself.
+pub fn torch_zip_under(
+    path: &Path,
+    tensors: &[TorchTensor],
+    key: Option<&str>,
+    extra: Option<&[u8]>,
+) {
+    let nested = key.is_some();
     let mut p = Pickle::new();
-    if nested {
+    if let Some(key) = key {
         p.op(b'}');
         p.op(b'(');
         p.str("epoch");
         p.int(1);
-        p.str("state_dict");
+        p.str(key);
     }
     p.empty_ordered_dict();
     p.op(b'(');
