@@ -267,6 +267,65 @@ fn weight_close(chars: &[char], i: usize) -> Option<(String, usize)> {
     (j < chars.len() && chars[j] == ')').then_some((number, j + 1))
 }
 
+/// An extra-network tag of a prompt (`<lora:NAME:0.8>`), as A1111 reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tag {
+    /// The network kind (`lora`, `lyco`, `hypernet`...).
+    pub kind: String,
+    /// The network's name.
+    pub name: String,
+    /// Positional arguments after the name (multipliers).
+    pub positional: Vec<String>,
+    /// `key=value` arguments (`lbw=OUTD`, `te=0.5`, `unet=1`).
+    pub named: Vec<(String, String)>,
+}
+
+/// Takes A1111's extra-network tags (`<\w+:[^>]+>`) out of `text`, as A1111 does (the text
+/// around them is left as it is): the prompt without them, and the tags in order.
+pub fn extra_networks(text: &str) -> (String, Vec<Tag>) {
+    let mut out = String::with_capacity(text.len());
+    let mut tags = Vec::new();
+    let mut rest = text;
+    while let Some(lt) = rest.find('<') {
+        let after = &rest[lt + 1..];
+        let kind_len = after
+            .char_indices()
+            .find(|(_, c)| !(c.is_alphanumeric() || *c == '_'))
+            .map_or(after.len(), |(i, _)| i);
+        let tail = &after[kind_len..];
+        let body_end = tail
+            .strip_prefix(':')
+            .and_then(|t| t.find('>').map(|e| (t, e)));
+        match body_end {
+            Some((t, e)) if kind_len > 0 && e > 0 => {
+                let mut items = t[..e].split(':');
+                let name = items.next().unwrap_or_default().to_string();
+                let (mut positional, mut named) = (Vec::new(), Vec::new());
+                for item in items {
+                    match item.split_once('=') {
+                        Some((k, v)) => named.push((k.trim().to_string(), v.trim().to_string())),
+                        None => positional.push(item.trim().to_string()),
+                    }
+                }
+                tags.push(Tag {
+                    kind: after[..kind_len].to_string(),
+                    name,
+                    positional,
+                    named,
+                });
+                out.push_str(&rest[..lt]);
+                rest = &t[e + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..=lt]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, tags)
+}
+
 /// Refuses syntax that A1111 reads as something other than text and mergesmith cannot do
 /// yet, rather than encoding it as words.
 fn refuse_unsupported(text: &str) -> Result<()> {
@@ -278,7 +337,8 @@ fn refuse_unsupported(text: &str) -> Result<()> {
     for tag in ["<lora:", "<lyco:", "<hypernet:"] {
         if text.contains(tag) {
             return refuse(
-                "an extra network tag (declare the LoRA as a `lora` node and generate from it)",
+                "an extra network tag here (in a recipe's generate prompt, `<lora:NAME:W>` bakes \
+                 the recipe's LoRA NAME; elsewhere declare a `lora` node and generate from it)",
             );
         }
     }
@@ -519,6 +579,21 @@ mod tests {
         // Colons inside round brackets within squares are weights; escaped brackets text.
         assert!(parse("[(a:1.2)]", Emphasis::A1111).is_ok());
         assert!(parse("\\[a:b\\]", Emphasis::A1111).is_ok());
+    }
+
+    /// Extra-network tags come out as A1111 takes them out.
+    #[test]
+    fn extra_network_tags() {
+        let (text, tags) = extra_networks("a cat <lora:style:0.8>, <lora:det:0.5:lbw=OUTD> x<y");
+        assert_eq!(text, "a cat ,  x<y");
+        assert_eq!(tags.len(), 2);
+        assert_eq!(tags[0].kind, "lora");
+        assert_eq!(tags[0].name, "style");
+        assert_eq!(tags[0].positional, ["0.8"]);
+        assert_eq!(tags[1].named, [("lbw".to_string(), "OUTD".to_string())]);
+        let (text, tags) = extra_networks("<lora:plain> <:x> <a>");
+        assert_eq!(text, " <:x> <a>");
+        assert_eq!(tags[0].positional, Vec::<String>::new());
     }
 
     /// Chunking: 75 tokens, BREAK, and the comma backtrack.

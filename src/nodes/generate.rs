@@ -109,6 +109,9 @@ pub struct GenerateNode {
     pub to: Option<PathBuf>,
     /// Replace files there that mergesmith did not write.
     pub overwrite: bool,
+    /// The LoRAs its prompt's `<lora:NAME:W>` tags name (the tags are out of the prompt); the
+    /// recipe bakes them into the model through a `NODE.loras` node.
+    pub loras: Vec<super::LoraUse>,
 }
 
 fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<Node> {
@@ -181,7 +184,9 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         ok = false;
     }
     let emphasis = v.emphasis.unwrap_or_default();
-    for (what, text) in [("prompt", &v.prompt), ("negative", &v.negative)] {
+    let (prompt, loras) = tag_loras(&v.prompt, &g.referenced, cx);
+    ok &= loras.is_some();
+    for (what, text) in [("prompt", &prompt), ("negative", &v.negative)] {
         if let Err(e) = crate::gen::prompt::parse(text, emphasis) {
             cx.error(&g.referenced, format!("{what}: {e}"), None);
             ok = false;
@@ -200,7 +205,7 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     let defaults = Job::default();
     let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
     let job = Job {
-        prompt: v.prompt.clone(),
+        prompt,
         negative: v.negative.clone(),
         steps: value(&v.steps).unwrap_or(defaults.steps),
         cfg: v.cfg.unwrap_or(defaults.cfg),
@@ -223,7 +228,93 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         job,
         to: d.to.as_ref().map(|t| cx.path(t)),
         overwrite: d.overwrite,
+        loras: loras.unwrap_or_default(),
     }))
+}
+
+/// The prompt without its `<lora:NAME:W>` tags (A1111's syntax: `<lora:NAME>`,
+/// `<lora:NAME:W>`, `<lora:NAME:TE:UNET>` with equal strengths, `te=`, `unet=`, and the LBW
+/// extension's `lbw=BLOCKS`), and the recipe LoRAs they name; `None` after an error.
+fn tag_loras(
+    prompt: &str,
+    at: &serde_saphyr::Location,
+    cx: &mut dyn ParseCx,
+) -> (String, Option<Vec<super::LoraUse>>) {
+    let (text, tags) = crate::gen::prompt::extra_networks(prompt);
+    if tags.is_empty() {
+        return (prompt.to_string(), Some(Vec::new()));
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for tag in tags {
+        let fail = |cx: &mut dyn ParseCx, m: String| {
+            cx.error(
+                at,
+                format!("prompt tag `<{}:{}>`: {m}", tag.kind, tag.name),
+                None,
+            );
+            false
+        };
+        if tag.kind != "lora" && tag.kind != "lyco" {
+            ok &= fail(
+                cx,
+                format!(
+                    "`{}` networks are not supported (LoRA and LyCORIS are)",
+                    tag.kind
+                ),
+            );
+            continue;
+        }
+        let number = |v: &str| v.parse::<f64>().ok().filter(|x| x.is_finite());
+        let named = |k: &str| {
+            tag.named
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        let te = named("te").or(tag.positional.first().map(String::as_str));
+        let unet = named("unet")
+            .or(tag.positional.get(1).map(String::as_str))
+            .or(te);
+        let (te, unet) = match (te.map(number), unet.map(number)) {
+            (None, None) => (1.0, 1.0),
+            (Some(Some(t)), Some(Some(u))) => (t, u),
+            (Some(Some(t)), None) => (t, t),
+            _ => {
+                ok &= fail(cx, "a strength is a number".into());
+                continue;
+            }
+        };
+        if te != unet {
+            ok &= fail(
+                cx,
+                format!("text-encoder strength {te} and U-Net strength {unet} differ; one strength bakes both"),
+            );
+            continue;
+        }
+        if let Some((k, _)) = tag
+            .named
+            .iter()
+            .find(|(k, _)| !matches!(k.as_str(), "te" | "unet" | "lbw"))
+        {
+            ok &= fail(cx, format!("`{k}=` is not an option here (te, unet, lbw)"));
+            continue;
+        }
+        let name = Spanned {
+            value: tag.name.clone(),
+            referenced: *at,
+            defined: *at,
+        };
+        match cx.resolve(&name, super::Want::Lora) {
+            Some(source) => out.push(super::LoraUse {
+                source,
+                strength: te,
+                blocks: named("lbw").map(str::to_string),
+            }),
+            None => ok = false,
+        }
+    }
+    (text, ok.then_some(out))
 }
 
 /// What a generate node's key is computed from: every image's key, and the files it writes.

@@ -389,6 +389,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
             sweeps.insert(name.clone(), (declared.part, xy, to, decl.value.overwrite));
         }
     }
+    bake_prompt_loras(&mut nodes);
     // Sweeps copy validated nodes into their cells.
     sweep::expand_all(&sweeps, &mut nodes, &scope, &resolve, &mut errs);
     let order = match topo_order(&nodes) {
@@ -414,6 +415,31 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         order,
         tokenizer,
     })
+}
+
+/// Gives each generate node whose prompt names LoRAs (`<lora:NAME:W>`) a `NODE.loras` node
+/// that bakes them into its model (kept in memory, like A1111 applying them for the image), and
+/// makes the generate node read it.
+fn bake_prompt_loras(nodes: &mut BTreeMap<String, Node>) {
+    let names: Vec<String> = nodes
+        .iter()
+        .filter(|(_, n)| matches!(n, Node::Generate(g) if !g.loras.is_empty()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        let baked = format!("{name}.loras");
+        let Some(Node::Generate(g)) = nodes.get_mut(&name) else {
+            continue;
+        };
+        let node = crate::nodes::lora::LoraNode {
+            input: std::mem::replace(&mut g.model, Input::Node(baked.clone())),
+            loras: std::mem::take(&mut g.loras),
+            fill: 0.0,
+            allow_unmatched: false,
+            memory: true,
+        };
+        nodes.insert(baked, Node::Lora(node));
+    }
 }
 
 /// Validates one node declaration: exactly one kind key, only the fields that kind takes,

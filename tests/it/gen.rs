@@ -2019,7 +2019,10 @@ fn generate_node_errors_point_at_the_recipe() {
         "{e}"
     );
     let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      embeddings: [nowhere/easy.pt]\n");
-    assert!(e.contains("r.yaml:9:20:") && e.contains("nowhere/easy.pt"), "{e}");
+    assert!(
+        e.contains("r.yaml:9:20:") && e.contains("nowhere/easy.pt"),
+        "{e}"
+    );
     let e = errors("  g:\n    generate:\n      model: a\n      prompt: x\n      noise: gpu\n");
     assert!(e.contains("unknown variant `gpu`"), "{e}");
     // seed: -1 picks one: two parses pick (almost surely) different seeds.
@@ -2185,4 +2188,117 @@ fn embeddings_stand_in_for_their_names_tokens() {
         e.contains("an embedding is a .safetensors, .pt or .bin file"),
         "{e}"
     );
+}
+
+#[test]
+fn prompt_lora_tags_bake_the_recipes_loras_as_a_lora_node_would() {
+    use mergesmith::build::{self, BuildOptions};
+    use mergesmith::nodes::Node;
+    use mergesmith::store::Cache;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (model, _) = small_model(d, 7);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+        .args([
+            "lora",
+            "synth",
+            "-m",
+            model.to_str().unwrap(),
+            "--rank",
+            "4",
+            "-o",
+        ])
+        .arg(d.join("style.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let recipe = |nodes: &str| {
+        let text = format!(
+            "version: 1\ntokenizer: tokenizer.json\nmodels:\n  base: {{ path: {} }}\n  style: {{ path: style.safetensors }}\nnodes:\n{nodes}",
+            model.file_name().unwrap().to_str().unwrap()
+        );
+        let path = d.join("r.yaml");
+        std::fs::write(&path, text).unwrap();
+        mergesmith::recipe::load(&path)
+    };
+    let gen = "    generate: { model: MODEL, prompt: PROMPT, steps: 2, seed: 3, width: 32, height: 32 }\n    to: TODIR\n";
+    let tagged = recipe(&format!(
+        "  look:\n{}",
+        gen.replace("MODEL", "base")
+            .replace("PROMPT", "\"a cat <lora:style:0.8:lbw=OUTD>\"")
+            .replace("TODIR", "tagged")
+    ))
+    .unwrap();
+    // The tag is out of the prompt and a `look.loras` node bakes the LoRA.
+    let Node::Generate(g) = &tagged.nodes["look"] else {
+        panic!("not a generate node")
+    };
+    assert_eq!(g.job.prompt, "a cat ");
+    assert_eq!(g.model.node(), Some("look.loras"));
+    let Node::Lora(l) = &tagged.nodes["look.loras"] else {
+        panic!("no lora node")
+    };
+    assert_eq!(
+        (l.loras[0].strength, l.loras[0].blocks.as_deref()),
+        (0.8, Some("OUTD"))
+    );
+    // The same image as a declared lora node and the tag-free prompt.
+    let explicit = recipe(&format!(
+        "  styled: {{ lora: base, apply: [{{ file: style, strength: 0.8, blocks: OUTD }}], cache: memory }}\n  look:\n{}",
+        gen.replace("MODEL", "styled")
+            .replace("PROMPT", "\"a cat \"")
+            .replace("TODIR", "explicit")
+    ))
+    .unwrap();
+    let plain = recipe(&format!(
+        "  look:\n{}",
+        gen.replace("MODEL", "base")
+            .replace("PROMPT", "\"a cat \"")
+            .replace("TODIR", "plain")
+    ))
+    .unwrap();
+    for (r, cache) in [(&tagged, "c1"), (&explicit, "c2"), (&plain, "c3")] {
+        build::build(
+            r,
+            &Cache::new(&d.join(cache)),
+            &[],
+            &BuildOptions::default(),
+        )
+        .unwrap();
+    }
+    let png = |dir: &str| std::fs::read(d.join(dir).join("look-3.png")).unwrap();
+    let pixels = |dir: &str| {
+        let bytes = png(dir);
+        let mut r = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; r.output_buffer_size().unwrap()];
+        r.next_frame(&mut buf).unwrap();
+        buf
+    };
+    assert!(pixels("tagged") == pixels("explicit"), "tag = lora node");
+    assert!(
+        pixels("tagged") != pixels("plain"),
+        "the LoRA changes the image"
+    );
+    // Errors at the recipe: an unknown LoRA, differing strengths, a hypernetwork.
+    for (prompt, want) in [
+        ("<lora:nope:1>", "`nope` is not a model or node"),
+        (
+            "<lora:style:1:0.5>",
+            "text-encoder strength 1 and U-Net strength 0.5 differ",
+        ),
+        ("<hypernet:h:1>", "`hypernet` networks are not supported"),
+        ("<lora:style:x>", "a strength is a number"),
+    ] {
+        let e = recipe(&format!(
+            "  look:\n{}",
+            gen.replace("MODEL", "base")
+                .replace("PROMPT", &format!("\"a {prompt}\""))
+                .replace("TODIR", "e")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(want), "{prompt}: {e}");
+    }
 }
