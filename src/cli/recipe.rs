@@ -1,4 +1,5 @@
-//! `mergesmith recipe ...`: recipes from merged models and SuperMerger's history.
+//! `mergesmith recipe ...`: recipes from merged models, images' generation parameters and
+//! SuperMerger's history.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,18 @@ pub enum RecipeCommand {
     FromModel {
         /// The merged model.
         file: PathBuf,
+        /// Write the recipe here instead of printing it.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Write a recipe with one `generate` node from the generation parameters an image
+    /// carries (A1111 / Forge `parameters`, as mergesmith writes them too).
+    FromPng {
+        /// The image.
+        image: PathBuf,
         /// Write the recipe here instead of printing it.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -36,7 +49,7 @@ pub enum RecipeCommand {
     },
 }
 
-/// Runs `recipe from-model` / `recipe from-supermerger`.
+/// Runs `recipe from-model` / `recipe from-png` / `recipe from-supermerger`.
 pub fn run(cmd: RecipeCommand) -> Result<()> {
     use mergesmith::recipe::import;
     let (yaml, output, overwrite) = match cmd {
@@ -45,6 +58,15 @@ pub fn run(cmd: RecipeCommand) -> Result<()> {
             output,
             overwrite,
         } => (import::from_model(&file)?, output, overwrite),
+        RecipeCommand::FromPng {
+            image,
+            output,
+            overwrite,
+        } => (
+            mergesmith::recipe::png_info::from_png(&image)?,
+            output,
+            overwrite,
+        ),
         RecipeCommand::FromSupermerger {
             csv,
             id,

@@ -37,9 +37,9 @@ pub struct Parameters {
     pub cfg: f64,
     /// Seed.
     pub seed: u64,
-    /// Width in pixels.
+    /// Width in pixels (before any hires fix, as A1111 writes it).
     pub width: u32,
-    /// Height in pixels.
+    /// Height in pixels (before any hires fix).
     pub height: u32,
     /// A1111's short model hash (the first 10 hex digits of the SHA-256).
     pub model_hash: String,
@@ -69,7 +69,8 @@ impl Parameters {
         model: &str,
         model_hash: &str,
     ) -> Self {
-        let (width, height) = job.output_size(native);
+        // A1111 writes the first pass' size; the hires fix's factor says the rest.
+        let (width, height) = job.size(native);
         let comfy = job.noise == crate::gen::noise::NoiseSource::Comfyui;
         Parameters {
             prompt: job.prompt.clone(),

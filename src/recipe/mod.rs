@@ -9,6 +9,7 @@
 mod dag;
 pub mod diagnostics;
 pub mod import;
+pub mod png_info;
 pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -2302,3 +2302,74 @@ fn prompt_lora_tags_bake_the_recipes_loras_as_a_lora_node_would() {
         assert!(e.contains(want), "{prompt}: {e}");
     }
 }
+
+#[test]
+fn recipe_from_png_gives_back_the_generation_settings() {
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::noise::NoiseSource;
+    use mergesmith::gen::png::{write, Hires, Parameters};
+    use mergesmith::gen::prompt::Emphasis;
+    use mergesmith::gen::sampler::{Sampler, ScheduleKind};
+    use mergesmith::nodes::Node;
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job {
+        prompt: "a (cat:1.2), garden".into(),
+        negative: "blurry, bad".into(),
+        steps: 12,
+        cfg: 5.5,
+        sampler: Sampler::DpmPp2mSde,
+        schedule: Some(ScheduleKind::Karras),
+        noise: NoiseSource::Nv,
+        emphasis: Emphasis::NoNorm,
+        seed: 4242,
+        width: Some(64),
+        height: Some(48),
+        clip_skip: 2,
+        hires: Some(Hires {
+            scale: 1.5,
+            steps: 3,
+            strength: 0.45,
+        }),
+        ..Default::default()
+    };
+    let params = Parameters::of(&job, 4242, 512, "blend: v2", "0123456789");
+    let png = dir.path().join("img.png");
+    write(&png, &[0; 96 * 72 * 3], 96, 72, &params, "k", false).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+        .args(["recipe", "from-png"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(yaml.contains("A1111 model hash 0123456789"), "{yaml}");
+    let r = mergesmith::recipe::parse(&dir.path().join("r.yaml"), &yaml).unwrap();
+    let Node::Generate(g) = &r.nodes["image"] else {
+        panic!("no generate node:\n{yaml}")
+    };
+    assert_eq!(g.job, job, "{yaml}");
+    // A1111's older sampler names carried the schedule; other keys are listed, not lost.
+    let text = "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, \
+                Model: m, Lora hashes: \"x: 1\"";
+    let yaml =
+        mergesmith::recipe::png_info::recipe(&mergesmith::recipe::png_info::parse(text), "old.png")
+            .unwrap();
+    assert!(
+        yaml.contains("sampler: dpmpp_2m\n      schedule: karras"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("# Not carried over: Lora hashes: x: 1."),
+        "{yaml}"
+    );
+    let e = mergesmith::recipe::png_info::recipe(
+        &mergesmith::recipe::png_info::parse(&text.replace("DPM++ 2M Karras", "Restart")),
+        "x.png",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("sampler `Restart` is not one mergesmith has"),
+        "{e}"
+    );
+}
