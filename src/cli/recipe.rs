@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use mergesmith::error::Result;
 
-/// `mergesmith recipe ...`
+/// `mergesmith recipe ...` (every way in is a `from-*`, as the command line spells them).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Subcommand)]
 pub enum RecipeCommand {
     /// Write a recipe that rebuilds a merged model, from its metadata (mergesmith's own, or
