@@ -608,15 +608,7 @@ fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
         vec![sch.sigma(999), sch.sigma(667), sch.sigma(334), sch.sigma(1)]
     );
     // Every schedule decreases to 0; lengths as ComfyUI makes them.
-    for kind in [
-        ScheduleKind::Normal,
-        ScheduleKind::Karras,
-        ScheduleKind::Exponential,
-        ScheduleKind::SgmUniform,
-        ScheduleKind::Simple,
-        ScheduleKind::Beta,
-        ScheduleKind::DdimUniform,
-    ] {
+    for kind in ScheduleKind::ALL {
         let s = sch.of(kind, 10);
         assert_eq!(s.len(), 11, "{kind:?}");
         assert!(s.windows(2).all(|w| w[0] > w[1]), "{kind:?}: {s:?}");
