@@ -158,10 +158,12 @@ pub fn run(a: GenArgs) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     if a.out.json {
-        return print_json(&serde_json::json!({ "outputs": outputs, "seconds": seconds }));
+        return print_json(
+            &serde_json::json!({ "outputs": outputs, "seed": job.seed, "seconds": seconds }),
+        );
     }
-    for o in &outputs {
-        println!("wrote {}", o.display());
+    for (o, seed) in outputs.iter().zip(job.seeds()) {
+        println!("wrote {} (seed {seed})", o.display());
     }
     println!("{} image(s) in {seconds:.1} s", outputs.len());
     Ok(())

@@ -1226,8 +1226,16 @@ fn setting(
             serde_json::from_value(named("a calcmode")?).map_err(|e| e.to_string())?,
         ),
         AxisKind::Seed => Setting::Seed(int("a seed")?),
-        AxisKind::Prompt | AxisKind::Prompt2 => Setting::Prompt(text),
-        AxisKind::Negative => Setting::Negative(text),
+        // Syntax no generation can read is an error at the axis, not in a cell at build time
+        // (checked with A1111's reading; a node's `emphasis: comfyui` only reads less).
+        AxisKind::Prompt | AxisKind::Prompt2 => {
+            crate::gen::prompt::parse(&text, Default::default()).map_err(|e| e.to_string())?;
+            Setting::Prompt(text)
+        }
+        AxisKind::Negative => {
+            crate::gen::prompt::parse(&text, Default::default()).map_err(|e| e.to_string())?;
+            Setting::Negative(text)
+        }
         AxisKind::Steps => Setting::Steps(at_least_one(int("a number of steps")?, "steps")?),
         AxisKind::Cfg => Setting::Cfg(float()?),
         AxisKind::Sampler => Setting::Sampler(by_name(&named("a sampler")?, "sampler")?),

@@ -177,6 +177,8 @@ fn every_axis_type_sets_what_it_names() {
         cell(&r, 0).2.emphasis,
         mergesmith::gen::prompt::Emphasis::NoNorm
     );
+    let e = parse("      x: { type: prompt, values: [\"a [cat:dog:3]\"] }\n").unwrap_err();
+    assert!(e.contains("prompt editing"), "{e}");
     let e = parse("      x: { type: schedule, values: [karas] }\n").unwrap_err();
     assert!(
         e.contains("`karas` is not a schedule (normal, karras"),
