@@ -176,6 +176,19 @@ impl Sampler {
         self == Sampler::Ddim
     }
 
+    /// Whether it can walk schedule `kind` (`None`: its own): A1111's DDIM takes none.
+    pub fn check_schedule(self, kind: Option<ScheduleKind>) -> Result<()> {
+        match (self, kind) {
+            (Sampler::Ddim, Some(kind)) => Err(Error::Invalid(format!(
+                "A1111's DDIM walks its own timesteps and takes no schedule (asked for `{}`); \
+                 ComfyUI's ddim is Euler: write `sampler: euler, schedule: {}`",
+                crate::text::Named::name(kind),
+                crate::text::Named::name(kind),
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The sigmas it walks for `steps` steps on schedule `kind` (`None`: its default). DPM2
     /// drops the next-to-last sigma of a `steps + 1` schedule, as A1111 does. DDIM's end at
     /// timestep 1's σ, the others at 0.
@@ -185,17 +198,10 @@ impl Sampler {
         kind: Option<ScheduleKind>,
         steps: usize,
     ) -> Result<Vec<f64>> {
+        self.check_schedule(kind)?;
         let Some(kind) = kind.or(self.default_schedule()) else {
             return Ok(schedule.ddim(steps));
         };
-        if self == Sampler::Ddim {
-            return Err(Error::Invalid(format!(
-                "A1111's DDIM walks its own timesteps and takes no schedule (asked for `{}`); \
-                 ComfyUI's ddim is Euler: write `sampler: euler, schedule: {}`",
-                crate::text::Named::name(kind),
-                crate::text::Named::name(kind),
-            )));
-        }
         if self == Sampler::Dpm2 {
             let mut s = schedule.of(kind, steps + 1);
             let n = s.len();

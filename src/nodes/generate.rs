@@ -174,13 +174,8 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         }
     };
     let sampler = v.sampler.unwrap_or(Job::default().sampler);
-    if let (crate::gen::sampler::Sampler::Ddim, Some(kind)) = (sampler, v.schedule) {
-        let msg = crate::gen::sampler::Sampler::Ddim
-            .sigmas(&Default::default(), Some(kind), 1)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        cx.error(&g.referenced, msg, None);
+    if let Err(e) = sampler.check_schedule(v.schedule) {
+        cx.error(&g.referenced, e.to_string(), None);
         ok = false;
     }
     let emphasis = v.emphasis.unwrap_or_default();
