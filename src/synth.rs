@@ -32,7 +32,8 @@ pub enum Size {
     /// Every key, dimensions divided by 32 (a few MB): for tests.
     Tiny,
     /// Every key, widths shrunk so that the model still runs (SD1, SD2, SDXL: U-Net widths /
-    /// 10, text encoders 32 wide, VAE / 4; 30 to 75 MB): for generation tests.
+    /// 10, text encoders 32 wide, VAE / 4; Flux, SD3: the family's `small:` table; 30 to 75
+    /// MB): for generation tests.
     Small,
     /// The real shapes (SD1 fp16 about 2 GB, SDXL fp16 about 6.9 GB): for benchmarks.
     Full,
@@ -265,9 +266,10 @@ fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
     let family = opts.family;
     let hook = family.code().synth.as_deref();
     let sd = matches!(hook, Some("sd1" | "sd2" | "sdxl"));
-    if opts.size == Size::Small && !sd {
+    let small = &family.data().def.small;
+    if opts.size == Size::Small && !sd && small.is_empty() {
         return Err(Error::Invalid(format!(
-            "small (runnable) synthetic models exist for SD1, SD2 and SDXL, not {}",
+            "small (runnable) synthetic models exist for SD1, SD2, SDXL, Flux and SD3, not {}",
             family.label()
         )));
     }
@@ -325,7 +327,11 @@ fn fresh_specs(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
                 Size::Small => e
                     .shape
                     .into_iter()
-                    .map(|d| layout::small_dim(&e.component, d))
+                    .map(|d| match small.get(&e.component) {
+                        Some(table) => table.get(&d).copied().unwrap_or(d),
+                        None if small.is_empty() => layout::small_dim(&e.component, d),
+                        None => d,
+                    })
                     .collect(),
             };
             let channels = match opts.variant {

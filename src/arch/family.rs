@@ -283,7 +283,7 @@ pub struct LoraTextEncoder {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodeHooks {
-    /// Text-to-image pipeline (`sd1`, `sd2`, `sdxl`).
+    /// Text-to-image pipeline (`sd1`, `sd2`, `sdxl`; `flux`, `sd3`: the flow transformers).
     #[serde(default)]
     pub generation: Option<String>,
     /// kohya LoRA name tables (`sd1`, `sdxl`).
@@ -319,6 +319,9 @@ pub struct Facts {
     /// VAE latent scale factor.
     #[serde(default)]
     pub latent_scale: Option<f64>,
+    /// VAE latent shift (Flux, SD3: the latent is `(z - shift) * scale`).
+    #[serde(default)]
+    pub latent_shift: Option<f64>,
     /// kohya's `ss_v2` flag of LoRAs made for the family.
     #[serde(default)]
     pub ss_v2: bool,
@@ -368,6 +371,11 @@ pub struct FamilyDef {
     /// Code hooks.
     #[serde(default)]
     pub code: CodeHooks,
+    /// How `synth --size small` shrinks each dimension, by component of the reference layout
+    /// (`{component: {full: small}}`; a dimension not listed is kept). Families without it
+    /// use the SD rule of [`crate::arch::layout::small_dim`].
+    #[serde(default)]
+    pub small: BTreeMap<String, BTreeMap<usize, usize>>,
     /// Facts.
     #[serde(default)]
     pub facts: Facts,

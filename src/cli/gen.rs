@@ -79,6 +79,17 @@ pub struct GenArgs {
     /// or an SD2 768-v model, else `epsilon`].
     #[arg(long, value_parser = choice::<Prediction>())]
     pub prediction: Option<Prediction>,
+    /// Flux dev's distilled guidance [default: 3.5]; models without one ignore it. (Flux
+    /// runs with `--cfg 1`, as ComfyUI's workflows do: the negative prompt is then unused.)
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// A text-encoder file (Flux, SD3: CLIP-L, CLIP-G or T5-XXL, each recognised by its
+    /// tensors; repeat for each), replacing the checkpoint's: for a bare transformer file.
+    #[arg(long = "text-encoder", value_name = "FILE")]
+    pub text_encoders: Vec<PathBuf>,
+    /// A VAE file (Flux's ae.safetensors, SD3's VAE), replacing the checkpoint's.
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
     /// The CLIP tokenizer.json [default: $MERGESMITH_TOKENIZER, else the Hugging Face cache,
     /// else the bundled CLIP vocabulary].
     #[arg(long, value_name = "FILE")]
@@ -124,6 +135,15 @@ pub fn run(a: GenArgs) -> Result<()> {
             strength: a.hires_strength,
         }),
         prediction: a.prediction,
+        guidance: a.guidance,
+        components: mergesmith::gen::job::Components {
+            files: a
+                .text_encoders
+                .iter()
+                .chain(&a.vae)
+                .map(|p| mergesmith::gen::job::ComponentFile::open(p))
+                .collect::<Result<_>>()?,
+        },
     };
     let outputs: Vec<PathBuf> = match job.batch {
         1 => vec![a.out.output.clone()],
@@ -145,7 +165,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         }
     }
     let ck = std::sync::Arc::new(mergesmith::checkpoint::Checkpoint::open(&a.model)?);
-    let models = Models::load_on(ck, a.device)?;
+    let models = Models::load_on(ck, &job.components, a.device)?;
     let model = a
         .model
         .file_stem()

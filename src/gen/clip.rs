@@ -5,7 +5,7 @@
 //! its time embedding. Weights load by the HF names of `arch::names` (`text_model.*`,
 //! `text_projection.weight`).
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 /// The shape of a text encoder.
@@ -86,6 +86,8 @@ pub struct ClipTextModel {
     layers: Vec<Layer>,
     final_norm: LayerNorm,
     projection: Option<Linear>,
+    /// Whether to give the pooled output without a projection (Flux's and SD3's CLIP-L).
+    pool_raw: bool,
 }
 
 /// What the encoder gives for a batch of token ids.
@@ -144,6 +146,7 @@ impl ClipTextModel {
             layers,
             final_norm,
             projection,
+            pool_raw: false,
         })
     }
 
@@ -155,6 +158,13 @@ impl ClipTextModel {
     /// Its transformer layers.
     pub fn layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// This model giving its pooled output (the final norm at the end token) even without a
+    /// projection, as Flux and SD3 use CLIP-L's.
+    pub fn pooling(mut self) -> Self {
+        self.pool_raw = true;
+        self
     }
 
     /// Encodes `ids` (`[batch, tokens]`, u32): the hidden states after layer `layers − skip`
@@ -193,7 +203,7 @@ impl ClipTextModel {
         let mask = causal_mask(tokens, x.device())?;
         let keep = self.layers.len() + 1 - skip.clamp(1, self.layers.len());
         let mut hidden = None;
-        let run = if self.projection.is_some() {
+        let run = if self.projection.is_some() || self.pool_raw {
             self.layers.len()
         } else {
             keep
@@ -209,18 +219,27 @@ impl ClipTextModel {
             true => self.final_norm.forward(&hidden)?,
             false => hidden,
         };
-        let pooled = match &self.projection {
-            None => None,
-            Some(p) => {
+        let pooled = match (&self.projection, self.pool_raw) {
+            (None, false) => None,
+            (projection, _) => {
                 let last = self.final_norm.forward(&x)?;
-                // The end token has the largest id of each row.
-                let ends = ids.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                let rows = ends
+                // The end token has the largest id of each row: its first occurrence (the
+                // padding may repeat it).
+                let rows = ids
+                    .to_vec2::<u32>()?
                     .iter()
                     .enumerate()
-                    .map(|(b, &e)| last.get(b)?.get(e as usize)?.unsqueeze(0))
+                    .map(|(b, row)| {
+                        let max = row.iter().copied().max().unwrap_or(0);
+                        let end = row.iter().position(|&t| t == max).unwrap_or(0);
+                        last.get(b)?.get(end)?.unsqueeze(0)
+                    })
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                Some(p.forward(&Tensor::cat(&rows, 0)?)?)
+                let rows = Tensor::cat(&rows, 0)?;
+                Some(match projection {
+                    Some(p) => p.forward(&rows)?,
+                    None => rows,
+                })
             }
         };
         Ok(TextOutput { hidden, pooled })

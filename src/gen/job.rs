@@ -63,6 +63,57 @@ pub struct Job {
     pub hires: Option<Hires>,
     /// What the model predicts; `None`: guessed from the file.
     pub prediction: Option<Prediction>,
+    /// Flux dev's distilled guidance (Forge's "Distilled CFG Scale"); `None`: 3.5. Models
+    /// without a guidance embedding ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    /// Text encoders and a VAE given as files of their own (Flux, SD3: ComfyUI's separate
+    /// CLIP and VAE loaders); they replace the checkpoint's.
+    #[serde(default, skip_serializing_if = "Components::is_empty")]
+    pub components: Components,
+}
+
+/// A model file named in a job: where it is and its content key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ComponentFile {
+    /// The file.
+    #[serde(skip)]
+    pub path: std::path::PathBuf,
+    /// blake3 of the file.
+    pub key: String,
+}
+
+impl ComponentFile {
+    /// Hashes the file at `path`.
+    pub fn open(path: &Path) -> Result<ComponentFile> {
+        let (key, _) = crate::hashing::blake3_file(path)?;
+        Ok(ComponentFile {
+            path: path.to_path_buf(),
+            key,
+        })
+    }
+}
+
+/// Text encoders and a VAE from files of their own (CLIP-L, CLIP-G, T5-XXL, VAE, in any
+/// order: each file is recognised by its tensors; a later file of the same kind wins).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Components {
+    /// The files.
+    pub files: Vec<ComponentFile>,
+}
+
+impl Components {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// A key of the files, for caching loaded models.
+    pub fn key(&self) -> String {
+        let k: Vec<&str> = self.files.iter().map(|f| f.key.as_str()).collect();
+        k.join("+")
+    }
 }
 
 impl Default for Job {
@@ -84,6 +135,8 @@ impl Default for Job {
             clip_skip: 1,
             hires: None,
             prediction: None,
+            guidance: None,
+            components: Components::default(),
         }
     }
 }
@@ -162,7 +215,10 @@ impl Job {
         let one = self.one(seed);
         let rgb = models.generate_image(tok, &one, one.index_of(seed))?;
         let native = models.native_size();
-        let params = crate::gen::png::Parameters::of(&one, seed, native, model, autov2);
+        let mut params = crate::gen::png::Parameters::of(&one, seed, native, model, autov2);
+        if models.takes_guidance() {
+            params.guidance = Some(one.guidance.unwrap_or(crate::gen::dit::DEFAULT_GUIDANCE));
+        }
         let (w, h) = one.output_size(native);
         crate::gen::png::write(path, &rgb, w as u32, h as u32, &params, key, overwrite)
     }

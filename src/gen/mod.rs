@@ -2,18 +2,21 @@
 //! checkpoint's tensors by their diffusers names ([`weights`], names from
 //! [`crate::arch::names`]), the CLIP text encoders ([`clip`]), the U-Net ([`unet`]), the
 //! samplers ([`sampler`]), the CLIP tokenizer ([`tokenizer`]), SD1 / SD2 / SDXL text to
-//! image with the hires fix ([`pipeline`]), `generate` jobs and image keys ([`job`]), and PNG
+//! image with the hires fix ([`pipeline`]), Flux and SD3 with T5 ([`dit`], [`mmdit`], [`t5`]), `generate` jobs and image keys ([`job`]), and PNG
 //! files with AUTOMATIC1111's generation parameters ([`png`]).
 
 pub mod clip;
+pub mod dit;
 pub mod embedding;
 pub mod grid;
 pub mod job;
+pub mod mmdit;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
 pub mod prompt;
 pub mod sampler;
+pub mod t5;
 pub mod tokenizer;
 pub mod unet;
 pub mod weights;

@@ -24,6 +24,7 @@ use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
+use crate::gen::dit::DitModels;
 use crate::gen::embedding::{Embedding, Slot};
 use crate::gen::job::Job;
 use crate::gen::noise::ImageNoise;
@@ -66,8 +67,113 @@ struct Cond {
     pooled: Option<Tensor>,
 }
 
-/// A loaded model: text encoder(s), U-Net and VAE, reused for every image.
-pub struct Models {
+/// A loaded model of any family generation runs: SD's U-Net pipelines or the flow
+/// transformers ([`DitModels`]: Flux, SD3).
+pub enum Models {
+    /// SD1, SD2, SDXL.
+    Unet(Box<UnetModels>),
+    /// Flux, SD3 / SD3.5.
+    Dit(Box<DitModels>),
+}
+
+impl Models {
+    /// Loads a checkpoint's models where `device` says (the CPU unless it names CUDA): in f32
+    /// on the CPU; on a GPU f16 for SD, bf16 for the flow transformers (Flux overflows f16).
+    pub fn load_on(
+        ck: Arc<Checkpoint>,
+        components: &crate::gen::job::Components,
+        device: crate::device::ComputeDevice,
+    ) -> Result<Models> {
+        let device = device.candle()?.unwrap_or(Device::Cpu);
+        let family = crate::arch::detect(ck.tensors()).family;
+        let dit = crate::gen::dit::Kind::of(family).is_some();
+        let dtype = match (device.is_cuda(), dit) {
+            (false, _) => DType::F32,
+            (true, false) => DType::F16,
+            (true, true) => DType::BF16,
+        };
+        Self::load_with(ck, components, &device, dtype)
+    }
+
+    /// Loads a checkpoint's models on `device` in `dtype` (VAEs in f32).
+    pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
+        Self::load_with(ck, &Default::default(), device, dtype)
+    }
+
+    /// [`Self::load`] with text encoders and a VAE from files of their own (Flux, SD3).
+    pub fn load_with(
+        ck: Arc<Checkpoint>,
+        components: &crate::gen::job::Components,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Models> {
+        let arch = crate::arch::detect(ck.tensors());
+        check_arch(&arch).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
+        crate::checkpoint::quant::Quant::require_plain(&ck, "generation")?;
+        Ok(match crate::gen::dit::Kind::of(arch.family) {
+            Some(_) => Models::Dit(Box::new(DitModels::load(ck, components, device, dtype)?)),
+            None if !components.is_empty() => {
+                return Err(Error::Invalid(format!(
+                    "{}: separate text-encoder and VAE files apply to Flux and SD3 models",
+                    ck.path().display()
+                )))
+            }
+            None => Models::Unet(Box::new(UnetModels::load(ck, device, dtype)?)),
+        })
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        match self {
+            Models::Unet(m) => m.family(),
+            Models::Dit(m) => m.family(),
+        }
+    }
+
+    /// What an SD model predicts (see [`UnetModels::prediction`]); flow transformers give
+    /// `None` (they predict the velocity).
+    pub fn prediction(&self) -> Option<Prediction> {
+        match self {
+            Models::Unet(m) => Some(m.prediction()),
+            Models::Dit(_) => None,
+        }
+    }
+
+    /// Whether the model takes a distilled guidance (Flux dev), which PNG info records.
+    pub fn takes_guidance(&self) -> bool {
+        matches!(self, Models::Dit(m) if m.takes_guidance())
+    }
+
+    /// The size the family was trained at.
+    pub fn native_size(&self) -> usize {
+        match self {
+            Models::Unet(m) => m.native_size(),
+            Models::Dit(m) => m.native_size(),
+        }
+    }
+
+    /// Generates the images of `job` (one per seed): 8-bit RGB pixels, row-major
+    /// `height × width × 3` each, at [`Job::output_size`].
+    pub fn generate(&self, tok: &ClipTokenizer, job: &Job) -> Result<Vec<Vec<u8>>> {
+        match self {
+            Models::Unet(m) => m.generate(tok, job),
+            Models::Dit(m) => (0..job.batch)
+                .map(|i| m.generate_image(tok, job, i))
+                .collect(),
+        }
+    }
+
+    /// Generates image `index` of `job`'s batch alone.
+    pub fn generate_image(&self, tok: &ClipTokenizer, job: &Job, index: usize) -> Result<Vec<u8>> {
+        match self {
+            Models::Unet(m) => m.generate_image(tok, job, index),
+            Models::Dit(m) => m.generate_image(tok, job, index),
+        }
+    }
+}
+
+/// A loaded SD model: text encoder(s), U-Net and VAE, reused for every image.
+pub struct UnetModels {
     family: Family,
     text: TextEncoders,
     unet: Unet,
@@ -97,12 +203,18 @@ fn shape(ck: &Checkpoint, map: &WeightMap, part: Part, name: &str) -> Result<Vec
 
 /// Whether text to image can run on a checkpoint of this architecture, or why not.
 pub fn check_arch(arch: &crate::arch::Arch) -> std::result::Result<(), String> {
-    let supported = Pipeline::of(arch.family).is_some();
-    if !supported || arch.variant != crate::arch::Variant::STANDARD {
+    let supported = match crate::gen::dit::Kind::of(arch.family) {
+        Some(kind) => kind.variants().contains(&arch.variant.id),
+        None => {
+            Pipeline::of(arch.family).is_some() && arch.variant == crate::arch::Variant::STANDARD
+        }
+    };
+    if !supported {
         return Err(format!(
-            "generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL \
-             checkpoints; this is {} ({})",
+            "generation supports standard (not inpainting / instruct) SD1, SD2 and SDXL, \
+             Flux.1 dev and schnell, and SD3 / SD3.5 checkpoints; this is {} {} ({})",
             arch.family.label(),
+            arch.variant.label.unwrap_or(""),
             arch.rule
         ));
     }
@@ -145,13 +257,12 @@ const SDXL_CLIP_L_LAYER: usize = 11;
 const SD2_V_PROBE: &str =
     "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
 
-impl Models {
+impl UnetModels {
     /// Loads a checkpoint's models on `device`: text encoders and U-Net in `dtype`, the VAE
     /// in f32 (SDXL's VAE overflows in f16).
-    pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
+    /// ([`Models::load`] checks the architecture and the storage first.)
+    pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<UnetModels> {
         let arch = crate::arch::detect(ck.tensors());
-        check_arch(&arch).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
-        crate::checkpoint::quant::Quant::require_plain(&ck, "generation")?;
         let family = arch.family;
         let map = Arc::new(WeightMap::of(&ck));
         let vb = |part, dtype| {
@@ -203,7 +314,7 @@ impl Models {
         let vae =
             vae::AutoEncoderKL::new(vb(Part::Vae, DType::F32), 3, 3, vae_config).map_err(cerr)?;
         let prediction = guess_prediction(&ck, family)?;
-        Ok(Models {
+        Ok(UnetModels {
             family,
             text,
             unet,
@@ -213,17 +324,6 @@ impl Models {
             schedule: Schedule::default(),
             prediction,
         })
-    }
-
-    /// Loads a checkpoint's models where `device` says (the CPU unless it names CUDA): f16 on
-    /// a GPU, f32 on the CPU.
-    pub fn load_on(ck: Arc<Checkpoint>, device: crate::device::ComputeDevice) -> Result<Models> {
-        let device = device.candle()?.unwrap_or(Device::Cpu);
-        let dtype = match device.is_cuda() {
-            true => DType::F16,
-            false => DType::F32,
-        };
-        Self::load(ck, &device, dtype)
     }
 
     /// The model family.
@@ -266,55 +366,14 @@ impl Models {
             })
             .collect::<Result<Vec<_>>>()?;
         let run = |model: &ClipTextModel, pad: Pad, skip: usize, norm: bool, slot: Slot| {
-            let ids = |chunk: &[u32]| {
-                Tensor::new(chunk, &self.device)
-                    .and_then(|t| t.unsqueeze(0))
-                    .map_err(cerr)
+            let how = ClipPass {
+                pad,
+                skip,
+                norm,
+                slot,
+                emphasis,
             };
-            let chunks = tok.encode_weighted(&pieces, pad, &names)?;
-            // ComfyUI weighs against the empty prompt's encoding.
-            let empty = match emphasis {
-                Emphasis::Comfyui => {
-                    let empty = [prompt::Piece::Text(String::new(), 1.0)];
-                    let e = tok.encode_weighted(&empty, pad, &[])?;
-                    Some(
-                        model
-                            .forward(&ids(&e[0].ids)?, skip, norm)
-                            .map_err(cerr)?
-                            .hidden,
-                    )
-                }
-                _ => None,
-            };
-            let mut hidden = Vec::new();
-            let mut pooled = None;
-            for chunk in chunks {
-                let fixes = chunk
-                    .fixes
-                    .iter()
-                    .map(|&(at, e)| {
-                        let emb = &embeddings[e];
-                        let width = model.width();
-                        let (rows, values) = emb.for_encoder(slot, width).ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "embedding `{}` has no vectors for this model's {width}-wide text encoder",
-                                emb.name
-                            ))
-                        })?;
-                        let t = Tensor::from_slice(values, (rows, width), &self.device)
-                            .map_err(cerr)?;
-                        Ok((at, t))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let out = model
-                    .forward_with(&ids(&chunk.ids)?, skip, norm, &fixes)
-                    .map_err(cerr)?;
-                hidden.push(weigh(out.hidden, &chunk.weights, emphasis, empty.as_ref())?);
-                // The web UI takes the pooled embedding of the first chunk.
-                pooled = pooled.or(out.pooled);
-            }
-            let hidden = Tensor::cat(&hidden, 1).map_err(cerr)?;
-            Ok::<_, Error>((hidden, pooled))
+            clip_encode(&self.device, tok, model, &pieces, (&names, embeddings), how)
         };
         Ok(match &self.text {
             TextEncoders::Sd1(m) => Cond {
@@ -426,22 +485,30 @@ impl Models {
         let img = (latent / latent_scale(self.family))
             .and_then(|l| l.to_dtype(DType::F32))
             .and_then(|l| self.vae.decode(&l))
-            .and_then(|i| ((i + 1.0)? * 127.5)?.clamp(0f32, 255f32))
-            .and_then(|i| i.round())
-            .and_then(|i| {
-                i.get(0)?
-                    .permute((1, 2, 0))?
-                    .flatten_all()?
-                    .to_vec1::<f32>()
-            })
             .map_err(cerr)?;
-        Ok(img.into_iter().map(|v| v as u8).collect())
+        to_rgb(&img)
     }
+}
+
+/// A decoded `[1, 3, h, w]` image in [−1, 1] as 8-bit RGB, row-major `h × w × 3`.
+pub(crate) fn to_rgb(img: &Tensor) -> Result<Vec<u8>> {
+    let img = (img + 1.0)
+        .and_then(|i| i * 127.5)
+        .and_then(|i| i.clamp(0f32, 255f32))
+        .and_then(|i| i.round())
+        .and_then(|i| {
+            i.get(0)?
+                .permute((1, 2, 0))?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        })
+        .map_err(cerr)?;
+    Ok(img.into_iter().map(|v| v as u8).collect())
 }
 
 /// One denoising pass's fixed inputs.
 struct Pass<'a> {
-    models: &'a Models,
+    models: &'a UnetModels,
     job: &'a Job,
     prediction: Prediction,
     /// The negative and the positive prompt's conditioning.
@@ -510,6 +577,89 @@ impl Pass<'_> {
             _ => Ok(out),
         }
     }
+}
+
+/// How one CLIP encoder reads a prompt.
+pub(crate) struct ClipPass {
+    /// Padding of each chunk.
+    pub pad: Pad,
+    /// Clip skip (1: the last layer).
+    pub skip: usize,
+    /// Through the final layer norm.
+    pub norm: bool,
+    /// Which vectors of an embedding file apply.
+    pub slot: Slot,
+    /// How weights apply.
+    pub emphasis: Emphasis,
+}
+
+/// Encodes parsed `pieces` with one CLIP text encoder in A1111's 75-token chunks, weights
+/// applied per `how.emphasis`, textual-inversion `embeddings` (with their token-id `names`)
+/// placed: the chunks' hidden states joined along the tokens, and the first chunk's pooled
+/// output when the model gives one.
+pub(crate) fn clip_encode(
+    device: &Device,
+    tok: &ClipTokenizer,
+    model: &ClipTextModel,
+    pieces: &[prompt::Piece],
+    (names, embeddings): (&[(Vec<u32>, usize)], &[Embedding]),
+    how: ClipPass,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let ClipPass {
+        pad,
+        skip,
+        norm,
+        slot,
+        emphasis,
+    } = how;
+    let ids = |chunk: &[u32]| {
+        Tensor::new(chunk, device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(cerr)
+    };
+    let chunks = tok.encode_weighted(pieces, pad, names)?;
+    // ComfyUI weighs against the empty prompt's encoding.
+    let empty = match emphasis {
+        Emphasis::Comfyui => {
+            let empty = [prompt::Piece::Text(String::new(), 1.0)];
+            let e = tok.encode_weighted(&empty, pad, &[])?;
+            Some(
+                model
+                    .forward(&ids(&e[0].ids)?, skip, norm)
+                    .map_err(cerr)?
+                    .hidden,
+            )
+        }
+        _ => None,
+    };
+    let mut hidden = Vec::new();
+    let mut pooled = None;
+    for chunk in chunks {
+        let fixes = chunk
+            .fixes
+            .iter()
+            .map(|&(at, e)| {
+                let emb = &embeddings[e];
+                let width = model.width();
+                let (rows, values) = emb.for_encoder(slot, width).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "embedding `{}` has no vectors for this model's {width}-wide text encoder",
+                        emb.name
+                    ))
+                })?;
+                let t = Tensor::from_slice(values, (rows, width), device).map_err(cerr)?;
+                Ok((at, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = model
+            .forward_with(&ids(&chunk.ids)?, skip, norm, &fixes)
+            .map_err(cerr)?;
+        hidden.push(weigh(out.hidden, &chunk.weights, emphasis, empty.as_ref())?);
+        // The web UI takes the pooled embedding of the first chunk.
+        pooled = pooled.or(out.pooled);
+    }
+    let hidden = Tensor::cat(&hidden, 1).map_err(cerr)?;
+    Ok((hidden, pooled))
 }
 
 /// Applies a chunk's token `weights` to its hidden states `z` (`[1, 77, width]`) per

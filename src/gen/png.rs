@@ -57,6 +57,8 @@ pub struct Parameters {
     pub emphasis: Option<String>,
     /// ComfyUI-convention batches: (batch size, position); the seed is then the batch's.
     pub batch: Option<(usize, usize)>,
+    /// Flux dev's distilled guidance (Forge's "Distilled CFG Scale").
+    pub guidance: Option<f64>,
 }
 
 impl Parameters {
@@ -89,6 +91,7 @@ impl Parameters {
             rng: job.noise.a1111_label().map(str::to_string),
             emphasis: job.emphasis.a1111_label().map(str::to_string),
             batch: (comfy && job.batch > 1).then(|| (job.batch, job.index_of(seed))),
+            guidance: None,
         }
     }
 }
@@ -119,8 +122,11 @@ impl Parameters {
         if let Some(s) = &self.schedule {
             pairs.push(("Schedule type", s.clone()));
         }
+        pairs.push(("CFG scale", num(self.cfg)));
+        if let Some(g) = self.guidance {
+            pairs.push(("Distilled CFG Scale", num(g)));
+        }
         pairs.extend([
-            ("CFG scale", num(self.cfg)),
             ("Seed", self.seed.to_string()),
             ("Size", format!("{}x{}", self.width, self.height)),
             ("Model hash", self.model_hash.clone()),

@@ -170,6 +170,26 @@ impl Sampler {
         )
     }
 
+    /// Whether it runs on a rectified-flow model (Flux, SD3): the deterministic samplers do;
+    /// the ancestral and SDE ones add noise in SD's variance-exploding form, which ComfyUI
+    /// replaces with a flow-specific renoising mergesmith does not have yet, and A1111's DDIM
+    /// is SD's alone.
+    pub fn check_flow(self) -> Result<()> {
+        if self.is_stochastic() || self == Sampler::Ddim {
+            let ok: Vec<&str> = Sampler::ALL
+                .iter()
+                .filter(|s| !s.is_stochastic() && **s != Sampler::Ddim)
+                .map(|s| crate::text::Named::name(*s))
+                .collect();
+            return Err(Error::Invalid(format!(
+                "sampler `{}` does not run on flow models (Flux, SD3) yet; these do: {}",
+                crate::text::Named::name(self),
+                ok.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether it starts from unit noise in the model's units (`noise · √(1 + σ₀²)` in
     /// sigma units) rather than from `noise · σ₀`: A1111's DDIM.
     pub fn starts_from_unit_noise(self) -> bool {
@@ -330,10 +350,26 @@ pub fn markdown() -> String {
     s
 }
 
-/// SD's noise schedule: σ for each of the 1000 training timesteps.
+/// A model's noise schedule: σ for each of its training timesteps, and how a continuous
+/// timestep maps to σ and back (ComfyUI's `model_sampling`).
 #[derive(Debug, Clone)]
 pub struct Schedule {
     sigmas: Vec<f64>,
+    curve: Curve,
+}
+
+/// How timesteps map to σ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Curve {
+    /// SD's discrete schedule: timestep `t` is table index `t`, log σ interpolated between.
+    Discrete,
+    /// Rectified flow with SD3's shift (ComfyUI's `ModelSamplingDiscreteFlow`): timestep
+    /// `t` is σ = shift(t / multiplier), shift(x) = αx / (1 + (α − 1)x); σ's timestep is
+    /// σ · multiplier.
+    Flow { shift: f64, multiplier: f64 },
+    /// Flux dev's exponential shift (ComfyUI's `ModelSamplingFlux`): timestep `t` is
+    /// σ = e^μ / (e^μ + 1/t − 1); σ's timestep is σ itself.
+    Flux { mu: f64 },
 }
 
 impl Default for Schedule {
@@ -347,28 +383,75 @@ impl Default for Schedule {
                 ((1.0 - cumprod) / cumprod).sqrt()
             })
             .collect();
-        Schedule { sigmas }
+        Schedule {
+            sigmas,
+            curve: Curve::Discrete,
+        }
     }
 }
 
 impl Schedule {
-    /// σ at timestep 0 (the smallest).
+    /// A rectified-flow schedule of 1000 timesteps with SD3's `shift` and timestep
+    /// `multiplier` (SD3 / SD3.5: 3.0 and 1000; Flux schnell: 1.0 and 1.0).
+    pub fn flow(shift: f64, multiplier: f64) -> Schedule {
+        let curve = Curve::Flow { shift, multiplier };
+        Self::of_curve(curve, 1000, multiplier)
+    }
+
+    /// Flux dev's schedule: 10000 timesteps shifted by `mu` (ComfyUI: 1.15).
+    pub fn flux(mu: f64) -> Schedule {
+        Self::of_curve(Curve::Flux { mu }, 10000, 1.0)
+    }
+
+    /// The table of `n` timesteps `i / n · scale` (i = 1..=n) under `curve`.
+    fn of_curve(curve: Curve, n: usize, scale: f64) -> Schedule {
+        let mut s = Schedule {
+            sigmas: Vec::new(),
+            curve,
+        };
+        s.sigmas = (1..=n)
+            .map(|i| s.sigma_at(i as f64 / n as f64 * scale))
+            .collect();
+        s
+    }
+
+    /// Whether the model is a rectified flow (x = (1 − σ)·x₀ + σ·noise, predicting the
+    /// velocity) rather than SD's variance-exploding form.
+    pub fn is_flow(&self) -> bool {
+        self.curve != Curve::Discrete
+    }
+
+    /// The smallest σ of the table.
     pub fn sigma_min(&self) -> f64 {
         self.sigmas[0]
     }
 
-    /// σ at timestep 999 (the largest).
+    /// The largest σ of the table.
     pub fn sigma_max(&self) -> f64 {
-        self.sigmas[999]
+        self.sigmas[self.sigmas.len() - 1]
     }
 
-    /// σ at integer timestep `t` (clamped to 0..=999).
+    /// σ at table index `t` (clamped to the table).
     pub fn sigma(&self, t: usize) -> f64 {
-        self.sigmas[t.min(999)]
+        self.sigmas[t.min(self.sigmas.len() - 1)]
     }
 
-    /// σ at a fractional timestep, interpolated linearly in log σ.
+    /// σ at a fractional timestep: interpolated linearly in log σ (SD), or the flow's shift.
     fn sigma_at(&self, t: f64) -> f64 {
+        match self.curve {
+            Curve::Discrete => {}
+            Curve::Flow { shift, multiplier } => {
+                let x = t / multiplier;
+                return match shift == 1.0 {
+                    true => x,
+                    false => shift * x / (1.0 + (shift - 1.0) * x),
+                };
+            }
+            Curve::Flux { mu } => {
+                let e = mu.exp();
+                return e / (e + (1.0 / t - 1.0));
+            }
+        }
         let t = t.clamp(0.0, 999.0);
         let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
         let w = t - lo as f64;
@@ -381,6 +464,11 @@ impl Schedule {
     /// The fractional timestep of σ (the inverse of the log-linear interpolation), which the
     /// U-Net is conditioned on.
     pub fn timestep(&self, sigma: f64) -> f64 {
+        match self.curve {
+            Curve::Discrete => {}
+            Curve::Flow { multiplier, .. } => return sigma * multiplier,
+            Curve::Flux { .. } => return sigma,
+        }
         let ls = sigma.ln();
         if ls <= self.sigmas[0].ln() {
             return 0.0;
@@ -397,6 +485,7 @@ impl Schedule {
     /// The sigmas of `kind` for `steps` steps, ending at 0.
     pub fn of(&self, kind: ScheduleKind, steps: usize) -> Vec<f64> {
         let steps = steps.max(1);
+        let n = self.sigmas.len();
         let mut out: Vec<f64> = match kind {
             ScheduleKind::Normal => return self.normal(steps),
             ScheduleKind::Karras => return self.karras(steps),
@@ -404,29 +493,30 @@ impl Schedule {
                 let (hi, lo) = (self.sigma_max().ln(), self.sigma_min().ln());
                 linspace(hi, lo, steps).map(f64::exp).collect()
             }
-            ScheduleKind::SgmUniform => linspace(999.0, 0.0, steps + 1)
+            ScheduleKind::SgmUniform => linspace(self.t_max(), self.t_min(), steps + 1)
                 .take(steps)
                 .map(|t| self.sigma_at(t))
                 .collect(),
             ScheduleKind::Simple => {
-                let stride = 1000.0 / steps as f64;
+                let stride = n as f64 / steps as f64;
                 (0..steps)
-                    .map(|i| self.sigmas[999 - (i as f64 * stride) as usize])
+                    .map(|i| self.sigmas[n - 1 - (i as f64 * stride) as usize])
                     .collect()
             }
             ScheduleKind::Beta => {
+                let last = (n - 1) as f64;
                 let mut ts: Vec<usize> = (0..steps)
                     .map(|i| {
                         let q = 1.0 - i as f64 / steps as f64;
-                        (beta_quantile(q, 0.6, 0.6) * 999.0).round_ties_even() as usize
+                        (beta_quantile(q, 0.6, 0.6) * last).round_ties_even() as usize
                     })
                     .collect();
                 ts.dedup();
                 ts.into_iter().map(|t| self.sigma(t)).collect()
             }
             ScheduleKind::DdimUniform => {
-                let stride = (1000 / steps).max(1);
-                let mut v: Vec<f64> = (1..1000).step_by(stride).map(|t| self.sigmas[t]).collect();
+                let stride = (n / steps).max(1);
+                let mut v: Vec<f64> = (1..n).step_by(stride).map(|t| self.sigmas[t]).collect();
                 v.reverse();
                 v
             }
@@ -437,11 +527,21 @@ impl Schedule {
 
     /// k-diffusion's discrete schedule: `steps` timesteps evenly spaced from 999 to 0, then 0.
     pub fn normal(&self, steps: usize) -> Vec<f64> {
-        let mut out: Vec<f64> = linspace(999.0, 0.0, steps)
+        let mut out: Vec<f64> = linspace(self.t_max(), self.t_min(), steps)
             .map(|t| self.sigma_at(t))
             .collect();
         out.push(0.0);
         out
+    }
+
+    /// The timestep of the largest σ (999 for SD).
+    fn t_max(&self) -> f64 {
+        self.timestep(self.sigma_max())
+    }
+
+    /// The timestep of the smallest σ (0 for SD).
+    fn t_min(&self) -> f64 {
+        self.timestep(self.sigma_min())
     }
 
     /// Karras et al.'s schedule (ρ = 7) from σ_max to σ_min, then 0.
@@ -753,4 +853,71 @@ pub fn sample(
         old = Some(denoised);
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+    }
+
+    /// ComfyUI's flow schedules. `simple` over 4 steps picks the table's timesteps 1, 0.75,
+    /// 0.5, 0.25; by hand, SD3's shift 3 maps them to 3x / (1 + 2x) = 1, 0.9, 0.75, 0.5, and
+    /// Flux dev's μ = 1.15 to e^μ / (e^μ + 1/x − 1) (values from Python's `math.exp`).
+    #[test]
+    fn flow_schedules_match_comfyui() {
+        let sd3 = Schedule::flow(3.0, 1000.0);
+        assert!(sd3.is_flow() && !Schedule::default().is_flow());
+        close(
+            &sd3.of(ScheduleKind::Simple, 4),
+            &[1.0, 0.9, 0.75, 0.5, 0.0],
+        );
+        assert_eq!(sd3.timestep(0.5), 500.0);
+        let schnell = Schedule::flow(1.0, 1.0);
+        close(
+            &schnell.of(ScheduleKind::Simple, 4),
+            &[1.0, 0.75, 0.5, 0.25, 0.0],
+        );
+        assert_eq!(schnell.timestep(0.25), 0.25);
+        let dev = Schedule::flux(1.15);
+        close(
+            &dev.of(ScheduleKind::Simple, 4),
+            &[
+                1.0,
+                0.9045307667386396,
+                0.7595109169491111,
+                0.5128441015091338,
+                0.0,
+            ],
+        );
+        assert_eq!(dev.timestep(0.3), 0.3);
+        // `normal` as ComfyUI computes it: timesteps evenly from σ_max's to σ_min's, through
+        // the model's σ(t) (Python, the same formulas in float64).
+        close(
+            &sd3.of(ScheduleKind::Normal, 4),
+            &[
+                1.0,
+                0.8576923076923075,
+                0.6021505376344084,
+                0.008928571428571713,
+                0.0,
+            ],
+        );
+        // Karras and exponential run between the table's ends.
+        let k = sd3.of(ScheduleKind::Karras, 3);
+        assert!((k[0] - sd3.sigma_max()).abs() < 1e-12 && (k[2] - sd3.sigma_min()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn only_deterministic_samplers_run_on_flow_models() {
+        for s in Sampler::ALL {
+            let ok = s.check_flow().is_ok();
+            assert_eq!(ok, !s.is_stochastic() && s != Sampler::Ddim, "{s:?}");
+        }
+    }
 }

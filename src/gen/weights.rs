@@ -2,7 +2,8 @@
 //! model part by diffusers name through a [`WeightMap`], so a merged model in the cache (or in
 //! memory) is never converted or written out to generate from it.
 //!
-//! Each tensor is uploaded from the checkpoint's bytes in its stored dtype, then sliced (q / k
+//! Each tensor is uploaded from the checkpoint's bytes in its stored dtype (fp8 widened to f32
+//! first), then sliced (q / k
 //! / v rows of a fused projection), transposed (OpenCLIP's text projection), reshaped to what
 //! the model asks for when only trailing 1x1 dimensions differ (the VAE's attention), and
 //! converted to the model's dtype on its device.
@@ -15,17 +16,60 @@ use crate::arch::names::{Part, WeightMap};
 use crate::checkpoint::Checkpoint;
 use crate::device::candle_dtype;
 
+/// Where a model's weight names lead in the checkpoint.
+enum Names {
+    /// One part by diffusers name, through the map (SD's LDM and OpenCLIP keys).
+    Mapped(Arc<WeightMap>, Part),
+    /// The keys under a prefix, named as stored (Flux, MMDiT, T5 and HF CLIP keys, which
+    /// candle's models use as they are).
+    Prefix(String),
+}
+
 /// One model part of a checkpoint, as candle weights.
 pub struct CheckpointWeights {
     ck: Arc<Checkpoint>,
-    map: Arc<WeightMap>,
-    part: Part,
+    names: Names,
 }
 
 impl CheckpointWeights {
     /// The weights of `part` in `ck` (`map` is `WeightMap::of(ck)`).
     pub fn new(ck: Arc<Checkpoint>, map: Arc<WeightMap>, part: Part) -> Self {
-        CheckpointWeights { ck, map, part }
+        CheckpointWeights {
+            ck,
+            names: Names::Mapped(map, part),
+        }
+    }
+
+    /// The weights stored under `prefix` in `ck`, by their names after it.
+    pub fn prefixed(ck: Arc<Checkpoint>, prefix: &str) -> Self {
+        CheckpointWeights {
+            ck,
+            names: Names::Prefix(prefix.to_string()),
+        }
+    }
+
+    /// What the weights are, for messages.
+    fn what(&self) -> String {
+        match &self.names {
+            Names::Mapped(_, part) => format!("{part:?}"),
+            Names::Prefix(p) => format!("`{p}`"),
+        }
+    }
+
+    /// Where `name` is stored: its key, rows and transposition.
+    fn source(&self, name: &str) -> Option<crate::arch::names::Source> {
+        match &self.names {
+            Names::Mapped(map, part) => map.get(*part, name).cloned(),
+            Names::Prefix(p) => {
+                let key = format!("{p}{name}");
+                self.ck.get(&key)?;
+                Some(crate::arch::names::Source {
+                    key,
+                    rows: None,
+                    transpose: false,
+                })
+            }
+        }
     }
 
     /// A `VarBuilder` over these weights, producing tensors of `dtype` on `dev`.
@@ -37,16 +81,24 @@ impl CheckpointWeights {
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let missing = || {
             candle_core::Error::Msg(format!(
-                "{}: no tensor for the {:?} weight `{name}`",
+                "{}: no tensor for the {} weight `{name}`",
                 self.ck.path().display(),
-                self.part
+                self.what()
             ))
         };
-        let src = self.map.get(self.part, name).ok_or_else(missing)?;
+        let src = self.source(name).ok_or_else(missing)?;
         let info = self.ck.get(&src.key).ok_or_else(missing)?;
-        let dtype = candle_dtype(info.dtype)
-            .map_err(|e| candle_core::Error::Msg(format!("`{}`: {e}", src.key)))?;
-        let mut t = Tensor::from_raw_buffer(&self.ck.data(info), dtype, &info.shape, dev)?;
+        let bytes = self.ck.data(info);
+        let mut t = match candle_dtype(info.dtype) {
+            Ok(dtype) => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, dev)?,
+            // fp8 storage (Flux and T5 files often ship so): widened to f32 on the CPU.
+            Err(_) => {
+                let values = crate::convert::to_f32(info.dtype, &bytes)
+                    .map_err(|e| candle_core::Error::Msg(format!("`{}`: {e}", src.key)))?;
+                Tensor::from_vec(values, info.shape.as_slice(), dev)?
+            }
+        };
+        drop(bytes);
         self.ck.release(info);
         if let Some((a, b)) = src.rows {
             t = t.narrow(0, a, b - a)?;
@@ -86,9 +138,9 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointWeights {
             t.reshape(s.clone())?
         } else {
             return Err(candle_core::Error::Msg(format!(
-                "{}: the {:?} weight `{name}` is {:?}, the model expects {:?}",
+                "{}: the {} weight `{name}` is {:?}, the model expects {:?}",
                 self.ck.path().display(),
-                self.part,
+                self.what(),
                 t.dims(),
                 s.dims()
             )));
@@ -106,6 +158,6 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.get(self.part, name).is_some()
+        self.source(name).is_some()
     }
 }

@@ -96,6 +96,19 @@ pub struct GenerateDecl {
     /// What the model predicts: epsilon or v (default: guessed from the file).
     #[serde(default)]
     pub prediction: Option<crate::gen::pipeline::Prediction>,
+    /// Flux dev's distilled guidance (default 3.5; ignored by models without one).
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    /// Text-encoder files for a Flux or SD3 model (CLIP-L, CLIP-G, T5-XXL in any order, as
+    /// ComfyUI's CLIP loaders take them), replacing the checkpoint's: for a bare transformer.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub text_encoders: Vec<Spanned<String>>,
+    /// A VAE file for a Flux or SD3 model (Flux's `ae.safetensors`), replacing the
+    /// checkpoint's.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub vae: Option<Spanned<String>>,
 }
 
 /// Images generated from a checkpoint.
@@ -156,6 +169,14 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
             ok = false;
         }
     }
+    if v.guidance.is_some_and(|c| !c.is_finite()) {
+        cx.error(
+            &g.referenced,
+            "guidance must be a finite number".into(),
+            None,
+        );
+        ok = false;
+    }
     if v.cfg.is_some_and(|c| !c.is_finite()) {
         cx.error(&g.referenced, "cfg must be a finite number".into(), None);
         ok = false;
@@ -197,6 +218,16 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
             }
         }
     }
+    let mut components = crate::gen::job::Components::default();
+    for f in v.text_encoders.iter().chain(&v.vae) {
+        match crate::gen::job::ComponentFile::open(&cx.path(&f.value)) {
+            Ok(file) => components.files.push(file),
+            Err(err) => {
+                cx.error(&f.referenced, err.to_string(), None);
+                ok = false;
+            }
+        }
+    }
     let defaults = Job::default();
     let value = |f: &Option<Spanned<usize>>| f.as_ref().map(|f| f.value);
     let job = Job {
@@ -216,6 +247,8 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
         clip_skip: value(&v.clip_skip).unwrap_or(defaults.clip_skip),
         hires: v.hires.as_ref().map(|h| h.value.clone()),
         prediction: v.prediction,
+        guidance: v.guidance,
+        components,
     };
     let model = model?;
     ok.then_some(Node::Generate(GenerateNode {
@@ -399,7 +432,7 @@ impl NodeKind for GenerateNode {
             .filter(|(_, key)| !cache.has_image(key))
             .collect();
         if !missing.is_empty() {
-            let (models, label, autov2) = cx.models_for(&self.model)?;
+            let (models, label, autov2) = cx.models_for(&self.model, &self.job.components)?;
             let tok = cx.tokenizer()?;
             for (seed, key) in &missing {
                 let path = cache.image_path(key);

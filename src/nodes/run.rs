@@ -275,7 +275,11 @@ impl RunCx<'_> {
 
     /// The loaded models of a checkpoint input, its name for the PNGs, and its A1111 hash.
     /// The checkpoint is opened only when it is not the model already loaded.
-    pub(crate) fn models_for(&self, input: &Input) -> Result<(Arc<Models>, String, String)> {
+    pub(crate) fn models_for(
+        &self,
+        input: &Input,
+        components: &crate::gen::job::Components,
+    ) -> Result<(Arc<Models>, String, String)> {
         let (content, autov2) = match input {
             Input::Model(m) => {
                 let h = self.store.memo.hashes(self.model_path(m))?.0;
@@ -287,9 +291,10 @@ impl RunCx<'_> {
             }
         };
         let name = input.name().to_string();
+        let loaded = format!("{content}+{}", components.key());
         let mut slot = self.generation.models.lock().expect("models lock");
         if let Some((k, m)) = slot.as_ref() {
-            if *k == content {
+            if *k == loaded {
                 return Ok((m.clone(), name, autov2));
             }
         }
@@ -300,8 +305,8 @@ impl RunCx<'_> {
                 .store
                 .open_result(&content, &PathBuf::from(format!("{n}.safetensors")))?,
         };
-        let models = Arc::new(Models::load_on(Arc::new(ck), self.run.device)?);
-        *slot = Some((content, models.clone()));
+        let models = Arc::new(Models::load_on(Arc::new(ck), components, self.run.device)?);
+        *slot = Some((loaded, models.clone()));
         Ok((models, name, autov2))
     }
 

@@ -145,6 +145,8 @@ pub enum AxisKind {
     Steps,
     /// Guidance scale.
     Cfg,
+    /// Flux dev's distilled guidance.
+    Guidance,
     /// Sampler.
     Sampler,
     /// Schedule.

@@ -203,6 +203,16 @@ pub fn recipe(p: &Parsed, source: &str) -> Result<String> {
         let c: f64 = v.parse().map_err(|_| bad("CFG scale", v))?;
         field(&mut node, &mut used, "CFG scale", "cfg", c.to_string());
     }
+    if let Some(v) = get("Distilled CFG Scale") {
+        let g: f64 = v.parse().map_err(|_| bad("Distilled CFG Scale", v))?;
+        field(
+            &mut node,
+            &mut used,
+            "Distilled CFG Scale",
+            "guidance",
+            g.to_string(),
+        );
+    }
     if let Some(v) = get("Seed") {
         let s: u64 = v.parse().map_err(|_| bad("Seed", v))?;
         field(&mut node, &mut used, "Seed", "seed", s.to_string());

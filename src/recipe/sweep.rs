@@ -57,6 +57,7 @@ impl AxisKind {
                     | AxisKind::Negative
                     | AxisKind::Steps
                     | AxisKind::Cfg
+                    | AxisKind::Guidance
                     | AxisKind::Sampler
                     | AxisKind::Schedule
                     | AxisKind::Noise
@@ -117,6 +118,7 @@ enum Setting {
     Negative(String),
     Steps(usize),
     Cfg(f64),
+    Guidance(f64),
     Sampler(crate::gen::sampler::Sampler),
     Schedule(crate::gen::sampler::ScheduleKind),
     Noise(crate::gen::noise::NoiseSource),
@@ -129,7 +131,7 @@ enum Setting {
 }
 
 /// What `path: NODE.FIELD` axes can change, for errors.
-const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, sampler, schedule, noise, emphasis, clip_skip, width, height";
+const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, guidance, sampler, schedule, noise, emphasis, clip_skip, width, height";
 
 /// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
 /// values.
@@ -710,6 +712,7 @@ fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
             Setting::Negative(p) => job.negative = p.clone(),
             Setting::Steps(v) => job.steps = *v,
             Setting::Cfg(v) => job.cfg = *v,
+            Setting::Guidance(v) => job.guidance = Some(*v),
             Setting::Sampler(v) => job.sampler = *v,
             Setting::Schedule(v) => job.schedule = Some(*v),
             Setting::Noise(v) => job.noise = *v,
@@ -1029,8 +1032,8 @@ fn field_kind(field: &str) -> Option<AxisKind> {
         "strength" => AxisKind::LoraStrength,
         "blocks" => AxisKind::LoraBlocks,
         "alpha" | "beta" | "calcmode" | "elemental" | "adjust" | "seed" | "prompt" | "negative"
-        | "steps" | "cfg" | "sampler" | "schedule" | "noise" | "emphasis" | "clip_skip"
-        | "width" | "height" => {
+        | "steps" | "cfg" | "guidance" | "sampler" | "schedule" | "noise" | "emphasis"
+        | "clip_skip" | "width" | "height" => {
             serde_json::from_value(serde_json::Value::String(field.into())).ok()?
         }
         _ => return None,
@@ -1238,6 +1241,7 @@ fn setting(
         }
         AxisKind::Steps => Setting::Steps(at_least_one(int("a number of steps")?, "steps")?),
         AxisKind::Cfg => Setting::Cfg(float()?),
+        AxisKind::Guidance => Setting::Guidance(float()?),
         AxisKind::Sampler => Setting::Sampler(by_name(&named("a sampler")?, "sampler")?),
         AxisKind::Schedule => Setting::Schedule(by_name(&named("a schedule")?, "schedule")?),
         AxisKind::Noise => Setting::Noise(by_name(&named("a noise source")?, "noise source")?),

@@ -535,6 +535,7 @@ fn png_carries_a1111_parameters_and_the_node_key() {
         rng: Some("NV".into()),
         emphasis: None,
         batch: None,
+        guidance: None,
     };
     // A1111's layout; a value with a colon is JSON-quoted.
     assert_eq!(
@@ -1787,7 +1788,7 @@ fn sd2_and_sdxl_generate_reproducible_images_with_hires_fix() {
         let models = Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
         assert_eq!(models.family(), family);
         // Synthetic SD2 weights are not spread like 768-v's: ε-prediction, 512 px.
-        assert_eq!(models.prediction(), Prediction::Epsilon);
+        assert_eq!(models.prediction(), Some(Prediction::Epsilon));
         assert_eq!(
             models.native_size(),
             if family == Family::builtin("sdxl") {

@@ -12,6 +12,7 @@ mod families;
 mod flux_lora;
 mod fp8;
 mod gen;
+mod gen_flow;
 mod header_props;
 mod layers;
 mod lora;
