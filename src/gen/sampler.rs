@@ -56,6 +56,12 @@ pub enum Sampler {
     DpmPp2mSde,
     /// A1111's DDIM (η = 0).
     Ddim,
+    /// UniPC, B(h) = h (ComfyUI's `uni_pc`; A1111's "UniPC" variant bh1).
+    #[serde(rename = "uni_pc", alias = "unipc")]
+    UniPc,
+    /// UniPC, B(h) = eʰ − 1 (ComfyUI's `uni_pc_bh2`).
+    #[serde(rename = "uni_pc_bh2")]
+    UniPcBh2,
 }
 
 impl crate::text::Named for Sampler {
@@ -70,6 +76,8 @@ impl crate::text::Named for Sampler {
         ("dpmpp_sde", Sampler::DpmPpSde),
         ("dpmpp_2m_sde", Sampler::DpmPp2mSde),
         ("ddim", Sampler::Ddim),
+        ("uni_pc", Sampler::UniPc),
+        ("uni_pc_bh2", Sampler::UniPcBh2),
         // Earlier command-line spellings, ComfyUI's names and A1111's labels.
         ("euler-a", Sampler::EulerA),
         ("dpm-2", Sampler::Dpm2),
@@ -89,12 +97,14 @@ impl crate::text::Named for Sampler {
         ("DPM++ SDE", Sampler::DpmPpSde),
         ("DPM++ 2M SDE", Sampler::DpmPp2mSde),
         ("DDIM", Sampler::Ddim),
+        ("UniPC", Sampler::UniPc),
+        ("unipc", Sampler::UniPc),
     ];
 }
 
 impl Sampler {
     /// Every sampler.
-    pub const ALL: [Sampler; 10] = [
+    pub const ALL: [Sampler; 12] = [
         Sampler::EulerA,
         Sampler::Euler,
         Sampler::Heun,
@@ -105,6 +115,8 @@ impl Sampler {
         Sampler::DpmPpSde,
         Sampler::DpmPp2mSde,
         Sampler::Ddim,
+        Sampler::UniPc,
+        Sampler::UniPcBh2,
     ];
 
     /// The name the web UI writes in `parameters`.
@@ -120,6 +132,8 @@ impl Sampler {
             Sampler::DpmPpSde => "DPM++ SDE",
             Sampler::DpmPp2mSde => "DPM++ 2M SDE",
             Sampler::Ddim => "DDIM",
+            Sampler::UniPc => "UniPC",
+            Sampler::UniPcBh2 => "UniPC bh2",
         }
     }
 
@@ -136,6 +150,8 @@ impl Sampler {
             Sampler::DpmPpSde => "dpmpp_sde",
             Sampler::DpmPp2mSde => "dpmpp_2m_sde",
             Sampler::Ddim => "ddim",
+            Sampler::UniPc => "uni_pc",
+            Sampler::UniPcBh2 => "uni_pc_bh2",
         }
     }
 
@@ -151,9 +167,12 @@ impl Sampler {
     /// A1111's "Automatic" schedule for it; `None` for DDIM, which walks its own timesteps.
     pub fn default_schedule(self) -> Option<ScheduleKind> {
         match self {
-            Sampler::EulerA | Sampler::Euler | Sampler::Heun | Sampler::Lms => {
-                Some(ScheduleKind::Normal)
-            }
+            Sampler::EulerA
+            | Sampler::Euler
+            | Sampler::Heun
+            | Sampler::Lms
+            | Sampler::UniPc
+            | Sampler::UniPcBh2 => Some(ScheduleKind::Normal),
             Sampler::Dpm2 | Sampler::DpmPp2sA | Sampler::DpmPp2m | Sampler::DpmPpSde => {
                 Some(ScheduleKind::Karras)
             }
@@ -170,15 +189,18 @@ impl Sampler {
         )
     }
 
-    /// Whether it runs on a rectified-flow model (Flux, SD3): the deterministic samplers do;
-    /// the ancestral and SDE ones add noise in SD's variance-exploding form, which ComfyUI
+    /// Whether it runs on a rectified-flow model (Flux, SD3): the k-diffusion ODE samplers
+    /// do; the ancestral and SDE ones add noise in SD's variance-exploding form, which ComfyUI
     /// replaces with a flow-specific renoising mergesmith does not have yet, and A1111's DDIM
-    /// is SD's alone.
+    /// and UniPC's variance-preserving conversion are SD's alone.
     pub fn check_flow(self) -> Result<()> {
-        if self.is_stochastic() || self == Sampler::Ddim {
+        let sd_only = |s: Sampler| {
+            s.is_stochastic() || matches!(s, Sampler::Ddim | Sampler::UniPc | Sampler::UniPcBh2)
+        };
+        if sd_only(self) {
             let ok: Vec<&str> = Sampler::ALL
                 .iter()
-                .filter(|s| !s.is_stochastic() && **s != Sampler::Ddim)
+                .filter(|s| !sd_only(**s))
                 .map(|s| crate::text::Named::name(*s))
                 .collect();
             return Err(Error::Invalid(format!(
@@ -735,6 +757,9 @@ pub fn sample(
     mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
     mut noise: impl FnMut() -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if let Sampler::UniPc | Sampler::UniPcBh2 = sampler {
+        return unipc(x, sigmas, sampler == Sampler::UniPcBh2, denoise);
+    }
     let mut x = x;
     let mut old: Option<Tensor> = None;
     let mut h_last: Option<f64> = None;
@@ -746,6 +771,7 @@ pub fn sample(
         let denoised = denoise(&x, s)?;
         x = match sampler {
             Sampler::Euler | Sampler::Ddim => step(&x, &to_d(&x, s, &denoised)?, next - s)?,
+            Sampler::UniPc | Sampler::UniPcBh2 => unreachable!("UniPC returned above"),
             Sampler::EulerA => {
                 let (down, up) = ancestral_step(s, next);
                 let x2 = step(&x, &to_d(&x, s, &denoised)?, down - s)?;
@@ -855,6 +881,180 @@ pub fn sample(
     Ok(x)
 }
 
+/// UniPC as ComfyUI runs it (`sample_unipc`): multistep, data prediction, order
+/// min(3, steps − 1) with lower orders for the first and last steps, a corrector on every step
+/// but the last, in the variance-preserving form of SD's σ (α = 1/√(1+σ²), λ = −ln σ); a
+/// final σ of 0 becomes 0.001, and the result is divided by that σ's α. B(h) = h (`bh1`) or
+/// eʰ − 1 (`bh2`). One model call a step.
+fn unipc(
+    x: Tensor,
+    sigmas: &[f64],
+    bh2: bool,
+    mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut ts = sigmas.to_vec();
+    if ts.len() < 3 {
+        return Err(Error::Invalid(
+            "UniPC needs at least 2 steps (ComfyUI's leaves a single step's noise as it is)".into(),
+        ));
+    }
+    if let Some(last) = ts.last_mut().filter(|l| **l == 0.0) {
+        *last = 0.001;
+    }
+    let steps = ts.len() - 1;
+    let order = 3.min(ts.len() - 2);
+    let alpha = |s: f64| 1.0 / (s * s + 1.0).sqrt();
+    // The model in VP units: the denoised estimate of the VE latent x·√(σ² + 1).
+    let mut model = |x: &Tensor, s: f64| denoise(&(x * (s * s + 1.0).sqrt()).map_err(err)?, s);
+    // One B(h) update from the last points `(tp, ms)` to `t`, of `order`; with the corrector,
+    // the model's value at the new point comes back too.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        model: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
+        bh2: bool,
+        x: &Tensor,
+        ms: &[Tensor],
+        tp: &[f64],
+        t: f64,
+        order: usize,
+        corrector: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let alpha = |s: f64| 1.0 / (s * s + 1.0).sqrt();
+        let std = |s: f64| s / (s * s + 1.0).sqrt();
+        let lambda = |s: f64| -s.ln();
+        let (t0, m0) = (tp[tp.len() - 1], &ms[ms.len() - 1]);
+        let h = lambda(t) - lambda(t0);
+        let mut rks = Vec::new();
+        let mut d1s = Vec::new();
+        for i in 1..order {
+            let rk = (lambda(tp[tp.len() - 1 - i]) - lambda(t0)) / h;
+            d1s.push(((&ms[ms.len() - 1 - i] - m0).map_err(err)? / rk).map_err(err)?);
+            rks.push(rk);
+        }
+        rks.push(1.0);
+        let hh = -h;
+        let h_phi_1 = hh.exp_m1();
+        let b_h = if bh2 { hh.exp_m1() } else { hh };
+        let mut h_phi_k = h_phi_1 / hh - 1.0;
+        let mut factorial = 1.0;
+        let mut b = Vec::new();
+        for i in 1..=order {
+            b.push(h_phi_k * factorial / b_h);
+            factorial *= (i + 1) as f64;
+            h_phi_k = h_phi_k / hh - 1.0 / factorial;
+        }
+        // R[i][k] = rks[k]^i.
+        let r = |n: usize| -> Vec<Vec<f64>> {
+            (0..n)
+                .map(|i| rks[..n].iter().map(|rk| rk.powi(i as i32)).collect())
+                .collect()
+        };
+        let weighted = |rhos: &[f64]| -> Result<Option<Tensor>> {
+            let mut acc: Option<Tensor> = None;
+            for (rho, d) in rhos.iter().zip(&d1s) {
+                let term = (d * *rho).map_err(err)?;
+                acc = Some(match acc {
+                    None => term,
+                    Some(a) => (a + term).map_err(err)?,
+                });
+            }
+            Ok(acc)
+        };
+        let x_base = lin(std(t) / std(t0), x, -alpha(t) * h_phi_1, m0)?;
+        let scale = alpha(t) * b_h;
+        let x_t = match d1s.is_empty() {
+            true => x_base.clone(),
+            false => {
+                let rhos_p = match order {
+                    2 => vec![0.5],
+                    _ => solve(r(order - 1), b[..order - 1].to_vec()),
+                };
+                let pred = weighted(&rhos_p)?.expect("d1s is not empty");
+                lin(1.0, &x_base, -scale, &pred)?
+            }
+        };
+        if !corrector {
+            return Ok((x_t, None));
+        }
+        let rhos_c = match order {
+            1 => vec![0.5],
+            _ => solve(r(order), b.clone()),
+        };
+        let model_t = model(&x_t, t)?;
+        let d1_t = (&model_t - m0).map_err(err)?;
+        let last = rhos_c[rhos_c.len() - 1];
+        let corr = match weighted(&rhos_c[..rhos_c.len() - 1])? {
+            Some(c) => lin(1.0, &c, last, &d1_t)?,
+            None => (d1_t * last).map_err(err)?,
+        };
+        Ok((lin(1.0, &x_base, -scale, &corr)?, Some(model_t)))
+    }
+    let mut x = (x / (1.0 + ts[0] * ts[0]).sqrt()).map_err(err)?;
+    let mut ms: Vec<Tensor> = Vec::new();
+    let mut tp: Vec<f64> = Vec::new();
+    for index in 0..steps {
+        if index == 0 {
+            ms.push(model(&x, ts[0])?);
+            tp.push(ts[0]);
+        } else if index < order {
+            let (x2, m) = update(&mut model, bh2, &x, &ms, &tp, ts[index], index, true)?;
+            x = x2;
+            let m = match m {
+                Some(m) => m,
+                None => model(&x, ts[index])?,
+            };
+            ms.push(m);
+            tp.push(ts[index]);
+        } else {
+            let extra = usize::from(index == steps - 1);
+            for (step, &t) in ts.iter().enumerate().skip(index).take(1 + extra) {
+                let step_order = order.min(steps + 1 - step);
+                let corrector = step != steps;
+                let (x2, m) = update(&mut model, bh2, &x, &ms, &tp, t, step_order, corrector)?;
+                x = x2;
+                if step == steps {
+                    break; // the last point's model value is never needed
+                }
+                ms.remove(0);
+                tp.remove(0);
+                tp.push(t);
+                ms.push(match m {
+                    Some(m) => m,
+                    None => model(&x, t)?,
+                });
+            }
+        }
+    }
+    (x / alpha(ts[steps])).map_err(err)
+}
+
+/// Solves the small system `a · x = b` by Gaussian elimination with partial pivoting.
+fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
+    let n = b.len();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        let (top, rest) = a.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for (i, row) in rest.iter_mut().enumerate() {
+            let f = row[col] / pivot_row[col];
+            for (r, p) in row.iter_mut().zip(pivot_row).skip(col) {
+                *r -= f * p;
+            }
+            b[col + 1 + i] -= f * b[col];
+        }
+    }
+    let mut x = vec![0.0; n];
+    for row in (0..n).rev() {
+        let s: f64 = (row + 1..n).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - s) / a[row][row];
+    }
+    x
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -914,10 +1114,126 @@ mod tests {
     }
 
     #[test]
-    fn only_deterministic_samplers_run_on_flow_models() {
+    fn only_k_diffusion_ode_samplers_run_on_flow_models() {
         for s in Sampler::ALL {
             let ok = s.check_flow().is_ok();
-            assert_eq!(ok, !s.is_stochastic() && s != Sampler::Ddim, "{s:?}");
+            let sd_only = matches!(s, Sampler::Ddim | Sampler::UniPc | Sampler::UniPcBh2);
+            assert_eq!(ok, !s.is_stochastic() && !sd_only, "{s:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod unipc_tests {
+    use super::*;
+
+    /// UniPC against the original UniPC code (wl-zhao/UniPC's `uni_pc.py`) driven the way
+    /// ComfyUI's `sample_unipc` drives it (its σ conversion, timesteps = sigmas with the
+    /// final 0 as 0.001, order min(3, steps − 1), lower order at the end), in float64, on
+    /// Gaussian data of variance ½ (denoised = x · ½ / (½ + σ²)); values produced once and
+    /// pasted. Orders 3 (6 steps), 2 (3 steps) and 1 (2 steps), both B(h).
+    #[test]
+    fn unipc_matches_the_reference_code() {
+        let cases: [(&[f64], bool, [f64; 3]); 6] = [
+            (
+                &[14.6, 8.0, 4.0, 1.5, 0.5, 0.1, 0.0],
+                false,
+                [
+                    9.484034023479235e-01,
+                    -1.896806804695847e+00,
+                    4.742017011739618e-01,
+                ],
+            ),
+            (
+                &[14.6, 8.0, 4.0, 1.5, 0.5, 0.1, 0.0],
+                true,
+                [
+                    7.854698676129541e-01,
+                    -1.570939735225908e+00,
+                    3.927349338064771e-01,
+                ],
+            ),
+            (
+                &[14.6, 3.0, 0.7, 0.0],
+                false,
+                [
+                    4.731313101819587e-01,
+                    -9.462626203639174e-01,
+                    2.365656550909793e-01,
+                ],
+            ),
+            (
+                &[14.6, 3.0, 0.7, 0.0],
+                true,
+                [
+                    4.473104883501566e-01,
+                    -8.946209767003132e-01,
+                    2.236552441750783e-01,
+                ],
+            ),
+            (
+                &[14.6, 2.0, 0.0],
+                false,
+                [
+                    2.264955353170064e-01,
+                    -4.529910706340128e-01,
+                    1.132477676585032e-01,
+                ],
+            ),
+            (
+                &[14.6, 2.0, 0.0],
+                true,
+                [
+                    2.264417298511364e-01,
+                    -4.528834597022728e-01,
+                    1.132208649255682e-01,
+                ],
+            ),
+        ];
+        for (sigmas, bh2, want) in cases {
+            let x = Tensor::new(&[14.6f64, -29.2, 7.3], &candle_core::Device::Cpu)
+                .unwrap()
+                .reshape((1, 3, 1, 1))
+                .unwrap();
+            let mut calls = 0;
+            let denoise = |x: &Tensor, s: f64| {
+                calls += 1;
+                (x * (0.5 / (0.5 + s * s))).map_err(err)
+            };
+            let sampler = match bh2 {
+                true => Sampler::UniPcBh2,
+                false => Sampler::UniPc,
+            };
+            let out = sample(sampler, x, sigmas, denoise, || unreachable!("no noise"))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for (o, w) in out.iter().zip(want) {
+                assert!(
+                    (o - w).abs() < 1e-10,
+                    "{sigmas:?} bh2={bh2}: {out:?} vs {want:?}"
+                );
+            }
+            // One model call a step.
+            assert_eq!(calls, sigmas.len() - 1, "{sigmas:?}");
+        }
+        // A single step is refused, not left as noise.
+        let x = Tensor::zeros(
+            (1, 3, 1, 1),
+            candle_core::DType::F64,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let e = sample(
+            Sampler::UniPc,
+            x,
+            &[14.6, 0.0],
+            |x: &Tensor, _| Ok(x.clone()),
+            || unreachable!(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at least 2 steps"), "{e}");
     }
 }

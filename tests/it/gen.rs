@@ -803,8 +803,13 @@ fn samplers_follow_the_sd_schedule_and_solve_known_cases() {
         let noise = || Ok(Tensor::new(&[0.3f64, -1.0, 0.7, 0.1], &dev).unwrap());
         let out = sample(sampler, x, &sigmas, |_, _| Ok(mu.clone()), noise).unwrap();
         let (o, m) = (out.to_vec1::<f64>().unwrap(), mu.to_vec1::<f64>().unwrap());
+        // ComfyUI's UniPC stops at σ = 0.001 rather than 0: a thousandth of the noise stays.
+        let tol = match sampler {
+            Sampler::UniPc | Sampler::UniPcBh2 => 1e-2,
+            _ => 1e-9,
+        };
         for (a, b) in o.iter().zip(&m) {
-            assert!((a - b).abs() < 1e-9, "{sampler:?}: {o:?}");
+            assert!((a - b).abs() < tol, "{sampler:?}: {o:?}");
         }
     }
 }
