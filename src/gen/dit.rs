@@ -1,7 +1,8 @@
 //! Text to image for the rectified-flow transformers: Flux.1 (dev, schnell) and SD3 / SD3.5
-//! (Medium, Large) from ComfyUI all-in-one checkpoints, with candle-transformers' Flux, MMDiT,
-//! T5 and 16-channel autoencoder, our CLIP encoders, and our samplers on ComfyUI's flow
-//! schedules. Shapes are read from the file, so `synth --size small` models run too.
+//! (Medium, Large) from ComfyUI all-in-one checkpoints or a bare transformer with text-encoder
+//! and VAE files, with candle-transformers' Flux, T5 and 16-channel autoencoder, our MMDiT
+//! ([`crate::gen::mmdit`]) and CLIP encoders, and our samplers on ComfyUI's flow schedules.
+//! Shapes are read from the files, so `synth --size small` models run too.
 //!
 //! What follows ComfyUI (`comfy/supported_models.py`, `model_sampling.py`,
 //! `text_encoders/flux.py`, `sd3_clip.py`):
@@ -559,7 +560,7 @@ impl DitModels {
             .map_err(cerr)?;
         let out = match &self.transformer {
             Transformer::Flux(model) => {
-                let (_, ch, h, w) = x.dims4().map_err(cerr)?;
+                let (_, _, h, w) = x.dims4().map_err(cerr)?;
                 let state = flux::sampling::State::new(&context, &pooled, &x).map_err(cerr)?;
                 let g = match self.guidance_embed {
                     true => Some(
@@ -580,9 +581,7 @@ impl DitModels {
                         g.as_ref(),
                     )
                     .map_err(cerr)?;
-                let out = flux::sampling::unpack(&packed, h * 8, w * 8).map_err(cerr)?;
-                debug_assert_eq!(out.dim(1).ok(), Some(ch));
-                out
+                flux::sampling::unpack(&packed, h * 8, w * 8).map_err(cerr)?
             }
             Transformer::Mmdit(m) => m.0.forward(&x, &ts, &pooled, &context).map_err(cerr)?,
         };

@@ -969,8 +969,10 @@ fn unipc(
                     2 => vec![0.5],
                     _ => solve(r(order - 1), b[..order - 1].to_vec()),
                 };
-                let pred = weighted(&rhos_p)?.expect("d1s is not empty");
-                lin(1.0, &x_base, -scale, &pred)?
+                match weighted(&rhos_p)? {
+                    Some(pred) => lin(1.0, &x_base, -scale, &pred)?,
+                    None => x_base.clone(),
+                }
             }
         };
         if !corrector {

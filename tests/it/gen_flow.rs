@@ -215,24 +215,29 @@ fn a_bare_transformer_or_a_fill_model_is_refused_with_the_reason() {
 }
 
 #[test]
-fn cli_gen_writes_flux_pngs_with_the_distilled_guidance() {
+fn cli_gen_writes_flux_pngs_with_the_distilled_guidance_whatever_the_threads() {
     let dir = tempfile::tempdir().unwrap();
     let model = small(dir.path(), "small-flux", "flux", SynthVariant::Standard, 5);
-    let out = dir.path().join("fox.png");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
-        .args(["gen", "-m", model.to_str().unwrap(), "-p", "a red fox"])
-        .args(["--steps", "2", "--sampler", "euler", "--cfg", "1"])
-        .args(["--width", "32", "--height", "32", "--seed", "9"])
-        .args(["--guidance", "4", "-o", out.to_str().unwrap()])
-        .env("MERGESMITH_CACHE", dir.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let bytes = std::fs::read(&out).unwrap();
+    let run = |threads: &str| {
+        let out = dir.path().join(format!("fox-{threads}.png"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+            .args(["gen", "-m", model.to_str().unwrap(), "-p", "a red fox"])
+            .args(["--steps", "2", "--sampler", "euler", "--cfg", "1"])
+            .args(["--width", "32", "--height", "32", "--seed", "9"])
+            .args(["--guidance", "4", "-o", out.to_str().unwrap()])
+            .env("MERGESMITH_CACHE", dir.path().join("cache"))
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        std::fs::read(&out).unwrap()
+    };
+    let bytes = run("1");
+    assert_eq!(run("4"), bytes, "same bytes whatever the thread count");
     let text: BTreeMap<String, String> = mergesmith::gen::png::read_text(&bytes)
         .unwrap()
         .into_iter()
