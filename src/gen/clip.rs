@@ -28,6 +28,25 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
+    /// An encoder's shape read from its weights: `shape` gives a tensor's shape by HF name
+    /// (`text_model.…`), `layers` is how many layers it has.
+    pub fn read(
+        shape: impl Fn(&str) -> crate::error::Result<Vec<usize>>,
+        layers: usize,
+        quick_gelu: bool,
+    ) -> crate::error::Result<ClipConfig> {
+        let token = shape("text_model.embeddings.token_embedding.weight")?;
+        Ok(ClipConfig {
+            vocab: token[0],
+            dim: token[1],
+            layers,
+            heads: (token[1] / 64).max(1),
+            intermediate: shape("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
+            positions: shape("text_model.embeddings.position_embedding.weight")?[0],
+            quick_gelu,
+        })
+    }
+
     /// CLIP ViT-L/14 (SD1, SDXL's first encoder).
     pub fn clip_l() -> Self {
         ClipConfig {

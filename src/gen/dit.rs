@@ -31,12 +31,12 @@ use crate::error::{Error, Result};
 use crate::gen::clip::{ClipConfig, ClipTextModel};
 use crate::gen::embedding::Slot;
 use crate::gen::job::{Components, Job};
-use crate::gen::pipeline::{clip_encode, weigh, ClipPass};
+use crate::gen::pipeline::{cerr, clip_encode, weigh, ClipPass};
 use crate::gen::prompt::{self, Emphasis};
 use crate::gen::sampler::{sample, Schedule, ScheduleKind};
 use crate::gen::t5::{self, T5Encoder};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
-use crate::gen::weights::CheckpointWeights;
+use crate::gen::weights::{count_indexed, CheckpointWeights};
 
 /// Flux dev's distilled guidance when a job names none (ComfyUI's and Forge's default).
 pub const DEFAULT_GUIDANCE: f64 = 3.5;
@@ -123,10 +123,6 @@ pub struct DitModels {
     /// The transformer's: `dtype` for Flux; f16 for MMDiT, whose candle implementation fixes
     /// its timestep embedding to f16.
     dit_dtype: DType,
-}
-
-fn cerr(e: candle_core::Error) -> Error {
-    Error::Invalid(format!("generation: {e}"))
 }
 
 /// The key prefix of a family component's role, or an error naming what is missing.
@@ -233,19 +229,6 @@ impl Part {
     }
 }
 
-/// How many `{head}N.{tail}` tensors `ck` has.
-fn count_indexed(ck: &Checkpoint, head: &str, tail: &str) -> usize {
-    ck.tensors()
-        .iter()
-        .filter(|t| {
-            t.name
-                .strip_prefix(head)
-                .and_then(|r| r.split_once('.'))
-                .is_some_and(|(n, rest)| n.parse::<usize>().is_ok() && rest == tail)
-        })
-        .count()
-}
-
 impl DitModels {
     /// Loads a Flux or SD3 checkpoint's models on `device` in `dtype` (the autoencoder in
     /// f32): the transformer from `ck`, the text encoders and VAE from `components` where
@@ -327,16 +310,8 @@ impl DitModels {
         }
         let part = |r: Role| parts[&r].clone();
         let clip = |p: Part, quick_gelu: bool, projection: bool| -> Result<ClipTextModel> {
-            let token = p.shape("text_model.embeddings.token_embedding.weight")?;
-            let config = ClipConfig {
-                vocab: token[0],
-                dim: token[1],
-                layers: p.count("text_model.encoder.layers.", "layer_norm1.weight"),
-                heads: (token[1] / 64).max(1),
-                intermediate: p.shape("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
-                positions: p.shape("text_model.embeddings.position_embedding.weight")?[0],
-                quick_gelu,
-            };
+            let layers = p.count("text_model.encoder.layers.", "layer_norm1.weight");
+            let config = ClipConfig::read(|n| p.shape(n), layers, quick_gelu)?;
             ClipTextModel::new(p.weights(dtype, device), &config, projection).map_err(cerr)
         };
         let clip_l = clip(part(Role::ClipL), true, false)?.pooling();
@@ -499,8 +474,24 @@ impl DitModels {
         self.family.facts().resolution.unwrap_or(1024)
     }
 
-    /// Generates image `index` of `job`'s batch: 8-bit RGB, row-major `height × width × 3`.
+    /// Generates the images of `job`, its prompts encoded once: 8-bit RGB, row-major
+    /// `height × width × 3` each.
+    pub fn generate(&self, tok: &ClipTokenizer, job: &Job) -> Result<Vec<Vec<u8>>> {
+        let conds = self.conditioning(tok, job)?;
+        (0..job.batch)
+            .map(|i| self.render(job, &conds, i))
+            .collect()
+    }
+
+    /// Generates image `index` of `job`'s batch alone.
     pub fn generate_image(&self, tok: &ClipTokenizer, job: &Job, index: usize) -> Result<Vec<u8>> {
+        let conds = self.conditioning(tok, job)?;
+        self.render(job, &conds, index)
+    }
+
+    /// The job checked, and its prompt's and (with guidance above 1) negative prompt's
+    /// conditioning.
+    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<(Cond, Option<Cond>)> {
         let (width, height) = job.size(self.native_size());
         self.check(job, width, height)?;
         let cond = self.encode(tok, &job.prompt, job.emphasis)?;
@@ -508,6 +499,17 @@ impl DitModels {
             true => None,
             false => Some(self.encode(tok, &job.negative, job.emphasis)?),
         };
+        Ok((cond, uncond))
+    }
+
+    /// Image `index` of `job`'s batch from its conditioning.
+    fn render(
+        &self,
+        job: &Job,
+        (cond, uncond): &(Cond, Option<Cond>),
+        index: usize,
+    ) -> Result<Vec<u8>> {
+        let (width, height) = job.size(self.native_size());
         let (lw, lh) = (width / 8, height / 8);
         let kind = job.schedule.unwrap_or(ScheduleKind::Simple);
         let sigmas = job.sampler.sigmas(&self.schedule, Some(kind), job.steps)?;
@@ -521,8 +523,8 @@ impl DitModels {
         let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
             let t = self.schedule.timestep(sigma);
             let v = |c: &Cond| self.velocity(x, t, c, guidance);
-            let vc = v(&cond)?;
-            let guided = match &uncond {
+            let vc = v(cond)?;
+            let guided = match uncond {
                 None => vc,
                 Some(u) => {
                     let vu = v(u)?;

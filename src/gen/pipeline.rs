@@ -157,9 +157,7 @@ impl Models {
     pub fn generate(&self, tok: &ClipTokenizer, job: &Job) -> Result<Vec<Vec<u8>>> {
         match self {
             Models::Unet(m) => m.generate(tok, job),
-            Models::Dit(m) => (0..job.batch)
-                .map(|i| m.generate_image(tok, job, i))
-                .collect(),
+            Models::Dit(m) => m.generate(tok, job),
         }
     }
 
@@ -184,7 +182,8 @@ pub struct UnetModels {
     prediction: Prediction,
 }
 
-fn cerr(e: candle_core::Error) -> Error {
+/// A candle error as a generation error.
+pub(crate) fn cerr(e: candle_core::Error) -> Error {
     Error::Invalid(format!("generation: {e}"))
 }
 
@@ -804,21 +803,11 @@ fn clip_config(
     part: Part,
     quick_gelu: bool,
 ) -> Result<ClipConfig> {
-    let te = |n: &str| shape(ck, map, part, n);
-    let token = te("text_model.embeddings.token_embedding.weight")?;
     let layers = map
         .names(part)
         .filter(|n| n.ends_with(".layer_norm1.weight"))
         .count();
-    Ok(ClipConfig {
-        vocab: token[0],
-        dim: token[1],
-        layers,
-        heads: (token[1] / 64).max(1),
-        intermediate: te("text_model.encoder.layers.0.mlp.fc1.weight")?[0],
-        positions: te("text_model.embeddings.position_embedding.weight")?[0],
-        quick_gelu,
-    })
+    ClipConfig::read(|n| shape(ck, map, part, n), layers, quick_gelu)
 }
 
 /// Whether a checkpoint's model predicts v: a `v_pred` marker, or an SD2 model whose probe

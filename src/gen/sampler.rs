@@ -903,7 +903,16 @@ fn unipc(
     }
     let steps = ts.len() - 1;
     let order = 3.min(ts.len() - 2);
-    let alpha = |s: f64| 1.0 / (s * s + 1.0).sqrt();
+    // SD's σ in UniPC's variance-preserving terms.
+    fn alpha(s: f64) -> f64 {
+        1.0 / (s * s + 1.0).sqrt()
+    }
+    fn std(s: f64) -> f64 {
+        s / (s * s + 1.0).sqrt()
+    }
+    fn lambda(s: f64) -> f64 {
+        -s.ln()
+    }
     // The model in VP units: the denoised estimate of the VE latent x·√(σ² + 1).
     let mut model = |x: &Tensor, s: f64| denoise(&(x * (s * s + 1.0).sqrt()).map_err(err)?, s);
     // One B(h) update from the last points `(tp, ms)` to `t`, of `order`; with the corrector,
@@ -919,9 +928,6 @@ fn unipc(
         order: usize,
         corrector: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let alpha = |s: f64| 1.0 / (s * s + 1.0).sqrt();
-        let std = |s: f64| s / (s * s + 1.0).sqrt();
-        let lambda = |s: f64| -s.ln();
         let (t0, m0) = (tp[tp.len() - 1], &ms[ms.len() - 1]);
         let h = lambda(t) - lambda(t0);
         let mut rks = Vec::new();

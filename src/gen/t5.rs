@@ -13,7 +13,7 @@ use candle_transformers::models::t5;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gen::prompt::Piece;
-use crate::gen::weights::CheckpointWeights;
+use crate::gen::weights::{count_indexed, CheckpointWeights};
 
 /// T5's end-of-sequence id (`</s>`).
 pub const END: u32 = 1;
@@ -96,13 +96,11 @@ impl T5Encoder {
         let (buckets, heads) = (heads[0], heads[1]);
         let inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")?[0];
         let ff = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")?[0];
-        let layers = ck
-            .tensors()
-            .iter()
-            .filter(|t| {
-                t.name.starts_with(prefix) && t.name.ends_with(".layer.0.SelfAttention.q.weight")
-            })
-            .count();
+        let layers = count_indexed(
+            &ck,
+            &format!("{prefix}encoder.block."),
+            "layer.0.SelfAttention.q.weight",
+        );
         let config = t5::Config {
             vocab_size: vocab,
             d_model: width,

@@ -110,6 +110,19 @@ impl CheckpointWeights {
     }
 }
 
+/// How many `{head}N.{tail}` tensors `ck` has.
+pub fn count_indexed(ck: &Checkpoint, head: &str, tail: &str) -> usize {
+    ck.tensors()
+        .iter()
+        .filter(|t| {
+            t.name
+                .strip_prefix(head)
+                .and_then(|r| r.split_once('.'))
+                .is_some_and(|(n, rest)| n.parse::<usize>().is_ok() && rest == tail)
+        })
+        .count()
+}
+
 /// Whether two shapes differ only by trailing 1s.
 fn same_but_trailing_ones(a: &[usize], b: &[usize]) -> bool {
     let trim = |s: &[usize]| -> Vec<usize> {
