@@ -47,6 +47,25 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The values of a tensor of any numeric type as f32 (`tensor.to(torch.float32)`: integers
+/// rounded to the nearest f32, booleans 0 or 1).
+pub fn any_to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
+    fn ints<T: bytemuck::Pod>(bytes: &[u8], f: impl Fn(T) -> f32) -> Vec<f32> {
+        cast::<T>(bytes).iter().map(|v| f(*v)).collect()
+    }
+    Ok(match dtype {
+        DType::Bool | DType::U8 => bytes.iter().map(|v| *v as f32).collect(),
+        DType::I8 => bytes.iter().map(|v| *v as i8 as f32).collect(),
+        DType::I16 => ints::<i16>(bytes, |v| v as f32),
+        DType::U16 => ints::<u16>(bytes, |v| v as f32),
+        DType::I32 => ints::<i32>(bytes, |v| v as f32),
+        DType::U32 => ints::<u32>(bytes, |v| v as f32),
+        DType::I64 => ints::<i64>(bytes, |v| v as f32),
+        DType::U64 => ints::<u64>(bytes, |v| v as f32),
+        _ => to_f32(dtype, bytes)?,
+    })
+}
+
 /// Decodes `bytes` (of `dtype`) into `out`, which must have the matching length.
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     match dtype {

@@ -7,6 +7,7 @@ use clap::Args;
 use mergesmith::dtype::{FloatType, Rounding};
 use mergesmith::error::{Error, Result};
 use mergesmith::merge::method::Method;
+use mergesmith::merge::numerics::Numerics;
 use mergesmith::merge::{CalcMode, Mode};
 
 use super::{choice, print_json, OutputArgs};
@@ -80,10 +81,14 @@ pub struct MergeArgs {
     /// override alpha per key, e.g. "OUT03 OUT04:attn2:0.5,NOT IN00-IN05:ff:0".
     #[arg(long, value_name = "TEXT")]
     pub elemental: Option<String>,
-    /// Compatibility: read SDXL block names in --elemental the way SuperMerger did before its
-    /// fix (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
+    /// Compatibility: read SDXL block names in --elemental shifted, as SuperMerger reads them
+    /// (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
     #[arg(long)]
     pub xl_elemental_shift: bool,
+    /// The arithmetic: f32 (one rounding; more accurate) or supermerger (SuperMerger's own
+    /// roundings and output dtypes, to rebuild its merges bit for bit).
+    #[arg(long, value_parser = choice::<Numerics>(), default_value = "f32")]
+    pub numerics: Numerics,
     /// The block list that --alpha/--beta vectors and --elemental name: supermerger, comfyui
     /// (Flux, ...), extended (SDXL); default: the list whose length the vector has
     /// (`mergesmith families` lists them).
@@ -200,6 +205,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
             .map(mergesmith::merge::select::parse_adjust)
             .transpose()?
             .flatten(),
+        numerics: a.numerics,
         bake_vae: a.bake_vae.clone(),
     };
     if spec.filter.is_none() && !(a.blocks.is_empty() && a.elements.is_empty()) {
@@ -277,6 +283,7 @@ fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Pres
         ("--scaled", a.scaled),
         ("--elemental", a.elemental.is_some()),
         ("--xl-elemental-shift", a.xl_elemental_shift),
+        ("--numerics", a.numerics != Numerics::F32),
         ("--include/--exclude", a.include || a.exclude),
         ("--adjust", a.adjust.is_some()),
         ("--prune", a.prune),

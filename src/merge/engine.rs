@@ -21,6 +21,7 @@ use crate::dtype::{DType, Rounding};
 use crate::error::{Error, Result};
 use crate::merge::calc::{self, cosine, CalcMode, ChunkCtx, Kind, WholeParams};
 use crate::merge::candle_ops;
+use crate::merge::numerics::{self, Numerics, Prec, Precs};
 use crate::merge::plan::Inputs;
 use crate::merge::plan::Stored;
 use crate::merge::select::{apply_adjust, AdjustOp};
@@ -142,6 +143,7 @@ struct Ctx {
     seed: u64,
     rounding: Rounding,
     cosine: Option<cosine::Range>,
+    numerics: Numerics,
     /// A candle device for element-wise formulas (`None`: mergesmith's CPU kernels).
     device: Option<candle_core::Device>,
 }
@@ -199,6 +201,7 @@ pub fn write(
         seed: spec.seed,
         rounding: spec.rounding,
         cosine,
+        numerics: spec.numerics,
         device: run.device.candle()?,
     };
     let mut order: Vec<&KeyPlan> = plan
@@ -256,7 +259,7 @@ fn release(inputs: &Inputs, k: &KeyPlan) {
 }
 
 /// cosineA/B pre-pass: the similarity range over every key of A that contains `model`, is
-/// present in B with the same shape, and is not part of the VAE. Streams key by key; only
+/// present in B with the same shape, and is not part of the VAE (integer tensors included). Streams key by key; only
 /// the samples (one per column) are kept.
 fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<cosine::Range>> {
     let per_key: Vec<Vec<f64>> = plan
@@ -267,16 +270,18 @@ fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<c
             else {
                 return Ok(Vec::new());
             };
+            // As SuperMerger's pre-pass: every key with `model` in its name that B has,
+            // integer ones too (CLIP's `position_ids`), taken as f32.
             let eligible = k.name.contains("model")
                 && !k.name.contains("first_stage_model")
                 && ta.shape == tb.shape
-                && ta.dtype.is_float()
-                && tb.dtype.is_float();
+                && ta.dtype.bits() > 0
+                && tb.dtype.bits() > 0;
             if !eligible {
                 return Ok(Vec::new());
             }
-            let a = convert::to_f32(ta.dtype, &inputs.a.data(ta))?;
-            let b = convert::to_f32(tb.dtype, &inputs.b.data(tb))?;
+            let a = convert::any_to_f32(ta.dtype, &inputs.a.data(ta))?;
+            let b = convert::any_to_f32(tb.dtype, &inputs.b.data(tb))?;
             release(inputs, k);
             Ok(cosine::samples(cosine_a, &ta.shape, &a, &b))
         })
@@ -367,6 +372,7 @@ fn key(
                     && !matches!(k.dtype, DType::F8E4M3 | DType::F8E5M2)
                     && ctx.calc.kind() == Kind::Elementwise
                     && ctx.calc != CalcMode::PlusRandom
+                    && ctx.numerics == Numerics::F32
             });
             if let Some(dev) = on_device {
                 let (alpha, beta) = k.op.ratios();
@@ -443,6 +449,25 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
         chunk,
         seed: ctx.seed,
     };
+    let sm = (ctx.numerics == Numerics::Supermerger).then(|| SmKey {
+        precs: Precs {
+            a: Prec::of(a.dtype),
+            b: Prec::of(b.dtype),
+            c: c.as_ref().map_or(Prec::F32, |c| Prec::of(c.dtype)),
+        },
+        merged: Prec::of(numerics::merged_dtype(ctx.mode, ctx.calc, a.dtype, b.dtype)),
+    });
+    let per_element = |a: &mut [f32], b: &[f32], c: &[f32], cc: &ChunkCtx| match &sm {
+        Some(sm) if matches!(ctx.calc, CalcMode::Normal | CalcMode::TrainDifference) => {
+            numerics::elementwise(ctx.calc, ctx.mode, *alpha, *beta, sm.precs, a, b, c)
+        }
+        _ => calc::elementwise(ctx.calc, ctx.mode, alpha32, beta32, a, b, c, cc),
+    };
+    // The merged values, Adjust and (SuperMerger's numerics) the roundings around it.
+    let finish = |lo: usize, values: &mut [f32]| match &sm {
+        Some(sm) => sm.finish(adjust, lo, values),
+        None => adjust_part(adjust, lo, values),
+    };
     match (channels, ctx.calc.kind()) {
         (None, Kind::Elementwise) => {
             chunks(n)
@@ -454,10 +479,8 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
                         c.decode(lo, hi, &mut s.c)?;
                     }
                     let cc = chunk_ctx((lo / CHUNK) as u64);
-                    calc::elementwise(
-                        ctx.calc, ctx.mode, alpha32, beta32, &mut s.a, &s.b, &s.c, &cc,
-                    );
-                    adjust_part(adjust, lo, &mut s.a);
+                    per_element(&mut s.a, &s.b, &s.c, &cc);
+                    finish(lo, &mut s.a);
                     emit(lo, &s.a, &mut s.out)
                 })
         }
@@ -467,6 +490,16 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
             let mut va = a.to_f32()?;
             let vb = b.to_f32()?;
             let vc = c.as_ref().map(Operand::to_f32).transpose()?;
+            // SuperMerger's smoothAdd MT adds the filtered difference after the loop that
+            // applies Adjust, so Adjust acts on A (in A's type) before the add.
+            let adjust_first = sm.is_some() && ctx.calc == CalcMode::SmoothAddMt;
+            if let (true, Some(sm)) = (adjust_first, &sm) {
+                SmKey {
+                    merged: sm.precs.a,
+                    ..*sm
+                }
+                .finish(adjust, 0, &mut va);
+            }
             let mut out = match channels {
                 None => {
                     debug_assert_eq!(kind, Kind::Whole);
@@ -475,6 +508,7 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
                         beta: *beta,
                         gamma: ctx.gamma,
                         cosine: ctx.cosine,
+                        supermerger: sm.map(|sm| sm.precs.b),
                     };
                     let vc = vc.as_deref().unwrap_or(&[]);
                     calc::whole(ctx.calc, &params, a.shape, va, &vb, vc)
@@ -491,11 +525,7 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
                             (Some(vc), Some(c)) => &vc[at(c.shape)..at(c.shape) + seg],
                             _ => &[][..],
                         };
-                        calc::elementwise(
-                            ctx.calc,
-                            ctx.mode,
-                            alpha32,
-                            beta32,
+                        per_element(
                             &mut va[a_at..a_at + seg],
                             &vb[b_at..b_at + seg],
                             c_seg,
@@ -505,8 +535,37 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
                     va
                 }
             };
-            adjust_part(adjust, 0, &mut out);
+            if adjust_first {
+                if let Some(sm) = &sm {
+                    sm.finish(&None, 0, &mut out);
+                }
+            } else {
+                finish(0, &mut out);
+            }
             emit(0, &out, &mut Vec::new())
+        }
+    }
+}
+
+/// SuperMerger's numerics for one key: its inputs' precisions and the type its merged
+/// tensor has before Adjust.
+#[derive(Clone, Copy)]
+struct SmKey {
+    precs: Precs,
+    merged: Prec,
+}
+
+impl SmKey {
+    /// Rounds the merged values to the merged tensor's type, then applies Adjust as torch
+    /// does on it: a scale in that type, the `out.2.bias` add promoted to f32.
+    fn finish(&self, adjust: &Option<AdjustOp>, lo: usize, values: &mut [f32]) {
+        values.iter_mut().for_each(|x| *x = self.merged.round(*x));
+        match adjust {
+            Some(AdjustOp::Scale(s)) => values
+                .iter_mut()
+                .for_each(|x| *x = self.merged.round(*x * s)),
+            Some(op @ AdjustOp::Add(_)) if lo == 0 => apply_adjust(*op, values),
+            _ => {}
         }
     }
 }

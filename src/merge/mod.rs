@@ -8,11 +8,13 @@
 
 pub mod calc;
 pub mod candle_ops;
+pub mod dice;
 pub mod engine;
 pub mod kernels;
 pub mod metadata;
 pub mod method;
 pub mod multi;
+pub mod numerics;
 pub mod plan;
 pub mod select;
 pub mod weights;
@@ -149,6 +151,9 @@ pub struct MergeSpec {
     pub filter: Option<FilterSpec>,
     /// Adjust vector (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3).
     pub adjust: Option<[f64; 8]>,
+    /// The arithmetic: f32 rounded once (default) or SuperMerger's, bit for bit.
+    #[serde(skip_serializing_if = "numerics::Numerics::is_default")]
+    pub numerics: numerics::Numerics,
     /// Replace the VAE with the tensors of this file (recorded by name and hash, not path).
     #[serde(skip)]
     pub bake_vae: Option<PathBuf>,
@@ -174,6 +179,7 @@ impl MergeSpec {
             block_list: None,
             filter: None,
             adjust: None,
+            numerics: numerics::Numerics::F32,
             bake_vae: None,
         }
     }

@@ -8,6 +8,7 @@ use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::merge::calc::{CalcMode, Kind};
+use crate::merge::numerics::{self, Numerics};
 use crate::merge::select::{self, AdjustOp, BlockNames, KeyFilter};
 use crate::merge::{BlockRatio, MergeSpec, Mode, Ratio};
 
@@ -485,6 +486,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         }
         let dtype = if op == Op::PositionIds {
             DType::I64
+        } else if spec.numerics == Numerics::Supermerger {
+            out_dtype(supermerger_dtype(&ctx, t, &names, &op))
         } else {
             out_dtype(t.dtype)
         };
@@ -755,10 +758,18 @@ fn key_op(
             t.name
         ));
     }
+    if spec.numerics == Numerics::Supermerger && calc == CalcMode::TrainDifference {
+        // SuperMerger leaves a key whose B and C are equal untouched (no Adjust either).
+        if let Some((ck, ct)) = c {
+            if same_values((ctx.inputs.b, b), (ck, ct)).map_err(|e| e.to_string())? {
+                return Ok(Ok(Op::Copy(Source::A)));
+            }
+        }
+    }
     let adjust = spec
         .adjust
         .as_ref()
-        .and_then(|v| select::adjust_op(v, ctx.family, &t.name));
+        .and_then(|v| select::adjust_op(v, ctx.family, &t.name, spec.numerics));
     Ok(Ok(if calc == CalcMode::Normal {
         blend_op(spec.mode, alpha, beta, channels, adjust)
     } else {
@@ -769,6 +780,51 @@ fn key_op(
             adjust,
         }
     }))
+}
+
+/// Whether two tensors hold the same values (`torch.allclose` with no tolerance: 0 equals
+/// −0, NaN equals nothing).
+fn same_values(b: (&Checkpoint, &TensorInfo), c: (&Checkpoint, &TensorInfo)) -> Result<bool> {
+    if b.1.shape != c.1.shape {
+        return Ok(false);
+    }
+    let (db, dc) = (b.0.data(b.1), c.0.data(c.1));
+    let n: usize = b.1.shape.iter().product();
+    let (eb, ec) = (b.1.dtype.bits() / 8, c.1.dtype.bits() / 8);
+    let (mut vb, mut vc) = (Vec::new(), Vec::new());
+    for lo in (0..n).step_by(1 << 16) {
+        let hi = (lo + (1 << 16)).min(n);
+        vb.resize(hi - lo, 0.0);
+        vc.resize(hi - lo, 0.0);
+        crate::convert::decode_into(b.1.dtype, &db[lo * eb..hi * eb], &mut vb)?;
+        crate::convert::decode_into(c.1.dtype, &dc[lo * ec..hi * ec], &mut vc)?;
+        if vb.iter().zip(&vc).any(|(x, y)| x != y) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The dtype a key leaves a merge in under SuperMerger's numerics, before a requested
+/// output type: B's for a verbatim B (weight sum at alpha 1), the promoted type of the
+/// calculation for a blend (f32 where Adjust adds to it), A's otherwise.
+fn supermerger_dtype(ctx: &KeyCtx, t: &TensorInfo, names: &Names, op: &Op) -> DType {
+    let b = ctx
+        .inputs
+        .b
+        .get(names.b.as_deref().unwrap_or(&t.name))
+        .map_or(t.dtype, |b| b.dtype);
+    match op {
+        Op::Copy(Source::B) => b,
+        Op::Blend { adjust, .. } => {
+            let merged = numerics::merged_dtype(ctx.spec.mode, ctx.spec.calcmode, t.dtype, b);
+            match adjust {
+                Some(AdjustOp::Add(_)) => numerics::promote(merged, DType::F32),
+                _ => merged,
+            }
+        }
+        _ => t.dtype,
+    }
 }
 
 /// The op for a blended key, with the exact shortcuts of SuperMerger's "normal" calcmode:

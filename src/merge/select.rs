@@ -300,7 +300,13 @@ pub enum AdjustOp {
 }
 
 /// The Adjust op for `key` from the 8-value vector IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3.
-pub fn adjust_op(v: &[f64; 8], family: Family, key: &str) -> Option<AdjustOp> {
+/// SuperMerger's numerics sum the colour terms in its order (`fineman` / `colorcalc`).
+pub fn adjust_op(
+    v: &[f64; 8],
+    family: Family,
+    key: &str,
+    numerics: crate::merge::numerics::Numerics,
+) -> Option<AdjustOp> {
     let i = ADJUST_KEYS.iter().position(|k| *k == key)?;
     let f = |x: f64| x as f32;
     Some(match i {
@@ -309,6 +315,27 @@ pub fn adjust_op(v: &[f64; 8], family: Family, key: &str) -> Option<AdjustOp> {
         2 => AdjustOp::Scale(f(1.0 - 0.01 * v[1])),
         3 => AdjustOp::Scale(f(1.0 + 0.02 * v[1])),
         4 => AdjustOp::Scale(f(1.0 - 0.01 * v[2])),
+        _ if numerics == crate::merge::numerics::Numerics::Supermerger => {
+            // [CONT*0.02] + per channel j: 0 + sum over i of (COLS[i][j] * v[4+i]) * 0.02.
+            let cols: [[f64; 3]; 4] = if family.code().adjust.as_deref() == Some("sdxl") {
+                [
+                    [0.0, 0.0, 1.0],
+                    [1.0, 0.0, 0.0],
+                    [-1.0, -1.0, 0.0],
+                    [-1.0, 1.0, 0.0],
+                ]
+            } else {
+                [
+                    [-1.0, 1.0 / 3.0, 2.0 / 3.0],
+                    [1.0, 1.0, 0.0],
+                    [0.0, -1.0, -1.0],
+                    [1.0, 0.0, 1.0],
+                ]
+            };
+            let ch =
+                |j: usize| (0..4).fold(0.0f64, |acc, i| acc + cols[i][j] * v[4 + i] * 0.02) as f32;
+            AdjustOp::Add([f(v[3] * 0.02), ch(0), ch(1), ch(2)])
+        }
         _ => {
             let (c1, c2, c3) = if family.code().adjust.as_deref() == Some("sdxl") {
                 (v[5] - v[6] - v[7], -v[6] + v[7], v[4])
@@ -456,21 +483,22 @@ mod tests {
 
     #[test]
     fn adjust_known_answers() {
+        use crate::merge::numerics::Numerics::{Supermerger, F32};
         let v = [1.0, 2.0, 3.0, 4.0, 3.0, 1.0, 2.0, 0.5];
         assert_eq!(
-            adjust_op(&v, sd1(), ADJUST_KEYS[0]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[0], F32),
             Some(AdjustOp::Scale(0.99))
         );
         assert_eq!(
-            adjust_op(&v, sd1(), ADJUST_KEYS[1]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[1], F32),
             Some(AdjustOp::Scale(1.02))
         );
         assert_eq!(
-            adjust_op(&v, sd1(), ADJUST_KEYS[4]),
+            adjust_op(&v, sd1(), ADJUST_KEYS[4], F32),
             Some(AdjustOp::Scale(0.97))
         );
         // SD: c1 = -3 + 1 + 0.5 = -1.5; c2 = 1 + 1 - 2 = 0; c3 = 2 - 2 + 0.5 = 0.5.
-        let Some(AdjustOp::Add(a)) = adjust_op(&v, sd1(), ADJUST_KEYS[5]) else {
+        let Some(AdjustOp::Add(a)) = adjust_op(&v, sd1(), ADJUST_KEYS[5], F32) else {
             panic!()
         };
         let want = [0.08f32, -0.03, 0.0, 0.01];
@@ -479,7 +507,7 @@ mod tests {
             "{a:?}"
         );
         // SDXL: c1 = 1 - 2 - 0.5 = -1.5; c2 = -2 + 0.5 = -1.5; c3 = 3.
-        let Some(AdjustOp::Add(a)) = adjust_op(&v, xl(), ADJUST_KEYS[5]) else {
+        let Some(AdjustOp::Add(a)) = adjust_op(&v, xl(), ADJUST_KEYS[5], F32) else {
             panic!()
         };
         let want = [0.08f32, -0.03, -0.03, 0.06];
@@ -487,6 +515,13 @@ mod tests {
             a.iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-7),
             "{a:?}"
         );
+        // SuperMerger's summation order gives the same values here (to f32).
+        for (fam, k) in [(sd1(), 5), (xl(), 5), (sd1(), 0)] {
+            assert_eq!(
+                adjust_op(&v, fam, ADJUST_KEYS[k], Supermerger),
+                adjust_op(&v, fam, ADJUST_KEYS[k], F32)
+            );
+        }
         assert_eq!(parse_adjust("0,0,0,0,0,0,0,0").unwrap(), None);
         assert!(parse_adjust("1,2").is_err());
     }

@@ -97,9 +97,14 @@ pub struct NodeDecl {
     /// Elemental merge entries `blocks:elements:ratio`.
     #[serde(default)]
     pub elemental: Option<String>,
-    /// Read SDXL elemental block names as SuperMerger's old shifted names.
+    /// Read SDXL elemental block names shifted, as SuperMerger reads them (M00 as IN09,
+    /// OUT00 as IN10, OUT03 as OUT00...).
     #[serde(default)]
     pub xl_elemental_shift: bool,
+    /// The arithmetic: `f32` (default: f32, rounded once) or `supermerger` (SuperMerger's
+    /// own roundings and output dtypes, so its merges are rebuilt bit for bit).
+    #[serde(default)]
+    pub numerics: Option<crate::merge::numerics::Numerics>,
     /// The block list that per-block weights name (`supermerger`, `comfyui`, `extended`...);
     /// default: the one whose length the vector has.
     #[serde(default)]
@@ -259,6 +264,7 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("seed", d.seed.is_some()),
         ("elemental", d.elemental.is_some()),
         ("xl_elemental_shift", d.xl_elemental_shift),
+        ("numerics", d.numerics.is_some()),
         ("block_list", d.block_list.is_some()),
         ("include", d.include.is_some()),
         ("exclude", d.exclude.is_some()),

@@ -35,6 +35,7 @@ pub static KIND: Kind = Kind {
         "seed",
         "elemental",
         "xl_elemental_shift",
+        "numerics",
         "block_list",
         "include",
         "exclude",
@@ -208,6 +209,7 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
         block_list: d.block_list.clone(),
         filter,
         adjust,
+        numerics: d.numerics.unwrap_or_default(),
         bake_vae: None,
     };
     (inputs.len() == if mode_v.uses_c() { 3 } else { 2 }).then_some(Node::Merge(MergeNode {

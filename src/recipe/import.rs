@@ -92,6 +92,7 @@ fn from_mergesmith(own: &Value, name: &str, stem: &str) -> String {
     if m["xl_elemental_shift"] == true {
         let _ = writeln!(out, "    xl_elemental_shift: true");
     }
+    field(&mut out, "numerics", m.get("numerics"));
     if let Some(f) = m.get("filter").filter(|f| f.is_object()) {
         let _ = writeln!(
             out,
@@ -192,15 +193,31 @@ fn from_supermerger(sm: &Value, models: Option<&Value>, name: &str, stem: &str) 
         Value::Array(items) if !items.is_empty() => {
             let text: Vec<&str> = items.iter().filter_map(|v| v.as_str()).collect();
             field(&mut out, "elemental", Some(&text.join(",").into()));
+            compatible_elemental(&mut out);
         }
         _ => {}
     }
+    compatible_numerics(&mut out);
     let _ = writeln!(
         out,
         "  save:\n    save: merged\n    to: {}",
         y(&format!("{stem}.rebuilt.safetensors").into())
     );
     Ok(out)
+}
+
+/// SuperMerger reads SDXL elemental block names shifted (its issue #468); an imported
+/// elemental text means what it meant there (the switch only acts on SDXL models).
+fn compatible_elemental(out: &mut String) {
+    let _ = writeln!(out, "    xl_elemental_shift: true");
+}
+
+/// An imported SuperMerger merge is rebuilt with SuperMerger's arithmetic, bit for bit.
+fn compatible_numerics(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "    numerics: supermerger   # SuperMerger's roundings; drop for f32 (more accurate)"
+    );
 }
 
 /// Parses Python's list repr (`['IN01', 'IN02']`) as SuperMerger writes it into its history.
@@ -306,6 +323,7 @@ pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<Stri
         }
         if !col(15).is_empty() {
             field(&mut nodes, "elemental", Some(&col(15).into()));
+            compatible_elemental(&mut nodes);
         }
         let adjust: Vec<f64> = col(18)
             .split(',')
@@ -325,6 +343,7 @@ pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<Stri
                 y(&elements.into())
             );
         }
+        compatible_numerics(&mut nodes);
         count += 1;
     }
     if count == 0 {

@@ -38,7 +38,7 @@ fn run(m: &Models, s: &MergeSpec, out: &str) -> mergesmith::Result<PathBuf> {
 fn vals(p: &Path, k: &str) -> Vec<f64> {
     let ck = Checkpoint::open(p).unwrap();
     let v = ck.view(k).unwrap();
-    mergesmith::convert::to_f32(v.dtype, &v.data)
+    mergesmith::convert::any_to_f32(v.dtype, &v.data)
         .unwrap()
         .into_iter()
         .map(f64::from)
@@ -369,7 +369,9 @@ fn cosine_a_and_b() {
             &format!("{calc:?}.safetensors"),
         )
         .unwrap();
-        // Reference: columns over dim 0, per-key samples, numpy-midpoint percentile range.
+        // Reference: columns over dim 0, per-key samples (integer tensors too, as
+        // SuperMerger's pre-pass takes CLIP's position ids), numpy-midpoint percentiles: the
+        // 1st of all samples, then the 99th of what is left.
         let prep = |k: &str| {
             let sh = ca.get(k).unwrap().shape.clone();
             let (a, b) = (vals(&m.a, k), vals(&m.b, k));
@@ -413,8 +415,7 @@ fn cosine_a_and_b() {
         for t in ca.tensors() {
             let ok = t.name.contains("model")
                 && !t.name.contains("first_stage_model")
-                && cb.contains(&t.name)
-                && t.dtype.is_float();
+                && cb.contains(&t.name);
             if ok {
                 let (_, _, sims, flat, _) = prep(&t.name);
                 samples.extend(
@@ -423,17 +424,24 @@ fn cosine_a_and_b() {
                 );
             }
         }
-        samples.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            let i = q / 100.0 * (samples.len() - 1) as f64;
-            (samples[i.floor() as usize] + samples[i.ceil() as usize]) / 2.0
-        };
-        let (lo, hi) = (pct(1.0), pct(99.0));
-        let kept: Vec<f64> = samples
+        assert!(ca
+            .tensors()
             .iter()
-            .copied()
-            .filter(|s| *s >= lo && *s <= hi)
-            .collect();
+            .any(|t| !t.dtype.is_float() && t.name.contains("model")));
+        samples.sort_by(f64::total_cmp);
+        let pct = |v: &[f64], q: f64| {
+            let i = q / 100.0 * (v.len() - 1) as f64;
+            let (a, b) = (v[i.floor() as usize], v[i.ceil() as usize]);
+            if i.fract() == 0.0 {
+                a
+            } else {
+                b - (b - a) * 0.5
+            }
+        };
+        let lo = pct(&samples, 1.0);
+        samples.retain(|s| *s >= lo);
+        let hi = pct(&samples, 99.0);
+        let kept: Vec<f64> = samples.iter().copied().filter(|s| *s <= hi).collect();
         let (smin, smax) = (kept[0], kept[kept.len() - 1]);
         for k in [K1, K2, K4] {
             let (a, b, sims, flat, cols) = prep(k);

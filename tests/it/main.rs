@@ -19,6 +19,7 @@ mod lora;
 mod merge;
 mod methods;
 mod noop_build;
+mod numerics;
 mod pickle_io;
 mod recipe;
 mod remote;

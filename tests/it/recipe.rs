@@ -813,6 +813,12 @@ fn supermerger_metadata_imports() {
     assert_eq!(spec.calcmode, mergesmith::merge::CalcMode::TrainDifference);
     assert_eq!(spec.alpha, mergesmith::merge::Ratio::Scalar(0.4));
     assert_eq!(spec.elemental.as_deref(), Some("OUT03::0.5"));
+    // SuperMerger's arithmetic and its (shifted) SDXL elemental names.
+    assert_eq!(
+        spec.numerics,
+        mergesmith::merge::numerics::Numerics::Supermerger
+    );
+    assert!(spec.xl_elemental_shift);
     assert_eq!(inputs.len(), 3);
 }
 
@@ -841,6 +847,11 @@ fn supermerger_history_imports() {
         panic!()
     };
     assert_eq!(spec.alpha, mergesmith::merge::Ratio::Blocks(vec![0.5; 26]));
+    assert_eq!(
+        spec.numerics,
+        mergesmith::merge::numerics::Numerics::Supermerger
+    );
+    assert!(!spec.xl_elemental_shift, "no elemental text in row 1");
     let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes["merge_2"] else {
         panic!()
     };
@@ -853,6 +864,7 @@ fn supermerger_history_imports() {
     );
     assert_eq!(spec.alpha, mergesmith::merge::Ratio::Scalar(0.7));
     assert_eq!(spec.adjust, Some([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
+    assert!(spec.xl_elemental_shift);
     let f = spec.filter.as_ref().unwrap();
     assert_eq!(
         (f.blocks.as_str(), f.elements.as_str()),

@@ -106,31 +106,39 @@ pub fn samples(cosine_a: bool, shape: &[usize], a: &[f32], b: &[f32]) -> Vec<f64
     }
 }
 
-/// numpy `percentile(v, q, interpolation="midpoint")` of sorted values.
+/// numpy `percentile(v, q, method="midpoint")` of sorted values: the element at an integral
+/// index, else numpy's `_lerp` halfway between the two neighbours (`b - (b - a)·0.5`).
 fn percentile_midpoint(sorted: &[f64], q: f64) -> f64 {
     let idx = q / 100.0 * (sorted.len() - 1) as f64;
-    (sorted[idx.floor() as usize] + sorted[idx.ceil() as usize]) / 2.0
+    let (lo, hi) = (idx.floor() as usize, idx.ceil() as usize);
+    if lo == hi {
+        return sorted[lo];
+    }
+    let (a, b) = (sorted[lo], sorted[hi]);
+    b - (b - a) * 0.5
 }
 
-/// The kept range of all samples: NaNs dropped, then values outside the 1st..99th
-/// percentiles. `None` when there is no sample.
+/// The kept range of all samples, as SuperMerger's pre-pass takes it: NaNs dropped, then
+/// the values under the 1st percentile, then the values over the 99th percentile of what is
+/// left. `None` when there is no sample.
 pub fn range(mut all: Vec<f64>) -> Option<Range> {
     all.retain(|v| !v.is_nan());
     if all.is_empty() {
         return None;
     }
     all.sort_by(f64::total_cmp);
-    let (lo, hi) = (
-        percentile_midpoint(&all, 1.0),
-        percentile_midpoint(&all, 99.0),
-    );
-    let kept = all.iter().filter(|v| **v >= lo && **v <= hi);
-    let min = kept.clone().copied().fold(f64::INFINITY, f64::min);
-    let max = kept.copied().fold(f64::NEG_INFINITY, f64::max);
-    Some(Range { min, max })
+    let lo = percentile_midpoint(&all, 1.0);
+    all.retain(|v| *v >= lo);
+    let hi = percentile_midpoint(&all, 99.0);
+    all.retain(|v| *v <= hi);
+    Some(Range {
+        min: *all.first()?,
+        max: *all.last()?,
+    })
 }
 
-/// Merges one tensor.
+/// Merges one tensor. `torch`: blend as SuperMerger's `torch.lerp(B, A, k)` does (f32 `k`,
+/// fused from the nearer end) instead of in f64.
 pub fn merge(
     cosine_a: bool,
     alpha: f64,
@@ -138,6 +146,7 @@ pub fn merge(
     shape: &[usize],
     a: Vec<f32>,
     b: &[f32],
+    torch: bool,
 ) -> Vec<f32> {
     let (rows, cols) = dims(shape, a.len());
     let (x, y) = inputs(cosine_a, &a, b, rows, cols);
@@ -161,7 +170,11 @@ pub fn merge(
         .enumerate()
         .map(|(i, (x, y))| {
             let k = k[i % cols];
-            ((1.0 - k) * *y as f64 + k * *x as f64) as f32
+            if torch {
+                crate::merge::numerics::lerp(*y, *x, k as f32)
+            } else {
+                ((1.0 - k) * *y as f64 + k * *x as f64) as f32
+            }
         })
         .collect()
 }
@@ -178,6 +191,42 @@ mod tests {
         assert_eq!(percentile_midpoint(&v, 99.0), 9.5);
         assert_eq!(range(v), Some(Range { min: 1.0, max: 9.0 }));
         assert_eq!(range(vec![f64::NAN]), None);
+        // numpy's midpoint is b - (b - a) * 0.5, not (a + b) / 2: they differ here
+        // (numpy 2.4: percentile([0.04, 0.24], 50, method="midpoint") == 0.14).
+        let (a, b) = (0.04f64, 0.24f64);
+        assert_ne!(b - (b - a) * 0.5, (a + b) / 2.0);
+        assert_eq!(percentile_midpoint(&[a, b], 50.0), 0.14);
+    }
+
+    #[test]
+    fn range_takes_the_99th_percentile_of_what_is_left() {
+        // 0, 1, ..., 101 worked out by hand. 1st percentile: index 0.01·101 = 1.01, halfway
+        // between 1 and 2 = 1.5, so 0 and 1 go. 99th percentile of the 100 values left
+        // (2..101): index 0.99·99 = 98.01, halfway between 100 and 101 = 100.5, so 101 goes:
+        // [2, 100]. (Percentiles of the full array would give 99.99 -> 99.5 -> [2, 99].)
+        let v: Vec<f64> = (0..102).map(f64::from).collect();
+        assert_eq!(
+            range(v),
+            Some(Range {
+                min: 2.0,
+                max: 100.0
+            })
+        );
+    }
+
+    #[test]
+    fn position_ids_sample_as_supermerger_does() {
+        // int64 position ids [1, 77] taken as f32: cosineA normalises each column (one
+        // element: 0 stays 0, the rest become 1), so column 0 gives 0 and the others 1;
+        // cosineB adds the flat term (identical tensors: 1), halving: 0.5 and 1.
+        let ids: Vec<f32> = (0..77).map(|i| i as f32).collect();
+        let a = samples(true, &[1, 77], &ids, &ids);
+        assert_eq!(a.len(), 77);
+        assert_eq!(a[0], 0.0);
+        assert!(a[1..].iter().all(|v| (v - 1.0).abs() < 1e-12), "{a:?}");
+        let b = samples(false, &[1, 77], &ids, &ids);
+        assert!((b[0] - 0.5).abs() < 1e-12, "{}", b[0]);
+        assert!(b[1..].iter().all(|v| (v - 1.0).abs() < 1e-12), "{b:?}");
     }
 
     #[test]
@@ -188,12 +237,12 @@ mod tests {
             max: 1.0,
         };
         // A == B: every k is 1 at alpha 0, so the result is A (= B).
-        assert_eq!(merge(true, 0.0, r, &[2, 2], a.clone(), &a), a);
+        assert_eq!(merge(true, 0.0, r, &[2, 2], a.clone(), &a, false), a);
         // B = -A: similarity -1, k = 0, the result is B.
         let b: Vec<f32> = a.iter().map(|x| -x).collect();
-        assert_eq!(merge(false, 0.0, r, &[2, 2], a.clone(), &b), b);
+        assert_eq!(merge(false, 0.0, r, &[2, 2], a.clone(), &b, false), b);
         // alpha >= 1 always gives B.
-        assert_eq!(merge(true, 1.0, r, &[2, 2], a.clone(), &b), b);
+        assert_eq!(merge(true, 1.0, r, &[2, 2], a.clone(), &b, true), b);
     }
 
     #[test]
@@ -203,7 +252,15 @@ mod tests {
             min: -1.0,
             max: 1.0,
         };
-        let out = merge(false, 0.0, r, &[2, 2], vec![0.0; 4], &[1.0, 2.0, 3.0, 4.0]);
+        let out = merge(
+            false,
+            0.0,
+            r,
+            &[2, 2],
+            vec![0.0; 4],
+            &[1.0, 2.0, 3.0, 4.0],
+            false,
+        );
         assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
         assert!(samples(true, &[3], &[0.0; 3], &[0.0; 3])
             .iter()

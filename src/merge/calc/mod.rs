@@ -237,6 +237,8 @@ pub struct WholeParams {
     pub gamma: f64,
     /// cosine's similarity range from the pre-pass.
     pub cosine: Option<cosine::Range>,
+    /// SuperMerger's numerics, with model B's precision (B − C is kept in B's type).
+    pub supermerger: Option<crate::merge::numerics::Prec>,
 }
 
 /// Whole-tensor calcmodes: returns the merged tensor (in f32).
@@ -251,11 +253,28 @@ pub fn whole(
     match calc {
         CalcMode::CosineA | CalcMode::CosineB => {
             let range = p.cosine.expect("cosine range computed before the merge");
-            cosine::merge(calc == CalcMode::CosineA, p.alpha, range, shape, a, b)
+            let torch = p.supermerger.is_some();
+            cosine::merge(
+                calc == CalcMode::CosineA,
+                p.alpha,
+                range,
+                shape,
+                a,
+                b,
+                torch,
+            )
         }
         CalcMode::SmoothAdd | CalcMode::SmoothAddMt => {
-            let diff: Vec<f32> = b.iter().zip(c).map(|(y, z)| y - z).collect();
-            let f = smooth::gaussian(&smooth::median3(&diff, shape), shape, 1.0);
+            let f = match p.supermerger {
+                None => {
+                    let diff: Vec<f32> = b.iter().zip(c).map(|(y, z)| y - z).collect();
+                    smooth::gaussian(&smooth::median3(&diff, shape), shape, 1.0)
+                }
+                Some(pb) => {
+                    let diff: Vec<f32> = b.iter().zip(c).map(|(y, z)| pb.round(y - z)).collect();
+                    smooth::gaussian_scipy(&smooth::median3(&diff, shape), shape)
+                }
+            };
             a.iter()
                 .zip(f)
                 .map(|(x, f)| x + p.alpha as f32 * f)
