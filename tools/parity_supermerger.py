@@ -77,6 +77,9 @@ def ulps(x, y):
     return float(((x - y).abs() / ulp).max())
 
 
+DICE_UP = ",".join(["0.8"] * 26)
+DICE_LOW = ",".join(["0.2"] * 26)
+
 CASES = [
     # (label, mode, calcmode, alpha, beta, mbw vector or None, adjust, extra flags)
     ("weight sum 0.3", "Weight sum", "normal", 0.3, 0.0, None, "", []),
@@ -98,6 +101,13 @@ CASES = [
     ("extract 0.3/0.4", "Add difference", "extract", 0.3, 0.4, None, "", []),
     ("tensor 0.3/0.2", "Weight sum", "tensor", 0.3, 0.2, None, "", []),
     ("self 0.9", "Weight sum", "self", 0.9, 0.0, None, "", []),
+    # Dice: seed 42, X limits per block, clamps 0..1 (SuperMerger's defaults).
+    ("dice R,U,X,D,ER vector", "Weight sum", "normal", 0.5, 0.0,
+     "R,U,X,D,ER,R,R,U,U,X,X,D,D,R,ER,EU,EX,R,U,X,D,R,R,R,R,R", "",
+     ["--dice-seed", "42", "--dice-upper", DICE_UP, "--dice-lower", DICE_LOW]),
+    ("dice elemental R/U/X", "Weight sum", "normal", 0.5, 0.0, None, "",
+     ["--dice-seed", "7", "--dice-upper", DICE_UP, "--dice-lower", DICE_LOW,
+      "--elemental", "IN01 OUT03::R,M00:attn:U,OUT05::X"]),
 ]
 
 MODE_FLAG = {"Weight sum": "weight_sum", "Add difference": "add_difference",
@@ -133,13 +143,21 @@ def main():
         paths[name] = p
     print(f"| case | tensors | dtype differs | bits differ | largest (fp16 ulp) |")
     print(f"|---|---|---|---|---|")
+    only = os.environ.get("ONLY")
     for label, mode, calc, alpha, beta, mbw, adjust, extra in CASES:
-        lucks = {"on": False, "mode": "", "set": [], "upp": "", "low": "", "uppd": "",
-                 "lowd": "", "seed": 0, "num": 1, "cust": "", "round": 3}
+        if only and only not in label:
+            continue
+        lucks = {"on": False, "mode": "", "set": [], "upp": DICE_UP, "low": DICE_LOW,
+                 "uppd": "1", "lowd": "0", "seed": 0, "num": 1, "cust": "", "round": 3}
+        deep = ""
+        if "--dice-seed" in extra:
+            lucks["seed"] = int(extra[extra.index("--dice-seed") + 1])
+        if "--elemental" in extra:
+            deep = extra[extra.index("--elemental") + 1]
         uses_c = mode != "Weight sum"
         out = sm.smerge(mbw or "", mbw or "", paths["A"], paths["B"],
                         paths["C"] if uses_c else "", alpha, beta, mode, calc,
-                        mbw is not None, "", [], [], False, "", adjust, None, 0.3,
+                        mbw is not None, "", [], [], False, deep, adjust, None, 0.3,
                         "Off", [], "", [], lucks)
         if out[0]:
             print(f"| {label} | SuperMerger: {out[0]} | | | |")
@@ -169,6 +187,8 @@ def main():
             if u.dtype.is_floating_point and t.dtype.is_floating_point:
                 if not torch.equal(u.float(), t.float()):
                     bits += 1
+                    if os.environ.get("SHOW"):
+                        print("  differs:", k, file=sys.stderr)
                     worst = max(worst, ulps(u, t))
             elif not torch.equal(u, t):
                 bits += 1

@@ -85,6 +85,25 @@ pub struct MergeArgs {
     /// (M00 as IN09, OUT00 as IN10, OUT03 as OUT00, ...).
     #[arg(long)]
     pub xl_elemental_shift: bool,
+    /// Dice seed (SuperMerger's "Let the dice roll"): draws the R, U, X, D, ER, EU, EX tokens of
+    /// --alpha/--beta (or ALL_R, ALL_U, ALL_X) and R/U/X elemental ratios as SuperMerger does.
+    #[arg(long, value_name = "SEED")]
+    pub dice_seed: Option<u32>,
+    /// Dice: decimals kept.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub dice_round: u32,
+    /// Dice: X's upper limit and D's middle (one value, or one per block) [default: 1].
+    #[arg(long, allow_hyphen_values = true, value_name = "V|v1,...")]
+    pub dice_upper: Option<String>,
+    /// Dice: X's lower limit and D's width (one value, or one per block) [default: 0].
+    #[arg(long, allow_hyphen_values = true, value_name = "V|v1,...")]
+    pub dice_lower: Option<String>,
+    /// Dice: upper clamp of drawn block values [default: 1].
+    #[arg(long, allow_hyphen_values = true, value_name = "V|v1,...")]
+    pub dice_max: Option<String>,
+    /// Dice: lower clamp of drawn block values [default: 0].
+    #[arg(long, allow_hyphen_values = true, value_name = "V|v1,...")]
+    pub dice_min: Option<String>,
     /// The arithmetic: f32 (one rounding; more accurate) or supermerger (SuperMerger's own
     /// roundings and output dtypes, to rebuild its merges bit for bit).
     #[arg(long, value_parser = choice::<Numerics>(), default_value = "f32")]
@@ -170,14 +189,38 @@ pub fn run(a: MergeArgs) -> Result<()> {
         Some(m) => m.as_str(),
         None => a.alpha.as_str(),
     };
+    let dice = a.dice_seed.map(|seed| mergesmith::merge::dice::Dice {
+        seed,
+        round: a.dice_round,
+        upper: a.dice_upper.clone(),
+        lower: a.dice_lower.clone(),
+        max: a.dice_max.clone(),
+        min: a.dice_min.clone(),
+    });
+    let mut draw = dice.as_ref().map(mergesmith::merge::dice::Draw::new);
+    let mut drawn_elemental = Vec::new();
+    let mut ratio = |text: &str, beta: bool| -> Result<Ratio> {
+        if mergesmith::merge::dice::tokens(text).is_none() {
+            return Ratio::parse(text, &presets);
+        }
+        let draw = draw
+            .as_mut()
+            .ok_or_else(|| mergesmith::merge::dice::needs_seed(text))?;
+        match draw.resolve(text, beta, a.xl_elemental_shift)? {
+            Some((values, elemental)) => {
+                drawn_elemental.extend(elemental);
+                Ok(Ratio::Blocks(values))
+            }
+            None => Ratio::parse(text, &presets),
+        }
+    };
+    let alpha = ratio(alpha_text, false)?;
+    let beta = a.beta.as_deref().map(|b| ratio(b, true)).transpose()?;
+    let elemental = mergesmith::merge::dice::with_drawn(a.elemental.clone(), &drawn_elemental);
     let spec = MergeSpec {
         mode,
-        alpha: Ratio::parse(alpha_text, &presets)?,
-        beta: a
-            .beta
-            .as_deref()
-            .map(|b| Ratio::parse(b, &presets))
-            .transpose()?,
+        alpha,
+        beta,
         calcmode: a.calcmode,
         gamma: a.gamma,
         seed: a.seed,
@@ -186,7 +229,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         scaled: a.scaled,
         prune: a.prune,
         reset_position_ids: a.reset_position_ids,
-        elemental: a.elemental.clone(),
+        elemental,
         xl_elemental_shift: a.xl_elemental_shift,
         block_list: a.block_list.clone(),
         filter: match (a.include, a.exclude) {
@@ -205,6 +248,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
             .map(mergesmith::merge::select::parse_adjust)
             .transpose()?
             .flatten(),
+        dice,
         numerics: a.numerics,
         bake_vae: a.bake_vae.clone(),
     };
@@ -284,6 +328,7 @@ fn run_list(a: &MergeArgs, m: &'static Method, presets: &mergesmith::merge::Pres
         ("--elemental", a.elemental.is_some()),
         ("--xl-elemental-shift", a.xl_elemental_shift),
         ("--numerics", a.numerics != Numerics::F32),
+        ("--dice-seed", a.dice_seed.is_some()),
         ("--include/--exclude", a.include || a.exclude),
         ("--adjust", a.adjust.is_some()),
         ("--prune", a.prune),

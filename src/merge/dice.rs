@@ -107,6 +107,41 @@ pub fn has_tokens(text: &str) -> bool {
     text.split(',').any(is_token)
 }
 
+/// A ratio text's entries when it holds dice tokens (a vector with `R`, `U`, `X`, `D`, `ER`,
+/// `EU` or `EX` among its values, or the presets `ALL_R`, `ALL_U`, `ALL_X`: 26 of one token).
+pub fn tokens(text: &str) -> Option<Vec<String>> {
+    let t = text.trim();
+    if let Some(tok) = t
+        .strip_prefix("ALL_")
+        .filter(|k| matches!(*k, "R" | "U" | "X"))
+    {
+        return Some(vec![tok.to_string(); 26]);
+    }
+    let parts: Vec<String> = t
+        .split([',', '\n'])
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    parts.iter().any(|p| is_token(p)).then_some(parts)
+}
+
+/// A merge's elemental text with the entries its `E` dice tokens added.
+pub fn with_drawn(elemental: Option<String>, drawn: &[String]) -> Option<String> {
+    match (elemental, drawn.is_empty()) {
+        (e, true) => e,
+        (None, false) => Some(drawn.join(",")),
+        (Some(e), false) => Some(format!("{e},{}", drawn.join(","))),
+    }
+}
+
+/// The error for dice tokens without a seed.
+pub fn needs_seed(text: &str) -> Error {
+    Error::Invalid(format!(
+        "`{}` holds dice tokens (R, U, X, D, ER, EU, EX): give the merge a dice seed (`dice: {{ seed: N }}`, `--dice-seed N`)",
+        text.trim()
+    ))
+}
+
 /// numpy's `round(x, n)` on a float64: `rint(x·10ⁿ) / 10ⁿ`.
 fn np_round(x: f64, n: u32) -> f64 {
     let p = 10f64.powi(n as i32);
@@ -236,6 +271,34 @@ impl Draw {
             .map(|(c, b)| format!("{}::{c}", b.join(" ")))
             .collect();
         Ok((out, entries))
+    }
+
+    /// Resolves a ratio text's dice tokens (`beta`: beta's numbers): the vector and the
+    /// elemental entries its `E` tokens add; `None` when the text has no token. `shifted`:
+    /// the merge reads SDXL elemental names shifted, so `E` entries name the blocks as
+    /// SuperMerger does, by the SD list's name at the vector position.
+    pub fn resolve(
+        &mut self,
+        text: &str,
+        beta: bool,
+        shifted: bool,
+    ) -> Result<Option<(Vec<f64>, Vec<String>)>> {
+        let Some(entries) = tokens(text) else {
+            return Ok(None);
+        };
+        let names = crate::arch::family::list_of_len(entries.len()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "a dice vector needs one entry per block of a family's list (26 SD, 20 SDXL, 61 Flux...), not {}",
+                entries.len()
+            ))
+        })?;
+        let names = if shifted && entries.len() < 26 {
+            crate::merge::select::sd_list()
+        } else {
+            names
+        };
+        let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+        self.vector(&refs, beta, names).map(Some)
     }
 
     /// `X`/`D` limits of one block; `lowRp` (e.g. `0.5R0.3`) keeps the block with

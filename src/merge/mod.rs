@@ -151,6 +151,10 @@ pub struct MergeSpec {
     pub filter: Option<FilterSpec>,
     /// Adjust vector (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3).
     pub adjust: Option<[f64; 8]>,
+    /// SuperMerger's dice: the seed and limits that random elemental ratios (`R`, `U`, `X`)
+    /// are drawn with (block-vector tokens are resolved when the merge is read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dice: Option<dice::Dice>,
     /// The arithmetic: f32 rounded once (default) or SuperMerger's, bit for bit.
     #[serde(skip_serializing_if = "numerics::Numerics::is_default")]
     pub numerics: numerics::Numerics,
@@ -179,6 +183,7 @@ impl MergeSpec {
             block_list: None,
             filter: None,
             adjust: None,
+            dice: None,
             numerics: numerics::Numerics::F32,
             bake_vae: None,
         }

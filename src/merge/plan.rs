@@ -8,8 +8,9 @@ use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::merge::calc::{CalcMode, Kind};
+use crate::merge::dice::Draw;
 use crate::merge::numerics::{self, Numerics};
-use crate::merge::select::{self, AdjustOp, BlockNames, KeyFilter};
+use crate::merge::select::{self, AdjustOp, BlockNames, EntryRatio, KeyFilter};
 use crate::merge::{BlockRatio, MergeSpec, Mode, Ratio};
 
 /// Where a copied tensor comes from.
@@ -428,6 +429,9 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         _ => d,
     };
 
+    let draw = spec.dice.as_ref().map(Draw::new);
+    let mut sorted: Vec<&str> = inputs.a.tensors().iter().map(|t| t.name.as_str()).collect();
+    sorted.sort_unstable();
     let ctx = KeyCtx {
         inputs,
         spec,
@@ -437,6 +441,8 @@ pub fn plan(inputs: &Inputs, spec: &MergeSpec) -> Result<Plan> {
         block_names,
         elemental: &elemental,
         filter: filter.as_ref(),
+        draw: draw.as_ref(),
+        sorted: &sorted,
     };
     let mut keys = Vec::with_capacity(inputs.a.tensors().len());
     let mut kept: BTreeMap<Kept, Vec<String>> = BTreeMap::new();
@@ -680,6 +686,10 @@ struct KeyCtx<'a> {
     block_names: BlockNames,
     elemental: &'a [select::ElementalEntry],
     filter: Option<&'a KeyFilter>,
+    /// The dice's numbers (random elemental ratios).
+    draw: Option<&'a Draw>,
+    /// A's key names, sorted (a key's position picks its elemental dice number).
+    sorted: &'a [&'a str],
 }
 
 /// A key's names in B and C under their layouts (`None`: the same name).
@@ -743,7 +753,11 @@ fn key_op(
         ));
     }
     let elemental =
-        select::elemental_alpha(ctx.elemental, ctx.family, ctx.block_names, class, &t.name);
+        match select::elemental_alpha(ctx.elemental, ctx.family, ctx.block_names, class, &t.name) {
+            Some(EntryRatio::Value(v)) => Some(v),
+            Some(EntryRatio::Dice(token)) => Some(dice_ratio(ctx, class, &t.name, token)?),
+            None => None,
+        };
     let Some(alpha) = elemental.or_else(|| ctx.alpha.value(ctx.family, class)) else {
         return Ok(Err(Kept::OutsideBlocks));
     };
@@ -780,6 +794,29 @@ fn key_op(
             adjust,
         }
     }))
+}
+
+/// An elemental dice ratio (`R`, `U`, `X`) for a key: drawn from the merge's dice at the
+/// key's position among A's sorted keys, as SuperMerger does.
+fn dice_ratio(
+    ctx: &KeyCtx,
+    class: &KeyClass,
+    key: &str,
+    token: char,
+) -> std::result::Result<f64, String> {
+    let Some(draw) = ctx.draw else {
+        return Err(format!(
+            "elemental ratio `{token}` is drawn by the dice: give the merge a dice seed (`dice: {{ seed: N }}`, `--dice-seed N`)"
+        ));
+    };
+    let index = ctx.sorted.binary_search(&key).unwrap_or(0);
+    let block = class
+        .block
+        .as_deref()
+        .and_then(|b| ctx.family.blocks().iter().position(|n| n == b))
+        .unwrap_or(0);
+    draw.elemental(token, index, block)
+        .map_err(|e| e.to_string())
 }
 
 /// Whether two tensors hold the same values (`torch.allclose` with no tolerance: 0 equals

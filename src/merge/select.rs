@@ -48,7 +48,17 @@ pub struct ElementalEntry {
     /// Keys it applies to.
     pub elements: ElementSet,
     /// The alpha it sets.
-    pub ratio: f64,
+    pub ratio: EntryRatio,
+}
+
+/// An elemental entry's ratio.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum EntryRatio {
+    /// A number.
+    Value(f64),
+    /// A dice token (`R`, `U`, `X`), drawn per key from the merge's dice seed.
+    Dice(char),
 }
 
 /// Which block names elemental entries use.
@@ -69,8 +79,9 @@ pub fn block_list(family: Family) -> &'static [String] {
     names(family, BlockNames::Standard)
 }
 
-/// The SD 26-block list, which SuperMerger's SDXL quirk addresses SDXL keys with.
-fn sd_list() -> &'static [String] {
+/// The SD 26-block list (SuperMerger's `BLOCKID`), which its SDXL quirk addresses SDXL keys
+/// with, and the list of scalar bases in sweeps.
+pub fn sd_list() -> &'static [String] {
     Family::named("sd1")
         .expect("data/families/sd1.yaml")
         .blocks()
@@ -151,12 +162,21 @@ pub fn parse_elemental(
             continue;
         };
         let ratio_text = ratio.trim();
-        let ratio = ratio_text.parse::<f64>().ok().filter(|r| r.is_finite()).ok_or_else(|| {
-            Error::Invalid(format!(
-                "elemental entry `{}`: ratio `{ratio_text}` is not a number (random R/U/X ratios are not supported yet)",
-                piece.trim()
-            ))
-        })?;
+        let ratio = match ratio_text {
+            "R" | "U" | "X" => EntryRatio::Dice(ratio_text.chars().next().unwrap_or('R')),
+            _ => EntryRatio::Value(
+                ratio_text
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "elemental entry `{}`: ratio `{ratio_text}` is neither a number nor a dice token (R, U, X)",
+                            piece.trim()
+                        ))
+                    })?,
+            ),
+        };
         out.push(ElementalEntry {
             blocks: parse_blocks(blocks, list)
                 .map_err(|e| Error::Invalid(format!("elemental entry `{}`: {e}", piece.trim())))?,
@@ -167,14 +187,14 @@ pub fn parse_elemental(
     Ok(out)
 }
 
-/// The alpha elemental entries give a key (the last applicable entry wins), if any.
+/// The ratio elemental entries give a key (the last applicable entry wins), if any.
 pub fn elemental_alpha(
     entries: &[ElementalEntry],
     family: Family,
     block_names: BlockNames,
     class: &KeyClass,
     key: &str,
-) -> Option<f64> {
+) -> Option<EntryRatio> {
     let block = match block_names {
         BlockNames::Extended => class.fine.as_deref(),
         BlockNames::Standard => class.block.as_deref(),
@@ -401,7 +421,11 @@ mod tests {
 
     fn alpha(text: &str, key: &str) -> Option<f64> {
         let e = parse_elemental(text, sd1(), BlockNames::Standard).unwrap();
-        elemental_alpha(&e, sd1(), BlockNames::Standard, &classify(sd1(), key), key)
+        match elemental_alpha(&e, sd1(), BlockNames::Standard, &classify(sd1(), key), key) {
+            Some(EntryRatio::Value(v)) => Some(v),
+            Some(EntryRatio::Dice(_)) => panic!("a dice ratio"),
+            None => None,
+        }
     }
 
     const OUT06_K: &str =
@@ -435,7 +459,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown block `OUT99`"), "{e}");
-        assert!(parse_elemental("OUT05::R", sd1(), BlockNames::Standard).is_err());
+        assert!(parse_elemental("OUT05::Q", sd1(), BlockNames::Standard).is_err());
+        assert_eq!(
+            parse_elemental("OUT05::R", sd1(), BlockNames::Standard).unwrap()[0].ratio,
+            EntryRatio::Dice('R')
+        );
     }
 
     #[test]
@@ -445,24 +473,24 @@ mod tests {
         let e = parse_elemental("M00:attn1:0.7", xl(), BlockNames::Standard).unwrap();
         assert_eq!(
             elemental_alpha(&e, xl(), BlockNames::Standard, &c, key),
-            Some(0.7)
+            Some(EntryRatio::Value(0.7))
         );
         // The compatibility quirk: XL M00 answers to "IN09".
         let e = parse_elemental("IN09:attn1:0.6", xl(), BlockNames::ShiftedXl).unwrap();
         assert_eq!(
             elemental_alpha(&e, xl(), BlockNames::ShiftedXl, &c, key),
-            Some(0.6)
+            Some(EntryRatio::Value(0.6))
         );
         let out3 = "model.diffusion_model.output_blocks.3.0.in_layers.2.weight";
         let e = parse_elemental("OUT00::0.2", xl(), BlockNames::ShiftedXl).unwrap();
         assert_eq!(
             elemental_alpha(&e, xl(), BlockNames::ShiftedXl, &classify(xl(), out3), out3),
-            Some(0.2)
+            Some(EntryRatio::Value(0.2))
         );
         let e = parse_elemental("MID103::0.4", xl(), BlockNames::Extended).unwrap();
         assert_eq!(
             elemental_alpha(&e, xl(), BlockNames::Extended, &c, key),
-            Some(0.4)
+            Some(EntryRatio::Value(0.4))
         );
     }
 

@@ -105,6 +105,11 @@ pub struct NodeDecl {
     /// own roundings and output dtypes, so its merges are rebuilt bit for bit).
     #[serde(default)]
     pub numerics: Option<crate::merge::numerics::Numerics>,
+    /// SuperMerger's dice ("Let the dice roll"): the seed and limits that draw the `R`, `U`,
+    /// `X`, `D`, `ER`, `EU`, `EX` tokens of alpha / beta vectors (`ALL_R`...) and `R`/`U`/`X`
+    /// elemental ratios, as SuperMerger draws them.
+    #[serde(default)]
+    pub dice: Option<crate::merge::dice::Dice>,
     /// The block list that per-block weights name (`supermerger`, `comfyui`, `extended`...);
     /// default: the one whose length the vector has.
     #[serde(default)]
@@ -265,6 +270,7 @@ pub fn set_fields(d: &NodeDecl) -> Vec<&'static str> {
         ("elemental", d.elemental.is_some()),
         ("xl_elemental_shift", d.xl_elemental_shift),
         ("numerics", d.numerics.is_some()),
+        ("dice", d.dice.is_some()),
         ("block_list", d.block_list.is_some()),
         ("include", d.include.is_some()),
         ("exclude", d.exclude.is_some()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use super::decl::{Keep, NodeDecl};
+use super::decl::{Keep, NodeDecl, RatioDecl};
 use super::run::Opened;
 use super::{preimage_value, tensors, InputKey, ALGORITHM_VERSION};
 use super::{
@@ -14,11 +14,12 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::hashing::FileHashes;
+use crate::merge::dice::{self, Draw};
 use crate::merge::metadata::{self, InputRecord};
 use crate::merge::method::supermerger::GAMMA_DEFAULT;
 use crate::merge::method::Engine;
 use crate::merge::select::FilterMode;
-use crate::merge::{engine, FilterSpec, MergeSpec, Prepared};
+use crate::merge::{engine, FilterSpec, MergeSpec, Prepared, Ratio};
 
 /// The `merge` kind.
 pub static KIND: Kind = Kind {
@@ -36,6 +37,7 @@ pub static KIND: Kind = Kind {
         "elemental",
         "xl_elemental_shift",
         "numerics",
+        "dice",
         "block_list",
         "include",
         "exclude",
@@ -107,8 +109,32 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
             None,
         );
     }
+    // Dice tokens in alpha / beta are drawn now (alpha first, as SuperMerger draws them).
+    let mut draw = d.dice.as_ref().map(Draw::new);
+    let mut drawn_elemental: Vec<String> = Vec::new();
+    let mut ratio = |r: &Spanned<RatioDecl>, beta: bool, cx: &mut dyn ParseCx| -> Option<Ratio> {
+        let text = match &r.value {
+            RatioDecl::Text(t) if dice::tokens(t).is_some() => t,
+            _ => return cx.ratio(r),
+        };
+        let resolved = match draw.as_mut() {
+            Some(draw) => draw.resolve(text, beta, d.xl_elemental_shift),
+            None => Err(dice::needs_seed(text)),
+        };
+        match resolved {
+            Ok(Some((values, elemental))) => {
+                drawn_elemental.extend(elemental);
+                Some(Ratio::Blocks(values))
+            }
+            Ok(None) => cx.ratio(r),
+            Err(e) => {
+                cx.error(&r.referenced, e.to_string(), None);
+                None
+            }
+        }
+    };
     let alpha = match &d.alpha {
-        Some(a) => cx.ratio(a),
+        Some(a) => ratio(a, false, cx),
         None => {
             cx.error(
                 &mode.referenced,
@@ -118,7 +144,8 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
             None
         }
     };
-    let beta = d.beta.as_ref().map(|b| cx.ratio(b));
+    let beta = d.beta.as_ref().map(|b| ratio(b, true, cx));
+    let elemental = dice::with_drawn(d.elemental.clone(), &drawn_elemental);
     let adjust = match &d.adjust {
         Some(v) => match <[f64; 8]>::try_from(v.value.as_slice()) {
             Ok(a) => Some(a),
@@ -204,11 +231,12 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
         scaled: d.scaled,
         prune: d.prune,
         reset_position_ids: d.reset_position_ids,
-        elemental: d.elemental.clone(),
+        elemental,
         xl_elemental_shift: d.xl_elemental_shift,
         block_list: d.block_list.clone(),
         filter,
         adjust,
+        dice: d.dice.clone(),
         numerics: d.numerics.unwrap_or_default(),
         bake_vae: None,
     };

@@ -121,7 +121,8 @@ pub enum AxisKind {
     /// axis' value.
     PinpointAdjust,
     /// SuperMerger's random merge ("R"): `values` is a count N; cell i gets per-block alpha
-    /// weights drawn uniformly from [0, 1) (3 decimals) from the axis' `seed`.
+    /// weights drawn as SuperMerger's dice draws "R" with seed `seed + i` (the merge's `dice`
+    /// limits and rounding, else SuperMerger's defaults: 3 decimals in [0, 1]).
     Random,
     /// Strength of the LoRAs of the `lora` node the generate node reads.
     LoraStrength,

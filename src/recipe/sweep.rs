@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_saphyr::Spanned;
 
 use super::{RatioScope, RecipeErrors, Resolver};
+use crate::merge::dice::{Dice, Draw};
+use crate::merge::select::sd_list;
 use crate::merge::{FilterSpec, Ratio};
 use crate::nodes::generate::GenerateNode;
 use crate::nodes::lora::LoraNode;
@@ -673,7 +675,9 @@ fn apply_merge(
                 spec.alpha = a.clone();
                 spec.beta = Some(b.clone());
             }
-            Setting::Random(i, seed) => spec.alpha = random_alpha(&spec.alpha, *i, *seed),
+            Setting::Random(i, seed) => {
+                spec.alpha = random_alpha(&spec.alpha, spec.dice.as_ref(), *i, *seed)?
+            }
             Setting::Model(i, input) => match inputs.get_mut(*i) {
                 Some(slot) => *slot = input.clone(),
                 None => return Err(format!("the merge has no model {}", ["A", "B", "C"][*i])),
@@ -725,28 +729,36 @@ fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
     }
 }
 
-/// SD1's 26 blocks: the list of scalar bases in sweeps (SuperMerger's default).
-fn sd_list() -> &'static [String] {
-    crate::arch::Family::named("sd1")
-        .expect("data/families/sd1.yaml")
-        .blocks()
-}
-
-/// Per-block alpha weights of random cell `i`: as many as the base alpha's vector (26 for a
-/// scalar base: SD1 / SD2), each uniform in [0, 1) rounded to 3 decimals, from a stream of
-/// `seed` (the same on every machine).
-fn random_alpha(base: &Ratio, i: u64, seed: u64) -> Ratio {
-    use rand::RngExt;
+/// Cell `i` of a random axis: SuperMerger's "R" on every block of alpha, drawn with dice seed
+/// `seed + i` (mod 2³²) and the merge's dice limits and rounding (SuperMerger's defaults
+/// without `dice:`), so SuperMerger given that seed draws the same weights.
+fn random_alpha(base: &Ratio, dice: Option<&Dice>, i: u64, seed: u64) -> Result<Ratio, String> {
     let n = match base {
         Ratio::Blocks(b) => b.len(),
         Ratio::Scalar(_) => sd_list().len(),
     };
-    let mut r = crate::noise::rng("mergesmith-random-merge", seed, "alpha", i);
-    Ratio::Blocks(
-        (0..n)
-            .map(|_| (r.random::<f64>() * 1000.0).round() / 1000.0)
-            .collect(),
-    )
+    let dice = Dice {
+        seed: random_seed(seed, i),
+        ..dice.cloned().unwrap_or(Dice {
+            seed: 0,
+            round: 3,
+            upper: None,
+            lower: None,
+            max: None,
+            min: None,
+        })
+    };
+    let names = crate::arch::family::list_of_len(n).unwrap_or(sd_list());
+    let tokens = vec!["R"; n];
+    Draw::new(&dice)
+        .vector(&tokens, false, names)
+        .map(|(v, _)| Ratio::Blocks(v))
+        .map_err(|e| e.to_string())
+}
+
+/// The dice seed of cell `i` of a random axis with seed `seed`.
+fn random_seed(seed: u64, i: u64) -> u32 {
+    (seed.wrapping_add(i) & 0xffff_ffff) as u32
 }
 
 /// `base` with the blocks of `which` (`IN00 IN02-IN04`, `NOT ...`, `ALL`) set to `value`'s
@@ -974,7 +986,10 @@ fn parse_axis(
             let seed = a.value.seed.unwrap_or(0);
             parts.push(
                 (0..count)
-                    .map(|i| (format!("#{}", i + 1), Setting::Random(i, seed)))
+                    .map(|i| {
+                        let label = format!("#{} (seed {})", i + 1, random_seed(seed, i));
+                        (label, Setting::Random(i, seed))
+                    })
                     .collect(),
             );
             continue;

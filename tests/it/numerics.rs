@@ -276,3 +276,52 @@ fn smooth_add_mt_adjusts_a_before_the_add() {
         );
     }
 }
+
+#[test]
+fn elemental_dice_ratios_are_drawn_per_key() {
+    use mergesmith::merge::dice::{Dice, LegacyRandom};
+    let m = models();
+    let k = "model.diffusion_model.output_blocks.3.0.in_layers.2.weight";
+    let mut s = spec(Mode::WeightSum, CalcMode::Normal, 0.5, None, Numerics::F32);
+    s.elemental = Some("OUT03::R".into());
+    // Without a dice seed the token is an error that says what to add.
+    let e = merge_files(
+        &MergeFiles {
+            a: &m.a,
+            b: &m.b,
+            c: None,
+        },
+        &s,
+        &m.dir.path().join("x.safetensors"),
+        &mergesmith::store::memo(m.dir.path()),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("dice seed"), "{e}");
+    s.dice = Some(Dice {
+        seed: 7,
+        round: 3,
+        upper: None,
+        lower: None,
+        max: None,
+        min: None,
+    });
+    let out = run(&m, &m.c, &s, "dice.safetensors");
+    // SuperMerger: the key's position n among A's keys (sorted), ratio round(r[n + 100], 3).
+    let mut names: Vec<String> = Checkpoint::open(&m.a)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    names.sort();
+    let n = names.iter().position(|n| n == k).unwrap();
+    let mut rng = LegacyRandom::new(7);
+    let r = (0..=n + 100).map(|_| rng.random_sample()).last().unwrap();
+    let ratio = ((r * 1000.0).round_ties_even() / 1000.0) as f32;
+    let ((a, _), (b, _), (got, _)) = (key(&m.a, k), key(&m.b, k), key(&out, k));
+    for i in 0..a.len() {
+        assert_eq!(got[i], h(a[i] + ratio * (b[i] - a[i])), "{i}");
+    }
+}

@@ -1383,3 +1383,42 @@ nodes:
     );
     assert_eq!(p.cache().stats().packs, 0);
 }
+
+#[test]
+fn dice_tokens_are_drawn_as_supermerger_draws_them() {
+    let yaml = |extra: &str| {
+        format!(
+            "version: 1\nmodels:\n  a: {{ path: a.safetensors }}\n  b: {{ path: b.safetensors }}\nnodes:\n  m:\n    merge: weight_sum\n    a: a\n    b: b\n{extra}"
+        )
+    };
+    let spec = |text: &str| {
+        let r = recipe::parse(Path::new("r.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let Node::Merge(MergeNode { spec, .. }) = &r.nodes["m"] else {
+            panic!()
+        };
+        spec.as_ref().clone()
+    };
+    // ALL_R with seed 42: numpy RandomState(42).rand(26) rounded to 3 decimals (numpy 2.4:
+    // 0.375, 0.951, 0.732, 0.599, 0.156, ...).
+    let s = spec(&yaml("    alpha: ALL_R\n    dice: { seed: 42 }\n"));
+    let mergesmith::merge::Ratio::Blocks(v) = &s.alpha else {
+        panic!("{:?}", s.alpha)
+    };
+    assert_eq!(v.len(), 26);
+    assert_eq!(&v[..5], &[0.375, 0.951, 0.732, 0.599, 0.156]);
+    // ER blocks become elemental entries drawn per key at planning time.
+    let w = format!("ER,{}", vec!["0.5"; 25].join(","));
+    let s = spec(&yaml(&format!(
+        "    alpha: \"{w}\"\n    elemental: \"OUT01::0.2\"\n    dice: {{ seed: 1, round: 2 }}\n"
+    )));
+    assert_eq!(s.elemental.as_deref(), Some("OUT01::0.2,BASE::R"));
+    assert_eq!(s.dice.as_ref().map(|d| (d.seed, d.round)), Some((1, 2)));
+    // Tokens without a seed: an error at the field.
+    let e = errors(&yaml("    alpha: ALL_U\n"));
+    assert_eq!((e.errors[0].line, e.errors[0].column), (10, 12));
+    assert!(
+        e.errors[0].message.contains("dice seed"),
+        "{}",
+        e.errors[0].message
+    );
+}
