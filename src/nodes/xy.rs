@@ -86,7 +86,7 @@ pub struct AxisDecl {
 pub enum AxisKind {
     /// The merge's alpha (a number, vector or preset per value).
     Alpha,
-    /// The merge's beta.
+    /// The merge's beta (a mode without beta runs as sum twice, as SuperMerger's XY plot).
     Beta,
     /// Alpha and beta: `a b` pairs (one number sets both).
     AlphaAndBeta,
@@ -132,7 +132,8 @@ pub enum AxisKind {
     AddElemental,
     /// Adjust vectors (8 values).
     Adjust,
-    /// Calculation mode.
+    /// Calculation mode (trainDifference / extract cells run as add difference, as
+    /// SuperMerger; model A stands in for a missing C).
     Calcmode,
     /// Generation seed.
     Seed,

@@ -624,7 +624,7 @@ fn make_cell(
 }
 
 fn apply_merge(
-    inputs: &mut [Input],
+    inputs: &mut Vec<Input>,
     spec: &mut crate::merge::MergeSpec,
     settings: &[&Setting],
 ) -> Result<(), String> {
@@ -705,7 +705,38 @@ fn apply_merge(
             _ => {}
         }
     }
+    as_supermerger_plots(inputs, spec, settings);
     Ok(())
+}
+
+/// What SuperMerger's XY plot does with a cell its mode cannot take: a swept beta on a mode
+/// without one runs as sum twice; trainDifference or extract on a mode other than add
+/// difference runs as add difference. A mode that now reads model C takes model A as C when
+/// the merge has none (SuperMerger's "substituting empty model_c with model_a").
+fn as_supermerger_plots(
+    inputs: &mut Vec<Input>,
+    spec: &mut crate::merge::MergeSpec,
+    settings: &[&Setting],
+) {
+    use crate::merge::{CalcMode, Mode};
+    let beta_swept = settings
+        .iter()
+        .any(|s| matches!(s, Setting::Beta(_) | Setting::AlphaBeta(..)));
+    if beta_swept && !spec.mode.uses_beta() && !spec.calcmode.uses_beta() {
+        spec.mode = Mode::SumTwice;
+    }
+    let calc_swept = settings.iter().any(|s| matches!(s, Setting::Calcmode(_)));
+    let needs_add = matches!(spec.calcmode, CalcMode::TrainDifference | CalcMode::Extract);
+    if calc_swept && needs_add && spec.mode != Mode::AddDifference {
+        spec.mode = Mode::AddDifference;
+        if !spec.calcmode.uses_beta() {
+            spec.beta = None;
+        }
+    }
+    if spec.mode.uses_c() && inputs.len() == 2 {
+        let a = inputs[0].clone();
+        inputs.push(a);
+    }
 }
 
 fn apply_job(job: &mut crate::gen::job::Job, settings: &[&Setting]) {
@@ -861,8 +892,22 @@ fn header(
                 parts.push(format!("{what}={s}"));
             }
         }
+        let beta_axis = sweeps(&[
+            AxisKind::Beta,
+            AxisKind::MbwBeta,
+            AxisKind::AlphaAndBeta,
+            AxisKind::MbwAlphaAndBeta,
+        ]);
+        if beta_axis.is_some() && !spec.mode.uses_beta() && !spec.calcmode.uses_beta() {
+            parts.push("beta swept: run as sum Twice (as SuperMerger's XY plot)".into());
+        }
         if let Some(s) = swept(AxisKind::Calcmode) {
             parts.push(format!("calcmode={s}"));
+            if spec.mode != crate::merge::Mode::AddDifference {
+                parts.push(
+                    "trainDifference / extract cells run as Add difference (as SuperMerger)".into(),
+                );
+            }
         } else if spec.calcmode != crate::merge::CalcMode::Normal {
             parts.push(format!("calcmode={:?}", spec.calcmode));
         }

@@ -625,3 +625,31 @@ fn keep_going_builds_the_other_cells_and_greys_the_failed_one() {
     assert!(page.contains("failed: sweep.1.look"), "{page}");
     assert_eq!(site.pages.len(), 2);
 }
+
+#[test]
+fn cells_switch_modes_as_supermerger_plots_do() {
+    use mergesmith::merge::Mode;
+    // A beta axis on weight_sum runs as sum twice, with A as C (SuperMerger's substitution).
+    let r = parse("      x: { type: beta, values: \"0.1, 0.3\" }\n").unwrap();
+    let (spec, inputs, _) = cell(&r, 1);
+    assert_eq!(spec.mode, Mode::SumTwice);
+    assert_eq!(spec.beta, Some(Ratio::Scalar(0.3)));
+    assert_eq!(inputs.len(), 3);
+    assert_eq!(inputs[2].name(), inputs[0].name());
+    assert!(
+        grids(&r)[0].header.contains("run as sum Twice"),
+        "{}",
+        grids(&r)[0].header
+    );
+    // A calcmode axis: trainDifference / extract cells run as add difference (C = A); the
+    // normal cell stays a weight sum.
+    let r = parse("      x: { type: calcmode, values: \"normal, trainDifference\" }\n").unwrap();
+    let (spec, inputs, _) = cell(&r, 0);
+    assert_eq!((spec.mode, inputs.len()), (Mode::WeightSum, 2));
+    let (spec, inputs, _) = cell(&r, 1);
+    assert_eq!(
+        (spec.mode, spec.calcmode, inputs.len()),
+        (Mode::AddDifference, CalcMode::TrainDifference, 3)
+    );
+    assert!(grids(&r)[0].header.contains("run as Add difference"));
+}
