@@ -210,6 +210,30 @@ pub fn elemental_alpha(
         .map(|e| e.ratio)
 }
 
+/// The blocks of an Include/Exclude list (standard names and ranges, `VAE`, `Adjust`, and
+/// the family's fine names).
+fn filter_blocks(words: &[&str], family: Family) -> Result<Vec<String>> {
+    let mut special = Vec::new();
+    let mut rest = Vec::new();
+    for w in words {
+        match w.to_ascii_uppercase().as_str() {
+            "VAE" => special.push("VAE".to_string()),
+            "ADJUST" => special.push("ADJUST".to_string()),
+            u if names(family, BlockNames::Extended)
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(u)) =>
+            {
+                let list = names(family, BlockNames::Extended);
+                special.extend(list.iter().find(|b| b.eq_ignore_ascii_case(u)).cloned())
+            }
+            _ => rest.push(*w),
+        }
+    }
+    let mut set = parse_blocks(&rest.join(" "), names(family, BlockNames::Standard))?;
+    set.blocks.extend(special);
+    Ok(set.blocks)
+}
+
 /// Include / Exclude mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -249,7 +273,9 @@ pub struct KeyFilter {
 }
 
 impl KeyFilter {
-    /// Parses `blocks` (space or comma separated, ranges allowed, plus `VAE` and `Adjust`) and
+    /// Parses `blocks` (space or comma separated, ranges allowed, plus `VAE` and `Adjust`;
+    /// `NOT` takes every block, `VAE` and `Adjust` but the ones listed after it, added to any
+    /// listed before it, as SuperMerger's XY plot adds an axis' `NOT` list to the merge's) and
     /// `elements` (comma or space separated substrings).
     pub fn parse(
         mode: FilterMode,
@@ -257,32 +283,26 @@ impl KeyFilter {
         elements: &str,
         family: Family,
     ) -> Result<KeyFilter> {
-        let mut special = Vec::new();
-        let mut rest = Vec::new();
-        for w in blocks.split([',', ' ']).filter(|w| !w.is_empty()) {
-            match w.to_ascii_uppercase().as_str() {
-                "VAE" => special.push("VAE".to_string()),
-                "ADJUST" => special.push("ADJUST".to_string()),
-                u if names(family, BlockNames::Extended)
+        let words: Vec<&str> = blocks.split([',', ' ']).filter(|w| !w.is_empty()).collect();
+        let (plain, negated) = match words.iter().position(|w| w.eq_ignore_ascii_case("NOT")) {
+            Some(i) => (&words[..i], Some(&words[i + 1..])),
+            None => (&words[..], None),
+        };
+        let mut set = filter_blocks(plain, family)?;
+        if let Some(negated) = negated {
+            let listed = filter_blocks(negated, family)?;
+            set.extend(
+                names(family, BlockNames::Standard)
                     .iter()
-                    .any(|b| b.eq_ignore_ascii_case(u)) =>
-                {
-                    let list = names(family, BlockNames::Extended);
-                    special.extend(list.iter().find(|b| b.eq_ignore_ascii_case(u)).cloned())
-                }
-                _ => rest.push(w),
-            }
+                    .cloned()
+                    .chain(["VAE".to_string(), "ADJUST".to_string()])
+                    .filter(|b| !listed.contains(b) && !set.contains(b))
+                    .collect::<Vec<_>>(),
+            );
         }
-        let mut set = parse_blocks(&rest.join(" "), names(family, BlockNames::Standard))?;
-        if set.not {
-            return Err(Error::Invalid(
-                "Include/Exclude blocks take no NOT; use the other mode".into(),
-            ));
-        }
-        set.blocks.extend(special);
         Ok(KeyFilter {
             mode,
-            blocks: set.blocks,
+            blocks: set,
             elements: elements
                 .split([',', ' '])
                 .filter(|e| !e.is_empty())
@@ -507,6 +527,17 @@ mod tests {
         let f = KeyFilter::parse(FilterMode::Include, "Adjust", "", sd1()).unwrap();
         assert!(f.allows(&classify(sd1(), ADJUST_KEYS[5]), ADJUST_KEYS[5]));
         assert!(!f.allows(&classify(sd1(), OUT06_Q), OUT06_Q));
+        // NOT: every block, VAE and Adjust but the listed (SuperMerger's XY plot). The SD1
+        // VAE lives in BASE, so it stays matched through BASE, as in SuperMerger.
+        let f = KeyFilter::parse(FilterMode::Include, "NOT OUT06 VAE", "", sd1()).unwrap();
+        assert_eq!(f.blocks.len(), 26 + 2 - 2);
+        assert!(!f.allows(&classify(sd1(), OUT06_Q), OUT06_Q));
+        assert!(f.allows(&classify(sd1(), OUT04_A), OUT04_A));
+        assert!(f.allows(&classify(sd1(), ADJUST_KEYS[5]), ADJUST_KEYS[5]));
+        // Listed blocks before NOT are added to the complement.
+        let f = KeyFilter::parse(FilterMode::Include, "OUT06 NOT OUT06 OUT04", "", sd1()).unwrap();
+        assert!(f.allows(&classify(sd1(), OUT06_Q), OUT06_Q));
+        assert!(!f.allows(&classify(sd1(), OUT04_A), OUT04_A));
     }
 
     #[test]

@@ -109,6 +109,10 @@ pub enum AxisKind {
     IncludeBlocks,
     /// Never merge these blocks.
     ExcludeBlocks,
+    /// Blocks added to the merge's own Include list (the merge becomes Include).
+    AddInclude,
+    /// Blocks added to the merge's own Exclude list (the merge becomes Exclude).
+    AddExclude,
     /// Elemental text (replaces the merge's).
     Elemental,
     /// `blocks:elements` items (no ratio) added to the merge's elemental text with the alpha
@@ -141,6 +145,8 @@ pub enum AxisKind {
     Prompt,
     /// Prompts of several lines (separated by blank lines in text).
     Prompt2,
+    /// The whole text as one prompt (SuperMerger's prompt3).
+    Prompt3,
     /// Negative prompt.
     Negative,
     /// Sampling steps.

@@ -56,6 +56,7 @@ impl AxisKind {
                 AxisKind::Seed
                     | AxisKind::Prompt
                     | AxisKind::Prompt2
+                    | AxisKind::Prompt3
                     | AxisKind::Negative
                     | AxisKind::Steps
                     | AxisKind::Cfg
@@ -81,6 +82,7 @@ impl AxisKind {
             | AxisKind::Adjust
             | AxisKind::LoraBlocks => Sep::Line,
             AxisKind::Elemental | AxisKind::AddElemental | AxisKind::Prompt2 => Sep::BlankLine,
+            AxisKind::Prompt3 => Sep::Whole,
             AxisKind::PinpointElement | AxisKind::Effective => Sep::CommaOrLine,
             _ => Sep::Comma,
         }
@@ -88,6 +90,7 @@ impl AxisKind {
 }
 
 enum Sep {
+    Whole,
     Comma,
     CommaOrLine,
     Line,
@@ -104,6 +107,8 @@ enum Setting {
     Pinpoint(String),
     Include(String),
     Exclude(String),
+    /// Blocks added to the merge's own list, as Include (`true`) or Exclude.
+    AddFilter(bool, String),
     Elemental(String),
     AddElemental(String),
     /// A `blocks:elements` item; `None`: the effective checker's baseline.
@@ -692,6 +697,23 @@ fn apply_merge(
                     elements: String::new(),
                 })
             }
+            Setting::AddFilter(include, b) => {
+                use crate::merge::select::FilterMode;
+                let own = spec.filter.take();
+                let blocks = match own.as_ref().map(|f| f.blocks.trim()) {
+                    Some(o) if !o.is_empty() => format!("{o} {b}"),
+                    _ => b.clone(),
+                };
+                spec.filter = Some(FilterSpec {
+                    mode: if *include {
+                        FilterMode::Include
+                    } else {
+                        FilterMode::Exclude
+                    },
+                    blocks,
+                    elements: own.map(|f| f.elements).unwrap_or_default(),
+                });
+            }
             Setting::Elemental(e) => spec.elemental = Some(e.clone()),
             Setting::AddElemental(e) => {
                 let base = spec.elemental.take().unwrap_or_default();
@@ -785,6 +807,21 @@ fn random_alpha(base: &Ratio, dice: Option<&Dice>, i: u64, seed: u64) -> Result<
         .vector(&tokens, false, names)
         .map(|(v, _)| Ratio::Blocks(v))
         .map_err(|e| e.to_string())
+}
+
+/// The generation seed the `n`th -1 of a seed axis stands for (below 2³², as A1111's).
+fn drawn_seed(axis_seed: Option<u64>, n: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mergesmith seed -1");
+    h.update(&axis_seed.unwrap_or(0).to_le_bytes());
+    h.update(&n.to_le_bytes());
+    let b = h.finalize();
+    u32::from_le_bytes([
+        b.as_bytes()[0],
+        b.as_bytes()[1],
+        b.as_bytes()[2],
+        b.as_bytes()[3],
+    ]) as u64
 }
 
 /// The dice seed of cell `i` of a random axis with seed `seed`.
@@ -917,7 +954,7 @@ fn header(
             .map(String::from)
             .unwrap_or_else(|| job.seed.to_string());
         parts.push(format!("seed={seed}"));
-        if let Some(s) = sweeps(&[AxisKind::Prompt, AxisKind::Prompt2]) {
+        if let Some(s) = sweeps(&[AxisKind::Prompt, AxisKind::Prompt2, AxisKind::Prompt3]) {
             parts.push(format!("prompt={s}"));
         }
     }
@@ -971,10 +1008,28 @@ fn parse_axis(
             return None;
         }
     };
+    // `ALL` is what SuperMerger's XY plot makes of it: every SD block in two parts (BASE to
+    // M00, then OUT00 to OUT11) for pinpoint blocks, seven columns (every slot but BRI) for
+    // pinpoint adjust.
+    let all = |t: &str| -> Option<String> {
+        match (t.trim(), kind) {
+            ("ALL", AxisKind::PinpointBlocks) => {
+                let l = sd_list();
+                let m = l.iter().position(|b| b == "M00").map_or(l.len(), |i| i + 1);
+                Some(format!("{}|{}", l[..m].join(","), l[m..].join(",")))
+            }
+            ("ALL", AxisKind::PinpointAdjust) => Some("IN,OUT,OUT2,CONT,COL1,COL2,COL3".into()),
+            _ => None,
+        }
+    };
     let raw: Vec<Vec<AxisValue>> = match &a.value.values {
         AxisValues::List(v) => vec![v.clone()],
         AxisValues::Number(n) => vec![vec![AxisValue::Number(*n)]],
-        AxisValues::Text(t) => t
+        AxisValues::Text(t) if matches!(kind.separator(), Sep::Whole) => {
+            vec![vec![AxisValue::Text(t.clone())]]
+        }
+        AxisValues::Text(t) => all(t)
+            .unwrap_or_else(|| t.clone())
             .split('|')
             .map(|part| {
                 split_text(part, kind.separator())
@@ -984,19 +1039,30 @@ fn parse_axis(
             })
             .collect(),
     };
+    // A seed of -1 (SuperMerger's "random seed") is a seed drawn from the axis' `seed` and
+    // the value's position: a different seed per -1, the same ones on every build.
+    let mut minus_ones = 0u64;
+    let raw: Vec<Vec<AxisValue>> = raw
+        .into_iter()
+        .map(|values| {
+            values
+                .into_iter()
+                .map(|v| match (&v, kind) {
+                    (AxisValue::Number(n), AxisKind::Seed) if *n == -1.0 => {
+                        minus_ones += 1;
+                        AxisValue::Number(drawn_seed(a.value.seed, minus_ones) as f64)
+                    }
+                    (AxisValue::Text(t), AxisKind::Seed) if t.trim() == "-1" => {
+                        minus_ones += 1;
+                        AxisValue::Number(drawn_seed(a.value.seed, minus_ones) as f64)
+                    }
+                    _ => v,
+                })
+                .collect()
+        })
+        .collect();
     let mut parts = Vec::new();
     for values in raw {
-        // `ALL` pinpoints every block, one per value.
-        let values: Vec<AxisValue> = values
-            .into_iter()
-            .flat_map(|v| match (&v, kind) {
-                (AxisValue::Text(t), AxisKind::PinpointBlocks) if t.trim() == "ALL" => sd_list()
-                    .iter()
-                    .map(|b| AxisValue::Text(b.clone()))
-                    .collect(),
-                _ => vec![v],
-            })
-            .collect();
         if values.is_empty() {
             errs.push(
                 &a.referenced,
@@ -1117,6 +1183,7 @@ fn by_name<T: crate::text::Named>(value: &serde_json::Value, what: &str) -> Resu
 
 fn split_text(text: &str, sep: Sep) -> Vec<String> {
     let pieces: Vec<String> = match sep {
+        Sep::Whole => vec![text.to_string()],
         Sep::Comma => text.split(',').map(String::from).collect(),
         Sep::CommaOrLine => text.split([',', '\n']).map(String::from).collect(),
         Sep::Line => text.lines().map(String::from).collect(),
@@ -1246,6 +1313,8 @@ fn setting(
             Setting::Pinpoint(t)
         }
         AxisKind::IncludeBlocks => Setting::Include(text.trim().to_string()),
+        AxisKind::AddInclude => Setting::AddFilter(true, text.trim().to_string()),
+        AxisKind::AddExclude => Setting::AddFilter(false, text.trim().to_string()),
         AxisKind::ExcludeBlocks => Setting::Exclude(text.trim().to_string()),
         AxisKind::Elemental => Setting::Elemental(text),
         AxisKind::AddElemental => Setting::AddElemental(text),
@@ -1259,6 +1328,8 @@ fn setting(
         AxisKind::PinpointAdjust => {
             const SLOTS: [&str; 8] = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"];
             let t = text.trim().to_ascii_uppercase();
+            // `ALL` among other values: one column setting every slot but BRI (the axis'
+            // whole text `ALL` is seven columns, as SuperMerger's).
             let slots = match t.as_str() {
                 "ALL" => (0..8).filter(|&i| i != 4).collect(),
                 _ => vec![SLOTS.iter().position(|s| *s == t).ok_or_else(|| {
@@ -1291,7 +1362,7 @@ fn setting(
         AxisKind::Seed => Setting::Seed(int("a seed")?),
         // Syntax no generation can read is an error at the axis, not in a cell at build time
         // (checked with A1111's reading; a node's `emphasis: comfyui` only reads less).
-        AxisKind::Prompt | AxisKind::Prompt2 => {
+        AxisKind::Prompt | AxisKind::Prompt2 | AxisKind::Prompt3 => {
             crate::gen::prompt::parse(&text, Default::default()).map_err(|e| e.to_string())?;
             Setting::Prompt(text)
         }

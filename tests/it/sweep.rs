@@ -213,12 +213,15 @@ fn pinpoint_blocks_give_the_alpha_axis_value_to_the_named_blocks() {
     assert_eq!(blocks(1), not);
     assert_eq!(blocks(2)[14..17], [1.0, 1.0, 1.0]);
     assert_eq!(blocks(2).iter().filter(|v| **v == 1.0).count(), 3);
-    // ALL: one column per block.
+    // ALL: one column per block, in SuperMerger's two parts (BASE-M00, OUT00-OUT11).
     let r = parse(
         "      x: { type: pinpoint_blocks, values: ALL }\n      y: { type: alpha, values: [0] }\n",
     )
     .unwrap();
-    assert_eq!(grids(&r)[0].cells.len(), 26);
+    let g = grids(&r);
+    assert_eq!((g.len(), g[0].cells.len(), g[1].cells.len()), (2, 14, 12));
+    assert_eq!(g[0].x_labels[0], "pinpoint_blocks = BASE");
+    assert_eq!(g[1].x_labels.last().map(String::as_str), Some("OUT11"));
 }
 
 #[test]
@@ -240,6 +243,24 @@ fn pinpointed_elements_adjust_slots_and_lora_axes() {
     let r = parse("      x: { type: pinpoint_adjust, values: \"CONT, ALL\" }\n      y: { type: alpha, values: [2] }\n").unwrap();
     assert_eq!(cell(&r, 0).0.adjust, Some([0., 0., 0., 2., 0., 0., 0., 0.]));
     assert_eq!(cell(&r, 1).0.adjust, Some([2., 2., 2., 2., 0., 2., 2., 2.]));
+    // The whole text ALL: SuperMerger's seven columns (every slot but BRI).
+    let r = parse(
+        "      x: { type: pinpoint_adjust, values: ALL }\n      y: { type: alpha, values: [2] }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        grids(&r)[0].x_labels,
+        [
+            "pinpoint_adjust = IN",
+            "OUT",
+            "OUT2",
+            "CONT",
+            "COL1",
+            "COL2",
+            "COL3"
+        ]
+    );
+    assert_eq!(cell(&r, 5).0.adjust, Some([0., 0., 0., 0., 0., 0., 2., 0.]));
     let e = parse("      x: { type: pinpoint_adjust, values: [HUE] }\n      y: { type: alpha, values: [2] }\n").unwrap_err();
     assert!(e.contains("`HUE` is not an adjust slot"), "{e}");
     // LoRA axes change the lora node the generate node reads.
@@ -652,4 +673,47 @@ fn cells_switch_modes_as_supermerger_plots_do() {
         (Mode::AddDifference, CalcMode::TrainDifference, 3)
     );
     assert!(grids(&r)[0].header.contains("run as Add difference"));
+}
+
+#[test]
+fn add_include_and_exclude_extend_the_merges_list() {
+    let text = BASE.replace(
+        "    alpha: 0.5\n",
+        "    alpha: 0.5\n    exclude: { blocks: \"IN01\", elements: attn2 }\n",
+    );
+    let r = recipe::parse(
+        Path::new("r.yaml"),
+        &format!("{text}      x: {{ type: add_include, values: \"OUT03 OUT04, M00\" }}\n      y: {{ type: add_exclude, values: [\"NOT IN05\"] }}\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let f = |i| cell(&r, i).0.filter.clone().unwrap();
+    // The later axis wins the mode (SuperMerger: the axis type sets Include/Exclude); the
+    // blocks accumulate onto the merge's own list, its elements stay.
+    let (f0, f1) = (f(0), f(1));
+    assert_eq!(f0.mode, mergesmith::merge::FilterMode::Exclude);
+    assert_eq!(f0.blocks, "IN01 OUT03 OUT04 NOT IN05");
+    assert_eq!(f0.elements, "attn2");
+    assert_eq!(f1.blocks, "IN01 M00 NOT IN05");
+}
+
+#[test]
+fn prompt3_and_random_seeds() {
+    // prompt3: the whole text is one prompt, `|` and newlines included.
+    let r =
+        parse("      x: { type: prompt3, values: \"a cat\\nin a hat, red | blue\" }\n").unwrap();
+    assert_eq!(grids(&r)[0].cells.len(), 1);
+    assert_eq!(cell(&r, 0).2.prompt, "a cat\nin a hat, red | blue");
+    // seed -1: a drawn seed per -1, the same on every parse, another for another axis seed.
+    let seeds = |axis: &str| {
+        let r = parse(axis).unwrap();
+        (0..3).map(|i| cell(&r, i).2.seed).collect::<Vec<u64>>()
+    };
+    let a = seeds("      x: { type: seed, values: \"-1, 5, -1\" }\n");
+    assert_eq!(a[1], 5);
+    assert!(a[0] != a[2] && a[0] <= u32::MAX as u64 && a[0] != u64::MAX);
+    assert_eq!(a, seeds("      x: { type: seed, values: [-1, 5, -1] }\n"));
+    assert_ne!(
+        a[0],
+        seeds("      x: { type: seed, values: \"-1, 5, -1\", seed: 1 }\n")[0]
+    );
 }
