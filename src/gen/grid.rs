@@ -184,26 +184,30 @@ pub fn compose(spec: &GridSpec) -> Result<RgbImage> {
     Ok(img)
 }
 
-/// SuperMerger's effective-elemental check of `img` against `base`: pixels whose channels
-/// differ by more than 20 count as changed; returns the inverted difference image (black where
-/// changed, white elsewhere) and the changed share in percent.
+/// SuperMerger's effective-elemental check of `img` against `base` (its `effectivechecker`):
+/// the inverted absolute difference per channel (`255 − |a − b|`: white where nothing
+/// changed) and the share, in percent, of channel values that differ by more than 20 (over
+/// width · height · 3).
 pub fn difference(base: &RgbImage, img: &RgbImage) -> (RgbImage, f64) {
     let (w, h) = (
         img.width().min(base.width()),
         img.height().min(base.height()),
     );
-    let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let mut out = RgbImage::new(w, h);
     let mut changed = 0usize;
     for y in 0..h {
         for x in 0..w {
             let (p, q) = (base.get_pixel(x, y), img.get_pixel(x, y));
-            if p.0.iter().zip(q.0).any(|(a, b)| a.abs_diff(b) > 20) {
-                out.put_pixel(x, y, Rgb([0, 0, 0]));
-                changed += 1;
+            let mut d = [0u8; 3];
+            for c in 0..3 {
+                let diff = p.0[c].abs_diff(q.0[c]);
+                changed += usize::from(diff > 20);
+                d[c] = 255 - diff;
             }
+            out.put_pixel(x, y, Rgb(d));
         }
     }
-    let share = 100.0 * changed as f64 / (w as f64 * h as f64).max(1.0);
+    let share = 100.0 * changed as f64 / (w as f64 * h as f64 * 3.0).max(1.0);
     (out, share)
 }
 
@@ -226,10 +230,12 @@ mod tests {
         img.put_pixel(1, 0, Rgb([100, 80, 100])); // 20: not changed
         img.put_pixel(3, 1, Rgb([0, 0, 0]));
         let (d, share) = difference(&base, &img);
-        assert_eq!(share, 25.0);
-        assert_eq!(d.get_pixel(0, 0), &Rgb([0, 0, 0]));
-        assert_eq!(d.get_pixel(1, 0), &Rgb([255, 255, 255]));
-        assert_eq!(d.get_pixel(3, 1), &Rgb([0, 0, 0]));
+        // Channel values over 20: one at (0, 0), three at (3, 1): 4 of 4·2·3 = 24.
+        assert_eq!(share, 100.0 * 4.0 / 24.0);
+        assert_eq!(d.get_pixel(0, 0), &Rgb([234, 255, 255]));
+        assert_eq!(d.get_pixel(1, 0), &Rgb([255, 235, 255]));
+        assert_eq!(d.get_pixel(3, 1), &Rgb([155, 155, 155]));
+        assert_eq!(d.get_pixel(2, 0), &Rgb([255, 255, 255]));
     }
 
     #[test]
