@@ -198,13 +198,9 @@ pub fn difference(base: &RgbImage, img: &RgbImage) -> (RgbImage, f64) {
     for y in 0..h {
         for x in 0..w {
             let (p, q) = (base.get_pixel(x, y), img.get_pixel(x, y));
-            let mut d = [0u8; 3];
-            for c in 0..3 {
-                let diff = p.0[c].abs_diff(q.0[c]);
-                changed += usize::from(diff > 20);
-                d[c] = 255 - diff;
-            }
-            out.put_pixel(x, y, Rgb(d));
+            let d: [u8; 3] = std::array::from_fn(|c| p.0[c].abs_diff(q.0[c]));
+            changed += d.iter().filter(|v| **v > 20).count();
+            out.put_pixel(x, y, Rgb(d.map(|v| 255 - v)));
         }
     }
     let share = 100.0 * changed as f64 / (w as f64 * h as f64 * 3.0).max(1.0);

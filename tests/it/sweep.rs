@@ -581,9 +581,14 @@ fn the_effective_checker_adds_a_difference_row() {
     // The baseline's difference with itself is all white; the bottom-left cell is white.
     let (x0, y0) = (grid.width() - 3 * 64, grid.height() - 48);
     assert!((0..64).all(|x| (0..48).all(|y| grid.get_pixel(x0 + x, y0 + y).0 == [255, 255, 255])));
-    // Changing every OUT block's weights changes the picture somewhere.
+    // Changing every OUT block's weights changes the picture somewhere by more than the
+    // threshold: some channel of the inverted difference is under 255 - 20.
     let (x1, y1) = (grid.width() - 2 * 64, grid.height() - 48);
-    assert!((0..64).any(|x| (0..48).any(|y| grid.get_pixel(x1 + x, y1 + y).0 == [0, 0, 0])));
+    assert!((0..64).any(|x| (0..48).any(|y| grid
+        .get_pixel(x1 + x, y1 + y)
+        .0
+        .iter()
+        .any(|c| *c < 235))));
 }
 
 #[test]
