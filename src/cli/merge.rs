@@ -197,26 +197,16 @@ pub fn run(a: MergeArgs) -> Result<()> {
         max: a.dice_max.clone(),
         min: a.dice_min.clone(),
     });
-    let mut draw = dice.as_ref().map(mergesmith::merge::dice::Draw::new);
-    let mut drawn_elemental = Vec::new();
+    let mut roller = mergesmith::merge::dice::Roller::new(dice.as_ref(), a.xl_elemental_shift);
     let mut ratio = |text: &str, beta: bool| -> Result<Ratio> {
-        if mergesmith::merge::dice::tokens(text).is_none() {
-            return Ratio::parse(text, &presets);
-        }
-        let draw = draw
-            .as_mut()
-            .ok_or_else(|| mergesmith::merge::dice::needs_seed(text))?;
-        match draw.resolve(text, beta, a.xl_elemental_shift)? {
-            Some((values, elemental)) => {
-                drawn_elemental.extend(elemental);
-                Ok(Ratio::Blocks(values))
-            }
+        match roller.roll(text, beta)? {
+            Some(values) => Ok(Ratio::Blocks(values)),
             None => Ratio::parse(text, &presets),
         }
     };
     let alpha = ratio(alpha_text, false)?;
     let beta = a.beta.as_deref().map(|b| ratio(b, true)).transpose()?;
-    let elemental = mergesmith::merge::dice::with_drawn(a.elemental.clone(), &drawn_elemental);
+    let elemental = roller.elemental(a.elemental.clone());
     let spec = MergeSpec {
         mode,
         alpha,

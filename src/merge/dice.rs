@@ -125,17 +125,51 @@ pub fn tokens(text: &str) -> Option<Vec<String>> {
     parts.iter().any(|p| is_token(p)).then_some(parts)
 }
 
-/// A merge's elemental text with the entries its `E` dice tokens added.
-pub fn with_drawn(elemental: Option<String>, drawn: &[String]) -> Option<String> {
-    match (elemental, drawn.is_empty()) {
-        (e, true) => e,
-        (None, false) => Some(drawn.join(",")),
-        (Some(e), false) => Some(format!("{e},{}", drawn.join(","))),
+/// Draws the dice tokens of a merge's ratio texts in SuperMerger's order (alpha, then beta),
+/// collecting the elemental entries its `E` tokens add.
+pub struct Roller {
+    draw: Option<Draw>,
+    shifted: bool,
+    drawn: Vec<String>,
+}
+
+impl Roller {
+    /// A roller for a merge with these dice (none: tokens are an error); `shifted`: the merge
+    /// reads SDXL elemental names shifted.
+    pub fn new(dice: Option<&Dice>, shifted: bool) -> Roller {
+        Roller {
+            draw: dice.map(Draw::new),
+            shifted,
+            drawn: Vec::new(),
+        }
+    }
+
+    /// The drawn vector of a ratio text with dice tokens; `None` for a text without.
+    pub fn roll(&mut self, text: &str, beta: bool) -> Result<Option<Vec<f64>>> {
+        if tokens(text).is_none() {
+            return Ok(None);
+        }
+        let draw = self.draw.as_mut().ok_or_else(|| needs_seed(text))?;
+        Ok(draw
+            .resolve(text, beta, self.shifted)?
+            .map(|(values, elemental)| {
+                self.drawn.extend(elemental);
+                values
+            }))
+    }
+
+    /// The merge's elemental text with the entries its `E` tokens added.
+    pub fn elemental(&self, own: Option<String>) -> Option<String> {
+        match (own, self.drawn.is_empty()) {
+            (e, true) => e,
+            (None, false) => Some(self.drawn.join(",")),
+            (Some(e), false) => Some(format!("{e},{}", self.drawn.join(","))),
+        }
     }
 }
 
 /// The error for dice tokens without a seed.
-pub fn needs_seed(text: &str) -> Error {
+fn needs_seed(text: &str) -> Error {
     Error::Invalid(format!(
         "`{}` holds dice tokens (R, U, X, D, ER, EU, EX): give the merge a dice seed (`dice: {{ seed: N }}`, `--dice-seed N`)",
         text.trim()

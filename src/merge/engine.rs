@@ -259,8 +259,8 @@ fn release(inputs: &Inputs, k: &KeyPlan) {
 }
 
 /// cosineA/B pre-pass: the similarity range over every key of A that contains `model`, is
-/// present in B with the same shape, and is not part of the VAE (integer tensors included). Streams key by key; only
-/// the samples (one per column) are kept.
+/// present in B with the same shape, and is not part of the VAE (integer tensors included).
+/// Streams key by key; only the samples (one per column) are kept.
 fn cosine_range(plan: &Plan, inputs: &Inputs, cosine_a: bool) -> Result<Option<cosine::Range>> {
     let per_key: Vec<Vec<f64>> = plan
         .keys

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::hashing::FileHashes;
-use crate::merge::dice::{self, Draw};
+use crate::merge::dice;
 use crate::merge::metadata::{self, InputRecord};
 use crate::merge::method::supermerger::GAMMA_DEFAULT;
 use crate::merge::method::Engine;
@@ -110,22 +110,13 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
         );
     }
     // Dice tokens in alpha / beta are drawn now (alpha first, as SuperMerger draws them).
-    let mut draw = d.dice.as_ref().map(Draw::new);
-    let mut drawn_elemental: Vec<String> = Vec::new();
+    let mut roller = dice::Roller::new(d.dice.as_ref(), d.xl_elemental_shift);
     let mut ratio = |r: &Spanned<RatioDecl>, beta: bool, cx: &mut dyn ParseCx| -> Option<Ratio> {
-        let text = match &r.value {
-            RatioDecl::Text(t) if dice::tokens(t).is_some() => t,
-            _ => return cx.ratio(r),
+        let RatioDecl::Text(text) = &r.value else {
+            return cx.ratio(r);
         };
-        let resolved = match draw.as_mut() {
-            Some(draw) => draw.resolve(text, beta, d.xl_elemental_shift),
-            None => Err(dice::needs_seed(text)),
-        };
-        match resolved {
-            Ok(Some((values, elemental))) => {
-                drawn_elemental.extend(elemental);
-                Some(Ratio::Blocks(values))
-            }
+        match roller.roll(text, beta) {
+            Ok(Some(values)) => Some(Ratio::Blocks(values)),
             Ok(None) => cx.ratio(r),
             Err(e) => {
                 cx.error(&r.referenced, e.to_string(), None);
@@ -145,7 +136,7 @@ fn parse(name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<N
         }
     };
     let beta = d.beta.as_ref().map(|b| ratio(b, true, cx));
-    let elemental = dice::with_drawn(d.elemental.clone(), &drawn_elemental);
+    let elemental = roller.elemental(d.elemental.clone());
     let adjust = match &d.adjust {
         Some(v) => match <[f64; 8]>::try_from(v.value.as_slice()) {
             Ok(a) => Some(a),

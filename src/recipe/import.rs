@@ -93,6 +93,8 @@ fn from_mergesmith(own: &Value, name: &str, stem: &str) -> String {
         let _ = writeln!(out, "    xl_elemental_shift: true");
     }
     field(&mut out, "numerics", m.get("numerics"));
+    // The alpha recorded is the drawn vector; random elemental ratios still need the dice.
+    field(&mut out, "dice", m.get("dice"));
     if let Some(f) = m.get("filter").filter(|f| f.is_object()) {
         let _ = writeln!(
             out,
