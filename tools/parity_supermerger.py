@@ -14,6 +14,8 @@ Run:
     cargo build --release
     /tmp/smv/bin/python tools/parity_supermerger.py --supermerger /tmp/supermerger \
         --bin target/release/mergesmith [--numerics f32]
+Environment: ONLY=TEXT runs the cases whose label contains TEXT; SHOW=1 names each tensor that
+differs (on stderr).
 """
 
 import argparse
