@@ -247,6 +247,19 @@ impl HashMemo {
         ))
     }
 
+    /// Every file the memo knows, by blake3 (to name a recorded content hash by its
+    /// AutoV2 / SHA-256).
+    pub fn by_blake3(&self) -> std::collections::BTreeMap<String, FileHashes> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Default::default();
+        };
+        dir.flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str::<MemoEntry>(&t).ok())
+            .map(|e| (e.hashes.blake3.clone(), e.hashes))
+            .collect()
+    }
+
     /// Returns the file's hashes, reading the file only if the memo has no entry for
     /// its current (path, size, mtime, inode, device).
     pub fn hashes(&self, path: &Path) -> Result<(FileHashes, HashSource)> {

@@ -18,6 +18,7 @@ pub mod diff;
 mod keys;
 pub mod lock;
 pub mod log;
+pub mod merges;
 mod plan;
 mod schedule;
 pub mod shard;

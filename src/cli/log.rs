@@ -1,5 +1,7 @@
 //! `mergesmith log`: recorded builds.
 
+use std::path::PathBuf;
+
 use clap::Args;
 use mergesmith::error::Result;
 
@@ -17,10 +19,26 @@ pub struct LogArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// List the merges built, with their merge IDs and settings, instead of the builds.
+    #[arg(long)]
+    pub merges: bool,
+    /// With --merges: only merges whose node, recipe, models or settings contain TEXT.
+    #[arg(long, value_name = "TEXT", requires = "merges")]
+    pub search: Option<String>,
+    /// Write every merge built as SuperMerger's mergehistory.csv (read back by `recipe
+    /// from-supermerger`).
+    #[arg(long, value_name = "FILE")]
+    pub mergehistory: Option<PathBuf>,
+    /// Replace an existing --mergehistory file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `log`.
 pub fn run(a: LogArgs) -> Result<()> {
+    if a.merges || a.mergehistory.is_some() {
+        return merges(&a);
+    }
     let log = a.location.open().log();
     let tail = &log[log.len().saturating_sub(a.count)..];
     if a.json {
@@ -40,6 +58,32 @@ pub fn run(a: LogArgs) -> Result<()> {
             },
             e.cached
         );
+    }
+    Ok(())
+}
+
+/// `log --merges` and `log --mergehistory FILE`.
+fn merges(a: &LogArgs) -> Result<()> {
+    let cache = a.location.open();
+    let all = cache.merges();
+    if let Some(path) = &a.mergehistory {
+        let csv = mergesmith::build::merges::mergehistory_csv(&all, &cache.memo().by_blake3());
+        mergesmith::checkpoint::writer::write_file_atomic(path, csv.as_bytes(), a.overwrite)?;
+        eprintln!("wrote {} ({} merges)", path.display(), all.len());
+        if !a.merges {
+            return Ok(());
+        }
+    }
+    let shown: Vec<_> = all
+        .iter()
+        .filter(|m| a.search.as_deref().is_none_or(|t| m.matches(t)))
+        .collect();
+    let tail = &shown[shown.len().saturating_sub(a.count)..];
+    if a.json {
+        return print_json(&tail);
+    }
+    for m in tail {
+        println!("{}", m.line());
     }
     Ok(())
 }

@@ -1422,3 +1422,46 @@ fn dice_tokens_are_drawn_as_supermerger_draws_them() {
         e.errors[0].message
     );
 }
+
+#[test]
+fn merge_ids_history_and_mergehistory_csv() {
+    let p = Project::new();
+    let cache = p.cache();
+    let run = |alpha: &str| {
+        let r = p.recipe(alpha);
+        let reports = p.build(&r);
+        cache.append_log(&r, &reports).unwrap();
+    };
+    run("0.3");
+    run("0.3"); // all hits: no merge runs, no ID
+    run("0.35");
+    let merges = cache.merges();
+    let ids: Vec<(u64, &str)> = merges.iter().map(|m| (m.id, m.node.as_str())).collect();
+    assert_eq!(
+        ids,
+        vec![(1, "blend"), (2, "detail"), (3, "blend"), (4, "detail")]
+    );
+    assert_eq!(merges[2].merge["alpha"], 0.35);
+    assert_eq!(merges[1].merge["calcmode"], "trainDifference");
+    assert!(merges[3].matches("TRAINdifference") && !merges[2].matches("trainDifference"));
+    // Exported as SuperMerger's mergehistory.csv and read back by the importer.
+    let csv = mergesmith::build::merges::mergehistory_csv(&merges, &cache.memo().by_blake3());
+    assert!(csv.starts_with("\"ID\",\"time\",\"name\""), "{csv}");
+    let path = p.dir.path().join("mergehistory.csv");
+    std::fs::write(&path, &csv).unwrap();
+    let yaml = recipe::import::from_supermerger_history(&path, Some(4)).unwrap();
+    let r = recipe::parse(&p.dir.path().join("r.yaml"), &yaml)
+        .unwrap_or_else(|e| panic!("{}\n{yaml}\n{csv}", e.render()));
+    let Node::Merge(MergeNode { spec, inputs, .. }) = &r.nodes["merge_4"] else {
+        panic!("{yaml}")
+    };
+    assert_eq!(spec.mode, mergesmith::merge::Mode::AddDifference);
+    assert_eq!(spec.calcmode, mergesmith::merge::CalcMode::TrainDifference);
+    assert_eq!(spec.alpha, mergesmith::merge::Ratio::Scalar(0.3));
+    assert_eq!(inputs.len(), 3);
+    // Model files the cache hashed are named by AutoV2, as SuperMerger names them.
+    let tuned = mergesmith::hashing::hash_file(&p.dir.path().join("models/tuned.safetensors"))
+        .unwrap()
+        .autov2;
+    assert!(csv.contains(&tuned), "{csv}");
+}
