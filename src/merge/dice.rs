@@ -25,47 +25,22 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::noise::Mt19937;
 
-/// numpy's legacy `RandomState` (MT19937 seeded by `init_genrand`), enough for `rand()`.
-pub struct LegacyRandom {
-    mt: [u32; 624],
-    idx: usize,
-}
+/// numpy's legacy `RandomState`: MT19937 seeded by `init_genrand` (`np.random.seed(seed)`),
+/// enough for `rand()`.
+pub struct LegacyRandom(Mt19937);
 
 impl LegacyRandom {
     /// `np.random.seed(seed)`.
     pub fn new(seed: u32) -> Self {
-        let mut mt = [0u32; 624];
-        mt[0] = seed;
-        for i in 1..624 {
-            mt[i] = 1_812_433_253u32
-                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
-                .wrapping_add(i as u32);
-        }
-        LegacyRandom { mt, idx: 624 }
-    }
-
-    fn next_u32(&mut self) -> u32 {
-        if self.idx >= 624 {
-            for i in 0..624 {
-                let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
-                let mag = if y & 1 == 1 { 0x9908_b0df } else { 0 };
-                self.mt[i] = self.mt[(i + 397) % 624] ^ (y >> 1) ^ mag;
-            }
-            self.idx = 0;
-        }
-        let mut y = self.mt[self.idx];
-        self.idx += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^ (y >> 18)
+        LegacyRandom(Mt19937::new(seed))
     }
 
     /// `np.random.random_sample()`: 53 random bits in [0, 1).
     pub fn random_sample(&mut self) -> f64 {
-        let a = (self.next_u32() >> 5) as f64;
-        let b = (self.next_u32() >> 6) as f64;
+        let a = (self.0.next_u32() >> 5) as f64;
+        let b = (self.0.next_u32() >> 6) as f64;
         (a * 67_108_864.0 + b) / 9_007_199_254_740_992.0
     }
 }
@@ -95,6 +70,20 @@ pub struct Dice {
 
 fn default_round() -> u32 {
     3
+}
+
+impl Dice {
+    /// A seed with SuperMerger's default panel: 3 decimals, limits 0 to 1.
+    pub fn new(seed: u32) -> Dice {
+        Dice {
+            seed,
+            round: default_round(),
+            upper: None,
+            lower: None,
+            max: None,
+            min: None,
+        }
+    }
 }
 
 /// Whether a vector entry or elemental ratio is a dice token.
@@ -421,14 +410,7 @@ mod tests {
             ),
         ];
         for (seed, want) in cases {
-            let d = Draw::new(&Dice {
-                seed,
-                round: 3,
-                upper: None,
-                lower: None,
-                max: None,
-                min: None,
-            });
+            let d = Draw::new(&Dice::new(seed));
             for (&i, (m, e)) in [0usize, 1, 2, 50, 100, 2999].iter().zip(want) {
                 assert_eq!(d.r[i], hex(m, e), "seed {seed}, r[{i}]");
             }
@@ -441,14 +423,7 @@ mod tests {
         // (numpy: [round(r[i], 3) ...] = 0.375, 0.951, 0.732, 0.599, 0.156); U at 1 is
         // 1.5 - 2·0.9507 = -0.401, clamped to 0 by the default min; X at 2 (upper 1, lower 0)
         // is 1 - r = 0.268; D at 3 (middle 1, width 0) is 1.
-        let dice = Dice {
-            seed: 42,
-            round: 3,
-            upper: None,
-            lower: None,
-            max: None,
-            min: None,
-        };
+        let dice = Dice::new(42);
         let names: Vec<String> = (0..5).map(|i| format!("B{i}")).collect();
         let (v, e) = Draw::new(&dice)
             .vector(&["R", "U", "X", "D", "0.5"], false, &names)

@@ -790,16 +790,10 @@ fn random_alpha(base: &Ratio, dice: Option<&Dice>, i: u64, seed: u64) -> Result<
         Ratio::Blocks(b) => b.len(),
         Ratio::Scalar(_) => sd_list().len(),
     };
+    let seed = random_seed(seed, i);
     let dice = Dice {
-        seed: random_seed(seed, i),
-        ..dice.cloned().unwrap_or(Dice {
-            seed: 0,
-            round: 3,
-            upper: None,
-            lower: None,
-            max: None,
-            min: None,
-        })
+        seed,
+        ..dice.cloned().unwrap_or(Dice::new(seed))
     };
     let names = crate::arch::family::list_of_len(n).unwrap_or(sd_list());
     let tokens = vec!["R"; n];

@@ -299,14 +299,7 @@ fn elemental_dice_ratios_are_drawn_per_key() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("dice seed"), "{e}");
-    s.dice = Some(Dice {
-        seed: 7,
-        round: 3,
-        upper: None,
-        lower: None,
-        max: None,
-        min: None,
-    });
+    s.dice = Some(Dice::new(7));
     let out = run(&m, &m.c, &s, "dice.safetensors");
     // SuperMerger: the key's position n among A's keys (sorted), ratio round(r[n + 100], 3).
     let mut names: Vec<String> = Checkpoint::open(&m.a)

@@ -18,13 +18,41 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// `scipy.ndimage.median_filter(x, size=3, mode="reflect")`.
-pub fn median3(x: &[f32], shape: &[usize]) -> Vec<f32> {
-    let shape: Vec<usize> = if shape.is_empty() {
+/// A tensor's shape for the filters (a scalar is one element).
+fn dims(shape: &[usize]) -> Vec<usize> {
+    if shape.is_empty() {
         vec![1]
     } else {
         shape.to_vec()
-    };
+    }
+}
+
+/// A separable filter, scipy's way: along each axis in turn, every element becomes
+/// `line(at, i)` (in f64, rounded to f32), where `i` is its index on that axis and `at(k)`
+/// reads the line at index `k` with "reflect" boundaries.
+fn along_axes(
+    x: &[f32],
+    shape: &[usize],
+    line: impl Fn(&dyn Fn(isize) -> f64, isize) -> f64 + Sync,
+) -> Vec<f32> {
+    let st = strides(shape);
+    let mut cur = x.to_vec();
+    for d in 0..shape.len() {
+        let (n, s) = (shape[d], st[d]);
+        let src = cur.clone();
+        cur.par_iter_mut().enumerate().for_each(|(flat, o)| {
+            let i = flat / s % n;
+            let base = flat - i * s;
+            let at = |k: isize| src[base + reflect(k, n) * s] as f64;
+            *o = line(&at, i as isize) as f32;
+        });
+    }
+    cur
+}
+
+/// `scipy.ndimage.median_filter(x, size=3, mode="reflect")`.
+pub fn median3(x: &[f32], shape: &[usize]) -> Vec<f32> {
+    let shape = dims(shape);
     let st = strides(&shape);
     let nd = shape.len();
     let window = 3usize.pow(nd as u32);
@@ -54,36 +82,19 @@ pub fn median3(x: &[f32], shape: &[usize]) -> Vec<f32> {
 /// `scipy.ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=4.0)`: a normalized
 /// 1-D kernel of radius `round(4*sigma)` applied along each axis in turn.
 pub fn gaussian(x: &[f32], shape: &[usize], sigma: f64) -> Vec<f32> {
-    let shape: Vec<usize> = if shape.is_empty() {
-        vec![1]
-    } else {
-        shape.to_vec()
-    };
+    let shape = dims(shape);
     let radius = (4.0 * sigma + 0.5) as isize;
     let mut w: Vec<f64> = (-radius..=radius)
         .map(|i| (-0.5 * (i * i) as f64 / (sigma * sigma)).exp())
         .collect();
     let sum: f64 = w.iter().sum();
     w.iter_mut().for_each(|v| *v /= sum);
-    let st = strides(&shape);
-    let mut cur = x.to_vec();
-    for d in 0..shape.len() {
-        let (n, s) = (shape[d], st[d]);
-        let src = cur.clone();
-        cur.par_iter_mut().enumerate().for_each(|(flat, o)| {
-            let i = flat / s % n;
-            let base = flat - i * s;
-            let acc: f64 = w
-                .iter()
-                .enumerate()
-                .map(|(k, wk)| {
-                    wk * src[base + reflect(i as isize + k as isize - radius, n) * s] as f64
-                })
-                .sum();
-            *o = acc as f32;
-        });
-    }
-    cur
+    along_axes(x, &shape, |at, i| {
+        w.iter()
+            .enumerate()
+            .map(|(k, wk)| wk * at(i + k as isize - radius))
+            .sum()
+    })
 }
 
 /// scipy's normalised σ = 1 kernel (`_gaussian_kernel1d(1, 0, 4)`), as numpy computes it
@@ -100,28 +111,13 @@ const SCIPY_SIGMA1: [f64; 5] = [
 /// SuperMerger's numerics need it: per axis, scipy's symmetric accumulation in f64
 /// (`x[i]·w0`, then `(x[i-j] + x[i+j])·wj` from the outermost pair in), rounded to f32.
 pub fn gaussian_scipy(x: &[f32], shape: &[usize]) -> Vec<f32> {
-    let shape: Vec<usize> = if shape.is_empty() {
-        vec![1]
-    } else {
-        shape.to_vec()
-    };
-    let st = strides(&shape);
-    let mut cur = x.to_vec();
-    for d in 0..shape.len() {
-        let (n, s) = (shape[d], st[d]);
-        let src = cur.clone();
-        cur.par_iter_mut().enumerate().for_each(|(flat, o)| {
-            let i = (flat / s % n) as isize;
-            let base = flat - i as usize * s;
-            let at = |k: isize| src[base + reflect(k, n) * s] as f64;
-            let mut acc = at(i) * SCIPY_SIGMA1[4];
-            for j in (1..=4isize).rev() {
-                acc += (at(i - j) + at(i + j)) * SCIPY_SIGMA1[(4 - j) as usize];
-            }
-            *o = acc as f32;
-        });
-    }
-    cur
+    along_axes(x, &dims(shape), |at, i| {
+        let mut acc = at(i) * SCIPY_SIGMA1[4];
+        for j in (1..=4isize).rev() {
+            acc += (at(i - j) + at(i + j)) * SCIPY_SIGMA1[(4 - j) as usize];
+        }
+        acc
+    })
 }
 
 #[cfg(test)]
