@@ -66,6 +66,19 @@ pub fn any_to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// Decodes elements `lo..hi` of a float tensor's bytes into `out` (resized to fit).
+pub fn decode_range(
+    dtype: DType,
+    bytes: &[u8],
+    lo: usize,
+    hi: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let es = dtype.bits() / 8;
+    out.resize(hi - lo, 0.0);
+    decode_into(dtype, &bytes[lo * es..hi * es], out)
+}
+
 /// Decodes `bytes` (of `dtype`) into `out`, which must have the matching length.
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     match dtype {

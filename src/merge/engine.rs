@@ -67,7 +67,7 @@ pub struct Operand<'a> {
 impl Operand<'_> {
     /// Decodes elements `lo..hi` into `out` (dequantized).
     pub fn decode(&self, lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
-        decode(self.dtype, &self.data, lo, hi, out)?;
+        convert::decode_range(self.dtype, &self.data, lo, hi, out)?;
         if let Some(s) = self.scale {
             out.iter_mut().for_each(|v| *v *= s);
         }
@@ -126,13 +126,6 @@ fn source<'a>(
         name: name.to_string(),
     })?;
     Ok((ck, t))
-}
-
-/// Decodes elements `lo..hi` of a float tensor's bytes into `out`.
-fn decode(dtype: DType, data: &[u8], lo: usize, hi: usize, out: &mut Vec<f32>) -> Result<()> {
-    let es = dtype.bits() / 8;
-    out.resize(hi - lo, 0.0);
-    convert::decode_into(dtype, &data[lo * es..hi * es], out)
 }
 
 /// What every tensor of a merge shares.

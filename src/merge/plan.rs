@@ -827,14 +827,11 @@ fn same_values(b: (&Checkpoint, &TensorInfo), c: (&Checkpoint, &TensorInfo)) -> 
     }
     let (db, dc) = (b.0.data(b.1), c.0.data(c.1));
     let n: usize = b.1.shape.iter().product();
-    let (eb, ec) = (b.1.dtype.bits() / 8, c.1.dtype.bits() / 8);
     let (mut vb, mut vc) = (Vec::new(), Vec::new());
     for lo in (0..n).step_by(1 << 16) {
         let hi = (lo + (1 << 16)).min(n);
-        vb.resize(hi - lo, 0.0);
-        vc.resize(hi - lo, 0.0);
-        crate::convert::decode_into(b.1.dtype, &db[lo * eb..hi * eb], &mut vb)?;
-        crate::convert::decode_into(c.1.dtype, &dc[lo * ec..hi * ec], &mut vc)?;
+        crate::convert::decode_range(b.1.dtype, &db, lo, hi, &mut vb)?;
+        crate::convert::decode_range(c.1.dtype, &dc, lo, hi, &mut vc)?;
         if vb.iter().zip(&vc).any(|(x, y)| x != y) {
             return Ok(false);
         }
