@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use mergesmith::dtype::FloatType;
 use mergesmith::error::Result;
 use mergesmith::lora::extract::{extract, ExtractOptions};
-use mergesmith::lora::merge::MergeMode;
+use mergesmith::lora::merge::{MergeMode, MetadataMode};
 
 use super::{choice, print_json, OutputArgs};
 
@@ -89,9 +89,27 @@ pub struct LoraMergeArgs {
         required = true
     )]
     pub loras: Vec<String>,
-    /// concat (exact, LoRA/LoCon) or svd (any type, new rank).
+    /// concat (exact, LoRA/LoCon), svd (any type, new rank), kohya (ups and downs summed, as
+    /// sd-scripts and SuperMerger do) or extract (SuperMerger's extract from two LoRAs).
     #[arg(long, value_parser = choice::<MergeMode>(), default_value = "concat")]
     pub mode: MergeMode,
+    /// kohya / extract / svd: SuperMerger's "same to Strength" (√|ratio| on both factors, the
+    /// sign on lora_down).
+    #[arg(long)]
+    pub same_to_strength: bool,
+    /// extract: 0 keeps the first LoRA's factors, 1 the second's [default: 0.5].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// extract: 0 keeps what the two share, 1 where they differ [default: 0.5].
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// extract: sharpness of the similarity weighting [default: 1].
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// What the file's metadata holds: new, new_without_name, merge (tags of all files),
+    /// all, first (SuperMerger's choices).
+    #[arg(long, value_parser = choice::<MetadataMode>(), default_value = "new")]
+    pub metadata: MetadataMode,
     /// svd: rank of linear and 1x1 modules.
     #[arg(long, default_value_t = 64)]
     pub rank: usize,
@@ -284,7 +302,7 @@ fn lora_extract(a: LoraExtractArgs) -> Result<()> {
 
 fn lora_merge(a: LoraMergeArgs) -> Result<()> {
     use mergesmith::lora::bake::Application;
-    use mergesmith::lora::merge::{merge, MergeOptions};
+    use mergesmith::lora::merge::{merge, ExtractWeights, MergeOptions};
     let mut sources = Vec::new();
     for spec in &a.loras {
         let (path, ratio, blocks) = lora_spec(spec)?;
@@ -303,8 +321,16 @@ fn lora_merge(a: LoraMergeArgs) -> Result<()> {
         conv_rank: a.conv_rank,
         clamp_quantile: a.clamp_quantile,
         dtype: a.dtype,
+        same_to_strength: a.same_to_strength,
+        extract: ExtractWeights::given(a.mode, a.alpha, a.beta, a.gamma),
+        metadata: a.metadata,
     };
     let r = merge(&sources, &opts, &a.out.output, a.out.overwrite)?;
+    for w in &r.warnings {
+        if !a.out.json {
+            eprintln!("warning: {w}");
+        }
+    }
     if a.out.json {
         return print_json(&r);
     }

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use mergesmith::error::Result;
+use mergesmith::error::{Error, Result};
+use mergesmith::lora::merge::MetadataMode;
 
 /// `mergesmith recipe ...` (every way in is a `from-*`, as the command line spells them).
 #[allow(clippy::enum_variant_names)]
@@ -34,13 +35,43 @@ pub enum RecipeCommand {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Import SuperMerger's merge history (mergehistory.csv) as a recipe.
+    /// Import SuperMerger's merge history (mergehistory.csv), or the text of its LoRA merge
+    /// (`--loras`), as a recipe.
     FromSupermerger {
         /// The history file.
-        csv: PathBuf,
+        #[arg(required_unless_present = "loras", conflicts_with = "loras")]
+        csv: Option<PathBuf>,
         /// Only this history ID (default: every row).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "loras")]
         id: Option<u64>,
+        /// SuperMerger's LoRA merge text, `NAME:RATIO[:PRESET | :v1,v2,...],...`, read as
+        /// SuperMerger reads it (explicit block weights ignore the ratio).
+        #[arg(long, value_name = "TEXT")]
+        loras: Option<String>,
+        /// --loras: SuperMerger's block-weight presets file (`NAME:v1,...` lines; default its
+        /// built-in presets).
+        #[arg(long, value_name = "FILE", requires = "loras")]
+        lora_presets: Option<PathBuf>,
+        /// --loras: "remake dimension": no (sum of factors), auto, or a rank (SVD).
+        #[arg(long, value_name = "no|auto|RANK", requires = "loras")]
+        dim: Option<String>,
+        /// --loras: "same to Strength".
+        #[arg(long, requires = "loras")]
+        same_to_strength: bool,
+        /// --loras: the metadata choice (new, new_without_name, merge, all, first).
+        #[arg(long, value_parser = super::choice::<MetadataMode>(), requires = "loras")]
+        metadata: Option<MetadataMode>,
+        /// --loras: save precision (float, fp16, bf16; SuperMerger's default fp16).
+        #[arg(long, requires = "loras")]
+        precision: Option<String>,
+        /// --loras: "Extract from two LoRAs" with this alpha, beta and gamma (smooth).
+        #[arg(
+            long,
+            value_name = "ALPHA,BETA,GAMMA",
+            value_delimiter = ',',
+            requires = "loras"
+        )]
+        extract: Option<Vec<f64>>,
         /// Write the recipe here instead of printing it.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -71,13 +102,49 @@ pub fn run(cmd: RecipeCommand) -> Result<()> {
         RecipeCommand::FromSupermerger {
             csv,
             id,
+            loras,
+            lora_presets,
+            dim,
+            same_to_strength,
+            metadata,
+            precision,
+            extract,
             output,
             overwrite,
-        } => (
-            import::from_supermerger_history(&csv, id)?,
-            output,
-            overwrite,
-        ),
+        } => {
+            let yaml = match (csv, loras) {
+                (_, Some(text)) => {
+                    let presets = lora_presets
+                        .map(|p| std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e)))
+                        .transpose()?;
+                    let set = import::SupermergerLoras {
+                        presets,
+                        dim,
+                        same_to_strength,
+                        metadata,
+                        precision,
+                        extract: extract
+                            .map(|v| {
+                                <[f64; 3]>::try_from(v.as_slice()).map_err(|_| {
+                                    Error::Invalid(format!(
+                                        "--extract takes ALPHA,BETA,GAMMA, got {} values",
+                                        v.len()
+                                    ))
+                                })
+                            })
+                            .transpose()?,
+                    };
+                    import::from_supermerger_loras(&text, &set)?
+                }
+                (Some(csv), None) => import::from_supermerger_history(&csv, id)?,
+                (None, None) => {
+                    return Err(Error::Invalid(
+                        "give SuperMerger's mergehistory.csv or --loras TEXT".into(),
+                    ))
+                }
+            };
+            (yaml, output, overwrite)
+        }
     };
     match output {
         Some(o) => {

@@ -8,12 +8,21 @@
 //!   LoRA / LoCon modules without `lora_mid` only.
 //! - `svd`: `M = Σ ratio · block weight · ΔW` for any adapter type, refactored at a new rank
 //!   by truncated SVD (optimal in Frobenius norm), clamped at a quantile, `alpha = rank`.
+//!   SuperMerger's "remake dimension" merge.
+//! - `kohya`: sd-scripts' and SuperMerger's default ("same dims"): ups and downs are summed
+//!   separately, each scaled by `ratio · √(alpha / alpha₀)` (`alpha₀` the first file's), and
+//!   the first file's alpha is kept. Cross terms between files enter the result and the ratio
+//!   acts squared with its sign lost; with `same_to_strength` (SuperMerger's option) both
+//!   factors get `√|ratio|` and `lora_down` the sign, which is exact for one file. Every
+//!   file must have the module at the same rank.
+//! - `extract`: SuperMerger's "extract from two LoRAs": each factor of the first LoRA (`a`)
+//!   and of the second (`b`, rescaled to the first's alpha) is merged by the extract formula
+//!   of the checkpoint calcmode with base 0, row by row of its last axis:
+//!   `lerp(a, b, alpha) · lerp(d, 1 − d, beta)`, `d = ((cos(a, b) + 1) / 2)^gamma`.
 //!
-//! Where the others differ: sd-scripts' default merge sums ups and downs separately (cross
-//! terms between files, and the ratio acts squared with its sign); its `--concat` keeps the
-//! first file's alpha (right directions, wrong magnitudes). SuperMerger's "same to strength"
-//! puts `√|ratio|` on both factors and the sign on `lora_down`, which is exact for one file;
-//! `concat` here is exact for any number of files, so it needs no such option.
+//! The merged file's metadata follows one of SuperMerger's five choices ([`MetadataMode`]);
+//! every mode records `sshs_model_hash` and `sshs_legacy_hash` (the hashes the
+//! additional-networks extension identifies a LoRA by), computed from the bytes written.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,11 +46,103 @@ pub enum MergeMode {
     Concat,
     /// Sum of the deltas refactored by truncated SVD (any adapter type).
     Svd,
+    /// Ups and downs summed separately (sd-scripts' and SuperMerger's default; same ranks).
+    Kohya,
+    /// SuperMerger's "extract from two LoRAs" (exactly two files, same ranks).
+    Extract,
 }
 
 impl crate::text::Named for MergeMode {
-    const NAMES: &'static [(&'static str, Self)] =
-        &[("concat", MergeMode::Concat), ("svd", MergeMode::Svd)];
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("concat", MergeMode::Concat),
+        ("svd", MergeMode::Svd),
+        ("kohya", MergeMode::Kohya),
+        ("extract", MergeMode::Extract),
+    ];
+}
+
+/// What the merged LoRA's metadata holds: SuperMerger's five choices. Every mode sets
+/// `ss_network_module` (the first file's), `ss_mixed_precision` (the saved dtype),
+/// `ss_network_dim` / `ss_network_alpha` (the result's, when every module agrees; otherwise
+/// left out) and the additional-networks hashes `sshs_model_hash` / `sshs_legacy_hash`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MetadataMode {
+    /// "create new": the first file's `ss_v2`, `ss_sd_model_name`, `ss_base_model_version`,
+    /// the output name and the list of files merged.
+    #[default]
+    New,
+    /// "create new without output_name".
+    NewWithoutName,
+    /// "merge": the first file's metadata, every file's as `sshs_cpN` (JSON), and the tag
+    /// frequencies of all files (a dataset folder the first file lacks is added).
+    Merge,
+    /// "save all": as `merge`, tags left as the first file has them.
+    All,
+    /// "use first lora": the first file's metadata.
+    First,
+}
+
+impl crate::text::Named for MetadataMode {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("new", MetadataMode::New),
+        ("new_without_name", MetadataMode::NewWithoutName),
+        ("merge", MetadataMode::Merge),
+        ("all", MetadataMode::All),
+        ("first", MetadataMode::First),
+    ];
+}
+
+/// The extract mode's weights (SuperMerger's defaults: alpha 0.5, beta 0.5, gamma 1).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ExtractWeights {
+    /// 0: the first LoRA's factors, 1: the second's.
+    pub alpha: f64,
+    /// 0: keep what the two share, 1: keep where they differ.
+    pub beta: f64,
+    /// Sharpness of the similarity weighting.
+    pub gamma: f64,
+}
+
+impl ExtractWeights {
+    /// The weights of a merge in `mode` given these (defaults filled in): `None` unless the
+    /// mode is extract or one was given (which [`check_options`] then refuses).
+    pub fn given(
+        mode: MergeMode,
+        alpha: Option<f64>,
+        beta: Option<f64>,
+        gamma: Option<f64>,
+    ) -> Option<Self> {
+        let any = alpha.or(beta).or(gamma).is_some();
+        (mode == MergeMode::Extract || any).then(|| {
+            let d = ExtractWeights::default();
+            ExtractWeights {
+                alpha: alpha.unwrap_or(d.alpha),
+                beta: beta.unwrap_or(d.beta),
+                gamma: gamma.unwrap_or(d.gamma),
+            }
+        })
+    }
+}
+
+impl Default for ExtractWeights {
+    fn default() -> Self {
+        ExtractWeights {
+            alpha: 0.5,
+            beta: 0.5,
+            gamma: 1.0,
+        }
+    }
 }
 
 /// The weight of a LoRA's module in a merge: ratio × block weight.
@@ -66,6 +167,30 @@ pub struct MergeOptions {
     pub clamp_quantile: f64,
     /// Output dtype.
     pub dtype: FloatType,
+    /// kohya / extract / svd: SuperMerger's "same to Strength" (`√|ratio|` on both factors,
+    /// the sign on `lora_down`; in svd mode the sum is weighted by `sign(ratio)·√|ratio|`, as
+    /// there).
+    pub same_to_strength: bool,
+    /// extract: the weights (`None` in the other modes).
+    pub extract: Option<ExtractWeights>,
+    /// What the file's metadata holds.
+    pub metadata: MetadataMode,
+}
+
+impl Default for MergeOptions {
+    /// Exact concatenation, fp32, "create new" metadata (SVD rank 64, clamp at 0.99).
+    fn default() -> Self {
+        MergeOptions {
+            mode: MergeMode::Concat,
+            rank: 64,
+            conv_rank: None,
+            clamp_quantile: 0.99,
+            dtype: FloatType::Fp32,
+            same_to_strength: false,
+            extract: None,
+            metadata: MetadataMode::New,
+        }
+    }
 }
 
 /// What a merge did.
@@ -75,6 +200,9 @@ pub struct MergeReport {
     pub modules: usize,
     /// SVD: ‖M − up·down‖_F / ‖M‖_F over all modules (clamp included); 0 for concat.
     pub relative_error: f64,
+    /// What the metadata could not carry, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One module of the merged LoRA: its name, the weight shape it changes, its rank, and the
@@ -168,11 +296,46 @@ fn family_of_all(sources: &[Application]) -> Result<Family> {
     Ok(best.0)
 }
 
+/// Options that do not fit the mode, or the wrong number of files for it.
+pub fn check_options(files: usize, opts: &MergeOptions) -> Result<()> {
+    let mode = crate::text::Named::name(opts.mode);
+    if opts.same_to_strength && opts.mode == MergeMode::Concat {
+        return Err(Error::Invalid(format!(
+            "same_to_strength is SuperMerger's option of the kohya, svd and extract merges, not of {mode}"
+        )));
+    }
+    match (opts.mode, opts.extract) {
+        (MergeMode::Extract, Some(w)) => {
+            if files != 2 {
+                return Err(Error::Invalid(format!(
+                    "extract works on two LoRAs, got {files}"
+                )));
+            }
+            let unit = |v: f64| (0.0..=1.0).contains(&v);
+            if !(unit(w.alpha) && unit(w.beta) && w.gamma >= 0.0 && w.gamma.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "extract needs 0 <= alpha, beta <= 1 and gamma >= 0, got {}, {}, {}",
+                    w.alpha, w.beta, w.gamma
+                )));
+            }
+            Ok(())
+        }
+        (MergeMode::Extract, None) => Err(Error::Invalid(
+            "extract needs its alpha, beta and gamma".into(),
+        )),
+        (_, Some(_)) => Err(Error::Invalid(format!(
+            "alpha, beta and gamma belong to the extract mode, not to {mode}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Plans a merge on the files' headers: groups modules by the weight they change (so
 /// kohya, diffusers and PEFT spellings of one module are merged together, under its kohya
 /// name), checks that a module has one shape in every file (and, for concat, is plain LoRA /
 /// LoCon), and works out each rank.
 pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedModule>> {
+    check_options(sources.len(), opts)?;
     let canon = Canon::of(family_of_all(sources)?)?;
     let mut groups: BTreeMap<String, (String, Vec<(usize, usize)>)> = BTreeMap::new();
     for (si, s) in sources.iter().enumerate() {
@@ -206,24 +369,53 @@ pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedM
                     "module `{name}` has different shapes in the files merged"
                 )));
             }
-            if opts.mode == MergeMode::Concat {
-                if m.kind != Kind::Lora || m.parts.contains_key("mid") {
+            if opts.mode == MergeMode::Svd {
+                continue;
+            }
+            let mode = crate::text::Named::name(opts.mode);
+            if m.kind != Kind::Lora || m.parts.contains_key("mid") {
+                return Err(Error::Invalid(format!(
+                    "{}: module `{name}` is {}{}: {mode} merges plain LoRA / LoCon only; use mode svd",
+                    f.path.display(),
+                    m.kind.label(),
+                    if m.parts.contains_key("mid") { " with lora_mid" } else { "" }
+                )));
+            }
+            let r = m
+                .parts
+                .get("down")
+                .and_then(|n| f.ck.get(n))
+                .map_or(0, |t| t.shape[0]);
+            match opts.mode {
+                MergeMode::Concat => rank += r,
+                _ if rank != 0 && r != rank => {
                     return Err(Error::Invalid(format!(
-                        "{}: module `{name}` is {}{}: concat merges plain LoRA / LoCon only; use mode svd",
-                        f.path.display(),
-                        m.kind.label(),
-                        if m.parts.contains_key("mid") { " with lora_mid" } else { "" }
-                    )));
+                        "module `{name}` has rank {rank} in {} and {r} in {}: {mode} sums \
+                         factors of one rank; use mode concat (exact) or svd",
+                        sources[s0].file.path.display(),
+                        f.path.display()
+                    )))
                 }
-                rank += m
-                    .parts
-                    .get("down")
-                    .and_then(|n| f.ck.get(n))
-                    .map_or(0, |t| t.shape[0]);
+                _ => rank = r,
             }
         }
         if opts.mode == MergeMode::Svd {
             rank = svd::rank_for(&shape, opts.rank, opts.conv_rank);
+        }
+        if opts.mode == MergeMode::Extract {
+            let files: Vec<usize> = uses.iter().map(|u| u.0).collect();
+            if files != [0, 1] {
+                let missing = if files.contains(&0) { 1 } else { 0 };
+                return Err(Error::Invalid(format!(
+                    "extract needs module `{name}` once in each of the two LoRAs; {} {}",
+                    sources[missing].file.path.display(),
+                    if files.len() > 2 {
+                        "has it twice (in two spellings)"
+                    } else {
+                        "lacks it"
+                    }
+                )));
+            }
         }
         out.push(PlannedModule {
             name,
@@ -243,11 +435,57 @@ pub fn layout(plan: &[PlannedModule]) -> Vec<(String, Vec<usize>)> {
     )
 }
 
-/// Runs a planned merge.
+/// One plain LoRA module's factors as stored, with its alpha (the rank when the file has none).
+struct Plain {
+    up: Vec<f32>,
+    down: Vec<f32>,
+    rank: usize,
+    alpha: f64,
+}
+
+fn plain(s: &Application, mi: usize) -> Result<Plain> {
+    let m = &s.file.modules[mi];
+    let (up, _) = s.file.part(m, "up")?.unwrap_or_default();
+    let (down, ds) = s.file.part(m, "down")?.unwrap_or_default();
+    let rank = ds.first().copied().unwrap_or(0);
+    let alpha = s
+        .file
+        .part(m, "alpha")?
+        .and_then(|(v, _)| v.first().copied())
+        .map_or(rank as f64, f64::from);
+    Ok(Plain {
+        up,
+        down,
+        rank,
+        alpha,
+    })
+}
+
+/// The factors by which `up` and `down` are scaled for a ratio: `(r, r)`, or with "same to
+/// Strength" `(√|r|, sign(r)·√|r|)` (SuperMerger gives ratio 0 the sign −).
+fn ratio_pair(r: f64, same_to_strength: bool) -> (f64, f64) {
+    if !same_to_strength {
+        return (r, r);
+    }
+    let q = r.abs().sqrt();
+    (q, if r > 0.0 { q } else { -q })
+}
+
+/// Adds `x · k` into `acc` in f32 as torch does (`acc + x * k`, the first term stored as is).
+fn accumulate(acc: &mut Option<Vec<f32>>, x: &[f32], k: f64) {
+    let k = k as f32;
+    match acc {
+        None => *acc = Some(x.iter().map(|v| v * k).collect()),
+        Some(a) => a.iter_mut().zip(x).for_each(|(a, v)| *a += v * k),
+    }
+}
+
+/// Runs a planned merge; `output_name` is the merged LoRA's name for its metadata.
 pub fn run(
     sources: &[Application],
     plan: &[PlannedModule],
     opts: &MergeOptions,
+    output_name: &str,
 ) -> Result<(KohyaLora, MergeReport)> {
     let mut modules = Vec::new();
     let (mut err2, mut norm2) = (0f64, 0f64);
@@ -255,27 +493,20 @@ pub fn run(
         let (name, shape) = (pm.name.as_str(), &pm.shape);
         let out_ch = shape[0];
         let cols: usize = shape[1..].iter().product();
-        let (up, down, rank) = match opts.mode {
+        let (up, down, rank, alpha) = match opts.mode {
             MergeMode::Concat => {
                 let mut ups: Vec<Vec<f32>> = Vec::new();
                 let mut downs: Vec<f32> = Vec::new();
                 let mut total = 0;
                 for &(si, mi) in &pm.uses {
                     let s = &sources[si];
-                    let m = &s.file.modules[mi];
-                    let (u, _) = s.file.part(m, "up")?.unwrap_or_default();
-                    let (d, ds) = s.file.part(m, "down")?.unwrap_or_default();
-                    let r = ds[0];
-                    let alpha = s
-                        .file
-                        .part(m, "alpha")?
-                        .and_then(|(v, _)| v.first().copied());
-                    let c = factor(s, name) * alpha.map_or(1.0, |a| a as f64 / r as f64);
+                    let p = plain(s, mi)?;
+                    let c = factor(s, name) * p.alpha / p.rank as f64;
                     let root = c.abs().sqrt() as f32;
                     let sign = if c < 0.0 { -root } else { root };
-                    ups.push(u.iter().map(|x| x * sign).collect());
-                    downs.extend(d.iter().map(|x| x * root));
-                    total += r;
+                    ups.push(p.up.iter().map(|x| x * sign).collect());
+                    downs.extend(p.down.iter().map(|x| x * root));
+                    total += p.rank;
                 }
                 // Interleave the ups row by row: up is [out, total].
                 let mut up = Vec::with_capacity(out_ch * total);
@@ -285,7 +516,58 @@ pub fn run(
                         up.extend_from_slice(&u[o * r..(o + 1) * r]);
                     }
                 }
-                (up, downs, total)
+                (up, downs, total, total as f32)
+            }
+            MergeMode::Kohya => {
+                let (mut up, mut down, mut alpha0) = (None, None, None);
+                for &(si, mi) in &pm.uses {
+                    let s = &sources[si];
+                    let p = plain(s, mi)?;
+                    let a0 = *alpha0.get_or_insert(p.alpha as f32) as f64;
+                    let (ru, rd) = ratio_pair(factor(s, name), opts.same_to_strength);
+                    let scale = (p.alpha / a0).sqrt();
+                    accumulate(&mut up, &p.up, scale * ru);
+                    accumulate(&mut down, &p.down, scale * rd);
+                }
+                (
+                    up.unwrap_or_default(),
+                    down.unwrap_or_default(),
+                    pm.rank,
+                    alpha0.unwrap_or(pm.rank as f32),
+                )
+            }
+            MergeMode::Extract => {
+                let w = opts.extract.unwrap_or_default();
+                let (a, b) = (&sources[0], &sources[1]);
+                let (pa, pb) = (plain(a, pm.uses[0].1)?, plain(b, pm.uses[1].1)?);
+                let (ua, da) = ratio_pair(factor(a, name), opts.same_to_strength);
+                let (ub, db) = ratio_pair(factor(b, name), opts.same_to_strength);
+                // B's factors rescaled to A's alpha, which the result keeps.
+                let alpha_a = pa.alpha as f32;
+                let to_a = (pb.alpha / pa.alpha).sqrt();
+                let scaled = |x: &[f32], r: f64, k: f64| -> Vec<f32> {
+                    let (r, k) = (r as f32, k as f32);
+                    x.iter().map(|v| v * r * k).collect()
+                };
+                let layout = crate::lora::kohya_layout([(name, shape.as_slice(), pm.rank)]);
+                let mut merged = Vec::new();
+                for (i, (x, rx, y, ry)) in [(&pa.up, ua, &pb.up, ub), (&pa.down, da, &pb.down, db)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    merged.push(crate::merge::calc::extract::merge(
+                        w.alpha,
+                        w.beta,
+                        w.gamma,
+                        &layout[i].1,
+                        vec![0.0; x.len()],
+                        &scaled(x, rx, 1.0),
+                        &scaled(y, ry, to_a),
+                    ));
+                }
+                let down = merged.pop().unwrap_or_default();
+                let up = merged.pop().unwrap_or_default();
+                (up, down, pm.rank, alpha_a)
             }
             MergeMode::Svd => {
                 let mut sum = vec![0f32; out_ch * cols];
@@ -293,7 +575,12 @@ pub fn run(
                     let s = &sources[si];
                     let m = &s.file.modules[mi];
                     let d = delta(&s.file, m, out_ch * cols, None, shape)?;
-                    let k = factor(s, name) as f32;
+                    let r = factor(s, name);
+                    let k = if opts.same_to_strength {
+                        r.signum() * r.abs().sqrt()
+                    } else {
+                        r
+                    } as f32;
                     for (x, dv) in sum.iter_mut().zip(&d) {
                         *x += k * dv;
                     }
@@ -308,7 +595,7 @@ pub fn run(
                 err2 += m.error2;
                 norm2 += m.norm2;
                 let f = m.factors;
-                (f.up, f.down, f.rank)
+                (f.up, f.down, f.rank, f.rank as f32)
             }
         };
         modules.push(Factored {
@@ -317,29 +604,16 @@ pub fn run(
             up,
             down,
             rank,
-            alpha: rank as f32,
+            alpha,
         });
     }
-    let mut md = BTreeMap::new();
-    md.insert("ss_network_module".to_string(), "networks.lora".to_string());
-    if opts.mode == MergeMode::Svd {
-        md.insert("ss_network_dim".to_string(), opts.rank.to_string());
-        md.insert(
-            "ss_network_alpha".to_string(),
-            format!("{:.1}", opts.rank as f64),
-        );
-    }
-    let merged: Vec<String> = sources
-        .iter()
-        .map(|s| {
-            s.file
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        })
-        .collect();
-    md.insert("modelspec.merged_from".to_string(), merged.join(", "));
+    let mut lora = KohyaLora {
+        modules,
+        metadata: BTreeMap::new(),
+    };
+    let mut warnings = Vec::new();
+    lora.metadata = crate::lora::meta::merged(sources, &lora, opts, output_name, &mut warnings);
+    lora.stamp_addnet_hashes(opts.dtype.dtype(), &mut warnings)?;
     let report = MergeReport {
         modules: plan.len(),
         relative_error: if norm2 > 0.0 {
@@ -347,14 +621,9 @@ pub fn run(
         } else {
             0.0
         },
+        warnings,
     };
-    Ok((
-        KohyaLora {
-            modules,
-            metadata: md,
-        },
-        report,
-    ))
+    Ok((lora, report))
 }
 
 /// Merges `sources` into one kohya-format LoRA at `out`.
@@ -370,7 +639,11 @@ pub fn merge(
         });
     }
     let planned = plan(sources, opts)?;
-    let (lora, report) = run(sources, &planned, opts)?;
+    let name = out
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (lora, report) = run(sources, &planned, opts, &name)?;
     lora.write(out, opts.dtype.dtype(), overwrite)?;
     Ok(report)
 }

@@ -15,6 +15,7 @@ pub mod blocks;
 pub mod delta;
 pub mod extract;
 pub mod merge;
+pub mod meta;
 pub mod names;
 pub mod svd;
 pub mod synth;
@@ -446,6 +447,57 @@ impl KohyaLora {
                     writer.write(&name, &crate::convert::from_f32(values, dtype)?)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The file's bytes in `dtype` (canonical layout, as [`Self::write`] and the cache write
+    /// them).
+    fn file_bytes(&self, dtype: crate::dtype::DType) -> Result<(Vec<u8>, usize)> {
+        let specs = self.specs(dtype);
+        let lay = crate::checkpoint::writer::layout(&specs, &self.metadata)?;
+        let head = lay.header.len();
+        let total = lay.ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut bytes = lay.header;
+        bytes.resize(head + total, 0);
+        let values = self.modules.iter().flat_map(|m| {
+            [
+                m.up.as_slice(),
+                m.down.as_slice(),
+                std::slice::from_ref(&m.alpha),
+            ]
+        });
+        for (v, (lo, hi)) in values.zip(&lay.ranges) {
+            bytes[head + lo..head + hi].copy_from_slice(&crate::convert::from_f32(v, dtype)?);
+        }
+        Ok((bytes, head))
+    }
+
+    /// Records the hashes the additional-networks extension identifies a LoRA by, of the file
+    /// this LoRA is written as in `dtype`: `sshs_model_hash` (SHA-256 of everything after the
+    /// header) and `sshs_legacy_hash` (of the 64 KiB at offset 1 MiB, 8 hex digits). Both are
+    /// fixed-length, so the header has one length before and after. Where the header itself
+    /// reaches the legacy window (over 1 MiB of metadata) no value can describe the file
+    /// containing it: that hash is left out, with a warning.
+    pub fn stamp_addnet_hashes(
+        &mut self,
+        dtype: crate::dtype::DType,
+        warnings: &mut Vec<String>,
+    ) -> Result<()> {
+        let (model, legacy) = ("sshs_model_hash", "sshs_legacy_hash");
+        self.metadata.insert(model.into(), "0".repeat(64));
+        self.metadata.insert(legacy.into(), "0".repeat(8));
+        let (bytes, head) = self.file_bytes(dtype)?;
+        let data = crate::hashing::hash_bytes(&bytes[head..]).sha256;
+        self.metadata.insert(model.into(), data);
+        if head > 0x100000 {
+            self.metadata.remove(legacy);
+            warnings.push(format!(
+                "the metadata is {head} bytes, past the 1 MiB where sshs_legacy_hash starts: left out"
+            ));
+        } else {
+            let l = crate::hashing::hash_bytes(&bytes).legacy;
+            self.metadata.insert(legacy.into(), l);
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! `merge_loras: {loras, ...}`: LoRAs merged into one (exact concatenation, or SVD at a new
-//! rank).
+//! `merge_loras: {loras, ...}`: LoRAs merged into one (exact concatenation, SVD at a new
+//! rank, SuperMerger's / sd-scripts' factor sum, or SuperMerger's extract from two LoRAs).
 
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -15,7 +15,7 @@ use super::{
 use super::{preimage_value, LoraKey};
 use crate::dtype::FloatType;
 use crate::error::Result;
-use crate::lora::merge::{MergeMode, MergeOptions};
+use crate::lora::merge::{ExtractWeights, MergeMode, MergeOptions, MetadataMode};
 
 /// The `merge_loras` kind.
 pub static KIND: Kind = Kind {
@@ -35,7 +35,9 @@ pub struct MergeLorasDecl {
     /// The LoRAs (files under `models`, or LoRA nodes) with ratio (`strength`) and block
     /// weights.
     pub loras: Vec<LoraUseDecl>,
-    /// `concat` (default: exact, LoRA / LoCon only) or `svd` (any type, re-factored at `rank`).
+    /// `concat` (default: exact, LoRA / LoCon only), `svd` (any type, re-factored at `rank`),
+    /// `kohya` (ups and downs summed, as sd-scripts and SuperMerger do; same ranks) or
+    /// `extract` (SuperMerger's extract from two LoRAs).
     #[serde(default)]
     pub mode: Option<MergeMode>,
     /// svd: rank of linear and 1x1 modules (default 64).
@@ -56,6 +58,23 @@ pub struct MergeLorasDecl {
     /// Float type of the LoRA's tensors (default fp32).
     #[serde(default)]
     pub dtype: Option<FloatType>,
+    /// kohya / extract / svd: SuperMerger's "same to Strength" (√|ratio| on both factors, the
+    /// sign on lora_down).
+    #[serde(default)]
+    pub same_to_strength: bool,
+    /// extract: 0 keeps the first LoRA's factors, 1 the second's (default 0.5).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// extract: 0 keeps what the two share, 1 where they differ (default 0.5).
+    #[serde(default)]
+    pub beta: Option<f64>,
+    /// extract: sharpness of the similarity weighting (default 1).
+    #[serde(default)]
+    pub gamma: Option<f64>,
+    /// What the file's metadata holds: `new` (default), `new_without_name`, `merge`, `all`,
+    /// `first` (SuperMerger's five choices).
+    #[serde(default)]
+    pub metadata: Option<MetadataMode>,
 }
 
 /// LoRAs merged into one.
@@ -85,15 +104,25 @@ fn parse(_name: &str, decl: &Spanned<NodeDecl>, cx: &mut dyn ParseCx) -> Option<
     let loras = super::lora_uses(&v.loras, cx);
     let (rank, conv_rank) = (rank(&v.rank, cx), rank(&v.conv_rank, cx));
     let clamp_quantile = quantile(&v.clamp_quantile, cx);
+    let mode = v.mode.unwrap_or(MergeMode::Concat);
+    let extract = ExtractWeights::given(mode, v.alpha, v.beta, v.gamma);
+    let options = MergeOptions {
+        mode,
+        rank: rank?.unwrap_or(64),
+        conv_rank: conv_rank?,
+        clamp_quantile: clamp_quantile?,
+        dtype: v.dtype.unwrap_or(FloatType::Fp32),
+        same_to_strength: v.same_to_strength,
+        extract,
+        metadata: v.metadata.unwrap_or_default(),
+    };
+    if let Err(e) = crate::lora::merge::check_options(v.loras.len(), &options) {
+        cx.error(&m.referenced, e.to_string(), None);
+        return None;
+    }
     Some(Node::MergeLoras(MergeLorasNode {
         loras: loras?,
-        options: MergeOptions {
-            mode: v.mode.unwrap_or(MergeMode::Concat),
-            rank: rank?.unwrap_or(64),
-            conv_rank: conv_rank?,
-            clamp_quantile: clamp_quantile?,
-            dtype: v.dtype.unwrap_or(FloatType::Fp32),
-        },
+        options,
         fill: v.fill.unwrap_or(0.0),
         memory: decl.value.cache == Some(Keep::Memory),
     }))
@@ -150,11 +179,11 @@ impl NodeKind for MergeLorasNode {
     }
 
     /// Merges the LoRAs in memory, then stores the result as one new pack.
-    fn run(&self, _name: &str, key: &str, _preimage: &Value, cx: &RunCx) -> Result<Outcome> {
+    fn run(&self, name: &str, key: &str, _preimage: &Value, cx: &RunCx) -> Result<Outcome> {
         cx.result(key, self.memory, |place| {
             let sources = lora_applications(&self.loras, None, self.fill, &|i| cx.open_lora(i))?;
             let plan = crate::lora::merge::plan(&sources, &self.options)?;
-            let (lora, _) = crate::lora::merge::run(&sources, &plan, &self.options)?;
+            let (lora, _) = crate::lora::merge::run(&sources, &plan, &self.options, name)?;
             cx.put_lora(key, place, &lora, self.options.dtype.dtype())
         })
     }

@@ -377,3 +377,226 @@ pub fn from_supermerger_history(csv_path: &Path, id: Option<u64>) -> Result<Stri
     out.push_str(&nodes);
     Ok(out)
 }
+
+/// How SuperMerger's LoRA merge was set up, beside its LoRA text.
+#[derive(Debug, Clone, Default)]
+pub struct SupermergerLoras {
+    /// Its block-weight presets (`NAME:v1,v2,...` lines; SuperMerger's own when `None`).
+    pub presets: Option<String>,
+    /// "remake dimension": `None` or `no` (sum of factors), `auto`, or a rank.
+    pub dim: Option<String>,
+    /// "same to Strength".
+    pub same_to_strength: bool,
+    /// "metadata".
+    pub metadata: Option<crate::lora::merge::MetadataMode>,
+    /// "save precision": float, fp16 (SuperMerger's default) or bf16.
+    pub precision: Option<String>,
+    /// "Extract from two LoRAs" with these alpha, beta and gamma (smooth).
+    pub extract: Option<[f64; 3]>,
+}
+
+/// SuperMerger's block ids for a vector of `len` values, in its 26-slot order (its `to26`).
+fn sm_to26(values: Vec<f64>) -> Option<Vec<f64>> {
+    use crate::arch::Family;
+    use crate::lora::blocks::block_ids;
+    let n = values.len();
+    if n == 26 || n > 40 {
+        return Some(values);
+    }
+    let ids = match n {
+        17 => block_ids(Family::builtin("sd1"), 17)?,
+        12 | 20 => block_ids(Family::builtin("sdxl"), n)?,
+        _ => return None,
+    };
+    let all = block_ids(Family::builtin("sd1"), 26)?;
+    let mut out = vec![0.0; 26];
+    for (id, v) in ids.iter().zip(values) {
+        out[all.iter().position(|a| a == id)?] = v;
+    }
+    Some(out)
+}
+
+/// Python's `str` of a float, as the recipe writes SuperMerger's ratios.
+fn num(v: f64) -> String {
+    Value::from(v).to_string()
+}
+
+/// A recipe with the `merge_loras` node SuperMerger's LoRA tab makes of `text`
+/// (`NAME:RATIO[:PRESET | :v1,v2,...],...`), read as SuperMerger reads it: a preset's values
+/// are multiplied by the ratio, an explicit block vector is taken as it is (the ratio before
+/// it is ignored), and 12/17/20-value vectors are placed by SuperMerger's block ids.
+pub fn from_supermerger_loras(text: &str, set: &SupermergerLoras) -> Result<String> {
+    let bad = |what: String| Error::Invalid(format!("SuperMerger LoRA text `{text}`: {what}"));
+    // Items with a ':' start a LoRA; the others continue the previous one's block vector.
+    let mut entries: Vec<Vec<&str>> = Vec::new();
+    for item in text.split(',') {
+        if item.contains(':') {
+            entries.push(item.split(':').collect());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(item);
+        } else {
+            return Err(bad(format!("`{item}` comes before any NAME:RATIO")));
+        }
+    }
+    if entries.is_empty() {
+        return Err(bad("no LoRA in it".into()));
+    }
+    let preset_text = set.presets.clone().unwrap_or_else(|| {
+        crate::lora::blocks::PRESETS
+            .iter()
+            .map(|(n, v)| format!("{n}:{v}\n"))
+            .collect()
+    });
+    let mut presets = std::collections::BTreeMap::new();
+    for line in preset_text.lines() {
+        let Some((name, values)) = line.split_once(':') else {
+            continue;
+        };
+        // SuperMerger keeps the lines with 12, 17, 20, 26 or 61 values.
+        if [12, 17, 20, 26, 61].contains(&(line.matches(',').count() + 1)) {
+            presets.insert(name.trim().to_string(), values.to_string());
+        }
+    }
+    let number = |s: &str| -> Result<f64> {
+        s.trim()
+            .parse::<f64>()
+            .map_err(|_| bad(format!("`{s}` is not a number")))
+    };
+    // (models line, loras line) per LoRA.
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for e in &entries {
+        let name = e[0].trim();
+        let ratio = number(e[1])?;
+        let (strength, blocks, note) = match e.len() {
+            2 => (ratio, None, None),
+            3 => match presets.get(e[2].trim()) {
+                Some(values) => {
+                    let v: Vec<f64> = values
+                        .split(',')
+                        .map(|x| number(x).map(|x| x * ratio))
+                        .collect::<Result<_>>()?;
+                    (1.0, sm_to26(v), None)
+                }
+                None => (
+                    ratio,
+                    None,
+                    Some(format!(
+                        "SuperMerger knows no preset `{}` and uses the ratio everywhere",
+                        e[2].trim()
+                    )),
+                ),
+            },
+            n if [12, 17, 20, 26, 61].contains(&(n - 2)) => {
+                let v: Vec<f64> = e[2..].iter().map(|x| number(x)).collect::<Result<_>>()?;
+                (
+                    1.0,
+                    sm_to26(v),
+                    (ratio != 1.0).then(|| {
+                        format!(
+                            "SuperMerger ignores the ratio {} before explicit block weights",
+                            e[1].trim()
+                        )
+                    }),
+                )
+            }
+            n => {
+                return Err(bad(format!(
+                    "`{name}` has {} block weights; SuperMerger takes 12, 17, 20, 26 or 61",
+                    n - 2
+                )))
+            }
+        };
+        let model = format!(
+            "  {}: {{ path: {} }}\n",
+            y(&name.into()),
+            y(&format!("{name}.safetensors").into())
+        );
+        let blocks = blocks
+            .map(|b| {
+                let v: Vec<String> = b.into_iter().map(num).collect();
+                format!(", blocks: {}", y(&v.join(",").into()))
+            })
+            .unwrap_or_default();
+        let lora = format!(
+            "        - {{ file: {}, strength: {}{blocks} }}{}\n",
+            y(&name.into()),
+            num(strength),
+            note.map(|n| format!("   # {n}")).unwrap_or_default()
+        );
+        lines.push((model, lora));
+    }
+    let mut node = String::new();
+    match (set.extract, set.dim.as_deref().unwrap_or("no")) {
+        (Some([alpha, beta, gamma]), _) => {
+            if entries.len() < 2 {
+                return Err(bad("extract from two LoRAs needs two".into()));
+            }
+            let _ = writeln!(
+                node,
+                "      mode: extract\n      alpha: {}\n      beta: {}\n      gamma: {}",
+                num(alpha),
+                num(beta),
+                num(gamma)
+            );
+            if entries.len() > 2 {
+                let _ = writeln!(
+                    node,
+                    "      # SuperMerger extracts from the first two LoRAs; the others are left out here too"
+                );
+                lines.truncate(2);
+            }
+        }
+        (None, "no") => {
+            let _ = writeln!(node, "      mode: kohya");
+        }
+        (None, "auto") => {
+            let _ = writeln!(
+                node,
+                "      mode: kohya   # SuperMerger's dim auto: where the ranks differ, mode svd at the largest rank"
+            );
+        }
+        (None, dim) => {
+            let rank: usize = dim
+                .parse()
+                .map_err(|_| bad(format!("dimension `{dim}`: expected no, auto or a rank")))?;
+            let _ = writeln!(node, "      mode: svd\n      rank: {rank}");
+        }
+    }
+    if set.same_to_strength {
+        let _ = writeln!(node, "      same_to_strength: true");
+    }
+    if let Some(m) = set.metadata {
+        let _ = writeln!(node, "      metadata: {}", crate::text::Named::name(m));
+    }
+    let dtype = match set.precision.as_deref().unwrap_or("fp16") {
+        "float" | "fp32" => "fp32",
+        "fp16" => "fp16",
+        "bf16" => "bf16",
+        other => {
+            return Err(bad(format!(
+                "save precision `{other}`: expected float, fp16 or bf16"
+            )))
+        }
+    };
+    let _ = writeln!(node, "      dtype: {dtype}");
+    let file = format!("{}.safetensors", text.replace(',', "+").replace(':', "_"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Imported from SuperMerger's LoRA merge text by mergesmith: {}",
+        y(&text.into())
+    );
+    let _ = writeln!(out, "# Point each LoRA's path at your file.");
+    let _ = writeln!(out, "version: 1\nmodels:");
+    lines.iter().for_each(|(m, _)| out.push_str(m));
+    let _ = writeln!(out, "nodes:\n  merged:\n    merge_loras:");
+    out.push_str(&node);
+    let _ = writeln!(out, "      loras:");
+    lines.iter().for_each(|(_, l)| out.push_str(l));
+    let _ = writeln!(
+        out,
+        "  save:\n    save: merged\n    to: {}",
+        y(&file.into())
+    );
+    Ok(out)
+}

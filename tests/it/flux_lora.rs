@@ -649,9 +649,8 @@ fn flux_loras_are_extracted_merged_and_inspected() {
     let mo = mergesmith::lora::merge::MergeOptions {
         mode: mergesmith::lora::merge::MergeMode::Concat,
         rank: 8,
-        conv_rank: None,
         clamp_quantile: 1.0,
-        dtype: mergesmith::dtype::FloatType::Fp32,
+        ..Default::default()
     };
     mergesmith::lora::merge::merge(&sources, &mo, &merged, false).unwrap();
     let again = d.join("again.safetensors");
@@ -810,9 +809,8 @@ fn loras_whose_names_do_not_state_flux_merge_by_what_they_resolve_to() {
     let mo = mergesmith::lora::merge::MergeOptions {
         mode: mergesmith::lora::merge::MergeMode::Concat,
         rank: 4,
-        conv_rank: None,
         clamp_quantile: 1.0,
-        dtype: mergesmith::dtype::FloatType::Fp32,
+        ..Default::default()
     };
     mergesmith::lora::merge::merge(&[app(&l1, 0.5), app(&l2, -1.0)], &mo, &merged, false).unwrap();
     let mf = LoraFile::open(&merged).unwrap();

@@ -1015,9 +1015,8 @@ fn quantile_and_svd_merge_known_answers() {
     let opts = |mode, rank| MergeOptions {
         mode,
         rank,
-        conv_rank: None,
         clamp_quantile: 1.0,
-        dtype: mergesmith::dtype::FloatType::Fp32,
+        ..Default::default()
     };
     let out = dir.path().join("m.safetensors");
     merge(&sources(1., 1.), &opts(MergeMode::Svd, 2), &out, true).unwrap();
@@ -1181,7 +1180,7 @@ fn lora_merge_matches_modules_across_spellings() {
             rank: RANK,
             conv_rank: None,
             clamp_quantile: 1.0,
-            dtype: mergesmith::dtype::FloatType::Fp32,
+            ..Default::default()
         };
         merge(&sources, &opts, &out, false).unwrap();
         // One module per weight, under its kohya name, holding both files' changes: the
@@ -1228,9 +1227,8 @@ fn lora_merge_matches_modules_across_spellings() {
     let opts = MergeOptions {
         mode: MergeMode::Concat,
         rank: 4,
-        conv_rank: None,
         clamp_quantile: 1.0,
-        dtype: mergesmith::dtype::FloatType::Fp32,
+        ..Default::default()
     };
     let err = merge(&sources, &opts, &dir.path().join("x.safetensors"), false)
         .unwrap_err()

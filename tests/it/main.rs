@@ -16,6 +16,7 @@ mod gen_flow;
 mod header_props;
 mod layers;
 mod lora;
+mod lora_supermerger;
 mod merge;
 mod methods;
 mod noop_build;

@@ -1260,10 +1260,7 @@ fn extract_and_merge_lora_nodes_build_what_the_cli_makes() {
     let both = cli.join("both.safetensors");
     let merge_opts = MergeOptions {
         mode: MergeMode::Concat,
-        rank: 64,
-        conv_rank: None,
-        clamp_quantile: 0.99,
-        dtype: mergesmith::dtype::FloatType::Fp32,
+        ..Default::default()
     };
     let sources = [source(&delta, 0.5, None), source(&style, 0.8, Some("OUTD"))];
     merge(&sources, &merge_opts, &both, false).unwrap();
