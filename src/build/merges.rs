@@ -108,6 +108,39 @@ impl Cache {
         }
         out
     }
+
+    /// The merge behind an image: the generate node whose images include `image_key` (the
+    /// key a mergesmith PNG carries in its `mergesmith` text), its checkpoint, through `lora`
+    /// nodes, to the merge that made it. `None` when no build here made the image, or it was
+    /// made from a model file or a list merge.
+    pub fn merge_of_image(&self, image_key: &str) -> Option<MergeRecord> {
+        let generate = self
+            .log()
+            .iter()
+            .flat_map(|e| e.built.iter().map(|(_, k)| k.clone()))
+            .filter_map(|k| self.preimage(&k))
+            .find(|p| {
+                p["op"] == "generate"
+                    && crate::nodes::images::image_keys(p)
+                        .iter()
+                        .any(|(_, k)| k == image_key)
+            })?;
+        let records = self.merges();
+        let mut input = generate["model"].clone();
+        // A chain of lora nodes is finite; the bound only guards a corrupt cache.
+        for _ in 0..64 {
+            let key = input["key"].as_str()?;
+            if let Some(r) = records.iter().find(|r| r.key == key) {
+                return Some(r.clone());
+            }
+            let p = self.preimage(key)?;
+            input = match p["op"].as_str()? {
+                "lora" => p["input"].clone(),
+                _ => return None,
+            };
+        }
+        None
+    }
 }
 
 /// SuperMerger's `mergehistory.csv` header. Its rows differ from it: after `use MBW` come the

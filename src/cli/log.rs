@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mergesmith::error::Result;
+use mergesmith::error::{Error, Result};
 
 use super::{print_json, CacheLocation};
 
@@ -25,6 +25,15 @@ pub struct LogArgs {
     /// With --merges: only merges whose node, recipe, models or settings contain TEXT.
     #[arg(long, value_name = "TEXT", requires = "merges")]
     pub search: Option<String>,
+    /// With --merges: the merge behind this image (a PNG a build here generated; its merge ID
+    /// and settings).
+    #[arg(
+        long,
+        value_name = "PNG",
+        requires = "merges",
+        conflicts_with = "search"
+    )]
+    pub image: Option<PathBuf>,
     /// Write every merge built as SuperMerger's mergehistory.csv (read back by `recipe
     /// from-supermerger`).
     #[arg(long, value_name = "FILE")]
@@ -74,10 +83,35 @@ fn merges(a: &LogArgs) -> Result<()> {
             return Ok(());
         }
     }
-    let shown: Vec<_> = all
-        .iter()
-        .filter(|m| a.search.as_deref().is_none_or(|t| m.matches(t)))
-        .collect();
+    let found;
+    let shown: Vec<_> = match &a.image {
+        Some(png) => {
+            let bytes = std::fs::read(png).map_err(|e| Error::io(png, e))?;
+            let text = mergesmith::gen::png::read_text(&bytes)?;
+            let key = text
+                .iter()
+                .find(|(k, _)| k == "mergesmith")
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: no mergesmith key in its PNG info (not an image mergesmith made)",
+                        png.display()
+                    ))
+                })?;
+            found = cache.merge_of_image(&key).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no merge built in this cache made it (image {key}: generated elsewhere, \
+                     from a model file, or from a list merge)",
+                    png.display()
+                ))
+            })?;
+            vec![&found]
+        }
+        None => all
+            .iter()
+            .filter(|m| a.search.as_deref().is_none_or(|t| m.matches(t)))
+            .collect(),
+    };
     let tail = &shown[shown.len().saturating_sub(a.count)..];
     if a.json {
         return print_json(&tail);

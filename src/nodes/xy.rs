@@ -118,6 +118,10 @@ pub enum AxisKind {
     /// `blocks:elements` items (no ratio) added to the merge's elemental text with the alpha
     /// axis' value as their ratio; the merge's alpha stays.
     PinpointElement,
+    /// SuperMerger's "pinpoint element ext": as `pinpoint_element`, with the blocks named
+    /// from SDXL's extended list (`IN410`, `OUT019`, ...; the merge's `block_list` becomes
+    /// `extended`).
+    PinpointElementExt,
     /// SuperMerger's "effective elemental checker": as `pinpoint_element`, after a baseline
     /// without any, and the grid adds a row showing what changed against the baseline.
     Effective,
@@ -139,6 +143,9 @@ pub enum AxisKind {
     /// Calculation mode (trainDifference / extract cells run as add difference, as
     /// SuperMerger; model A stands in for a missing C).
     Calcmode,
+    /// The checkpoint the generate node reads: models or checkpoint nodes (say, merges
+    /// imported from a history, one per merge ID: SuperMerger's "merge ID" axis).
+    Model,
     /// Generation seed.
     Seed,
     /// Prompt (one per line in text).

@@ -392,7 +392,17 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
     }
     bake_prompt_loras(&mut nodes);
     // Sweeps copy validated nodes into their cells.
-    sweep::expand_all(&sweeps, &mut nodes, &scope, &resolve, &mut errs);
+    // A sweep's `pinpoint_blocks: ALL` names the blocks of its merge's family, read from the
+    // header of model A where that is a safetensors file already there.
+    let family_of = |model: &str| -> Option<crate::arch::Family> {
+        let (path, _) = models.get(model)?;
+        let safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        (safetensors && path.is_file())
+            .then(|| crate::checkpoint::Checkpoint::open(path).ok())
+            .flatten()
+            .map(|ck| crate::arch::detect(ck.tensors()).family)
+    };
+    sweep::expand_all(&sweeps, &mut nodes, &scope, &resolve, &family_of, &mut errs);
     let order = match topo_order(&nodes) {
         Ok(o) => o,
         Err(cycle) => {

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_saphyr::Spanned;
 
 use super::{RatioScope, RecipeErrors, Resolver};
+use crate::arch::Family;
 use crate::merge::dice::{Dice, Draw};
 use crate::merge::select::sd_list;
 use crate::merge::{FilterSpec, Ratio};
@@ -44,6 +45,7 @@ impl AxisKind {
             self,
             AxisKind::PinpointBlocks
                 | AxisKind::PinpointElement
+                | AxisKind::PinpointElementExt
                 | AxisKind::Effective
                 | AxisKind::PinpointAdjust
         )
@@ -53,7 +55,8 @@ impl AxisKind {
         !self.changes_lora()
             && !matches!(
                 self,
-                AxisKind::Seed
+                AxisKind::Model
+                    | AxisKind::Seed
                     | AxisKind::Prompt
                     | AxisKind::Prompt2
                     | AxisKind::Prompt3
@@ -83,7 +86,9 @@ impl AxisKind {
             | AxisKind::LoraBlocks => Sep::Line,
             AxisKind::Elemental | AxisKind::AddElemental | AxisKind::Prompt2 => Sep::BlankLine,
             AxisKind::Prompt3 => Sep::Whole,
-            AxisKind::PinpointElement | AxisKind::Effective => Sep::CommaOrLine,
+            AxisKind::PinpointElement | AxisKind::PinpointElementExt | AxisKind::Effective => {
+                Sep::CommaOrLine
+            }
             _ => Sep::Comma,
         }
     }
@@ -104,6 +109,8 @@ enum Setting {
     Beta(Ratio),
     AlphaBeta(Ratio, Ratio),
     Model(usize, Input),
+    /// The checkpoint the generate node reads.
+    GenModel(Input),
     Pinpoint(String),
     Include(String),
     Exclude(String),
@@ -111,8 +118,9 @@ enum Setting {
     AddFilter(bool, String),
     Elemental(String),
     AddElemental(String),
-    /// A `blocks:elements` item; `None`: the effective checker's baseline.
-    PinpointElement(Option<String>),
+    /// A `blocks:elements` item (`true`: blocks named from the extended list); `None`: the
+    /// effective checker's baseline.
+    PinpointElement(Option<String>, bool),
     PinpointAdjust(Vec<usize>),
     LoraStrength(f64),
     LoraBlocks(String),
@@ -138,7 +146,7 @@ enum Setting {
 }
 
 /// What `path: NODE.FIELD` axes can change, for errors.
-const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: seed, prompt, negative, steps, cfg, guidance, sampler, schedule, noise, emphasis, clip_skip, width, height";
+const PATH_FIELDS: &str = "merge: alpha, beta, calcmode, elemental, adjust, a, b, c, include, exclude; list methods: any parameter (density, t, parameters.seed...); lora: strength, blocks; generate: model, seed, prompt, negative, steps, cfg, guidance, sampler, schedule, noise, emphasis, clip_skip, width, height";
 
 /// One parsed axis: its kind, the node it names (if any) and, per part, (label, setting)
 /// values.
@@ -169,11 +177,12 @@ pub(super) fn expand_all(
     nodes: &mut BTreeMap<String, Node>,
     scope: &RatioScope,
     resolve: &Resolver,
+    family_of: &dyn Fn(&str) -> Option<Family>,
     errs: &mut RecipeErrors,
 ) {
     for (name, (part, decl, to, overwrite)) in decls {
         errs.at(*part);
-        if let Some(grids) = expand(name, decl, nodes, scope, resolve, errs) {
+        if let Some(grids) = expand(name, decl, nodes, scope, resolve, family_of, errs) {
             nodes.insert(
                 name.clone(),
                 Node::Xy(XyNode {
@@ -186,12 +195,35 @@ pub(super) fn expand_all(
     }
 }
 
+/// The family of what a node merges: model A's (through merges and LoRA nodes), when its
+/// header can be read.
+fn family_through(
+    nodes: &BTreeMap<String, Node>,
+    mut input: Input,
+    family_of: &dyn Fn(&str) -> Option<Family>,
+) -> Option<Family> {
+    for _ in 0..nodes.len() + 1 {
+        input = match input {
+            Input::Model(m) => return family_of(&m),
+            Input::Node(n) => match nodes.get(&n)? {
+                Node::Merge(m) => m.inputs.first()?.clone(),
+                Node::MergeList(l) => l.read.first()?.clone(),
+                Node::Lora(l) => l.input.clone(),
+                _ => return None,
+            },
+        };
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
 fn expand(
     name: &str,
     decl: &Spanned<XyDecl>,
     nodes: &mut BTreeMap<String, Node>,
     scope: &RatioScope,
     resolve: &Resolver,
+    family_of: &dyn Fn(&str) -> Option<Family>,
     errs: &mut RecipeErrors,
 ) -> Option<Vec<Grid>> {
     let d = &decl.value;
@@ -209,9 +241,24 @@ fn expand(
             .into_iter()
             .filter_map(|(n, a)| a.map(|a| (n, a)))
             .collect();
+    // The family of the merge an axis changes (for `pinpoint_blocks: ALL`).
+    let family = |node: Option<&str>| -> Option<Family> {
+        let start = match node.or(d.merge.as_ref().map(|m| m.value.as_str())) {
+            Some(n) => Input::Node(n.to_string()),
+            None => match nodes.get(gen_name) {
+                Some(Node::Generate(g)) => g.model.clone(),
+                _ => return None,
+            },
+        };
+        family_through(nodes, start, family_of)
+    };
     let mut axes = Vec::new();
     for (_, a) in &declared {
-        axes.push(parse_axis(a, scope, resolve, errs)?);
+        // Only `pinpoint_blocks` asks (a header read).
+        let f = (a.value.kind == Some(AxisKind::PinpointBlocks))
+            .then(|| family(a.value.node.as_ref().map(|n| n.value.as_str())))
+            .flatten();
+        axes.push(parse_axis(a, scope, resolve, f, errs)?);
     }
     // Rules: two axes of one type make no grid (add_elemental aside); pinpointing needs an
     // alpha (or beta) axis for the value.
@@ -615,7 +662,12 @@ fn make_cell(
                     }
                 }
             }
-            Node::Generate(GenerateNode { job, to, .. }) => {
+            Node::Generate(GenerateNode { job, to, model, .. }) => {
+                for s in &mine {
+                    if let Setting::GenModel(input) = s {
+                        *model = input.clone();
+                    }
+                }
                 apply_job(job, &mine);
                 *to = None;
                 gen_name = renamed(n);
@@ -638,9 +690,24 @@ fn apply_merge(
         _ => None,
     });
     let element = settings.iter().find_map(|s| match s {
-        Setting::PinpointElement(e) => Some(e.clone()),
+        Setting::PinpointElement(e, _) => Some(e.clone()),
         _ => None,
     });
+    // SuperMerger's "use extended XL": elemental names from SDXL's extended list.
+    if settings
+        .iter()
+        .any(|s| matches!(s, Setting::PinpointElement(_, true)))
+    {
+        const EXTENDED: &str = "extended";
+        match spec.block_list.as_deref() {
+            None | Some(EXTENDED) => spec.block_list = Some(EXTENDED.into()),
+            Some(other) => {
+                return Err(format!(
+                    "pinpoint_element_ext names blocks from the extended list; the merge reads block list `{other}`"
+                ))
+            }
+        }
+    }
     let adjust_slots = settings.iter().find_map(|s| match s {
         Setting::PinpointAdjust(slots) => Some(slots.clone()),
         _ => None,
@@ -916,6 +983,7 @@ fn header(
         for (k, what) in [
             (AxisKind::PinpointBlocks, "blocks"),
             (AxisKind::PinpointElement, "elemental"),
+            (AxisKind::PinpointElementExt, "elemental"),
             (AxisKind::Effective, "elemental"),
             (AxisKind::PinpointAdjust, "adjust"),
         ] {
@@ -960,6 +1028,7 @@ fn parse_axis(
     a: &Spanned<AxisDecl>,
     scope: &RatioScope,
     resolve: &Resolver,
+    family: Option<Family>,
     errs: &mut RecipeErrors,
 ) -> Option<Axis> {
     let (kind, node) = match (&a.value.kind, &a.value.path) {
@@ -1002,13 +1071,17 @@ fn parse_axis(
             return None;
         }
     };
-    // `ALL` is what SuperMerger's XY plot makes of it: every SD block in two parts (BASE to
-    // M00, then OUT00 to OUT11) for pinpoint blocks, seven columns (every slot but BRI) for
-    // pinpoint adjust.
+    // `ALL` is what SuperMerger's XY plot makes of it: every block in two parts (BASE to
+    // M00, then the OUT blocks) for pinpoint blocks, seven columns (every slot but BRI) for
+    // pinpoint adjust. The blocks are the merge's family's (SDXL: IN00-IN08, OUT00-OUT08)
+    // where model A's header tells it, else SD's (SuperMerger's own text, also on SDXL).
     let all = |t: &str| -> Option<String> {
         match (t.trim(), kind) {
             ("ALL", AxisKind::PinpointBlocks) => {
-                let l = sd_list();
+                let l = family
+                    .map(|f| f.blocks())
+                    .filter(|l| l.len() > 1)
+                    .unwrap_or(sd_list());
                 let m = l.iter().position(|b| b == "M00").map_or(l.len(), |i| i + 1);
                 Some(format!("{}|{}", l[..m].join(","), l[m..].join(",")))
             }
@@ -1067,7 +1140,10 @@ fn parse_axis(
         }
         let mut part = Vec::new();
         if kind == AxisKind::Effective {
-            part.push(("baseline".to_string(), Setting::PinpointElement(None)));
+            part.push((
+                "baseline".to_string(),
+                Setting::PinpointElement(None, false),
+            ));
         }
         if kind == AxisKind::Random {
             let count = match values.as_slice() {
@@ -1147,6 +1223,7 @@ fn field_kind(field: &str) -> Option<AxisKind> {
         "a" => AxisKind::ModelA,
         "b" => AxisKind::ModelB,
         "c" => AxisKind::ModelC,
+        "model" => AxisKind::Model,
         "include" => AxisKind::IncludeBlocks,
         "exclude" => AxisKind::ExcludeBlocks,
         "strength" => AxisKind::LoraStrength,
@@ -1280,7 +1357,7 @@ fn setting(
                 _ => return Err(format!("`{text}` is not `alpha beta`")),
             }
         }
-        AxisKind::ModelA | AxisKind::ModelB | AxisKind::ModelC => {
+        AxisKind::ModelA | AxisKind::ModelB | AxisKind::ModelC | AxisKind::Model => {
             let name = Spanned {
                 value: text.trim().to_string(),
                 referenced: a.referenced,
@@ -1288,12 +1365,12 @@ fn setting(
             };
             let input = resolve(&name, Want::Checkpoint, errs)
                 .ok_or_else(|| format!("`{}` is not a checkpoint", name.value))?;
-            let i = match kind {
-                AxisKind::ModelA => 0,
-                AxisKind::ModelB => 1,
-                _ => 2,
-            };
-            Setting::Model(i, input)
+            match kind {
+                AxisKind::ModelA => Setting::Model(0, input),
+                AxisKind::ModelB => Setting::Model(1, input),
+                AxisKind::ModelC => Setting::Model(2, input),
+                _ => Setting::GenModel(input),
+            }
         }
         AxisKind::PinpointBlocks => {
             let t = text.trim().to_string();
@@ -1312,12 +1389,12 @@ fn setting(
         AxisKind::ExcludeBlocks => Setting::Exclude(text.trim().to_string()),
         AxisKind::Elemental => Setting::Elemental(text),
         AxisKind::AddElemental => Setting::AddElemental(text),
-        AxisKind::PinpointElement | AxisKind::Effective => {
+        AxisKind::PinpointElement | AxisKind::PinpointElementExt | AxisKind::Effective => {
             let item = text.trim().to_string();
             if item.split(':').count() != 2 {
                 return Err(format!("`{item}` is not `blocks:elements`"));
             }
-            Setting::PinpointElement(Some(item))
+            Setting::PinpointElement(Some(item), kind == AxisKind::PinpointElementExt)
         }
         AxisKind::PinpointAdjust => {
             const SLOTS: [&str; 8] = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"];

@@ -536,6 +536,25 @@ fn a_sweep_builds_grids_from_cached_cells_and_then_nothing() {
     for (x, y) in [(0, 0), (63, 47), (20, 30)] {
         assert_eq!(grid.get_pixel(gx + x, gy + y), last.get_pixel(x, y));
     }
+    // An image leads back to its merge and merge ID (`log --merges --image`): the key in
+    // its PNG info, the generate node that made it, the merge it read.
+    cache.append_log(&path, &first).unwrap();
+    let plan = &first
+        .iter()
+        .find(|r| r.plan.name == "sweep.3.look")
+        .unwrap()
+        .plan;
+    let key = &mergesmith::nodes::images::image_keys(&plan.preimage)[0].1;
+    let png = std::fs::read(cache.image_path(key)).unwrap();
+    let text = mergesmith::gen::png::read_text(&png).unwrap();
+    let carried = &text.iter().find(|(k, _)| k == "mergesmith").unwrap().1;
+    let m = cache.merge_of_image(carried).expect("the cell's merge");
+    assert_eq!(m.merge["alpha"], 0.75);
+    assert!(cache
+        .merges()
+        .iter()
+        .any(|r| r.id == m.id && r.key == m.key));
+    assert!(cache.merge_of_image("no such image").is_none());
     // Again: the grid is a hit, and no cell is even planned to run.
     let again = build::build(&r, &cache, &["sweep".into()], &BuildOptions::default()).unwrap();
     assert!(again
@@ -721,4 +740,152 @@ fn prompt3_and_random_seeds() {
         a[0],
         seeds("      x: { type: seed, values: \"-1, 5, -1\", seed: 1 }\n")[0]
     );
+}
+
+#[test]
+fn pinpoint_element_ext_names_blocks_from_the_extended_list() {
+    // SuperMerger's "pinpoint element ext": the items take the alpha axis' value, their
+    // blocks named from SDXL's extended list.
+    let r = parse(
+        "      x: { type: pinpoint_element_ext, values: \"MID103:attn1, IN410:\" }\n      y: { type: alpha, values: [0.8] }\n",
+    )
+    .unwrap();
+    let (spec, _, _) = cell(&r, 0);
+    assert_eq!(spec.elemental.as_deref(), Some("MID103:attn1:0.8"));
+    assert_eq!(spec.block_list.as_deref(), Some("extended"));
+    assert_eq!(spec.alpha, Ratio::Scalar(0.5), "the merge's alpha stays");
+    assert_eq!(
+        grids(&r)[0].x_labels[0],
+        "pinpoint_element_ext = MID103:attn1"
+    );
+
+    // The cell's merge on SDXL files changes the keys of that fine block only.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let xl = Family::builtin("sdxl");
+    let a = crate::common::synth(d, "a.safetensors", &crate::common::tiny(xl, 1));
+    let b = crate::common::synth(d, "b.safetensors", &crate::common::tiny(xl, 2));
+    let out = d.join("out.safetensors");
+    let mut s = spec.clone();
+    s.alpha = Ratio::Scalar(0.0);
+    mergesmith::merge::merge_files(
+        &mergesmith::merge::MergeFiles {
+            a: &a,
+            b: &b,
+            c: None,
+        },
+        &s,
+        &out,
+        &mergesmith::store::memo(&d.join("cache")),
+        &mergesmith::merge::RunOptions::default(),
+    )
+    .unwrap();
+    let (ca, co) = (
+        mergesmith::checkpoint::Checkpoint::open(&a).unwrap(),
+        mergesmith::checkpoint::Checkpoint::open(&out).unwrap(),
+    );
+    let mut changed: Vec<String> = co
+        .tensors()
+        .iter()
+        .filter(|t| ca.get(&t.name).is_some_and(|u| ca.data(u) != co.data(t)))
+        .map(|t| t.name.clone())
+        .collect();
+    changed.sort();
+    assert!(!changed.is_empty());
+    for k in &changed {
+        assert!(
+            k.contains("middle_block.1.transformer_blocks.3.attn1."),
+            "{k} changed"
+        );
+    }
+    // A merge reading another block list cannot take extended names.
+    let text = format!(
+        "{}      x: {{ type: pinpoint_element_ext, values: \"MID103:attn1\" }}\n      y: {{ type: alpha, values: [0.8] }}\n",
+        BASE.replace("alpha: 0.5\n", "alpha: 0.5\n    block_list: supermerger\n")
+    );
+    let e = recipe::parse(Path::new("r.yaml"), &text)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pinpoint_element_ext") && e.contains("`supermerger`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pinpoint_blocks_all_names_the_blocks_of_the_merged_family() {
+    // SDXL files: ALL is BASE-M00 and OUT00-OUT08, SDXL's blocks (SuperMerger writes SD's).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let xl = Family::builtin("sdxl");
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        crate::common::synth(
+            d,
+            &format!("{name}.safetensors"),
+            &crate::common::tiny(xl, seed),
+        );
+    }
+    let text = format!(
+        "{BASE}      x: {{ type: pinpoint_blocks, values: ALL }}\n      y: {{ type: alpha, values: [1] }}\n"
+    );
+    let r = recipe::parse(&d.join("r.yaml"), &text).unwrap();
+    let g = grids(&r);
+    assert_eq!((g.len(), g[0].cells.len(), g[1].cells.len()), (2, 11, 9));
+    assert_eq!(g[0].x_labels[10], "M00");
+    assert_eq!(g[1].x_labels.last().map(String::as_str), Some("OUT08"));
+    // A cell's vector reads as SDXL's: OUT08 set, the rest at the merge's 0.5.
+    let (spec, _, _) = cell(&r, 11 + 8);
+    let Ratio::Blocks(v) = &spec.alpha else {
+        panic!("{:?}", spec.alpha)
+    };
+    let b = mergesmith::merge::weights::BlockRatio::resolve_in(
+        &Ratio::Blocks(v.clone()),
+        xl,
+        "alpha",
+        None,
+    )
+    .unwrap();
+    let mergesmith::merge::weights::BlockRatio::Blocks(w) = b else {
+        panic!("{b:?}")
+    };
+    assert_eq!(w.len(), 20);
+    assert_eq!(w[19], 1.0);
+    assert!(w[..19].iter().all(|x| *x == 0.5), "{w:?}");
+}
+
+#[test]
+fn a_model_axis_generates_from_each_checkpoint() {
+    // SuperMerger's "merge ID" axis: merges imported one node per ID, compared side by side.
+    let text = BASE.replace(
+        "  look:\n",
+        "  merge_3: { merge: add_difference, a: a, b: b, c: c, alpha: 0.3 }\n  merge_7: { merge: weight_sum, a: b, b: c, alpha: 0.7 }\n  look:\n",
+    ) + "      x: { type: model, values: \"merge_3, merge_7, a\" }\n";
+    let r = recipe::parse(Path::new("r.yaml"), &text).unwrap();
+    let g = grids(&r);
+    assert_eq!(g[0].x_labels, ["model = merge_3", "merge_7", "a"]);
+    let model = |i: usize| match &r.nodes[&format!("sweep.{i}.look")] {
+        Node::Generate(GenerateNode { model, .. }) => model.clone(),
+        _ => panic!("no cell {i}"),
+    };
+    assert_eq!(model(0), Input::Node("merge_3".into()));
+    assert_eq!(model(1), Input::Node("merge_7".into()));
+    assert_eq!(model(2), Input::Model("a".into()));
+    // The merges are built before the cells that read them.
+    let at = |n: &str| r.order.iter().position(|o| o == n).unwrap();
+    assert!(at("merge_7") < at("sweep.1.look"));
+    // The same as a path axis; a LoRA node is no checkpoint.
+    let r2 = recipe::parse(
+        Path::new("r.yaml"),
+        &text.replace("type: model,", "path: look.model,"),
+    )
+    .unwrap();
+    assert_eq!(grids(&r2)[0].cells.len(), 3);
+    let e = recipe::parse(
+        Path::new("r.yaml"),
+        &text.replace("merge_7, a", "merge_7, nope"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`nope` is not a model or node"), "{e}");
 }
