@@ -100,9 +100,11 @@ fn merges(a: &LogArgs) -> Result<()> {
                 })?;
             found = cache.merge_of_image(&key).ok_or_else(|| {
                 Error::Invalid(format!(
-                    "{}: no merge built in this cache made it (image {key}: generated elsewhere, \
-                     from a model file, or from a list merge)",
-                    png.display()
+                    "{}: no merge built in the cache {} made it (image {key}: generated \
+                     elsewhere, from a model file, or from a list merge; --recipe or --cache \
+                     picks another cache)",
+                    png.display(),
+                    cache.root().display()
                 ))
             })?;
             vec![&found]
