@@ -48,6 +48,9 @@ pub enum Error {
         /// The tensor name.
         name: String,
     },
+    /// The build was stopped (by `watch`, after a newer edit).
+    #[error("cancelled: a newer edit replaces this build")]
+    Cancelled,
     /// Invalid input that is not tied to a file (bad option values, inconsistent requests).
     #[error("{0}")]
     Invalid(String),

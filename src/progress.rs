@@ -1,6 +1,7 @@
 //! Progress reporting: bars on a terminal, nothing when piped or in `--json` mode.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -43,4 +44,26 @@ pub fn count(total: u64, message: &str, enabled: bool) -> ProgressBar {
     );
     bar.set_message(message.to_string());
     bar
+}
+
+/// Set when the running build should stop: `watch` asks once an edit made it pointless.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Asks the running build to stop at its next check (between nodes, tensors of a merge and
+/// sampling steps). What it was writing is dropped (temp files), nothing half-written stays.
+pub fn request_cancel() {
+    CANCEL.store(true, Ordering::SeqCst);
+}
+
+/// Clears a request, before the next build.
+pub fn clear_cancel() {
+    CANCEL.store(false, Ordering::SeqCst);
+}
+
+/// `Err(Error::Cancelled)` once a stop was requested.
+pub fn check_cancel() -> crate::error::Result<()> {
+    match CANCEL.load(Ordering::Relaxed) {
+        true => Err(crate::error::Error::Cancelled),
+        false => Ok(()),
+    }
 }

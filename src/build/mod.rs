@@ -22,6 +22,7 @@ pub mod merges;
 mod plan;
 mod schedule;
 pub mod shard;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

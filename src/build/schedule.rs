@@ -41,6 +41,10 @@ pub(super) fn schedule<'p>(
                         .all(|i| !names.contains(i) || done.contains_key(*i))
                 });
                 let Some(i) = ready else { break };
+                if let Err(e) = crate::progress::check_cancel() {
+                    failure = Some(e);
+                    break;
+                }
                 let p = pending.remove(i);
                 let node = &recipe.nodes[&p.name];
                 let broken = node

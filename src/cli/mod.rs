@@ -13,9 +13,11 @@ mod lora;
 mod merge;
 mod methods;
 mod recipe;
+mod serve;
 mod sync;
 mod synth;
 mod verify;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +59,11 @@ enum Command {
     /// Build a recipe, then write a static HTML report of it (sweeps' grids, images, where the
     /// models differ per block, the graph, every node's status) into a folder.
     Report(build::ReportArgs),
+    /// Rebuild what an edit made stale whenever the recipe, a file it includes or an input
+    /// model is saved (save nodes wait for `build` unless --with-saves).
+    Watch(watch::WatchArgs),
+    /// `watch`, with the HTML report served on localhost; open pages reload after each build.
+    Serve(serve::ServeArgs),
     /// Show a node's key, status, and what its key is computed from.
     Explain(explain::ExplainArgs),
     /// Print the recipe graph (mermaid or dot).
@@ -128,6 +135,8 @@ fn run(command: Command) -> Result<()> {
         Command::Build(a) => build::build(a),
         Command::Plan(a) => build::plan(a),
         Command::Report(a) => build::report(a),
+        Command::Watch(a) => watch::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Explain(a) => explain::run(a),
         Command::Dag(a) => dag::run(a),
         Command::Push(a) => sync::run(a, true),

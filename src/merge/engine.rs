@@ -224,6 +224,7 @@ pub fn write(
         .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
     order.par_iter().try_for_each(|k| {
+        crate::progress::check_cancel()?;
         let written = key(k, plan, inputs, &ctx, writer)?;
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if abort_after.is_some_and(|limit| n >= limit) {

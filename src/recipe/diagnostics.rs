@@ -53,6 +53,11 @@ impl RecipeErrors {
         self.sources.len() - 1
     }
 
+    /// Every file read (the recipe and the files it includes), for `watch`.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.sources.iter().map(|(p, _)| p.clone()).collect()
+    }
+
     /// The source positions currently refer to.
     pub fn current(&self) -> usize {
         self.current

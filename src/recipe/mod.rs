@@ -93,6 +93,8 @@ pub struct Recipe {
     pub order: Vec<String>,
     /// The tokenizer generate nodes use (`tokenizer:`, resolved), if the recipe names one.
     pub tokenizer: Option<PathBuf>,
+    /// The recipe file and the files it includes.
+    pub sources: Vec<PathBuf>,
 }
 
 /// Reads and validates a recipe file.
@@ -415,6 +417,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
             Vec::new()
         }
     };
+    let errs_files = errs.files();
     errs.finish()?;
     let tokenizer = parts
         .iter()
@@ -425,6 +428,7 @@ fn parse_with(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Reci
         nodes,
         order,
         tokenizer,
+        sources: errs_files,
     })
 }
 

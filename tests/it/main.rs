@@ -27,3 +27,4 @@ mod remote;
 mod report;
 mod safetensors_io;
 mod sweep;
+mod watch;
