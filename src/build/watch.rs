@@ -107,7 +107,8 @@ fn inputs(recipe: &Recipe) -> Vec<PathBuf> {
 }
 
 /// The nodes a watch builds: every node but the `save` nodes and what only they read, unless
-/// `with_saves` (then every node). A recipe of merges and saves alone builds its merges.
+/// `with_saves` (then every node); nodes kept in memory are built when those need them. A
+/// recipe of merges and saves alone builds its merges.
 pub fn targets(recipe: &Recipe, with_saves: bool) -> Vec<String> {
     if with_saves {
         return Vec::new();
@@ -130,10 +131,11 @@ pub fn targets(recipe: &Recipe, with_saves: bool) -> Vec<String> {
         };
         save_only.insert(name, only);
     }
+    // Nodes kept in memory are built when a target needs them, not for themselves.
     let wanted: Vec<String> = recipe
         .order
         .iter()
-        .filter(|n| !is_save(n) && !save_only[n.as_str()])
+        .filter(|n| !is_save(n) && !save_only[n.as_str()] && !recipe.nodes[*n].in_memory())
         .cloned()
         .collect();
     if wanted.is_empty() {
