@@ -60,6 +60,7 @@ pub(super) fn schedule<'p>(
                 running += 1;
                 s.spawn(move || {
                     // A panic in one node must not leave the scheduler waiting for its report.
+                    let _bars = crate::progress::in_node(&p.name);
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(p)))
                         .unwrap_or_else(|_| {
                             Err(Error::Failed(format!("node `{}`: internal error", p.name)))

@@ -521,7 +521,7 @@ impl DitModels {
             .map_err(cerr)?;
         let guidance = job.guidance.unwrap_or(DEFAULT_GUIDANCE);
         let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
-            crate::progress::check_cancel()?;
+            crate::progress::sampling_step()?;
             let t = self.schedule.timestep(sigma);
             let v = |c: &Cond| self.velocity(x, t, c, guidance);
             let vc = v(cond)?;

@@ -548,7 +548,7 @@ impl Pass<'_> {
                 .map_err(cerr)
         };
         let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
-            crate::progress::check_cancel()?;
+            crate::progress::sampling_step()?;
             let scale = (sigma * sigma + 1.0).sqrt();
             let input = (x / scale)
                 .and_then(|t| t.to_dtype(m.dtype))

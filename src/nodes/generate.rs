@@ -424,7 +424,7 @@ impl NodeKind for GenerateNode {
     }
 
     /// Makes the images the cache lacks, copies them to `to`.
-    fn run(&self, _name: &str, _key: &str, preimage: &Value, cx: &RunCx) -> Result<Outcome> {
+    fn run(&self, name: &str, _key: &str, preimage: &Value, cx: &RunCx) -> Result<Outcome> {
         let cache = cx.store.cache;
         let images = images::image_keys(preimage);
         let missing: Vec<&(u64, String)> = images
@@ -434,12 +434,18 @@ impl NodeKind for GenerateNode {
         if !missing.is_empty() {
             let (models, label, autov2) = cx.models_for(&self.model, &self.job.components)?;
             let tok = cx.tokenizer()?;
+            // Images made of those missing, and the sampling steps of the current one.
+            let bar = crate::progress::count(missing.len() as u64, name, cx.run.progress);
+            let steps = crate::progress::show_steps(&bar, name);
             for (seed, key) in &missing {
+                steps.restart();
                 let path = cache.image_path(key);
                 self.job
                     .write_image(&models, &tok, *seed, key, (&label, &autov2), &path, true)?;
                 cache.publish(key, Stored::Image);
+                bar.inc(1);
             }
+            bar.finish_and_clear();
         }
         cx.copy_outputs(self.to.as_deref(), self.overwrite, preimage)?;
         Ok(Outcome {
