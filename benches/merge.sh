@@ -1,51 +1,67 @@
 #!/usr/bin/env bash
-# Whole-process benchmark of a full-size merge against the I/O floor, all in one run:
-#   cat A B > /dev/null   (reading both inputs)
-#   cp A copy             (writing one model)
-#   mergesmith merge      (weight_sum, alpha 0.5, A + B -> out)
+# A full-size merge against the copy floor, all in one run (page cache warm, runs
+# interleaved so the machine's noise falls on every command alike):
+#   cp+sync    cp A copy && sync                (writing one model to disk)
+#   ws t1, t2  mergesmith --threads 1|2 merge A B, weight_sum 0.5 (fsyncs its output)
+#   ad t1, t2  mergesmith --threads 1|2 merge A B C, add_difference 0.5 (three inputs)
+# and prints each median with its ratio to cp+sync's median. With BASELINE=path/to/an/older
+# mergesmith, that binary's weight sum (2 threads) is timed in the same runs ("base t2").
 # Usage: benches/merge.sh [sd1|sdxl] [runs] [workdir]
-# Needs ~3x the model size of free disk (SD1 fp16: 2 GB per file; SDXL: 6.9 GB).
+# Needs ~5x the model size of free disk (SD1 fp16: 2.1 GB per file; SDXL: 6.9 GB).
 set -euo pipefail
 arch=${1:-sd1}
-runs=${2:-3}
+runs=${2:-5}
 dir=${3:-target/bench-$arch}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 bin=target/release/mergesmith
 mkdir -p "$dir"
 export MERGESMITH_CACHE="$dir/cache"
-[ -f "$dir/a.safetensors" ] || $bin synth --arch "$arch" --size full --seed 1 -o "$dir/a.safetensors"
-[ -f "$dir/b.safetensors" ] || $bin synth --arch "$arch" --size full --seed 2 -o "$dir/b.safetensors"
-size=$(( $(stat -c %s "$dir/a.safetensors") + $(stat -c %s "$dir/b.safetensors") ))
-# Warm the page cache and the hash memo (the first merge hashes both inputs once).
-cat "$dir/a.safetensors" "$dir/b.safetensors" > /dev/null
-$bin merge -a "$dir/a.safetensors" -b "$dir/b.safetensors" --alpha 0.5 -o "$dir/out.safetensors" --overwrite --json > /dev/null
+for m in a:1 b:2 c:3; do
+  [ -f "$dir/${m%%:*}.safetensors" ] ||
+    $bin synth --arch "$arch" --size full --seed "${m##*:}" -o "$dir/${m%%:*}.safetensors"
+done
+A=$dir/a.safetensors B=$dir/b.safetensors C=$dir/c.safetensors
+# Warm the page cache and the hash memo (the first merge hashes its inputs once).
+cat "$A" "$B" "$C" > /dev/null
+$bin merge -a "$A" -b "$B" -c "$C" --mode add_difference --alpha 0.5 -o "$dir/out.safetensors" --overwrite --json > /dev/null
+rm -f "$dir/out.safetensors"
 sync
 
-measure() { # name, command...: prints "wall_s maxrss_kib" per run on stdout
+time1() { # name, command...: "name wall_s maxrss_kib" on stdout
   local name=$1; shift
-  for _ in $(seq "$runs"); do
-    sync
-    /usr/bin/time -f "$name %e %M" "$@" 2>&1 >/dev/null | tail -1
-  done
+  rm -f "$dir/copy.safetensors" "$dir/out.safetensors"
+  sync
+  /usr/bin/time -f "$name %e %M" "$@" 2>&1 >/dev/null | tail -1
 }
+ws() { echo "$1" --threads "$2" merge -a "$A" -b "$B" --alpha 0.5 -o "$dir/out.safetensors" --json; }
+ad() { echo "$1" --threads "$2" merge -a "$A" -b "$B" -c "$C" --mode add_difference --alpha 0.5 -o "$dir/out.safetensors" --json; }
 {
-  measure cat sh -c "cat '$dir/a.safetensors' '$dir/b.safetensors' > /dev/null"
-  measure copy cp "$dir/a.safetensors" "$dir/copy.safetensors"
-  measure merge $bin merge -a "$dir/a.safetensors" -b "$dir/b.safetensors" --alpha 0.5 \
-      -o "$dir/out.safetensors" --overwrite --json
+  for _ in $(seq "$runs"); do
+    time1 cp+sync sh -c "cp '$A' '$dir/copy.safetensors' && sync"
+    # shellcheck disable=SC2046
+    time1 "ws-t1" $(ws "$bin" 1)
+    # shellcheck disable=SC2046
+    time1 "ws-t2" $(ws "$bin" 2)
+    # shellcheck disable=SC2046
+    time1 "ad-t1" $(ad "$bin" 1)
+    # shellcheck disable=SC2046
+    time1 "ad-t2" $(ad "$bin" 2)
+    if [ -n "${BASELINE:-}" ]; then
+      # shellcheck disable=SC2046
+      time1 "base-t2" $(ws "$BASELINE" 2)
+    fi
+  done
 } > "$dir/times.txt"
-rm -f "$dir/copy.safetensors"
-out=$(stat -c %s "$dir/out.safetensors")
-awk -v size="$size" -v out="$out" '
-  { t[$1] = t[$1] " " $2; m[$1] = m[$1] " " $3 }
-  function median(s,   a, n, i, j, x) { n = split(s, a, " ");
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x }
-    return a[int((n + 1) / 2)] }
+rm -f "$dir/copy.safetensors" "$dir/out.safetensors"
+awk -v arch="$arch" '
+  { t[$1] = t[$1] " " $2; m[$1] = m[$1] " " $3; if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 } }
+  function median(s,   a, k, i, j, x) { k = split(s, a, " ");
+    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { x = a[i]; a[i] = a[j]; a[j] = x }
+    return a[int((k + 1) / 2)] }
   END {
-    printf "inputs %.2f GB, output %.2f GB\n", size / 1e9, out / 1e9
-    for (k in t) { w = median(t[k]); r[k] = w
-      printf "%-6s median wall %6.2f s   peak RSS %7.0f MiB   runs:%s\n", k, w, median(m[k]) / 1024, t[k] }
-    printf "merge throughput (read A+B, write out): %.2f GB/s\n", (size + out) / 1e9 / r["merge"]
-    printf "merge / cat = %.2f   merge / copy = %.2f   merge / (cat + copy) = %.2f\n", r["merge"] / r["cat"], r["merge"] / r["copy"], r["merge"] / (r["cat"] + r["copy"])
+    floor = median(t["cp+sync"])
+    printf "%s, %d runs (medians; ratio = command / cp+sync)\n", arch, split(t["cp+sync"], _, " ")
+    for (i = 1; i <= n; i++) { k = order[i]; w = median(t[k])
+      printf "%-8s %6.2f s  ratio %.2f  peak RSS %5.0f MiB  runs:%s\n", k, w, w / floor, median(m[k]) / 1024, t[k] }
   }' "$dir/times.txt"

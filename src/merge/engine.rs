@@ -217,23 +217,44 @@ pub fn write(
     {
         ck.advise_sequential();
     }
-    order.sort_by_key(|k| std::cmp::Reverse(numel(k)));
+    // File order, a window of about WINDOW bytes at a time (the threads share a window, a
+    // large tensor by chunks): the output is written front to back, so its writeback streams
+    // like a copy's while the merge computes, and inputs laid out alike are read the same way.
+    let at = |k: &KeyPlan| match &k.stored {
+        Stored::Scaled(scale) if !writer.expects(&k.name) => writer.offset(scale),
+        _ => writer.offset(&k.name),
+    };
+    order.sort_by_key(|k| (at(k).unwrap_or(usize::MAX), k.name.clone()));
+    const WINDOW: u64 = 64 << 20;
+    let mut windows: Vec<Vec<&KeyPlan>> = vec![Vec::new()];
+    let mut filled = 0u64;
+    for k in order {
+        let len = k.dtype.byte_len(numel(k)).unwrap_or(0) as u64;
+        if filled > 0 && filled + len > WINDOW {
+            windows.push(Vec::new());
+            filled = 0;
+        }
+        filled += len;
+        windows.last_mut().expect("one window at least").push(k);
+    }
     // Crash-safety tests set this to kill the process in the middle of writing an output.
     let abort_after: Option<usize> = std::env::var("MERGESMITH_TEST_ABORT_AFTER_TENSORS")
         .ok()
         .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
-    order.par_iter().try_for_each(|k| {
-        crate::progress::check_cancel()?;
-        let written = key(k, plan, inputs, &ctx, writer)?;
-        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if abort_after.is_some_and(|limit| n >= limit) {
-            std::process::abort();
-        }
-        release(inputs, k);
-        bar.inc(written as u64);
-        Ok::<_, Error>(())
-    })?;
+    for window in &windows {
+        window.par_iter().try_for_each(|k| {
+            crate::progress::check_cancel()?;
+            let written = key(k, plan, inputs, &ctx, writer)?;
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if abort_after.is_some_and(|limit| n >= limit) {
+                std::process::abort();
+            }
+            release(inputs, k);
+            bar.inc(written as u64);
+            Ok::<_, Error>(())
+        })?;
+    }
     bar.finish_and_clear();
     Ok(())
 }
