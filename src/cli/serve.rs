@@ -132,6 +132,8 @@ fn respond(mut s: &TcpStream, status: &str, kind: &str, body: &[u8]) {
 
 /// Answers one connection.
 fn handle(stream: TcpStream, root: &Path, state: &Mutex<State>) {
+    // A client that never finishes its request does not hold a thread for ever.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
