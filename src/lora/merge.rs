@@ -403,16 +403,15 @@ pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedM
             rank = svd::rank_for(&shape, opts.rank, opts.conv_rank);
         }
         if opts.mode == MergeMode::Extract {
-            let files: Vec<usize> = uses.iter().map(|u| u.0).collect();
-            if files != [0, 1] {
-                let missing = if files.contains(&0) { 1 } else { 0 };
+            let count = |f: usize| uses.iter().filter(|u| u.0 == f).count();
+            if let Some((f, n)) = [(0, count(0)), (1, count(1))].into_iter().find(|c| c.1 != 1) {
                 return Err(Error::Invalid(format!(
                     "extract needs module `{name}` once in each of the two LoRAs; {} {}",
-                    sources[missing].file.path.display(),
-                    if files.len() > 2 {
-                        "has it twice (in two spellings)"
-                    } else {
+                    sources[f].file.path.display(),
+                    if n == 0 {
                         "lacks it"
+                    } else {
+                        "has it twice (in two spellings)"
                     }
                 )));
             }
