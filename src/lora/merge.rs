@@ -404,7 +404,10 @@ pub fn plan(sources: &[Application], opts: &MergeOptions) -> Result<Vec<PlannedM
         }
         if opts.mode == MergeMode::Extract {
             let count = |f: usize| uses.iter().filter(|u| u.0 == f).count();
-            if let Some((f, n)) = [(0, count(0)), (1, count(1))].into_iter().find(|c| c.1 != 1) {
+            if let Some((f, n)) = [(0, count(0)), (1, count(1))]
+                .into_iter()
+                .find(|c| c.1 != 1)
+            {
                 return Err(Error::Invalid(format!(
                     "extract needs module `{name}` once in each of the two LoRAs; {} {}",
                     sources[f].file.path.display(),
