@@ -436,19 +436,24 @@ impl KohyaLora {
         writer: &crate::checkpoint::writer::SafetensorsWriter,
         dtype: crate::dtype::DType,
     ) -> Result<()> {
-        for m in &self.modules {
-            for (suffix, values) in [
-                ("lora_up.weight", m.up.as_slice()),
-                ("lora_down.weight", m.down.as_slice()),
-                ("alpha", std::slice::from_ref(&m.alpha)),
-            ] {
-                let name = format!("{}.{suffix}", m.name);
-                if writer.expects(&name) {
-                    writer.write(&name, &crate::convert::from_f32(values, dtype)?)?;
-                }
+        for (name, values) in self.tensors() {
+            if writer.expects(&name) {
+                writer.write(&name, &crate::convert::from_f32(values, dtype)?)?;
             }
         }
         Ok(())
+    }
+
+    /// Every tensor of the file: (name, f32 values), the factors and alpha of each module.
+    fn tensors(&self) -> impl Iterator<Item = (String, &[f32])> {
+        self.modules.iter().flat_map(|m| {
+            [
+                ("lora_up.weight", m.up.as_slice()),
+                ("lora_down.weight", m.down.as_slice()),
+                ("alpha", std::slice::from_ref(&m.alpha)),
+            ]
+            .map(|(suffix, values)| (format!("{}.{suffix}", m.name), values))
+        })
     }
 
     /// The file's bytes in `dtype` (canonical layout, as [`Self::write`] and the cache write
@@ -460,15 +465,15 @@ impl KohyaLora {
         let total = lay.ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let mut bytes = lay.header;
         bytes.resize(head + total, 0);
-        let values = self.modules.iter().flat_map(|m| {
-            [
-                m.up.as_slice(),
-                m.down.as_slice(),
-                std::slice::from_ref(&m.alpha),
-            ]
-        });
-        for (v, (lo, hi)) in values.zip(&lay.ranges) {
-            bytes[head + lo..head + hi].copy_from_slice(&crate::convert::from_f32(v, dtype)?);
+        // `layout`'s ranges follow the specs, which name the tensors in `tensors` order.
+        let at: BTreeMap<&str, (usize, usize)> = specs
+            .iter()
+            .map(|t| t.name.as_str())
+            .zip(lay.ranges.iter().copied())
+            .collect();
+        for (name, values) in self.tensors() {
+            let (lo, hi) = at[name.as_str()];
+            bytes[head + lo..head + hi].copy_from_slice(&crate::convert::from_f32(values, dtype)?);
         }
         Ok((bytes, head))
     }
