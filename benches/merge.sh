@@ -54,7 +54,10 @@ ad() { echo "$1" --threads "$2" merge -a "$A" -b "$B" -c "$C" --mode add_differe
   done
 } > "$dir/times.txt"
 rm -f "$dir/copy.safetensors" "$dir/out.safetensors"
-awk -v arch="$arch" '
+# Whether the page cache can hold the three inputs and the output (GiB).
+ram=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
+need=$(stat -c %s "$A" "$B" "$C" | awk '{ s += $1 } END { printf "%.1f", s * 4 / 3 / 1073741824 }')
+awk -v arch="$arch" -v ram="$ram" -v need="$need" '
   { t[$1] = t[$1] " " $2; m[$1] = m[$1] " " $3; if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 } }
   function median(s,   a, k, i, j, x) { k = split(s, a, " ");
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { x = a[i]; a[i] = a[j]; a[j] = x }
@@ -62,6 +65,7 @@ awk -v arch="$arch" '
   END {
     floor = median(t["cp+sync"])
     printf "%s, %d runs (medians; ratio = command / cp+sync)\n", arch, split(t["cp+sync"], _, " ")
+    if (need > ram) printf "note: three inputs and an output (%.1f GiB) exceed this machine'"'"'s RAM (%.1f GiB): the ad runs read from disk, cp+sync from the page cache\n", need, ram
     for (i = 1; i <= n; i++) { k = order[i]; w = median(t[k])
       printf "%-8s %6.2f s  ratio %.2f  peak RSS %5.0f MiB  runs:%s\n", k, w, w / floor, median(m[k]) / 1024, t[k] }
   }' "$dir/times.txt"

@@ -60,6 +60,56 @@ pub fn bytes(total: u64, message: &str, enabled: bool) -> ProgressBar {
     bar
 }
 
+/// A bar over an output model's tensors: bytes written (for the rate and the ETA, which a
+/// few huge tensors would make jumpy if counted by tensor) and tensors done.
+pub struct TensorBar {
+    bar: ProgressBar,
+    done: std::sync::atomic::AtomicU64,
+    tensors: u64,
+}
+
+impl TensorBar {
+    /// Counts one finished tensor of `bytes` bytes. Safe to call from several threads.
+    pub fn tensor_done(&self, bytes: u64) {
+        let n = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        if !self.bar.is_hidden() {
+            self.bar.set_prefix(format!("{n}/{}", self.tensors));
+        }
+        self.bar.inc(bytes);
+    }
+
+    /// Removes the bar.
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// A [`TensorBar`] for `tensors` tensors of `total` bytes, drawn like [`bytes`]'s.
+pub fn tensors(total: u64, tensors: u64, message: &str, enabled: bool) -> TensorBar {
+    let bar = match enabled && std::io::stderr().is_terminal() {
+        false => ProgressBar::hidden(),
+        true => {
+            let bar = bars().add(ProgressBar::new(total));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {prefix} tensors, {bytes}/{total_bytes} \
+                     {binary_bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(labelled(message));
+            bar.set_prefix(format!("0/{tensors}"));
+            bar
+        }
+    };
+    TensorBar {
+        bar,
+        done: std::sync::atomic::AtomicU64::new(0),
+        tensors,
+    }
+}
+
 /// A counting progress bar (items), drawn like [`bytes`]'s.
 pub fn count(total: u64, message: &str, enabled: bool) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {

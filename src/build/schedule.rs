@@ -32,20 +32,39 @@ pub(super) fn schedule<'p>(
         let mut failure = None;
         let (tx, rx) = std::sync::mpsc::channel();
         let mut running = 0usize;
+        // The model the last generate node started with: a ready node that generates from it
+        // goes first, so the cells of a sweep that share a model load it once.
+        let model_of = |p: &NodePlan| {
+            recipe.nodes[&p.name]
+                .generation()
+                .map(|(input, _)| input.name().to_string())
+        };
+        let mut last_model: Option<String> = None;
         loop {
             while failure.is_none() && running < jobs {
-                let ready = pending.iter().position(|p| {
-                    recipe.nodes[&p.name]
-                        .node_inputs()
-                        .iter()
-                        .all(|i| !names.contains(i) || done.contains_key(*i))
-                });
-                let Some(i) = ready else { break };
+                let ready: Vec<usize> = (0..pending.len())
+                    .filter(|&i| {
+                        recipe.nodes[&pending[i].name]
+                            .node_inputs()
+                            .iter()
+                            .all(|n| !names.contains(n) || done.contains_key(*n))
+                    })
+                    .collect();
+                let same_model = ready
+                    .iter()
+                    .copied()
+                    .find(|&i| last_model.is_some() && model_of(pending[i]) == last_model);
+                let Some(i) = same_model.or(ready.first().copied()) else {
+                    break;
+                };
                 if let Err(e) = crate::progress::check_cancel() {
                     failure = Some(e);
                     break;
                 }
                 let p = pending.remove(i);
+                if let Some(m) = model_of(p) {
+                    last_model = Some(m);
+                }
                 let node = &recipe.nodes[&p.name];
                 let broken = node
                     .node_inputs()

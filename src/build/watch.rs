@@ -63,6 +63,8 @@ pub struct WatchOptions {
     pub build: BuildOptions,
     /// `--set NAME=VALUE` overrides.
     pub sets: Vec<(String, String)>,
+    /// The tokenizer of generate nodes, in place of the recipe's.
+    pub tokenizer: Option<PathBuf>,
     /// Build save nodes too (by default they and what only they read are left out).
     pub with_saves: bool,
     /// How often files are checked.
@@ -165,7 +167,10 @@ pub fn watch(
     loop {
         crate::progress::clear_cancel();
         let recipe = match crate::recipe::load_with(path, &opts.sets) {
-            Ok(r) => {
+            Ok(mut r) => {
+                if opts.tokenizer.is_some() {
+                    r.tokenizer = opts.tokenizer.clone();
+                }
                 files = inputs(&r);
                 Some(r)
             }

@@ -16,6 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 
 use tempfile::NamedTempFile;
 
@@ -148,8 +151,101 @@ impl Target {
     }
 }
 
+/// A part handed to the I/O thread: its bytes and where they go.
+struct Part {
+    at: u64,
+    data: Vec<u8>,
+    writeback: bool,
+}
+
+/// Parts handed over by [`SafetensorsWriter::write_part_owned`], written by one I/O thread in
+/// the order they come, so the computing threads go on while the kernel copies their bytes
+/// into the page cache. Written buffers come back through `free` for reuse.
+struct Background {
+    parts: Option<SyncSender<Part>>,
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    failed: Arc<Mutex<Option<Error>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Parts queued for the I/O thread at most (a few MiB in flight).
+const QUEUED_PARTS: usize = 8;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Background {
+    fn start(file: File, path: PathBuf) -> std::io::Result<Self> {
+        let (parts, queue) = sync_channel::<Part>(QUEUED_PARTS);
+        let free = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(None));
+        let (free2, failed2) = (free.clone(), failed.clone());
+        let thread = std::thread::Builder::new()
+            .name("mergesmith-writer".into())
+            .spawn(move || {
+                for part in queue {
+                    if let Err(e) = write_at(&file, &path, &part.data, part.at) {
+                        *lock(&failed2) = Some(e);
+                        return;
+                    }
+                    if part.writeback {
+                        start_writeback(&file, part.at, part.data.len());
+                    }
+                    lock(&free2).push(part.data);
+                }
+            })?;
+        Ok(Background {
+            parts: Some(parts),
+            free,
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, part: Part) -> Result<()> {
+        let sent = self.parts.as_ref().map(|p| p.send(part));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.error()),
+        }
+    }
+
+    /// The I/O thread's error (the first caller to ask gets it).
+    fn error(&self) -> Error {
+        lock(&self.failed).take().unwrap_or_else(|| {
+            Error::Invalid("the output's writer thread stopped after an earlier error".into())
+        })
+    }
+
+    /// Waits until every part is written; the first write error, if any.
+    fn finish(mut self) -> Result<()> {
+        self.stop();
+        lock(&self.failed).take().map_or(Ok(()), Err)
+    }
+
+    fn stop(&mut self) {
+        self.parts = None;
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                lock(&self.failed).get_or_insert_with(|| {
+                    Error::Invalid("the output's writer thread panicked".into())
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Writes one safetensors file; see the module docs.
 pub struct SafetensorsWriter {
+    /// Declared first so it is dropped (its thread joined) before the file is.
+    background: OnceLock<std::result::Result<Background, String>>,
     target: Target,
     data_start: u64,
     specs: Vec<TensorSpec>,
@@ -212,6 +308,7 @@ impl SafetensorsWriter {
             .collect();
         let written = specs.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(SafetensorsWriter {
+            background: OnceLock::new(),
             target,
             data_start: header.len() as u64,
             specs,
@@ -242,30 +339,77 @@ impl SafetensorsWriter {
     /// Writes `data` at byte `offset` within the tensor `name`, so a large tensor can be
     /// produced in chunks by several threads. Every byte must be written exactly once.
     pub fn write_part(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
+        let (at, writeback) = self.claim(name, offset, data.len())?;
+        let (file, path) = self.target.file();
+        write_at(file, path, data, at)?;
+        if writeback {
+            start_writeback(file, at, data.len());
+        }
+        Ok(())
+    }
+
+    /// Like [`SafetensorsWriter::write_part`], but the bytes are written by the writer's I/O
+    /// thread while the caller goes on; a failed write is reported by a later call or by
+    /// `finish`. Take `data` from [`SafetensorsWriter::part_buffer`] to reuse written buffers.
+    pub fn write_part_owned(&self, name: &str, offset: usize, data: Vec<u8>) -> Result<()> {
+        let (at, writeback) = self.claim(name, offset, data.len())?;
+        let background = self.background.get_or_init(|| {
+            let (file, path) = self.target.file();
+            file.try_clone()
+                .and_then(|f| Background::start(f, path.to_path_buf()))
+                .map_err(|e| format!("{}: cannot start its writer thread: {e}", path.display()))
+        });
+        match background {
+            Ok(b) => b.send(Part {
+                at,
+                data,
+                writeback,
+            }),
+            Err(e) => Err(Error::Invalid(e.clone())),
+        }
+    }
+
+    /// A buffer of `len` bytes for [`SafetensorsWriter::write_part_owned`]: one the I/O
+    /// thread has written already where there is one (its contents are stale).
+    pub fn part_buffer(&self, len: usize) -> Vec<u8> {
+        let reused = match self.background.get() {
+            Some(Ok(b)) => lock(&b.free).pop(),
+            _ => None,
+        };
+        let mut v = reused.unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+
+    /// Checks and counts a write of `len` bytes at `offset` within tensor `name`; returns
+    /// the file offset and whether the part should start its writeback once written.
+    fn claim(&self, name: &str, offset: usize, len: usize) -> Result<(u64, bool)> {
         let i = self.index_of(name)?;
         let (begin, end) = self.ranges[i];
-        if offset + data.len() > end - begin {
+        if offset + len > end - begin {
             return Err(Error::Invalid(format!(
-                "tensor `{name}`: write of {} bytes at {offset} overruns its {} bytes",
-                data.len(),
+                "tensor `{name}`: write of {len} bytes at {offset} overruns its {} bytes",
                 end - begin
             )));
         }
         let total = end - begin;
         let counted = self.written[i].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-            (w + data.len() <= total).then_some(w + data.len())
+            (w + len <= total).then_some(w + len)
         });
         if counted.is_err() {
             return Err(Error::Invalid(format!("tensor `{name}` written twice")));
         }
-        let (file, path) = self.target.file();
-        let at = self.data_start + (begin + offset) as u64;
-        write_at(file, path, data, at)?;
         // Each part of a large tensor starts its own writeback once written.
-        if matches!(self.target, Target::Disk { .. }) && total >= WRITEBACK_MIN {
-            start_writeback(file, at, data.len());
+        let writeback = matches!(self.target, Target::Disk { .. }) && total >= WRITEBACK_MIN;
+        Ok((self.data_start + (begin + offset) as u64, writeback))
+    }
+
+    /// Waits for the I/O thread's writes; the first that failed, if any.
+    fn drain(&mut self) -> Result<()> {
+        match self.background.take() {
+            Some(Ok(b)) => b.finish(),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Where tensor `name`'s data starts in the file's data section.
@@ -286,7 +430,8 @@ impl SafetensorsWriter {
 
     /// Checks every tensor was written, fsyncs, and renames the file into place; returns
     /// the final path and the file size.
-    pub fn finish(self) -> Result<(PathBuf, u64)> {
+    pub fn finish(mut self) -> Result<(PathBuf, u64)> {
+        self.drain()?;
         let size = self.check_complete()?;
         match self.target {
             Target::Disk {
@@ -303,7 +448,8 @@ impl SafetensorsWriter {
 
     /// Checks every tensor was written and hands back the anonymous file of a writer made
     /// by [`SafetensorsWriter::create_anonymous`].
-    pub fn finish_file(self) -> Result<File> {
+    pub fn finish_file(mut self) -> Result<File> {
+        self.drain()?;
         self.check_complete()?;
         match self.target {
             Target::Anonymous { file, .. } => Ok(file),
@@ -592,6 +738,54 @@ mod tests {
         w.write("x", &[1]).unwrap();
         assert_eq!(w.finish().unwrap().0, dest);
         assert!(dest.exists());
+    }
+
+    #[test]
+    fn parts_written_by_the_io_thread_land_in_place() {
+        // Two tensors of 3 MiB (large enough to start their writeback), written in 64 KiB
+        // parts by four threads through the I/O thread, reusing its buffers; read back whole.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.safetensors");
+        let n = 3 << 20;
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            dtype: DType::U8,
+            shape: vec![n],
+        };
+        let specs = vec![spec("p"), spec("q")];
+        let w = SafetensorsWriter::create(&dest, specs, &BTreeMap::new(), false).unwrap();
+        let byte = |name: &str, i: usize| (i * 7 + name.len() * 13 + i / 65536) as u8;
+        let part = 1 << 16;
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let w = &w;
+                s.spawn(move || {
+                    for (k, name) in ["p", "q"].iter().enumerate() {
+                        for lo in (0..n).step_by(part).skip(t).step_by(4) {
+                            let mut buf = w.part_buffer(part);
+                            buf.iter_mut()
+                                .enumerate()
+                                .for_each(|(i, b)| *b = byte(name, lo + i) ^ k as u8);
+                            w.write_part_owned(name, lo, buf).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let err = w.write_part_owned("p", 0, vec![0; 8]).unwrap_err();
+        assert!(err.to_string().contains("written twice"), "{err}");
+        w.finish().unwrap();
+        let bytes = std::fs::read(&dest).unwrap();
+        let data = &bytes[bytes.len() - 2 * n..];
+        for (k, name) in ["p", "q"].iter().enumerate() {
+            let at = layout(&[spec("p"), spec("q")], &BTreeMap::new())
+                .unwrap()
+                .ranges[k]
+                .0;
+            for i in (0..n).step_by(4099) {
+                assert_eq!(data[at + i], byte(name, i) ^ k as u8, "{name}[{i}]");
+            }
+        }
     }
 
     #[test]

@@ -11,35 +11,19 @@ use super::{load_recipe, parse_set, print_json, recipe_cache};
 /// Arguments of `build` and `plan`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The recipe file.
-    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
-    pub recipe: PathBuf,
+    /// The recipe and how it is built.
+    #[command(flatten)]
+    pub common: RecipeArgs,
     /// Nodes to build (with what they need); all nodes when none are given.
     #[arg(value_name = "TARGET")]
     pub targets: Vec<String>,
     /// Show what would be built (like `plan`) without building.
     #[arg(long)]
     pub dry_run: bool,
-    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-    /// Where merge arithmetic runs: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: mergesmith::device::ComputeDevice,
-    /// Nodes built at the same time (each merge also uses every thread of `--threads`).
-    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
-    pub jobs: usize,
     /// Build everything that does not depend on a failed node (a sweep draws failed cells
     /// grey); report the failures and exit with an error at the end.
     #[arg(long)]
     pub keep_going: bool,
-    /// The CLIP tokenizer.json of generate nodes [default: the recipe's `tokenizer:`, else
-    /// $MERGESMITH_TOKENIZER, else the Hugging Face cache, else the bundled CLIP vocabulary].
-    #[arg(long, value_name = "FILE")]
-    pub tokenizer: Option<PathBuf>,
-    /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
-    pub set: Vec<(String, String)>,
     /// A remote cache shared with other machines: s3://BUCKET[/PREFIX] (credentials from
     /// the AWS environment or profile), file:///DIR or a directory. Local misses it holds are
     /// downloaded (verified) when needed; what is built is uploaded in the background.
@@ -53,6 +37,31 @@ pub struct BuildArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `build`, `plan`, `report`, `watch` and `serve` share: the recipe and how its nodes
+/// are built.
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe file.
+    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Where merge arithmetic runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: mergesmith::device::ComputeDevice,
+    /// Nodes built at the same time (each merge also uses every thread of `--threads`).
+    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
+    pub jobs: usize,
+    /// The CLIP tokenizer.json of generate nodes [default: the recipe's `tokenizer:`, else
+    /// $MERGESMITH_TOKENIZER, else the Hugging Face cache, else the bundled CLIP vocabulary].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
 }
 
 /// `mergesmith report`.
@@ -85,7 +94,11 @@ pub fn report(a: ReportArgs) -> Result<()> {
 /// A build, a plan (`plan_only`) or a build and its site (`report`), then the remote's
 /// summary.
 fn run(a: BuildArgs, plan_only: bool, report: Option<&Path>) -> Result<()> {
-    let cache = recipe_cache(&a.recipe, a.cache.as_deref(), a.remote.as_deref())?;
+    let cache = recipe_cache(
+        &a.common.recipe,
+        a.common.cache.as_deref(),
+        a.remote.as_deref(),
+    )?;
     let json = a.json;
     let result = build_with(a, &cache, plan_only, report);
     if let Some(remote) = cache.remote() {
@@ -105,9 +118,9 @@ fn build_with(
     report: Option<&Path>,
 ) -> Result<()> {
     use mergesmith::build::Status;
-    let mut recipe = load_recipe(&a.recipe, &a.set)?;
-    if a.tokenizer.is_some() {
-        recipe.tokenizer = a.tokenizer.clone();
+    let mut recipe = load_recipe(&a.common.recipe, &a.common.set)?;
+    if a.common.tokenizer.is_some() {
+        recipe.tokenizer = a.common.tokenizer.clone();
     }
     if let Some(shard) = a.shard {
         a.targets = mergesmith::build::shard::targets(&recipe, &a.targets, shard)?;
@@ -149,15 +162,15 @@ fn build_with(
         run: mergesmith::merge::RunOptions {
             overwrite: true,
             progress: !a.json,
-            device: a.device,
+            device: a.common.device,
         },
-        jobs: a.jobs,
+        jobs: a.common.jobs,
         keep_going: a.keep_going,
     };
     let started = std::time::Instant::now();
     let reports = mergesmith::build::build(&recipe, cache, &a.targets, &opts)?;
     let lock = mergesmith::build::lock::write(&recipe, &cache.memo())?;
-    let id = cache.append_log(&a.recipe, &reports)?;
+    let id = cache.append_log(&a.common.recipe, &reports)?;
     let site = report
         .map(|out| mergesmith::report::write(&recipe, cache, &reports, out))
         .transpose()?;

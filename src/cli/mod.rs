@@ -32,7 +32,8 @@ use mergesmith::text::Named;
 #[derive(Debug, Parser)]
 #[command(name = "mergesmith", version, about, propagate_version = true)]
 struct Cli {
-    /// Worker threads (default: one per CPU). Results do not depend on it.
+    /// Computing threads (default: one per CPU); a model being written has one more for its
+    /// I/O. Results do not depend on it.
     #[arg(long, global = true, env = "MERGESMITH_THREADS")]
     threads: Option<usize>,
     /// The command.

@@ -203,7 +203,8 @@ fn handle(stream: TcpStream, root: &Path, state: &Mutex<State>) {
 /// Runs `serve`.
 pub fn run(a: ServeArgs) -> Result<()> {
     let w = &a.watch;
-    let cache = recipe_cache(&w.recipe, w.cache.as_deref(), None)?;
+    let recipe = &w.common.recipe;
+    let cache = recipe_cache(recipe, w.common.cache.as_deref(), None)?;
     let listener = TcpListener::bind(&a.addr)
         .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", a.addr)))?;
     let url = format!(
@@ -217,7 +218,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let state = Arc::new(Mutex::new(State::default()));
     match w.json {
         true => println!("{}", serde_json::json!({ "event": "serving", "url": url })),
-        false => println!("serving {url} (the report of {})", w.recipe.display()),
+        false => println!("serving {url} (the report of {})", recipe.display()),
     }
     {
         let (root, state) = (root.clone(), state.clone());
@@ -229,31 +230,34 @@ pub fn run(a: ServeArgs) -> Result<()> {
         });
     }
     let json = w.json;
+    // The state first, then the line: a client that reads "built" sees the new generation.
     let update = |e: &Event| {
-        print(e, json);
-        let Ok(mut s) = state.lock() else { return };
-        match e {
-            Event::Planned { number, runs } => {
-                s.building = Some((*number, runs.iter().map(|(n, _)| n.clone()).collect()))
-            }
-            Event::Built { failures, .. } => {
-                s.building = None;
-                s.generation += 1;
-                s.last_error = (!failures.is_empty()).then(|| failures.join("\n"));
-            }
-            Event::Cancelled { .. } => s.building = None,
-            Event::Error { message } => {
-                s.building = None;
-                s.last_error = Some(message.clone());
-            }
-            Event::Changed { .. } => {}
+        if let Ok(mut s) = state.lock() {
+            record(&mut s, e);
         }
+        print(e, json);
     };
-    mergesmith::build::watch::watch(
-        &w.recipe,
-        &cache,
-        &w.options(),
-        &update,
-        &|recipe, reports| mergesmith::report::write(recipe, &cache, reports, &root).map(|_| ()),
-    )
+    mergesmith::build::watch::watch(recipe, &cache, &w.options(), &update, &|recipe, reports| {
+        mergesmith::report::write(recipe, &cache, reports, &root).map(|_| ())
+    })
+}
+
+/// What an event changes in what the page is told.
+fn record(s: &mut State, e: &Event) {
+    match e {
+        Event::Planned { number, runs } => {
+            s.building = Some((*number, runs.iter().map(|(n, _)| n.clone()).collect()))
+        }
+        Event::Built { failures, .. } => {
+            s.building = None;
+            s.generation += 1;
+            s.last_error = (!failures.is_empty()).then(|| failures.join("\n"));
+        }
+        Event::Cancelled { .. } => s.building = None,
+        Event::Error { message } => {
+            s.building = None;
+            s.last_error = Some(message.clone());
+        }
+        Event::Changed { .. } => {}
+    }
 }

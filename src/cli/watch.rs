@@ -1,33 +1,21 @@
 //! `mergesmith watch`: rebuild what an edit made stale, every time the recipe, a file it
 //! includes or an input is saved.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use mergesmith::build::watch::{Event, WatchOptions};
 use mergesmith::error::Result;
 
-use super::{parse_set, recipe_cache};
+use super::build::RecipeArgs;
+use super::recipe_cache;
 
 /// Arguments of `watch` (and of `serve`).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The recipe file.
-    #[arg(default_value = "mergesmith.yaml", value_name = "RECIPE")]
-    pub recipe: PathBuf,
-    /// Cache directory [default: $MERGESMITH_CACHE, else cache/ beside the recipe].
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-    /// Where merge arithmetic runs: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: mergesmith::device::ComputeDevice,
-    /// Nodes built at the same time.
-    #[arg(long, short = 'j', default_value_t = 1, value_name = "N")]
-    pub jobs: usize,
-    /// Override a var of the recipe (repeatable), e.g. `--set strength=0.4`.
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
-    pub set: Vec<(String, String)>,
+    /// The recipe and how it is built.
+    #[command(flatten)]
+    pub common: RecipeArgs,
     /// Build `save` nodes too (by default they, and what only they read, wait for `build`).
     #[arg(long)]
     pub with_saves: bool,
@@ -50,12 +38,13 @@ impl WatchArgs {
                 run: mergesmith::merge::RunOptions {
                     overwrite: true,
                     progress: !self.json,
-                    device: self.device,
+                    device: self.common.device,
                 },
-                jobs: self.jobs,
+                jobs: self.common.jobs,
                 keep_going: true,
             },
-            sets: self.set.clone(),
+            sets: self.common.set.clone(),
+            tokenizer: self.common.tokenizer.clone(),
             with_saves: self.with_saves,
             interval: Duration::from_millis(self.interval.max(10)),
             builds: self.builds,
@@ -106,10 +95,10 @@ pub fn print(e: &Event, json: bool) {
 
 /// Runs `watch`.
 pub fn run(a: WatchArgs) -> Result<()> {
-    let cache = recipe_cache(&a.recipe, a.cache.as_deref(), None)?;
+    let cache = recipe_cache(&a.common.recipe, a.common.cache.as_deref(), None)?;
     let json = a.json;
     mergesmith::build::watch::watch(
-        &a.recipe,
+        &a.common.recipe,
         &cache,
         &a.options(),
         &|e| print(e, json),

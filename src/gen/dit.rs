@@ -35,6 +35,7 @@ use crate::gen::pipeline::{cerr, clip_encode, weigh, ClipPass};
 use crate::gen::prompt::{self, Emphasis};
 use crate::gen::sampler::{sample, Schedule, ScheduleKind};
 use crate::gen::t5::{self, T5Encoder};
+use crate::gen::textmemo::TextIdentity;
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::weights::{count_indexed, CheckpointWeights};
 
@@ -123,6 +124,9 @@ pub struct DitModels {
     /// The transformer's: `dtype` for Flux; f16 for MMDiT, whose candle implementation fixes
     /// its timestep embedding to f16.
     dit_dtype: DType,
+    /// The keys of the checkpoint's own text encoders (not those of separate files).
+    text_keys: Vec<String>,
+    pub(crate) text_id: TextIdentity,
 }
 
 /// The key prefix of a family component's role, or an error naming what is missing.
@@ -308,6 +312,16 @@ impl DitModels {
                 missing.join(", ")
             )));
         }
+        let text_keys = parts
+            .iter()
+            .filter(|(r, p)| **r != Role::Vae && Arc::ptr_eq(&p.ck, &ck))
+            .flat_map(|(_, p)| {
+                ck.tensors()
+                    .iter()
+                    .filter(|t| t.name.starts_with(&p.prefix))
+                    .map(|t| t.name.clone())
+            })
+            .collect();
         let part = |r: Role| parts[&r].clone();
         let clip = |p: Part, quick_gelu: bool, projection: bool| -> Result<ClipTextModel> {
             let layers = p.count("text_model.encoder.layers.", "layer_norm1.weight");
@@ -456,7 +470,14 @@ impl DitModels {
             device: device.clone(),
             dtype,
             dit_dtype,
+            text_keys,
+            text_id: TextIdentity::unique(),
         })
+    }
+
+    /// The keys of the checkpoint's own text encoders.
+    pub fn text_keys(&self) -> Vec<String> {
+        self.text_keys.clone()
     }
 
     /// The model family.
@@ -491,9 +512,32 @@ impl DitModels {
 
     /// The job checked, and its prompt's and (with guidance above 1) negative prompt's
     /// conditioning.
-    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<(Cond, Option<Cond>)> {
+    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<Arc<(Cond, Option<Cond>)>> {
         let (width, height) = job.size(self.native_size());
         self.check(job, width, height)?;
+        let negative = match job.cfg == 1.0 {
+            true => None,
+            false => Some(job.negative.as_str()),
+        };
+        let key = self.text_id.key(
+            "dit-v1",
+            &[
+                &job.prompt,
+                &format!("{negative:?}"),
+                &format!("{:?}", job.emphasis),
+                &format!(
+                    "{:?} {:?} {:?}",
+                    self.kind,
+                    self.dtype,
+                    self.device.location()
+                ),
+            ],
+        );
+        self.text_id.memo.get_or(key, || self.encode_both(tok, job))
+    }
+
+    /// [`Self::conditioning`], encoded.
+    fn encode_both(&self, tok: &ClipTokenizer, job: &Job) -> Result<(Cond, Option<Cond>)> {
         let cond = self.encode(tok, &job.prompt, job.emphasis)?;
         let uncond = match job.cfg == 1.0 {
             true => None,

@@ -2,8 +2,9 @@
 //! checkpoint's tensors by their diffusers names ([`weights`], names from
 //! [`crate::arch::names`]), the CLIP text encoders ([`clip`]), the U-Net ([`unet`]), the
 //! samplers ([`sampler`]), the CLIP tokenizer ([`tokenizer`]), SD1 / SD2 / SDXL text to
-//! image with the hires fix ([`pipeline`]), Flux and SD3 with T5 ([`dit`], [`mmdit`], [`t5`]), `generate` jobs and image keys ([`job`]), and PNG
-//! files with AUTOMATIC1111's generation parameters ([`png`]).
+//! image with the hires fix ([`pipeline`]), Flux and SD3 with T5 ([`dit`], [`mmdit`], [`t5`]), `generate` jobs and image keys ([`job`]), prompt encodings
+//! kept for reuse ([`textmemo`]), and PNG files with AUTOMATIC1111's generation parameters
+//! ([`png`]).
 
 pub mod clip;
 pub mod dit;
@@ -17,6 +18,7 @@ pub mod png;
 pub mod prompt;
 pub mod sampler;
 pub mod t5;
+pub mod textmemo;
 pub mod tokenizer;
 pub mod unet;
 pub mod weights;

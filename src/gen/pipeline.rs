@@ -30,6 +30,7 @@ use crate::gen::job::Job;
 use crate::gen::noise::ImageNoise;
 use crate::gen::prompt::{self, Emphasis};
 use crate::gen::sampler::{sample, Schedule};
+use crate::gen::textmemo::TextIdentity;
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::unet::{Unet, UnetConfig, TIME_IDS};
 use crate::gen::weights::CheckpointWeights;
@@ -168,12 +169,33 @@ impl Models {
             Models::Dit(m) => m.generate_image(tok, job, index),
         }
     }
+
+    /// Where the model's prompt encodings are kept, and under which text identity (one of
+    /// its own unless set).
+    pub fn set_text_identity(&mut self, text: TextIdentity) {
+        match self {
+            Models::Unet(m) => m.text_id = text,
+            Models::Dit(m) => m.text_id = text,
+        }
+    }
+
+    /// The checkpoint keys the model's text encoders read (those in separate files not
+    /// included: they are part of the components).
+    pub fn text_keys(&self) -> Vec<String> {
+        match self {
+            Models::Unet(m) => m.text_keys.clone(),
+            Models::Dit(m) => m.text_keys(),
+        }
+    }
 }
 
 /// A loaded SD model: text encoder(s), U-Net and VAE, reused for every image.
 pub struct UnetModels {
     family: Family,
     text: TextEncoders,
+    /// The checkpoint keys `text` was loaded from.
+    text_keys: Vec<String>,
+    text_id: TextIdentity,
     unet: Unet,
     vae: vae::AutoEncoderKL,
     device: Device,
@@ -313,9 +335,21 @@ impl UnetModels {
         let vae =
             vae::AutoEncoderKL::new(vb(Part::Vae, DType::F32), 3, 3, vae_config).map_err(cerr)?;
         let prediction = guess_prediction(&ck, family)?;
+        let text_keys = [Part::TextEncoder, Part::TextEncoder2]
+            .into_iter()
+            .flat_map(|part| {
+                map.names(part)
+                    .filter_map(|n| map.get(part, n).map(|s| s.key.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         Ok(UnetModels {
             family,
             text,
+            text_keys,
+            text_id: TextIdentity::unique(),
             unet,
             vae,
             device: device.clone(),
@@ -411,10 +445,27 @@ impl UnetModels {
         self.render(job, &conds, index)
     }
 
-    /// The prompt's and the negative prompt's conditioning, in the model's dtype.
-    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<[Cond; 2]> {
+    /// The prompt's and the negative prompt's conditioning, in the model's dtype: kept in
+    /// the model's text memo under what the encoding reads.
+    fn conditioning(&self, tok: &ClipTokenizer, job: &Job) -> Result<Arc<[Cond; 2]>> {
         let (width, height) = job.size(self.native_size());
         check(job, width, height)?;
+        let key = self.text_id.key(
+            "unet-v1",
+            &[
+                &job.prompt,
+                &job.negative,
+                &job.clip_skip.to_string(),
+                &format!("{:?}", job.emphasis),
+                &format!("{:?}", job.embeddings),
+                &format!("{:?} {:?}", self.dtype, self.device.location()),
+            ],
+        );
+        self.text_id.memo.get_or(key, || self.encode_both(tok, job))
+    }
+
+    /// [`Self::conditioning`], encoded.
+    fn encode_both(&self, tok: &ClipTokenizer, job: &Job) -> Result<[Cond; 2]> {
         let cast = |c: Cond| -> Result<Cond> {
             Ok(Cond {
                 context: c.context.to_dtype(self.dtype).map_err(cerr)?,

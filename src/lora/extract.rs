@@ -204,7 +204,7 @@ pub fn run(
         .iter()
         .filter(|j| with_te || !is_text_encoder(&j.name))
         .collect();
-    let bar = crate::progress::bytes(jobs.len() as u64, "extract", progress);
+    let bar = crate::progress::count(jobs.len() as u64, "extract", progress);
     let (mut err2, mut opt2, mut norm2) = (0f64, 0f64, 0f64);
     let mut modules = Vec::new();
     for j in jobs.iter().copied() {

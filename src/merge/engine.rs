@@ -49,7 +49,19 @@ struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
-    out: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's chunk buffers, so a merge allocates (and the kernel zeroes)
+/// them once per thread rather than once per chunk; a nested call gets fresh ones.
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
 }
 
 /// One input tensor of a blend.
@@ -210,7 +222,7 @@ pub fn write(
         .iter()
         .map(|k| k.dtype.byte_len(numel(k)).unwrap_or(0) as u64)
         .sum();
-    let bar = crate::progress::bytes(total, "merge", run.progress);
+    let bar = crate::progress::tensors(total, order.len() as u64, "merge", run.progress);
     for ck in [Some(inputs.a), Some(inputs.b), inputs.c, inputs.vae]
         .into_iter()
         .flatten()
@@ -251,7 +263,7 @@ pub fn write(
                 std::process::abort();
             }
             release(inputs, k);
-            bar.inc(written as u64);
+            bar.tensor_done(written as u64);
             Ok::<_, Error>(())
         })?;
     }
@@ -368,12 +380,15 @@ fn key(
             if o.dtype == k.dtype && (o.scale.is_none() || k.stored == Stored::AsSource) {
                 w.write(&k.name, &o.data)?;
             } else {
-                chunks(n)
-                    .into_par_iter()
-                    .try_for_each_init(Scratch::default, |s, (lo, hi)| {
+                chunks(n).into_par_iter().try_for_each(|(lo, hi)| {
+                    with_scratch(|s| {
                         o.decode(lo, hi, &mut s.a)?;
-                        encode_part(w, ctx, k, lo, &s.a, &mut s.out)
-                    })?;
+                        let es = k.dtype.bits() / 8;
+                        let mut out = w.part_buffer(s.a.len() * es);
+                        encode(ctx, k, lo, &s.a, &mut out)?;
+                        w.write_part_owned(&k.name, lo * es, out)
+                    })
+                })?;
             }
         }
         Op::Blend {
@@ -407,9 +422,7 @@ fn key(
                 w.write(&k.name, &device::download(&r, k.dtype)?)?;
                 return Ok(out_len);
             }
-            blend(k, &ops, ctx, &|lo, vals, out| {
-                encode_part(w, ctx, k, lo, vals, out)
-            })?;
+            blend(k, &ops, ctx, Sink::Writer(w))?;
         }
     }
     Ok(out_len)
@@ -441,12 +454,31 @@ impl<'a> Operands<'a> {
     }
 }
 
-/// Where a blend's f32 results go: `(first element, values, scratch bytes)`.
-type Emit<'e> = dyn Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync + 'e;
+/// Where a blend's results go.
+#[derive(Clone, Copy)]
+enum Sink<'e> {
+    /// Encoded in the key's type as the merge rounds, into the output file.
+    Writer(&'e SafetensorsWriter),
+    /// As f32 values, into the whole tensor's buffer.
+    Values(&'e std::sync::Mutex<Vec<f32>>),
+}
 
-/// Blends one key on the CPU, handing the results to `emit` piece by piece (element-wise
+/// Copies the values of elements `lo..` into a [`Sink::Values`] buffer.
+fn store(out: &std::sync::Mutex<Vec<f32>>, lo: usize, values: &[f32]) -> Result<()> {
+    let mut o = out
+        .lock()
+        .map_err(|_| Error::Invalid("merge worker panicked".into()))?;
+    o[lo..lo + values.len()].copy_from_slice(values);
+    Ok(())
+}
+
+/// Elements a chunk's inputs are decoded and blended by at a time, so the f32 buffers of up
+/// to three inputs stay in the core's cache between the decode and the blend.
+const STRIP: usize = 8192;
+
+/// Blends one key on the CPU, handing the results to `sink` piece by piece (element-wise
 /// calcmodes, in chunks) or whole (whole-tensor calcmodes, channel subsets).
-fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
+fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, sink: Sink) -> Result<()> {
     let Op::Blend {
         alpha,
         beta,
@@ -485,19 +517,42 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
     };
     match (channels, ctx.calc.kind()) {
         (None, Kind::Elementwise) => {
-            chunks(n)
-                .into_par_iter()
-                .try_for_each_init(Scratch::default, |s, (lo, hi)| {
-                    a.decode(lo, hi, &mut s.a)?;
-                    b.decode(lo, hi, &mut s.b)?;
-                    if let Some(c) = c {
-                        c.decode(lo, hi, &mut s.c)?;
-                    }
+            chunks(n).into_par_iter().try_for_each(|(lo, hi)| {
+                with_scratch(|s| {
+                    let es = k.dtype.bits() / 8;
+                    let mut out = match sink {
+                        Sink::Writer(w) => w.part_buffer((hi - lo) * es),
+                        Sink::Values(_) => Vec::new(),
+                    };
                     let cc = chunk_ctx((lo / CHUNK) as u64);
-                    per_element(&mut s.a, &s.b, &s.c, &cc);
-                    finish(lo, &mut s.a);
-                    emit(lo, &s.a, &mut s.out)
+                    // A chunk's noise is drawn for the whole chunk at once.
+                    let strip = match ctx.calc {
+                        CalcMode::PlusRandom => hi - lo,
+                        _ => STRIP,
+                    };
+                    for at in (lo..hi).step_by(strip) {
+                        let end = (at + strip).min(hi);
+                        a.decode(at, end, &mut s.a)?;
+                        b.decode(at, end, &mut s.b)?;
+                        if let Some(c) = c {
+                            c.decode(at, end, &mut s.c)?;
+                        }
+                        per_element(&mut s.a, &s.b, &s.c, &cc);
+                        finish(at, &mut s.a);
+                        match sink {
+                            Sink::Writer(_) => {
+                                let bytes = &mut out[(at - lo) * es..(end - lo) * es];
+                                encode(ctx, k, at, &s.a, bytes)?
+                            }
+                            Sink::Values(values) => store(values, at, &s.a)?,
+                        }
+                    }
+                    match sink {
+                        Sink::Writer(w) => w.write_part_owned(&k.name, lo * es, out),
+                        Sink::Values(_) => Ok(()),
+                    }
                 })
+            })
         }
         (channels, kind) => {
             // Whole-tensor calcmodes, and keys where A has more input channels than B
@@ -557,7 +612,14 @@ fn blend(k: &KeyPlan, ops: &Operands, ctx: &Ctx, emit: &Emit) -> Result<()> {
             } else {
                 finish(0, &mut out);
             }
-            emit(0, &out, &mut Vec::new())
+            match sink {
+                Sink::Writer(w) => {
+                    let mut bytes = vec![0u8; out.len() * (k.dtype.bits() / 8)];
+                    encode(ctx, k, 0, &out, &mut bytes)?;
+                    w.write(&k.name, &bytes)
+                }
+                Sink::Values(o) => store(o, 0, &out),
+            }
         }
     }
 }
@@ -592,13 +654,7 @@ fn values_of(k: &KeyPlan, plan: &Plan, inputs: &Inputs, ctx: &Ctx) -> Result<Vec
         Op::Blend { .. } => {
             let ops = Operands::of(k, plan, inputs)?;
             let out = std::sync::Mutex::new(vec![0f32; numel(k)]);
-            blend(k, &ops, ctx, &|lo, vals, _| {
-                let mut o = out
-                    .lock()
-                    .map_err(|_| Error::Invalid("merge worker panicked".into()))?;
-                o[lo..lo + vals.len()].copy_from_slice(vals);
-                Ok(())
-            })?;
+            blend(k, &ops, ctx, Sink::Values(&out))?;
             out.into_inner()
                 .map_err(|_| Error::Invalid("merge worker panicked".into()))
         }
@@ -613,24 +669,6 @@ fn chunks(n: usize) -> Vec<(usize, usize)> {
     (0..n.div_ceil(CHUNK))
         .map(|i| (i * CHUNK, ((i + 1) * CHUNK).min(n)))
         .collect()
-}
-
-fn encode_part(
-    w: &SafetensorsWriter,
-    ctx: &Ctx,
-    k: &KeyPlan,
-    lo: usize,
-    vals: &[f32],
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    let es = k.dtype.bits() / 8;
-    out.resize(vals.len() * es, 0);
-    encode(ctx, k, lo, vals, out)?;
-    if vals.len() == numel(k) && lo == 0 {
-        // Whole tensors (whole-tensor calcmodes) go in one write.
-        return w.write(&k.name, out);
-    }
-    w.write_part(&k.name, lo * es, out)
 }
 
 /// Encodes elements `first..` of key `k` in its output dtype, rounded as the merge asks.

@@ -429,7 +429,7 @@ pub fn write(
         .iter()
         .map(|k| k.dtype.byte_len(k.shape.iter().product()).unwrap_or(0) as u64)
         .sum();
-    let bar = crate::progress::bytes(total, spec.method.name, run.progress);
+    let bar = crate::progress::tensors(total, order.len() as u64, spec.method.name, run.progress);
     for (_, ck) in &all {
         ck.advise_sequential();
     }
@@ -438,9 +438,9 @@ pub fn write(
         let n: usize = k.shape.iter().product();
         let es = k.dtype.bits() / 8;
         let emit = |lo: usize, vals: &[f32]| -> Result<()> {
-            let mut bytes = vec![0u8; vals.len() * es];
+            let mut bytes = writer.part_buffer(vals.len() * es);
             convert::encode_into(vals, k.dtype, &mut bytes)?;
-            writer.write_part(&k.name, lo * es, &bytes)
+            writer.write_part_owned(&k.name, lo * es, bytes)
         };
         match &k.op {
             ListOp::Copy => {
@@ -494,7 +494,7 @@ pub fn write(
                 ck.release(t);
             }
         }
-        bar.inc(k.dtype.byte_len(n).unwrap_or(0) as u64);
+        bar.tensor_done(k.dtype.byte_len(n).unwrap_or(0) as u64);
         Ok::<_, Error>(())
     })?;
     bar.finish_and_clear();

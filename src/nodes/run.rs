@@ -50,12 +50,35 @@ pub(crate) struct Opened {
     pub label: PathBuf,
 }
 
-/// What generate nodes of one build share: the tokenizer, and the last model loaded (kept
-/// while consecutive nodes generate from the same checkpoint).
+/// What generate nodes of one build share: the tokenizer, the last model loaded (kept
+/// while consecutive nodes generate from the same checkpoint), and the prompt encodings of
+/// every model, by the content of its text encoders.
 #[derive(Default)]
 pub struct Generation {
     tokenizer: Mutex<Option<Arc<ClipTokenizer>>>,
     models: Mutex<Option<(String, Arc<Models>)>>,
+    texts: Arc<crate::gen::textmemo::TextMemo>,
+}
+
+/// The text identity of a cached result's model: the components it was loaded with and the
+/// tensor keys (content hashes) of the tensors its text encoders read, so results that share
+/// those tensors (a sweep of U-Net block weights) share their prompt encodings. `None` when a
+/// text tensor has no key.
+pub(crate) fn text_identity(
+    components: &str,
+    text_keys: &[String],
+    keys: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(components.as_bytes());
+    for name in text_keys {
+        let key = keys.get(name)?;
+        for part in [name, key] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    Some(format!("tensors-{}", h.finalize().to_hex()))
 }
 
 impl RunCx<'_> {
@@ -305,7 +328,20 @@ impl RunCx<'_> {
                 .store
                 .open_result(&content, &PathBuf::from(format!("{n}.safetensors")))?,
         };
-        let models = Arc::new(Models::load_on(Arc::new(ck), components, self.run.device)?);
+        let mut models = Models::load_on(Arc::new(ck), components, self.run.device)?;
+        let id = match input {
+            // The file's content names its text encoders (with the components).
+            Input::Model(_) => Some(loaded.clone()),
+            Input::Node(_) => self
+                .store
+                .manifest(&content)
+                .and_then(|m| text_identity(&components.key(), &models.text_keys(), &m.keys())),
+        };
+        if let Some(id) = id {
+            let memo = self.generation.texts.clone();
+            models.set_text_identity(crate::gen::textmemo::TextIdentity::shared(memo, id));
+        }
+        let models = Arc::new(models);
         *slot = Some((loaded, models.clone()));
         Ok((models, name, autov2))
     }
@@ -370,5 +406,39 @@ impl RunCx<'_> {
         self.put(key, place, tensors, lora.metadata.clone(), |w| {
             lora.write_into(w, dtype)
         })
+    }
+}
+
+#[cfg(test)]
+mod text_identity_tests {
+    use super::text_identity;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn follows_the_text_tensors_keys_only() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let text = vec!["te.w".to_string(), "te.b".to_string()];
+        let a = map(&[("te.w", "k1"), ("te.b", "k2"), ("unet.w", "u1")]);
+        let b = map(&[("te.w", "k1"), ("te.b", "k2"), ("unet.w", "u2")]);
+        let c = map(&[("te.w", "k1"), ("te.b", "k3"), ("unet.w", "u1")]);
+        let id = |m| text_identity("", &text, m);
+        assert!(id(&a).is_some());
+        assert_eq!(id(&a), id(&b), "another U-Net, the same text encoder");
+        assert_ne!(id(&a), id(&c), "another text tensor");
+        assert_ne!(
+            id(&a),
+            text_identity("t5.safetensors", &text, &a),
+            "other components"
+        );
+        assert_eq!(
+            id(&map(&[("te.w", "k1")])),
+            None,
+            "a text tensor without a key"
+        );
     }
 }

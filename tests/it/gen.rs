@@ -2371,3 +2371,83 @@ fn recipe_from_png_gives_back_the_generation_settings() {
         "{e}"
     );
 }
+
+#[test]
+fn models_with_the_same_text_encoders_share_prompt_encodings() {
+    // Model C has A's text encoder and B's U-Net and VAE (what a sweep of U-Net block weights
+    // makes). With one text identity, C reuses the prompts A encoded, and its images are the
+    // bytes C makes on its own.
+    use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+    use mergesmith::gen::job::Job;
+    use mergesmith::gen::pipeline::Models;
+    use mergesmith::gen::textmemo::{TextIdentity, TextMemo};
+    use mergesmith::gen::tokenizer::ClipTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let (a_path, tok_path) = small_model(&dir.path().join("a"), 11);
+    let (b_path, _) = small_model(&dir.path().join("b"), 12);
+    let tok = ClipTokenizer::open(&tok_path).unwrap();
+    let (a, b) = (
+        Checkpoint::open(&a_path).unwrap(),
+        Checkpoint::open(&b_path).unwrap(),
+    );
+    let c_path = dir.path().join("c.safetensors");
+    let specs: Vec<TensorSpec> = a
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let w = SafetensorsWriter::create(&c_path, specs, &BTreeMap::new(), false).unwrap();
+    for t in a.tensors() {
+        let from = match t.name.starts_with("cond_stage_model.") {
+            true => &a,
+            false => &b,
+        };
+        w.write(&t.name, &from.data(from.get(&t.name).unwrap()))
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let load = |p: &Path| {
+        let ck = std::sync::Arc::new(Checkpoint::open(p).unwrap());
+        Models::load(ck, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap()
+    };
+    let (mut ma, mut mc) = (load(&a_path), load(&c_path));
+    assert_eq!(ma.text_keys(), mc.text_keys());
+    assert!(ma
+        .text_keys()
+        .iter()
+        .all(|k| k.starts_with("cond_stage_model.")));
+    let job = Job {
+        prompt: "a (red:1.2) cat".into(),
+        negative: "blurry".into(),
+        steps: 2,
+        cfg: 5.0,
+        seed: 3,
+        width: Some(32),
+        height: Some(32),
+        batch: 2,
+        ..Default::default()
+    };
+    let alone = load(&c_path).generate(&tok, &job).unwrap();
+    let memo = TextMemo::new();
+    for m in [&mut ma, &mut mc] {
+        m.set_text_identity(TextIdentity::shared(memo.clone(), "same-text".into()));
+    }
+    let from_a = ma.generate(&tok, &job).unwrap();
+    assert_eq!(memo.counts(), (0, 1));
+    let shared = mc.generate(&tok, &job).unwrap();
+    assert_eq!(memo.counts(), (1, 1), "C reuses A's encodings");
+    assert_eq!(shared, alone);
+    assert_ne!(shared, from_a, "the U-Nets differ");
+    // Another prompt is encoded anew; an image of the batch alone reuses it.
+    let other = Job {
+        prompt: "a dog".into(),
+        ..job.clone()
+    };
+    mc.generate_image(&tok, &other, 1).unwrap();
+    mc.generate_image(&tok, &other, 0).unwrap();
+    assert_eq!(memo.counts(), (2, 2));
+}
