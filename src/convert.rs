@@ -322,7 +322,7 @@ fn f16_bytes_to_f32(bytes: &[u8], out: &mut [f32]) {
     let n = out.len().min(bytes.len() / 2);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+    if x86::available() {
         // SAFETY: the CPU has the features the function is compiled for; it reads
         // `bytes[..2n]` and writes `out[..n]`, both in bounds.
         done = unsafe { x86::f16_to_f32(bytes.as_ptr(), out.as_mut_ptr(), n) };
@@ -340,7 +340,7 @@ fn f32_to_f16_bytes(values: &[f32], out: &mut [u8]) {
     let n = values.len().min(out.len() / 2);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+    if x86::available() {
         // SAFETY: as in `f16_bytes_to_f32`: reads `values[..n]`, writes `out[..2n]`.
         done = unsafe { x86::f32_to_f16(values.as_ptr(), out.as_mut_ptr(), n) };
     }
@@ -358,6 +358,11 @@ mod x86 {
         __m128i, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
         _mm_loadu_si128, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
     };
+
+    /// Whether the CPU has what the conversions below are compiled for.
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+    }
 
     /// Converts the first multiple of eight of `n` f16 values at `src` (bytes, unaligned)
     /// into f32s at `dst`; returns how many it converted.

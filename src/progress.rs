@@ -42,22 +42,31 @@ fn labelled(message: &str) -> String {
     })
 }
 
-/// A byte-count progress bar drawn on stderr when it is a terminal and `enabled` is true;
-/// otherwise a hidden bar whose updates cost nothing.
-pub fn bytes(total: u64, message: &str, enabled: bool) -> ProgressBar {
+/// A bar of `total` drawn on stderr with `template`, labelled `message`, when stderr is a
+/// terminal and `enabled` is true; otherwise a hidden bar whose updates cost nothing.
+fn bar(total: u64, template: &str, message: &str, enabled: bool) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = bars().add(ProgressBar::new(total));
     bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar.set_message(labelled(message));
     bar
+}
+
+/// A byte-count progress bar drawn on stderr when it is a terminal and `enabled` is true;
+/// otherwise a hidden bar whose updates cost nothing.
+pub fn bytes(total: u64, message: &str, enabled: bool) -> ProgressBar {
+    bar(
+        total,
+        "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        message,
+        enabled,
+    )
 }
 
 /// A bar over an output model's tensors: bytes written (for the rate and the ETA, which a
@@ -86,23 +95,14 @@ impl TensorBar {
 
 /// A [`TensorBar`] for `tensors` tensors of `total` bytes, drawn like [`bytes`]'s.
 pub fn tensors(total: u64, tensors: u64, message: &str, enabled: bool) -> TensorBar {
-    let bar = match enabled && std::io::stderr().is_terminal() {
-        false => ProgressBar::hidden(),
-        true => {
-            let bar = bars().add(ProgressBar::new(total));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:>10} [{bar:40}] {prefix} tensors, {bytes}/{total_bytes} \
-                     {binary_bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_message(labelled(message));
-            bar.set_prefix(format!("0/{tensors}"));
-            bar
-        }
-    };
+    let bar = bar(
+        total,
+        "{msg:>10} [{bar:40}] {prefix} tensors, {bytes}/{total_bytes} \
+         {binary_bytes_per_sec} eta {eta}",
+        message,
+        enabled,
+    );
+    bar.set_prefix(format!("0/{tensors}"));
     TensorBar {
         bar,
         done: std::sync::atomic::AtomicU64::new(0),
@@ -112,17 +112,12 @@ pub fn tensors(total: u64, tensors: u64, message: &str, enabled: bool) -> Tensor
 
 /// A counting progress bar (items), drawn like [`bytes`]'s.
 pub fn count(total: u64, message: &str, enabled: bool) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = bars().add(ProgressBar::new(total));
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(labelled(message));
-    bar
+    bar(
+        total,
+        "{msg:>10} [{bar:40}] {pos}/{len} eta {eta}",
+        message,
+        enabled,
+    )
 }
 
 /// Set when the running build should stop: `watch` asks once an edit made it pointless.

@@ -185,12 +185,9 @@ impl Background {
             .name("mergesmith-writer".into())
             .spawn(move || {
                 for part in queue {
-                    if let Err(e) = write_at(&file, &path, &part.data, part.at) {
+                    if let Err(e) = put(&file, &path, &part.data, part.at, part.writeback) {
                         *lock(&failed2) = Some(e);
                         return;
-                    }
-                    if part.writeback {
-                        start_writeback(&file, part.at, part.data.len());
                     }
                     lock(&free2).push(part.data);
                 }
@@ -341,11 +338,7 @@ impl SafetensorsWriter {
     pub fn write_part(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
         let (at, writeback) = self.claim(name, offset, data.len())?;
         let (file, path) = self.target.file();
-        write_at(file, path, data, at)?;
-        if writeback {
-            start_writeback(file, at, data.len());
-        }
-        Ok(())
+        put(file, path, data, at, writeback)
     }
 
     /// Like [`SafetensorsWriter::write_part`], but the bytes are written by the writer's I/O
@@ -668,6 +661,15 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: usize) {}
+
+/// Writes `data` at `at`, then (when `writeback`) starts its writeback.
+fn put(file: &File, path: &Path, data: &[u8], at: u64, writeback: bool) -> Result<()> {
+    write_at(file, path, data, at)?;
+    if writeback {
+        start_writeback(file, at, data.len());
+    }
+    Ok(())
+}
 
 #[cfg(unix)]
 fn write_at(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {

@@ -101,13 +101,22 @@ impl TextIdentity {
     /// The memo key of an encoding: this identity, a tag for the kind of encoding, and the
     /// `parts` it reads (each length-prefixed, so no two lists hash alike).
     pub fn key(&self, kind: &str, parts: &[&str]) -> blake3::Hash {
-        let mut h = blake3::Hasher::new();
-        for p in [self.id.as_str(), kind].iter().chain(parts) {
-            h.update(&(p.len() as u64).to_le_bytes());
-            h.update(p.as_bytes());
-        }
-        h.finalize()
+        hash_parts(
+            [self.id.as_str(), kind]
+                .into_iter()
+                .chain(parts.iter().copied()),
+        )
     }
+}
+
+/// A hash of a list of strings, each length-prefixed so no two lists hash alike.
+pub fn hash_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize()
 }
 
 #[cfg(test)]

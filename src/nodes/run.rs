@@ -69,16 +69,12 @@ pub(crate) fn text_identity(
     text_keys: &[String],
     keys: &std::collections::BTreeMap<String, String>,
 ) -> Option<String> {
-    let mut h = blake3::Hasher::new();
-    h.update(components.as_bytes());
+    let mut parts = vec![components];
     for name in text_keys {
-        let key = keys.get(name)?;
-        for part in [name, key] {
-            h.update(&(part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
+        parts.extend([name.as_str(), keys.get(name)?.as_str()]);
     }
-    Some(format!("tensors-{}", h.finalize().to_hex()))
+    let h = crate::gen::textmemo::hash_parts(parts);
+    Some(format!("tensors-{}", h.to_hex()))
 }
 
 impl RunCx<'_> {

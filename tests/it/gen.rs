@@ -2377,7 +2377,7 @@ fn models_with_the_same_text_encoders_share_prompt_encodings() {
     // Model C has A's text encoder and B's U-Net and VAE (what a sweep of U-Net block weights
     // makes). With one text identity, C reuses the prompts A encoded, and its images are the
     // bytes C makes on its own.
-    use mergesmith::checkpoint::writer::{SafetensorsWriter, TensorSpec};
+    use mergesmith::checkpoint::writer::SafetensorsWriter;
     use mergesmith::gen::job::Job;
     use mergesmith::gen::pipeline::Models;
     use mergesmith::gen::textmemo::{TextIdentity, TextMemo};
@@ -2391,15 +2391,7 @@ fn models_with_the_same_text_encoders_share_prompt_encodings() {
         Checkpoint::open(&b_path).unwrap(),
     );
     let c_path = dir.path().join("c.safetensors");
-    let specs: Vec<TensorSpec> = a
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
+    let specs = mergesmith::lora::bake::specs(&a); // the tensors of A, as A has them
     let w = SafetensorsWriter::create(&c_path, specs, &BTreeMap::new(), false).unwrap();
     for t in a.tensors() {
         let from = match t.name.starts_with("cond_stage_model.") {
