@@ -165,7 +165,9 @@ pub fn run(a: GenArgs) -> Result<()> {
         }
     }
     let ck = std::sync::Arc::new(mergesmith::checkpoint::Checkpoint::open(&a.model)?);
+    let loading = std::time::Instant::now();
     let models = Models::load_on(ck, &job.components, a.device)?;
+    let load = loading.elapsed().as_secs_f64();
     let model = a
         .model
         .file_stem()
@@ -177,14 +179,21 @@ pub fn run(a: GenArgs) -> Result<()> {
         job.write_image(&models, &tok, seed, &key, name, out, a.out.overwrite)?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let timings = mergesmith::gen::timing::Timings {
+        load,
+        ..models.timings()
+    };
     if a.out.json {
-        return print_json(
-            &serde_json::json!({ "outputs": outputs, "seed": job.seed, "seconds": seconds }),
-        );
+        return print_json(&serde_json::json!({
+            "outputs": outputs,
+            "seed": job.seed,
+            "seconds": seconds,
+            "timings": timings,
+        }));
     }
     for (o, seed) in outputs.iter().zip(job.seeds()) {
         println!("wrote {} (seed {seed})", o.display());
     }
-    println!("{} image(s) in {seconds:.1} s", outputs.len());
+    println!("{} image(s) in {seconds:.1} s ({timings})", outputs.len());
     Ok(())
 }

@@ -36,6 +36,7 @@ use crate::gen::prompt::{self, Emphasis};
 use crate::gen::sampler::{sample, Schedule, ScheduleKind};
 use crate::gen::t5::{self, T5Encoder};
 use crate::gen::textmemo::TextIdentity;
+use crate::gen::timing::{Clock, Phase};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::weights::{count_indexed, CheckpointWeights};
 
@@ -127,6 +128,7 @@ pub struct DitModels {
     /// The keys of the checkpoint's own text encoders (not those of separate files).
     text_keys: Vec<String>,
     pub(crate) text_id: TextIdentity,
+    pub(crate) clock: Clock,
 }
 
 /// The key prefix of a family component's role, or an error naming what is missing.
@@ -472,6 +474,7 @@ impl DitModels {
             dit_dtype,
             text_keys,
             text_id: TextIdentity::unique(),
+            clock: Clock::default(),
         })
     }
 
@@ -533,7 +536,8 @@ impl DitModels {
                 ),
             ],
         );
-        self.text_id.memo.get_or(key, || self.encode_both(tok, job))
+        let encode = || self.clock.time(Phase::Text, || self.encode_both(tok, job));
+        self.text_id.memo.get_or(key, encode)
     }
 
     /// [`Self::conditioning`], encoded.
@@ -564,7 +568,7 @@ impl DitModels {
             .and_then(|n| (n * s0)? + (1.0 - s0) * self.empty_latent)
             .map_err(cerr)?;
         let guidance = job.guidance.unwrap_or(DEFAULT_GUIDANCE);
-        let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
+        let step = |x: &Tensor, sigma: f64| -> Result<Tensor> {
             crate::progress::sampling_step()?;
             let t = self.schedule.timestep(sigma);
             let v = |c: &Cond| self.velocity(x, t, c, guidance);
@@ -578,14 +582,17 @@ impl DitModels {
             };
             (x - (guided * sigma).map_err(cerr)?).map_err(cerr)
         };
+        let denoise = |x: &Tensor, sigma: f64| self.clock.time(Phase::Step, || step(x, sigma));
         let shape = (1, c, lh, lw);
         let draw = || Tensor::from_vec(noise.step(), shape, &self.device).map_err(cerr);
         let latent = sample(job.sampler, x, &sigmas, denoise, draw)?;
-        let img = self
-            .vae
-            .decode(&latent.to_dtype(DType::F32).map_err(cerr)?)
-            .map_err(cerr)?;
-        crate::gen::pipeline::to_rgb(&img)
+        self.clock.time(Phase::Decode, || {
+            let img = latent
+                .to_dtype(DType::F32)
+                .and_then(|l| self.vae.decode(&l))
+                .map_err(cerr)?;
+            crate::gen::pipeline::to_rgb(&img)
+        })
     }
 
     /// The model's velocity for latent `x` at model timestep `t`, in f32.

@@ -22,7 +22,9 @@ use crate::gen::tokenizer::ClipTokenizer;
 /// Bumped whenever a change to the generation code changes images for the same parameters.
 /// 2: the UIs' noise sources, k-diffusion's schedules and samplers, A1111's DDIM, A1111's
 /// prompt syntax and chunking, separate U-Net calls for prompts of different lengths.
-pub const VERSION: u32 = 2;
+/// 3: our own CPU convolution, attention and GroupNorm kernels and AVX-512 matrix products
+/// (different rounding: pixels move by at most 1/255), GEGLU's exact (erf) GELU as diffusers.
+pub const VERSION: u32 = 3;
 
 /// Bumped whenever a change to [`crate::gen::grid`] changes grid images.
 pub const GRID_VERSION: u32 = 1;

@@ -17,7 +17,6 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae;
 
 use crate::arch::names::{Part, WeightMap};
 use crate::arch::Family;
@@ -31,8 +30,10 @@ use crate::gen::noise::ImageNoise;
 use crate::gen::prompt::{self, Emphasis};
 use crate::gen::sampler::{sample, Schedule};
 use crate::gen::textmemo::TextIdentity;
+use crate::gen::timing::{Clock, Phase, Timings};
 use crate::gen::tokenizer::{ClipTokenizer, Pad};
 use crate::gen::unet::{Unet, UnetConfig, TIME_IDS};
+use crate::gen::vae::VaeDecoder;
 use crate::gen::weights::CheckpointWeights;
 
 /// What the model's output predicts.
@@ -179,6 +180,14 @@ impl Models {
         }
     }
 
+    /// Where its generation time went so far (`load` left at 0: the caller times loading).
+    pub fn timings(&self) -> Timings {
+        match self {
+            Models::Unet(m) => m.clock.totals(),
+            Models::Dit(m) => m.clock.totals(),
+        }
+    }
+
     /// The checkpoint keys the model's text encoders read (those in separate files not
     /// included: they are part of the components).
     pub fn text_keys(&self) -> Vec<String> {
@@ -197,11 +206,12 @@ pub struct UnetModels {
     text_keys: Vec<String>,
     text_id: TextIdentity,
     unet: Unet,
-    vae: vae::AutoEncoderKL,
+    vae: VaeDecoder,
     device: Device,
     dtype: DType,
     schedule: Schedule,
     prediction: Prediction,
+    clock: Clock,
 }
 
 /// A candle error as a generation error.
@@ -324,16 +334,8 @@ impl UnetModels {
             .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
         let unet = Unet::new(vb(Part::Unet, dtype), unet_config).map_err(cerr)?;
         let v0 = shape(&ck, &map, Part::Vae, "decoder.conv_norm_out.weight")?[0];
-        let vae_config = vae::AutoEncoderKLConfig {
-            block_out_channels: vec![v0, 2 * v0, 4 * v0, 4 * v0],
-            layers_per_block: 2,
-            latent_channels: 4,
-            norm_num_groups: 32,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-        };
-        let vae =
-            vae::AutoEncoderKL::new(vb(Part::Vae, DType::F32), 3, 3, vae_config).map_err(cerr)?;
+        let vae = VaeDecoder::new(vb(Part::Vae, DType::F32), &[v0, 2 * v0, 4 * v0, 4 * v0], 4)
+            .map_err(cerr)?;
         let prediction = guess_prediction(&ck, family)?;
         let text_keys = [Part::TextEncoder, Part::TextEncoder2]
             .into_iter()
@@ -356,6 +358,7 @@ impl UnetModels {
             dtype,
             schedule: Schedule::default(),
             prediction,
+            clock: Clock::default(),
         })
     }
 
@@ -461,7 +464,8 @@ impl UnetModels {
                 &format!("{:?} {:?}", self.dtype, self.device.location()),
             ],
         );
-        self.text_id.memo.get_or(key, || self.encode_both(tok, job))
+        let encode = || self.clock.time(Phase::Text, || self.encode_both(tok, job));
+        self.text_id.memo.get_or(key, encode)
     }
 
     /// [`Self::conditioning`], encoded.
@@ -532,11 +536,13 @@ impl UnetModels {
 
     /// Decodes one latent to 8-bit RGB, row-major `height × width × 3`.
     fn decode(&self, latent: &Tensor) -> Result<Vec<u8>> {
-        let img = (latent / latent_scale(self.family))
-            .and_then(|l| l.to_dtype(DType::F32))
-            .and_then(|l| self.vae.decode(&l))
-            .map_err(cerr)?;
-        to_rgb(&img)
+        self.clock.time(Phase::Decode, || {
+            let img = (latent / latent_scale(self.family))
+                .and_then(|l| l.to_dtype(DType::F32))
+                .and_then(|l| self.vae.decode(&l))
+                .map_err(cerr)?;
+            to_rgb(&img)
+        })
     }
 }
 
@@ -598,7 +604,7 @@ impl Pass<'_> {
                 .and_then(|e| e.to_dtype(DType::F32))
                 .map_err(cerr)
         };
-        let denoise = |x: &Tensor, sigma: f64| -> Result<Tensor> {
+        let step = |x: &Tensor, sigma: f64| -> Result<Tensor> {
             crate::progress::sampling_step()?;
             let scale = (sigma * sigma + 1.0).sqrt();
             let input = (x / scale)
@@ -620,6 +626,7 @@ impl Pass<'_> {
                 (&u + ((c - &u).map_err(cerr)? * self.job.cfg).map_err(cerr)?).map_err(cerr)?;
             denoised(self.prediction, x, &guided, sigma)
         };
+        let denoise = |x: &Tensor, sigma: f64| m.clock.time(Phase::Step, || step(x, sigma));
         let shape = (1, 4, lh, lw);
         let draw = || Tensor::from_vec(noise.step(), shape, &m.device).map_err(cerr);
         let out = sample(self.job.sampler, x, sigmas, denoise, draw)?;

@@ -1,17 +1,16 @@
-//! The denoising U-Net of SD1, SD2 and SDXL, assembled from candle-transformers' diffusers
-//! blocks (ResNets, spatial transformers, up/down samplers) with its shape read from the
-//! checkpoint, plus what candle's own `UNet2DConditionModel` lacks for SDXL: the "added"
+//! The denoising U-Net of SD1, SD2 and SDXL with its shape read from the checkpoint: our
+//! convolutional blocks ([`crate::gen::blocks`]) and spatial transformers
+//! ([`crate::gen::attention`]), plus what candle's own `UNet2DConditionModel` lacks for SDXL: the "added"
 //! conditioning (`label_emb`, diffusers' `add_embedding`) that feeds the pooled text embedding
 //! and the size / crop time ids into the time embedding.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
-};
+
+use crate::gen::attention::SpatialTransformer;
+use crate::gen::blocks::{downsampler, Conv2d, Resnet, Upsampler, GROUPS};
+use crate::gen::norm::Norm;
 
 /// One resolution level of the U-Net.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -118,19 +117,20 @@ impl UnetConfig {
     }
 }
 
-/// The level, if it has attention.
-fn with_attention(l: &Level) -> Option<&Level> {
-    (l.depth > 0).then_some(l)
+/// One down level: ResNets (each followed by a transformer where the level has attention),
+/// then a stride-2 convolution on all but the innermost level.
+struct Down {
+    resnets: Vec<Resnet>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Conv2d>,
 }
 
-enum Down {
-    Plain(DownBlock2D),
-    Attn(CrossAttnDownBlock2D),
-}
-
-enum Up {
-    Plain(UpBlock2D),
-    Attn(CrossAttnUpBlock2D),
+/// One up level: ResNets over the input joined with a skip connection (each followed by a
+/// transformer where the level has attention), then an upsampler on all but the outermost.
+struct Up {
+    resnets: Vec<Resnet>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Upsampler>,
 }
 
 /// A U-Net loaded for inference.
@@ -142,14 +142,14 @@ pub struct Unet {
     /// SDXL: the time ids' sinusoidal embedding and the added embedding's MLP.
     added: Option<(Timesteps, TimestepEmbedding)>,
     down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
+    /// The middle block: ResNet, transformer, ResNet.
+    mid: (Resnet, SpatialTransformer, Resnet),
     up: Vec<Up>,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: Conv2d,
 }
 
-/// GroupNorm groups and epsilon of every SD U-Net.
-const GROUPS: usize = 32;
+/// GroupNorm epsilon of every SD U-Net.
 const EPS: f64 = 1e-5;
 
 impl Unet {
@@ -159,11 +159,7 @@ impl Unet {
         let n = levels.len();
         let c0 = levels[0].channels;
         let temb = 4 * c0;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = candle_nn::conv2d(config.latent_channels, c0, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), (config.latent_channels, c0, 3), 1, 1)?;
         let time_proj = Timesteps::new(c0, true, 0.);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), c0, temb)?;
         let added = match config.added {
@@ -173,53 +169,50 @@ impl Unet {
                 TimestepEmbedding::new(vb.pp("add_embedding"), width, temb)?,
             )),
         };
+        // `count` transformers of `depth` blocks over level `l`.
+        let transformers = |vb: VarBuilder, l: &Level, depth: usize, count: usize| {
+            let vb = vb.pp("attentions");
+            (0..count)
+                .map(|j| {
+                    let (c, linear) = (l.channels, config.linear_projection);
+                    SpatialTransformer::new(vb.pp(j), c, l.heads, depth, config.context, linear)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let layers = config.layers_per_block;
         let mut down = Vec::with_capacity(n);
         for (i, l) in levels.iter().enumerate() {
             let vb = vb.pp("down_blocks").pp(i);
             let input = if i == 0 { c0 } else { levels[i - 1].channels };
-            let plain = DownBlock2DConfig {
-                num_layers: config.layers_per_block,
-                resnet_eps: EPS,
-                resnet_groups: GROUPS,
-                add_downsample: i + 1 < n,
-                downsample_padding: 1,
-                ..Default::default()
+            let resnets = (0..layers)
+                .map(|j| {
+                    let c_in = if j == 0 { input } else { l.channels };
+                    let vb = vb.pp("resnets").pp(j);
+                    Resnet::new(vb, c_in, l.channels, Some(temb), EPS)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = match l.depth {
+                0 => Vec::new(),
+                d => transformers(vb.clone(), l, d, layers)?,
             };
-            down.push(match with_attention(l) {
-                None => Down::Plain(DownBlock2D::new(vb, input, l.channels, Some(temb), plain)?),
-                Some(l) => Down::Attn(CrossAttnDownBlock2D::new(
-                    vb,
-                    input,
-                    l.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: plain,
-                        attn_num_head_channels: l.heads,
-                        cross_attention_dim: config.context,
-                        sliced_attention_size: None,
-                        use_linear_projection: config.linear_projection,
-                        transformer_layers_per_block: l.depth,
-                    },
-                )?),
+            let downsampler = match i + 1 < n {
+                true => Some(downsampler(vb.pp("downsamplers").pp(0), l.channels)?),
+                false => None,
+            };
+            down.push(Down {
+                resnets,
+                attentions,
+                downsampler,
             });
         }
         let last = &levels[n - 1];
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
-            last.channels,
-            Some(temb),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: EPS,
-                resnet_groups: Some(GROUPS),
-                attn_num_head_channels: last.heads,
-                cross_attn_dim: config.context,
-                use_linear_projection: config.linear_projection,
-                transformer_layers_per_block: config.mid_depth,
-                ..Default::default()
-            },
-        )?;
+        let m = vb.pp("mid_block");
+        let mid_resnet = |j: usize| {
+            let c = last.channels;
+            Resnet::new(m.pp("resnets").pp(j), c, c, Some(temb), EPS)
+        };
+        let mut mid_attention = transformers(m.clone(), last, config.mid_depth, 1)?;
+        let mid = (mid_resnet(0)?, mid_attention.remove(0), mid_resnet(1)?);
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             // Up level i mirrors down level n - 1 - i.
@@ -231,42 +224,30 @@ impl Unet {
                 levels[n - i].channels
             };
             let skip = levels[(n - 1 - i).saturating_sub(1)].channels;
-            let plain = UpBlock2DConfig {
-                num_layers: config.layers_per_block + 1,
-                resnet_eps: EPS,
-                resnet_groups: GROUPS,
-                add_upsample: i + 1 < n,
-                ..Default::default()
+            let resnets = (0..=layers)
+                .map(|j| {
+                    let from = if j == 0 { prev } else { l.channels };
+                    let joined = if j == layers { skip } else { l.channels };
+                    let vb = vb.pp("resnets").pp(j);
+                    Resnet::new(vb, from + joined, l.channels, Some(temb), EPS)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = match l.depth {
+                0 => Vec::new(),
+                d => transformers(vb.clone(), l, d, layers + 1)?,
             };
-            up.push(match with_attention(l) {
-                None => Up::Plain(UpBlock2D::new(
-                    vb,
-                    skip,
-                    prev,
-                    l.channels,
-                    Some(temb),
-                    plain,
-                )?),
-                Some(l) => Up::Attn(CrossAttnUpBlock2D::new(
-                    vb,
-                    skip,
-                    prev,
-                    l.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: plain,
-                        attn_num_head_channels: l.heads,
-                        cross_attention_dim: config.context,
-                        sliced_attention_size: None,
-                        use_linear_projection: config.linear_projection,
-                        transformer_layers_per_block: l.depth,
-                    },
-                )?),
+            let upsampler = match i + 1 < n {
+                true => Some(Upsampler::new(vb.pp("upsamplers").pp(0), l.channels)?),
+                false => None,
+            };
+            up.push(Up {
+                resnets,
+                attentions,
+                upsampler,
             });
         }
-        let norm_out = candle_nn::group_norm(GROUPS, c0, EPS, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(c0, config.latent_channels, 3, pad1, vb.pp("conv_out"))?;
+        let norm_out = Norm::new(vb.pp("conv_norm_out"), GROUPS, c0, EPS, true)?;
+        let conv_out = Conv2d::new(vb.pp("conv_out"), (c0, config.latent_channels, 3), 1, 1)?;
         Ok(Unet {
             config,
             conv_in,
@@ -321,29 +302,41 @@ impl Unet {
         let mut x = self.conv_in.forward(x)?;
         let mut skips = vec![x.clone()];
         for d in &self.down {
-            let (out, res) = match d {
-                Down::Plain(b) => b.forward(&x, Some(&emb))?,
-                Down::Attn(b) => b.forward(&x, Some(&emb), Some(context))?,
-            };
-            skips.extend(res);
-            x = out;
+            for (j, r) in d.resnets.iter().enumerate() {
+                x = r.forward(&x, Some(&emb))?;
+                if let Some(a) = d.attentions.get(j) {
+                    x = a.forward(&x, context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(ds) = &d.downsampler {
+                x = ds.forward(&x)?;
+                skips.push(x.clone());
+            }
         }
-        x = self.mid.forward(&x, Some(&emb), Some(context))?;
-        let per_level = self.config.layers_per_block + 1;
+        let (r1, attn, r2) = &self.mid;
+        x = r1.forward(&x, Some(&emb))?;
+        x = r2.forward(&attn.forward(&x, context)?, Some(&emb))?;
         for u in &self.up {
-            let res = skips.split_off(skips.len() - per_level);
-            // Upsample to the size of the next skip connection, so sizes that are not a
-            // multiple of 2^levels come back exactly.
-            let size = match skips.last() {
-                Some(s) => Some((s.dim(2)?, s.dim(3)?)),
-                None => None,
-            };
-            x = match u {
-                Up::Plain(b) => b.forward(&x, &res, Some(&emb), size)?,
-                Up::Attn(b) => b.forward(&x, &res, Some(&emb), size, Some(context))?,
-            };
+            for (j, r) in u.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("U-Net: a skip is missing".into()))?;
+                x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&emb))?;
+                if let Some(a) = u.attentions.get(j) {
+                    x = a.forward(&x, context)?;
+                }
+            }
+            if let Some(us) = &u.upsampler {
+                // Upsample to the size of the next skip connection, so sizes that are not a
+                // multiple of 2^levels come back exactly.
+                let size = match skips.last() {
+                    Some(s) => Some((s.dim(2)?, s.dim(3)?)),
+                    None => None,
+                };
+                x = us.forward(&x, size)?;
+            }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
-        self.conv_out.forward(&x)
+        self.conv_out.forward(&self.norm_out.forward(&x)?)
     }
 }

@@ -3,7 +3,7 @@
 //! memory) is never converted or written out to generate from it.
 //!
 //! Each tensor is uploaded from the checkpoint's bytes in its stored dtype (fp8 widened to f32
-//! first), then sliced (q / k
+//! first; straight to f32, in parallel, for f32 models on the CPU), then sliced (q / k
 //! / v rows of a fused projection), transposed (OpenCLIP's text projection), reshaped to what
 //! the model asks for when only trailing 1x1 dimensions differ (the VAE's attention), and
 //! converted to the model's dtype on its device.
@@ -77,8 +77,9 @@ impl CheckpointWeights {
         candle_nn::VarBuilder::from_backend(Box::new(self), dtype, dev.clone())
     }
 
-    /// The tensor named `name`, as stored (sliced and transposed as mapped).
-    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+    /// The tensor named `name`, as stored (sliced and transposed as mapped); in f32 already
+    /// when `dtype` is f32 and `dev` the CPU (see [`decode_f32`]).
+    fn load(&self, name: &str, dtype: CDType, dev: &Device) -> candle_core::Result<Tensor> {
         let missing = || {
             candle_core::Error::Msg(format!(
                 "{}: no tensor for the {} weight `{name}`",
@@ -89,7 +90,13 @@ impl CheckpointWeights {
         let src = self.source(name).ok_or_else(missing)?;
         let info = self.ck.get(&src.key).ok_or_else(missing)?;
         let bytes = self.ck.data(info);
+        let direct = dev.is_cpu() && dtype == CDType::F32 && info.dtype.is_float();
         let mut t = match candle_dtype(info.dtype) {
+            _ if direct => {
+                let values = decode_f32(info.dtype, &bytes)
+                    .map_err(|e| candle_core::Error::Msg(format!("`{}`: {e}", src.key)))?;
+                Tensor::from_vec(values, info.shape.as_slice(), dev)?
+            }
             Ok(dtype) => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, dev)?,
             // fp8 storage (Flux and T5 files often ship so): widened to f32 on the CPU.
             Err(_) => {
@@ -108,6 +115,25 @@ impl CheckpointWeights {
         }
         Ok(t)
     }
+}
+
+/// A tensor's stored values as f32, decoded in parallel slices (F16C / vector conversions of
+/// [`crate::convert`]): loading f32 models on the CPU converts once, on every core, rather
+/// than copying the stored bytes into a candle tensor and converting that on one thread.
+fn decode_f32(dtype: crate::dtype::DType, bytes: &[u8]) -> crate::error::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    /// Elements per parallel slice.
+    const SLICE: usize = 1 << 18;
+    let n = bytes.len() * 8 / dtype.bits().max(1);
+    let mut out = vec![0f32; n];
+    let width = dtype.bits() / 8;
+    if width == 0 || n * width != bytes.len() {
+        return crate::convert::decode_into(dtype, bytes, &mut out).map(|()| out);
+    }
+    out.par_chunks_mut(SLICE)
+        .zip(bytes.par_chunks(SLICE * width))
+        .try_for_each(|(o, b)| crate::convert::decode_into(dtype, b, o))?;
+    Ok(out)
 }
 
 /// How many `{head}N.{tail}` tensors `ck` has.
@@ -144,7 +170,7 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointWeights {
         dtype: CDType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dev)?;
+        let t = self.load(name, dtype, dev)?;
         let t = if t.dims() == s.dims() {
             t
         } else if same_but_trailing_ones(t.dims(), s.dims()) {
@@ -167,7 +193,7 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointWeights {
         dtype: CDType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.load(name, dev)?.contiguous()?.to_dtype(dtype)
+        self.load(name, dtype, dev)?.contiguous()?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
