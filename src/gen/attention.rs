@@ -16,7 +16,7 @@ use candle_nn::{LayerNorm, Linear, VarBuilder};
 use rayon::prelude::*;
 
 use crate::gen::blocks::{Conv2d, GROUPS};
-use crate::gen::cpu::{f32_slice, SharedOut};
+use crate::gen::cpu::{f32_slice, vectorized, with_scratch, SharedOut};
 use crate::gen::norm::Norm;
 
 /// Queries per block of [`Attend`]: their scores against 4096 keys fill 2 MiB, a core's L2
@@ -29,11 +29,6 @@ pub const QUERY_BLOCK: usize = 128;
 pub struct Attend {
     /// Attention heads.
     pub heads: usize,
-}
-
-thread_local! {
-    /// Each thread's score block, reused across calls.
-    static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl CustomOp3 for Attend {
@@ -80,63 +75,61 @@ impl CustomOp3 for Attend {
             let q = &q[(batch * nq + r0) * width + head * d..];
             let k = &k[batch * nk * width + head * d..];
             let v = &v[batch * nk * width + head * d..];
-            let mut s = SCORES.take();
-            s.clear();
-            s.resize(rows * nk, 0.0);
-            // SAFETY: `q` rows `r0..r0 + rows` of one head (row stride `width`) times `k`'s
-            // rows of that head transposed, into `s [rows, nk]`; then `s` times `v`'s rows
-            // into output rows `r0..` of batch `batch`, columns `head · d ..+ d`, which no
-            // other block writes. Every index stays inside the slices' `[.., n, width]`.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    nk,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    nk as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    width as isize,
-                    k.as_ptr(),
-                    width as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in s.chunks_exact_mut(nk) {
-                softmax(row);
-            }
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    nk,
-                    dst.ptr().add((batch * nq + r0) * width + head * d),
-                    1,
-                    width as isize,
-                    false,
-                    s.as_ptr(),
-                    1,
-                    nk as isize,
-                    v.as_ptr(),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            SCORES.set(s);
+            with_scratch(rows * nk, |s| {
+                // SAFETY: `q` rows `r0..r0 + rows` of one head (row stride `width`) times `k`'s
+                // rows of that head transposed, into `s [rows, nk]`; then `s` times `v`'s rows
+                // into output rows `r0..` of batch `batch`, columns `head · d ..+ d`, which no
+                // other block writes. Every index stays inside the slices' `[.., n, width]`.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        nk,
+                        d,
+                        s.as_mut_ptr(),
+                        1,
+                        nk as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        width as isize,
+                        k.as_ptr(),
+                        width as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in s.chunks_exact_mut(nk) {
+                    softmax(row);
+                }
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        d,
+                        nk,
+                        dst.ptr().add((batch * nq + r0) * width + head * d),
+                        1,
+                        width as isize,
+                        false,
+                        s.as_ptr(),
+                        1,
+                        nk as isize,
+                        v.as_ptr(),
+                        1,
+                        width as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
         });
         Ok((CpuStorage::F32(out), Shape::from((b, nq, width))))
     }
@@ -153,40 +146,12 @@ fn softmax(row: &mut [f32]) {
     }
 }
 
-/// `x ← e^(x − shift)` for every element: AVX-512 or AVX2 code where the CPU has it.
-fn exp_shifted(x: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { exp_avx512(x, shift) };
+vectorized! {
+    /// `x ← e^(x − shift)` for every element.
+    fn exp_shifted(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = exp(*v - shift);
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { exp_avx2(x, shift) };
-        }
-    }
-    exp_loop(x, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_avx512(x: &mut [f32], shift: f32) {
-    exp_loop(x, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(x: &mut [f32], shift: f32) {
-    exp_loop(x, shift)
-}
-
-/// The loop the vector versions compile: [`exp`] of each `x − shift`.
-#[inline(always)]
-fn exp_loop(x: &mut [f32], shift: f32) {
-    for v in x.iter_mut() {
-        *v = exp(*v - shift);
     }
 }
 
@@ -348,39 +313,12 @@ impl candle_core::CustomOp1 for Geglu {
     }
 }
 
-/// `out = a · GELU(g)`: AVX-512 or AVX2 code where the CPU has it.
-fn gate(out: &mut [f32], a: &[f32], g: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { gate_avx512(out, a, g) };
+vectorized! {
+    /// `out = a · GELU(g)`.
+    fn gate(out: &mut [f32], a: &[f32], g: &[f32]) {
+        for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
+            *o = a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { gate_avx2(out, a, g) };
-        }
-    }
-    gate_loop(out, a, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gate_avx512(out: &mut [f32], a: &[f32], g: &[f32]) {
-    gate_loop(out, a, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gate_avx2(out: &mut [f32], a: &[f32], g: &[f32]) {
-    gate_loop(out, a, g)
-}
-
-#[inline(always)]
-fn gate_loop(out: &mut [f32], a: &[f32], g: &[f32]) {
-    for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
-        *o = a * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
     }
 }
 
@@ -478,17 +416,8 @@ impl SpatialTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gen::cpu::testing::{flat, values};
     use candle_core::Device;
-
-    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2654435761).wrapping_add(7);
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                ((state >> 8) as f32 / (1u32 << 23) as f32 - 1.0) * scale
-            })
-            .collect()
-    }
 
     #[test]
     fn exp_is_within_two_ulp_of_f64() {
@@ -543,7 +472,7 @@ mod tests {
         let t = Tensor::from_vec(h.clone(), (1, 2, 6), &Device::Cpu).unwrap();
         let got = geglu(&t).unwrap();
         assert_eq!(got.dims(), &[1, 2, 3]);
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = flat(&got);
         for (i, row) in h.chunks(6).enumerate() {
             for j in 0..3 {
                 let (a, g) = (row[j] as f64, row[3 + j] as f64);
@@ -616,7 +545,7 @@ mod tests {
             let v = Tensor::from_vec(vv.clone(), (b, nk, w), &dev).unwrap();
             let got = q.apply_op3_no_bwd(&k, &v, &Attend { heads }).unwrap();
             assert_eq!(got.dims(), &[b, nq, w]);
-            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = flat(&got);
             let want = reference(&qv, &kv, &vv, (b, nq, nk, heads));
             for (j, (g, r)) in got.iter().zip(&want).enumerate() {
                 // Outputs are weighted means of values in [-1, 1]: 1e-5 absolute.
@@ -625,12 +554,7 @@ mod tests {
                     "case {i} value {j}: {g} vs {r}"
                 );
             }
-            let theirs = reference_attention(&q, &k, &v, heads)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let theirs = flat(&reference_attention(&q, &k, &v, heads).unwrap());
             for (g, t) in got.iter().zip(&theirs) {
                 assert!((g - t).abs() < 1e-5, "case {i}: {g} vs candle {t}");
             }

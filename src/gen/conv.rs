@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gen::cpu::{f32_slice, SharedOut};
+use crate::gen::cpu::{f32_slice, with_scratch, SharedOut};
 
 /// The im2col tile's size (`K × pixels` f32), at most: whole output rows up to 8 MiB, so the
 /// weights are packed once per few hundred pixels rather than per row.
@@ -34,11 +34,6 @@ impl Conv {
     pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         x.apply_op3_no_bwd(weight, bias, self)
     }
-}
-
-thread_local! {
-    /// Each thread's im2col tile, reused across calls.
-    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CustomOp3 for Conv {
@@ -136,14 +131,10 @@ impl CustomOp3 for Conv {
             if direct {
                 return product(input.as_ptr(), hw as isize);
             }
-            // Taken out of the slot, not borrowed in it: while the product waits for its
-            // own parallel parts, rayon may run another tile on this thread.
-            let mut tile = TILE.take();
-            tile.clear();
-            tile.resize(k * pixels, 0.0);
-            geometry.im2col(input, y0, y1, &mut tile);
-            product(tile.as_ptr(), pixels as isize);
-            TILE.set(tile);
+            with_scratch(k * pixels, |tile| {
+                geometry.im2col(input, y0, y1, tile);
+                product(tile.as_ptr(), pixels as isize);
+            });
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))))
     }
@@ -215,6 +206,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gen::cpu::testing::{flat, values};
     use candle_core::Device;
 
     /// A straightforward f64 convolution: out[b, o, y, x] = bias[o] + Σ w[o, c, ky, kx] ·
@@ -258,17 +250,6 @@ mod tests {
         out
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: deterministic values in [-1, 1).
-        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
     #[test]
     fn matches_an_f64_convolution_for_every_geometry_sd_uses() {
         // (batch, c_in, h, w, c_out, kernel, stride, padding): 3×3 same-size, the strided
@@ -285,9 +266,9 @@ mod tests {
         ];
         for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
             let (xv, wv, bv) = (
-                values(n * c * h * w, 3 * i as u32),
-                values(o * c * k * k, 3 * i as u32 + 1),
-                values(o, 3 * i as u32 + 2),
+                values(n * c * h * w, 3 * i as u32, 1.0),
+                values(o * c * k * k, 3 * i as u32 + 1, 1.0),
+                values(o, 3 * i as u32 + 2, 1.0),
             );
             let dev = Device::Cpu;
             let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
@@ -301,7 +282,7 @@ mod tests {
             let want = reference(&xv, (n, c, h, w), &wv, (o, k), &bv, s, p);
             let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
             assert_eq!(got.dims(), &[n, o, oh, ow], "case {i}");
-            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = flat(&got);
             // f32 products over at most c·k² = 45 terms of size ≤ 1: 1e-5 absolute.
             for (j, (g, r)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -314,11 +295,8 @@ mod tests {
             let theirs = x
                 .conv2d(&wt, cfg.0, cfg.1, cfg.2, cfg.3)
                 .and_then(|t| t.broadcast_add(&b.reshape((1, o, 1, 1))?))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
                 .unwrap();
+            let theirs = flat(&theirs);
             for (g, t) in got.iter().zip(&theirs) {
                 assert!((g - t).abs() < 1e-5, "case {i}: {g} vs candle {t}");
             }
@@ -330,7 +308,11 @@ mod tests {
         // 96 channels × 9 = 864 rows: an 8 MiB tile holds 2427 pixels, i.e. 37 rows of 64:
         // several bands, the last one short.
         let (n, c, h, w, o) = (1, 96, 64, 64, 8);
-        let (xv, wv, bv) = (values(n * c * h * w, 7), values(o * c * 9, 8), values(o, 9));
+        let (xv, wv, bv) = (
+            values(n * c * h * w, 7, 1.0),
+            values(o * c * 9, 8, 1.0),
+            values(o, 9, 1.0),
+        );
         let dev = Device::Cpu;
         let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
         let wt = Tensor::from_vec(wv.clone(), (o, c, 3, 3), &dev).unwrap();
@@ -340,7 +322,7 @@ mod tests {
             padding: 1,
         };
         let got = conv.forward(&x, &wt, &b).unwrap();
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = flat(&got);
         let want = reference(&xv, (n, c, h, w), &wv, (o, 3), &bv, 1, 1);
         // 864 terms of size ≤ 1 in f32: 1e-4 absolute.
         for (j, (g, r)) in got.iter().zip(&want).enumerate() {

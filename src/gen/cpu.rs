@@ -40,3 +40,76 @@ impl SharedOut {
         self.0
     }
 }
+
+thread_local! {
+    /// Each thread's scratch buffer (im2col tiles, attention scores), reused across calls.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer holding `len` zeros. The buffer is taken out of
+/// its slot while `f` runs, not borrowed in it: when `f` waits on parallel work, rayon may run
+/// another kernel's part on this thread, which then gets a buffer of its own.
+pub(crate) fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+    let mut buf = SCRATCH.take();
+    buf.clear();
+    buf.resize(len, 0.0);
+    let out = f(&mut buf);
+    SCRATCH.set(buf);
+    out
+}
+
+/// Defines a function whose body is compiled three times, for AVX-512F, for AVX2 + FMA and for
+/// the baseline, the first the CPU supports picked at run time: plain loops over slices that
+/// LLVM vectorises to the widest registers available.
+macro_rules! vectorized {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized;
+
+/// Helpers of the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// `n` deterministic values in [−scale, scale) from a small LCG.
+    pub fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((state >> 8) as f32 / (1u32 << 23) as f32 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// A tensor's values, flattened.
+    pub fn flat(t: &candle_core::Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+}

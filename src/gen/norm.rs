@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{GroupNorm, VarBuilder};
 use rayon::prelude::*;
 
-use crate::gen::cpu::f32_slice;
+use crate::gen::cpu::{f32_slice, vectorized};
 
 /// GroupNorm over `groups` groups of channels with epsilon `eps`, and SiLU after it when
 /// `silu` (diffusers' `GroupNorm` then `SiLU`).
@@ -115,47 +115,20 @@ impl CustomOp3 for NormOp {
     }
 }
 
-/// `out = x · a + s`, through SiLU when `silu`: AVX-512 or AVX2 code where the CPU has it.
-fn affine(out: &mut [f32], x: &[f32], a: f32, s: f32, silu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { affine_avx512(out, x, a, s, silu) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { affine_avx2(out, x, a, s, silu) };
-        }
-    }
-    affine_loop(out, x, a, s, silu)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn affine_avx512(out: &mut [f32], x: &[f32], a: f32, s: f32, silu: bool) {
-    affine_loop(out, x, a, s, silu)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn affine_avx2(out: &mut [f32], x: &[f32], a: f32, s: f32, silu: bool) {
-    affine_loop(out, x, a, s, silu)
-}
-
-#[inline(always)]
-fn affine_loop(out: &mut [f32], x: &[f32], a: f32, s: f32, silu: bool) {
-    match silu {
-        true => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                let y = v.mul_add(a, s);
-                *o = y / (1.0 + crate::gen::attention::exp(-y));
+vectorized! {
+    /// `out = x · a + s`, through SiLU when `silu`.
+    fn affine(out: &mut [f32], x: &[f32], a: f32, s: f32, silu: bool) {
+        match silu {
+            true => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    let y = v.mul_add(a, s);
+                    *o = y / (1.0 + crate::gen::attention::exp(-y));
+                }
             }
-        }
-        false => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v.mul_add(a, s);
+            false => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = v.mul_add(a, s);
+                }
             }
         }
     }
