@@ -3,10 +3,10 @@
 //!
 //! candle's CPU `conv2d` gathers its im2col tiles one scalar at a time in a strided scatter
 //! and copies every product back out, which took more time than the products themselves
-//! (`perf` of a full-size SD1 image: 70 % of it in `conv2d_tiled`). Here a tile is a band of whole output rows: each of its
-//! `c_in · k_h · k_w` im2col rows is built from contiguous row copies of the input (for
-//! stride 1), the product `weight [c_out, K] · tile [K, pixels]` accumulates onto the bias
-//! already in the output, and bands run in parallel. The tile size depends on the shapes
+//! (`perf` of a full-size SD1 image: 70 % of it in `conv2d_tiled`). Here a tile is a band of
+//! whole output rows: each of its `c_in · k_h · k_w` im2col rows is built from contiguous row
+//! copies of the input (for stride 1), the product `weight [c_out, K] · tile [K, pixels]`
+//! accumulates onto the bias already in the output, and bands run in parallel. The tile size depends on the shapes
 //! alone, so results do not depend on the number of threads.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};

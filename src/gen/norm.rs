@@ -39,10 +39,11 @@ impl Norm {
         eps: f64,
         silu: bool,
     ) -> Result<Norm> {
-        let fallback = candle_nn::group_norm(groups, channels, eps, vb.clone())?;
+        let (weight, bias) = (vb.get(channels, "weight")?, vb.get(channels, "bias")?);
+        let fallback = GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
         Ok(Norm {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
             op: NormOp { groups, eps, silu },
             fallback,
         })

@@ -78,7 +78,8 @@ impl CheckpointWeights {
     }
 
     /// The tensor named `name`, as stored (sliced and transposed as mapped); in f32 already
-    /// when `dtype` is f32 and `dev` the CPU (see [`decode_f32`]).
+    /// when `dtype` is f32 and `dev` the CPU (decoded once, in parallel: not copied into a
+    /// candle tensor and converted on one thread).
     fn load(&self, name: &str, dtype: CDType, dev: &Device) -> candle_core::Result<Tensor> {
         let missing = || {
             candle_core::Error::Msg(format!(
@@ -90,17 +91,13 @@ impl CheckpointWeights {
         let src = self.source(name).ok_or_else(missing)?;
         let info = self.ck.get(&src.key).ok_or_else(missing)?;
         let bytes = self.ck.data(info);
-        let direct = dev.is_cpu() && dtype == CDType::F32 && info.dtype.is_float();
+        let f32_on_cpu = dev.is_cpu() && dtype == CDType::F32 && info.dtype.is_float();
         let mut t = match candle_dtype(info.dtype) {
-            _ if direct => {
-                let values = decode_f32(info.dtype, &bytes)
-                    .map_err(|e| candle_core::Error::Msg(format!("`{}`: {e}", src.key)))?;
-                Tensor::from_vec(values, info.shape.as_slice(), dev)?
-            }
-            Ok(dtype) => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, dev)?,
-            // fp8 storage (Flux and T5 files often ship so): widened to f32 on the CPU.
-            Err(_) => {
-                let values = crate::convert::to_f32(info.dtype, &bytes)
+            Ok(stored) if !f32_on_cpu => Tensor::from_raw_buffer(&bytes, stored, &info.shape, dev)?,
+            // f32 wanted on the CPU, or fp8 storage (Flux and T5 files often ship so), which
+            // candle lacks: decoded to f32 on the CPU, on every core.
+            _ => {
+                let values = crate::convert::to_f32_par(info.dtype, &bytes)
                     .map_err(|e| candle_core::Error::Msg(format!("`{}`: {e}", src.key)))?;
                 Tensor::from_vec(values, info.shape.as_slice(), dev)?
             }
@@ -115,25 +112,6 @@ impl CheckpointWeights {
         }
         Ok(t)
     }
-}
-
-/// A tensor's stored values as f32, decoded in parallel slices (F16C / vector conversions of
-/// [`crate::convert`]): loading f32 models on the CPU converts once, on every core, rather
-/// than copying the stored bytes into a candle tensor and converting that on one thread.
-fn decode_f32(dtype: crate::dtype::DType, bytes: &[u8]) -> crate::error::Result<Vec<f32>> {
-    use rayon::prelude::*;
-    /// Elements per parallel slice.
-    const SLICE: usize = 1 << 18;
-    let n = bytes.len() * 8 / dtype.bits().max(1);
-    let mut out = vec![0f32; n];
-    let width = dtype.bits() / 8;
-    if width == 0 || n * width != bytes.len() {
-        return crate::convert::decode_into(dtype, bytes, &mut out).map(|()| out);
-    }
-    out.par_chunks_mut(SLICE)
-        .zip(bytes.par_chunks(SLICE * width))
-        .try_for_each(|(o, b)| crate::convert::decode_into(dtype, b, o))?;
-    Ok(out)
 }
 
 /// How many `{head}N.{tail}` tensors `ck` has.
