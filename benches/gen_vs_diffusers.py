@@ -10,14 +10,18 @@ For each family asked (SD1 at 512x512, SDXL at 1024x1024): a full-size synthetic
     `UNet2DConditionModel` / `AutoencoderKL` / `CLIPTextModel` in f32, timed for the same
     phases: load (file to models), text (prompt and negative prompt), STEPS U-Net calls on a
     batch of 2, one VAE decode.
-Both in f32 on the CPU with every core (torch.set_num_threads(os.cpu_count())); the models run
-one after the other, never at once. Prints one table of seconds and mergesmith / diffusers
-ratios (below 1: mergesmith is faster), and `--json FILE` writes the figures.
+Both on the CPU with every core (torch.set_num_threads(os.cpu_count())), in each precision
+asked: f32, and bf16 (mergesmith's `--precision bf16`: bf16 operands, f32 accumulation, on AMX;
+diffusers' U-Net and VAE cast to bfloat16, which torch runs through oneDNN, on AMX where the
+CPU has it). The models run one after the other, never at once. Prints one table of seconds
+and mergesmith / diffusers ratios (below 1: mergesmith is faster), and `--json FILE` writes
+the figures.
 
 Developer-run, in a throwaway venv with torch, diffusers and transformers:
     python -m venv /tmp/smv && /tmp/smv/bin/pip install torch diffusers transformers
     cargo build --release
-    /tmp/smv/bin/python benches/gen_vs_diffusers.py [--arch sd1 sdxl] [--steps 2]
+    /tmp/smv/bin/python benches/gen_vs_diffusers.py [--arch sd1 sdxl] [--steps 2] \
+        [--precision f32 bf16]
 SDXL needs ~24 GB of RAM for the two f32 models in turn (10 GB U-Net each).
 """
 
@@ -35,9 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = {"sd1": 512, "sdxl": 1024}
 
 
-def mergesmith(binary, model, steps, out):
+def mergesmith(binary, model, steps, out, precision):
     cmd = [binary, "gen", "-m", model, "-p", "a cat", "--steps", str(steps),
-           "-o", out, "--overwrite", "--json"]
+           "-o", out, "--overwrite", "--json", "--precision", precision]
     r = subprocess.run(cmd, check=True, capture_output=True, text=True)
     t = json.loads(r.stdout)["timings"]
     return {"load": t["load"], "text": t["text"], "step": t["denoise"] / t["steps"],
@@ -100,12 +104,13 @@ def clip_of(sd):
     return clip.float().eval()
 
 
-def diffusers(model, arch, steps):
+def diffusers(model, arch, steps, precision):
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[precision]
     out = {}
     t0 = time.perf_counter()
     sd = load_file(model)
-    unet = unet_of(sd, arch)
-    vae = vae_of(sd)
+    unet = unet_of(sd, arch).to(dtype)
+    vae = vae_of(sd).to(dtype)
     clip = clip_of(sd) if arch == "sd1" else None
     del sd
     out["load"] = time.perf_counter() - t0
@@ -115,15 +120,16 @@ def diffusers(model, arch, steps):
             ids = torch.full((1, 77), 49407, dtype=torch.long)
             ids[0, 0] = 49406
             t0 = time.perf_counter()
-            ctx = torch.cat([clip(ids)[0], clip(ids)[0]])
+            ctx = torch.cat([clip(ids)[0], clip(ids)[0]]).to(dtype)
             out["text"] = time.perf_counter() - t0
             kw = {}
         else:
-            ctx = torch.randn(2, 77, 2048)
-            kw = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280),
-                                        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}}
+            ctx = torch.randn(2, 77, 2048).to(dtype)
+            kw = {"added_cond_kwargs": {
+                "text_embeds": torch.randn(2, 1280).to(dtype),
+                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2).to(dtype)}}
             out["text"] = float("nan")
-        x = torch.randn(2, 4, s, s)
+        x = torch.randn(2, 4, s, s).to(dtype)
         t0 = time.perf_counter()
         for i in range(steps):
             unet(x, torch.tensor(999.0 - i), encoder_hidden_states=ctx, **kw)
@@ -140,6 +146,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/mergesmith"))
     ap.add_argument("--dir", default=os.path.join(ROOT, "target/bench-gen"))
+    ap.add_argument("--precision", nargs="+", default=["f32"], choices=["f32", "bf16"])
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -150,17 +157,19 @@ def main():
         if not os.path.exists(model):
             subprocess.run([args.bin, "synth", "--arch", arch, "--size", "full", "--seed", "1",
                             "-o", model], check=True)
-        ms = mergesmith(args.bin, model, args.steps, os.path.join(args.dir, f"{arch}.png"))
-        df = diffusers(model, arch, args.steps)
-        results[arch] = {"mergesmith": ms, "diffusers": df}
-    print(f"CPU, {os.cpu_count()} threads, torch {torch.__version__}, f32, "
+        for precision in args.precision:
+            png = os.path.join(args.dir, f"{arch}-{precision}.png")
+            ms = mergesmith(args.bin, model, args.steps, png, precision)
+            df = diffusers(model, arch, args.steps, precision)
+            results[f"{arch} {precision}"] = {"mergesmith": ms, "diffusers": df}
+    print(f"CPU, {os.cpu_count()} threads, torch {torch.__version__}, "
           f"mean of {args.steps} steps (CFG: U-Net batch 2)")
-    print(f"{'':14}{'mergesmith s':>14}{'diffusers s':>13}{'ratio':>8}")
-    for arch, r in results.items():
+    print(f"{'':19}{'mergesmith s':>14}{'diffusers s':>13}{'ratio':>8}")
+    for name, r in results.items():
         for phase in ("load", "text", "step", "decode"):
             m, d = r["mergesmith"][phase], r["diffusers"][phase]
             ratio = m / d if d == d and d > 0 else float("nan")
-            print(f"{arch + ' ' + phase:14}{m:14.2f}{d:13.2f}{ratio:8.2f}")
+            print(f"{name + ' ' + phase:19}{m:14.2f}{d:13.2f}{ratio:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

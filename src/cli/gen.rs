@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use mergesmith::error::{Error, Result};
+use mergesmith::gen::bf16::Precision;
 use mergesmith::gen::noise::NoiseSource;
 use mergesmith::gen::pipeline::Prediction;
 use mergesmith::gen::prompt::Emphasis;
@@ -97,6 +98,11 @@ pub struct GenArgs {
     /// Where the models run: cpu, cuda or cuda:N (f16 on CUDA, f32 on the CPU).
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: mergesmith::device::ComputeDevice,
+    /// The CPU's arithmetic: f32, or bf16 (SD1 / SD2 / SDXL: U-Net and VAE products with bf16
+    /// operands accumulated in f32 on AMX, Intel Xeon 4th generation and later; about twice as
+    /// fast, images a few 255ths from f32's). On CUDA, bf16 loads the model in bf16.
+    #[arg(long, value_parser = choice::<Precision>(), default_value = "f32")]
+    pub precision: Precision,
     /// Where the PNG goes and how the command reports.
     #[command(flatten)]
     pub out: OutputArgs,
@@ -144,6 +150,7 @@ pub fn run(a: GenArgs) -> Result<()> {
                 .map(|p| mergesmith::gen::job::ComponentFile::open(p))
                 .collect::<Result<_>>()?,
         },
+        precision: a.precision,
     };
     let outputs: Vec<PathBuf> = match job.batch {
         1 => vec![a.out.output.clone()],
@@ -166,7 +173,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     }
     let ck = std::sync::Arc::new(mergesmith::checkpoint::Checkpoint::open(&a.model)?);
     let loading = std::time::Instant::now();
-    let models = Models::load_on(ck, &job.components, a.device)?;
+    let models = Models::load_on(ck, &job.components, a.device, job.precision)?;
     let load = loading.elapsed().as_secs_f64();
     let model = a
         .model

@@ -12,10 +12,11 @@
 //! parallel; each block's arithmetic is the same whatever the thread count.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use rayon::prelude::*;
 
-use crate::gen::blocks::{Conv2d, GROUPS};
+use crate::gen::bf16::{self, Lhs, Precision, Rhs};
+use crate::gen::blocks::{linear, Conv2d, Linear, GROUPS};
 use crate::gen::cpu::{f32_slice, vectorized, with_scratch, SharedOut};
 use crate::gen::norm::Norm;
 
@@ -29,6 +30,8 @@ pub const QUERY_BLOCK: usize = 128;
 pub struct Attend {
     /// Attention heads.
     pub heads: usize,
+    /// Products of bf16 operands ([`crate::gen::bf16`]): the softmax stays f32.
+    pub bf16: bool,
 }
 
 impl CustomOp3 for Attend {
@@ -67,6 +70,10 @@ impl CustomOp3 for Attend {
         let blocks = nq.div_ceil(QUERY_BLOCK);
         let mut out = vec![0f32; b * nq * width];
         let dst = SharedOut::new(&mut out);
+        if self.bf16 {
+            self.bf16_blocks((q, k, v), (b, nq, nk, width), dst);
+            return Ok((CpuStorage::F32(out), Shape::from((b, nq, width))));
+        }
         (0..b * heads * blocks).into_par_iter().for_each(|job| {
             let (bh, block) = (job / blocks, job % blocks);
             let (batch, head) = (bh / heads, bh % heads);
@@ -135,22 +142,93 @@ impl CustomOp3 for Attend {
     }
 }
 
-/// `row` replaced by its softmax.
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    exp_shifted(row, max);
-    let sum: f32 = row.iter().sum();
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
+impl Attend {
+    /// [`Attend`]'s blocks with bf16 products: each head's keys and values packed once, then
+    /// per block of queries the scores from one product, scaled and softmaxed in f32, and the
+    /// output rows from a second product added into `dst` (zeros).
+    fn bf16_blocks(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (b, nq, nk, width): (usize, usize, usize, usize),
+        dst: SharedOut,
+    ) {
+        let heads = self.heads;
+        let d = width / heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let blocks = nq.div_ceil(QUERY_BLOCK);
+        // Keys as the right operand `[d, nk]`, values as `[nk, d]`, per batch and head.
+        let packed: Vec<(Rhs, Rhs)> = (0..b * heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (batch, head) = (bh / heads, bh % heads);
+                let at = batch * nk * width + head * d;
+                (
+                    Rhs::pack_cols(&k[at..], d, nk, width),
+                    Rhs::pack_rows(&v[at..], nk, d, width),
+                )
+            })
+            .collect();
+        (0..b * heads * blocks).into_par_iter().for_each(|job| {
+            let (bh, block) = (job / blocks, job % blocks);
+            let (batch, head) = (bh / heads, bh % heads);
+            let r0 = block * QUERY_BLOCK;
+            let rows = QUERY_BLOCK.min(nq - r0);
+            let at = (batch * nq + r0) * width + head * d;
+            let (keys, values) = &packed[bh];
+            let lhs = Lhs::pack(&q[at..], rows, d, width);
+            with_scratch(rows * nk, |s| {
+                // SAFETY: `s` is `rows × nk` (written over); the output rows `r0..r0 + rows` of
+                // batch `batch`, columns `head · d ..+ d` (row stride `width`) are this
+                // block's alone. Attend runs bf16 only where AMX is available.
+                unsafe { bf16::product(&lhs, keys, SharedOut::new(s), nk, false) };
+                for row in s.chunks_exact_mut(nk) {
+                    scale_by(row, scale);
+                    softmax(row);
+                }
+                let p = Lhs::pack(s, rows, nk, nk);
+                unsafe { bf16::product(&p, values, dst.offset(at), width, false) };
+            });
+        });
     }
 }
 
 vectorized! {
-    /// `x ← e^(x − shift)` for every element.
-    fn exp_shifted(x: &mut [f32], shift: f32) {
+    /// `x ← x · by` for every element.
+    fn scale_by(x: &mut [f32], by: f32) {
         for v in x.iter_mut() {
-            *v = exp(*v - shift);
+            *v *= by;
+        }
+    }
+}
+
+vectorized! {
+    /// `row` replaced by its softmax: the maximum and the sum over 16 lanes (element `i` in
+    /// lane `i % 16`, lanes summed in order), so it vectorises and does not depend on the CPU.
+    fn softmax(row: &mut [f32]) {
+        const LANES: usize = 16;
+        let (whole, tail) = row.split_at_mut(row.len() / LANES * LANES);
+        let mut max = [f32::NEG_INFINITY; LANES];
+        for chunk in whole.chunks_exact(LANES) {
+            for (m, &v) in max.iter_mut().zip(chunk) {
+                *m = m.max(v);
+            }
+        }
+        let max = max.iter().chain(tail.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = [0f32; LANES];
+        for chunk in whole.chunks_exact_mut(LANES) {
+            for (s, v) in sum.iter_mut().zip(chunk) {
+                *v = exp(*v - max);
+                *s += *v;
+            }
+        }
+        let mut total = sum.iter().sum::<f32>();
+        for v in tail.iter_mut() {
+            *v = exp(*v - max);
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        for v in whole.iter_mut().chain(tail.iter_mut()) {
+            *v *= inv;
         }
     }
 }
@@ -190,16 +268,24 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    bf16: bool,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> Result<Attention> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context: usize,
+        heads: usize,
+        p: Precision,
+    ) -> Result<Attention> {
         Ok(Attention {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out").pp(0))?,
+            to_q: linear(vb.pp("to_q"), (dim, dim), false, p)?,
+            to_k: linear(vb.pp("to_k"), (context, dim), false, p)?,
+            to_v: linear(vb.pp("to_v"), (context, dim), false, p)?,
+            to_out: linear(vb.pp("to_out").pp(0), (dim, dim), true, p)?,
             heads,
+            bf16: p == Precision::Bf16,
         })
     }
 
@@ -208,7 +294,10 @@ impl Attention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         let out = if x.device().is_cpu() && q.dtype() == DType::F32 {
-            let op = Attend { heads: self.heads };
+            let op = Attend {
+                heads: self.heads,
+                bf16: self.bf16,
+            };
             q.contiguous()?
                 .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?
         } else {
@@ -250,16 +339,22 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder, dim: usize, context: usize, heads: usize) -> Result<Block> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context: usize,
+        heads: usize,
+        p: Precision,
+    ) -> Result<Block> {
         let ff = vb.pp("ff").pp("net");
         Ok(Block {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, p)?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context, heads)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context, heads, p)?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            geglu: candle_nn::linear(dim, 8 * dim, ff.pp(0).pp("proj"))?,
-            ff_out: candle_nn::linear(4 * dim, dim, ff.pp(2))?,
+            geglu: linear(ff.pp(0).pp("proj"), (dim, 8 * dim), true, p)?,
+            ff_out: linear(ff.pp(2), (4 * dim, dim), true, p)?,
         })
     }
 
@@ -364,19 +459,21 @@ pub struct SpatialTransformer {
 
 impl SpatialTransformer {
     /// Loads a transformer over `channels` with `depth` blocks of `heads` heads attending to
-    /// a context `context` wide; `linear`: linear projections rather than 1×1 convolutions.
+    /// a context `context` wide; `linear_projection`: linear projections rather than 1×1
+    /// convolutions; products in bf16 under `p` bf16.
     pub fn new(
         vb: VarBuilder,
         channels: usize,
         heads: usize,
         depth: usize,
         context: usize,
-        linear: bool,
+        linear_projection: bool,
+        p: Precision,
     ) -> Result<SpatialTransformer> {
         let proj = |name: &str| -> Result<Proj> {
-            Ok(match linear {
-                true => Proj::Linear(candle_nn::linear(channels, channels, vb.pp(name))?),
-                false => Proj::Conv(Conv2d::new(vb.pp(name), (channels, channels, 1), 1, 0)?),
+            Ok(match linear_projection {
+                true => Proj::Linear(linear(vb.pp(name), (channels, channels), true, p)?),
+                false => Proj::Conv(Conv2d::new(vb.pp(name), (channels, channels, 1), 1, 0, p)?),
             })
         };
         let tb = vb.pp("transformer_blocks");
@@ -384,7 +481,7 @@ impl SpatialTransformer {
             norm: Norm::new(vb.pp("norm"), GROUPS, channels, 1e-6, false)?,
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
-                .map(|i| Block::new(tb.pp(i), channels, context, heads))
+                .map(|i| Block::new(tb.pp(i), channels, context, heads, p))
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
         })
@@ -543,7 +640,9 @@ mod tests {
             let q = Tensor::from_vec(qv.clone(), (b, nq, w), &dev).unwrap();
             let k = Tensor::from_vec(kv.clone(), (b, nk, w), &dev).unwrap();
             let v = Tensor::from_vec(vv.clone(), (b, nk, w), &dev).unwrap();
-            let got = q.apply_op3_no_bwd(&k, &v, &Attend { heads }).unwrap();
+            let got = q
+                .apply_op3_no_bwd(&k, &v, &Attend { heads, bf16: false })
+                .unwrap();
             assert_eq!(got.dims(), &[b, nq, w]);
             let got = flat(&got);
             let want = reference(&qv, &kv, &vv, (b, nq, nk, heads));

@@ -2,47 +2,145 @@
 //! down-samplers) over [`Conv2d`] and [`Norm`], which runs our own CPU convolution ([`crate::gen::conv`])
 //! for f32 on the CPU and candle's elsewhere. Attention blocks are candle-transformers'.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use std::sync::Arc;
 
-use crate::gen::conv::Conv;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::gen::bf16::{self, Lhs, Precision, Rhs};
+use crate::gen::conv::{Conv, ConvBf16};
+use crate::gen::cpu::{f32_slice, SharedOut};
 use crate::gen::norm::Norm;
 
 /// A square-kernel 2-D convolution with bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    kernel: ConvKernel,
     bias: Tensor,
-    conv: Conv,
+}
+
+/// How a [`Conv2d`] runs: its f32 weight (our kernel on the CPU, candle's elsewhere) or packed
+/// for bf16 products.
+#[derive(Debug, Clone)]
+enum ConvKernel {
+    F32(Tensor, Conv),
+    Bf16(ConvBf16),
 }
 
 impl Conv2d {
-    /// Loads `weight [c_out, c_in, k, k]` and `bias [c_out]` from `vb`.
+    /// Loads `weight [c_out, c_in, k, k]` and `bias [c_out]` from `vb`, packed for bf16
+    /// products under `precision` bf16.
     pub fn new(
         vb: VarBuilder,
         (c_in, c_out, k): (usize, usize, usize),
         stride: usize,
         padding: usize,
+        precision: Precision,
     ) -> Result<Conv2d> {
+        let weight = vb.get((c_out, c_in, k, k), "weight")?;
+        let conv = Conv { stride, padding };
         Ok(Conv2d {
-            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            kernel: match precision {
+                Precision::F32 => ConvKernel::F32(weight, conv),
+                Precision::Bf16 => ConvKernel::Bf16(ConvBf16::new(conv, &weight)?),
+            },
             bias: vb.get(c_out, "bias")?,
-            conv: Conv { stride, padding },
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let Conv { stride, padding } = self.conv;
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            return self
-                .conv
-                .forward(&x.contiguous()?, &self.weight, &self.bias);
+        let (weight, conv) = match &self.kernel {
+            ConvKernel::Bf16(op) => return op.forward(&x.contiguous()?, &self.bias),
+            ConvKernel::F32(weight, conv) => (weight, conv),
+        };
+        if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            return conv.forward(&x.contiguous()?, weight, &self.bias);
         }
         let c_out = self.bias.dim(0)?;
-        x.conv2d(&self.weight, padding, stride, 1, 1)?
+        x.conv2d(weight, conv.padding, conv.stride, 1, 1)?
             .broadcast_add(&self.bias.reshape((1, c_out, 1, 1))?)
+    }
+}
+
+/// A linear layer: candle's, or its weight packed for bf16 products (f32 on the CPU).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// candle's layer.
+    F32(candle_nn::Linear),
+    /// Packed weight `[in, out]` and bias.
+    Bf16(LinearBf16),
+}
+
+/// Loads a linear layer `input → output` (with a bias when `bias`) from `vb`, packed for bf16
+/// products under `precision` bf16.
+pub fn linear(
+    vb: VarBuilder,
+    (input, output): (usize, usize),
+    bias: bool,
+    precision: Precision,
+) -> Result<Linear> {
+    let layer = match bias {
+        true => candle_nn::linear(input, output, vb)?,
+        false => candle_nn::linear_no_bias(input, output, vb)?,
+    };
+    Ok(match precision {
+        Precision::F32 => Linear::F32(layer),
+        Precision::Bf16 => {
+            let w = layer.weight().flatten_all()?.to_vec1::<f32>()?;
+            let bias = match layer.bias() {
+                Some(b) => Some(b.to_vec1::<f32>()?),
+                None => None,
+            };
+            Linear::Bf16(LinearBf16 {
+                weight: Arc::new(Rhs::pack_cols(&w, input, output, input)),
+                bias: bias.map(Arc::new),
+            })
+        }
+    })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::F32(l) => l.forward(x),
+            Linear::Bf16(l) => x.contiguous()?.apply_op1_no_bwd(l),
+        }
+    }
+}
+
+/// The CPU kernel of a bf16 [`Linear`]: `x [.., in] · weight + bias`.
+#[derive(Debug, Clone)]
+pub struct LinearBf16 {
+    weight: Arc<Rhs>,
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp1 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "mergesmith-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "linear", "input")?;
+        let (input, output) = (self.weight.k(), self.weight.cols());
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&input) {
+            candle_core::bail!("linear: input {:?} for {input} features", l.shape());
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = output;
+        }
+        let rows = x.len() / input.max(1);
+        let mut out = match &self.bias {
+            Some(b) => b.iter().copied().cycle().take(rows * output).collect(),
+            None => vec![0f32; rows * output],
+        };
+        let lhs = Lhs::pack(x, rows, input, input);
+        // SAFETY: `out` is `rows × output`; bf16 layers exist only where AMX is available.
+        unsafe { bf16::product(&lhs, &self.weight, SharedOut::new(&mut out), output, true) };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -53,7 +151,7 @@ impl Module for Conv2d {
 pub struct Resnet {
     norm1: Norm,
     conv1: Conv2d,
-    time: Option<Linear>,
+    time: Option<candle_nn::Linear>,
     norm2: Norm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
@@ -71,19 +169,27 @@ impl Resnet {
         c_out: usize,
         temb: Option<usize>,
         eps: f64,
+        precision: Precision,
     ) -> Result<Resnet> {
+        let p = precision;
         Ok(Resnet {
             norm1: Norm::new(vb.pp("norm1"), GROUPS, c_in, eps, true)?,
-            conv1: Conv2d::new(vb.pp("conv1"), (c_in, c_out, 3), 1, 1)?,
+            conv1: Conv2d::new(vb.pp("conv1"), (c_in, c_out, 3), 1, 1, p)?,
             time: match temb {
                 Some(t) => Some(candle_nn::linear(t, c_out, vb.pp("time_emb_proj"))?),
                 None => None,
             },
             norm2: Norm::new(vb.pp("norm2"), GROUPS, c_out, eps, true)?,
-            conv2: Conv2d::new(vb.pp("conv2"), (c_out, c_out, 3), 1, 1)?,
+            conv2: Conv2d::new(vb.pp("conv2"), (c_out, c_out, 3), 1, 1, p)?,
             shortcut: match c_in == c_out {
                 true => None,
-                false => Some(Conv2d::new(vb.pp("conv_shortcut"), (c_in, c_out, 1), 1, 0)?),
+                false => Some(Conv2d::new(
+                    vb.pp("conv_shortcut"),
+                    (c_in, c_out, 1),
+                    1,
+                    0,
+                    p,
+                )?),
             },
         })
     }
@@ -105,8 +211,8 @@ impl Resnet {
 }
 
 /// A 3×3 convolution of stride 2 (diffusers' `Downsample2D`, padding 1).
-pub fn downsampler(vb: VarBuilder, channels: usize) -> Result<Conv2d> {
-    Conv2d::new(vb.pp("conv"), (channels, channels, 3), 2, 1)
+pub fn downsampler(vb: VarBuilder, channels: usize, precision: Precision) -> Result<Conv2d> {
+    Conv2d::new(vb.pp("conv"), (channels, channels, 3), 2, 1, precision)
 }
 
 /// diffusers' `Upsample2D`: nearest-neighbour upsampling, then a 3×3 convolution.
@@ -115,12 +221,13 @@ pub struct Upsampler(Conv2d);
 
 impl Upsampler {
     /// Loads the convolution of a `channels`-wide upsampler.
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Upsampler> {
+    pub fn new(vb: VarBuilder, channels: usize, precision: Precision) -> Result<Upsampler> {
         Ok(Upsampler(Conv2d::new(
             vb.pp("conv"),
             (channels, channels, 3),
             1,
             1,
+            precision,
         )?))
     }
 
@@ -131,5 +238,52 @@ impl Upsampler {
             None => (2 * x.dim(2)?, 2 * x.dim(3)?),
         };
         self.0.forward(&x.upsample_nearest2d(h, w)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::bf16::{round, widen};
+    use crate::gen::cpu::testing::{flat, values};
+    use candle_core::Device;
+
+    #[test]
+    fn bf16_linear_matches_f64_sums_of_the_rounded_operands() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AMX");
+            return;
+        }
+        let (rows, input, output) = (37, 70, 45);
+        let dev = Device::Cpu;
+        let (w, b, x) = (
+            values(output * input, 1, 1.0),
+            values(output, 2, 1.0),
+            values(rows * input, 3, 1.0),
+        );
+        let mut tensors = std::collections::HashMap::new();
+        tensors.insert(
+            "weight".to_string(),
+            Tensor::from_vec(w.clone(), (output, input), &dev).unwrap(),
+        );
+        tensors.insert(
+            "bias".to_string(),
+            Tensor::from_vec(b.clone(), output, &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let layer = linear(vb, (input, output), true, Precision::Bf16).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (1, rows, input), &dev).unwrap();
+        let got = layer.forward(&xt).unwrap();
+        assert_eq!(got.dims(), &[1, rows, output]);
+        let r = |v: f32| widen(round(v)) as f64;
+        for (i, g) in flat(&got).iter().enumerate() {
+            let (row, o) = (i / output, i % output);
+            let want = b[o] as f64
+                + (0..input)
+                    .map(|k| r(x[row * input + k]) * r(w[o * input + k]))
+                    .sum::<f64>();
+            // f32 accumulation of 70 exact products of size ≤ 1: 1e-4 absolute.
+            assert!((*g as f64 - want).abs() < 1e-4, "{i}: {g} vs {want}");
+        }
     }
 }

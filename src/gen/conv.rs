@@ -9,9 +9,12 @@
 //! accumulates onto the bias already in the output, and bands run in parallel. The tile size depends on the shapes
 //! alone, so results do not depend on the number of threads.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::gen::bf16::{self, Lhs, Rhs};
 use crate::gen::cpu::{f32_slice, with_scratch, SharedOut};
 
 /// The im2col tile's size (`K × pixels` f32), at most: whole output rows up to 8 MiB, so the
@@ -52,7 +55,7 @@ impl CustomOp3 for Conv {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c_in, h, w) = xl.shape().dims4()?;
         let (c_out, w_in, kh, kw) = wl.shape().dims4()?;
-        if w_in != c_in || bl.shape().dims1()? != c_out {
+        if w_in != c_in || kh != kw || bl.shape().dims1()? != c_out {
             candle_core::bail!(
                 "conv: input {:?}, weight {:?}, bias {:?} do not fit",
                 xl.shape(),
@@ -65,12 +68,44 @@ impl CustomOp3 for Conv {
             f32_slice(ws, wl, "conv", "weight")?,
             f32_slice(bs, bl, "conv", "bias")?,
         );
+        let (out, shape) = self.run(x, (n, c_in, h, w), Weight::F32(weight), kh, bias)?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// A convolution's weight `[c_out, c_in · k · k]`: f32 values or packed for bf16 products.
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a Lhs),
+}
+
+impl Conv {
+    /// Runs over `x [n, c_in, h, w]` with a square `kernel`: the output and its shape.
+    fn run(
+        &self,
+        x: &[f32],
+        (n, c_in, h, w): (usize, usize, usize, usize),
+        weight: Weight,
+        kernel: usize,
+        bias: &[f32],
+    ) -> Result<(Vec<f32>, Shape)> {
+        let (kh, kw, c_out) = (kernel, kernel, bias.len());
         let (s, p) = (self.stride.max(1), self.padding);
         if h + 2 * p < kh || w + 2 * p < kw {
             candle_core::bail!("conv: a {kh}x{kw} kernel does not fit a {h}x{w} input");
         }
         let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
         let (k, hw) = (c_in * kh * kw, oh * ow);
+        if let Weight::Bf16(lhs) = weight {
+            if lhs.rows() != c_out || lhs.k() != k {
+                candle_core::bail!(
+                    "conv: a packed weight of {}x{} for {c_out} outputs of {k} values",
+                    lhs.rows(),
+                    lhs.k()
+                );
+            }
+        }
         let mut out = Vec::with_capacity(n * c_out * hw);
         for _ in 0..n {
             for &b in bias {
@@ -101,25 +136,40 @@ impl CustomOp3 for Conv {
             let y1 = (y0 + rows).min(oh);
             let pixels = (y1 - y0) * ow;
             let input = &x[b * c_in * h * w..(b + 1) * c_in * h * w];
+            let at = dst.offset(b * c_out * hw + y0 * ow);
             // SAFETY: `dst` points at `n · c_out · hw` initialised f32; this tile writes
             // rows `c_out` of batch `b`, columns `y0 · ow .. y1 · ow`, which no other tile
             // touches, with row stride `hw`; `weight` is `[c_out, k]` and the right-hand
-            // side `[k, pixels]`, both with the strides given.
-            let product = |rhs: *const f32, rhs_rs: isize| unsafe {
+            // side `[k, pixels]`, both with the strides given. bf16 weights exist only
+            // where AMX is available.
+            let weight = match weight {
+                Weight::F32(weight) => weight,
+                Weight::Bf16(lhs) => {
+                    // The im2col rows go straight into the packed operand, two at a time.
+                    let rhs = match direct {
+                        true => Rhs::pack_rows(input, k, pixels, hw),
+                        false => Rhs::pack_row_pairs(k, pixels, |r, row| {
+                            geometry.im2col_row(input, y0, y1, r, row)
+                        }),
+                    };
+                    return unsafe { bf16::product(lhs, &rhs, at, hw, true) };
+                }
+            };
+            let product = |rhs: &[f32], rhs_rs: usize| unsafe {
                 gemm::gemm(
                     c_out,
                     pixels,
                     k,
-                    dst.ptr().add(b * c_out * hw + y0 * ow),
+                    at.ptr(),
                     1,
                     hw as isize,
                     true,
                     weight.as_ptr(),
                     1,
                     k as isize,
-                    rhs,
+                    rhs.as_ptr(),
                     1,
-                    rhs_rs,
+                    rhs_rs as isize,
                     1.0,
                     1.0,
                     false,
@@ -129,14 +179,76 @@ impl CustomOp3 for Conv {
                 )
             };
             if direct {
-                return product(input.as_ptr(), hw as isize);
+                return product(input, hw);
             }
             with_scratch(k * pixels, |tile| {
+                tile.fill(0.0);
                 geometry.im2col(input, y0, y1, tile);
-                product(tile.as_ptr(), pixels as isize);
+                product(tile, pixels);
             });
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))))
+        Ok((out, Shape::from((n, c_out, oh, ow))))
+    }
+}
+
+/// [`Conv`] with its weight packed for bf16 products ([`crate::gen::bf16`]): `x` and the
+/// bias f32 on the CPU.
+#[derive(Debug, Clone)]
+pub struct ConvBf16 {
+    /// The geometry.
+    pub conv: Conv,
+    /// The weight `[c_out, c_in · k · k]`.
+    pub weight: Arc<Lhs>,
+    /// The kernel's size.
+    pub kernel: usize,
+}
+
+impl ConvBf16 {
+    /// Packs `weight [c_out, c_in, k, k]` (f32 on the CPU).
+    pub fn new(conv: Conv, weight: &Tensor) -> Result<ConvBf16> {
+        let (c_out, c_in, kernel, _) = weight.dims4()?;
+        let k = c_in * kernel * kernel;
+        let values = weight.flatten_all()?.to_vec1::<f32>()?;
+        Ok(ConvBf16 {
+            conv,
+            weight: Arc::new(Lhs::pack(&values, c_out, k, k)),
+            kernel,
+        })
+    }
+
+    /// `x [n, c_in, h, w]` convolved, plus `bias [c_out]`.
+    pub fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.apply_op2_no_bwd(bias, self)
+    }
+}
+
+impl CustomOp2 for ConvBf16 {
+    fn name(&self) -> &'static str {
+        "mergesmith-conv2d-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = xl.shape().dims4()?;
+        let (x, bias) = (
+            f32_slice(xs, xl, "conv", "input")?,
+            f32_slice(bs, bl, "conv", "bias")?,
+        );
+        if self.weight.k() != dims.1 * self.kernel * self.kernel {
+            candle_core::bail!(
+                "conv: input {:?} for a {}-value kernel",
+                xl.shape(),
+                self.weight.k()
+            );
+        }
+        let weight = Weight::Bf16(&self.weight);
+        let (out, shape) = self.conv.run(x, dims, weight, self.kernel, bias)?;
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -157,8 +269,17 @@ impl Geometry {
     /// output rows `y0..y1`: row `(c · kh + ky) · kw + kx`, column `(y - y0) · ow + ox` holds
     /// `input[c, y · s + ky − p, ox · s + kx − p]`, zero outside the input.
     fn im2col(&self, input: &[f32], y0: usize, y1: usize, tile: &mut [f32]) {
+        let pixels = (y1 - y0) * self.ow;
+        let rows = self.c_in * self.kh * self.kw;
+        for (r, row) in tile.chunks_exact_mut(pixels).enumerate().take(rows) {
+            self.im2col_row(input, y0, y1, r, row);
+        }
+    }
+
+    /// Row `r` of [`Self::im2col`]'s tile into `row` (zeroed).
+    fn im2col_row(&self, input: &[f32], y0: usize, y1: usize, r: usize, row: &mut [f32]) {
         let &Geometry {
-            c_in,
+            c_in: _,
             h,
             w,
             kh,
@@ -167,36 +288,29 @@ impl Geometry {
             p,
             ow,
         } = self;
-        let pixels = (y1 - y0) * ow;
-        for (r, row) in tile
-            .chunks_exact_mut(pixels)
-            .enumerate()
-            .take(c_in * kh * kw)
-        {
-            let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
-            let plane = &input[c * h * w..(c + 1) * h * w];
-            for y in y0..y1 {
-                let Some(iy) = (y * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                    continue;
-                };
-                let src = &plane[iy * w..(iy + 1) * w];
-                let dst = &mut row[(y - y0) * ow..(y - y0 + 1) * ow];
-                // Output columns whose input column `ox · s + kx − p` lies in `0..w`.
-                let first = p.saturating_sub(kx).div_ceil(s);
-                let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
-                if first >= end {
-                    continue;
-                }
-                let start = first * s + kx - p;
-                if s == 1 {
-                    dst[first..end].copy_from_slice(&src[start..start + end - first]);
-                } else {
-                    for (d, v) in dst[first..end]
-                        .iter_mut()
-                        .zip(src[start..].iter().step_by(s))
-                    {
-                        *d = *v;
-                    }
+        let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
+        let plane = &input[c * h * w..(c + 1) * h * w];
+        // Output columns whose input column `ox · s + kx − p` lies in `0..w`.
+        let first = p.saturating_sub(kx).div_ceil(s);
+        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
+        if first >= end {
+            return;
+        }
+        let start = first * s + kx - p;
+        for y in y0..y1 {
+            let Some(iy) = (y * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                continue;
+            };
+            let src = &plane[iy * w..(iy + 1) * w];
+            let dst = &mut row[(y - y0) * ow..(y - y0 + 1) * ow];
+            if s == 1 {
+                dst[first..end].copy_from_slice(&src[start..start + end - first]);
+            } else {
+                for (d, v) in dst[first..end]
+                    .iter_mut()
+                    .zip(src[start..].iter().step_by(s))
+                {
+                    *d = *v;
                 }
             }
         }
@@ -299,6 +413,52 @@ mod tests {
             let theirs = flat(&theirs);
             for (g, t) in got.iter().zip(&theirs) {
                 assert!((g - t).abs() < 1e-5, "case {i}: {g} vs candle {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_convolutions_match_f64_sums_of_the_rounded_operands() {
+        if !crate::gen::bf16::available() {
+            eprintln!("skipped: this CPU has no AMX");
+            return;
+        }
+        let r = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| crate::gen::bf16::widen(crate::gen::bf16::round(x)))
+                .collect()
+        };
+        // 3×3 same-size (odd k = 45: a padded pair and tile), strided, 1×1 direct, and a
+        // larger map (edge blocks of 33 outputs and 2304 pixels).
+        let cases = [
+            (2, 5, 9, 7, 6, 3, 1, 1),
+            (1, 3, 9, 11, 4, 3, 2, 1),
+            (2, 7, 5, 6, 3, 1, 1, 0),
+            (1, 40, 48, 48, 33, 3, 1, 1),
+        ];
+        for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
+            let (xv, wv, bv) = (
+                values(n * c * h * w, 5 * i as u32, 1.0),
+                values(o * c * k * k, 5 * i as u32 + 1, 1.0),
+                values(o, 5 * i as u32 + 2, 1.0),
+            );
+            let dev = Device::Cpu;
+            let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+            let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
+            let conv = Conv {
+                stride: s,
+                padding: p,
+            };
+            let got = flat(&ConvBf16::new(conv, &wt).unwrap().forward(&x, &b).unwrap());
+            let want = reference(&r(&xv), (n, c, h, w), &r(&wv), (o, k), &bv, s, p);
+            assert_eq!(got.len(), want.len(), "case {i}");
+            // f32 accumulation of ≤ 360 exact products of size ≤ 1: 2e-4 absolute.
+            for (j, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - r).abs() < 2e-4,
+                    "case {i} value {j}: {g} vs {r}"
+                );
             }
         }
     }

@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use crate::error::Result;
+use crate::gen::bf16::Precision;
 use crate::gen::embedding::EmbeddingFile;
 use crate::gen::noise::NoiseSource;
 use crate::gen::pipeline::{Models, Prediction};
@@ -24,7 +25,8 @@ use crate::gen::tokenizer::ClipTokenizer;
 /// prompt syntax and chunking, separate U-Net calls for prompts of different lengths.
 /// 3: our own CPU convolution, attention and GroupNorm kernels and AVX-512 matrix products
 /// (different rounding: pixels move by at most 1/255), GEGLU's exact (erf) GELU as diffusers.
-pub const VERSION: u32 = 3;
+/// 4: softmax and GroupNorm statistics summed over vector lanes (pixels move by at most 1/255).
+pub const VERSION: u32 = 4;
 
 /// Bumped whenever a change to [`crate::gen::grid`] changes grid images.
 pub const GRID_VERSION: u32 = 1;
@@ -73,6 +75,10 @@ pub struct Job {
     /// CLIP and VAE loaders); they replace the checkpoint's.
     #[serde(default, skip_serializing_if = "Components::is_empty")]
     pub components: Components,
+    /// The CPU's arithmetic: f32, or bf16 products on AMX (left out of the key when f32, so
+    /// f32 images keep their keys).
+    #[serde(default, skip_serializing_if = "Precision::is_default")]
+    pub precision: Precision,
 }
 
 /// A model file named in a job: where it is and its content key.
@@ -139,6 +145,7 @@ impl Default for Job {
             prediction: None,
             guidance: None,
             components: Components::default(),
+            precision: Precision::F32,
         }
     }
 }

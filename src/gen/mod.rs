@@ -9,6 +9,7 @@
 //! ([`png`]).
 
 pub mod attention;
+pub mod bf16;
 pub mod blocks;
 pub mod clip;
 pub mod conv;

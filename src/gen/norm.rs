@@ -101,9 +101,9 @@ impl CustomOp3 for NormOp {
             .enumerate()
             .for_each(|(i, (out, x))| {
                 let group = i % g;
-                let n = x.len() as f64;
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let mut moments = [0f64; 2];
+                mean_var(x, &mut moments);
+                let [mean, var] = moments;
                 let rstd = 1.0 / (var + self.eps).sqrt();
                 for (j, (o, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                     let ch = group * per + j;
@@ -113,6 +113,33 @@ impl CustomOp3 for NormOp {
                 }
             });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+vectorized! {
+    /// `moments = [mean, variance]` of `x` (the centred sum of squares), in f64 over 8 lanes
+    /// (element `i` in lane `i % 8`, lanes summed in order), so it vectorises and does not
+    /// depend on the CPU.
+    fn mean_var(x: &[f32], moments: &mut [f64; 2]) {
+        const LANES: usize = 8;
+        let (whole, tail) = x.split_at(x.len() / LANES * LANES);
+        let n = x.len() as f64;
+        let mut acc = [0f64; LANES];
+        for chunk in whole.chunks_exact(LANES) {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += v as f64;
+            }
+        }
+        let mean = (acc.iter().sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>()) / n;
+        let mut acc = [0f64; LANES];
+        for chunk in whole.chunks_exact(LANES) {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += (v as f64 - mean) * (v as f64 - mean);
+            }
+        }
+        let squares = tail.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean));
+        let var = (acc.iter().sum::<f64>() + squares.sum::<f64>()) / n;
+        *moments = [mean, var];
     }
 }
 

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::gen::bf16::Precision;
+
 use crate::arch::names::{Part, WeightMap};
 use crate::arch::Family;
 use crate::checkpoint::Checkpoint;
@@ -79,40 +81,61 @@ pub enum Models {
 }
 
 impl Models {
-    /// Loads a checkpoint's models where `device` says (the CPU unless it names CUDA): in f32
-    /// on the CPU; on a GPU f16 for SD, bf16 for the flow transformers (Flux overflows f16).
+    /// Loads a checkpoint's models where `device` says (the CPU unless it names CUDA): on the
+    /// CPU in f32, with bf16 products on AMX under `precision` bf16 (SD1, SD2, SDXL); on a GPU
+    /// f16 for SD (bf16 under `precision` bf16), bf16 for the flow transformers (Flux overflows
+    /// f16).
     pub fn load_on(
         ck: Arc<Checkpoint>,
         components: &crate::gen::job::Components,
         device: crate::device::ComputeDevice,
+        precision: Precision,
     ) -> Result<Models> {
         let device = device.candle()?.unwrap_or(Device::Cpu);
         let family = crate::arch::detect(ck.tensors()).family;
         let dit = crate::gen::dit::Kind::of(family).is_some();
-        let dtype = match (device.is_cuda(), dit) {
-            (false, _) => DType::F32,
-            (true, false) => DType::F16,
-            (true, true) => DType::BF16,
+        let (dtype, precision) = match (device.is_cuda(), dit, precision) {
+            (false, _, p) => (DType::F32, p),
+            (true, false, Precision::F32) => (DType::F16, Precision::F32),
+            (true, _, _) => (DType::BF16, Precision::F32),
         };
-        Self::load_with(ck, components, &device, dtype)
+        Self::load_with(ck, components, &device, dtype, precision)
     }
 
     /// Loads a checkpoint's models on `device` in `dtype` (VAEs in f32).
     pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<Models> {
-        Self::load_with(ck, &Default::default(), device, dtype)
+        Self::load_with(ck, &Default::default(), device, dtype, Precision::F32)
     }
 
-    /// [`Self::load`] with text encoders and a VAE from files of their own (Flux, SD3).
+    /// [`Self::load`] with text encoders and a VAE from files of their own (Flux, SD3), and
+    /// the CPU's `precision` (bf16: SD's U-Net and VAE products on AMX).
     pub fn load_with(
         ck: Arc<Checkpoint>,
         components: &crate::gen::job::Components,
         device: &Device,
         dtype: DType,
+        precision: Precision,
     ) -> Result<Models> {
         let arch = crate::arch::detect(ck.tensors());
         check_arch(&arch).map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
         crate::checkpoint::quant::Quant::require_plain(&ck, "generation")?;
+        let bf16 = precision.bf16_on_cpu().map_err(Error::Invalid)?;
+        crate::gen::cpu::keep_freed_memory();
+        if bf16 && !device.is_cpu() {
+            return Err(Error::Invalid(
+                "precision bf16 with our kernels runs on the CPU; on a GPU load the model in \
+                 bf16 instead"
+                    .into(),
+            ));
+        }
         Ok(match crate::gen::dit::Kind::of(arch.family) {
+            Some(_) if bf16 => {
+                return Err(Error::Invalid(format!(
+                    "{}: precision bf16 on the CPU serves SD1, SD2 and SDXL; Flux and SD3 run \
+                     in f32 there (precision f32)",
+                    ck.path().display()
+                )))
+            }
             Some(_) => Models::Dit(Box::new(DitModels::load(ck, components, device, dtype)?)),
             None if !components.is_empty() => {
                 return Err(Error::Invalid(format!(
@@ -120,7 +143,7 @@ impl Models {
                     ck.path().display()
                 )))
             }
-            None => Models::Unet(Box::new(UnetModels::load(ck, device, dtype)?)),
+            None => Models::Unet(Box::new(UnetModels::load(ck, device, dtype, precision)?)),
         })
     }
 
@@ -290,9 +313,15 @@ const SD2_V_PROBE: &str =
 
 impl UnetModels {
     /// Loads a checkpoint's models on `device`: text encoders and U-Net in `dtype`, the VAE
-    /// in f32 (SDXL's VAE overflows in f16).
+    /// in f32 (SDXL's VAE overflows in f16); the U-Net's and VAE's products in bf16 on AMX
+    /// under `precision` bf16 (f32 CPU models only).
     /// ([`Models::load`] checks the architecture and the storage first.)
-    pub fn load(ck: Arc<Checkpoint>, device: &Device, dtype: DType) -> Result<UnetModels> {
+    pub fn load(
+        ck: Arc<Checkpoint>,
+        device: &Device,
+        dtype: DType,
+        precision: Precision,
+    ) -> Result<UnetModels> {
         let arch = crate::arch::detect(ck.tensors());
         let family = arch.family;
         let map = Arc::new(WeightMap::of(&ck));
@@ -332,10 +361,15 @@ impl UnetModels {
         let head_dim = (pipeline != Pipeline::Sd1).then_some(64);
         let unet_config = UnetConfig::read(unet_shape, head_dim, pooled)
             .map_err(|e| Error::Invalid(format!("{}: {e}", ck.path().display())))?;
-        let unet = Unet::new(vb(Part::Unet, dtype), unet_config).map_err(cerr)?;
+        let unet = Unet::new(vb(Part::Unet, dtype), unet_config, precision).map_err(cerr)?;
         let v0 = shape(&ck, &map, Part::Vae, "decoder.conv_norm_out.weight")?[0];
-        let vae = VaeDecoder::new(vb(Part::Vae, DType::F32), &[v0, 2 * v0, 4 * v0, 4 * v0], 4)
-            .map_err(cerr)?;
+        let vae = VaeDecoder::new(
+            vb(Part::Vae, DType::F32),
+            &[v0, 2 * v0, 4 * v0, 4 * v0],
+            4,
+            precision,
+        )
+        .map_err(cerr)?;
         let prediction = guess_prediction(&ck, family)?;
         let text_keys = [Part::TextEncoder, Part::TextEncoder2]
             .into_iter()

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::gen::attention::SpatialTransformer;
+use crate::gen::bf16::Precision;
 use crate::gen::blocks::{downsampler, Conv2d, Resnet, Upsampler, GROUPS};
 use crate::gen::norm::Norm;
 
@@ -153,13 +154,13 @@ pub struct Unet {
 const EPS: f64 = 1e-5;
 
 impl Unet {
-    /// Builds the U-Net of `config` from `vb` (diffusers names).
-    pub fn new(vb: VarBuilder, config: UnetConfig) -> Result<Unet> {
+    /// Builds the U-Net of `config` from `vb` (diffusers names), its products in `p`.
+    pub fn new(vb: VarBuilder, config: UnetConfig, p: Precision) -> Result<Unet> {
         let levels = &config.levels;
         let n = levels.len();
         let c0 = levels[0].channels;
         let temb = 4 * c0;
-        let conv_in = Conv2d::new(vb.pp("conv_in"), (config.latent_channels, c0, 3), 1, 1)?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), (config.latent_channels, c0, 3), 1, 1, p)?;
         let time_proj = Timesteps::new(c0, true, 0.);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), c0, temb)?;
         let added = match config.added {
@@ -175,7 +176,7 @@ impl Unet {
             (0..count)
                 .map(|j| {
                     let (c, linear) = (l.channels, config.linear_projection);
-                    SpatialTransformer::new(vb.pp(j), c, l.heads, depth, config.context, linear)
+                    SpatialTransformer::new(vb.pp(j), c, l.heads, depth, config.context, linear, p)
                 })
                 .collect::<Result<Vec<_>>>()
         };
@@ -188,7 +189,7 @@ impl Unet {
                 .map(|j| {
                     let c_in = if j == 0 { input } else { l.channels };
                     let vb = vb.pp("resnets").pp(j);
-                    Resnet::new(vb, c_in, l.channels, Some(temb), EPS)
+                    Resnet::new(vb, c_in, l.channels, Some(temb), EPS, p)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let attentions = match l.depth {
@@ -196,7 +197,7 @@ impl Unet {
                 d => transformers(vb.clone(), l, d, layers)?,
             };
             let downsampler = match i + 1 < n {
-                true => Some(downsampler(vb.pp("downsamplers").pp(0), l.channels)?),
+                true => Some(downsampler(vb.pp("downsamplers").pp(0), l.channels, p)?),
                 false => None,
             };
             down.push(Down {
@@ -209,7 +210,7 @@ impl Unet {
         let m = vb.pp("mid_block");
         let mid_resnet = |j: usize| {
             let c = last.channels;
-            Resnet::new(m.pp("resnets").pp(j), c, c, Some(temb), EPS)
+            Resnet::new(m.pp("resnets").pp(j), c, c, Some(temb), EPS, p)
         };
         let mut mid_attention = transformers(m.clone(), last, config.mid_depth, 1)?;
         let mid = (mid_resnet(0)?, mid_attention.remove(0), mid_resnet(1)?);
@@ -229,7 +230,7 @@ impl Unet {
                     let from = if j == 0 { prev } else { l.channels };
                     let joined = if j == layers { skip } else { l.channels };
                     let vb = vb.pp("resnets").pp(j);
-                    Resnet::new(vb, from + joined, l.channels, Some(temb), EPS)
+                    Resnet::new(vb, from + joined, l.channels, Some(temb), EPS, p)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let attentions = match l.depth {
@@ -237,7 +238,7 @@ impl Unet {
                 d => transformers(vb.clone(), l, d, layers + 1)?,
             };
             let upsampler = match i + 1 < n {
-                true => Some(Upsampler::new(vb.pp("upsamplers").pp(0), l.channels)?),
+                true => Some(Upsampler::new(vb.pp("upsamplers").pp(0), l.channels, p)?),
                 false => None,
             };
             up.push(Up {
@@ -247,7 +248,7 @@ impl Unet {
             });
         }
         let norm_out = Norm::new(vb.pp("conv_norm_out"), GROUPS, c0, EPS, true)?;
-        let conv_out = Conv2d::new(vb.pp("conv_out"), (c0, config.latent_channels, 3), 1, 1)?;
+        let conv_out = Conv2d::new(vb.pp("conv_out"), (c0, config.latent_channels, 3), 1, 1, p)?;
         Ok(Unet {
             config,
             conv_in,

@@ -8,6 +8,7 @@ use candle_transformers::models::stable_diffusion::attention::{
     AttentionBlock, AttentionBlockConfig,
 };
 
+use crate::gen::bf16::Precision;
 use crate::gen::blocks::{Conv2d, Resnet, Upsampler, GROUPS};
 use crate::gen::norm::Norm;
 
@@ -35,14 +36,19 @@ pub struct VaeDecoder {
 impl VaeDecoder {
     /// Loads the decoder from `vb` (diffusers names: `post_quant_conv`, `decoder.*`).
     /// `channels`: each level's width, outermost first (SD: 128, 256, 512, 512);
-    /// `latent`: latent channels.
-    pub fn new(vb: VarBuilder, channels: &[usize], latent: usize) -> Result<VaeDecoder> {
+    /// `latent`: latent channels; `p`: the convolutions' products.
+    pub fn new(
+        vb: VarBuilder,
+        channels: &[usize],
+        latent: usize,
+        p: Precision,
+    ) -> Result<VaeDecoder> {
         let Some(&inner) = channels.last() else {
             candle_core::bail!("a VAE without levels");
         };
-        let post_quant = Conv2d::new(vb.pp("post_quant_conv"), (latent, latent, 1), 1, 0)?;
+        let post_quant = Conv2d::new(vb.pp("post_quant_conv"), (latent, latent, 1), 1, 0, p)?;
         let vb = vb.pp("decoder");
-        let conv_in = Conv2d::new(vb.pp("conv_in"), (latent, inner, 3), 1, 1)?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), (latent, inner, 3), 1, 1, p)?;
         let m = vb.pp("mid_block");
         let attention = AttentionBlockConfig {
             num_head_channels: None,
@@ -51,9 +57,9 @@ impl VaeDecoder {
             eps: EPS,
         };
         let mid = (
-            Resnet::new(m.pp("resnets").pp(0), inner, inner, None, EPS)?,
+            Resnet::new(m.pp("resnets").pp(0), inner, inner, None, EPS, p)?,
             AttentionBlock::new(m.pp("attentions").pp(0), inner, attention)?,
-            Resnet::new(m.pp("resnets").pp(1), inner, inner, None, EPS)?,
+            Resnet::new(m.pp("resnets").pp(1), inner, inner, None, EPS, p)?,
         );
         let n = channels.len();
         let mut levels = Vec::with_capacity(n);
@@ -63,11 +69,11 @@ impl VaeDecoder {
             let resnets = (0..3)
                 .map(|j| {
                     let c_in = if j == 0 { width } else { out };
-                    Resnet::new(vb.pp("resnets").pp(j), c_in, out, None, EPS)
+                    Resnet::new(vb.pp("resnets").pp(j), c_in, out, None, EPS, p)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampler = match i + 1 < n {
-                true => Some(Upsampler::new(vb.pp("upsamplers").pp(0), out)?),
+                true => Some(Upsampler::new(vb.pp("upsamplers").pp(0), out, p)?),
                 false => None,
             };
             levels.push(Level { resnets, upsampler });
@@ -79,7 +85,7 @@ impl VaeDecoder {
             mid,
             levels,
             norm_out: Norm::new(vb.pp("conv_norm_out"), GROUPS, channels[0], EPS, true)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), (channels[0], 3, 3), 1, 1)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), (channels[0], 3, 3), 1, 1, p)?,
         })
     }
 

@@ -297,8 +297,9 @@ impl RunCx<'_> {
     pub(crate) fn models_for(
         &self,
         input: &Input,
-        components: &crate::gen::job::Components,
+        job: &crate::gen::job::Job,
     ) -> Result<(Arc<Models>, String, String)> {
+        let components = &job.components;
         let (content, autov2) = match input {
             Input::Model(m) => {
                 let h = self.store.memo.hashes(self.model_path(m))?.0;
@@ -310,7 +311,7 @@ impl RunCx<'_> {
             }
         };
         let name = input.name().to_string();
-        let loaded = format!("{content}+{}", components.key());
+        let loaded = format!("{content}+{}+{:?}", components.key(), job.precision);
         let mut slot = self.generation.models.lock().expect("models lock");
         if let Some((k, m)) = slot.as_ref() {
             if *k == loaded {
@@ -324,7 +325,7 @@ impl RunCx<'_> {
                 .store
                 .open_result(&content, &PathBuf::from(format!("{n}.safetensors")))?,
         };
-        let mut models = Models::load_on(Arc::new(ck), components, self.run.device)?;
+        let mut models = Models::load_on(Arc::new(ck), components, self.run.device, job.precision)?;
         let id = match input {
             // The file's content names its text encoders (with the components).
             Input::Model(_) => Some(loaded.clone()),

@@ -10,6 +10,7 @@ use crate::common::layout_table;
 use mergesmith::arch::names::{map_key, Part, WeightMap};
 use mergesmith::arch::{layout, Family};
 use mergesmith::checkpoint::Checkpoint;
+use mergesmith::gen::bf16::Precision;
 
 /// A header-only checkpoint of a layout's keys.
 fn layout_ck(keys: &[(String, Vec<usize>)]) -> Checkpoint {
@@ -1550,7 +1551,9 @@ fn our_unet_reads_its_shape_and_loads_every_unet_tensor_of_each_family() {
         assert_eq!((config.layers_per_block, config.latent_channels), (2, 4));
         // Every mapped U-Net tensor is asked for, with its shape (unlike candle's own U-Net,
         // which leaves SDXL's added conditioning out).
-        let left = unasked(&keys, Part::Unet, |vb| Unet::new(vb, config).map(|_| ()));
+        let left = unasked(&keys, Part::Unet, |vb| {
+            Unet::new(vb, config, Precision::F32).map(|_| ())
+        });
         assert!(left.is_empty(), "{family:?}: {left:?}");
     }
 }
@@ -1620,7 +1623,7 @@ fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() 
             xl.then_some(32),
         )
         .unwrap();
-        let ours = Unet::new(vb.clone(), config.clone()).unwrap();
+        let ours = Unet::new(vb.clone(), config.clone(), Precision::F32).unwrap();
         let l = &config.levels;
         let mut channels = [0; 4];
         let mut transformers = [None; 4];
@@ -1669,6 +1672,7 @@ fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() 
         let real = Unet::new(
             candle_nn::VarBuilder::from_tensors(unet_tensors(&ck, &[]), DType::F32, &dev),
             config,
+            Precision::F32,
         )
         .unwrap();
         let got = real
@@ -2067,6 +2071,147 @@ fn images_are_the_same_bytes_whatever_the_thread_count() {
         std::fs::read(out).unwrap()
     };
     assert_eq!(run("1"), run("4"));
+}
+
+/// An 8-bit RGB(A) PNG's samples.
+fn png_samples(bytes: &[u8]) -> Vec<u8> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+#[test]
+fn bf16_images_stay_near_f32_have_their_own_key_and_do_not_depend_on_threads() {
+    if !mergesmith::gen::bf16::available() {
+        eprintln!("skipped: this CPU has no AMX (precision bf16 is an error there)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tok) = small_model_of(Family::builtin("sd1"), dir.path(), 4);
+    let run = |threads: &str, precision: &str| {
+        let out = dir.path().join(format!("t{threads}-{precision}.png"));
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_mergesmith"))
+            .args(["gen", "-m", model.to_str().unwrap(), "-p", "a cat"])
+            .args(["--steps", "2", "--width", "64", "--height", "64"])
+            .args(["--precision", precision, "--json"])
+            .args([
+                "--tokenizer",
+                tok.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .env("RAYON_NUM_THREADS", threads)
+            .env("MERGESMITH_CACHE", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let bf16 = run("1", "bf16");
+    assert_eq!(bf16, run("3", "bf16"));
+    let f32 = run("2", "f32");
+    let (a, b) = (png_samples(&bf16), png_samples(&f32));
+    assert_eq!(a.len(), b.len());
+    // bf16 operands round to 8 bits of mantissa. The small random model amplifies that more
+    // than a trained one (measured: max 20/255, mean 1.9/255), but a mis-wired product gives
+    // noise (mean ~60/255); the pixels do move (the bf16 kernels ran), and the key differs.
+    let diffs: Vec<i32> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (*x as i32 - *y as i32).abs())
+        .collect();
+    let (max, mean) = (
+        *diffs.iter().max().unwrap(),
+        diffs.iter().sum::<i32>() as f64 / diffs.len() as f64,
+    );
+    assert!(max > 0 && max <= 40 && mean < 4.0, "max {max}, mean {mean}");
+    let key = |png: &[u8]| {
+        let chunks = mergesmith::gen::png::read_text(png).unwrap();
+        chunks
+            .into_iter()
+            .find(|(k, _)| k == "mergesmith")
+            .unwrap()
+            .1
+    };
+    assert_ne!(key(&bf16), key(&f32));
+}
+
+#[test]
+fn bf16_unet_and_vae_decoder_stay_near_f32() {
+    use candle_core::{DType, Device, Tensor};
+    use mergesmith::gen::unet::{Unet, UnetConfig};
+    use mergesmith::gen::vae::VaeDecoder;
+    if !mergesmith::gen::bf16::available() {
+        eprintln!("skipped: this CPU has no AMX");
+        return;
+    }
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::builtin("sd1"), Family::builtin("sdxl")] {
+        let (model, _) = small_model_of(family, dir.path(), 12);
+        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+        let xl = family == Family::builtin("sdxl");
+        let tensors = unet_tensors(&ck, &[]);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+        let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+        let config = UnetConfig::read(shape, xl.then_some(64), xl.then_some(32)).unwrap();
+        let f32 = Unet::new(vb.clone(), config.clone(), Precision::F32).unwrap();
+        let bf16 = Unet::new(vb, config.clone(), Precision::Bf16).unwrap();
+        // Fixed inputs: sin of the element index.
+        let fixed = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (x, ctx, pooled) = (
+            fixed(&[2, 4, 8, 8]),
+            fixed(&[2, 77, config.context]),
+            fixed(&[2, 32]),
+        );
+        let ids = Tensor::new(&[[64f32, 64., 0., 0., 64., 64.]; 2], &dev).unwrap();
+        let added = xl.then_some((&pooled, &ids));
+        let a = f32.forward(&x, 500., &ctx, added).unwrap();
+        let b = bf16.forward(&x, 500., &ctx, added).unwrap();
+        let scale = max_abs_diff(&a, &a.zeros_like().unwrap());
+        let diff = max_abs_diff(&a, &b);
+        // Each product's operands carry bf16's relative rounding of 2^-9 (0.2 %). Through the
+        // small random U-Net the output moves by a few % of its scale: SD1 < 3 %; SDXL up to
+        // ~9 % with random inputs, its random attention logits being large enough that
+        // softmax nearly picks one key, so rounding can flip which. A mis-packed operand (a
+        // wrong pair order, a transposed tile) gives O(scale); no difference at all would mean
+        // the bf16 kernels did not run. Each kernel has its own f64 reference (gen::bf16,
+        // gen::conv, gen::blocks).
+        let bound = if xl { 0.15 } else { 0.05 };
+        assert!(
+            diff > 0.0 && diff <= bound * scale,
+            "{family:?}: {diff} of {scale}"
+        );
+    }
+    // The VAE decoder likewise, on an odd latent size (every edge block of the products).
+    use mergesmith::gen::weights::CheckpointWeights;
+    let (model, _) = small_model_of(Family::builtin("sd1"), &dir.path().join("vae"), 13);
+    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+    let map = std::sync::Arc::new(WeightMap::of(&ck));
+    let vb =
+        || CheckpointWeights::new(ck.clone(), map.clone(), Part::Vae).var_builder(DType::F32, &dev);
+    let v0 = vb()
+        .get_unchecked("decoder.conv_norm_out.weight")
+        .unwrap()
+        .dim(0)
+        .unwrap();
+    let channels = [v0, 2 * v0, 4 * v0, 4 * v0];
+    let f32 = VaeDecoder::new(vb(), &channels, 4, Precision::F32).unwrap();
+    let bf16 = VaeDecoder::new(vb(), &channels, 4, Precision::Bf16).unwrap();
+    let z: Vec<f32> = (0..4 * 5 * 7).map(|i| (i as f32 * 0.37).sin()).collect();
+    let z = Tensor::from_vec(z, (1, 4, 5, 7), &dev).unwrap();
+    let (a, b) = (f32.decode(&z).unwrap(), bf16.decode(&z).unwrap());
+    let scale = max_abs_diff(&a, &a.zeros_like().unwrap());
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff > 0.0 && diff <= 6e-2 * scale, "VAE: {diff} of {scale}");
 }
 
 #[test]
@@ -2471,7 +2616,7 @@ fn our_vae_decoder_matches_candles() {
         .dim(0)
         .unwrap();
     let channels = [v0, 2 * v0, 4 * v0, 4 * v0];
-    let ours = VaeDecoder::new(vb(), &channels, 4).unwrap();
+    let ours = VaeDecoder::new(vb(), &channels, 4, Precision::F32).unwrap();
     let config = AutoEncoderKLConfig {
         block_out_channels: channels.to_vec(),
         layers_per_block: 2,

@@ -405,7 +405,13 @@ fn a_bare_transformer_with_text_encoder_and_vae_files_makes_the_all_in_one_image
     };
     let with = |c: &Components| {
         let ck = Arc::new(Checkpoint::open(&bare).unwrap());
-        Models::load_with(ck, c, &candle_core::Device::Cpu, candle_core::DType::F32)
+        Models::load_with(
+            ck,
+            c,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+            mergesmith::gen::bf16::Precision::F32,
+        )
     };
     let got = with(&components)
         .unwrap()
