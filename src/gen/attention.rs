@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{LayerNorm, VarBuilder};
 use rayon::prelude::*;
 
-use crate::gen::bf16::{self, Lhs, Precision, Rhs};
+use crate::gen::bf16::{self, Lhs, Precision, Rhs, Start};
 use crate::gen::blocks::{linear, Conv2d, Linear, GROUPS};
 use crate::gen::cpu::{f32_slice, vectorized, with_scratch, SharedOut};
 use crate::gen::norm::Norm;
@@ -68,12 +68,17 @@ impl CustomOp3 for Attend {
         let d = width / heads;
         let scale = 1.0 / (d as f32).sqrt();
         let blocks = nq.div_ceil(QUERY_BLOCK);
-        let mut out = vec![0f32; b * nq * width];
-        let dst = SharedOut::new(&mut out);
         if self.bf16 {
-            self.bf16_blocks((q, k, v), (b, nq, nk, width), dst);
+            let mut out = Vec::with_capacity(b * nq * width);
+            // SAFETY: the blocks write every output (each head's columns of each query).
+            unsafe {
+                self.bf16_blocks((q, k, v), (b, nq, nk, width), SharedOut::spare(&mut out));
+                out.set_len(b * nq * width);
+            }
             return Ok((CpuStorage::F32(out), Shape::from((b, nq, width))));
         }
+        let mut out = vec![0f32; b * nq * width];
+        let dst = SharedOut::new(&mut out);
         (0..b * heads * blocks).into_par_iter().for_each(|job| {
             let (bh, block) = (job / blocks, job % blocks);
             let (batch, head) = (bh / heads, bh % heads);
@@ -145,8 +150,11 @@ impl CustomOp3 for Attend {
 impl Attend {
     /// [`Attend`]'s blocks with bf16 products: each head's keys and values packed once, then
     /// per block of queries the scores from one product, scaled and softmaxed in f32, and the
-    /// output rows from a second product added into `dst` (zeros).
-    fn bf16_blocks(
+    /// output rows from a second product written into `dst`.
+    ///
+    /// # Safety
+    /// `dst` must have room for `b · nq · width` f32 that nothing else accesses.
+    unsafe fn bf16_blocks(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
         (b, nq, nk, width): (usize, usize, usize, usize),
@@ -180,24 +188,53 @@ impl Attend {
                 // SAFETY: `s` is `rows × nk` (written over); the output rows `r0..r0 + rows` of
                 // batch `batch`, columns `head · d ..+ d` (row stride `width`) are this
                 // block's alone. Attend runs bf16 only where AMX is available.
-                unsafe { bf16::product(&lhs, keys, SharedOut::new(s), nk, false) };
-                for row in s.chunks_exact_mut(nk) {
-                    scale_by(row, scale);
-                    softmax(row);
+                unsafe { bf16::product(&lhs, keys, SharedOut::new(s), nk, Start::Zero) };
+                // Softmax's numerators go into the packed operand; the output rows are divided
+                // by their sums afterwards (d values a row instead of nk).
+                let (p, inverse) = Lhs::pack_map(s, rows, nk, nk, |row, out| {
+                    let mut sum = 0.0;
+                    numerators(row, out, scale, &mut sum);
+                    1.0 / sum
+                });
+                let out = dst.offset(at);
+                unsafe {
+                    bf16::product(&p, values, out, width, Start::Zero);
+                    for (r, &inv) in inverse.iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(out.ptr().add(r * width), d);
+                        row.iter_mut().for_each(|v| *v *= inv);
+                    }
                 }
-                let p = Lhs::pack(s, rows, nk, nk);
-                unsafe { bf16::product(&p, values, dst.offset(at), width, false) };
             });
         });
     }
 }
 
 vectorized! {
-    /// `x ← x · by` for every element.
-    fn scale_by(x: &mut [f32], by: f32) {
-        for v in x.iter_mut() {
-            *v *= by;
+    /// Softmax's numerators of `scale · row`, `out = e^(scale · (row − max))`, and their
+    /// `sum`: the maximum and the sum over 16 lanes, as [`softmax`].
+    fn numerators(row: &[f32], out: &mut [f32], scale: f32, sum: &mut f32) {
+        const LANES: usize = 16;
+        let split = row.len() / LANES * LANES;
+        let mut max = [f32::NEG_INFINITY; LANES];
+        for chunk in row[..split].chunks_exact(LANES) {
+            for (m, &v) in max.iter_mut().zip(chunk) {
+                *m = m.max(v);
+            }
         }
+        let max = max.iter().chain(&row[split..]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; LANES];
+        for (o, r) in out[..split].chunks_exact_mut(LANES).zip(row[..split].chunks_exact(LANES)) {
+            for ((s, o), &v) in lanes.iter_mut().zip(o).zip(r) {
+                *o = exp(scale * (v - max));
+                *s += *o;
+            }
+        }
+        let mut total = lanes.iter().sum::<f32>();
+        for (o, &v) in out[split..].iter_mut().zip(&row[split..]) {
+            *o = exp(scale * (v - max));
+            total += *o;
+        }
+        *sum = total;
     }
 }
 

@@ -201,17 +201,52 @@ pub struct Lhs {
 impl Lhs {
     /// Packs `rows` rows of `k` values, row `r` being `src[r · stride ..][..k]`.
     pub fn pack(src: &[f32], rows: usize, k: usize, stride: usize) -> Lhs {
+        let row = |r: usize| &src[r * stride..r * stride + k];
+        Self::build(rows, k, |r, band, rr| {
+            lhs_row(band, rr, row(r));
+            0.0
+        })
+        .0
+    }
+
+    /// Packs `rows` rows of `k` values, row `r` being what `map(src[r · stride ..][..k], out)`
+    /// writes into `out` (every element); returns the operand and what `map` returned for
+    /// each row.
+    pub fn pack_map(
+        src: &[f32],
+        rows: usize,
+        k: usize,
+        stride: usize,
+        map: impl Fn(&[f32], &mut [f32]) -> f32 + Sync,
+    ) -> (Lhs, Vec<f32>) {
+        Self::build(rows, k, |r, band, rr| {
+            with_scratch(k, |out| {
+                let kept = map(&src[r * stride..r * stride + k], out);
+                lhs_row(band, rr, out);
+                kept
+            })
+        })
+    }
+
+    /// Packs `rows` rows of `k` values, `each(r, band, rr)` writing row `r` as row `rr` of its
+    /// 16-row band and returning a value kept per row.
+    fn build(
+        rows: usize,
+        k: usize,
+        each: impl Fn(usize, &mut [u32], usize) -> f32 + Sync,
+    ) -> (Lhs, Vec<f32>) {
         let kp = k.next_multiple_of(TILE_K);
         let rows_p = rows.next_multiple_of(BLOCK);
         let mut data = Pairs::reused(rows_p * kp / 2);
+        let mut kept = vec![0f32; rows_p];
         data.0
             .par_chunks_mut(TILE_ROWS * kp / 2)
+            .zip(kept.par_chunks_mut(TILE_ROWS))
             .enumerate()
-            .for_each(|(blk, band)| {
+            .for_each(|(blk, (band, kept))| {
                 let valid = TILE_ROWS.min(rows.saturating_sub(blk * TILE_ROWS));
-                for rr in 0..valid {
-                    let r = blk * TILE_ROWS + rr;
-                    lhs_row(band, rr, &src[r * stride..r * stride + k]);
+                for (rr, kept) in kept.iter_mut().enumerate().take(valid) {
+                    *kept = each(blk * TILE_ROWS + rr, band, rr);
                 }
                 if valid < TILE_ROWS {
                     // Padding rows.
@@ -220,7 +255,8 @@ impl Lhs {
                     }
                 }
             });
-        Lhs { data, rows, k, kp }
+        kept.truncate(rows);
+        (Lhs { data, rows, k, kp }, kept)
     }
 
     /// Rows.
@@ -288,8 +324,8 @@ impl Rhs {
         })
     }
 
-    /// Packs `k` rows of `cols` values that `fill(r, row)` writes into `row` (zeros), two
-    /// rows at a time: an im2col tile without the tile.
+    /// Packs `k` rows of `cols` values that `fill(r, row)` writes into `row` (every element),
+    /// two rows at a time: an im2col tile without the tile.
     pub fn pack_row_pairs(k: usize, cols: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Rhs {
         let kp = k.next_multiple_of(TILE_K);
         let cols_p = cols.next_multiple_of(BLOCK);
@@ -301,11 +337,10 @@ impl Rhs {
         with_scratch(2 * cols, |rows| {
             let (lo, hi) = rows.split_at_mut(cols);
             for i in 0..k.div_ceil(2) {
-                lo.fill(0.0);
-                hi.fill(0.0);
                 fill(2 * i, lo);
-                if 2 * i + 1 < k {
-                    fill(2 * i + 1, hi);
+                match 2 * i + 1 < k {
+                    true => fill(2 * i + 1, hi),
+                    false => hi.fill(0.0),
                 }
                 interleave(&mut data.0, kp, i, lo, hi);
             }
@@ -380,19 +415,69 @@ crate::gen::cpu::vectorized! {
     }
 }
 
-/// `c[r · ldc + j] (+)= Σ_kk a[r, kk] · b[kk, j]` for `r < a.rows()`, `j < b.cols()`, on AMX:
-/// added to what `c` holds when `accumulate`, else written over it. Blocks of the output run
-/// in parallel; each block's sum is made on one thread.
+/// A bias per output row (a convolution's per output channel) as [`product`] starts a block
+/// from: each value repeated across one tile row (rows padded to a multiple of 32).
+#[derive(Debug, Clone)]
+pub struct RowBias(Vec<f32>);
+
+impl RowBias {
+    /// The table of `bias`.
+    pub fn new(bias: &[f32]) -> RowBias {
+        let mut t = vec![0f32; bias.len().next_multiple_of(BLOCK) * TILE_ROWS];
+        for (row, &b) in t.chunks_exact_mut(TILE_ROWS).zip(bias) {
+            row.fill(b);
+        }
+        RowBias(t)
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.0.len() / TILE_ROWS
+    }
+}
+
+/// A bias per output column (a linear layer's per output feature), padded to a multiple of 32.
+#[derive(Debug, Clone)]
+pub struct ColBias(Vec<f32>);
+
+impl ColBias {
+    /// The padded `bias`.
+    pub fn new(bias: &[f32]) -> ColBias {
+        let mut t = bias.to_vec();
+        t.resize(bias.len().next_multiple_of(BLOCK), 0.0);
+        ColBias(t)
+    }
+}
+
+/// Where [`product`]'s sums start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// From zero: the output may hold anything, even be uninitialised.
+    Zero,
+    /// From a bias per row (the output may be uninitialised).
+    Rows(&'a RowBias),
+    /// From a bias per column (the output may be uninitialised).
+    Cols(&'a ColBias),
+}
+
+/// `c[r · ldc + j] = start + Σ_kk a[r, kk] · b[kk, j]` for `r < a.rows()`, `j < b.cols()`, on
+/// AMX, the sums starting where `start` says. Blocks of the output run in parallel; each
+/// block's sum is made on one thread. Every element of the output is written.
 ///
 /// # Safety
 /// `c` must point at `a.rows()` rows of `ldc ≥ b.cols()` f32 that nothing else accesses
-/// during the call, and [`available`] must be true.
-pub(crate) unsafe fn product(a: &Lhs, b: &Rhs, c: SharedOut, ldc: usize, accumulate: bool) {
+/// during the call (it may be uninitialised), and [`available`] must be true.
+pub(crate) unsafe fn product(a: &Lhs, b: &Rhs, c: SharedOut, ldc: usize, start: Start) {
     assert_eq!(a.k, b.k, "bf16 product: operands of different inner sizes");
     assert!(
         ldc >= b.cols,
         "bf16 product: output rows narrower than the operand"
     );
+    match start {
+        Start::Rows(t) => assert!(t.rows() >= a.rows, "bf16 product: a short row bias"),
+        Start::Cols(t) => assert!(t.0.len() >= b.cols, "bf16 product: a short column bias"),
+        Start::Zero => {}
+    }
     let (row_blocks, col_blocks) = (a.rows.div_ceil(BLOCK), b.cols.div_ceil(BLOCK));
     if row_blocks == 0 || col_blocks == 0 {
         return;
@@ -407,22 +492,32 @@ pub(crate) unsafe fn product(a: &Lhs, b: &Rhs, c: SharedOut, ldc: usize, accumul
             let b_at = b.data.0.as_ptr().add(c0 * b.kp / 2);
             let (rows, cols) = (BLOCK.min(a.rows - r0), BLOCK.min(b.cols - c0));
             let out = c.ptr().add(r0 * ldc + c0);
-            if rows == BLOCK && cols == BLOCK {
-                amx::block(a_at, b_at, out, ldc, a.kp, accumulate);
-                return;
-            }
-            // An edge block: through a full-size buffer.
-            let mut buf = [0f32; BLOCK * BLOCK];
-            for r in (0..rows).filter(|_| accumulate) {
-                std::ptr::copy_nonoverlapping(
-                    out.add(r * ldc),
-                    buf.as_mut_ptr().add(r * BLOCK),
-                    cols,
-                );
-            }
-            amx::block(a_at, b_at, buf.as_mut_ptr(), BLOCK, a.kp, true);
-            for r in 0..rows {
-                std::ptr::copy_nonoverlapping(buf.as_ptr().add(r * BLOCK), out.add(r * ldc), cols);
+            let full = rows == BLOCK && cols == BLOCK;
+            // An edge block goes through a full-size buffer (which the block writes in full).
+            let mut buf = std::mem::MaybeUninit::<[f32; BLOCK * BLOCK]>::uninit();
+            let (dst, ld) = match full {
+                true => (out, ldc),
+                false => (buf.as_mut_ptr() as *mut f32, BLOCK),
+            };
+            let init = match start {
+                Start::Zero => amx::Init::Zero,
+                Start::Rows(t) => {
+                    let (top, bottom) = (
+                        t.0.as_ptr().add(r0 * TILE_ROWS),
+                        t.0.as_ptr().add((r0 + TILE_ROWS) * TILE_ROWS),
+                    );
+                    amx::Init::Load([top, top, bottom, bottom], TILE_ROWS)
+                }
+                Start::Cols(t) => {
+                    let (left, right) = (t.0.as_ptr().add(c0), t.0.as_ptr().add(c0 + TILE_ROWS));
+                    amx::Init::Load([left, right, left, right], 0)
+                }
+            };
+            amx::block(a_at, b_at, (dst, ld), a.kp, init);
+            if !full {
+                for r in 0..rows {
+                    std::ptr::copy_nonoverlapping(dst.add(r * BLOCK), out.add(r * ldc), cols);
+                }
             }
         });
 }
@@ -460,38 +555,44 @@ mod amx {
         CONFIGURED.set(true);
     }
 
-    /// `c[32 × 32] (row stride ldc) (+)= A[32 rows at a] · B[32 columns at b]` over `kp`:
-    /// added to `c` when `accumulate`, else written over it.
+    /// How a block's four accumulator tiles start.
+    pub(super) enum Init {
+        /// At zero.
+        Zero,
+        /// Loaded from four places with one row stride in f32 (0: one row repeated).
+        Load([*const f32; 4], usize),
+    }
+
+    /// `c[32 × 32] = init + A[32 rows at a] · B[32 columns at b]` over `kp`, `c` given with
+    /// its row stride in f32.
     pub(super) unsafe fn block(
         a: *const u32,
         b: *const u32,
-        c: *mut f32,
-        ldc: usize,
+        (c, ldc): (*mut f32, usize),
         kp: usize,
-        accumulate: bool,
+        init: Init,
     ) {
         configure();
-        let sc = ldc * 4;
-        let half = TILE_ROWS * ldc;
-        if !accumulate {
-            asm!(
+        match init {
+            Init::Zero => asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
                 options(nostack, nomem)
-            );
-        } else {
-            asm!(
-            "tileloadd tmm0, [{c} + {s}*1]",
-            "tileloadd tmm1, [{c1} + {s}*1]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c3} + {s}*1]",
-            c = in(reg) c, c1 = in(reg) c.add(TILE_ROWS), c2 = in(reg) c.add(half),
-            c3 = in(reg) c.add(half + TILE_ROWS), s = in(reg) sc,
-            options(nostack, readonly)
-            );
+            ),
+            Init::Load([t0, t1, t2, t3], stride) => asm!(
+                "tileloadd tmm0, [{t0} + {s}*1]",
+                "tileloadd tmm1, [{t1} + {s}*1]",
+                "tileloadd tmm2, [{t2} + {s}*1]",
+                "tileloadd tmm3, [{t3} + {s}*1]",
+                t0 = in(reg) t0, t1 = in(reg) t1, t2 = in(reg) t2, t3 = in(reg) t3,
+                s = in(reg) stride * 4,
+                options(nostack, readonly)
+            ),
         }
+        let sc = ldc * 4;
+        let half = TILE_ROWS * ldc;
         // Pairs: a 16-row band of either operand is `16 · kp / 2`, a tile 256.
         let (a1, b1) = (a.add(TILE_ROWS * kp / 2), b.add(TILE_ROWS * kp / 2));
         let mut k = 0;
@@ -591,21 +692,38 @@ mod tests {
         .enumerate()
         {
             let seed = 10 * i as u32;
-            let (a, b, mut c) = (
+            let (a, b, rows, cols) = (
                 values(m * k, seed, 1.0),
                 values(k * n, seed + 1, 1.0),
-                values(m * n, seed + 2, 1.0),
+                values(m, seed + 2, 1.0),
+                values(n, seed + 3, 1.0),
             );
-            let want = reference(&a, &b, &c, (m, k, n));
             let (lhs, rhs) = (Lhs::pack(&a, m, k, k), Rhs::pack_rows(&b, k, n, n));
-            // SAFETY: `c` is `m × n`, AMX is available.
-            unsafe { product(&lhs, &rhs, SharedOut::new(&mut c), n, true) };
-            // f32 accumulation of ≤ 300 exact products of size ≤ 1: 1e-4 absolute.
-            for (j, (g, w)) in c.iter().zip(&want).enumerate() {
-                assert!(
-                    (*g as f64 - w).abs() < 1e-4,
-                    "case {i} value {j}: {g} vs {w}"
-                );
+            let (row_bias, col_bias) = (RowBias::new(&rows), ColBias::new(&cols));
+            // Each start, into an output holding garbage: the sums start from zero, a bias
+            // per row or a bias per column.
+            let garbage = values(m * n, seed + 4, 9.0);
+            for (s, start) in [Start::Zero, Start::Rows(&row_bias), Start::Cols(&col_bias)]
+                .into_iter()
+                .enumerate()
+            {
+                let init: Vec<f32> = match start {
+                    Start::Zero => vec![0.0; m * n],
+                    Start::Rows(_) => (0..m * n).map(|x| rows[x / n]).collect(),
+                    Start::Cols(_) => (0..m * n).map(|x| cols[x % n]).collect(),
+                };
+                let want = reference(&a, &b, &init, (m, k, n));
+                let mut c = garbage.clone();
+                // SAFETY: `c` is `m × n`, AMX is available.
+                unsafe { product(&lhs, &rhs, SharedOut::new(&mut c), n, start) };
+                // f32 accumulation of ≤ 300 exact products of size ≤ 1: 1e-4 absolute (a
+                // start of size ≤ 9: 2e-4).
+                for (j, (g, w)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 2e-4,
+                        "case {i} start {s} value {j}: {g} vs {w}"
+                    );
+                }
             }
             // The transposed packing gives the same operand.
             let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
@@ -630,7 +748,7 @@ mod tests {
                 let mut c = vec![0f32; m * n];
                 let (lhs, rhs) = (Lhs::pack(&a, m, k, k), Rhs::pack_rows(&b, k, n, n));
                 // SAFETY: as above.
-                unsafe { product(&lhs, &rhs, SharedOut::new(&mut c), n, true) };
+                unsafe { product(&lhs, &rhs, SharedOut::new(&mut c), n, Start::Zero) };
                 c
             })
         };

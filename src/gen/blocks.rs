@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::gen::bf16::{self, Lhs, Precision, Rhs};
+use crate::gen::bf16::{self, ColBias, Lhs, Precision, Rhs, Start};
 use crate::gen::conv::{Conv, ConvBf16};
 use crate::gen::cpu::{f32_slice, SharedOut};
 use crate::gen::norm::Norm;
@@ -38,13 +38,14 @@ impl Conv2d {
         precision: Precision,
     ) -> Result<Conv2d> {
         let weight = vb.get((c_out, c_in, k, k), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
         let conv = Conv { stride, padding };
         Ok(Conv2d {
             kernel: match precision {
                 Precision::F32 => ConvKernel::F32(weight, conv),
-                Precision::Bf16 => ConvKernel::Bf16(ConvBf16::new(conv, &weight)?),
+                Precision::Bf16 => ConvKernel::Bf16(ConvBf16::new(conv, &weight, &bias)?),
             },
-            bias: vb.get(c_out, "bias")?,
+            bias,
         })
     }
 }
@@ -52,7 +53,7 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (weight, conv) = match &self.kernel {
-            ConvKernel::Bf16(op) => return op.forward(&x.contiguous()?, &self.bias),
+            ConvKernel::Bf16(op) => return op.forward(&x.contiguous()?),
             ConvKernel::F32(weight, conv) => (weight, conv),
         };
         if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
@@ -90,7 +91,7 @@ pub fn linear(
         Precision::Bf16 => {
             let w = layer.weight().flatten_all()?.to_vec1::<f32>()?;
             let bias = match layer.bias() {
-                Some(b) => Some(b.to_vec1::<f32>()?),
+                Some(b) => Some(ColBias::new(&b.to_vec1::<f32>()?)),
                 None => None,
             };
             Linear::Bf16(LinearBf16 {
@@ -114,7 +115,7 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub struct LinearBf16 {
     weight: Arc<Rhs>,
-    bias: Option<Arc<Vec<f32>>>,
+    bias: Option<Arc<ColBias>>,
 }
 
 impl CustomOp1 for LinearBf16 {
@@ -133,13 +134,24 @@ impl CustomOp1 for LinearBf16 {
             *last = output;
         }
         let rows = x.len() / input.max(1);
-        let mut out = match &self.bias {
-            Some(b) => b.iter().copied().cycle().take(rows * output).collect(),
-            None => vec![0f32; rows * output],
+        let start = match &self.bias {
+            Some(b) => Start::Cols(b),
+            None => Start::Zero,
         };
         let lhs = Lhs::pack(x, rows, input, input);
-        // SAFETY: `out` is `rows × output`; bf16 layers exist only where AMX is available.
-        unsafe { bf16::product(&lhs, &self.weight, SharedOut::new(&mut out), output, true) };
+        let mut out = Vec::with_capacity(rows * output);
+        // SAFETY: `out` has room for `rows × output`, which the product writes in full; bf16
+        // layers exist only where AMX is available.
+        unsafe {
+            bf16::product(
+                &lhs,
+                &self.weight,
+                SharedOut::spare(&mut out),
+                output,
+                start,
+            );
+            out.set_len(rows * output);
+        }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gen::bf16::{self, Lhs, Rhs};
+use crate::gen::bf16::{self, Lhs, Rhs, RowBias, Start};
 use crate::gen::cpu::{f32_slice, with_scratch, SharedOut};
 
 /// The im2col tile's size (`K × pixels` f32), at most: whole output rows up to 8 MiB, so the
@@ -68,16 +68,17 @@ impl CustomOp3 for Conv {
             f32_slice(ws, wl, "conv", "weight")?,
             f32_slice(bs, bl, "conv", "bias")?,
         );
-        let (out, shape) = self.run(x, (n, c_in, h, w), Weight::F32(weight), kh, bias)?;
+        let (out, shape) = self.run(x, (n, c_in, h, w), Weight::F32(weight, bias), kh)?;
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
-/// A convolution's weight `[c_out, c_in · k · k]`: f32 values or packed for bf16 products.
+/// A convolution's weight `[c_out, c_in · k · k]` and bias: f32 values, or packed for bf16
+/// products with the bias as their starting table.
 #[derive(Clone, Copy)]
 enum Weight<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a Lhs),
+    F32(&'a [f32], &'a [f32]),
+    Bf16(&'a Lhs, &'a RowBias),
 }
 
 impl Conv {
@@ -88,28 +89,31 @@ impl Conv {
         (n, c_in, h, w): (usize, usize, usize, usize),
         weight: Weight,
         kernel: usize,
-        bias: &[f32],
     ) -> Result<(Vec<f32>, Shape)> {
-        let (kh, kw, c_out) = (kernel, kernel, bias.len());
+        let c_out = match weight {
+            Weight::F32(_, bias) => bias.len(),
+            Weight::Bf16(lhs, _) => lhs.rows(),
+        };
+        let (kh, kw) = (kernel, kernel);
         let (s, p) = (self.stride.max(1), self.padding);
         if h + 2 * p < kh || w + 2 * p < kw {
             candle_core::bail!("conv: a {kh}x{kw} kernel does not fit a {h}x{w} input");
         }
         let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
         let (k, hw) = (c_in * kh * kw, oh * ow);
-        if let Weight::Bf16(lhs) = weight {
-            if lhs.rows() != c_out || lhs.k() != k {
-                candle_core::bail!(
-                    "conv: a packed weight of {}x{} for {c_out} outputs of {k} values",
-                    lhs.rows(),
-                    lhs.k()
-                );
+        if let Weight::Bf16(lhs, _) = weight {
+            if lhs.k() != k {
+                candle_core::bail!("conv: a packed weight of {} values for {k}", lhs.k());
             }
         }
+        // f32: the bias in every output, the products added onto it; bf16: the products start
+        // from the bias table and write every output.
         let mut out = Vec::with_capacity(n * c_out * hw);
-        for _ in 0..n {
-            for &b in bias {
-                out.extend(std::iter::repeat_n(b, hw));
+        if let Weight::F32(_, bias) = weight {
+            for _ in 0..n {
+                for &b in bias {
+                    out.extend(std::iter::repeat_n(b, hw));
+                }
             }
         }
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
@@ -119,7 +123,7 @@ impl Conv {
             false => (TILE_BYTES / 4 / k / ow).clamp(1, oh),
         };
         let bands = oh.div_ceil(rows);
-        let dst = SharedOut::new(&mut out);
+        let dst = SharedOut::spare(&mut out);
         let geometry = Geometry {
             c_in,
             h,
@@ -143,8 +147,8 @@ impl Conv {
             // side `[k, pixels]`, both with the strides given. bf16 weights exist only
             // where AMX is available.
             let weight = match weight {
-                Weight::F32(weight) => weight,
-                Weight::Bf16(lhs) => {
+                Weight::F32(weight, _) => weight,
+                Weight::Bf16(lhs, bias) => {
                     // The im2col rows go straight into the packed operand, two at a time.
                     let rhs = match direct {
                         true => Rhs::pack_rows(input, k, pixels, hw),
@@ -152,7 +156,7 @@ impl Conv {
                             geometry.im2col_row(input, y0, y1, r, row)
                         }),
                     };
-                    return unsafe { bf16::product(lhs, &rhs, at, hw, true) };
+                    return unsafe { bf16::product(lhs, &rhs, at, hw, Start::Rows(bias)) };
                 }
             };
             let product = |rhs: &[f32], rhs_rs: usize| unsafe {
@@ -182,63 +186,62 @@ impl Conv {
                 return product(input, hw);
             }
             with_scratch(k * pixels, |tile| {
-                tile.fill(0.0);
                 geometry.im2col(input, y0, y1, tile);
                 product(tile, pixels);
             });
         });
+        // SAFETY: the bands wrote every output (f32: it was initialised with the bias).
+        unsafe { out.set_len(n * c_out * hw) };
         Ok((out, Shape::from((n, c_out, oh, ow))))
     }
 }
 
-/// [`Conv`] with its weight packed for bf16 products ([`crate::gen::bf16`]): `x` and the
-/// bias f32 on the CPU.
+/// [`Conv`] with its weight and bias packed for bf16 products ([`crate::gen::bf16`]): `x`
+/// f32 on the CPU.
 #[derive(Debug, Clone)]
 pub struct ConvBf16 {
     /// The geometry.
     pub conv: Conv,
     /// The weight `[c_out, c_in · k · k]`.
     pub weight: Arc<Lhs>,
+    /// The bias, as the products' starting table.
+    pub bias: Arc<RowBias>,
     /// The kernel's size.
     pub kernel: usize,
 }
 
 impl ConvBf16 {
-    /// Packs `weight [c_out, c_in, k, k]` (f32 on the CPU).
-    pub fn new(conv: Conv, weight: &Tensor) -> Result<ConvBf16> {
+    /// Packs `weight [c_out, c_in, k, k]` and `bias [c_out]` (f32 on the CPU).
+    pub fn new(conv: Conv, weight: &Tensor, bias: &Tensor) -> Result<ConvBf16> {
         let (c_out, c_in, kernel, _) = weight.dims4()?;
         let k = c_in * kernel * kernel;
         let values = weight.flatten_all()?.to_vec1::<f32>()?;
+        let bias = bias.to_vec1::<f32>()?;
+        if bias.len() != c_out {
+            candle_core::bail!("conv: {} biases for {c_out} outputs", bias.len());
+        }
         Ok(ConvBf16 {
             conv,
             weight: Arc::new(Lhs::pack(&values, c_out, k, k)),
+            bias: Arc::new(RowBias::new(&bias)),
             kernel,
         })
     }
 
-    /// `x [n, c_in, h, w]` convolved, plus `bias [c_out]`.
-    pub fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        x.apply_op2_no_bwd(bias, self)
+    /// `x [n, c_in, h, w]` convolved, plus the bias.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.apply_op1_no_bwd(self)
     }
 }
 
-impl CustomOp2 for ConvBf16 {
+impl CustomOp1 for ConvBf16 {
     fn name(&self) -> &'static str {
         "mergesmith-conv2d-bf16"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = xl.shape().dims4()?;
-        let (x, bias) = (
-            f32_slice(xs, xl, "conv", "input")?,
-            f32_slice(bs, bl, "conv", "bias")?,
-        );
+        let x = f32_slice(xs, xl, "conv", "input")?;
         if self.weight.k() != dims.1 * self.kernel * self.kernel {
             candle_core::bail!(
                 "conv: input {:?} for a {}-value kernel",
@@ -246,8 +249,8 @@ impl CustomOp2 for ConvBf16 {
                 self.weight.k()
             );
         }
-        let weight = Weight::Bf16(&self.weight);
-        let (out, shape) = self.conv.run(x, dims, weight, self.kernel, bias)?;
+        let weight = Weight::Bf16(&self.weight, &self.bias);
+        let (out, shape) = self.conv.run(x, dims, weight, self.kernel)?;
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -265,8 +268,8 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Fills `tile` (`[c_in · kh · kw, (y1 - y0) · ow]`, zeroed) with the input patches of
-    /// output rows `y0..y1`: row `(c · kh + ky) · kw + kx`, column `(y - y0) · ow + ox` holds
+    /// Fills `tile` (`[c_in · kh · kw, (y1 - y0) · ow]`) with the input patches of output
+    /// rows `y0..y1`: row `(c · kh + ky) · kw + kx`, column `(y - y0) · ow + ox` holds
     /// `input[c, y · s + ky − p, ox · s + kx − p]`, zero outside the input.
     fn im2col(&self, input: &[f32], y0: usize, y1: usize, tile: &mut [f32]) {
         let pixels = (y1 - y0) * self.ow;
@@ -276,7 +279,8 @@ impl Geometry {
         }
     }
 
-    /// Row `r` of [`Self::im2col`]'s tile into `row` (zeroed).
+    /// Row `r` of [`Self::im2col`]'s tile into `row`, every element written (zeros outside
+    /// the input).
     fn im2col_row(&self, input: &[f32], y0: usize, y1: usize, r: usize, row: &mut [f32]) {
         let &Geometry {
             c_in: _,
@@ -291,18 +295,19 @@ impl Geometry {
         let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
         let plane = &input[c * h * w..(c + 1) * h * w];
         // Output columns whose input column `ox · s + kx − p` lies in `0..w`.
-        let first = p.saturating_sub(kx).div_ceil(s);
-        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
-        if first >= end {
-            return;
-        }
-        let start = first * s + kx - p;
+        let first = p.saturating_sub(kx).div_ceil(s).min(ow);
+        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow).max(first);
         for y in y0..y1 {
-            let Some(iy) = (y * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+            let dst = &mut row[(y - y0) * ow..(y - y0 + 1) * ow];
+            let iy = (y * s + ky).checked_sub(p).filter(|&iy| iy < h);
+            let Some(iy) = iy.filter(|_| first < end) else {
+                dst.fill(0.0);
                 continue;
             };
             let src = &plane[iy * w..(iy + 1) * w];
-            let dst = &mut row[(y - y0) * ow..(y - y0 + 1) * ow];
+            let start = first * s + kx - p;
+            dst[..first].fill(0.0);
+            dst[end..].fill(0.0);
             if s == 1 {
                 dst[first..end].copy_from_slice(&src[start..start + end - first]);
             } else {
@@ -450,7 +455,7 @@ mod tests {
                 stride: s,
                 padding: p,
             };
-            let got = flat(&ConvBf16::new(conv, &wt).unwrap().forward(&x, &b).unwrap());
+            let got = flat(&ConvBf16::new(conv, &wt, &b).unwrap().forward(&x).unwrap());
             let want = reference(&r(&xv), (n, c, h, w), &r(&wv), (o, k), &bv, s, p);
             assert_eq!(got.len(), want.len(), "case {i}");
             // f32 accumulation of ≤ 360 exact products of size ≤ 1: 2e-4 absolute.

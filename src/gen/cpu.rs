@@ -35,6 +35,12 @@ impl SharedOut {
         SharedOut(buf.as_mut_ptr())
     }
 
+    /// `v`'s buffer from its start, through its capacity: an empty `v`'s elements are then
+    /// written in full through it before its length is set.
+    pub(crate) fn spare(v: &mut Vec<f32>) -> SharedOut {
+        SharedOut(v.as_mut_ptr())
+    }
+
     /// The same buffer from element `n` on (the writes through it stay what make it safe).
     pub(crate) fn offset(self, n: usize) -> SharedOut {
         SharedOut(self.0.wrapping_add(n))
