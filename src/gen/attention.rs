@@ -193,7 +193,8 @@ impl Attend {
                 // by their sums afterwards (d values a row instead of nk).
                 let (p, inverse) = Lhs::pack_map(s, rows, nk, nk, |row, out| {
                     let mut sum = 0.0;
-                    numerators(row, out, scale, &mut sum);
+                    out.copy_from_slice(row);
+                    numerators(out, scale, &mut sum);
                     1.0 / sum
                 });
                 let out = dst.offset(at);
@@ -210,38 +211,10 @@ impl Attend {
 }
 
 vectorized! {
-    /// Softmax's numerators of `scale · row`, `out = e^(scale · (row − max))`, and their
-    /// `sum`: the maximum and the sum over 16 lanes, as [`softmax`].
-    fn numerators(row: &[f32], out: &mut [f32], scale: f32, sum: &mut f32) {
-        const LANES: usize = 16;
-        let split = row.len() / LANES * LANES;
-        let mut max = [f32::NEG_INFINITY; LANES];
-        for chunk in row[..split].chunks_exact(LANES) {
-            for (m, &v) in max.iter_mut().zip(chunk) {
-                *m = m.max(v);
-            }
-        }
-        let max = max.iter().chain(&row[split..]).copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut lanes = [0f32; LANES];
-        for (o, r) in out[..split].chunks_exact_mut(LANES).zip(row[..split].chunks_exact(LANES)) {
-            for ((s, o), &v) in lanes.iter_mut().zip(o).zip(r) {
-                *o = exp(scale * (v - max));
-                *s += *o;
-            }
-        }
-        let mut total = lanes.iter().sum::<f32>();
-        for (o, &v) in out[split..].iter_mut().zip(&row[split..]) {
-            *o = exp(scale * (v - max));
-            total += *o;
-        }
-        *sum = total;
-    }
-}
-
-vectorized! {
-    /// `row` replaced by its softmax: the maximum and the sum over 16 lanes (element `i` in
-    /// lane `i % 16`, lanes summed in order), so it vectorises and does not depend on the CPU.
-    fn softmax(row: &mut [f32]) {
+    /// `row ← e^(scale · (row − max))`, softmax's numerators of `scale · row`, and their `sum`:
+    /// the maximum and the sum over 16 lanes (element `i` in lane `i % 16`, lanes summed in
+    /// order), so it vectorises and does not depend on the CPU.
+    fn numerators(row: &mut [f32], scale: f32, sum: &mut f32) {
         const LANES: usize = 16;
         let (whole, tail) = row.split_at_mut(row.len() / LANES * LANES);
         let mut max = [f32::NEG_INFINITY; LANES];
@@ -251,20 +224,29 @@ vectorized! {
             }
         }
         let max = max.iter().chain(tail.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = [0f32; LANES];
+        let mut lanes = [0f32; LANES];
         for chunk in whole.chunks_exact_mut(LANES) {
-            for (s, v) in sum.iter_mut().zip(chunk) {
-                *v = exp(*v - max);
+            for (s, v) in lanes.iter_mut().zip(chunk) {
+                *v = exp(scale * (*v - max));
                 *s += *v;
             }
         }
-        let mut total = sum.iter().sum::<f32>();
+        let mut total = lanes.iter().sum::<f32>();
         for v in tail.iter_mut() {
-            *v = exp(*v - max);
+            *v = exp(scale * (*v - max));
             total += *v;
         }
-        let inv = 1.0 / total;
-        for v in whole.iter_mut().chain(tail.iter_mut()) {
+        *sum = total;
+    }
+}
+
+vectorized! {
+    /// `row` replaced by its softmax ([`numerators`], then divided by their sum).
+    fn softmax(row: &mut [f32]) {
+        let mut sum = 0.0;
+        numerators(row, 1.0, &mut sum);
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
             *v *= inv;
         }
     }

@@ -5,8 +5,9 @@
 //! values rounded to bf16 (to nearest, ties to even) in the order AMX's tiles load them:
 //! the left one in `16 × 32` blocks, the right one in `16`-column blocks of value pairs
 //! along `k` (the "VNNI" order `TDPBF16PS` reads). Weights are packed once when a model
-//! loads; activations are packed when a product needs them. [`product`] adds `A · B` to an
-//! f32 output in blocks of `32 × 32` (four accumulator tiles), each block's whole sum over
+//! loads; activations are packed when a product needs them. [`product`] writes `start + A · B`
+//! (`start`: zero or a bias per row or column) into an f32 output in blocks of `32 × 32` (four
+//! accumulator tiles), each block's whole sum over
 //! `k` made by one sequence of tile products on one thread: the result does not depend on
 //! the number of threads. How AMX rounds within one tile product is the hardware's (it is not
 //! a sequence of f32 additions: measured on this project's machine, 16 of 256 sums differ
@@ -149,9 +150,10 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Buffers kept per thread, and the largest kept (in pairs: 64 MiB).
+/// Buffers kept per thread, and the largest kept (in pairs: 16 MiB, more than any packed
+/// activation but a VAE's full-resolution 1×1 convolution input).
 const POOL_BUFFERS: usize = 4;
-const POOL_LARGEST: usize = 16 << 20;
+const POOL_LARGEST: usize = 4 << 20;
 
 impl Pairs {
     /// `len` values left from earlier use: the packing writes every one, zeros included.
