@@ -14,16 +14,10 @@ use crate::gen::norm::Norm;
 
 /// A square-kernel 2-D convolution with bias.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
-    kernel: ConvKernel,
-    bias: Tensor,
-}
-
-/// How a [`Conv2d`] runs: its f32 weight (our kernel on the CPU, candle's elsewhere) or packed
-/// for bf16 products.
-#[derive(Debug, Clone)]
-enum ConvKernel {
-    F32(Tensor, Conv),
+pub enum Conv2d {
+    /// f32 weight and bias: our kernel on the CPU, candle's elsewhere.
+    F32(Tensor, Tensor, Conv),
+    /// Packed for bf16 products.
     Bf16(ConvBf16),
 }
 
@@ -40,28 +34,25 @@ impl Conv2d {
         let weight = vb.get((c_out, c_in, k, k), "weight")?;
         let bias = vb.get(c_out, "bias")?;
         let conv = Conv { stride, padding };
-        Ok(Conv2d {
-            kernel: match precision {
-                Precision::F32 => ConvKernel::F32(weight, conv),
-                Precision::Bf16 => ConvKernel::Bf16(ConvBf16::new(conv, &weight, &bias)?),
-            },
-            bias,
+        Ok(match precision {
+            Precision::F32 => Conv2d::F32(weight, bias, conv),
+            Precision::Bf16 => Conv2d::Bf16(ConvBf16::new(conv, &weight, &bias)?),
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, conv) = match &self.kernel {
-            ConvKernel::Bf16(op) => return op.forward(&x.contiguous()?),
-            ConvKernel::F32(weight, conv) => (weight, conv),
+        let (weight, bias, conv) = match self {
+            Conv2d::Bf16(op) => return op.forward(&x.contiguous()?),
+            Conv2d::F32(weight, bias, conv) => (weight, bias, conv),
         };
         if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-            return conv.forward(&x.contiguous()?, weight, &self.bias);
+            return conv.forward(&x.contiguous()?, weight, bias);
         }
-        let c_out = self.bias.dim(0)?;
+        let c_out = bias.dim(0)?;
         x.conv2d(weight, conv.padding, conv.stride, 1, 1)?
-            .broadcast_add(&self.bias.reshape((1, c_out, 1, 1))?)
+            .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)
     }
 }
 

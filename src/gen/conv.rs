@@ -369,6 +369,29 @@ mod tests {
         out
     }
 
+    /// Case `i`'s input, weight and bias values (seeds from `seed`), as tensors too, and its
+    /// geometry: `(batch, c_in, h, w, c_out, kernel, stride, padding)`.
+    #[allow(clippy::type_complexity)]
+    fn case(
+        (n, c, h, w, o, k, s, p): (usize, usize, usize, usize, usize, usize, usize, usize),
+        seed: u32,
+    ) -> ([Vec<f32>; 3], [Tensor; 3], Conv) {
+        let (xv, wv, bv) = (
+            values(n * c * h * w, seed, 1.0),
+            values(o * c * k * k, seed + 1, 1.0),
+            values(o, seed + 2, 1.0),
+        );
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
+        let wt = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+        let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
+        let conv = Conv {
+            stride: s,
+            padding: p,
+        };
+        ([xv, wv, bv], [x, wt, b], conv)
+    }
+
     #[test]
     fn matches_an_f64_convolution_for_every_geometry_sd_uses() {
         // (batch, c_in, h, w, c_out, kernel, stride, padding): 3×3 same-size, the strided
@@ -384,19 +407,7 @@ mod tests {
             (1, 4, 10, 3, 5, 3, 2, 0),
         ];
         for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
-            let (xv, wv, bv) = (
-                values(n * c * h * w, 3 * i as u32, 1.0),
-                values(o * c * k * k, 3 * i as u32 + 1, 1.0),
-                values(o, 3 * i as u32 + 2, 1.0),
-            );
-            let dev = Device::Cpu;
-            let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
-            let wt = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-            let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
-            let conv = Conv {
-                stride: s,
-                padding: p,
-            };
+            let ([xv, wv, bv], [x, wt, b], conv) = case(cases[i], 3 * i as u32);
             let got = conv.forward(&x, &wt, &b).unwrap();
             let want = reference(&xv, (n, c, h, w), &wv, (o, k), &bv, s, p);
             let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
@@ -442,19 +453,7 @@ mod tests {
             (1, 40, 48, 48, 33, 3, 1, 1),
         ];
         for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
-            let (xv, wv, bv) = (
-                values(n * c * h * w, 5 * i as u32, 1.0),
-                values(o * c * k * k, 5 * i as u32 + 1, 1.0),
-                values(o, 5 * i as u32 + 2, 1.0),
-            );
-            let dev = Device::Cpu;
-            let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
-            let wt = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-            let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
-            let conv = Conv {
-                stride: s,
-                padding: p,
-            };
+            let ([xv, wv, bv], [x, wt, b], conv) = case(cases[i], 5 * i as u32);
             let got = flat(&ConvBf16::new(conv, &wt, &b).unwrap().forward(&x).unwrap());
             let want = reference(&r(&xv), (n, c, h, w), &r(&wv), (o, k), &bv, s, p);
             assert_eq!(got.len(), want.len(), "case {i}");
@@ -473,19 +472,7 @@ mod tests {
         // 96 channels × 9 = 864 rows: an 8 MiB tile holds 2427 pixels, i.e. 37 rows of 64:
         // several bands, the last one short.
         let (n, c, h, w, o) = (1, 96, 64, 64, 8);
-        let (xv, wv, bv) = (
-            values(n * c * h * w, 7, 1.0),
-            values(o * c * 9, 8, 1.0),
-            values(o, 9, 1.0),
-        );
-        let dev = Device::Cpu;
-        let x = Tensor::from_vec(xv.clone(), (n, c, h, w), &dev).unwrap();
-        let wt = Tensor::from_vec(wv.clone(), (o, c, 3, 3), &dev).unwrap();
-        let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
-        let conv = Conv {
-            stride: 1,
-            padding: 1,
-        };
+        let ([xv, wv, bv], [x, wt, b], conv) = case((n, c, h, w, o, 3, 1, 1), 7);
         let got = conv.forward(&x, &wt, &b).unwrap();
         let got = flat(&got);
         let want = reference(&xv, (n, c, h, w), &wv, (o, 3), &bv, 1, 1);

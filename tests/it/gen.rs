@@ -2192,18 +2192,8 @@ fn bf16_unet_and_vae_decoder_stay_near_f32() {
         );
     }
     // The VAE decoder likewise, on an odd latent size (every edge block of the products).
-    use mergesmith::gen::weights::CheckpointWeights;
     let (model, _) = small_model_of(Family::builtin("sd1"), &dir.path().join("vae"), 13);
-    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
-    let map = std::sync::Arc::new(WeightMap::of(&ck));
-    let vb =
-        || CheckpointWeights::new(ck.clone(), map.clone(), Part::Vae).var_builder(DType::F32, &dev);
-    let v0 = vb()
-        .get_unchecked("decoder.conv_norm_out.weight")
-        .unwrap()
-        .dim(0)
-        .unwrap();
-    let channels = [v0, 2 * v0, 4 * v0, 4 * v0];
+    let (vb, channels) = vae_weights(&model);
     let f32 = VaeDecoder::new(vb(), &channels, 4, Precision::F32).unwrap();
     let bf16 = VaeDecoder::new(vb(), &channels, 4, Precision::Bf16).unwrap();
     let z: Vec<f32> = (0..4 * 5 * 7).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -2597,25 +2587,33 @@ fn models_with_the_same_text_encoders_share_prompt_encodings() {
     assert_eq!(memo.counts(), (2, 2));
 }
 
-#[test]
-fn our_vae_decoder_matches_candles() {
-    use candle_core::{DType, Device, Tensor};
-    use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-    use mergesmith::gen::vae::VaeDecoder;
+/// A model file's VAE weights (a fresh f32 var builder on the CPU per call) and its decoder's
+/// level widths, outermost first.
+fn vae_weights(model: &Path) -> (impl Fn() -> candle_nn::VarBuilder<'static>, [usize; 4]) {
     use mergesmith::gen::weights::CheckpointWeights;
-    let dev = Device::Cpu;
-    let dir = tempfile::tempdir().unwrap();
-    let (model, _) = small_model_of(Family::builtin("sd1"), dir.path(), 12);
-    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+    let ck = std::sync::Arc::new(Checkpoint::open(model).unwrap());
     let map = std::sync::Arc::new(WeightMap::of(&ck));
-    let vb =
-        || CheckpointWeights::new(ck.clone(), map.clone(), Part::Vae).var_builder(DType::F32, &dev);
+    let vb = move || {
+        CheckpointWeights::new(ck.clone(), map.clone(), Part::Vae)
+            .var_builder(candle_core::DType::F32, &candle_core::Device::Cpu)
+    };
     let v0 = vb()
         .get_unchecked("decoder.conv_norm_out.weight")
         .unwrap()
         .dim(0)
         .unwrap();
-    let channels = [v0, 2 * v0, 4 * v0, 4 * v0];
+    (vb, [v0, 2 * v0, 4 * v0, 4 * v0])
+}
+
+#[test]
+fn our_vae_decoder_matches_candles() {
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+    use mergesmith::gen::vae::VaeDecoder;
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = small_model_of(Family::builtin("sd1"), dir.path(), 12);
+    let (vb, channels) = vae_weights(&model);
     let ours = VaeDecoder::new(vb(), &channels, 4, Precision::F32).unwrap();
     let config = AutoEncoderKLConfig {
         block_out_channels: channels.to_vec(),
