@@ -114,6 +114,10 @@ pub fn run(a: GenArgs) -> Result<()> {
     use mergesmith::gen::pipeline::Models;
     let started = std::time::Instant::now();
     let tok = mergesmith::gen::tokenizer::ClipTokenizer::find(a.tokenizer.as_deref())?;
+    // A precision this CPU cannot run is said before the model is read and hashed.
+    if !matches!(a.device, mergesmith::device::ComputeDevice::Cuda(_)) {
+        a.precision.bf16_on_cpu().map_err(Error::Invalid)?;
+    }
     let memo = super::memo(None);
     let hashes = memo.hashes(&a.model)?.0;
     let job = Job {
