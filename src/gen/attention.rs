@@ -19,6 +19,7 @@ use crate::gen::bf16::{self, Lhs, Precision, Rhs, Start};
 use crate::gen::blocks::{linear, Conv2d, Linear, GROUPS};
 use crate::gen::cpu::{f32_slice, vectorized, with_scratch, SharedOut};
 use crate::gen::norm::Norm;
+use crate::gen::product::{product, Land, Operand};
 
 /// Queries per block of [`Attend`]: their scores against 4096 keys fill 2 MiB, a core's L2
 /// (64 and 256 measured the same within noise).
@@ -93,53 +94,17 @@ impl CustomOp3 for Attend {
                 // into output rows `r0..` of batch `batch`, columns `head · d ..+ d`, which no
                 // other block writes. Every index stays inside the slices' `[.., n, width]`.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        nk,
-                        d,
-                        s.as_mut_ptr(),
-                        1,
-                        nk as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        width as isize,
-                        k.as_ptr(),
-                        width as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    let (q, k) = (Operand::rows(q, width), Operand::transposed(k, width));
+                    let land = Land::Replace(scale);
+                    product((rows, nk, d), s.as_mut_ptr(), nk, q, k, land, false);
                 }
                 for row in s.chunks_exact_mut(nk) {
                     softmax(row);
                 }
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        d,
-                        nk,
-                        dst.ptr().add((batch * nq + r0) * width + head * d),
-                        1,
-                        width as isize,
-                        false,
-                        s.as_ptr(),
-                        1,
-                        nk as isize,
-                        v.as_ptr(),
-                        1,
-                        width as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    let out = dst.ptr().add((batch * nq + r0) * width + head * d);
+                    let (p, v) = (Operand::rows(s, nk), Operand::rows(v, width));
+                    product((rows, d, nk), out, width, p, v, Land::Replace(1.0), false);
                 }
             });
         });

@@ -11,6 +11,7 @@ use crate::gen::bf16::{self, ColBias, Lhs, Precision, Rhs, Start};
 use crate::gen::conv::{Conv, ConvBf16};
 use crate::gen::cpu::{f32_slice, SharedOut};
 use crate::gen::norm::Norm;
+use crate::gen::product::{product, Land, Operand};
 
 /// A square-kernel 2-D convolution with bias.
 #[derive(Debug, Clone)]
@@ -56,11 +57,14 @@ impl Module for Conv2d {
     }
 }
 
-/// A linear layer: candle's, or its weight packed for bf16 products (f32 on the CPU).
+/// A linear layer: on the CPU in f32 with machine-independent sums ([`LinearF32`]) or bf16
+/// products ([`LinearBf16`]); elsewhere candle's.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// candle's layer.
-    F32(candle_nn::Linear),
+    /// candle's layer (a GPU, or weights not in f32).
+    Candle(candle_nn::Linear),
+    /// f32 on the CPU.
+    F32(LinearF32),
     /// Packed weight `[in, out]` and bias.
     Bf16(LinearBf16),
 }
@@ -73,21 +77,27 @@ pub fn linear(
     bias: bool,
     precision: Precision,
 ) -> Result<Linear> {
+    let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
     let layer = match bias {
         true => candle_nn::linear(input, output, vb)?,
         false => candle_nn::linear_no_bias(input, output, vb)?,
     };
-    Ok(match precision {
-        Precision::F32 => Linear::F32(layer),
-        Precision::Bf16 => {
+    let bias = match layer.bias() {
+        Some(b) if cpu => Some(b.to_vec1::<f32>()?),
+        _ => None,
+    };
+    Ok(match (cpu, precision) {
+        (false, _) => Linear::Candle(layer),
+        (true, Precision::F32) => Linear::F32(LinearF32 {
+            weight: Arc::new(layer.weight().flatten_all()?.to_vec1::<f32>()?),
+            bias: bias.map(Arc::new),
+            input,
+        }),
+        (true, Precision::Bf16) => {
             let w = layer.weight().flatten_all()?.to_vec1::<f32>()?;
-            let bias = match layer.bias() {
-                Some(b) => Some(ColBias::new(&b.to_vec1::<f32>()?)),
-                None => None,
-            };
             Linear::Bf16(LinearBf16 {
                 weight: Arc::new(Rhs::pack_cols(&w, input, output, input)),
-                bias: bias.map(Arc::new),
+                bias: bias.map(|b| Arc::new(ColBias::new(&b))),
             })
         }
     })
@@ -96,9 +106,61 @@ pub fn linear(
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::F32(l) => l.forward(x),
+            Linear::Candle(l) => l.forward(x),
+            Linear::F32(l) => x.contiguous()?.apply_op1_no_bwd(l),
             Linear::Bf16(l) => x.contiguous()?.apply_op1_no_bwd(l),
         }
+    }
+}
+
+/// The f32 CPU kernel of a [`Linear`]: `x [.., in] · weightᵀ + bias`, each output starting
+/// from its bias and summed by [`crate::gen::product`].
+#[derive(Debug, Clone)]
+pub struct LinearF32 {
+    weight: Arc<Vec<f32>>,
+    bias: Option<Arc<Vec<f32>>>,
+    input: usize,
+}
+
+impl CustomOp1 for LinearF32 {
+    fn name(&self) -> &'static str {
+        "mergesmith-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "linear", "input")?;
+        let input = self.input;
+        let output = self.weight.len() / input.max(1);
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&input) {
+            candle_core::bail!("linear: input {:?} for {input} features", l.shape());
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = output;
+        }
+        let rows = x.len() / input.max(1);
+        let (mut out, land) = match &self.bias {
+            Some(b) => (b.repeat(rows), Land::Add),
+            None => (vec![0f32; rows * output], Land::Replace(1.0)),
+        };
+        let (a, w) = (
+            Operand::rows(x, input),
+            Operand::transposed(&self.weight, input),
+        );
+        // SAFETY: `x` is `rows × input`, the weight `output × input` read transposed, `out`
+        // `rows × output`.
+        unsafe {
+            product(
+                (rows, output, input),
+                out.as_mut_ptr(),
+                output,
+                a,
+                w,
+                land,
+                true,
+            )
+        };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -154,7 +216,7 @@ impl CustomOp1 for LinearBf16 {
 pub struct Resnet {
     norm1: Norm,
     conv1: Conv2d,
-    time: Option<candle_nn::Linear>,
+    time: Option<Linear>,
     norm2: Norm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
@@ -179,7 +241,12 @@ impl Resnet {
             norm1: Norm::new(vb.pp("norm1"), GROUPS, c_in, eps, true)?,
             conv1: Conv2d::new(vb.pp("conv1"), (c_in, c_out, 3), 1, 1, p)?,
             time: match temb {
-                Some(t) => Some(candle_nn::linear(t, c_out, vb.pp("time_emb_proj"))?),
+                Some(t) => Some(linear(
+                    vb.pp("time_emb_proj"),
+                    (t, c_out),
+                    true,
+                    Precision::F32,
+                )?),
                 None => None,
             },
             norm2: Norm::new(vb.pp("norm2"), GROUPS, c_out, eps, true)?,

@@ -6,7 +6,11 @@
 //! `text_projection.weight`).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::gen::bf16::Precision;
+use crate::gen::blocks::{linear, Linear};
+use crate::gen::product::matmul;
 
 /// The shape of a text encoder.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -135,8 +139,9 @@ impl ClipTextModel {
         for i in 0..config.layers {
             let l = tm.pp("encoder.layers").pp(i);
             let attn = l.pp("self_attn");
-            let lin =
-                |n: &str, i: usize, o: usize, vb: &VarBuilder| candle_nn::linear(i, o, vb.pp(n));
+            let lin = |n: &str, i: usize, o: usize, vb: &VarBuilder| {
+                linear(vb.pp(n), (i, o), true, Precision::F32)
+            };
             let (d, m) = (config.dim, config.intermediate);
             layers.push(Layer {
                 norm1: ln(l.pp("layer_norm1"))?,
@@ -151,10 +156,11 @@ impl ClipTextModel {
         }
         let final_norm = ln(tm.pp("final_layer_norm"))?;
         let projection = match projection {
-            true => Some(candle_nn::linear_no_bias(
-                config.dim,
-                config.dim,
+            true => Some(linear(
                 vb.pp("text_projection"),
+                (config.dim, config.dim),
+                false,
+                Precision::F32,
             )?),
             false => None,
         };
@@ -283,13 +289,10 @@ impl ClipTextModel {
         let q = split((l.q.forward(&h)? * (head_dim as f64).powf(-0.5))?)?;
         let k = split(l.k.forward(&h)?)?;
         let v = split(l.v.forward(&h)?)?;
-        let scores = q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        let scores = matmul(&q.to_dtype(DType::F32)?, &k.to_dtype(DType::F32)?, true)?
             .broadcast_add(mask)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let attn = weights
-            .matmul(&v)?
+        let attn = matmul(&weights, &v, false)?
             .transpose(1, 2)?
             .reshape((batch, tokens, dim))?;
         let x = (x + l.out.forward(&attn)?)?;

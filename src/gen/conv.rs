@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::gen::bf16::{self, Lhs, Rhs, RowBias, Start};
 use crate::gen::cpu::{f32_slice, with_scratch, SharedOut};
+use crate::gen::product::{product, Land, Operand};
 
 /// The im2col tile's size (`K × pixels` f32), at most: whole output rows up to 8 MiB, so the
 /// weights are packed once per few hundred pixels rather than per row.
@@ -160,27 +161,13 @@ impl Conv {
                 }
             };
             let product = |rhs: &[f32], rhs_rs: usize| unsafe {
-                gemm::gemm(
-                    c_out,
-                    pixels,
-                    k,
-                    at.ptr(),
-                    1,
-                    hw as isize,
-                    true,
-                    weight.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                )
+                let rhs = Operand {
+                    ptr: rhs.as_ptr(),
+                    rs: rhs_rs as isize,
+                    cs: 1,
+                };
+                let lhs = Operand::rows(weight, k);
+                product((c_out, pixels, k), at.ptr(), hw, lhs, rhs, Land::Add, true)
             };
             if direct {
                 return product(input, hw);

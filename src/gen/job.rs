@@ -26,7 +26,9 @@ use crate::gen::tokenizer::ClipTokenizer;
 /// 3: our own CPU convolution, attention and GroupNorm kernels and AVX-512 matrix products
 /// (different rounding: pixels move by at most 1/255), GEGLU's exact (erf) GELU as diffusers.
 /// 4: softmax and GroupNorm statistics summed over vector lanes (pixels move by at most 1/255).
-pub const VERSION: u32 = 4;
+/// 5: f32 products on the CPU summed in a fixed order on every machine (`gen::product`: the
+/// U-Net's, VAE's and CLIP's linear layers, convolutions and attention).
+pub const VERSION: u32 = 5;
 
 /// Bumped whenever a change to [`crate::gen::grid`] changes grid images.
 pub const GRID_VERSION: u32 = 1;

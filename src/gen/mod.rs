@@ -23,6 +23,7 @@ pub mod noise;
 pub mod norm;
 pub mod pipeline;
 pub mod png;
+pub mod product;
 pub mod prompt;
 pub mod sampler;
 pub mod t5;

@@ -6,11 +6,11 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use crate::gen::attention::SpatialTransformer;
 use crate::gen::bf16::Precision;
-use crate::gen::blocks::{downsampler, Conv2d, Resnet, Upsampler, GROUPS};
+use crate::gen::blocks::{downsampler, linear, Conv2d, Linear, Resnet, Upsampler, GROUPS};
 use crate::gen::norm::Norm;
 
 /// One resolution level of the U-Net.
@@ -152,6 +152,27 @@ pub struct Unet {
 
 /// GroupNorm epsilon of every SD U-Net.
 const EPS: f64 = 1e-5;
+
+/// diffusers' `TimestepEmbedding`: linear, SiLU, linear (f32 in every precision).
+#[derive(Debug, Clone)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, input: usize, width: usize) -> Result<TimestepEmbedding> {
+        let f32 = Precision::F32;
+        Ok(TimestepEmbedding {
+            linear_1: linear(vb.pp("linear_1"), (input, width), true, f32)?,
+            linear_2: linear(vb.pp("linear_2"), (width, width), true, f32)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
 
 impl Unet {
     /// Builds the U-Net of `config` from `vb` (diffusers names), its products in `p`.

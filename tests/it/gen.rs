@@ -1602,6 +1602,53 @@ fn seeded_normal(shape: &[usize], seed: u64) -> candle_core::Tensor {
     candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap()
 }
 
+/// The U-Net's output for one latent is the same bytes alone as in a batch: every sum runs in
+/// an order fixed by the shapes of one image, not by the batch (a batch of one once took
+/// `gemm`'s dot-product path for the time embedding, which sums SIMD lanes as wide as the
+/// CPU's, so its bytes also depended on the machine).
+#[test]
+fn unet_outputs_do_not_depend_on_the_batch() {
+    use candle_core::{DType, Device, Tensor};
+    use mergesmith::gen::unet::{Unet, UnetConfig};
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::builtin("sd1"), Family::builtin("sdxl")] {
+        let (model, _) = small_model_of(family, dir.path(), 13);
+        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+        let xl = family == Family::builtin("sdxl");
+        let tensors = unet_tensors(&ck, &[]);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+        let config = UnetConfig::read(
+            shape,
+            (family != Family::builtin("sd1")).then_some(64),
+            xl.then_some(32),
+        )
+        .unwrap();
+        let unet = Unet::new(vb, config.clone(), Precision::F32).unwrap();
+        let x = seeded_normal(&[2, 4, 8, 8], 5);
+        let ctx = seeded_normal(&[2, 77, config.context], 6);
+        let pooled = seeded_normal(&[2, 32], 7);
+        let ids = Tensor::new(
+            &[[64f32, 64., 0., 0., 64., 64.], [48., 64., 8., 0., 64., 64.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap().contiguous().unwrap();
+        let both = unet
+            .forward(&x, 500., &ctx, xl.then_some((&pooled, &ids)))
+            .unwrap();
+        let (p1, i1) = (first(&pooled), first(&ids));
+        let alone = unet
+            .forward(&first(&x), 500., &first(&ctx), xl.then_some((&p1, &i1)))
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert!(bits(&alone) == bits(&first(&both)), "{family:?}");
+    }
+}
+
 #[test]
 fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() {
     use candle_core::{DType, Device, Tensor};
