@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 
 use crate::gen::bf16::{self, ColBias, Lhs, Precision, Rhs, Start};
@@ -63,8 +65,8 @@ impl Module for Conv2d {
 pub enum Linear {
     /// candle's layer (a GPU, or weights not in f32).
     Candle(candle_nn::Linear),
-    /// f32 on the CPU.
-    F32(LinearF32),
+    /// f32 on the CPU: candle's layer's tensors, multiplied by [`LinearF32`].
+    F32(candle_nn::Linear),
     /// Packed weight `[in, out]` and bias.
     Bf16(LinearBf16),
 }
@@ -82,22 +84,18 @@ pub fn linear(
         true => candle_nn::linear(input, output, vb)?,
         false => candle_nn::linear_no_bias(input, output, vb)?,
     };
-    let bias = match layer.bias() {
-        Some(b) if cpu => Some(b.to_vec1::<f32>()?),
-        _ => None,
-    };
     Ok(match (cpu, precision) {
         (false, _) => Linear::Candle(layer),
-        (true, Precision::F32) => Linear::F32(LinearF32 {
-            weight: Arc::new(layer.weight().flatten_all()?.to_vec1::<f32>()?),
-            bias: bias.map(Arc::new),
-            input,
-        }),
+        (true, Precision::F32) => Linear::F32(layer),
         (true, Precision::Bf16) => {
             let w = layer.weight().flatten_all()?.to_vec1::<f32>()?;
+            let bias = match layer.bias() {
+                Some(b) => Some(ColBias::new(&b.to_vec1::<f32>()?)),
+                None => None,
+            };
             Linear::Bf16(LinearBf16 {
                 weight: Arc::new(Rhs::pack_cols(&w, input, output, input)),
-                bias: bias.map(|b| Arc::new(ColBias::new(&b))),
+                bias: bias.map(Arc::new),
             })
         }
     })
@@ -107,46 +105,47 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(l) => l.forward(x),
-            Linear::F32(l) => x.contiguous()?.apply_op1_no_bwd(l),
+            Linear::F32(l) => {
+                let (x, w) = (x.contiguous()?, l.weight().contiguous()?);
+                match l.bias() {
+                    Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &LinearF32),
+                    None => x.apply_op2_no_bwd(&w, &LinearF32),
+                }
+            }
             Linear::Bf16(l) => x.contiguous()?.apply_op1_no_bwd(l),
         }
     }
 }
 
-/// The f32 CPU kernel of a [`Linear`]: `x [.., in] · weightᵀ + bias`, each output starting
-/// from its bias and summed by [`crate::gen::product`].
-#[derive(Debug, Clone)]
-pub struct LinearF32 {
-    weight: Arc<Vec<f32>>,
-    bias: Option<Arc<Vec<f32>>>,
-    input: usize,
-}
+/// The f32 CPU kernel of a [`Linear`]: `x [.., in] · weightᵀ (+ bias)` with the weight
+/// `[out, in]`, each output starting from its bias, summed by [`crate::gen::product`].
+#[derive(Debug, Clone, Copy)]
+pub struct LinearF32;
 
-impl CustomOp1 for LinearF32 {
-    fn name(&self) -> &'static str {
-        "mergesmith-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "linear", "input")?;
-        let input = self.input;
-        let output = self.weight.len() / input.max(1);
-        let mut dims = l.shape().dims().to_vec();
-        if dims.last() != Some(&input) {
-            candle_core::bail!("linear: input {:?} for {input} features", l.shape());
+impl LinearF32 {
+    fn run(
+        x: &[f32],
+        xl: &Layout,
+        w: &[f32],
+        wl: &Layout,
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[output, input] = wl.shape().dims() else {
+            candle_core::bail!("linear: a weight of shape {:?}", wl.shape());
+        };
+        let mut dims = xl.shape().dims().to_vec();
+        if dims.last() != Some(&input) || bias.is_some_and(|b| b.len() != output) {
+            candle_core::bail!("linear: input {:?} for weight {:?}", xl.shape(), wl.shape());
         }
         if let Some(last) = dims.last_mut() {
             *last = output;
         }
         let rows = x.len() / input.max(1);
-        let (mut out, land) = match &self.bias {
+        let (mut out, land) = match bias {
             Some(b) => (b.repeat(rows), Land::Add),
             None => (vec![0f32; rows * output], Land::Replace(1.0)),
         };
-        let (a, w) = (
-            Operand::rows(x, input),
-            Operand::transposed(&self.weight, input),
-        );
+        let (a, w) = (Operand::rows(x, input), Operand::transposed(w, input));
         // SAFETY: `x` is `rows × input`, the weight `output × input` read transposed, `out`
         // `rows × output`.
         unsafe {
@@ -161,6 +160,43 @@ impl CustomOp1 for LinearF32 {
             )
         };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for LinearF32 {
+    fn name(&self) -> &'static str {
+        "mergesmith-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "linear", "input")?;
+        LinearF32::run(x, l, f32_slice(ws, wl, "linear", "weight")?, wl, None)
+    }
+}
+
+impl CustomOp3 for LinearF32 {
+    fn name(&self) -> &'static str {
+        "mergesmith-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "linear", "input")?;
+        let bias = f32_slice(bs, bl, "linear", "bias")?;
+        LinearF32::run(x, l, f32_slice(ws, wl, "linear", "weight")?, wl, Some(bias))
     }
 }
 
