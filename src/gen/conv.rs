@@ -160,7 +160,7 @@ impl Conv {
                     return unsafe { bf16::product(lhs, &rhs, at, hw, Start::Rows(bias)) };
                 }
             };
-            let product = |rhs: &[f32], rhs_rs: usize| unsafe {
+            let multiply = |rhs: &[f32], rhs_rs: usize| unsafe {
                 let rhs = Operand {
                     ptr: rhs.as_ptr(),
                     rs: rhs_rs as isize,
@@ -170,11 +170,11 @@ impl Conv {
                 product((c_out, pixels, k), at.ptr(), hw, lhs, rhs, Land::Add, true)
             };
             if direct {
-                return product(input, hw);
+                return multiply(input, hw);
             }
             with_scratch(k * pixels, |tile| {
                 geometry.im2col(input, y0, y1, tile);
-                product(tile, pixels);
+                multiply(tile, pixels);
             });
         });
         // SAFETY: the bands wrote every output (f32: it was initialised with the bias).

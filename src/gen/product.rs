@@ -77,8 +77,8 @@ impl Operand {
 /// How a product's sums land in its output.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Land {
-    /// The output becomes `scale ·` the first chunk's sum (then plus the others' sums;
-    /// a scale other than 1 needs a depth of at most [`DEPTH`]).
+    /// The output becomes `scale ·` the sum: within one chunk the scale multiplies its sum;
+    /// deeper, the chunks' sums are added up first and the total is scaled.
     Replace(f32),
     /// Each chunk's sum is added to what the output holds (a bias, say).
     Add,
@@ -101,10 +101,16 @@ pub unsafe fn product(
     parallel: bool,
 ) {
     if let Land::Replace(scale) = land {
-        assert!(
-            scale == 1.0 || k <= DEPTH,
-            "product: a scaled product deeper than one chunk"
-        );
+        if scale != 1.0 && k > DEPTH {
+            // Deeper than a chunk: the whole sum first, then the scale.
+            product((m, n, k), dst, dst_rs, a, b, Land::Replace(1.0), parallel);
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j) *= scale;
+                }
+            }
+            return;
+        }
     }
     if m == 0 || n == 0 {
         return;
@@ -252,8 +258,8 @@ mod tests {
     use crate::gen::cpu::testing::values;
 
     /// The definition, written out: per output, fused multiply-adds from zero over each chunk
-    /// of `DEPTH` terms in order, the first chunk's sum scaled (or added to the start), the
-    /// others added.
+    /// of `DEPTH` terms in order, each chunk's sum added to the start (or the first replacing
+    /// it), the scale applied to a one-chunk sum or else to the total.
     fn reference(
         a: &[f32],
         b: &[f32],
@@ -276,11 +282,15 @@ mod tests {
                         s = a[i * k + kk].mul_add(bv(kk, j), s);
                     }
                     d = match (start, c) {
-                        (None, 0) => scale * s,
+                        (None, 0) if k <= DEPTH => scale * s,
+                        (None, 0) => s,
                         _ => d + s,
                     };
                 }
-                out[i * n + j] = d;
+                out[i * n + j] = match (start, k <= DEPTH) {
+                    (None, false) => d * scale,
+                    _ => d,
+                };
             }
         }
         out
@@ -316,10 +326,11 @@ mod tests {
                     true => Operand::transposed(&b, k),
                     false => Operand::rows(&b, n),
                 };
-                let mut cases = vec![(Land::Replace(1.0), None), (Land::Add, Some(&start[..]))];
-                if k <= DEPTH {
-                    cases.push((Land::Replace(0.125), None));
-                }
+                let cases = [
+                    (Land::Replace(1.0), None),
+                    (Land::Add, Some(&start[..])),
+                    (Land::Replace(0.3), None),
+                ];
                 for (land, init) in cases {
                     let scale = match land {
                         Land::Replace(s) => s,
