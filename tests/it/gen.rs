@@ -1602,28 +1602,47 @@ fn seeded_normal(shape: &[usize], seed: u64) -> candle_core::Tensor {
     candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap()
 }
 
+/// A small model's U-Net: its checkpoint, its weights (those in `zero` zeroed) and its shape.
+fn small_unet(
+    family: Family,
+    dir: &Path,
+    seed: u64,
+    zero: &[&str],
+) -> (
+    std::sync::Arc<Checkpoint>,
+    candle_nn::VarBuilder<'static>,
+    mergesmith::gen::unet::UnetConfig,
+) {
+    let (model, _) = small_model_of(family, dir, seed);
+    let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+    let tensors = unet_tensors(&ck, zero);
+    let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+    let config = mergesmith::gen::unet::UnetConfig::read(
+        shape,
+        (family != Family::builtin("sd1")).then_some(64),
+        (family == Family::builtin("sdxl")).then_some(32),
+    )
+    .unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(
+        tensors,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    (ck, vb, config)
+}
+
 /// The U-Net's output for one latent is the same bytes alone as in a batch: every sum runs in
 /// an order fixed by the shapes of one image, not by the batch (a batch of one once took
 /// `gemm`'s dot-product path for the time embedding, which sums SIMD lanes as wide as the
 /// CPU's, so its bytes also depended on the machine).
 #[test]
 fn unet_outputs_do_not_depend_on_the_batch() {
-    use candle_core::{DType, Device, Tensor};
-    use mergesmith::gen::unet::{Unet, UnetConfig};
+    use candle_core::{Device, Tensor};
+    use mergesmith::gen::unet::Unet;
     let dir = tempfile::tempdir().unwrap();
     for family in [Family::builtin("sd1"), Family::builtin("sdxl")] {
-        let (model, _) = small_model_of(family, dir.path(), 13);
-        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
+        let (_, vb, config) = small_unet(family, dir.path(), 13, &[]);
         let xl = family == Family::builtin("sdxl");
-        let tensors = unet_tensors(&ck, &[]);
-        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-        let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
-        let config = UnetConfig::read(
-            shape,
-            (family != Family::builtin("sd1")).then_some(64),
-            xl.then_some(32),
-        )
-        .unwrap();
         let unet = Unet::new(vb, config.clone(), Precision::F32).unwrap();
         let x = seeded_normal(&[2, 4, 8, 8], 5);
         let ctx = seeded_normal(&[2, 77, config.context], 6);
@@ -1653,7 +1672,7 @@ fn unet_outputs_do_not_depend_on_the_batch() {
 fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() {
     use candle_core::{DType, Device, Tensor};
     use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
-    use mergesmith::gen::unet::{Unet, UnetConfig};
+    use mergesmith::gen::unet::Unet;
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
     for family in [
@@ -1661,8 +1680,6 @@ fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() 
         Family::builtin("sd2"),
         Family::builtin("sdxl"),
     ] {
-        let (model, _) = small_model_of(family, dir.path(), 11);
-        let ck = std::sync::Arc::new(Checkpoint::open(&model).unwrap());
         let xl = family == Family::builtin("sdxl");
         // With SDXL's added MLP output zeroed, the U-Nets must agree; candle's has no added
         // conditioning at all.
@@ -1670,15 +1687,8 @@ fn our_unet_matches_candles_up_to_the_gelu_and_adds_sdxl_conditioning_exactly() 
             "add_embedding.linear_2.weight",
             "add_embedding.linear_2.bias",
         ];
-        let tensors = unet_tensors(&ck, if xl { &zeroed } else { &[] });
-        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
-        let shape = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
-        let config = UnetConfig::read(
-            shape,
-            (family != Family::builtin("sd1")).then_some(64),
-            xl.then_some(32),
-        )
-        .unwrap();
+        let zero: &[&str] = if xl { &zeroed } else { &[] };
+        let (ck, vb, config) = small_unet(family, dir.path(), 11, zero);
         let ours = Unet::new(vb.clone(), config.clone(), Precision::F32).unwrap();
         let l = &config.levels;
         let mut channels = [0; 4];
