@@ -645,7 +645,7 @@ mod amx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gen::cpu::testing::values;
+    use crate::gen::cpu::testing::{on_threads, values};
 
     /// f64 sums of the bf16-rounded operands.
     fn reference(a: &[f32], b: &[f32], c: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f64> {
@@ -742,11 +742,7 @@ mod tests {
         let (m, k, n) = (96, 200, 160);
         let (a, b) = (values(m * k, 1, 1.0), values(k * n, 2, 1.0));
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut c = vec![0f32; m * n];
                 let (lhs, rhs) = (Lhs::pack(&a, m, k, k), Rhs::pack_rows(&b, k, n, n));
                 // SAFETY: as above.

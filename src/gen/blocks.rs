@@ -141,13 +141,15 @@ impl LinearF32 {
             *last = output;
         }
         let rows = x.len() / input.max(1);
+        // With a bias the sums land on it; without, they replace what the buffer holds, so it
+        // is left uninitialised.
         let (mut out, land) = match bias {
             Some(b) => (b.repeat(rows), Land::Add),
-            None => (vec![0f32; rows * output], Land::Replace(1.0)),
+            None => (Vec::with_capacity(rows * output), Land::Replace(1.0)),
         };
         let (a, w) = (Operand::rows(x, input), Operand::transposed(w, input));
         // SAFETY: `x` is `rows × input`, the weight `output × input` read transposed, `out`
-        // `rows × output`.
+        // has room for `rows × output`, every one of which the product writes.
         unsafe {
             product(
                 (rows, output, input),
@@ -157,8 +159,9 @@ impl LinearF32 {
                 w,
                 land,
                 true,
-            )
-        };
+            );
+            out.set_len(rows * output);
+        }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

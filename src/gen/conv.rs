@@ -161,12 +161,7 @@ impl Conv {
                 }
             };
             let multiply = |rhs: &[f32], rhs_rs: usize| unsafe {
-                let rhs = Operand {
-                    ptr: rhs.as_ptr(),
-                    rs: rhs_rs as isize,
-                    cs: 1,
-                };
-                let lhs = Operand::rows(weight, k);
+                let (lhs, rhs) = (Operand::rows(weight, k), Operand::rows(rhs, rhs_rs));
                 product((c_out, pixels, k), at.ptr(), hw, lhs, rhs, Land::Add, true)
             };
             if direct {

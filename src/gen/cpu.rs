@@ -136,6 +136,15 @@ pub(crate) mod testing {
             .collect()
     }
 
+    /// `f`'s result on a rayon pool of `threads` threads.
+    pub fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
     /// A tensor's values, flattened.
     pub fn flat(t: &candle_core::Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

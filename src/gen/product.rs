@@ -235,17 +235,22 @@ impl candle_core::CustomOp2 for Matmul {
             );
         }
         let batches: usize = lead.iter().product();
-        let mut out = vec![0f32; batches * m * n];
-        for (i, o) in out.chunks_exact_mut(m * n).enumerate() {
+        // Left uninitialised: the products replace every output.
+        let mut out: Vec<f32> = Vec::with_capacity(batches * m * n);
+        for i in 0..batches {
             let a = Operand::rows(&a[i * m * k..], k);
             let b = &b[i * k * n..];
             let b = match self.transpose_b {
                 true => Operand::transposed(b, k),
                 false => Operand::rows(b, n),
             };
-            // SAFETY: `a` is `m × k`, `b` `k × n` (or `n × k` transposed) and `o` `m × n`.
-            unsafe { product((m, n, k), o.as_mut_ptr(), n, a, b, Land::Replace(1.0), true) };
+            let o = out.as_mut_ptr().wrapping_add(i * m * n);
+            // SAFETY: `a` is `m × k`, `b` `k × n` (or `n × k` transposed); `o` has room for
+            // `m × n`, which the product writes in full.
+            unsafe { product((m, n, k), o, n, a, b, Land::Replace(1.0), true) };
         }
+        // SAFETY: every batch's `m × n` outputs were written above.
+        unsafe { out.set_len(batches * m * n) };
         let mut dims = lead.to_vec();
         dims.extend([m, n]);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -255,7 +260,7 @@ impl candle_core::CustomOp2 for Matmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gen::cpu::testing::values;
+    use crate::gen::cpu::testing::{on_threads, values};
 
     /// The definition, written out: per output, fused multiply-adds from zero over each chunk
     /// of `DEPTH` terms in order, each chunk's sum added to the start (or the first replacing
@@ -365,11 +370,7 @@ mod tests {
         let (m, n, k) = (200, 300, 1100);
         let (a, b) = (values(m * k, 1, 1.0), values(k * n, 2, 1.0));
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut c = vec![0f32; m * n];
                 let (a, b) = (Operand::rows(&a, k), Operand::transposed(&b, k));
                 // SAFETY: as above.
